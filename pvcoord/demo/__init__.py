@@ -1,0 +1,1 @@
+"""The demo beamline: a real softIoc with simulated devices plus every pvcoord process."""

@@ -151,7 +151,8 @@ class ManagedProcess:
 
     def output(self) -> str:
         """Everything it printed so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:

@@ -58,7 +58,6 @@ class EventAction(StrEnum):
     EXPIRED = "expired"
     REFUSED = "refused"
     FORCE_RELEASED = "force-released"
-    DROPPED = "dropped"  # expired while the IOC was down; reported at start
 
 
 class Lock(BaseModel):

@@ -1,0 +1,92 @@
+"""Process entry of the coordination IOC: ``python -m iocs.coordination --help``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from pvcoord.store import StoreError, open_store
+from pvdb.names import check_prefix
+from pvdb.policy import PolicyError, load_policy
+
+from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
+from .ioc import serve
+from .locktable import LockTable
+
+log = logging.getLogger("iocs.coordination")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(
+        prog="python -m iocs.coordination", description=DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--prefix", required=True, help="endstation prefix P, ending in ':'")
+    p.add_argument("--policy", default=None, help="policy TOML file (default: built-in policy)")
+    p.add_argument("--store", default=None,
+                   help="sqlite:///PATH (default ./pvcoord-<prefix>.sqlite) or redis://HOST:PORT/DB")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--registry-prefix", default=None,
+                     help="follow P Registry:Devices under this prefix (default: --prefix)")
+    src.add_argument("--devices", default=None,
+                     help="static comma list of devices instead of following the registry")
+    p.add_argument("--events-tail", type=int, default=50, help="rows of Coord:Events (1-1000)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    a = p.parse_args(argv)
+    try:
+        check_prefix(a.prefix)
+        if a.registry_prefix is not None:
+            check_prefix(a.registry_prefix)
+    except ValueError as e:
+        p.error(str(e))
+    if not 1 <= a.events_tail <= 1000:
+        p.error("--events-tail must be between 1 and 1000")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the IOC until SIGTERM/SIGINT; return the exit status."""
+    a = parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = load_policy(a.policy)
+    except PolicyError as e:
+        print(f"policy rejected: {e}", file=sys.stderr)
+        return 2
+    url = a.store or f"sqlite:///{'pvcoord-' + a.prefix.strip(':').replace(':', '_')}.sqlite"
+    try:
+        store = open_store(url, namespace=a.prefix)
+    except StoreError as e:
+        print(f"store: {e}", file=sys.stderr)
+        return 2
+    devices = None
+    if a.devices is not None:
+        devices = [d.strip() for d in a.devices.split(",") if d.strip()]
+    table = LockTable(policy, store, devices=devices)
+    for e in table.startup_events:
+        log.warning("dropped at start: %s", e.line())
+    registry_prefix = None if devices is not None else (a.registry_prefix or a.prefix)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(a.prefix, table, stop, registry_prefix=registry_prefix,
+                    events_tail=a.events_tail)
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Durable storage of locks and audit events: SQLite (WAL, the default) or Redis.
+
+The coordination IOC is the only writer. It calls :meth:`Store.commit` with every change *before*
+it replies to the client, so a granted lock survives ``kill -9`` of the IOC. Readers (the worker
+hook inside the RE worker, the CLI) may open the same store read-only to learn the lock state
+without EPICS.
+
+URLs accepted by :func:`open_store`:
+
+- ``sqlite:///ABSOLUTE/PATH.sqlite`` or a plain path: SQLite in WAL mode. ``?sync=full``
+  (default: each commit is fsync'ed, durable across power loss) or ``?sync=normal`` (durable across
+  a process crash, not a power loss; faster on slow disks).
+- ``redis://HOST:PORT/DB``: Redis; durability is the server's (run it with
+  ``appendonly yes`` / ``appendfsync always`` as ``pvcoord.procs.start_redis`` does).
+
+Keys are never stored: a lock keeps only SHA-256 digests of its keys.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import parse_qs, urlparse
+
+from pvdb.models import Lock, LockEvent
+
+
+class StoreError(RuntimeError):
+    """The store could not be opened, read or written."""
+
+
+class Store(Protocol):
+    """What the coordination IOC needs from a store."""
+
+    url: str
+
+    def load_locks(self) -> list[Lock]:
+        """All locks as last committed (expired ones included: the caller drops them)."""
+        ...
+
+    def commit(
+        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
+    ) -> None:
+        """Apply one change atomically and durably: all of it or nothing.
+
+        Args:
+            upsert: locks to insert or replace (keyed by device).
+            delete: devices whose lock is removed.
+            events: audit events to append.
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        ...
+
+    def recent_events(self, n: int) -> list[LockEvent]:
+        """The last ``n`` audit events, oldest first."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS locks (device TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL, action TEXT NOT NULL, device TEXT NOT NULL, lock_type TEXT,
+    actor TEXT NOT NULL, holder TEXT NOT NULL, message TEXT NOT NULL
+);
+"""
+
+
+def _event_row(e: LockEvent) -> tuple:
+    return (
+        e.time, e.action.value, e.device, e.lock_type.value if e.lock_type else None,
+        e.actor, e.holder, e.message,
+    )
+
+
+def _event_from_row(row: tuple) -> LockEvent:
+    t, action, device, lock_type, actor, holder, message = row
+    return LockEvent(
+        time=t, action=action, device=device, lock_type=lock_type, actor=actor, holder=holder,
+        message=message,
+    )
+
+
+class SQLiteStore:
+    """SQLite in WAL mode; one connection guarded by a mutex (the IOC calls it from p4p threads).
+
+    Args:
+        path: database file (created with its folder if missing).
+        sync: ``"full"`` (fsync each commit) or ``"normal"``.
+        readonly: open for reading only (the worker hook, the CLI).
+    """
+
+    def __init__(self, path: str | Path, sync: str = "full", readonly: bool = False) -> None:
+        if sync not in ("full", "normal"):
+            raise StoreError(f"sync must be 'full' or 'normal', not {sync!r}")
+        self.path = Path(path)
+        self.url = f"sqlite://{self.path}?sync={sync}"
+        self._mutex = threading.Lock()
+        try:
+            if readonly:
+                self._db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                )
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(f"PRAGMA synchronous={sync.upper()}")
+                self._db.executescript(_SCHEMA)
+                self._db.commit()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open SQLite store {self.path}: {e}") from None
+
+    def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
+        with self._mutex:
+            try:
+                rows = self._db.execute("SELECT data FROM locks ORDER BY device").fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read locks from {self.path}: {e}") from None
+        return [Lock.model_validate_json(r[0]) for r in rows]
+
+    def commit(  # noqa: D102 - see Store
+        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
+    ) -> None:
+        ups = [(lk.device, lk.model_dump_json()) for lk in upsert]
+        dels = [(d,) for d in delete]
+        evs = [_event_row(e) for e in events]
+        with self._mutex:
+            try:
+                with self._db:  # one transaction: commit on success, rollback on error
+                    if dels:
+                        self._db.executemany("DELETE FROM locks WHERE device=?", dels)
+                    if ups:
+                        self._db.executemany(
+                            "INSERT OR REPLACE INTO locks(device, data) VALUES (?, ?)", ups
+                        )
+                    if evs:
+                        self._db.executemany(
+                            "INSERT INTO events(time, action, device, lock_type, actor, holder,"
+                            " message) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            evs,
+                        )
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot write to SQLite store {self.path}: {e}") from None
+
+    def recent_events(self, n: int) -> list[LockEvent]:  # noqa: D102 - see Store
+        with self._mutex:
+            try:
+                rows = self._db.execute(
+                    "SELECT time, action, device, lock_type, actor, holder, message FROM events"
+                    " ORDER BY id DESC LIMIT ?",
+                    (n,),
+                ).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read events from {self.path}: {e}") from None
+        return [_event_from_row(r) for r in reversed(rows)]
+
+    def close(self) -> None:  # noqa: D102 - see Store
+        with self._mutex:
+            self._db.close()
+
+
+class RedisStore:
+    """Redis: a hash ``pvcoord:<ns>:locks`` (device -> JSON lock) and a list ``...:events``.
+
+    Each commit is one MULTI/EXEC transaction.
+
+    Args:
+        url: ``redis://HOST:PORT/DB``.
+        namespace: separates endstations sharing one Redis (the IOC uses its prefix).
+    """
+
+    def __init__(self, url: str, namespace: str = "default") -> None:
+        import redis  # noqa: PLC0415 - only needed for this store
+
+        self.url = url
+        self._locks_key = f"pvcoord:{namespace}:locks"
+        self._events_key = f"pvcoord:{namespace}:events"
+        try:
+            self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            self._r.ping()
+        except redis.RedisError as e:
+            raise StoreError(f"cannot connect to Redis store {url}: {e}") from None
+        self._redis_error = redis.RedisError
+
+    def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
+        try:
+            data = self._r.hgetall(self._locks_key)
+        except self._redis_error as e:
+            raise StoreError(f"cannot read locks from {self.url}: {e}") from None
+        return sorted((Lock.model_validate_json(v) for v in data.values()), key=lambda x: x.device)
+
+    def commit(  # noqa: D102 - see Store
+        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
+    ) -> None:
+        ups = {lk.device: lk.model_dump_json() for lk in upsert}
+        dels = list(delete)
+        evs = [json.dumps(_event_row(e)) for e in events]
+        try:
+            pipe = self._r.pipeline(transaction=True)
+            if dels:
+                pipe.hdel(self._locks_key, *dels)
+            if ups:
+                pipe.hset(self._locks_key, mapping=ups)
+            if evs:
+                pipe.rpush(self._events_key, *evs)
+            pipe.execute()
+        except self._redis_error as e:
+            raise StoreError(f"cannot write to Redis store {self.url}: {e}") from None
+
+    def recent_events(self, n: int) -> list[LockEvent]:  # noqa: D102 - see Store
+        try:
+            rows = self._r.lrange(self._events_key, -n, -1)
+        except self._redis_error as e:
+            raise StoreError(f"cannot read events from {self.url}: {e}") from None
+        return [_event_from_row(tuple(json.loads(r))) for r in rows]
+
+    def close(self) -> None:  # noqa: D102 - see Store
+        self._r.close()
+
+
+def open_store(url: str, namespace: str = "default", readonly: bool = False) -> Store:
+    """Open the store named by ``url`` (see the module docstring for the forms).
+
+    Args:
+        url: ``sqlite:///path``, a plain path, or ``redis://host:port/db``.
+        namespace: Redis key namespace (the coordination IOC passes its prefix).
+        readonly: SQLite only: open without write access (readers such as the worker hook).
+
+    Raises:
+        StoreError: unknown scheme, bad option, or the store cannot be opened.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme in ("redis", "rediss"):
+        return RedisStore(url, namespace=namespace)
+    if parsed.scheme in ("sqlite", ""):
+        path = parsed.path if parsed.scheme else url
+        if not path:
+            raise StoreError(f"store URL {url!r} has no file path")
+        opts = parse_qs(parsed.query) if parsed.scheme else {}
+        unknown = set(opts) - {"sync"}
+        if unknown:
+            raise StoreError(f"unknown store option(s) {sorted(unknown)} in {url!r}; use sync=")
+        sync = opts.get("sync", ["full"])[0]
+        return SQLiteStore(path, sync=sync, readonly=readonly)
+    raise StoreError(f"unknown store {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")

@@ -1,0 +1,474 @@
+"""``pvcoord``: device locks, the device registry and the demo beamline from a shell.
+
+Commands (``pvcoord COMMAND --help`` for each)::
+
+    pvcoord lock m1,m2 --type MANUAL_OPERATOR --timeout 600 --reason align
+    pvcoord renew m1,m2 --timeout 600
+    pvcoord release m1,m2
+    pvcoord force-release m1 --reason "left locked overnight"
+    pvcoord status                   # table of the active locks, and the free devices
+    pvcoord watch                    # live lock changes and audit events until Ctrl-C
+    pvcoord registry show            # the registered devices
+    pvcoord registry import --startup-dir ~/profile_collection/startup -o registry.yaml
+    pvcoord demo [--walkthrough]     # the demo beamline on loopback
+
+The endstation prefix comes from ``--prefix``, else ``$PVCOORD_PREFIX``, else ``DEMO:``. EPICS
+settings come from the usual ``EPICS_PVA_*`` environment variables (``pvcoord demo`` prints them).
+
+Exit codes: 0 done; 1 refused by the IOC (the message says why and who holds the lock); 2 bad
+input (nothing was sent); 3 no answer from the IOC within ``--call-timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from pvdb.names import COORD_EVENTS, COORD_LOCKS, check_prefix
+
+from .client import (
+    DEFAULT_CALL_TIMEOUT,
+    BadRequestError,
+    Client,
+    CoordError,
+    LockInfo,
+    NoAnswerError,
+    RefusedError,
+    RegistryDevice,
+    parse_events,
+    parse_locks,
+)
+
+PREFIX_ENV = "PVCOORD_PREFIX"
+DEFAULT_PREFIX = "DEMO:"
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_BAD_INPUT = 2
+EXIT_NO_ANSWER = 3
+
+
+class UsageError(Exception):
+    """Bad command-line input, reported as ``pvcoord: error: ...`` with exit code 2."""
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def fmt_time(t: float) -> str:
+    """Epoch seconds as local ``YYYY-mm-dd HH:MM:SS`` (``-`` for 0)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def fmt_remaining(seconds: float) -> str:
+    """``42 s``, ``5 min 3 s``, ``2 h 10 min`` (seconds rounded down)."""
+    s = int(max(0.0, seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {(s % 3600) // 60} min"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table with left-aligned columns separated by two spaces."""
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def locks_table(locks: Sequence[LockInfo], now: float | None = None) -> str:
+    """The ``status`` table of ``locks``."""
+    now = time.time() if now is None else now
+    rows = [
+        [
+            lk.device, lk.lock_type.value, lk.owner, fmt_remaining(lk.remaining(now)),
+            fmt_time(lk.expires), lk.reason, lk.plan_uid,
+        ]
+        for lk in locks
+    ]
+    return table(["DEVICE", "TYPE", "OWNER", "REMAINING", "EXPIRES", "REASON", "PLAN"], rows)
+
+
+def registry_table(devices: Sequence[RegistryDevice]) -> str:
+    """The ``registry show`` table."""
+    rows = [
+        [d.name, d.device_class, ",".join(d.capabilities), d.pv_prefix, d.ioc,
+         "yes" if d.connected else "no", d.description]
+        for d in devices
+    ]
+    return table(["NAME", "CLASS", "CAPABILITIES", "PV PREFIX", "IOC", "CONNECTED",
+                  "DESCRIPTION"], rows)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.prefix, timeout=args.call_timeout, registry_prefix=args.registry_prefix)
+
+
+def cmd_lock(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord lock``."""
+    with _client(args) as c:
+        g = c.acquire(
+            args.devices, args.type, args.timeout, args.reason, args.plan_uid,
+            args.on_behalf_of,
+        )
+    print(f"granted {','.join(g.devices)} {args.type.upper()} until {fmt_time(g.expires)} "
+          f"({fmt_remaining(g.expires - time.time())})", file=out)
+    if g.preempted:
+        print(f"preempted: {','.join(g.preempted)}", file=out)
+    if g.message:
+        print(f"server: {g.message}", file=out)
+    if args.show_key:
+        print(f"key: {g.key}", file=out)
+    return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord release``."""
+    if not args.devices and not args.key:
+        raise UsageError("release: name the devices, or give --key")
+    with _client(args) as c:
+        r = c.release(args.devices or None, args.key, args.on_behalf_of)
+    what = ",".join(r.devices) or args.devices or "the lock of that key"
+    print(f"released {what}" + (f" ({r.message})" if r.message else ""), file=out)
+    return EXIT_OK
+
+
+def cmd_renew(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord renew``."""
+    if not args.devices and not args.key:
+        raise UsageError("renew: name the devices, or give --key")
+    with _client(args) as c:
+        r = c.renew(args.devices or None, args.key, args.timeout, args.on_behalf_of)
+    what = ",".join(r.devices) or args.devices or "the lock of that key"
+    until = f" until {fmt_time(r.expires)}" if r.expires else ""
+    print(f"renewed {what}{until}" + (f" ({r.message})" if r.message else ""), file=out)
+    return EXIT_OK
+
+
+def cmd_force_release(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord force-release``."""
+    with _client(args) as c:
+        r = c.force_release(args.devices, args.reason)
+    what = ",".join(r.devices) or args.devices
+    print(f"force-released {what}" + (f" ({r.message})" if r.message else ""), file=out)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord status``."""
+    with _client(args) as c:
+        locks = c.locks()
+        try:
+            devices = c.devices()
+        except CoordError:
+            devices = []
+        events = c.events() if args.events else []
+    if args.json:
+        json.dump([lk.model_dump(mode="json") for lk in locks], out, indent=2)
+        print(file=out)
+        return EXIT_OK
+    if locks:
+        print(locks_table(locks), file=out)
+    else:
+        print(f"no active locks on {args.prefix}", file=out)
+    held = {lk.device for lk in locks}
+    if "beamline" in held:
+        print("the whole beamline is locked", file=out)
+    else:
+        free = [d for d in devices if d not in held and d != "beamline"]
+        if devices:
+            print(f"free: {', '.join(free) if free else '(none)'}", file=out)
+    if events:
+        print(f"\nlast {min(args.events, len(events))} events:", file=out)
+        for e in events[-args.events:]:
+            print(f"  {fmt_time(e.time)}  {e.line()}", file=out)
+    return EXIT_OK
+
+
+def _lock_summary(locks: Sequence[LockInfo]) -> str:
+    if not locks:
+        return "locks: (none)"
+    return "locks: " + ", ".join(f"{lk.device}={lk.lock_type.value}({lk.owner})" for lk in locks)
+
+
+def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord watch``: print lock-set changes and new audit events until Ctrl-C.
+
+    ``--duration S`` / ``--events N`` end it earlier (for scripts).
+    """
+    updates: queue.Queue[tuple[str, Any]] = queue.Queue()
+    deadline = time.monotonic() + args.duration if args.duration else None
+    seen_events = 0
+    last_event_time = 0.0
+    last_locks: str | None = None
+    printed = 0
+    with _client(args) as c:
+        subs = [
+            c.monitor(COORD_LOCKS, lambda v: updates.put(("locks", v))),
+            c.monitor(COORD_EVENTS, lambda v: updates.put(("events", v))),
+        ]
+        print(f"watching {c.pv(COORD_LOCKS)} and {c.pv(COORD_EVENTS)} (Ctrl-C to stop)",
+              file=out, flush=True)
+        try:
+            while True:
+                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                try:
+                    kind, value = updates.get(timeout=wait)
+                except queue.Empty:
+                    continue
+                if isinstance(value, Exception):
+                    print(f"{time.strftime('%H:%M:%S')} {kind}: {type(value).__name__} "
+                          f"{value}".rstrip(), file=out, flush=True)
+                    if kind == "locks":
+                        last_locks = None
+                    continue
+                if kind == "locks":
+                    summary = _lock_summary(parse_locks(value))
+                    if summary != last_locks:
+                        print(f"{time.strftime('%H:%M:%S')} {summary}", file=out, flush=True)
+                        last_locks = summary
+                    continue
+                events = parse_events(value)
+                fresh = [e for e in events if e.time > last_event_time]
+                if seen_events == 0 and not args.history:
+                    fresh = []  # the first update is the backlog: show only what happens now
+                seen_events += 1
+                if events:
+                    last_event_time = max(last_event_time, max(e.time for e in events))
+                for e in fresh:
+                    stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
+                    print(f"{stamp} {e.line()}", file=out, flush=True)
+                    printed += 1
+                if args.events and printed >= args.events:
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for s in subs:
+                s.close()
+    return EXIT_OK
+
+
+def cmd_registry_show(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord registry show``."""
+    with _client(args) as c:
+        devices = c.registry_devices()
+    if args.json:
+        json.dump([d.model_dump(mode="json") for d in devices], out, indent=2)
+        print(file=out)
+    elif devices:
+        print(registry_table(devices), file=out)
+    else:
+        print("no devices registered", file=out)
+    return EXIT_OK
+
+
+def cmd_registry_import(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord registry import``: build a registry file from a profile collection."""
+    import yaml  # noqa: PLC0415 - only this command needs it
+
+    from .registry_import import import_registry  # noqa: PLC0415 - pulls in queueserver, ophyd
+
+    startup = Path(args.startup_dir)
+    if not startup.is_dir():
+        raise UsageError(f"registry import: --startup-dir {startup} is not a directory")
+    result = import_registry(startup)
+    if isinstance(result, str):
+        text = result
+    else:
+        if hasattr(result, "model_dump"):
+            result = result.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        elif isinstance(result, list):
+            result = [
+                r.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+                if hasattr(r, "model_dump") else r
+                for r in result
+            ]
+        text = yaml.safe_dump(result, sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=out)
+    else:
+        out.write(text)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord demo``: run the demo beamline (and the walkthrough)."""
+    from .demo.beamline import run_demo  # noqa: PLC0415 - keeps the other commands light
+
+    return run_demo(
+        prefix=args.prefix, ports_from=args.ports_from, run_dir=args.run_dir,
+        walkthrough=args.walkthrough, out=out,
+    )
+
+
+# --- argument parsing -------------------------------------------------------------------------
+
+
+def _prefix(value: str) -> str:
+    try:
+        return check_prefix(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive number of seconds")
+    return v
+
+
+def _port(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1024 <= v <= 65000:
+        raise argparse.ArgumentTypeError(f"{v} is not in 1024..65000")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pvcoord`` (all sub-commands)."""
+    doc = __doc__ or ""
+    p = argparse.ArgumentParser(
+        prog="pvcoord", description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--prefix", type=_prefix, default=None,
+        help=f"endstation prefix with trailing ':' (default: ${PREFIX_ENV} or {DEFAULT_PREFIX})",
+    )
+    p.add_argument("--registry-prefix", type=_prefix, default=None,
+                   help="prefix of the registry IOC if it differs from --prefix")
+    p.add_argument("--call-timeout", type=_positive, default=DEFAULT_CALL_TIMEOUT,
+                   help=f"seconds to wait for the IOC (default {DEFAULT_CALL_TIMEOUT:g})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lk = sub.add_parser("lock", help="acquire locks (all devices or none)")
+    lk.add_argument("devices", help="comma list of devices, or 'beamline'")
+    lk.add_argument("--type", required=True,
+                    help="MAINTENANCE, QUEUE_EXECUTING, MANUAL_OPERATOR or QUEUE_QUEUED")
+    lk.add_argument("--timeout", type=_positive, default=None,
+                    help="lease in seconds (default: the policy's default for the type)")
+    lk.add_argument("--reason", default="", help="why, shown to everyone")
+    lk.add_argument("--plan-uid", default="", help="plan or queue item this lock is for")
+    lk.add_argument("--on-behalf-of", default=None, metavar="USER",
+                    help="act for USER (trusted service accounts only)")
+    lk.add_argument("--show-key", action="store_true",
+                    help="print the secret key (release/renew by your account need no key)")
+    lk.set_defaults(func=cmd_lock)
+
+    rl = sub.add_parser("release", help="release your locks (or the lock of a key)")
+    rl.add_argument("devices", nargs="?", default="", help="comma list of devices")
+    rl.add_argument("--key", default=None, help="the key the lock was granted with")
+    rl.add_argument("--on-behalf-of", default=None, metavar="USER")
+    rl.set_defaults(func=cmd_release)
+
+    rn = sub.add_parser("renew", help="extend the lease of your locks")
+    rn.add_argument("devices", nargs="?", default="", help="comma list of devices")
+    rn.add_argument("--key", default=None, help="the key the lock was granted with")
+    rn.add_argument("--timeout", type=_positive, default=None,
+                    help="new lease from now, in seconds (default: the type's default)")
+    rn.add_argument("--on-behalf-of", default=None, metavar="USER")
+    rn.set_defaults(func=cmd_renew)
+
+    fr = sub.add_parser("force-release", help="remove anyone's lock (policy force_release)")
+    fr.add_argument("devices", help="comma list of devices")
+    fr.add_argument("--reason", required=True, help="why, recorded in the audit log")
+    fr.set_defaults(func=cmd_force_release)
+
+    st = sub.add_parser("status", help="table of the active locks")
+    st.add_argument("--events", type=int, default=0, metavar="N",
+                    help="also show the last N audit events")
+    st.add_argument("--json", action="store_true", help="print the locks as JSON")
+    st.set_defaults(func=cmd_status)
+
+    wa = sub.add_parser("watch", help="print lock changes and audit events until Ctrl-C")
+    wa.add_argument("--duration", type=_positive, default=None, metavar="S",
+                    help="stop after S seconds")
+    wa.add_argument("--events", type=int, default=0, metavar="N", help="stop after N events")
+    wa.add_argument("--history", action="store_true",
+                    help="also print the events that happened before watch started")
+    wa.set_defaults(func=cmd_watch)
+
+    rg = sub.add_parser("registry", help="the device registry")
+    rsub = rg.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
+    rs = rsub.add_parser("show", help="table of the registered devices (Registry:Devices)")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=cmd_registry_show)
+    ri = rsub.add_parser("import", help="build a registry file from a profile collection")
+    ri.add_argument("--startup-dir", required=True, metavar="DIR",
+                    help="the profile collection's startup directory")
+    ri.add_argument("-o", "--output", default=None, metavar="FILE",
+                    help="write the registry YAML here (default: standard output)")
+    ri.set_defaults(func=cmd_registry_import)
+
+    dm = sub.add_parser(
+        "demo", help="run the demo beamline on loopback until Ctrl-C",
+        description="Start a real softIoc with simulated devices, the registry and the "
+        "coordination IOC on 127.0.0.1 with fixed ports, print how to reach them, and run until "
+        "Ctrl-C. --walkthrough runs a scripted two-identity scenario instead and exits.",
+    )
+    dm.add_argument("--walkthrough", action="store_true",
+                    help="run the scripted scenario, then stop (exit 0 if every step behaved)")
+    dm.add_argument("--ports-from", type=_port, default=None, metavar="PORT",
+                    help="first of the demo's consecutive ports (default: the documented ones)")
+    dm.add_argument("--run-dir", default=None, metavar="DIR",
+                    help="where to write the database, registry, policy, store and logs")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run ``pvcoord`` with ``argv``; return the exit code (see the module docstring)."""
+    out = out or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prefix is None:
+        try:
+            args.prefix = check_prefix(os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX)
+        except ValueError as e:
+            parser.error(f"${PREFIX_ENV}: {e}")
+    func: Callable[[argparse.Namespace, TextIO], int] = args.func
+    try:
+        return func(args, out)
+    except (UsageError, BadRequestError) as e:
+        print(f"pvcoord: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RefusedError as e:
+        print(f"pvcoord: refused by {e.pv}: {e.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    except NoAnswerError as e:
+        print(f"pvcoord: {e}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    except CoordError as e:
+        print(f"pvcoord: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Unit tests of the client's pure conversions (no network): arguments out, typed rows in.
+
+The behaviour against the real coordination IOC is in test_client_system.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from p4p import Value
+from p4p.nt import NTTable
+
+from pvcoord import client as cl
+from pvdb.models import EventAction, LockType
+from pvdb.names import (
+    ACQUIRE_ARGS,
+    COORD_ACQUIRE,
+    DEVICES_COLUMNS,
+    EVENTS_COLUMNS,
+    LOCKS_COLUMNS,
+    RELEASE_ARGS,
+    RENEW_ARGS,
+)
+
+
+def test_acquire_args_are_pvcall_strings():
+    args = cl.acquire_args(" m1, m2 ", "manual-operator", 60, "align", "uid-1", "bob", "ws1")
+    assert args == {
+        "device": "m1,m2", "type": "MANUAL_OPERATOR", "timeout": "60.0", "reason": "align",
+        "planUid": "uid-1", "onBehalfOf": "bob", "clientHost": "ws1",
+    }
+    assert set(args) <= set(ACQUIRE_ARGS)
+    assert all(isinstance(v, str) for v in args.values())
+    # no lease: the server's default for the type applies
+    assert "timeout" not in cl.acquire_args(["m1"], LockType.MAINTENANCE)
+
+
+@pytest.mark.parametrize(
+    ("devices", "lock_type", "timeout", "match"),
+    [
+        ("", "MANUAL_OPERATOR", 1, "at least one device"),
+        (" , ", "MANUAL_OPERATOR", 1, "at least one device"),
+        ("m1", "ROOT", 1, "unknown lock type 'ROOT': use one of MAINTENANCE"),
+        ("m1", "MANUAL_OPERATOR", -1, "positive number"),
+        ("m1", "MANUAL_OPERATOR", math.nan, "positive number"),
+        ("m1", "MANUAL_OPERATOR", math.inf, "positive number"),
+        ("m1", "MANUAL_OPERATOR", "soon", "number of seconds"),
+    ],
+)
+def test_bad_requests_raise_before_sending(devices, lock_type, timeout, match):
+    with pytest.raises(cl.BadRequestError, match=match):
+        cl.acquire_args(devices, lock_type, timeout)
+
+
+def test_release_and_renew_args():
+    assert cl.release_args("m1") == {"device": "m1"}
+    assert cl.release_args(key="k") == {"key": "k"}
+    assert set(cl.release_args("m1", "k", "bob", "h")) <= set(RELEASE_ARGS)
+    assert cl.renew_args(key="k", timeout=30) == {"key": "k", "timeout": "30.0"}
+    assert set(cl.renew_args("m1", "k", 5, "bob", "h")) <= set(RENEW_ARGS)
+    with pytest.raises(cl.BadRequestError, match="devices or the key"):
+        cl.release_args()
+    with pytest.raises(cl.BadRequestError, match="devices or the key"):
+        cl.renew_args(timeout=3)
+
+
+def test_nturi_is_what_p4p_cli_sends():
+    pv = COORD_ACQUIRE.name("T:")
+    v = cl.nturi(pv, {"device": "m1", "type": "MAINTENANCE"})
+    assert v.getID() == "epics:nt/NTURI:1.0"
+    assert v["path"] == pv
+    assert v["query"].todict() == {"device": "m1", "type": "MAINTENANCE"}
+
+
+def _reply(**fields) -> Value:
+    from p4p import Type  # noqa: PLC0415
+
+    t = Type([("granted", "?"), ("key", "s"), ("devices", "as"), ("preempted", "as"),
+              ("expires", "d"), ("message", "s")])
+    return Value(t, fields)
+
+
+def test_parse_grant_and_key_not_in_repr():
+    g = cl.parse_grant("P:Coord:Acquire", _reply(
+        granted=True, key="secret-key", devices=["m1", "m2"], preempted=["m2"], expires=12.5,
+        message="ok",
+    ))
+    assert g.devices == ("m1", "m2") and g.preempted == ("m2",) and g.expires == 12.5
+    assert g.key == "secret-key"
+    assert "secret-key" not in repr(g)
+    with pytest.raises(cl.RefusedError, match="held by"):
+        cl.parse_grant("P:Coord:Acquire", _reply(granted=False, message="held by x"))
+
+
+def _table(columns, rows) -> Value:
+    return NTTable(list(columns)).wrap(rows)
+
+
+def test_parse_locks_from_an_nttable():
+    v = _table(LOCKS_COLUMNS, [
+        {"device": "m1", "lockType": "MANUAL_OPERATOR", "priority": 2, "owner": "root@127.0.0.1",
+         "acquired": 100.0, "expires": 160.0, "reason": "align", "planUid": ""},
+    ])
+    (row,) = cl.parse_locks(v)
+    assert row.device == "m1" and row.lock_type is LockType.MANUAL_OPERATOR
+    assert row.owner == "root@127.0.0.1" and row.remaining(now=130.0) == 30.0
+    assert cl.parse_locks(_table(LOCKS_COLUMNS, [])) == []
+
+
+def test_parse_events_and_registry():
+    ev = _table(EVENTS_COLUMNS, [
+        {"time": 1.0, "action": "acquired", "device": "m1", "lockType": "MAINTENANCE",
+         "actor": "root", "holder": "root@h", "message": "until x"},
+        {"time": 2.0, "action": "expired", "device": "m2", "lockType": "", "actor": "pvcoord",
+         "holder": "", "message": ""},
+    ])
+    e1, e2 = cl.parse_events(ev)
+    assert e1.action is EventAction.ACQUIRED and e1.lock_type is LockType.MAINTENANCE
+    assert e2.lock_type is None
+    reg = _table(DEVICES_COLUMNS, [
+        {"name": "m1", "deviceClass": "SimMotor", "capabilities": "readable,movable",
+         "pvPrefix": "DEMO:m1:", "ioc": "demo-softioc", "description": "d", "connected": True},
+    ])
+    (d,) = cl.parse_registry(reg)
+    assert d.capabilities == ("readable", "movable") and d.connected
+
+
+def test_malformed_rows_are_a_clear_error():
+    v = _table(LOCKS_COLUMNS, [
+        {"device": "m1", "lockType": "NOPE", "priority": 2, "owner": "o", "acquired": 1.0,
+         "expires": 2.0, "reason": "", "planUid": ""},
+    ])
+    with pytest.raises(cl.CoordError, match="malformed Coord:Locks row"):
+        cl.parse_locks(v)
+
+
+def test_client_rejects_bad_prefix_and_timeout():
+    with pytest.raises(ValueError, match="end it with ':'"):
+        cl.Client("NOCOLON")
+    with pytest.raises(cl.BadRequestError, match="call timeout"):
+        cl.Client("P:", timeout=0)

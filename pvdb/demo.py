@@ -61,6 +61,7 @@ SHUTTER_DELAY = 0.2
 """Seconds between a shutter command and its status following."""
 
 MOVING_CHOICES = ("Done", "Moving")
+STOP_CHOICES = ("Idle", "Stop")
 ACQUIRE_CHOICES = ("Done", "Acquire")
 SHUTTER_COMMAND_CHOICES = ("Close", "Open")
 SHUTTER_STATUS_CHOICES = ("Closed", "Open")
@@ -85,7 +86,7 @@ MOTOR_VELOCITY_PV = PVSpec(
 )
 MOTOR_STOP = PVSpec(
     SERVER, "{device}:Stop", PVKind.NTENUM,
-    "Put 1 to stop: the setpoint is set to the current readback.", choices=("", "Stop"),
+    "Put 1 to stop: the setpoint is set to the current readback.", choices=STOP_CHOICES,
 )
 MOTOR_SIM_MOVING = PVSpec(
     SERVER, "{device}:Sim:MovingCalc", PVKind.DOUBLE,
@@ -115,6 +116,9 @@ DET_SIM_EXPOSE = PVSpec(
     SERVER, "{device}:Sim:Expose", PVKind.DOUBLE,
     "Internal: waits AcquireTime (calcout ODLY), then ends the exposure.",
 )
+DET_SIM_DONE = PVSpec(
+    SERVER, "{device}:Sim:Done", PVKind.DOUBLE, "Internal: sets Acquire back to 0.",
+)
 DET_SIM_RATE = PVSpec(
     SERVER, "{device}:Sim:Rate", PVKind.DOUBLE,
     "Internal: count rate at the current motor positions.", units="counts/s",
@@ -131,7 +135,12 @@ SHUTTER_STATUS = PVSpec(
     "Shutter position; follows Command after a short delay.", choices=SHUTTER_STATUS_CHOICES,
 )
 SHUTTER_SIM_DELAY = PVSpec(
-    SERVER, "{device}:Sim:Delay", PVKind.DOUBLE, "Internal: delays Status after Command.",
+    SERVER, "{device}:Sim:Delay", PVKind.DOUBLE,
+    "Internal: 0.1 s ticks since Command and Status differ.",
+)
+SHUTTER_SIM_MOVE = PVSpec(
+    SERVER, "{device}:Sim:Move", PVKind.DOUBLE,
+    "Internal: sets Status to Command once the delay has passed.",
 )
 
 MOTOR_PVS = (MOTOR_SETPOINT, MOTOR_READBACK, MOTOR_MOVING, MOTOR_VELOCITY_PV, MOTOR_STOP)
@@ -140,8 +149,8 @@ SHUTTER_PVS = (SHUTTER_COMMAND, SHUTTER_STATUS)
 """Public PVs of each kind of device (what clients use and the registry lists)."""
 
 MOTOR_SIM_PVS = (MOTOR_SIM_MOVING, MOTOR_SIM_STOP)
-DETECTOR_SIM_PVS = (DET_SIM_EXPOSE, DET_SIM_RATE)
-SHUTTER_SIM_PVS = (SHUTTER_SIM_DELAY,)
+DETECTOR_SIM_PVS = (DET_SIM_EXPOSE, DET_SIM_DONE, DET_SIM_RATE)
+SHUTTER_SIM_PVS = (SHUTTER_SIM_DELAY, SHUTTER_SIM_MOVE)
 """Internal records of the simulation (served, but not part of a device's interface)."""
 
 

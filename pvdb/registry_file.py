@@ -1,0 +1,351 @@
+"""The device registry file (YAML) and the PV-name -> device lookup, as pure functions.
+
+File format (``docs/registry.md``)::
+
+    version: 1                    # optional; 1 is the only version
+    devices:
+      - name: m1                  # device name (letter first; letters, digits, _ and -)
+        class: SimMotor           # device class (free text, e.g. the ophyd class)
+        capabilities: [readable, movable]   # subset of readable, movable, triggerable, flyable
+        pv_prefix: "DEMO:m1:"     # every PV starting with this belongs to m1 (optional)
+        pvs:                      # explicit PV names (optional; at least one of pvs / pv_prefix)
+          - DEMO:m1:Setpoint
+          - DEMO:m1:Readback
+        ioc: demo-softioc         # owning IOC (free text)
+        description: simulated motor m1
+
+Rules: device names are unique; a PV is listed by one device only; two devices may not share a
+``pv_prefix``; every device has ``pvs`` or a ``pv_prefix``. A bad file raises
+:class:`RegistryFileError` naming the file, line, device and field; nothing is loaded.
+
+The registry IOC (``iocs.registry``), the CLI (``pvcoord registry ...``) and the guard use this
+module; it imports no p4p.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .models import Device
+
+FORMAT_VERSION = 1
+"""The registry file format version this module reads and writes."""
+
+PV_NAME_RE = re.compile(r"^[A-Za-z0-9_\-:.;<>\[\]{}$]+$")
+"""Characters allowed in a registered PV name or prefix (EPICS record-name characters)."""
+
+FIELD_SUFFIX_RE = re.compile(r"\.(?:[A-Z][A-Z0-9_]*\$?|\{.*\}|\[.*\])$")
+"""A field or channel-filter suffix a client may add to a record name: ``.VAL``, ``.DESC$``,
+``.{"dbnd":{"abs":1}}``, ``.[0:2]``."""
+
+_TOP_KEYS = {"version", "devices"}
+
+
+class RegistryFileError(ValueError):
+    """A registry file that cannot be loaded; the message names file, line, device and field."""
+
+
+def _where(source: str, line: int | None) -> str:
+    return f"{source} line {line}" if line else source
+
+
+def _entry_lines(text: str) -> tuple[list[int], list[dict[str, int]]]:
+    """Line numbers (1-based) of each device entry and of each of its keys, from the YAML nodes."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return [], []
+    entries: list[int] = []
+    keys: list[dict[str, int]] = []
+    if not isinstance(root, yaml.MappingNode):
+        return entries, keys
+    for knode, vnode in root.value:
+        if getattr(knode, "value", None) == "devices" and isinstance(vnode, yaml.SequenceNode):
+            for item in vnode.value:
+                entries.append(item.start_mark.line + 1)
+                fields: dict[str, int] = {}
+                if isinstance(item, yaml.MappingNode):
+                    for k, v in item.value:
+                        fields[str(k.value)] = v.start_mark.line + 1
+                keys.append(fields)
+    return entries, keys
+
+
+def _pydantic_message(err: ValidationError) -> tuple[str, str]:
+    """(field, message) of the first error, with pydantic's field aliases."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ())]
+    field = loc[0] if loc else ""
+    msg = first.get("msg", str(err))
+    if first.get("type") == "extra_forbidden":
+        msg = (
+            "unknown field; allowed: name, class, capabilities, pv_prefix, pvs, ioc, description"
+        )
+    elif first.get("type") == "missing":
+        msg = "required field is missing"
+    elif first.get("type") == "enum":
+        msg = f"{first.get('input')!r} is not one of readable, movable, triggerable, flyable"
+    if len(loc) > 1:
+        field = f"{field}[{loc[1]}]"
+    return field, msg
+
+
+def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
+    """Parse registry file text into devices, in file order.
+
+    Args:
+        text: YAML text in the format of the module docstring.
+        source: name used in error messages (usually the file path).
+
+    Raises:
+        RegistryFileError: naming ``source``, the line, the device and the field that is wrong.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise RegistryFileError(f"{_where(source, line)}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise RegistryFileError(
+            f"{source}: expected a mapping with a 'devices' list at the top level, got "
+            f"{type(data).__name__}"
+        )
+    extra = sorted(set(map(str, data)) - _TOP_KEYS)
+    if extra:
+        raise RegistryFileError(
+            f"{source}: unknown top-level key(s) {', '.join(extra)}; allowed: version, devices"
+        )
+    version = data.get("version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise RegistryFileError(
+            f"{source}: version {version!r} is not supported (this pvcoord reads {FORMAT_VERSION})"
+        )
+    entries = data.get("devices")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise RegistryFileError(f"{source}: 'devices' must be a list of device entries")
+    entry_lines, key_lines = _entry_lines(text)
+
+    devices: list[Device] = []
+    for i, entry in enumerate(entries):
+        line = entry_lines[i] if i < len(entry_lines) else None
+        keys = key_lines[i] if i < len(key_lines) else {}
+        label = f"device #{i + 1}"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            label = f"device #{i + 1} ({entry['name']!r})"
+        if not isinstance(entry, dict):
+            raise RegistryFileError(
+                f"{_where(source, line)}: {label}: expected a mapping of fields, got "
+                f"{type(entry).__name__}"
+            )
+        try:
+            dev = Device.model_validate(_normalise(entry))
+        except ValidationError as e:
+            field, msg = _pydantic_message(e)
+            base = field.split("[")[0]
+            fline = keys.get(base, line)
+            raise RegistryFileError(
+                f"{_where(source, fline)}: {label}: field {field!r}: {msg}"
+            ) from None
+        try:
+            check_device(dev)
+        except ValueError as e:
+            field = getattr(e, "field", "")
+            fline = keys.get(field, line)
+            raise RegistryFileError(f"{_where(source, fline)}: {label}: {e}") from None
+        devices.append(dev)
+    try:
+        check_devices(devices)
+    except ValueError as e:
+        raise RegistryFileError(f"{source}: {e}") from None
+    return devices
+
+
+def _normalise(entry: dict[Any, Any]) -> dict[str, Any]:
+    """Keys as strings; YAML nulls of optional text fields as empty strings."""
+    out = {str(k): v for k, v in entry.items()}
+    for key in ("class", "pv_prefix", "ioc", "description"):
+        if key in out and out[key] is None:
+            out[key] = ""
+    for key in ("capabilities", "pvs"):
+        if key in out and out[key] is None:
+            out[key] = []
+    return out
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"field {field!r}: {message}")
+        self.field = field
+
+
+def check_device(dev: Device) -> None:
+    """Check one device beyond its model: PV names, prefix, duplicates.
+
+    Raises:
+        ValueError: with a ``field`` attribute naming the field that is wrong.
+    """
+    if not dev.pvs and not dev.pv_prefix:
+        raise _FieldError("pvs", "a device needs explicit 'pvs' or a 'pv_prefix' (or both)")
+    if dev.pv_prefix and not PV_NAME_RE.match(dev.pv_prefix):
+        raise _FieldError("pv_prefix", f"{dev.pv_prefix!r} contains characters not allowed")
+    seen: set[str] = set()
+    for pv in dev.pvs:
+        if not isinstance(pv, str) or not pv or not PV_NAME_RE.match(pv):
+            raise _FieldError("pvs", f"{pv!r} is not a valid PV name")
+        if pv in seen:
+            raise _FieldError("pvs", f"{pv!r} is listed twice")
+        seen.add(pv)
+    if len(set(dev.capabilities)) != len(dev.capabilities):
+        raise _FieldError("capabilities", "a capability is listed twice")
+
+
+def check_devices(devices: Sequence[Device]) -> None:
+    """Check a whole registry: unique names, each PV and each prefix belongs to one device.
+
+    Raises:
+        ValueError: naming both devices involved.
+    """
+    names: dict[str, int] = {}
+    pv_owner: dict[str, str] = {}
+    prefix_owner: dict[str, str] = {}
+    for i, dev in enumerate(devices):
+        if dev.name in names:
+            raise ValueError(
+                f"device #{i + 1}: name {dev.name!r} is already used by device #{names[dev.name]}"
+            )
+        names[dev.name] = i + 1
+        for pv in dev.pvs:
+            if pv in pv_owner:
+                raise ValueError(
+                    f"device {dev.name!r}: PV {pv!r} is already listed by device "
+                    f"{pv_owner[pv]!r}; a PV belongs to one device"
+                )
+            pv_owner[pv] = dev.name
+        if dev.pv_prefix:
+            if dev.pv_prefix in prefix_owner:
+                raise ValueError(
+                    f"device {dev.name!r}: pv_prefix {dev.pv_prefix!r} is already used by device "
+                    f"{prefix_owner[dev.pv_prefix]!r}"
+                )
+            prefix_owner[dev.pv_prefix] = dev.name
+
+
+def load_registry(path: str | Path) -> list[Device]:
+    """Read and parse the registry file at ``path``.
+
+    Raises:
+        RegistryFileError: if the file cannot be read or is not valid (see :func:`parse_registry`).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RegistryFileError(f"{p}: cannot read registry file: {e}") from None
+    return parse_registry(text, source=str(p))
+
+
+def device_entry(dev: Device) -> dict[str, Any]:
+    """One device as a registry-file mapping (field order as in the docs; empty fields left out)."""
+    out: dict[str, Any] = {"name": dev.name}
+    if dev.device_class:
+        out["class"] = dev.device_class
+    out["capabilities"] = [c.value for c in dev.capabilities]
+    if dev.pv_prefix:
+        out["pv_prefix"] = dev.pv_prefix
+    if dev.pvs:
+        out["pvs"] = list(dev.pvs)
+    if dev.ioc:
+        out["ioc"] = dev.ioc
+    if dev.description:
+        out["description"] = dev.description
+    return out
+
+
+def dump_registry(devices: Iterable[Device], comment: str = "") -> str:
+    """Registry file text for ``devices`` (round-trips through :func:`parse_registry`).
+
+    Raises:
+        ValueError: if the devices break a rule of :func:`check_devices` / :func:`check_device`.
+    """
+    devs = list(devices)
+    for dev in devs:
+        check_device(dev)
+    check_devices(devs)
+    head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+    body = yaml.safe_dump(
+        {"version": FORMAT_VERSION, "devices": [device_entry(d) for d in devs]},
+        sort_keys=False, default_flow_style=False, width=100,
+    )
+    return head + body
+
+
+def save_registry(devices: Iterable[Device], path: str | Path, comment: str = "") -> Path:
+    """Write :func:`dump_registry` to ``path``; return the path."""
+    p = Path(path)
+    p.write_text(dump_registry(devices, comment), encoding="utf-8")
+    return p
+
+
+def record_name(pv: str) -> str:
+    """``pv`` without a field or channel-filter suffix: ``DEMO:m1:Setpoint.VAL`` -> ``...Setpoint``.
+
+    Only a trailing ``.FIELD`` (upper case), ``.FIELD$``, ``.{json}`` or ``.[a:b]`` is removed.
+    """
+    return FIELD_SUFFIX_RE.sub("", pv, count=1)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Result of :meth:`RegistryIndex.lookup`: the device and how the PV matched it.
+
+    ``how`` is ``"pv"`` (an explicit PV of the device), ``"field"`` (a field of one),
+    or ``"prefix"`` (the longest ``pv_prefix`` that the PV starts with).
+    """
+
+    device: Device
+    how: str
+
+
+class RegistryIndex:
+    """PV name -> device, for the lookup RPC and the guard.
+
+    Order: the exact PV among explicit ``pvs``; then the record name without a field suffix;
+    then the longest ``pv_prefix`` the PV starts with.
+    """
+
+    def __init__(self, devices: Iterable[Device]) -> None:
+        self.devices: list[Device] = list(devices)
+        self.by_name: dict[str, Device] = {d.name: d for d in self.devices}
+        self._pvs: dict[str, Device] = {pv: d for d in self.devices for pv in d.pvs}
+        self._prefixes: list[tuple[str, Device]] = sorted(
+            ((d.pv_prefix, d) for d in self.devices if d.pv_prefix),
+            key=lambda item: len(item[0]), reverse=True,
+        )
+
+    def lookup(self, pv: str) -> Match | None:
+        """The device ``pv`` belongs to, or None if no device claims it."""
+        dev = self._pvs.get(pv)
+        if dev is not None:
+            return Match(dev, "pv")
+        base = record_name(pv)
+        if base != pv and base in self._pvs:
+            return Match(self._pvs[base], "field")
+        for prefix, dev in self._prefixes:
+            if pv.startswith(prefix):
+                return Match(dev, "prefix")
+        return None
+
+    def pv_rows(self) -> list[tuple[str, str]]:
+        """(pv, device) for every explicit PV, sorted by PV name."""
+        return sorted((pv, d.name) for pv, d in self._pvs.items())

@@ -349,24 +349,37 @@ def _port(value: str) -> int:
     return v
 
 
+def _common(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--prefix", type=_prefix, default=default,
+        help=f"endstation prefix with trailing ':' (default: ${PREFIX_ENV} or {DEFAULT_PREFIX})",
+    )
+    parser.add_argument("--registry-prefix", type=_prefix, default=default,
+                        help="prefix of the registry IOC if it differs from --prefix")
+    parser.add_argument(
+        "--call-timeout", type=_positive,
+        default=DEFAULT_CALL_TIMEOUT if default is None else default,
+        help=f"seconds to wait for the IOC (default {DEFAULT_CALL_TIMEOUT:g})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``pvcoord`` (all sub-commands)."""
-    doc = __doc__ or ""
+    """The argument parser of ``pvcoord`` (all sub-commands).
+
+    The common options (``--prefix``, ``--registry-prefix``, ``--call-timeout``) are accepted
+    before and after the command name.
+    """
+    doc = (__doc__ or "").replace("``", "").replace("::", ":")
     p = argparse.ArgumentParser(
         prog="pvcoord", description=doc.split("\n\n")[0],
         epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--prefix", type=_prefix, default=None,
-        help=f"endstation prefix with trailing ':' (default: ${PREFIX_ENV} or {DEFAULT_PREFIX})",
-    )
-    p.add_argument("--registry-prefix", type=_prefix, default=None,
-                   help="prefix of the registry IOC if it differs from --prefix")
-    p.add_argument("--call-timeout", type=_positive, default=DEFAULT_CALL_TIMEOUT,
-                   help=f"seconds to wait for the IOC (default {DEFAULT_CALL_TIMEOUT:g})")
+    _common(p, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    lk = sub.add_parser("lock", help="acquire locks (all devices or none)")
+    lk = sub.add_parser("lock", parents=[common], help="acquire locks (all devices or none)")
     lk.add_argument("devices", help="comma list of devices, or 'beamline'")
     lk.add_argument("--type", required=True,
                     help="MAINTENANCE, QUEUE_EXECUTING, MANUAL_OPERATOR or QUEUE_QUEUED")
@@ -380,13 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the secret key (release/renew by your account need no key)")
     lk.set_defaults(func=cmd_lock)
 
-    rl = sub.add_parser("release", help="release your locks (or the lock of a key)")
+    rl = sub.add_parser(
+        "release", parents=[common], help="release your locks (or the lock of a key)",
+    )
     rl.add_argument("devices", nargs="?", default="", help="comma list of devices")
     rl.add_argument("--key", default=None, help="the key the lock was granted with")
     rl.add_argument("--on-behalf-of", default=None, metavar="USER")
     rl.set_defaults(func=cmd_release)
 
-    rn = sub.add_parser("renew", help="extend the lease of your locks")
+    rn = sub.add_parser("renew", parents=[common], help="extend the lease of your locks")
     rn.add_argument("devices", nargs="?", default="", help="comma list of devices")
     rn.add_argument("--key", default=None, help="the key the lock was granted with")
     rn.add_argument("--timeout", type=_positive, default=None,
@@ -394,18 +409,22 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--on-behalf-of", default=None, metavar="USER")
     rn.set_defaults(func=cmd_renew)
 
-    fr = sub.add_parser("force-release", help="remove anyone's lock (policy force_release)")
+    fr = sub.add_parser(
+        "force-release", parents=[common], help="remove anyone's lock (policy force_release)",
+    )
     fr.add_argument("devices", help="comma list of devices")
     fr.add_argument("--reason", required=True, help="why, recorded in the audit log")
     fr.set_defaults(func=cmd_force_release)
 
-    st = sub.add_parser("status", help="table of the active locks")
+    st = sub.add_parser("status", parents=[common], help="table of the active locks")
     st.add_argument("--events", type=int, default=0, metavar="N",
                     help="also show the last N audit events")
     st.add_argument("--json", action="store_true", help="print the locks as JSON")
     st.set_defaults(func=cmd_status)
 
-    wa = sub.add_parser("watch", help="print lock changes and audit events until Ctrl-C")
+    wa = sub.add_parser(
+        "watch", parents=[common], help="print lock changes and audit events until Ctrl-C",
+    )
     wa.add_argument("--duration", type=_positive, default=None, metavar="S",
                     help="stop after S seconds")
     wa.add_argument("--events", type=int, default=0, metavar="N", help="stop after N events")
@@ -413,12 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also print the events that happened before watch started")
     wa.set_defaults(func=cmd_watch)
 
-    rg = sub.add_parser("registry", help="the device registry")
+    rg = sub.add_parser("registry", parents=[common], help="the device registry")
     rsub = rg.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
-    rs = rsub.add_parser("show", help="table of the registered devices (Registry:Devices)")
+    rs = rsub.add_parser(
+        "show", parents=[common], help="table of the registered devices (Registry:Devices)",
+    )
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=cmd_registry_show)
-    ri = rsub.add_parser("import", help="build a registry file from a profile collection")
+    ri = rsub.add_parser(
+        "import", parents=[common], help="build a registry file from a profile collection",
+    )
     ri.add_argument("--startup-dir", required=True, metavar="DIR",
                     help="the profile collection's startup directory")
     ri.add_argument("-o", "--output", default=None, metavar="FILE",
@@ -426,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     ri.set_defaults(func=cmd_registry_import)
 
     dm = sub.add_parser(
-        "demo", help="run the demo beamline on loopback until Ctrl-C",
+        "demo", parents=[common], help="run the demo beamline on loopback until Ctrl-C",
         description="Start a real softIoc with simulated devices, the registry and the "
         "coordination IOC on 127.0.0.1 with fixed ports, print how to reach them, and run until "
         "Ctrl-C. --walkthrough runs a scripted two-identity scenario instead and exits.",

@@ -1,0 +1,173 @@
+"""The ``pvcoord`` command line against the real coordination IOC process.
+
+Most commands run in-process through :func:`pvcoord.cli.main` (fast); the second identity and the
+console script run as real processes (``runuser -u nobody``, ``.venv/bin/pvcoord``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pvcoord import cli
+from pvcoord.procs import ManagedProcess, python_module, server_env, wait_for_pv
+from pvdb.names import COORD_LOCKS
+
+pytestmark = pytest.mark.system
+
+PREFIX = "TCLI:"
+DEVICES = ["m1", "m2", "m3", "m4", "m5"]
+REPO = Path(__file__).resolve().parent.parent
+POLICY = REPO / "pvcoord" / "demo" / "policy.toml"
+
+
+@pytest.fixture(scope="module")
+def ioc(tmp_path_factory):
+    d = tmp_path_factory.mktemp("coord-cli")
+    proc = ManagedProcess(
+        "coordination",
+        python_module(
+            "iocs.coordination", "--prefix", PREFIX, "--devices", ",".join(DEVICES),
+            "--policy", str(POLICY), "--store", f"sqlite:///{d}/locks.sqlite",
+        ),
+        server_env(os.environ), log_dir=d,
+    )
+    try:
+        wait_for_pv(COORD_LOCKS.name(PREFIX), os.environ, 30, procs=[proc])
+        yield proc
+    finally:
+        proc.stop()
+
+
+def run(*argv: str) -> tuple[int, str]:
+    """``pvcoord --prefix PREFIX argv...`` in this process: (exit code, standard output)."""
+    out = io.StringIO()
+    code = cli.main(["--prefix", PREFIX, *argv], out=out)
+    return code, out.getvalue()
+
+
+def run_process(*argv: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m pvcoord.cli argv...`` as a real process (optionally as another account)."""
+    cmd = [sys.executable, "-m", "pvcoord.cli", "--prefix", PREFIX, *argv]
+    if user:
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ),
+                          cwd="/")
+
+
+def test_lock_status_release(ioc, capsys):
+    code, out = run("lock", "m1,m2", "--type", "MANUAL_OPERATOR", "--timeout", "60",
+                    "--reason", "align")
+    assert code == 0, capsys.readouterr().err
+    assert re.match(r"granted m1,m2 MANUAL_OPERATOR until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", out)
+    assert "key:" not in out
+    code, out = run("status")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["DEVICE", "TYPE", "OWNER", "REMAINING", "EXPIRES", "REASON",
+                                "PLAN"]
+    m1 = next(line for line in lines if line.startswith("m1 "))
+    assert "MANUAL_OPERATOR" in m1 and "root@127.0.0.1" in m1 and "align" in m1
+    assert re.search(r"\b(59|60) s\b", m1)
+    assert "free: m3, m4, m5" in out
+    code, out = run("renew", "m1", "--timeout", "120")
+    assert code == 0 and out.startswith("renewed m1 until ")
+    code, out = run("release", "m1,m2")
+    assert (code, out.strip()) == (0, "released m1,m2 (released m1, m2)")
+    code, out = run("status")
+    assert code == 0 and out.startswith(f"no active locks on {PREFIX}")
+
+
+def test_refusals_and_bad_input_exit_codes(ioc, capsys):
+    code, _ = run("release", "m3")
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_REFUSED
+    assert err.startswith(f"pvcoord: refused by {PREFIX}Coord:Release: cannot release: 'm3'")
+    code, _ = run("lock", "nosuch", "--type", "MANUAL_OPERATOR")
+    assert code == cli.EXIT_REFUSED and "nosuch" in capsys.readouterr().err
+    code, _ = run("lock", "m3", "--type", "BOSS")
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT and "unknown lock type 'BOSS'" in err
+    code, _ = run("release")
+    assert code == cli.EXIT_BAD_INPUT and "name the devices" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: bad numbers never reach the IOC
+        run("lock", "m3", "--type", "MANUAL_OPERATOR", "--timeout", "-5")
+    assert e.value.code == cli.EXIT_BAD_INPUT
+    assert "must be a positive number of seconds" in capsys.readouterr().err
+    code, _ = run("--call-timeout", "0.3", "--prefix", "NOIOC:", "status")
+    assert code == cli.EXIT_NO_ANSWER and "no answer from NOIOC:Coord:Locks within 0.3 s" in (
+        capsys.readouterr().err)
+    code, out = run("status")
+    assert out.startswith("no active locks"), "nothing of the above may have changed the table"
+
+
+@pytest.mark.identity
+def test_second_identity_is_refused_with_the_holder_named(ioc):
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("a second OS identity needs root and runuser")
+    code, _ = run("lock", "m4", "--type", "MANUAL_OPERATOR", "--timeout", "60",
+                  "--reason", "beam alignment")
+    assert code == 0
+    try:
+        p = run_process("lock", "m4", "--type", "MANUAL_OPERATOR", "--timeout", "60",
+                        user="nobody")
+        assert p.returncode == cli.EXIT_REFUSED, p.stderr
+        assert "Traceback" not in p.stderr
+        assert "root@127.0.0.1" in p.stderr and "beam alignment" in p.stderr, p.stderr
+        p = run_process("lock", "m5", "--type", "MAINTENANCE", user="nobody")
+        assert p.returncode == cli.EXIT_REFUSED and "nobody" in p.stderr, p.stderr
+        p = run_process("release", "m4", user="nobody")
+        assert p.returncode == cli.EXIT_REFUSED and "root@" in p.stderr, p.stderr
+    finally:
+        run("release", "m4")
+
+
+def test_console_script_exit_code_and_no_traceback(ioc):
+    exe = Path(sys.executable).with_name("pvcoord")
+    p = subprocess.run([str(exe), "--prefix", PREFIX, "release", "m5"], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ))
+    assert p.returncode == cli.EXIT_REFUSED
+    assert p.stderr.startswith("pvcoord: refused by") and "Traceback" not in p.stderr
+    p = subprocess.run([str(exe), "status", "--prefix", PREFIX], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ))
+    assert p.returncode == 0 and "no active locks" in p.stdout, p.stderr
+
+
+def test_watch_prints_changes(ioc):
+    out = io.StringIO()
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(cli.main(
+        ["--prefix", PREFIX, "watch", "--duration", "20", "--events", "2"], out=out)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "watching" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "locks: (none)" in out.getvalue() or _wait_for(out, "locks: (none)")
+        assert run("lock", "m5", "--type", "MAINTENANCE", "--timeout", "30")[0] == 0
+        assert run("release", "m5")[0] == 0
+    finally:
+        t.join(25)
+    assert result == [0]
+    text = out.getvalue()
+    assert re.search(r"acquired m5 MAINTENANCE actor=root holder=root@127.0.0.1", text), text
+    assert re.search(r"released m5 MAINTENANCE", text), text
+    assert "locks: m5=MAINTENANCE(root@127.0.0.1)" in text
+
+
+def _wait_for(out: io.StringIO, text: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in out.getvalue():
+            return True
+        time.sleep(0.02)
+    return False

@@ -395,7 +395,7 @@ async def serve(
     server_kws = {"conf": server_conf, "useenv": False} if server_conf is not None else {}
     client_kws = {"conf": client_conf, "useenv": False} if client_conf is not None else {}
     follower = None
-    ctxt = Context("pva", **client_kws) if registry_prefix is not None else None
+    ctxt = Context("pva", nt=False, **client_kws) if registry_prefix is not None else None
     try:
         with Server(providers=[ioc.provider], **server_kws):
             if ctxt is not None:

@@ -244,6 +244,7 @@ class LockTable:
             self._locks.pop(d, None)
         for lk in change.upsert:
             self._locks[lk.device] = lk
+            self._notices.pop((lk.owner, lk.device), None)  # a new lock: old news is stale
         for k, msg in change.notices.items():
             self._notices[k] = msg
             self._notices.move_to_end(k)
@@ -402,6 +403,9 @@ class LockTable:
                 notice = self._notices.get((ident.account, d))
                 raise LockError(notice or f"cannot {verb}: {d[:64]!r} is not locked")
             if lk.owner != ident.account:
+                notice = self._notices.get((ident.account, d))
+                if notice:
+                    raise LockError(f"{notice}; it is now held by {lk.holder}")
                 raise LockError(
                     f"cannot {verb} {d}: it is held by {lk.holder} ({lk.lock_type.value}); only "
                     "the holder's account or the lock's key may " + verb + " it"

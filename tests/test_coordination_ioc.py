@@ -1,0 +1,346 @@
+"""The real coordination IOC process: every rule of DESIGN section 3, over the wire.
+
+Clients: p4p in this process (account root), ``python -m p4p.client.cli`` under OS account
+``nobody`` (a second identity), and pvapy (another PVA implementation).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from p4p import Type, Value
+from p4p.client.thread import Context, RemoteError
+
+from pvcoord.procs import client_conf, loopback_env, python_module, start_redis, wait_until
+from pvdb import names as pvn
+
+from .conftest import other_user_available
+from .coordhelpers import (
+    CLIENT_TIMEOUT,
+    PREFIX,
+    REPO,
+    locks,
+    pvcall_as,
+    rpc,
+    start_coordination,
+)
+
+pytestmark = pytest.mark.system
+
+NOUSER = other_user_available()
+
+
+@pytest.fixture(scope="module")
+def ioc(tmp_path_factory):
+    """One coordination IOC (SQLite store) for the module, and its environment."""
+    tmp = tmp_path_factory.mktemp("coord")
+    env = loopback_env()
+    proc = start_coordination(env, tmp)
+    try:
+        yield proc, env, tmp
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def ctxt(ioc):
+    proc, env, _ = ioc
+    with Context("pva", conf=client_conf(env), useenv=False) as c:
+        # start every test from an empty lock table
+        for row in locks(c):
+            rpc(c, pvn.COORD_FORCE_RELEASE, device=row[0], reason="test cleanup")
+        assert locks(c) == []
+        yield c
+    assert proc.alive(), proc.output()
+
+
+def test_help_lists_every_pv():
+    out = subprocess.run(
+        python_module("iocs.coordination", "--help"), capture_output=True, text=True,
+        cwd=REPO, timeout=60,
+    )
+    assert out.returncode == 0
+    for spec in pvn.COORDINATION_PVS:
+        assert spec.suffix.replace("{device}", "<dev>") in out.stdout, spec.suffix
+
+
+def test_acquire_grants_and_publishes(ctxt):
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="60",
+            reason="align")
+    assert not isinstance(r, Exception), r
+    assert r.granted and list(r.devices) == ["m1"] and len(r.key) >= 24
+    assert locks(ctxt) == [("m1", "MANUAL_OPERATOR", 2, "root@127.0.0.1", "align")]
+    assert state(ctxt, "m1") == "ManualOperator"
+    assert ctxt.get(pvn.COORD_DEVICE_OWNER.name(PREFIX, "m1"),
+                    timeout=CLIENT_TIMEOUT) == "root@127.0.0.1"
+    rem = ctxt.get(pvn.COORD_DEVICE_REMAINING.name(PREFIX, "m1"), timeout=CLIENT_TIMEOUT)
+    assert 50 < rem <= 60
+    ts = ctxt.get(pvn.COORD_LOCKS.name(PREFIX), timeout=CLIENT_TIMEOUT).timeStamp.secondsPastEpoch
+    assert abs(ts - time.time()) < 60  # posted with a real timestamp, not 1970
+
+
+@pytest.mark.identity
+@pytest.mark.skipif(NOUSER is not None, reason=str(NOUSER))
+def test_second_identity_refused_then_preempted(ioc, ctxt):
+    _, env, _ = ioc
+    out = pvcall_as("nobody", env, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR",
+                    timeout="60", reason="nobody's scan")
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert locks(ctxt) == [("m2", "MANUAL_OPERATOR", 2, "nobody@127.0.0.1", "nobody's scan")]
+    # root at equal priority is refused with the holder named
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR", timeout="60")
+    assert isinstance(r, RemoteError)
+    assert "m2 is held by nobody@127.0.0.1 (MANUAL_OPERATOR, reason \"nobody's scan\"" in str(r)
+    # MAINTENANCE preempts it
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m2", type="MAINTENANCE", timeout="60",
+            reason="vacuum")
+    assert r.granted and "nobody@127.0.0.1" in r.preempted[0]
+    assert locks(ctxt)[0][:4] == ("m2", "MAINTENANCE", 0, "root@127.0.0.1")
+    # the preempted holder learns it on its next release
+    out = pvcall_as("nobody", env, pvn.COORD_RELEASE, device="m2")
+    assert out.returncode != 0
+    assert "preempted by root@127.0.0.1 (MAINTENANCE, reason 'vacuum')" in out.stdout
+    # nobody may not take MAINTENANCE, nor release root's lock, nor force-release
+    out = pvcall_as("nobody", env, pvn.COORD_ACQUIRE, device="m3", type="MAINTENANCE")
+    assert "nobody may not take MAINTENANCE" in out.stdout
+    out = pvcall_as("nobody", env, pvn.COORD_FORCE_RELEASE, device="m2")
+    assert "nobody may not force-release" in out.stdout
+    out = pvcall_as("nobody", env, pvn.COORD_ACQUIRE, device="m3", type="MANUAL_OPERATOR",
+                    onBehalfOf="root")
+    assert "nobody is not a trusted service account" in out.stdout
+    assert [r[:4] for r in locks(ctxt)] == [("m2", "MAINTENANCE", 0, "root@127.0.0.1")]
+
+
+def test_on_behalf_of_by_trusted_service(ctxt):
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m3", type="MANUAL_OPERATOR", timeout="60",
+            onBehalfOf="alice", clientHost="webclient1")
+    assert r.granted
+    assert locks(ctxt)[0][3] == "alice@webclient1"
+    # root itself is another holder now
+    r2 = rpc(ctxt, pvn.COORD_ACQUIRE, device="m3", type="MANUAL_OPERATOR", timeout="60")
+    assert "held by alice@webclient1" in str(r2)
+    assert rpc(ctxt, pvn.COORD_RELEASE, device="m3", onBehalfOf="alice").devices == ["m3"]
+
+
+def test_expiry_enforced_and_published_within_1s(ioc, ctxt):
+    updates = []  # raw Values: (index, server timestamp)
+    raw = Context("pva", conf=client_conf(ioc[1]), useenv=False, nt=False)
+    sub = raw.monitor(
+        pvn.COORD_DEVICE_STATE.name(PREFIX, "m4"),
+        lambda v: updates.append((v["value.index"], v["timeStamp.secondsPastEpoch"]
+                                  + v["timeStamp.nanoseconds"] * 1e-9)),
+    )
+    try:
+        r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m4", type="MANUAL_OPERATOR", timeout="1")
+        wait_until(lambda: len(updates) >= 3 and updates[-1][0] == 0, 10, "m4 back to Free")
+    finally:
+        sub.close()
+        raw.close()
+    assert [u[0] for u in updates] == [0, 3, 0]  # Free, ManualOperator, Free
+    freed = updates[-1][1]
+    assert freed - r.expires < 1.0, (freed, r.expires)  # server-side post time
+    assert locks(ctxt) == []
+    ev = ctxt.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
+    assert ("expired", "m4") in list(zip(ev.action, ev.device, strict=True))
+    err = rpc(ctxt, pvn.COORD_RENEW, key=r.key)
+    assert isinstance(err, RemoteError) and "expired at" in str(err)
+
+
+def test_renew_extends_lease(ctxt):
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="5")
+    rn = rpc(ctxt, pvn.COORD_RENEW, key=r.key, timeout="120")
+    assert list(rn.devices) == ["m1"] and rn.expires > r.expires + 100
+
+
+def test_atomic_multi_device(ioc, ctxt):
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR", timeout="60",
+            onBehalfOf="bob")
+    assert r.granted
+    err = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1,m2,m3", type="MANUAL_OPERATOR", timeout="60")
+    assert isinstance(err, RemoteError) and "m2 is held by bob" in str(err)
+    assert [x[0] for x in locks(ctxt)] == ["m2"]
+    ok = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1,m3", type="MANUAL_OPERATOR", timeout="60")
+    assert sorted(ok.devices) == ["m1", "m3"]
+    assert [x[0] for x in locks(ctxt)] == ["m1", "m2", "m3"]
+
+
+def test_beamline_lock_covers_every_device(ctxt):
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="beamline", type="MANUAL_OPERATOR", timeout="60",
+            onBehalfOf="bob")
+    assert r.granted
+    for d in ("m1", "det1", "shutter"):
+        assert state(ctxt, d) == "ManualOperator"
+        assert ctxt.get(pvn.COORD_DEVICE_OWNER.name(PREFIX, d), timeout=CLIENT_TIMEOUT) == (
+            "bob@127.0.0.1")
+    err = rpc(ctxt, pvn.COORD_ACQUIRE, device="det1", type="MANUAL_OPERATOR", timeout="60")
+    assert "beamline is held by bob" in str(err)
+    rpc(ctxt, pvn.COORD_RELEASE, key=r.key)
+    assert state(ctxt, "det1") == "Free"
+
+
+def test_key_never_published_or_logged(ioc, ctxt):
+    proc, _, tmp = ioc
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="60",
+            reason="secret test")
+    rpc(ctxt, pvn.COORD_RENEW, key=r.key)
+    rpc(ctxt, pvn.COORD_RELEASE, key="wrong-" + r.key)
+    r2 = rpc(ctxt, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR", timeout="60")
+    ctxt.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT)
+    time.sleep(0.2)  # let the coalesced Coord:Events post go out (at most 50 ms)
+    texts = []
+    for spec in pvn.COORDINATION_PVS:
+        if spec.kind == pvn.PVKind.RPC:
+            continue
+        names = [spec.name(PREFIX, d) for d in ("m1", "m2")] if spec.per_device else [
+            spec.name(PREFIX)]
+        for n in names:
+            texts.append(str(ctxt.get(n, timeout=CLIENT_TIMEOUT)))
+    texts.append(proc.output())
+    for f in tmp.glob("locks.sqlite*"):
+        texts.append(f.read_bytes().decode("latin-1"))
+    blob = "\n".join(texts)
+    assert "secret test" in blob  # we did look at the right things
+    for key in (r.key, r2.key):
+        assert key not in blob
+
+
+def state(ctxt, device: str) -> str:
+    """Label of ``Coord:<device>:State``."""
+    return ctxt.get(pvn.COORD_DEVICE_STATE.name(PREFIX, device), timeout=CLIENT_TIMEOUT).choice
+
+
+def _bad_request(ctxt, name: str) -> Value:
+    t = Type([("query", ("S", None, [("device", "as")]))])
+    return ctxt.rpc(name, t({"query": {"device": ["m1"]}}), timeout=CLIENT_TIMEOUT, throw=False)
+
+
+BAD = [
+    ({"device": "nosuch", "type": "MANUAL_OPERATOR"}, "unknown device 'nosuch'"),
+    ({"device": "m1", "type": "BOSS"}, "unknown lock type 'BOSS'"),
+    ({"device": "m1", "type": "MANUAL_OPERATOR", "timeout": "-5"}, "positive"),
+    ({"device": "m1", "type": "MANUAL_OPERATOR", "timeout": "nan"}, "positive"),
+    ({"device": "m1", "type": "MANUAL_OPERATOR", "timeout": "1e300"}, "maximum of 3600"),
+    ({"device": "m1", "type": "MANUAL_OPERATOR", "timeout": "soon"}, "not a number"),
+    ({"type": "MANUAL_OPERATOR"}, "no device given"),
+    ({"device": "m1"}, "missing argument type"),
+    ({"device": "m1", "type": "MANUAL_OPERATOR", "color": "red"}, "unknown argument(s) 'color'"),
+    ({"device": "m1,,m2", "type": "MANUAL_OPERATOR"}, "empty entry"),
+    ({"device": "m1", "type": "MANUAL_OPERATOR", "reason": "x" * 10_000}, "limit is 4096"),
+    ({"device": "m" * 10_000, "type": "MANUAL_OPERATOR"}, "limit is 4096"),
+    ({"device": "m1", "type": "MANUAL_OPERATOR", "reason": "x" * 1000}, "limit is 256"),
+    ({"device": "beamline,m1", "type": "MANUAL_OPERATOR"}, "request it alone"),
+]
+
+
+@pytest.mark.parametrize(("kws", "expect"), BAD, ids=[b[1][:20] for b in BAD])
+def test_bad_acquire_changes_nothing(ctxt, kws, expect):
+    rpc(ctxt, pvn.COORD_ACQUIRE, device="m4", type="MANUAL_OPERATOR", timeout="60",
+        onBehalfOf="bob")
+    before = locks(ctxt)
+    err = rpc(ctxt, pvn.COORD_ACQUIRE, **kws)
+    assert isinstance(err, RemoteError), err
+    assert expect in str(err)
+    assert locks(ctxt) == before
+
+
+def test_bad_release_renew_and_malformed_request_change_nothing(ctxt):
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="60",
+            onBehalfOf="bob")
+    before = locks(ctxt)
+    cases = [
+        (pvn.COORD_RELEASE, {"key": "not-a-key"}, "no active lock matches the given key"),
+        (pvn.COORD_RELEASE, {"device": "m1"}, "held by bob@127.0.0.1"),
+        (pvn.COORD_RELEASE, {}, "give device"),
+        (pvn.COORD_RELEASE, {"device": "m1", "key": r.key, "type": "x"}, "unknown argument"),
+        (pvn.COORD_RENEW, {"key": r.key, "timeout": "-1"}, "positive"),
+        (pvn.COORD_RENEW, {"device": "shutter"}, "'shutter' is not locked"),
+        (pvn.COORD_FORCE_RELEASE, {"device": "m3"}, "m3 not locked"),
+    ]
+    for spec, kws, expect in cases:
+        err = rpc(ctxt, spec, **kws)
+        assert isinstance(err, RemoteError) and expect in str(err), (spec.suffix, kws, err)
+    err = _bad_request(ctxt, pvn.COORD_ACQUIRE.name(PREFIX))
+    assert isinstance(err, RemoteError) and "malformed request" in str(err)
+    with pytest.raises(RemoteError, match="is an RPC"):
+        ctxt.put(pvn.COORD_ACQUIRE.name(PREFIX), "x", timeout=CLIENT_TIMEOUT)
+    with pytest.raises(RemoteError):
+        ctxt.put(pvn.COORD_LOCKS.name(PREFIX), {"value.device": ["m9"]}, timeout=CLIENT_TIMEOUT)
+    assert locks(ctxt) == before
+
+
+def test_pvapy_client_calls_the_same_rpcs(ioc, ctxt):
+    """pvapy (EPICS base pvAccessCPP), another PVA implementation, as a subprocess."""
+    _, env, _ = ioc
+    code = textwrap.dedent(f"""
+        import pvaccess as pva
+        req = pva.PvObject({{'query': {{'device': pva.STRING, 'type': pva.STRING,
+                                         'timeout': pva.STRING, 'reason': pva.STRING}}}})
+        req['query.device'] = 'det1'
+        req['query.type'] = 'MANUAL_OPERATOR'
+        req['query.timeout'] = '60'
+        req['query.reason'] = 'pvapy'
+        res = pva.RpcClient({pvn.COORD_ACQUIRE.name(PREFIX)!r}).invoke(req)
+        print('GRANTED', res['granted'], list(res['devices']))
+        locks = pva.Channel({pvn.COORD_LOCKS.name(PREFIX)!r}).get()
+        print('LOCKS', list(locks['value.device']), list(locks['value.reason']))
+        try:
+            pva.RpcClient({pvn.COORD_ACQUIRE.name(PREFIX)!r}).invoke(req)
+        except Exception as e:
+            print('REFUSED', e)
+        rel = pva.PvObject({{'query': {{'device': pva.STRING}}}})
+        rel['query.device'] = 'det1'
+        released = pva.RpcClient({pvn.COORD_RELEASE.name(PREFIX)!r}).invoke(rel)
+        print('RELEASED', list(released['devices']))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "GRANTED True ['det1']" in out.stdout
+    assert "LOCKS ['det1'] ['pvapy']" in out.stdout
+    assert "RELEASED ['det1']" in out.stdout
+    assert locks(ctxt) == []
+    assert not math.isnan(0.0)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_persistence_across_kill9(tmp_path, kind):
+    env = loopback_env()
+    redis = None
+    if kind == "redis":
+        redis, port = start_redis(data_dir=tmp_path / "redis")
+        store = f"redis://127.0.0.1:{port}/0"
+    else:
+        store = f"sqlite:///{tmp_path}/locks.sqlite"
+    try:
+        proc = start_coordination(env, tmp_path, store=store)
+        try:
+            with Context("pva", conf=client_conf(env), useenv=False) as c:
+                keep = rpc(c, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR",
+                           timeout="600", reason="keep")
+                short = rpc(c, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR",
+                            timeout="1", reason="short")
+                assert keep.granted and short.granted
+            proc.kill9()
+        finally:
+            proc.stop()
+        wait_until(lambda: time.time() > short.expires + 0.2, 10, "short lease over")
+        proc2 = start_coordination(env, tmp_path, store=store, name="coordination2")
+        try:
+            with Context("pva", conf=client_conf(env), useenv=False) as c:
+                assert [(x[0], x[4]) for x in locks(c)] == [("m1", "keep")]
+                ev = c.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
+                dropped = [m for a, d, m in zip(ev.action, ev.device, ev.message, strict=True)
+                           if a == "expired" and d == "m2"]
+                assert dropped and "while the IOC was down" in dropped[-1]
+                # the key given before the crash still releases the lock
+                assert list(rpc(c, pvn.COORD_RELEASE, key=keep.key).devices) == ["m1"]
+        finally:
+            proc2.stop()
+    finally:
+        if redis is not None:
+            redis.stop()

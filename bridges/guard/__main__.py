@@ -1,0 +1,7 @@
+"""``python -m bridges.guard``: see :mod:`bridges.guard`."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

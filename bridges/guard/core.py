@@ -1,0 +1,406 @@
+"""The guard's state and its effect on open gateway channels (no p4p import).
+
+:class:`GuardCore` owns the lock feed, the registry map and every open client channel
+(:class:`GuardedChannel`). p4p's ACF engine calls :meth:`GuardedChannel.access` with the site's
+ACF grant; the core combines it with the lock decision and sets the real channel's permissions.
+When the lock state or the registry changes, the core re-applies every open channel at once
+(``put``/``rpc`` flags of the live channel: no reconnect).
+
+The real channel is anything with p4p ``_gw.Channel``'s ``access(put=, rpc=, uncached=,
+audit=, holdoff=)``, ``name`` and ``expired``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from pvdb.policy import Policy
+
+from .decision import STALE_AFTER, Decision, DeviceMap, HeldLock, LockFeed, LockState, decide
+
+_log = logging.getLogger(__name__)
+
+HISTORY = 16
+"""Permission changes remembered per channel, to classify audit lines that arrive late."""
+
+
+class RawChannel(Protocol):
+    """What the core needs of a gateway channel (p4p ``_gw.Channel``)."""
+
+    @property
+    def name(self) -> bytes:  # noqa: D102
+        ...
+
+    @property
+    def expired(self) -> bool:  # noqa: D102
+        ...
+
+    def access(  # noqa: D102
+        self,
+        put: bool | None = None,
+        rpc: bool | None = None,
+        uncached: bool | None = None,
+        audit: bool | None = None,
+        holdoff: float | None = None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Permissions as set on a channel (or as the site ACF grants them)."""
+
+    put: bool = False
+    rpc: bool = False
+    uncached: bool = False
+    audit: bool = False
+
+
+NO_GRANT = Grant()
+
+
+class GuardedChannel:
+    """One client's channel through the guard: who, which PV, what the ACF and the locks allow.
+
+    Stands in for the real channel in p4p's ACF engine (``Engine.create`` / ``_recompute`` call
+    :meth:`access` with the ACF's grant), so site ACF changes (INP PVs) and lock changes both end
+    here.
+    """
+
+    def __init__(
+        self,
+        core: GuardCore,
+        chan: RawChannel,
+        dsname: str,
+        usname: str,
+        account: str,
+        host: str,
+        peer: str,
+        roles: Sequence[str],
+    ) -> None:
+        self.core = core
+        self.chan = chan
+        self.dsname = dsname
+        self.usname = usname
+        self.account = account
+        self.host = host
+        self.peer = peer
+        self.roles = list(roles)
+        self.acf: Grant | None = None
+        self.applied: Grant | None = None
+        self.decision: Decision | None = None
+        # (epoch s after the change took effect, put allowed, decision)
+        self.history: deque[tuple[float, bool, Decision]] = deque(maxlen=HISTORY)
+
+    @property
+    def name(self) -> bytes:
+        """Client-side PV name (p4p's engine logs it)."""
+        return self.dsname.encode()
+
+    @property
+    def expired(self) -> bool:
+        """Whether the client has closed the channel."""
+        return self.chan.expired
+
+    def access(
+        self,
+        put: bool | None = None,
+        rpc: bool | None = None,
+        uncached: bool | None = None,
+        audit: bool | None = None,
+        holdoff: float | None = None,
+    ) -> None:
+        """Receive the site ACF's grant (called by p4p's ACF engine) and apply it with the locks."""
+        self.acf = Grant(bool(put), bool(rpc), bool(uncached), bool(audit))
+        if holdoff:
+            self.chan.access(holdoff=holdoff)
+        self.core.apply(self)
+
+    def at(self, t: float) -> tuple[bool, Decision] | None:
+        """Put permission and decision in force at epoch time ``t`` (None if never applied)."""
+        if not self.history:
+            return None
+        best = self.history[0]
+        for entry in self.history:
+            if entry[0] > t:
+                break
+            best = entry
+        return best[1], best[2]
+
+
+@dataclass(frozen=True)
+class AuditLine:
+    """One line of the gateway's put audit (p4p ``GWSource::auditPush`` format)."""
+
+    time: float
+    account: str
+    peer: str
+    dsname: str
+    usname: str
+    value: str
+
+    @property
+    def host(self) -> str:
+        """The client's IP address (``peer`` without the port)."""
+        return self.peer.rsplit(":", 1)[0] if ":" in self.peer else self.peer
+
+
+_AUDIT_RE = re.compile(
+    r"^(?P<date>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:\.(?P<frac>\d+))? "
+    r"(?:(?P<method>[^/@ ]*)/(?P<account>\S*?))?@(?P<peer>\S+) (?P<ds>\S+) as (?P<us>\S+)"
+    r"(?: -> (?P<value>.*))?$",
+    re.DOTALL,
+)
+
+
+def parse_audit_line(line: str) -> AuditLine | None:
+    """Parse ``"<local time> <method>/<account>@<ip:port> <dsname> as <usname> [-> value]"``.
+
+    Returns None for the ``... put audit log overflow`` marker and for anything unrecognised.
+    """
+    m = _AUDIT_RE.match(line.strip())
+    if not m:
+        return None
+    # the gateway formats its local time (epicsTime::strftime); naive -> local epoch seconds
+    t = datetime.strptime(m["date"], "%Y-%m-%d %H:%M:%S").timestamp()
+    if m["frac"]:
+        t += float("0." + m["frac"][:9])
+    value = " ".join((m["value"] or "").split())
+    typed = re.match(r"^[\w\[\]]+ = (.*)$", value)  # "double = 1.5" -> "1.5"
+    if typed:
+        value = typed.group(1)
+    return AuditLine(t, m["account"] or "", m["peer"], m["ds"], m["us"], value)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited put: refused, or allowed to a locked device."""
+
+    time: float
+    action: str
+    account: str
+    host: str
+    pv: str
+    device: str
+    holder: str
+    value: str
+    message: str
+
+    def line(self) -> str:
+        """One line of text for the log and ``Guard:LastAudit``."""
+        return (
+            f"{self.action} put {self.pv} = {self.value or '?'} by {self.account}@{self.host} "
+            f"device={self.device or '-'} holder={self.holder or '-'}: {self.message}"
+        )
+
+
+class GuardCore:
+    """Lock state, registry map and open channels of one guard process; thread-safe.
+
+    Args:
+        policy: the endstation policy (``unlocked_writable``, ``emergency``).
+        stale_after: seconds without a heartbeat before the lock state is stale.
+        monotonic: clock for staleness (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        stale_after: float = STALE_AFTER,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.feed = LockFeed(stale_after)
+        self.devices = DeviceMap()
+        self._monotonic = monotonic
+        self._lock = threading.RLock()
+        self._state = LockState()
+        self._channels: dict[int, GuardedChannel] = {}
+        self._by_key: dict[tuple[str, str, str], GuardedChannel] = {}
+        self.on_state: list[Callable[[LockState], None]] = []
+        """Called (outside the lock) after the lock state changed and was applied."""
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def locks_update(self, locks: dict[str, HeldLock], stamp: float) -> None:
+        """A new ``Coord:Locks`` table (``stamp``: its timestamp, epoch s)."""
+        with self._lock:
+            self.feed.locks_update(locks, stamp)
+        self.refresh()
+
+    def locks_lost(self, why: str = "") -> None:
+        """``Coord:Locks`` disconnected or unusable."""
+        if why:
+            _log.warning("lock table unusable: %s", why)
+        with self._lock:
+            self.feed.locks_lost()
+        self.refresh()
+
+    def beat(self, value: object) -> None:
+        """A ``Coord:Heartbeat`` update."""
+        with self._lock:
+            self.feed.beat(value, self._monotonic())
+        self.refresh()
+
+    def beat_lost(self) -> None:
+        """``Coord:Heartbeat`` disconnected."""
+        with self._lock:
+            self.feed.beat_lost()
+        self.refresh()
+
+    def set_devices(self, devices: DeviceMap) -> None:
+        """A new registry map: every open channel's device is looked up again and re-applied."""
+        with self._lock:
+            self.devices = devices
+            self._apply_all()
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> LockState:
+        """The lock state decisions are currently made with."""
+        return self._state
+
+    def refresh(self) -> bool:
+        """Recompute the lock state (staleness included); re-apply channels if it changed.
+
+        Returns whether it changed. Call it periodically so a stopped heartbeat is noticed.
+        """
+        with self._lock:
+            new = self.feed.state(self._monotonic())
+            old = self._state
+            if new.known == old.known and new.locks == old.locks:
+                if new.stamp != old.stamp:
+                    self._state = new
+                return False
+            self._state = new
+            if new.known != old.known:
+                _log.warning(
+                    "lock state %s", "fresh again" if new.known else f"UNKNOWN: {new.why_unknown}"
+                )
+            self._apply_all()
+        for cb in self.on_state:
+            try:
+                cb(new)
+            except Exception:
+                _log.exception("state listener failed")
+        return True
+
+    def decide(self, pv: str, account: str, roles: Iterable[str] = ()) -> Decision:
+        """The lock part of the decision for ``account`` writing ``pv`` now."""
+        with self._lock:
+            return decide(self.policy, self._state, self.devices, pv, account, roles)
+
+    # --- channels -----------------------------------------------------------------------------
+
+    def track(
+        self,
+        chan: RawChannel,
+        dsname: str,
+        usname: str,
+        account: str,
+        host: str,
+        peer: str,
+        roles: Sequence[str],
+    ) -> GuardedChannel:
+        """Start enforcing on a new client channel; returns its stand-in for the ACF engine."""
+        gc = GuardedChannel(self, chan, dsname, usname, account, host, peer, roles)
+        with self._lock:
+            self._channels[id(gc)] = gc
+            self._by_key[(dsname, peer, account)] = gc
+        return gc
+
+    def channel_count(self) -> int:
+        """Open channels being enforced."""
+        return len(self._channels)
+
+    def sweep(self) -> int:
+        """Forget channels the clients have closed; returns how many were dropped."""
+        with self._lock:
+            dead = [k for k, gc in self._channels.items() if gc.expired]
+            for k in dead:
+                gc = self._channels.pop(k)
+                key = (gc.dsname, gc.peer, gc.account)
+                if self._by_key.get(key) is gc:
+                    del self._by_key[key]
+        return len(dead)
+
+    def apply(self, gc: GuardedChannel) -> None:
+        """Set ``gc``'s real permissions from its ACF grant and the current decision."""
+        with self._lock:
+            self._apply(gc, None)
+
+    def _apply_all(self) -> None:
+        cache: dict[tuple[str, str, tuple[str, ...]], Decision] = {}
+        for gc in list(self._channels.values()):
+            if gc.acf is None:
+                continue  # the ACF engine has not decided yet; it will call access()
+            key = (gc.usname, gc.account, tuple(gc.roles))
+            d = cache.get(key)
+            if d is None:
+                d = cache[key] = decide(
+                    self.policy, self._state, self.devices, gc.usname, gc.account, gc.roles
+                )
+            self._apply(gc, d)
+
+    def _apply(self, gc: GuardedChannel, d: Decision | None) -> None:
+        if d is None:
+            d = decide(self.policy, self._state, self.devices, gc.usname, gc.account, gc.roles)
+        acf = gc.acf or NO_GRANT
+        put = acf.put and d.allowed
+        grant = Grant(
+            put=put,
+            rpc=acf.rpc and d.allowed,
+            uncached=acf.uncached,
+            # audit puts the guard must report: refused ones, and any to a locked device
+            audit=acf.audit or not put or d.locked,
+        )
+        prev = gc.applied
+        if grant != prev:
+            chan = gc.chan
+            # switch auditing on before narrowing, off after: no put escapes the audit
+            if grant.audit and not (prev and prev.audit):
+                chan.access(audit=True)
+            chan.access(put=grant.put, rpc=grant.rpc, uncached=grant.uncached)
+            if not grant.audit and (prev is None or prev.audit):
+                chan.access(audit=False)
+            gc.applied = grant
+        if grant != prev or d != gc.decision:
+            gc.decision = d
+            gc.history.append((time.time(), grant.put, d))
+
+    # --- audit --------------------------------------------------------------------------------
+
+    def classify(self, line: AuditLine) -> tuple[AuditRecord | None, bool]:
+        """Turn one gateway audit line into an :class:`AuditRecord` if the guard must report it.
+
+        Returns ``(record or None, acf_trap)``; ``acf_trap`` is whether the site ACF asked for
+        this put to be logged (TRAPWRITE), which pvagw reports on the ``p4p.gw.audit`` logger.
+        """
+        with self._lock:
+            gc = self._by_key.get((line.dsname, line.peer, line.account))
+            found = gc.at(line.time) if gc is not None else None
+            trap = bool(gc and gc.acf and gc.acf.audit)
+            if found is None:
+                d = decide(self.policy, self._state, self.devices, line.usname, line.account)
+                put, note = d.allowed, " (channel already closed: decided with the current state)"
+            else:
+                (put, d), note = found, ""
+        if put and not d.locked:
+            return None, trap
+        if put:
+            action, message = "allowed", d.reason
+        else:
+            action = "refused"
+            message = d.reason if not d.allowed else "refused by the site's ACF"
+        return AuditRecord(
+            line.time, action, line.account, line.host, line.dsname, d.device, d.holder,
+            line.value, message + note,
+        ), trap

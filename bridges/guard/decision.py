@@ -1,0 +1,321 @@
+"""The guard's permission decision: pure, typed, no network.
+
+Inputs are what the guard learns over PVA (the lock table and heartbeat of the coordination IOC,
+the PV -> device table of the registry) and the endstation policy; the output is a
+:class:`Decision` for one (PV, account) pair. The p4p layer (``gateway.py``) only translates.
+
+Rules (DESIGN section 5):
+
+1. Registry never received, or lock state unknown/stale -> refused (fail closed), except for
+   the policy's ``access.emergency`` accounts. A PV the registry does not map to a device does not
+   depend on the locks: it gets the policy default (``access.unlocked_writable``) even then, but
+   only once the registry has been received (before that the guard cannot tell it is not a device).
+2. Device held (by its own lock or a ``beamline`` lock) -> only the holder's account; the host
+   part of ``account@host`` is recorded but does not count.
+3. Device free -> ``access.unlocked_writable`` (everyone; or, in strict mode, nobody).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pvdb.models import BEAMLINE
+from pvdb.policy import Policy
+
+STALE_AFTER = 2.0
+"""Seconds without a ``Coord:Heartbeat`` update after which the lock state is stale (the
+coordination IOC increments it every second; pvdb ``COORD_HEARTBEAT``)."""
+
+
+class Verdict(StrEnum):
+    """Why a decision came out as it did."""
+
+    HOLDER = "holder"
+    UNLOCKED = "unlocked"
+    STRICT = "strict"
+    HELD_BY_OTHER = "held-by-other"
+    UNKNOWN_STATE = "unknown-state"
+    EMERGENCY = "emergency"
+    NOT_A_DEVICE = "not-a-device"
+
+
+def split_owner(owner: str) -> tuple[str, str]:
+    """Split ``account@host`` into ``(account, host)`` at the last ``@`` (host may be empty)."""
+    account, sep, host = owner.rpartition("@")
+    if not sep:
+        return owner, ""
+    return account, host
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    """One row of ``Coord:Locks`` as the guard needs it."""
+
+    device: str
+    account: str
+    host: str
+    lock_type: str
+    expires: float
+    reason: str = ""
+
+    @property
+    def holder(self) -> str:
+        """``account@host``, as shown everywhere."""
+        return f"{self.account}@{self.host}" if self.host else self.account
+
+
+@dataclass(frozen=True)
+class LockState:
+    """The lock table at one moment, and whether it can be trusted.
+
+    Attributes:
+        locks: device (or ``beamline``) -> lock.
+        known: False when the table is unknown or stale (then the guard fails closed).
+        why_unknown: the reason when ``known`` is False.
+        stamp: epoch seconds of the coordination IOC's update this state came from (0: none).
+    """
+
+    locks: Mapping[str, HeldLock] = field(default_factory=dict)
+    known: bool = False
+    why_unknown: str = "lock state not received yet"
+    stamp: float = 0.0
+
+    def locks_on(self, device: str) -> list[HeldLock]:
+        """The locks that apply to ``device``: its own and a ``beamline`` lock, if any."""
+        out = []
+        if device in self.locks:
+            out.append(self.locks[device])
+        if device != BEAMLINE and BEAMLINE in self.locks:
+            out.append(self.locks[BEAMLINE])
+        return out
+
+
+def parse_locks(columns: Mapping[str, Sequence[object]]) -> dict[str, HeldLock]:
+    """Build device -> :class:`HeldLock` from the columns of ``Coord:Locks``.
+
+    Args:
+        columns: column name -> values, as in pvdb ``LOCKS_COLUMNS`` (``device``, ``lockType``,
+            ``owner``, ``expires``, ``reason``; others ignored).
+
+    Raises:
+        ValueError: a required column is missing or the columns have different lengths.
+    """
+    need = ("device", "lockType", "owner", "expires")
+    missing = [c for c in need if c not in columns]
+    if missing:
+        raise ValueError(f"Coord:Locks lacks column(s) {', '.join(missing)}")
+    n = len(columns["device"])
+    reasons = list(columns.get("reason", [""] * n))
+    cols = [list(columns[c]) for c in need] + [reasons]
+    if any(len(c) != n for c in cols):
+        raise ValueError("Coord:Locks columns have different lengths")
+    out: dict[str, HeldLock] = {}
+    for device, lock_type, owner, expires, reason in zip(*cols, strict=True):
+        account, host = split_owner(str(owner))
+        expiry = float(expires)  # type: ignore[arg-type]
+        out[str(device)] = HeldLock(str(device), account, host, str(lock_type), expiry, str(reason))
+    return out
+
+
+class DeviceMap:
+    """PV name -> device, from ``Registry:DevicePVs`` (and ``pvPrefix`` of ``Registry:Devices``).
+
+    Lookup order for a channel name ``N``: ``N`` itself; its record name (``N`` without a
+    ``.FIELD`` suffix, so ``m1.VAL`` and ``m1`` are the same device); the longest device
+    ``pvPrefix`` that ``N`` starts with (prefixes shared by several devices are ignored).
+    """
+
+    def __init__(
+        self,
+        pv_rows: Iterable[tuple[str, str]] = (),
+        prefixes: Iterable[tuple[str, str]] = (),
+        known: bool = False,
+    ) -> None:
+        self.known = known
+        self._exact: dict[str, str] = {}
+        self._record: dict[str, str] = {}
+        for pv, device in pv_rows:
+            if not pv or not device:
+                continue
+            self._exact[pv] = device
+            self._record.setdefault(_record_of(pv), device)
+        by_prefix: dict[str, set[str]] = {}
+        for device, prefix in prefixes:
+            if prefix and device:
+                by_prefix.setdefault(prefix, set()).add(device)
+        self._prefixes = sorted(
+            ((p, next(iter(d))) for p, d in by_prefix.items() if len(d) == 1),
+            key=lambda pd: -len(pd[0]),
+        )
+
+    def device_of(self, pv: str) -> str | None:
+        """The device ``pv`` belongs to, or None."""
+        dev = self._exact.get(pv) or self._record.get(_record_of(pv))
+        if dev:
+            return dev
+        for prefix, device in self._prefixes:
+            if pv.startswith(prefix):
+                return device
+        return None
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+
+def _record_of(pv: str) -> str:
+    base, dot, fld = pv.rpartition(".")
+    return base if dot and base and fld.isalnum() else pv
+
+
+@dataclass(frozen=True)
+class Decision:
+    """May this account write (put/RPC) this PV now, and why.
+
+    Attributes:
+        allowed: the answer.
+        verdict: which rule decided.
+        reason: one sentence for people (names the holder when refused).
+        device: the PV's device, '' if none.
+        holder: ``account@host`` of the lock that decided, '' if none.
+        lock_type: type of that lock, '' if none.
+        expires: its expiry (epoch seconds), 0 if none.
+        locked: whether the device is held by anyone (drives the audit of allowed puts).
+    """
+
+    allowed: bool
+    verdict: Verdict
+    reason: str
+    device: str = ""
+    holder: str = ""
+    lock_type: str = ""
+    expires: float = 0.0
+    locked: bool = False
+
+
+def _when(t: float) -> str:
+    if not math.isfinite(t) or t <= 0:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def decide(
+    policy: Policy,
+    state: LockState,
+    devices: DeviceMap,
+    pv: str,
+    account: str,
+    roles: Iterable[str] = (),
+) -> Decision:
+    """Decide whether ``account`` (OS groups ``roles``) may put to / call ``pv`` now."""
+    roles = list(roles)
+    emergency = policy.is_emergency(account, roles)
+    if not devices.known:
+        if emergency:
+            return Decision(True, Verdict.EMERGENCY,
+                            f"registry PV list not received; {account} is an emergency account")
+        return Decision(False, Verdict.UNKNOWN_STATE,
+                        "registry PV list not received: the guard cannot tell which device "
+                        f"{pv} belongs to, so writes are refused (fail closed)")
+    device = devices.device_of(pv) or ""
+    if not device:
+        if policy.access.unlocked_writable:
+            return Decision(True, Verdict.NOT_A_DEVICE,
+                            f"{pv} belongs to no registered device: the policy lets anyone "
+                            "write it")
+        return Decision(False, Verdict.NOT_A_DEVICE,
+                        f"{pv} belongs to no registered device and the policy is strict "
+                        "(unlocked_writable = false): nobody can hold a lock for it")
+    if not state.known:
+        if emergency:
+            return Decision(True, Verdict.EMERGENCY,
+                            f"lock state unknown ({state.why_unknown}); {account} is an emergency "
+                            "account", device=device)
+        return Decision(False, Verdict.UNKNOWN_STATE,
+                        f"lock state unknown ({state.why_unknown}): writes to device {device} are "
+                        "refused until the coordination IOC is back (fail closed)", device=device)
+    held = state.locks_on(device)
+    if not held:
+        if policy.access.unlocked_writable:
+            return Decision(True, Verdict.UNLOCKED, f"device {device} is not locked", device=device)
+        return Decision(False, Verdict.STRICT,
+                        f"device {device} is not locked and the policy is strict: acquire its lock "
+                        "first", device=device)
+    for lock in held:
+        if lock.account != account:
+            what = "beamline lock" if lock.device == BEAMLINE else "lock"
+            because = f", reason: {lock.reason}" if lock.reason else ""
+            return Decision(
+                False, Verdict.HELD_BY_OTHER,
+                f"device {device} is held by {lock.holder} ({what} {lock.lock_type}{because}, "
+                f"expires {_when(lock.expires)}); only account {lock.account} may write it",
+                device=device, holder=lock.holder, lock_type=lock.lock_type,
+                expires=lock.expires, locked=True,
+            )
+    lock = held[0]
+    return Decision(True, Verdict.HOLDER, f"{account} holds the lock on device {device}",
+                    device=device, holder=lock.holder, lock_type=lock.lock_type,
+                    expires=lock.expires, locked=True)
+
+
+class LockFeed:
+    """Tracks whether the lock table can be trusted: connected, received, heartbeat advancing.
+
+    Times are monotonic seconds given by the caller, so this is testable without waiting.
+    """
+
+    def __init__(self, stale_after: float = STALE_AFTER) -> None:
+        self.stale_after = stale_after
+        self.locks: dict[str, HeldLock] | None = None
+        self.stamp = 0.0
+        self._locks_connected = False
+        self._beat_connected = False
+        self._last_beat: float | None = None
+        self._last_beat_value: object = None
+
+    def locks_update(self, locks: dict[str, HeldLock], stamp: float) -> None:
+        """A new ``Coord:Locks`` value arrived (``stamp``: its timestamp, epoch seconds)."""
+        self._locks_connected = True
+        self.locks, self.stamp = locks, stamp
+
+    def locks_lost(self) -> None:
+        """The ``Coord:Locks`` monitor disconnected (or sent something unusable)."""
+        self._locks_connected = False
+        self.locks = None
+
+    def beat(self, value: object, now: float) -> None:
+        """A ``Coord:Heartbeat`` update arrived at monotonic time ``now``.
+
+        Any update counts as life, including the first after a (re)connect; a repeated value
+        (an IOC re-posting without advancing) does not.
+        """
+        if not self._beat_connected or value != self._last_beat_value:
+            self._last_beat = now
+        self._beat_connected = True
+        self._last_beat_value = value
+
+    def beat_lost(self) -> None:
+        """The ``Coord:Heartbeat`` monitor disconnected."""
+        self._beat_connected = False
+        self._last_beat = None
+
+    def why_unknown(self, now: float) -> str:
+        """'' when the lock state is fresh at monotonic time ``now``, else the reason."""
+        if not self._locks_connected or self.locks is None:
+            return "Coord:Locks disconnected or not received"
+        if not self._beat_connected or self._last_beat is None:
+            return "Coord:Heartbeat disconnected or not received"
+        age = now - self._last_beat
+        if age > self.stale_after:
+            return f"Coord:Heartbeat has not advanced for {age:.1f} s"
+        return ""
+
+    def state(self, now: float) -> LockState:
+        """The :class:`LockState` to decide with at monotonic time ``now``."""
+        why = self.why_unknown(now)
+        if why:
+            return LockState({}, False, why, self.stamp)
+        return LockState(dict(self.locks or {}), True, "", self.stamp)

@@ -1,0 +1,545 @@
+"""The p4p boundary of the guard: p4p's gateway engine with a lock-aware access decision.
+
+Built from the same parts as ``pvagw`` (``p4p.gw.GWHandler``, ``p4p._gw.Provider``,
+``p4p.asLib.Engine``, ``p4p.asLib.pvlist.PVList``); the differences:
+
+* :class:`GuardEngine` (an ``asLib.Engine``) hands each new channel to the :class:`GuardCore`
+  and evaluates the site's ACF on a stand-in, so the channel's ``put``/``rpc`` flags are
+  ``ACF grant AND lock decision``. ACF ``INP`` updates and lock changes both re-apply live.
+* :class:`GuardHandler` never proxies pvcoord's own service PVs (``Coord:``, ``Registry:``,
+  ``Guard:``, ``Queue:`` under the prefixes): a client reaching ``Coord:Acquire`` through the
+  guard would act as the guard's account.
+* puts the guard must report come back through ``GWHandler.audit`` and are classified by the
+  core (``p4p.gw.audit`` still gets the site ACF's TRAPWRITE lines, as with pvagw).
+* lock state comes from monitors of ``Coord:Locks`` / ``Coord:Heartbeat`` and the registry's
+  ``Registry:DevicePVs`` / ``Registry:Devices`` (raw values, see the reference notes on NTTable).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from p4p import _gw
+from p4p.asLib import Engine
+from p4p.asLib.pvlist import PVList
+from p4p.client.thread import Context, Disconnected
+from p4p.gw import GWHandler, GWStats
+from p4p.nt import NTScalar, NTTable
+from p4p.server import Server, StaticProvider, removeProvider
+from p4p.server.thread import SharedPV
+from p4p.wrapper import Type, Value
+from typing_extensions import override
+
+from pvdb.guard import (
+    AUDIT_COLUMNS,
+    GUARD_ALLOWED_LOCKED,
+    GUARD_APPLY_LATENCY,
+    GUARD_AUDIT,
+    GUARD_CHANNELS,
+    GUARD_HEALTH,
+    GUARD_HEARTBEAT,
+    GUARD_LAST_AUDIT,
+    GUARD_LOCK_STATE_OK,
+    GUARD_PVS,
+    GUARD_REFUSED,
+    GUARD_WHAT_IF,
+    WHAT_IF_FIELDS,
+)
+from pvdb.names import (
+    ALL_PVS,
+    COORD_HEARTBEAT,
+    COORD_LOCKS,
+    REGISTRY_DEVICE_PVS,
+    REGISTRY_DEVICES,
+)
+from pvdb.policy import Policy
+
+from .config import GuardConfig, GuardConfigError, read_site_file
+from .core import AuditRecord, GuardCore, GuardedChannel, parse_audit_line
+from .decision import DeviceMap, LockState, parse_locks
+
+_log = logging.getLogger(__name__)
+_log_audit = logging.getLogger("bridges.guard.audit")
+_log_gw_audit = logging.getLogger("p4p.gw.audit")
+
+WHAT_IF_TYPE = Type(list(WHAT_IF_FIELDS), id="pvcoord:guard/WhatIf:1.0")
+
+
+def service_prefixes(*prefixes: str) -> tuple[str, ...]:
+    """Name prefixes of pvcoord's own PVs (``P Coord:``, ``P Registry:``, ``P Guard:``...)."""
+    segments = {spec.suffix.split(":", 1)[0] + ":" for spec in (*ALL_PVS, *GUARD_PVS)}
+    return tuple(sorted({p + s for p in prefixes for s in segments}))
+
+
+class _Capture:
+    """A channel stand-in that only records the ACF's grant (for the what-if RPC)."""
+
+    name = b"<what-if>"
+
+    def __init__(self) -> None:
+        self.perm: dict[str, Any] = {}
+
+    def access(self, **kws: Any) -> None:
+        self.perm = kws
+
+
+class GuardEngine(Engine):
+    """p4p's ACF engine, with every gateway channel routed through the :class:`GuardCore`.
+
+    Args:
+        core: decides and applies.
+        pvlist: the server's pvlist (to find the upstream name a channel was created for).
+        acf: site ACF text ('' for pvagw's default: everyone may write).
+        ctxt: client context for ACF ``INP`` PVs.
+    """
+
+    def __init__(self, core: GuardCore, pvlist: PVList, acf: str = "", ctxt: Any = None) -> None:
+        self._core = core
+        self._pvlist = pvlist
+        super().__init__(acf or None, ctxt=ctxt)
+
+    def create(self, channel, group, user, host, level, roles=()):  # noqa: D102 - asLib API
+        if isinstance(channel, GuardedChannel):
+            proxy = channel
+            # asLib's _recompute() drops the roles: use the ones the channel was created with
+            roles = roles or proxy.roles
+        elif isinstance(channel, _gw.Channel):
+            dsname = channel.name.decode()
+            usname = self._pvlist.compute(channel.name, host)[0] or dsname
+            proxy = self._core.track(channel, dsname, usname, user, host, channel.peer, roles)
+        else:
+            return super().create(channel, group, user, host, level, list(roles))
+        return super().create(proxy, group, user, host, level, list(roles))
+
+    def acf_grant(self, pv: str, account: str, host: str, roles: list[str]) -> tuple[str, dict]:
+        """What the site pvlist + ACF give ``account`` at ``host`` (an IP) on ``pv``.
+
+        Returns ``(asg or '' if the pvlist denies the PV, {put, rpc, uncached, audit})``.
+        """
+        usname, asg, asl = self._pvlist.compute(pv.encode(), host)
+        if not usname:
+            return "", {}
+        cap = _Capture()
+        super().create(cap, asg, account, host, asl, roles)
+        return asg, cap.perm
+
+
+class GuardHandler(GWHandler):
+    """p4p's gateway handler that never proxies pvcoord's own service PVs."""
+
+    def __init__(self, acf: GuardEngine, pvlist: PVList, core: GuardCore,
+                 banned: tuple[str, ...], read_only: bool,
+                 on_audit: Callable[[AuditRecord], None]) -> None:
+        super().__init__(acf, pvlist, readOnly=read_only)
+        self.core = core
+        self.banned = banned
+        self.on_audit = on_audit
+
+    @override
+    def testChannel(self, pvname, peer):  # noqa: D102 - p4p callback
+        if pvname.decode(errors="replace").startswith(self.banned):
+            return self.provider.BanPV
+        return super().testChannel(pvname, peer)
+
+    @override
+    def makeChannel(self, op):  # noqa: D102 - p4p callback
+        if op.name.decode(errors="replace").startswith(self.banned):
+            return None
+        return super().makeChannel(op)
+
+    def audit(self, msgs):  # noqa: D102 - p4p callback (gateway work queue thread)
+        for msg in msgs:
+            try:
+                line = parse_audit_line(msg)
+                if line is None:
+                    _log.warning("gateway audit: %s", msg.strip())
+                    continue
+                rec, trap = self.core.classify(line)
+                if trap:
+                    _log_gw_audit.info("%s", msg.strip())
+                if rec is not None:
+                    self.on_audit(rec)
+            except Exception:
+                _log.exception("cannot audit %r", msg)
+
+
+class _Counter:
+    def __init__(self, pv: SharedPV) -> None:
+        self.pv, self.n = pv, 0
+
+    def add(self) -> None:
+        self.n += 1
+        self.pv.post(self.n, timestamp=time.time())
+
+
+class Guard:
+    """One guard process's gateway: servers, upstream clients, monitors and its own PVs.
+
+    Construct, :meth:`start`, call :meth:`tick` every ~0.1 s, :meth:`close` at the end.
+
+    Args:
+        prefix: endstation prefix ``P`` (the coordination IOC's, and the guard's own PVs).
+        config: the parsed config file.
+        policy: the endstation policy.
+        registry_prefix: prefix of the registry IOC (default: ``config.guard.registry_prefix``
+            or ``prefix``).
+
+    Raises:
+        GuardConfigError: an ACF or pvlist file cannot be read or is not valid.
+    """
+
+    def __init__(self, prefix: str, config: GuardConfig, policy: Policy,
+                 registry_prefix: str | None = None) -> None:
+        self.prefix = prefix
+        self.config = config
+        self.registry_prefix = registry_prefix or config.guard.registry_prefix or prefix
+        self.core = GuardCore(policy, config.guard.stale_after)
+        self.banned = service_prefixes(prefix, self.registry_prefix)
+        self._servers: list[Server] = []
+        self._contexts: list[Context] = []
+        self._subs: list[Any] = []
+        self._handlers: list[GuardHandler] = []
+        self._engines: list[GuardEngine] = []
+        self._audit_rows: deque[AuditRecord] = deque(maxlen=config.guard.audit_tail)
+        self._beat = 0
+        self._devices_rows: list[tuple[str, str]] | None = None
+        self._prefix_rows: list[tuple[str, str]] = []
+        self._read_only = config.read_only
+        self._site: list[tuple[str, str, str]] = []
+        self._pvlists: dict[str, PVList] = {}
+        for s in config.servers:
+            acf = read_site_file(s.access, "ACF")
+            pvl = read_site_file(s.pvlist, "pvlist")
+            # validate the site files before anything starts
+            try:
+                self._pvlists[s.name] = PVList(pvl)
+            except Exception as e:
+                raise GuardConfigError(f"{s.pvlist}: not a valid pvlist: {e}") from None
+            try:
+                Engine(acf or None)
+            except Exception as e:
+                raise GuardConfigError(f"{s.access}: not a valid ACF: {e}") from None
+            self._site.append((s.name, acf, pvl))
+        self._make_pvs()
+
+    # --- own PVs ------------------------------------------------------------------------------
+
+    def _make_pvs(self) -> None:
+        now = time.time()
+        p = self.prefix
+        self.pv_health = SharedPV(nt=NTScalar("s"), initial="starting", timestamp=now)
+        self.pv_ok = SharedPV(nt=NTScalar("i"), initial=0, timestamp=now)
+        self.pv_last = SharedPV(nt=NTScalar("s"), initial="", timestamp=now)
+        self.pv_refused = SharedPV(nt=NTScalar("i"), initial=0, timestamp=now)
+        self.pv_allowed_locked = SharedPV(nt=NTScalar("i"), initial=0, timestamp=now)
+        self.pv_channels = SharedPV(nt=NTScalar("i"), initial=0, timestamp=now)
+        self.pv_latency = SharedPV(
+            nt=NTScalar("d", display=True),
+            initial={"value": 0.0, "display.units": GUARD_APPLY_LATENCY.units},
+            timestamp=now,
+        )
+        self.pv_heartbeat = SharedPV(nt=NTScalar("i"), initial=0, timestamp=now)
+        self._audit_nt = NTTable(list(AUDIT_COLUMNS))
+        self.pv_audit = SharedPV(nt=self._audit_nt, initial=[], timestamp=now)
+        self.pv_what_if = SharedPV(nt=NTScalar("s"), initial="RPC only", timestamp=now)
+        self.pv_what_if.rpc(self._what_if)
+        self.refused = _Counter(self.pv_refused)
+        self.allowed_locked = _Counter(self.pv_allowed_locked)
+        self._pvs = {
+            GUARD_HEALTH.name(p): self.pv_health,
+            GUARD_LOCK_STATE_OK.name(p): self.pv_ok,
+            GUARD_LAST_AUDIT.name(p): self.pv_last,
+            GUARD_REFUSED.name(p): self.pv_refused,
+            GUARD_ALLOWED_LOCKED.name(p): self.pv_allowed_locked,
+            GUARD_CHANNELS.name(p): self.pv_channels,
+            GUARD_APPLY_LATENCY.name(p): self.pv_latency,
+            GUARD_HEARTBEAT.name(p): self.pv_heartbeat,
+            GUARD_AUDIT.name(p): self.pv_audit,
+            GUARD_WHAT_IF.name(p): self.pv_what_if,
+        }
+
+    # --- start / stop -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect the monitors, then start the gateway servers."""
+        conf = self.config
+        self.core.on_state.append(self._state_changed)
+        g = conf.guard
+        if g.coordination is not None:
+            cctx = Context("pva", conf=g.coordination.p4p_conf(), useenv=False, nt=False)
+        else:
+            cctx = Context("pva", nt=False)
+        self._contexts.append(cctx)
+        self._monitor(cctx, COORD_LOCKS.name(self.prefix), self._on_locks)
+        self._monitor(cctx, COORD_HEARTBEAT.name(self.prefix), self._on_beat)
+        self._monitor(cctx, REGISTRY_DEVICE_PVS.name(self.registry_prefix), self._on_device_pvs)
+        self._monitor(cctx, REGISTRY_DEVICES.name(self.registry_prefix), self._on_devices)
+
+        clients = {}
+        for c in conf.clients:
+            ctx = Context("pva", conf=c.p4p_conf(), useenv=False)
+            self._contexts.append(ctx)
+            clients[c.name] = ctx
+        self.stats = GWStats(conf.statsdb)
+        gwclients = []
+        for s, (_name, acf_text, _pvl) in zip(conf.servers, self._site, strict=True):
+            pvlist = self._pvlists[s.name]
+            aclient = s.acf_client or (s.clients[0] if s.clients else None)
+            engine = GuardEngine(self.core, pvlist, acf_text,
+                                 ctxt=clients[aclient] if aclient else None)
+            self._engines.append(engine)
+            for idx, iface in enumerate(s.interface):
+                statusp = StaticProvider(f"gwsts.{s.name}_{idx}")
+                for name, pv in self._pvs.items():
+                    statusp.add(name, pv)
+                providers: list[Any] = [statusp]
+                pnames = []
+                try:
+                    for cname in s.clients:
+                        pname = f"gws.{s.name}_{idx}.{cname}"
+                        handler = GuardHandler(engine, pvlist, self.core, self.banned,
+                                               self._read_only, self._report)
+                        handler.getholdoff = s.getholdoff
+                        handler.provider = _gw.Provider(pname, clients[cname], handler)
+                        for name in self._pvs:
+                            handler.provider.forceBan(usname=name.encode())
+                        providers.append((handler.provider, 10))
+                        pnames.append(pname)
+                        gwclients.append(handler.provider)
+                        self._handlers.append(handler)
+                        self.stats.handlers.append(handler)
+                    if s.statusprefix:
+                        self.stats.bindto(statusp, s.statusprefix)
+                    server = Server(providers=providers, conf=s.p4p_conf(iface), useenv=False)
+                finally:
+                    for pname in pnames:
+                        removeProvider(pname)
+                self._servers.append(server)
+                self.stats.servers.append(server._S)  # noqa: SLF001 - as p4p.gw.App does
+                self._statusp = statusp
+                _log.info("guard server %s_%d: %s", s.name, idx, server.conf())
+        # never let a gateway client find the gateway's own servers (loops)
+        gws = [srv._S for srv in self._servers]  # noqa: SLF001 - as p4p.gw.App does
+        for prov in gwclients:
+            prov.ignoreByGUID(gws)
+        self._post_health()
+
+    def _monitor(self, ctx: Context, name: str, cb: Callable[[Any], None]) -> None:
+        def safe(v: Any) -> None:
+            try:
+                cb(v)
+            except Exception:
+                _log.exception("handling %s update", name)
+
+        self._subs.append(ctx.monitor(name, safe, notify_disconnect=True))
+
+    def close(self) -> None:
+        """Stop servers, monitors and clients (idempotent)."""
+        for sub in self._subs:
+            sub.close()
+        self._subs.clear()
+        for srv in self._servers:
+            srv.stop()
+        self._servers.clear()
+        for ctx in self._contexts:
+            ctx.close()
+        self._contexts.clear()
+
+    # --- periodic -----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Notice a stopped heartbeat (call every ~0.1 s)."""
+        self.core.refresh()
+
+    def every_second(self) -> None:
+        """Post the guard's heartbeat and channel count."""
+        now = time.time()
+        self._beat += 1
+        self.pv_heartbeat.post(self._beat, timestamp=now)
+        self.pv_channels.post(self.core.channel_count(), timestamp=now)
+        self._post_health()
+
+    def sweep(self) -> None:
+        """Drop closed channels from the gateway cache and the core (pvagw does it every 30 s)."""
+        self.stats.sweep()
+        self.core.sweep()
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def _on_locks(self, v: Any) -> None:
+        if isinstance(v, Exception):
+            self.core.locks_lost("" if isinstance(v, Disconnected) else f"{v!r}")
+            return
+        try:
+            cols = v["value"]
+            locks = parse_locks({k: list(cols[k]) for k in cols.keys()})  # noqa: SIM118 - Value
+        except (KeyError, ValueError, TypeError) as e:
+            self.core.locks_lost(f"{COORD_LOCKS.name(self.prefix)}: {e}")
+            return
+        stamp = _stamp(v)
+        self.core.locks_update(locks, stamp)
+        if stamp:
+            ms = (time.time() - stamp) * 1e3
+            self.pv_latency.post(ms, timestamp=time.time())
+
+    def _on_beat(self, v: Any) -> None:
+        if isinstance(v, Exception):
+            self.core.beat_lost()
+            return
+        self.core.beat(v["value"])
+
+    def _on_device_pvs(self, v: Any) -> None:
+        if isinstance(v, Exception):
+            # keep the last map: device membership does not go stale like locks do
+            _log.warning("registry PV list: %r (keeping the last one)", v)
+            return
+        cols = v["value"]
+        self._devices_rows = list(zip(list(cols["pv"]), list(cols["device"]), strict=True))
+        self._remap()
+
+    def _on_devices(self, v: Any) -> None:
+        if isinstance(v, Exception):
+            return
+        cols = v["value"]
+        self._prefix_rows = list(zip(list(cols["name"]), list(cols["pvPrefix"]), strict=True))
+        self._remap()
+
+    def _remap(self) -> None:
+        if self._devices_rows is None:
+            return
+        self.core.set_devices(DeviceMap(self._devices_rows, self._prefix_rows, known=True))
+        self._post_health()
+
+    def _state_changed(self, state: LockState) -> None:
+        self._post_health()
+
+    def _post_health(self) -> None:
+        now = time.time()
+        state = self.core.state
+        problems = []
+        if not self.core.devices.known:
+            problems.append(
+                f"{REGISTRY_DEVICE_PVS.name(self.registry_prefix)} not received: "
+                "device writes refused"
+            )
+        if not state.known:
+            problems.append(f"lock state unknown ({state.why_unknown}): device writes refused")
+        text = "; ".join(problems) or "OK"
+        ok = int(state.known and self.core.devices.known)
+        if self.pv_health.current().raw.value != text:
+            self.pv_health.post(text, timestamp=now)
+        if self.pv_ok.current().raw.value != ok:
+            self.pv_ok.post(ok, timestamp=now)
+
+    # --- audit --------------------------------------------------------------------------------
+
+    def _report(self, rec: AuditRecord) -> None:
+        line = rec.line()
+        if rec.action == "refused":
+            _log_audit.warning("%s", line)
+            self.refused.add()
+        else:
+            _log_audit.info("%s", line)
+            self.allowed_locked.add()
+        self._audit_rows.append(rec)
+        now = time.time()
+        self.pv_last.post(line, timestamp=now)
+        self.pv_audit.post([self._row(r) for r in self._audit_rows], timestamp=now)
+
+    @staticmethod
+    def _row(r: AuditRecord) -> dict[str, Any]:
+        return {"time": r.time, "action": r.action, "account": r.account, "host": r.host,
+                "pv": r.pv, "device": r.device, "holder": r.holder, "value": r.value[:200],
+                "message": r.message}
+
+    # --- what-if ------------------------------------------------------------------------------
+
+    def _what_if(self, pv: SharedPV, op: Any) -> None:
+        try:
+            reply = self.what_if(op)
+        except WhatIfError as e:
+            op.done(error=str(e))
+            return
+        except Exception as e:
+            _log.exception("what-if failed")
+            op.done(error=f"what-if failed: {e}")
+            return
+        op.done(reply)
+
+    def what_if(self, op: Any) -> Value:
+        """Answer ``Guard:WhatIf`` for the NTURI request of ``op``.
+
+        Raises:
+            WhatIfError: missing ``pv``, unknown argument, unresolvable host.
+        """
+        args = _uri_args(op.value())
+        unknown = sorted(set(args) - set(GUARD_WHAT_IF.args))
+        if unknown:
+            raise WhatIfError(
+                f"unknown argument(s) {', '.join(unknown)}; use {', '.join(GUARD_WHAT_IF.args)}"
+            )
+        pv = args.get("pv", "").strip()
+        if not pv:
+            raise WhatIfError("give pv=NAME (and optionally account=, host=, roles=)")
+        account = args.get("account", "").strip()
+        if account:
+            roles = _split(args.get("roles", ""))
+        else:
+            account = op.account()
+            roles = _split(args["roles"]) if "roles" in args else list(op.roles())
+        host = args.get("host", "").strip() or op.peer().rsplit(":", 1)[0]
+        try:
+            ip = socket.gethostbyname(host)
+        except OSError as e:
+            raise WhatIfError(f"host {host!r} cannot be resolved: {e}") from None
+        return WHAT_IF_TYPE(self.explain(pv, account, ip, roles, host))
+
+    def explain(self, pv: str, account: str, ip: str, roles: list[str], host: str = "") -> dict:
+        """The what-if answer as a dict (fields of pvdb ``WHAT_IF_FIELDS``)."""
+        base = {"pv": pv, "account": account, "host": host or ip, "device": "", "holder": "",
+                "lockType": "", "expires": 0.0}
+        if self._read_only:
+            return {**base, "allowed": False, "reason": "the gateway is configured read-only"}
+        engine = self._engines[0] if self._engines else None
+        d = self.core.decide(pv, account, roles)
+        base.update(device=d.device, holder=d.holder, lockType=d.lock_type, expires=d.expires)
+        if engine is not None:
+            asg, perm = engine.acf_grant(pv, account, ip, roles)
+            if not asg:
+                return {**base, "allowed": False,
+                        "reason": f"the site pvlist does not let {ip} reach {pv}"}
+            if not perm.get("put"):
+                return {**base, "allowed": False,
+                        "reason": f"the site ACF (ASG {asg}) does not grant {account} at {ip} "
+                        "write access"}
+        return {**base, "allowed": d.allowed, "reason": d.reason}
+
+
+class WhatIfError(ValueError):
+    """A what-if request that cannot be answered; the text goes back to the client."""
+
+
+def _split(text: str) -> list[str]:
+    return [r.strip() for r in text.split(",") if r.strip()]
+
+
+def _uri_args(value: Value) -> dict[str, str]:
+    """Arguments of an NTURI request (all strings, like ``pvcall``), or of a plain structure."""
+    try:
+        query = value["query"]
+    except (KeyError, TypeError):
+        query = value
+    return {k: str(query[k]) for k in query.keys()}  # noqa: SIM118 - p4p Value
+
+
+def _stamp(v: Value) -> float:
+    try:
+        return float(v["timeStamp.secondsPastEpoch"]) + 1e-9 * float(v["timeStamp.nanoseconds"])
+    except (KeyError, TypeError):
+        return 0.0
+

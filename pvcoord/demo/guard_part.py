@@ -1,0 +1,346 @@
+"""The guard gateway's part of the demo beamline, and a put agent for a second identity.
+
+- :func:`guard_config` / :func:`start_guard`: run ``python -m bridges.guard`` in front of the
+  device softIoc. The softIoc's environment (``device_env``) is used by nobody but the guard;
+  clients, the coordination and registry IOCs and the guard's client side share ``client_env``.
+- :class:`PutAgent`: a long-lived client process (optionally under another OS account, via
+  ``runuser``) that keeps its channels open and does puts, gets and RPCs on request. The PVA
+  account of a request is the OS account of the client process, so this is how the demo and the
+  tests act as a second person.
+- :func:`walkthrough`: the demo steps of the guard (issue 4): while an operator holds ``m1``,
+  another account's put to ``m1``'s setpoint through the guard is refused and the holder's
+  succeeds; after the release the other account's put succeeds on the same channel.
+
+Run ``python -m pvcoord.demo.guard_part agent`` to start an agent by hand (JSON lines on stdin).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from pvcoord.procs import (
+    LOOPBACK,
+    ManagedProcess,
+    free_port,
+    python_module,
+    wait_for_pv,
+)
+from pvdb import demo
+from pvdb.guard import GUARD_HEALTH, GUARD_WHAT_IF
+from pvdb.names import COORD_ACQUIRE, COORD_RELEASE
+
+REPO = Path(__file__).resolve().parent.parent.parent
+AGENT_TIMEOUT = 10.0
+"""Seconds one agent request may take."""
+
+
+def guard_config(
+    client_env: Mapping[str, str],
+    device_env: Mapping[str, str],
+    policy: str | Path | None = None,
+    server_port: int | None = None,
+    access: str | Path | None = None,
+    pvlist: str | Path | None = None,
+    stale_after: float | None = None,
+) -> dict[str, Any]:
+    """The guard's config (pvagw JSON + ``guard`` section) for two loopback environments.
+
+    Args:
+        client_env: environment of the clients and of pvcoord's IOCs (``loopback_env()``); the
+            guard serves on its UDP search port, on a TCP port of its own.
+        device_env: environment of the device softIoc (another ``loopback_env()``).
+        policy: policy TOML path.
+        server_port: TCP port of the guard's server (default: a free one).
+        access: site ACF file.
+        pvlist: site pvlist file.
+        stale_after: seconds without a coordination heartbeat before failing closed.
+    """
+    cport = int(client_env["EPICS_PVA_BROADCAST_PORT"])
+    dport = int(device_env["EPICS_PVA_BROADCAST_PORT"])
+    server: dict[str, Any] = {
+        "name": "clients",
+        "clients": ["devices"],
+        "interface": [LOOPBACK],
+        "addrlist": LOOPBACK,
+        "autoaddrlist": False,
+        "bcastport": cport,
+        "serverport": server_port or free_port(),
+    }
+    if access:
+        server["access"] = str(access)
+    if pvlist:
+        server["pvlist"] = str(pvlist)
+    guard: dict[str, Any] = {
+        "coordination": {"addrlist": LOOPBACK, "autoaddrlist": False, "bcastport": cport},
+    }
+    if policy:
+        guard["policy"] = str(policy)
+    if stale_after is not None:
+        guard["stale_after"] = stale_after
+    return {
+        "version": 2,
+        "clients": [
+            {"name": "devices", "provider": "pva", "addrlist": LOOPBACK, "autoaddrlist": False,
+             "bcastport": dport}
+        ],
+        "servers": [server],
+        "guard": guard,
+    }
+
+
+def start_guard(
+    prefix: str,
+    client_env: Mapping[str, str],
+    device_env: Mapping[str, str],
+    policy: str | Path | None,
+    log_dir: str | Path,
+    timeout: float = 20.0,
+    **config: Any,
+) -> ManagedProcess:
+    """Write the config into ``log_dir`` and start ``python -m bridges.guard``.
+
+    Returns once ``P Guard:Health`` answers on the client side (deadline ``timeout`` s). Extra
+    keyword arguments go to :func:`guard_config`.
+
+    Raises:
+        TimeoutError / RuntimeError: the guard did not come up (its output is in the message).
+    """
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "guard.json"
+    path.write_text(json.dumps(guard_config(client_env, device_env, policy, **config), indent=2))
+    env = dict(client_env)
+    proc = ManagedProcess(
+        "guard", python_module("bridges.guard", "--prefix", prefix, "--config", str(path)),
+        env, cwd=REPO, log_dir=log_dir,
+    )
+    try:
+        wait_for_pv(GUARD_HEALTH.name(prefix), client_env, timeout=timeout, procs=[proc])
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+# --- a client process under some OS account ---------------------------------------------------
+
+
+class AgentError(RuntimeError):
+    """The agent did not answer, or died."""
+
+
+class PutAgent:
+    """A client process (under OS account ``user``, or ours) doing puts/gets/RPCs on request.
+
+    Each request is one JSON line; each reply is ``{"ok": true, "value": ...}`` or
+    ``{"ok": false, "error": "<the server's message>"}``. Channels stay open between requests
+    (one p4p context), so a put after a lock change goes over the same channel.
+
+    Args:
+        env: the client environment (only ``EPICS_PVA_*`` matter).
+        user: OS account to run as (needs root and ``runuser``); None = this process's account.
+    """
+
+    def __init__(self, env: Mapping[str, str], user: str | None = None) -> None:
+        argv = [sys.executable, "-m", "pvcoord.demo.guard_part", "agent"]
+        if user is not None:
+            argv = ["runuser", "-u", user, "--", *argv]
+        self.user = user
+        self.proc = subprocess.Popen(
+            argv, env=dict(env), cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, bufsize=1,
+        )
+        hello = self._reply(AGENT_TIMEOUT * 2)
+        self.account = str(hello.get("value", ""))
+
+    def _reply(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise AgentError(f"agent ({self.user or 'self'}) gave no answer in {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AgentError(f"agent ({self.user or 'self'}) exited:\n{err}")
+        return json.loads(line)
+
+    def request(self, **req: Any) -> dict[str, Any]:
+        """Send one request, return the reply dict."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._reply(AGENT_TIMEOUT + 5)
+
+    def put(self, pv: str, value: Any) -> dict[str, Any]:
+        """Put (with completion) ``value`` to ``pv``; the reply says ok or the error text."""
+        return self.request(op="put", pv=pv, value=value)
+
+    def get(self, pv: str) -> dict[str, Any]:
+        """Get ``pv``'s value."""
+        return self.request(op="get", pv=pv)
+
+    def rpc(self, name: str, /, **args: str) -> dict[str, Any]:
+        """Call RPC ``name`` with pvcall-style string arguments; the reply value is a dict."""
+        return self.request(op="rpc", pv=name, args=args)
+
+    def close(self) -> None:
+        """End the agent (closes its stdin; kills it if it does not exit)."""
+        if self.proc.poll() is None:
+            try:
+                if self.proc.stdin:
+                    self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+            except (subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+    def __enter__(self) -> PutAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _plain(v: Any) -> Any:
+    """A p4p value as JSON-friendly Python."""
+    if hasattr(v, "todict"):  # p4p Value
+        return {k: _plain(x) for k, x in v.todict().items()}
+    if hasattr(v, "tolist"):  # numpy array
+        return _plain(v.tolist())
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, str | int | float | bool) or v is None:
+        return v
+    return str(v)
+
+
+def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    """The agent's loop: one JSON request per line on ``stdin``, one reply per line."""
+    import getpass  # noqa: PLC0415
+
+    from p4p.client.thread import Context  # noqa: PLC0415
+    from p4p.nt import NTURI  # noqa: PLC0415
+
+    def say(obj: dict[str, Any]) -> None:
+        stdout.write(json.dumps(obj) + "\n")
+        stdout.flush()
+
+    with Context("pva") as ctxt:
+        say({"ok": True, "value": getpass.getuser()})
+        for line in stdin:
+            try:
+                req = json.loads(line)
+                op = req["op"]
+                if op == "put":
+                    ctxt.put(req["pv"], req["value"], wait=True, timeout=AGENT_TIMEOUT)
+                    say({"ok": True, "value": None})
+                elif op == "get":
+                    say({"ok": True, "value": _plain(ctxt.get(req["pv"], timeout=AGENT_TIMEOUT))})
+                elif op == "rpc":
+                    args = {str(k): str(v) for k, v in req.get("args", {}).items()}
+                    uri = NTURI([(k, "s") for k in args]).wrap(req["pv"], kws=args)
+                    v = ctxt.rpc(req["pv"], uri, timeout=AGENT_TIMEOUT)
+                    say({"ok": True, "value": _plain(v)})
+                else:
+                    say({"ok": False, "error": f"unknown op {op!r}: use put, get or rpc"})
+            except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+                say({"ok": False, "error": str(e) or type(e).__name__})
+    return 0
+
+
+# --- the walkthrough --------------------------------------------------------------------------
+
+
+def walkthrough(
+    prefix: str,
+    client_env: Mapping[str, str],
+    operator: PutAgent,
+    other: PutAgent,
+    motor: str = demo.MOTORS[0],
+    say: Callable[[str], None] = print,
+) -> list[tuple[str, bool]]:
+    """The guard's demo steps; returns ``(step, passed)`` for each.
+
+    1. ``operator`` acquires a MANUAL_OPERATOR lock on ``motor``;
+    2. ``other`` puts to the motor's setpoint through the guard: refused;
+    3. ``operator`` puts: allowed;
+    4. ``operator`` releases; 5. ``other`` puts again on the same channel: allowed.
+
+    ``operator`` and ``other`` must run under different OS accounts. The lock is released even if
+    a step fails.
+    """
+    setpoint = demo.motor_setpoint(prefix, motor)
+    acquire, release = COORD_ACQUIRE.name(prefix), COORD_RELEASE.name(prefix)
+    results: list[tuple[str, bool]] = []
+
+    def step(text: str, ok: bool, detail: str = "") -> None:
+        results.append((text, ok))
+        say(f"[guard] {'ok  ' if ok else 'FAIL'} {text}{': ' + detail if detail else ''}")
+
+    if operator.account == other.account:
+        raise ValueError(f"both agents run as {operator.account!r}: use two OS accounts")
+    r = operator.rpc(acquire, device=motor, type="MANUAL_OPERATOR", timeout="120",
+                     reason="guard walkthrough")
+    step(f"{operator.account} acquires {motor}", r["ok"], r.get("error", ""))
+    if not r["ok"]:
+        return results
+    try:
+        _wait_decision(operator, prefix, setpoint, other.account, allowed=False)
+        r = other.put(setpoint, 1.0)
+        step(f"{other.account} puts {setpoint} while {operator.account} holds {motor}: refused",
+             not r["ok"], r.get("error", "was allowed"))
+        r = operator.put(setpoint, 2.0)
+        step(f"{operator.account} (holder) puts {setpoint}: allowed", r["ok"], r.get("error", ""))
+    finally:
+        r = operator.rpc(release, device=motor)
+        step(f"{operator.account} releases {motor}", r["ok"], r.get("error", ""))
+    _wait_decision(operator, prefix, setpoint, other.account, allowed=True)
+    r = other.put(setpoint, 0.0)
+    step(f"{other.account} puts {setpoint} again on the same channel: allowed", r["ok"],
+         r.get("error", ""))
+    return results
+
+
+def _wait_decision(
+    agent: PutAgent, prefix: str, pv: str, account: str, allowed: bool, timeout: float = 5.0
+) -> dict[str, Any]:
+    """Ask ``Guard:WhatIf`` until the guard's answer for ``account`` on ``pv`` is ``allowed``.
+
+    The guard learns of a lock change from ``Coord:Locks`` (typically within milliseconds of the
+    coordination IOC's reply); returns the last answer (also when the deadline passes).
+    """
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = agent.rpc(GUARD_WHAT_IF.name(prefix), pv=pv, account=account)
+        if last.get("ok") and bool(last["value"]["allowed"]) == allowed:
+            break
+        time.sleep(0.02)
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pvcoord.demo.guard_part agent``: run a put agent on stdin/stdout."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["agent"]:
+        print(__doc__, file=sys.stderr)
+        return 2
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return run_agent()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Guard logic without a network: decisions, staleness, registry map, audit lines, config.
+
+The system tests (test_guard_system.py) run the same rules through the real gateway process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from bridges.guard.config import GuardConfigError, parse_config
+from bridges.guard.core import GuardCore, parse_audit_line
+from bridges.guard.decision import (
+    DeviceMap,
+    HeldLock,
+    LockFeed,
+    LockState,
+    Verdict,
+    decide,
+    parse_locks,
+    split_owner,
+)
+from bridges.guard.gateway import service_prefixes
+from pvdb import demo
+from pvdb.guard import GUARD_WHAT_IF
+from pvdb.models import BEAMLINE, LockType
+from pvdb.names import COORD_ACQUIRE, REGISTRY_LOOKUP
+from pvdb.policy import parse_policy
+
+P = "TST:"
+M1, M2 = demo.MOTORS[:2]
+SP1 = demo.motor_setpoint(P, M1)
+SP2 = demo.motor_setpoint(P, M2)
+SHUTTER_CMD = demo.shutter_command(P)
+
+DEFAULT = parse_policy('[access]\nemergency = ["root"]\n')
+STRICT = parse_policy('[access]\nunlocked_writable = false\nemergency = ["role/ops"]\n')
+
+
+def devmap(known: bool = True) -> DeviceMap:
+    rows = [(pv, M1) for pv in demo.device_pvs(P, M1)] + [(pv, M2) for pv in demo.device_pvs(P, M2)]
+    return DeviceMap(rows, [(M1, f"{P}{M1}:"), (M2, f"{P}{M2}:")], known=known)
+
+
+def held(device: str, owner: str, lock_type: LockType = LockType.MANUAL_OPERATOR) -> HeldLock:
+    account, host = split_owner(owner)
+    return HeldLock(device, account, host, lock_type.value, time.time() + 60, "scan")
+
+
+def state(*locks: HeldLock, known: bool = True) -> LockState:
+    return LockState({lk.device: lk for lk in locks}, known, "" if known else "IOC gone")
+
+
+def test_unlocked_device_follows_the_policy():
+    d = decide(DEFAULT, state(), devmap(), SP1, "bob")
+    assert d.allowed and d.verdict is Verdict.UNLOCKED and d.device == M1 and not d.locked
+    d = decide(STRICT, state(), devmap(), SP1, "bob")
+    assert not d.allowed and d.verdict is Verdict.STRICT and "strict" in d.reason
+
+
+def test_locked_device_only_for_the_holders_account():
+    s = state(held(M1, "alice@10.0.0.5"))
+    d = decide(DEFAULT, s, devmap(), SP1, "alice")
+    assert d.allowed and d.verdict is Verdict.HOLDER and d.locked
+    d = decide(DEFAULT, s, devmap(), SP1, "bob")
+    assert not d.allowed and d.verdict is Verdict.HELD_BY_OTHER
+    assert d.holder == "alice@10.0.0.5" and "alice@10.0.0.5" in d.reason and "scan" in d.reason
+    # the host does not count: alice from another host is still the holder
+    assert decide(STRICT, s, devmap(), SP1, "alice").allowed
+    # another device is unaffected
+    assert decide(DEFAULT, s, devmap(), SP2, "bob").allowed
+
+
+def test_beamline_lock_holds_every_device_but_not_unknown_pvs():
+    s = state(held(BEAMLINE, "alice@h", LockType.MAINTENANCE))
+    assert not decide(DEFAULT, s, devmap(), SP2, "bob").allowed
+    assert decide(DEFAULT, s, devmap(), SP2, "alice").allowed
+    assert decide(DEFAULT, s, devmap(), SHUTTER_CMD, "bob").verdict is Verdict.NOT_A_DEVICE
+    # its own lock and a beamline lock by different holders: each holder is refused
+    s2 = state(held(BEAMLINE, "alice@h"), held(M1, "carol@h"))
+    assert not decide(DEFAULT, s2, devmap(), SP1, "alice").allowed
+    assert not decide(DEFAULT, s2, devmap(), SP1, "carol").allowed
+
+
+def test_unknown_state_fails_closed_except_emergency():
+    s = state(known=False)
+    d = decide(DEFAULT, s, devmap(), SP1, "bob")
+    assert not d.allowed and d.verdict is Verdict.UNKNOWN_STATE and "IOC gone" in d.reason
+    assert decide(DEFAULT, s, devmap(), SP1, "root").verdict is Verdict.EMERGENCY
+    assert decide(STRICT, s, devmap(), SP1, "bob", roles=["ops"]).allowed
+    # a PV of no device keeps the policy default: it does not depend on the locks
+    assert decide(DEFAULT, s, devmap(), SHUTTER_CMD, "bob").allowed
+    assert not decide(STRICT, s, devmap(), SHUTTER_CMD, "bob").allowed
+
+
+def test_registry_not_received_fails_closed_even_for_unknown_pvs():
+    d = decide(DEFAULT, state(), devmap(known=False), SHUTTER_CMD, "bob")
+    assert not d.allowed and "registry" in d.reason
+    assert decide(DEFAULT, state(), devmap(known=False), SP1, "root").allowed
+
+
+def test_device_map_exact_record_and_prefix():
+    m = devmap()
+    assert m.device_of(SP1) == M1
+    assert m.device_of(SP1 + ".VAL") == M1  # a field of a registered record
+    assert m.device_of(demo.MOTOR_SIM_MOVING.name(P, device=M2)) == M2  # by pvPrefix
+    assert m.device_of(SHUTTER_CMD) is None
+    # a prefix claimed by two devices is ambiguous and ignored
+    amb = DeviceMap([], [(M1, P), (M2, P)], known=True)
+    assert amb.device_of(SP1) is None
+
+
+def test_parse_locks_columns():
+    locks = parse_locks({
+        "device": [M1, BEAMLINE], "lockType": ["MANUAL_OPERATOR", "MAINTENANCE"],
+        "priority": [2, 0], "owner": ["a.b@c@10.1.1.1", "root@h"], "acquired": [1.0, 2.0],
+        "expires": [10.0, 20.0], "reason": ["", "fix"], "planUid": ["", ""],
+    })
+    assert locks[M1].account == "a.b@c" and locks[M1].host == "10.1.1.1"
+    assert locks[BEAMLINE].holder == "root@h" and locks[BEAMLINE].reason == "fix"
+    with pytest.raises(ValueError, match="lacks column"):
+        parse_locks({"device": [M1]})
+    with pytest.raises(ValueError, match="different lengths"):
+        parse_locks({"device": [M1], "lockType": [], "owner": [], "expires": []})
+
+
+def test_lock_feed_staleness():
+    f = LockFeed(stale_after=2.0)
+    assert "not received" in f.why_unknown(0.0)
+    f.locks_update({}, 1.0)
+    assert "Heartbeat" in f.why_unknown(0.0)
+    f.beat(1, now=10.0)
+    assert f.state(11.9).known
+    f.beat(1, now=11.0)  # same value again: not life
+    assert not f.state(12.5).known and "not advanced" in f.state(12.5).why_unknown
+    f.beat(2, now=12.6)
+    assert f.state(12.7).known
+    f.beat_lost()
+    assert not f.state(12.7).known
+    f.beat(0, now=13.0)  # a restarted IOC counts from 0 again: the first value is life
+    assert f.state(13.1).known
+    f.locks_lost()
+    assert not f.state(13.1).known
+
+
+class RecordingChannel:
+    """Stands in for p4p's _gw.Channel: records access() calls (the real one is in system tests)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name.encode()
+        self.expired = False
+        self.calls: list[dict] = []
+        self.put = False
+        self.audit = False
+
+    def access(self, **kws) -> None:
+        self.calls.append(kws)
+        if kws.get("put") is not None:
+            self.put = kws["put"]
+        if kws.get("audit") is not None:
+            self.audit = kws["audit"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def live_core(policy=DEFAULT) -> tuple[GuardCore, Clock]:
+    clock = Clock()
+    core = GuardCore(policy, 2.0, monotonic=clock)
+    core.set_devices(devmap())
+    core.locks_update({}, time.time())
+    core.beat(1)
+    return core, clock
+
+
+def test_core_applies_acf_and_lock_and_changes_open_channels_live():
+    core, clock = live_core()
+    chan = RecordingChannel(SP1)
+    gc = core.track(chan, SP1, SP1, "bob", "10.0.0.2", "10.0.0.2:5000", [])
+    gc.access(put=True, rpc=True, uncached=False, audit=False)  # what the ACF engine does
+    assert chan.put and not chan.audit
+    core.locks_update({M1: held(M1, "alice@h")}, time.time())
+    assert not chan.put and chan.audit
+    # auditing was switched on before put was switched off
+    i_audit = next(i for i, c in enumerate(chan.calls) if c.get("audit") is True)
+    i_off = max(i for i, c in enumerate(chan.calls) if c.get("put") is False)
+    assert i_audit < i_off
+    core.locks_update({}, time.time())
+    assert chan.put and not chan.audit
+    # ACF says no: the lock cannot grant
+    gc.access(put=False, rpc=False, uncached=False, audit=False)
+    assert not chan.put
+    # heartbeat stops: stale after 2 s
+    gc.access(put=True, rpc=True, uncached=False, audit=False)
+    clock.t += 2.5
+    assert core.refresh() and not chan.put
+    core.beat(2)
+    assert chan.put
+
+
+def test_core_classifies_audit_lines_by_the_permission_at_put_time():
+    core, _ = live_core()
+    chan = RecordingChannel(SP1)
+    gc = core.track(chan, SP1, SP1, "bob", "10.0.0.2", "10.0.0.2:5000", [])
+    gc.access(put=True, rpc=True, uncached=False, audit=False)
+    before = time.time()
+    core.locks_update({M1: held(M1, "alice@h")}, time.time())
+
+    def line(t: float, account: str = "bob") -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1e9):09d}"
+        return f"{stamp} ca/{account}@10.0.0.2:5000 {SP1} as {SP1} -> double = 1.5\n"
+
+    rec, trap = core.classify(parse_audit_line(line(time.time() + 0.001)))
+    assert rec is not None and rec.action == "refused" and rec.holder == "alice@h"
+    assert rec.device == M1 and rec.value == "1.5" and rec.host == "10.0.0.2" and not trap
+    # a put from before the lock was allowed on an unlocked device: nothing to report
+    rec, _ = core.classify(parse_audit_line(line(before - 0.5)))
+    assert rec is None
+
+
+def test_parse_audit_line_formats():
+    a = parse_audit_line(f"2026-01-02 03:04:05.123456789 ca/bob@127.0.0.1:4000 {SP1} as {SP1}"
+                         " -> double = 2\n")
+    assert a is not None and a.account == "bob" and a.peer == "127.0.0.1:4000"
+    assert a.value == "2" and abs(a.time % 1 - 0.123456789) < 1e-5
+    assert parse_audit_line("2026-01-02 03:04:05.1 ... put audit log overflow") is None
+
+
+def test_service_prefixes_are_never_proxied():
+    banned = service_prefixes(P)
+    assert COORD_ACQUIRE.name(P).startswith(banned)
+    assert REGISTRY_LOOKUP.name(P).startswith(banned)
+    assert GUARD_WHAT_IF.name(P).startswith(banned)
+    assert not SP1.startswith(banned)
+
+
+def minimal_config(**guard) -> dict:
+    return {
+        "version": 2,
+        "clients": [{"name": "dev", "addrlist": "127.0.0.1", "autoaddrlist": False}],
+        "servers": [{"name": "cli", "clients": ["dev"], "interface": "127.0.0.1"}],
+        "guard": guard,
+    }
+
+
+def test_config_accepts_pvagw_files_with_comments(tmp_path):
+    text = "/* site gateway */\n" + json.dumps(minimal_config(policy="p.toml", stale_after=1.5))
+    conf = parse_config(text, "gw.json", tmp_path)
+    assert conf.servers[0].interface == ["127.0.0.1"]
+    assert conf.guard.policy == str(tmp_path / "p.toml") and conf.guard.stale_after == 1.5
+    assert conf.clients[0].p4p_conf()["EPICS_PVA_AUTO_ADDR_LIST"] == "NO"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["guard"].update(bogus=1), "guard.bogus: unknown setting"),
+        (lambda c: c["servers"][0].update(clients=["nope"]), "unknown client 'nope'"),
+        (lambda c: c["guard"].update(stale_after=-1), "stale_after"),
+        (lambda c: c["clients"][0].update(colour="red"), "unknown setting 'colour'"),
+        (lambda c: c.pop("servers"), "servers"),
+    ],
+)
+def test_config_rejects_bad_files_naming_the_problem(mutate, message):
+    c = minimal_config()
+    mutate(c)
+    with pytest.raises(GuardConfigError, match=message):
+        parse_config(json.dumps(c), "gw.json")
+
+
+def test_config_syntax_error_has_a_line():
+    with pytest.raises(GuardConfigError, match=r"gw.json:2: JSON syntax error"):
+        parse_config('{\n "version": 2,,\n}', "gw.json")

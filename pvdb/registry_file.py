@@ -83,7 +83,7 @@ def _pydantic_message(err: ValidationError) -> tuple[str, str]:
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ())]
     field = loc[0] if loc else ""
-    msg = first.get("msg", str(err))
+    msg = first.get("msg", str(err)).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         msg = (
             "unknown field; allowed: name, class, capabilities, pv_prefix, pvs, ioc, description"
@@ -137,6 +137,7 @@ def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
     entry_lines, key_lines = _entry_lines(text)
 
     devices: list[Device] = []
+    unique = _Unique()
     for i, entry in enumerate(entries):
         line = entry_lines[i] if i < len(entry_lines) else None
         keys = key_lines[i] if i < len(key_lines) else {}
@@ -159,15 +160,12 @@ def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
             ) from None
         try:
             check_device(dev)
+            unique.add(i + 1, dev)
         except ValueError as e:
             field = getattr(e, "field", "")
             fline = keys.get(field, line)
             raise RegistryFileError(f"{_where(source, fline)}: {label}: {e}") from None
         devices.append(dev)
-    try:
-        check_devices(devices)
-    except ValueError as e:
-        raise RegistryFileError(f"{source}: {e}") from None
     return devices
 
 
@@ -210,35 +208,48 @@ def check_device(dev: Device) -> None:
         raise _FieldError("capabilities", "a capability is listed twice")
 
 
+class _Unique:
+    """Incremental check that names, PVs and prefixes each belong to one device."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, int] = {}
+        self.pv_owner: dict[str, str] = {}
+        self.prefix_owner: dict[str, str] = {}
+
+    def add(self, number: int, dev: Device) -> None:
+        if dev.name in self.names:
+            raise _FieldError(
+                "name", f"{dev.name!r} is already used by device #{self.names[dev.name]}"
+            )
+        for pv in dev.pvs:
+            if pv in self.pv_owner:
+                raise _FieldError(
+                    "pvs", f"PV {pv!r} is already listed by device {self.pv_owner[pv]!r}; a PV "
+                    "belongs to one device"
+                )
+        if dev.pv_prefix and dev.pv_prefix in self.prefix_owner:
+            raise _FieldError(
+                "pv_prefix", f"{dev.pv_prefix!r} is already used by device "
+                f"{self.prefix_owner[dev.pv_prefix]!r}"
+            )
+        self.names[dev.name] = number
+        self.pv_owner.update((pv, dev.name) for pv in dev.pvs)
+        if dev.pv_prefix:
+            self.prefix_owner[dev.pv_prefix] = dev.name
+
+
 def check_devices(devices: Sequence[Device]) -> None:
     """Check a whole registry: unique names, each PV and each prefix belongs to one device.
 
     Raises:
         ValueError: naming both devices involved.
     """
-    names: dict[str, int] = {}
-    pv_owner: dict[str, str] = {}
-    prefix_owner: dict[str, str] = {}
+    unique = _Unique()
     for i, dev in enumerate(devices):
-        if dev.name in names:
-            raise ValueError(
-                f"device #{i + 1}: name {dev.name!r} is already used by device #{names[dev.name]}"
-            )
-        names[dev.name] = i + 1
-        for pv in dev.pvs:
-            if pv in pv_owner:
-                raise ValueError(
-                    f"device {dev.name!r}: PV {pv!r} is already listed by device "
-                    f"{pv_owner[pv]!r}; a PV belongs to one device"
-                )
-            pv_owner[pv] = dev.name
-        if dev.pv_prefix:
-            if dev.pv_prefix in prefix_owner:
-                raise ValueError(
-                    f"device {dev.name!r}: pv_prefix {dev.pv_prefix!r} is already used by device "
-                    f"{prefix_owner[dev.pv_prefix]!r}"
-                )
-            prefix_owner[dev.pv_prefix] = dev.name
+        try:
+            unique.add(i + 1, dev)
+        except ValueError as e:
+            raise ValueError(f"device #{i + 1} ({dev.name!r}): {e}") from None
 
 
 def load_registry(path: str | Path) -> list[Device]:

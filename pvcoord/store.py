@@ -7,9 +7,11 @@ without EPICS.
 
 URLs accepted by :func:`open_store`:
 
-- ``sqlite:///ABSOLUTE/PATH.sqlite`` or a plain path: SQLite in WAL mode. ``?sync=full``
-  (default: each commit is fsync'ed, durable across power loss) or ``?sync=normal`` (durable across
-  a process crash, not a power loss; faster on slow disks).
+- ``sqlite:///ABSOLUTE/PATH.sqlite`` or a plain path: SQLite in WAL mode. ``?sync=normal``
+  (default: each commit is written to the WAL before the reply, so it survives a crash or
+  ``kill -9`` of the IOC, not a power loss of the host) or ``?sync=full`` (each commit is also
+  fsync'ed: survives a power loss; costs one fsync, ~0.5 ms on the benchmark machine, per change).
+  See docs/decisions/0003-sqlite-synchronous-normal.md.
 - ``redis://HOST:PORT/DB``: Redis; durability is the server's (run it with
   ``appendonly yes`` / ``appendfsync always`` as ``pvcoord.procs.start_redis`` does).
 
@@ -100,7 +102,7 @@ class SQLiteStore:
         readonly: open for reading only (the worker hook, the CLI).
     """
 
-    def __init__(self, path: str | Path, sync: str = "full", readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, sync: str = "normal", readonly: bool = False) -> None:
         if sync not in ("full", "normal"):
             raise StoreError(f"sync must be 'full' or 'normal', not {sync!r}")
         self.path = Path(path)
@@ -251,6 +253,6 @@ def open_store(url: str, namespace: str = "default", readonly: bool = False) -> 
         unknown = set(opts) - {"sync"}
         if unknown:
             raise StoreError(f"unknown store option(s) {sorted(unknown)} in {url!r}; use sync=")
-        sync = opts.get("sync", ["full"])[0]
+        sync = opts.get("sync", ["normal"])[0]
         return SQLiteStore(path, sync=sync, readonly=readonly)
     raise StoreError(f"unknown store {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")

@@ -1,0 +1,42 @@
+"""Subscriber process for bench_coordination: N separate PVA client contexts monitor one PV.
+
+Usage: ``python benchmarks/fanout_subscribers.py PV N OUTFILE``. Each update's arrival time
+(``time.monotonic()``, comparable across processes on Linux) and state index are appended per
+subscriber; on SIGTERM the arrivals are written to OUTFILE as JSON.
+"""
+
+import json
+import signal
+import sys
+import threading
+import time
+
+from p4p.client.thread import Context
+
+
+def main() -> None:  # noqa: D103
+    name, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    arrivals: list[list[tuple[float, int]]] = [[] for _ in range(n)]
+    ctxts, subs = [], []
+    for i in range(n):
+        c = Context("pva", nt=False)
+        ctxts.append(c)
+        subs.append(c.monitor(
+            name, lambda v, i=i: arrivals[i].append((time.monotonic(), v["value.index"]))))
+    deadline = time.monotonic() + 30
+    while not all(arrivals) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("subscribed" if all(arrivals) else "NOT all subscribed", flush=True)
+    stop.wait()
+    for s in subs:
+        s.close()
+    for c in ctxts:
+        c.close()
+    with open(out, "w") as f:
+        json.dump(arrivals, f)
+
+
+if __name__ == "__main__":
+    main()

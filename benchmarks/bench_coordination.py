@@ -34,8 +34,14 @@ from p4p.client.thread import Context  # noqa: E402
 from p4p.nt import NTURI  # noqa: E402
 
 from pvcoord.procs import (  # noqa: E402
-    ManagedProcess, client_conf, loopback_env, python_module, server_env, start_redis,
-    wait_for_pv, wait_until,
+    ManagedProcess,
+    client_conf,
+    loopback_env,
+    python_module,
+    server_env,
+    start_redis,
+    wait_for_pv,
+    wait_until,
 )
 from pvdb import names as pvn  # noqa: E402
 

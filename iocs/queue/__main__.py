@@ -1,0 +1,89 @@
+"""Process entry of the queue IOC: ``python -m iocs.queue --help``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from pvdb.names import check_prefix
+from pvdb.policy import PolicyError, load_policy
+
+from . import __doc__ as DOC  # noqa: N812 - the package docstring is the help text
+from .ioc import serve
+
+
+def _loopback_or_host(addr: str) -> str:
+    if not addr.startswith("tcp://") or "*" in addr:
+        raise argparse.ArgumentTypeError(
+            f"{addr!r}: give a tcp://HOST:PORT address of the RE Manager (never '*')"
+        )
+    return addr
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the package docstring)."""
+    p = argparse.ArgumentParser(
+        prog="python -m iocs.queue", description=DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--prefix", required=True, help="endstation prefix P, ending in ':'")
+    p.add_argument("--zmq-control", required=True, type=_loopback_or_host,
+                   help="RE Manager control address, tcp://HOST:PORT")
+    p.add_argument("--zmq-info", required=True, type=_loopback_or_host,
+                   help="RE Manager info (publish) address, tcp://HOST:PORT")
+    p.add_argument("--policy", default=None, help="policy TOML file (default: built-in policy)")
+    p.add_argument("--redis", default=None,
+                   help="redis://HOST:PORT/DB where the worker hook sends lock requests")
+    p.add_argument("--no-locks", action="store_true", help="take no automatic locks")
+    p.add_argument("--coord-prefix", default=None,
+                   help="prefix of the coordination IOC (default: --prefix)")
+    p.add_argument("--exec-lease", type=float, default=60.0,
+                   help="lease of QUEUE_EXECUTING locks in s (renewed every third)")
+    p.add_argument("--queued-lease", type=float, default=600.0,
+                   help="lease of QUEUE_QUEUED locks in s")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    a = p.parse_args(argv)
+    try:
+        check_prefix(a.prefix)
+        if a.coord_prefix is not None:
+            check_prefix(a.coord_prefix)
+    except ValueError as e:
+        p.error(str(e))
+    for name in ("exec_lease", "queued_lease"):
+        if not getattr(a, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the IOC until SIGTERM/SIGINT; return the exit status."""
+    a = parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = load_policy(a.policy)
+    except PolicyError as e:
+        print(f"policy rejected: {e}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(
+            a.prefix, a.zmq_control, a.zmq_info, stop, policy=policy, locks=not a.no_locks,
+            redis_url=a.redis, coord_prefix=a.coord_prefix, exec_lease=a.exec_lease,
+            queued_lease=a.queued_lease,
+        )
+
+    asyncio.run(run())
+    logging.getLogger("iocs.queue").info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

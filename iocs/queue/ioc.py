@@ -1,0 +1,528 @@
+"""The queue IOC: RE Manager status -> PVs, control RPCs, automatic locks, worker-hook requests.
+
+:func:`serve` is the coroutine tests call; :mod:`iocs.queue.__main__` wires signals to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from p4p.server import Server, StaticProvider
+
+from pvdb import queue as qn
+from pvdb.names import check_prefix
+from pvdb.policy import Policy
+
+from . import model
+from .locks import Inputs, LockKeeper
+from .manager import POLL_AFTER, ManagerError, ManagerLink
+from .model import BadRequestError
+from .pvs import INVALID, ControlError, QueuePVs, add_rpcs
+
+log = logging.getLogger(__name__)
+
+HOOK_REQUEST_MAX_AGE = 10.0
+"""Seconds after which a worker-hook request is stale (the hook gave up long ago) and dropped."""
+HOOK_REPLY_TTL = 30
+"""Seconds a reply stays in redis for the hook to pick up."""
+
+
+def this_account() -> str:
+    """The OS account of this process: what PVA servers see as our ``account``."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+class QueueIOC:
+    """State and behaviour of one queue IOC (no p4p types cross this class's methods).
+
+    Args:
+        prefix: endstation prefix ``P``.
+        zmq_control: the RE Manager's control address.
+        zmq_info: the RE Manager's info (publish) address.
+        policy: who may use the control RPCs (``access.queue_control``).
+        locks: whether to take automatic locks through the coordination IOC.
+        client_conf: p4p client configuration for the coordination IOC (``None``: environment).
+        coord_prefix: prefix of the coordination IOC (default: ``prefix``).
+        redis_url: redis of the worker hook's requests (``None``: no hook requests served).
+        user_group: RE Manager user group of items added through ``Queue:ItemAdd``.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        zmq_control: str,
+        zmq_info: str,
+        policy: Policy,
+        locks: bool = True,
+        client_conf: Mapping[str, str] | None = None,
+        coord_prefix: str | None = None,
+        redis_url: str | None = None,
+        user_group: str = "primary",
+        exec_lease: float = 60.0,
+        queued_lease: float = 600.0,
+    ) -> None:
+        self.prefix = check_prefix(prefix)
+        self.policy = policy
+        self.user_group = user_group
+        self.redis_url = redis_url
+        self.provider = StaticProvider("pvcoord-queue")
+        self.pvs = QueuePVs(self.prefix, self.provider)
+        self.rpcs = add_rpcs(self.prefix, self.provider, self._handlers())
+        self.link = ManagerLink(zmq_control, zmq_info, self.on_status, self.on_console)
+        self.account = this_account()
+        self.keeper: LockKeeper | None = None
+        if locks:
+            self.keeper = LockKeeper(
+                check_prefix(coord_prefix or prefix), self.account, client_conf,
+                self.on_conflict, exec_lease=exec_lease, queued_lease=queued_lease,
+            )
+            self.keeper.on_change = self._locks_changed
+        else:
+            self.pvs.set(qn.LOCK_HEALTH, "disabled")
+        self.status: dict[str, Any] = {}
+        self._uids: dict[str, Any] = {}
+        self.devices_allowed: list[str] = []
+        self.plans_allowed: list[str] = []
+        self.queue_items: list[dict[str, Any]] = []
+        self.running = model.RunningItem()
+        self.history: list[dict[str, Any]] = []
+        self.hook_devices: dict[str, set[str]] = {}
+        self._console: deque[str] = deque(maxlen=qn.CONSOLE_LINES)
+        self._console_partial = ""
+        self._console_dirty = False
+        self._acted_next: tuple[str, str] | None = None
+        self._heartbeat = 0
+
+    # --- status ---------------------------------------------------------------------------------
+
+    async def on_status(self, status: dict[str, Any], mtime: float, source: str) -> None:
+        """One status from the manager (push or poll): post it, fetch what changed."""
+        now = time.time()
+        prev_state = self.status.get("manager_state")
+        self.status = status
+        self._update_connection()
+        for suffix, v in model.status_values(status).items():
+            self.pvs.set_suffix(suffix, v, now)
+        self.pvs.set(qn.STATUS_TIME, float(mtime), now)
+        state = status.get("manager_state")
+        if state == "starting_queue" and prev_state != "starting_queue":
+            self.pvs.set(qn.STOP_REASON, "")
+            self._acted_next = None
+        await self._fetch_changed(status)
+        await self._check_next_item()
+
+    async def _fetch_changed(self, status: Mapping[str, Any]) -> None:
+        """Fetch devices/plans allowed, queue and history whose change token moved."""
+
+        def changed(key: str) -> bool:
+            return key in status and status[key] != self._uids.get(key)
+
+        try:
+            if changed("devices_allowed_uid"):
+                reply = await self.link.call("devices_allowed")
+                self.devices_allowed = sorted((reply.get("devices_allowed") or {}).keys())
+                self._uids["devices_allowed_uid"] = status["devices_allowed_uid"]
+                self._uids.pop("plan_queue_uid", None)  # device columns depend on it
+                self._uids.pop("plan_history_uid", None)
+            if changed("plans_allowed_uid"):
+                reply = await self.link.call("plans_allowed")
+                self.plans_allowed = sorted((reply.get("plans_allowed") or {}).keys())
+                self._uids["plans_allowed_uid"] = status["plans_allowed_uid"]
+            if changed("plan_queue_uid") or (
+                status.get("running_item_uid") or "") != self.running.uid:
+                reply = await self.link.call("queue_get", reload=True)
+                self._set_queue(reply)
+                self._uids["plan_queue_uid"] = reply.get("plan_queue_uid")
+            if changed("plan_history_uid"):
+                reply = await self.link.call("history_get", reload=True)
+                self._set_history(reply)
+                self._uids["plan_history_uid"] = reply.get("plan_history_uid")
+        except ManagerError as e:
+            log.warning("fetch failed (retried with the next status): %s", e)
+
+    def _set_queue(self, reply: Mapping[str, Any]) -> None:
+        now = time.time()
+        items = list(reply.get("items") or [])
+        devs = self.devices_allowed
+        self.queue_items = items
+        self.running = model.running_item(reply.get("running_item"), devs)
+        r = self.running
+        self.pvs.set(qn.RUNNING_ITEM_NAME, r.name, now)
+        self.pvs.set(qn.RUNNING_ITEM_ARGS, r.args, now)
+        self.pvs.set(qn.RUNNING_ITEM_USER, r.user, now)
+        self.pvs.set(qn.RUNNING_ITEM_START, r.start, now)
+        self.pvs.set(qn.RUNNING_ITEM_DEVICES, list(r.devices), now)
+        self.pvs.set(qn.ITEMS, model.item_rows(items, devs), now)
+        self.pvs.set(qn.ITEM_NAMES, [str(i.get("name", "")) for i in items], now)
+        self.pvs.set(qn.ITEM_SUMMARIES, [model.item_summary(i, devs) for i in items], now)
+        self.pvs.set(qn.ITEM_UIDS, [str(i.get("item_uid", "")) for i in items], now)
+        self.pvs.set(qn.NEXT_ITEM, model.item_summary(items[0], devs) if items else "", now)
+        self.hook_devices = {k: v for k, v in self.hook_devices.items() if k == r.uid}
+        self._update_lock_inputs()
+
+    def _set_history(self, reply: Mapping[str, Any]) -> None:
+        now = time.time()
+        items = list(reply.get("items") or [])
+        devs = self.devices_allowed
+        rows = model.history_rows(items, devs)
+        self.history = items
+        self.pvs.set(qn.HISTORY, rows, now)
+        shown = items[-qn.HISTORY_ROWS:]
+        self.pvs.set(qn.HISTORY_SUMMARIES, [
+            f"{model.item_summary(i, devs)} -> {row[5]}" for i, row in zip(shown, rows, strict=True)
+        ], now)
+        self.pvs.set(qn.HISTORY_EXIT_STATUS, [row[5] for row in rows], now)
+        self.pvs.set(qn.LAST_EXIT_STATUS, rows[-1][5] if rows else "", now)
+        self.pvs.set(qn.LAST_ITEM_MSG, rows[-1][8] if rows else "", now)
+
+    def _update_connection(self) -> None:
+        age = time.monotonic() - self.link.contact.last()
+        if age > qn.UNREACHABLE_AFTER:
+            conn = 0
+            self.pvs.set_alarm(INVALID, f"RE Manager not reachable: no message for {age:.1f} s")
+        else:
+            push_age = time.monotonic() - self.link.contact.push
+            conn = 1 if push_age < POLL_AFTER + 0.3 else 2
+            self.pvs.set_alarm(0, "")
+        self.pvs.set(qn.CONNECTION, conn)
+
+    # --- console --------------------------------------------------------------------------------
+
+    def on_console(self, text: str) -> None:
+        """A chunk of console output: split into lines (posted by the tick)."""
+        text = self._console_partial + text
+        lines = text.split("\n")
+        self._console_partial = lines.pop()
+        for line in lines:
+            self._console.append(line.rstrip("\r"))
+        self._console_dirty = bool(lines) or self._console_dirty
+
+    def _post_console(self) -> None:
+        if not self._console_dirty:
+            return
+        self._console_dirty = False
+        lines = list(self._console)
+        now = time.time()
+        self.pvs.set(qn.CONSOLE_LINES_PV, lines, now)
+        self.pvs.set(qn.CONSOLE, "\n".join(lines), now)
+
+    # --- locks ----------------------------------------------------------------------------------
+
+    def item_devices(self, item: Mapping[str, Any]) -> tuple[str, ...]:
+        """Devices ``item`` names (from the manager's devices_allowed)."""
+        return model.item_devices(item, self.devices_allowed)
+
+    def _update_lock_inputs(self) -> None:
+        if self.keeper is None:
+            return
+        r = self.running
+        self.keeper.update(Inputs(
+            running_uid=r.uid, running_name=r.name, running_devices=r.devices,
+            queued=tuple((str(i.get("item_uid", "")), self.item_devices(i))
+                         for i in self.queue_items),
+            hook_devices={k: set(v) for k, v in self.hook_devices.items()},
+        ))
+
+    def _locks_changed(self) -> None:
+        if self.keeper is None:
+            return
+        now = time.time()
+        self.pvs.set(qn.EXECUTING_DEVICES, self.keeper.executing(), now)
+        self.pvs.set(qn.QUEUED_DEVICES, self.keeper.queued(), now)
+        self.pvs.set(qn.LOCK_HEALTH, self.keeper.health, now)
+
+    def next_item_blockers(self) -> tuple[dict[str, Any] | None, list[model.HeldBy]]:
+        """The item that runs next and the locks that would refuse its QUEUE_EXECUTING."""
+        if not self.queue_items or self.keeper is None:
+            return None, []
+        item = self.queue_items[0]
+        return item, self.keeper.item_blockers(self.item_devices(item))
+
+    async def _check_next_item(self) -> None:
+        """Stop the queue before an item whose device is held at higher priority starts."""
+        if self.status.get("manager_state") not in ("executing_queue", "starting_queue"):
+            return
+        if self.status.get("queue_stop_pending"):
+            return
+        item, blocking = self.next_item_blockers()
+        if item is None or not blocking:
+            return
+        key = (str(item.get("item_uid")), blocking[0].describe())
+        if self._acted_next == key:
+            return
+        self._acted_next = key
+        reason = (
+            f"queue stopped by pvcoord before item {item.get('name')} ({key[0]}): "
+            + "; ".join(b.describe() for b in blocking)
+        )
+        log.warning("%s", reason)
+        self.pvs.set(qn.STOP_REASON, reason)
+        with contextlib.suppress(ManagerError):
+            await self.link.call("queue_stop")
+
+    async def on_conflict(self, uid: str, message: str) -> None:
+        """The running item's QUEUE_EXECUTING acquire was refused: stop and pause the queue."""
+        name = self.running.name if self.running.uid == uid else "item"
+        reason = (
+            f"queue paused and stopped by pvcoord: {name} ({uid}) may not act on its devices: "
+            f"{message}"
+        )
+        log.warning("%s", reason)
+        self.pvs.set(qn.STOP_REASON, reason)
+        with contextlib.suppress(ManagerError):
+            await self.link.call("queue_stop")
+        with contextlib.suppress(ManagerError):
+            await self.link.call("re_pause", "immediate")
+
+    # --- worker hook requests (redis) -----------------------------------------------------------
+
+    async def handle_hook_request(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer one worker-hook request ``{"id", "device", "time"}``.
+
+        Returns ``{"granted": bool, "coordinated": bool, "planUid": str, "owner": str,
+        "message": str}``: granted when this IOC holds QUEUE_EXECUTING on the device for the
+        running item (acquired now if needed), or when the device is not coordinated.
+        """
+        device = str(request.get("device", ""))
+        base = {"granted": False, "coordinated": True, "planUid": "", "owner": self.account}
+        if self.keeper is None:
+            return {**base, "message": "the queue IOC runs without automatic locks (--no-locks)"}
+        try:
+            await self.link.refresh()  # the worker started the item: make sure we know it
+        except ManagerError as e:
+            return {**base, "message": f"the queue IOC cannot reach the RE Manager: {e}"}
+        uid = self.running.uid
+        if not uid:
+            return {**base, "message": "no queue item is running (the hook guards queue plans)"}
+        if self.keeper.coordinated is None:
+            return {**base, "message": "the coordination IOC is not connected (device list "
+                                       "unknown): refusing to act on unverified devices"}
+        if device not in self.keeper.coordinated:
+            return {**base, "granted": True, "coordinated": False,
+                    "message": f"{device} is not a coordinated device"}
+        if not self.keeper.holds_executing(device, uid):
+            self.hook_devices.setdefault(uid, set()).add(device)
+            self._update_lock_inputs()
+            await self.keeper.reconcile()
+        if self.keeper.holds_executing(device, uid):
+            return {**base, "granted": True, "planUid": uid,
+                    "message": f"QUEUE_EXECUTING on {device} for {uid}"}
+        refusal = self.keeper.refused_items.get(uid) or self.keeper.health
+        return {**base, "message": f"QUEUE_EXECUTING on {device} not granted: {refusal}"}
+
+    async def _hook_server(self, stop: asyncio.Event) -> None:
+        import redis.asyncio as aioredis  # noqa: PLC0415 - only with --redis
+
+        assert self.redis_url is not None
+        r = aioredis.Redis.from_url(self.redis_url, socket_timeout=5.0)
+        key = qn.hook_request_key(self.prefix)
+        try:
+            while not stop.is_set():
+                try:
+                    got = await r.brpop([key], timeout=1)
+                except Exception as e:  # noqa: BLE001 - redis down: retry, say it in the log
+                    log.warning("worker-hook channel %s: %s", self.redis_url, e)
+                    await asyncio.sleep(1.0)
+                    continue
+                if not got:
+                    continue
+                try:
+                    req = json.loads(got[1])
+                    rid = str(req["id"])
+                except (ValueError, KeyError, TypeError):
+                    log.warning("malformed worker-hook request dropped: %r", got[1][:200])
+                    continue
+                if time.time() - float(req.get("time", 0)) > HOOK_REQUEST_MAX_AGE:
+                    continue
+                try:
+                    reply = await self.handle_hook_request(req)
+                except Exception as e:  # noqa: BLE001 - the hook must get an answer
+                    log.exception("worker-hook request failed")
+                    reply = {"granted": False, "coordinated": True,
+                             "message": f"queue IOC error: {type(e).__name__}: {e}"}
+                rkey = qn.hook_reply_key(self.prefix, rid)
+                try:
+                    await r.lpush(rkey, json.dumps(reply))
+                    await r.expire(rkey, HOOK_REPLY_TTL)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("cannot answer worker-hook request %s: %s", rid, e)
+        finally:
+            await r.aclose()
+
+    # --- control --------------------------------------------------------------------------------
+
+    def _allow(self, account: str, roles: frozenset[str], rpc: str) -> None:
+        if not self.policy.may_control_queue(account, roles):
+            allowed = ", ".join(self.policy.access.queue_control) or "nobody"
+            raise BadRequestError(
+                f"{rpc}: account {account!r} may not control the queue (policy queue_control: "
+                f"{allowed}); nothing was changed"
+            )
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return await self.link.call(method, *args, **kwargs)
+        except ManagerError as e:
+            raise ControlError(f"RE Manager refused {method}: {e}") from None
+
+    def _simple(self, spec, method: str, done: str):
+        async def fn(account: str, roles: frozenset[str], args: dict[str, str]):
+            self._allow(account, roles, spec.suffix)
+            model.check_args(args, spec.args, spec.suffix)
+            await self._call(method)
+            log.info("%s by %s", method, account)
+            return done, ""
+        return fn
+
+    async def _queue_start(self, account: str, roles: frozenset[str], args: dict[str, str]):
+        spec = qn.QUEUE_START
+        self._allow(account, roles, spec.suffix)
+        model.check_args(args, spec.args, spec.suffix)
+        item, blocking = self.next_item_blockers()
+        if item is not None and blocking:
+            reason = "; ".join(b.describe() for b in blocking)
+            raise ControlError(
+                f"queue not started: the next item {item.get('name')} ({item.get('item_uid')}) "
+                f"needs a device held at higher priority: {reason}"
+            )
+        await self._call("queue_start")
+        log.info("queue_start by %s", account)
+        return "queue started", ""
+
+    async def _re_pause(self, account: str, roles: frozenset[str], args: dict[str, str]):
+        self._allow(account, roles, qn.RE_PAUSE.suffix)
+        option = model.parse_pause(args)
+        await self._call("re_pause", option)
+        return f"pause ({option}) requested", ""
+
+    async def _item_add(self, account: str, roles: frozenset[str], args: dict[str, str]):
+        self._allow(account, roles, qn.ITEM_ADD.suffix)
+        new = model.parse_item_add(args, self.plans_allowed or None)
+        kwargs: dict[str, Any] = {"user": account, "user_group": self.user_group}
+        if new.pos is not None:
+            kwargs["pos"] = new.pos
+        reply = await self._call("item_add", new.item, **kwargs)
+        uid = str((reply.get("item") or {}).get("item_uid", ""))
+        log.info("item_add %s by %s -> %s", new.item.get("name"), account, uid)
+        return f"added {new.item['name']} ({uid}); queue size {reply.get('qsize')}", uid
+
+    async def _item_remove(self, account: str, roles: frozenset[str], args: dict[str, str]):
+        self._allow(account, roles, qn.ITEM_REMOVE.suffix)
+        which = model.parse_item_remove(args)
+        reply = await self._call("item_remove", **which)
+        uid = str((reply.get("item") or {}).get("item_uid", ""))
+        return f"removed {(reply.get('item') or {}).get('name', 'item')} ({uid})", uid
+
+    def _handlers(self):
+        return {
+            qn.QUEUE_START: self._queue_start,
+            qn.QUEUE_STOP: self._simple(qn.QUEUE_STOP, "queue_stop", "queue stop requested"),
+            qn.QUEUE_STOP_CANCEL: self._simple(
+                qn.QUEUE_STOP_CANCEL, "queue_stop_cancel", "queue stop cancelled"),
+            qn.RE_PAUSE: self._re_pause,
+            qn.RE_RESUME: self._simple(qn.RE_RESUME, "re_resume", "resume requested"),
+            qn.RE_STOP: self._simple(qn.RE_STOP, "re_stop", "stop requested"),
+            qn.RE_ABORT: self._simple(qn.RE_ABORT, "re_abort", "abort requested"),
+            qn.RE_HALT: self._simple(qn.RE_HALT, "re_halt", "halt requested"),
+            qn.ENVIRONMENT_OPEN: self._simple(
+                qn.ENVIRONMENT_OPEN, "environment_open", "environment opening"),
+            qn.ENVIRONMENT_CLOSE: self._simple(
+                qn.ENVIRONMENT_CLOSE, "environment_close", "environment closing"),
+            qn.ITEM_ADD: self._item_add,
+            qn.ITEM_REMOVE: self._item_remove,
+        }
+
+    # --- periodic -------------------------------------------------------------------------------
+
+    async def _ticker(self, stop: asyncio.Event) -> None:
+        n = 0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+            n += 1
+            try:
+                self._update_connection()
+                self._post_console()
+                if n % 10 == 0:
+                    self._heartbeat += 1
+                    self.pvs.set(qn.HEARTBEAT, self._heartbeat)
+            except Exception:  # noqa: BLE001 - keep ticking
+                log.exception("tick failed")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the manager link, lock keeper, hook server and ticker until ``stop`` is set."""
+        tasks = [
+            asyncio.create_task(self.link.run(stop), name="link"),
+            asyncio.create_task(self._ticker(stop), name="ticker"),
+        ]
+        if self.keeper is not None:
+            tasks.append(asyncio.create_task(self.keeper.run(stop), name="locks"))
+        if self.redis_url is not None:
+            tasks.append(asyncio.create_task(self._hook_server(stop), name="hook"))
+        try:
+            await stop.wait()
+        finally:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for t, res in zip(tasks, results, strict=True):
+                if isinstance(res, Exception):
+                    log.error("%s ended with %r", t.get_name(), res)
+
+
+async def serve(
+    prefix: str,
+    zmq_control: str,
+    zmq_info: str,
+    stop: asyncio.Event,
+    policy: Policy | None = None,
+    locks: bool = True,
+    redis_url: str | None = None,
+    server_conf: Mapping[str, str] | None = None,
+    client_conf: Mapping[str, str] | None = None,
+    ready: asyncio.Event | None = None,
+    coord_prefix: str | None = None,
+    exec_lease: float = 60.0,
+    queued_lease: float = 600.0,
+) -> QueueIOC:
+    """Serve the queue PVs until ``stop`` is set; returns the IOC object (for tests).
+
+    Args:
+        prefix: endstation prefix.
+        zmq_control: RE Manager control address (``tcp://HOST:PORT``).
+        zmq_info: RE Manager info (publish) address.
+        stop: set it to shut down (held locks are released first).
+        policy: control permissions (default: the built-in policy).
+        locks: take automatic locks through the coordination IOC under ``coord_prefix``.
+        redis_url: serve worker-hook lock requests from this redis (``None``: none).
+        server_conf: p4p server configuration (``None``: from the environment).
+        client_conf: p4p client configuration for the coordination IOC.
+        ready: set once the PVs are served.
+        coord_prefix: prefix of the coordination IOC (default: ``prefix``).
+        exec_lease: QUEUE_EXECUTING lease in s.
+        queued_lease: QUEUE_QUEUED lease in s.
+    """
+    ioc = QueueIOC(
+        prefix, zmq_control, zmq_info, policy or Policy(), locks=locks, client_conf=client_conf,
+        coord_prefix=coord_prefix, redis_url=redis_url, exec_lease=exec_lease,
+        queued_lease=queued_lease,
+    )
+    server_kws: dict[str, Any] = (
+        {"conf": dict(server_conf), "useenv": False} if server_conf is not None else {}
+    )
+    with Server(providers=[ioc.provider], **server_kws):
+        log.info("queue IOC serving %sQueue:* for RE Manager %s", prefix, zmq_control)
+        if ready is not None:
+            ready.set()
+        await ioc.run(stop)
+    return ioc

@@ -1,0 +1,147 @@
+"""``pvcoord demo``: real beamline processes, the printed settings, the walkthrough, clean stop."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from p4p.client.thread import Context
+
+from pvcoord.demo import beamline
+from pvdb import demo as demo_pvs
+from pvdb.models import LockType
+from pvdb.names import COORD_LOCKS, REGISTRY_DEVICES
+from pvdb.policy import load_policy
+
+DEMO_TIMEOUT = 120.0
+"""Seconds the whole walkthrough may take (it needs ~10 s on an idle 2-core machine)."""
+
+
+def free_block() -> int:
+    """A ``--ports-from`` whose whole block is free on 127.0.0.1 right now."""
+    for _ in range(100):
+        base = random.randrange(30000, 60000, 20)
+        ctx = beamline.DemoContext("T:", Path("/nonexistent"), base, {}, io.StringIO())
+        try:
+            beamline.check_ports(ctx)
+        except beamline.DemoError:
+            continue
+        return base
+    raise RuntimeError("no free block of demo ports")
+
+
+def demo_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pvcoord.cli", "demo", *args]
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EPICS_", "PVCOORD_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of someone else's is not running
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_policy_is_valid_and_adds_the_demo_account(tmp_path):
+    p = beamline.write_policy(tmp_path / "root.toml", account="root")
+    assert p.read_text() == beamline.POLICY_FILE.read_text()
+    pol = load_policy(p)
+    assert pol.is_trusted_service("root", [])
+    assert all(pol.may_take(t, "root", []) for t in LockType)
+    assert pol.may_take(LockType.MANUAL_OPERATOR, "nobody", [])
+    assert not pol.may_take(LockType.MAINTENANCE, "nobody", [])
+    pol = load_policy(beamline.write_policy(tmp_path / "alice.toml", account="alice"))
+    assert pol.is_trusted_service("alice", []) and pol.may_force_release("alice", [])
+    assert not pol.is_trusted_service("mallory", [])
+
+
+def test_busy_port_is_a_clear_error(tmp_path):
+    base = free_block()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", base))
+        with pytest.raises(beamline.DemoError, match=rf"{base} \(pva-broadcast\).*--ports-from"):
+            beamline.start_beamline(ports_from=base, run_dir=tmp_path, out=io.StringIO())
+
+
+@pytest.mark.system
+def test_walkthrough_passes(tmp_path):
+    base = free_block()
+    p = subprocess.run(
+        demo_argv("--walkthrough", "--ports-from", str(base), "--run-dir", str(tmp_path)),
+        capture_output=True, text=True, timeout=DEMO_TIMEOUT, env=child_env(), cwd=tmp_path,
+    )
+    out = p.stdout
+    assert p.returncode == 0, out + p.stderr
+    assert "walkthrough: 6/6 steps behaved as expected" in out
+    assert out.count("ok: as expected") == 6 and "UNEXPECTED" not in out
+    assert re.search(r"refused by DEMO:Coord:Acquire: m1 is held by root@127\.0\.0\.1", out)
+    assert re.search(r"preempted: m2 \(MANUAL_OPERATOR of (nobody|bob)@", out)
+    assert "was preempted by root@127.0.0.1 (MAINTENANCE" in out
+    assert re.search(r"expired m3 MANUAL_OPERATOR", out)
+    assert "coordination IOC restarted as pid" in out
+    assert f"export EPICS_PVA_BROADCAST_PORT={base}" in out
+    assert out.rstrip().endswith("stopped")
+
+
+@pytest.mark.system
+def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(tmp_path):
+    base = free_block()
+    proc = subprocess.Popen(
+        demo_argv("--ports-from", str(base), "--run-dir", str(tmp_path)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+        cwd=tmp_path, bufsize=1,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + DEMO_TIMEOUT
+        while not any(ln.startswith("Ctrl-C (or SIGTERM) stops") for ln in lines):
+            left = deadline - time.monotonic()
+            assert left > 0 and proc.poll() is None, "demo did not come up:\n" + "".join(lines)
+            ready, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
+            if ready:
+                line = proc.stdout.readline()
+                if line:
+                    lines.append(line)
+        text = "".join(lines)
+        pids = [int(m) for m in re.findall(r"^\s+\S+\s+pid (\d+)\s", text, re.M)]
+        assert len(pids) >= 3, text
+        # a client configured with nothing but the printed export lines
+        conf = dict(re.findall(r"^\s+export (EPICS_PVA_\w+)=(\S+)$", text, re.M))
+        assert conf["EPICS_PVA_BROADCAST_PORT"] == str(base)
+        with Context("pva", conf=conf, useenv=False) as ctxt:
+            locks = ctxt.get(COORD_LOCKS.name(demo_pvs.DEMO_PREFIX), timeout=10)
+            assert list(locks.value.device) == []
+            reg = ctxt.get(REGISTRY_DEVICES.name(demo_pvs.DEMO_PREFIX), timeout=10)
+            assert set(reg.value.name) == set(demo_pvs.DEVICE_NAMES)
+            rb = ctxt.get(demo_pvs.motor_readback(demo_pvs.DEMO_PREFIX, "m1"), timeout=10)
+            assert float(rb) == 0.0
+        assert (tmp_path / "locks.sqlite").exists() and (tmp_path / "demo.db").exists()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "stopping the demo beamline" in rest and rest.rstrip().endswith("stopped")
+    left = [pid for pid in pids if alive(pid)]
+    assert not left, f"processes left running: {left}"

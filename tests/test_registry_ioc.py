@@ -9,8 +9,9 @@ import sys
 import threading
 
 import pytest
+from p4p import Type, Value
 from p4p.client.thread import Context, RemoteError
-from p4p.nt import NTScalar, NTURI
+from p4p.nt import NTURI, NTScalar
 from p4p.server import Server
 from p4p.server.thread import SharedPV
 
@@ -23,6 +24,7 @@ from pvcoord.procs import (
     python_module,
     server_env,
     wait_for_pv,
+    wait_until,
 )
 from pvdb import demo
 from pvdb import names as pvn
@@ -176,7 +178,6 @@ def test_in_process_tables_lookup_and_connectivity():
         with pytest.raises(RemoteError, match="unknown argument"):
             lookup(ctxt, "Y:a:One", extra="1")
         # a plain structure (not NTURI) is accepted too
-        from p4p import Type, Value  # noqa: PLC0415
         plain = Value(Type([("pv", "s")]), {"pv": "Y:a:One"})
         assert ctxt.rpc(pvn.REGISTRY_LOOKUP.name(P), plain, timeout=TIMEOUT).device == "a"
         with pytest.raises(RemoteError, match="is an RPC"):
@@ -192,8 +193,6 @@ def test_in_process_tables_lookup_and_connectivity():
 
 def wait_value(ctxt: Context):
     """``wait(name, condition)``: poll a PV with a deadline until ``condition(value)``."""
-    from pvcoord.procs import wait_until  # noqa: PLC0415
-
     def wait(name, condition, timeout=TIMEOUT):
         return wait_until(lambda: condition(ctxt.get(name, timeout=TIMEOUT)), timeout,
                           f"{name} condition")

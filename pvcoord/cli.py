@@ -216,6 +216,7 @@ def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     last_event_time = 0.0
     last_locks: str | None = None
     printed = 0
+    connected: set[str] = set()
     with _client(args) as c:
         subs = [
             c.monitor(COORD_LOCKS, lambda v: updates.put(("locks", v))),
@@ -233,11 +234,16 @@ def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
                 except queue.Empty:
                     continue
                 if isinstance(value, Exception):
-                    print(f"{time.strftime('%H:%M:%S')} {kind}: {type(value).__name__} "
-                          f"{value}".rstrip(), file=out, flush=True)
-                    if kind == "locks":
-                        last_locks = None
+                    # p4p reports "Disconnected" once before the first connection: say nothing
+                    # until we had data, then tell each loss of the coordination IOC
+                    if kind in connected:
+                        connected.discard(kind)
+                        print(f"{time.strftime('%H:%M:%S')} {kind}: lost the coordination IOC "
+                              f"({type(value).__name__}); waiting for it", file=out, flush=True)
+                        if kind == "locks":
+                            last_locks = None
                     continue
+                connected.add(kind)
                 if kind == "locks":
                     summary = _lock_summary(parse_locks(value))
                     if summary != last_locks:

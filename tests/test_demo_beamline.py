@@ -135,6 +135,15 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(tmp_path):
             rb = ctxt.get(demo_pvs.motor_readback(demo_pvs.DEMO_PREFIX, "m1"), timeout=10)
             assert float(rb) == 0.0
         assert (tmp_path / "locks.sqlite").exists() and (tmp_path / "demo.db").exists()
+        # the pvcoord commands, in a shell that has only the printed export lines
+        shell_env = dict(child_env(), **dict(
+            re.findall(r"^\s+export (\w+)=(\S+)$", text, re.M)))
+        reg = subprocess.run([sys.executable, "-m", "pvcoord.cli", "registry", "show"],
+                             capture_output=True, text=True, timeout=60, env=shell_env)
+        assert reg.returncode == 0, reg.stderr
+        assert reg.stdout.splitlines()[0].split()[:3] == ["NAME", "CLASS", "CAPABILITIES"]
+        assert {ln.split()[0] for ln in reg.stdout.splitlines()[1:]} == set(
+            demo_pvs.DEVICE_NAMES)
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
     finally:

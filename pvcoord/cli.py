@@ -286,30 +286,28 @@ def cmd_registry_show(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_registry_import(args: argparse.Namespace, out: TextIO) -> int:
-    """``pvcoord registry import``: build a registry file from a profile collection."""
-    import yaml  # noqa: PLC0415 - only this command needs it
+    """``pvcoord registry import``: build a registry file from a profile collection.
 
-    from .registry_import import import_registry  # noqa: PLC0415 - pulls in queueserver, ophyd
+    The collection is loaded by :func:`pvcoord.registry_import.import_registry` (in a child
+    process, with bluesky-queueserver's own loader); the file is written with
+    :func:`pvdb.registry_file.dump_registry`.
+    """
+    from pvdb.registry_file import dump_registry  # noqa: PLC0415
+
+    from .registry_import import RegistryImportError, import_registry  # noqa: PLC0415
 
     startup = Path(args.startup_dir)
     if not startup.is_dir():
         raise UsageError(f"registry import: --startup-dir {startup} is not a directory")
-    result = import_registry(startup)
-    if isinstance(result, str):
-        text = result
-    else:
-        if hasattr(result, "model_dump"):
-            result = result.model_dump(mode="json", by_alias=True, exclude_defaults=True)
-        elif isinstance(result, list):
-            result = [
-                r.model_dump(mode="json", by_alias=True, exclude_defaults=True)
-                if hasattr(r, "model_dump") else r
-                for r in result
-            ]
-        text = yaml.safe_dump(result, sort_keys=False)
+    try:
+        devices = import_registry(startup)
+        text = dump_registry(devices, comment=f"imported from {startup.resolve()}")
+    except (RegistryImportError, ValueError) as e:
+        print(f"pvcoord: registry import failed: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}", file=out)
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {len(devices)} devices to {args.output}", file=out)
     else:
         out.write(text)
     return EXIT_OK

@@ -188,8 +188,7 @@ class DemoContext:
         proc = self.procs[name]
         if kill:
             proc.kill9()
-        proc.stop()
-        del self.procs[name]
+        proc.stop()  # stays in self.procs: the new process takes its place in the stop order
         old_log = proc.log_path
         with contextlib.suppress(OSError):
             old_log.rename(old_log.with_suffix(f".{int(time.time())}.log"))

@@ -6,7 +6,10 @@ The system tests (test_guard_system.py) run the same rules through the real gate
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,11 +26,13 @@ from bridges.guard.decision import (
     split_owner,
 )
 from bridges.guard.gateway import service_prefixes
+from pvcoord.procs import python_module
 from pvdb import demo
 from pvdb.guard import GUARD_WHAT_IF
 from pvdb.models import BEAMLINE, LockType
 from pvdb.names import COORD_ACQUIRE, REGISTRY_LOOKUP
 from pvdb.policy import parse_policy
+from tests.conftest import REPO
 
 P = "TST:"
 M1, M2 = demo.MOTORS[:2]
@@ -278,3 +283,15 @@ def test_config_rejects_bad_files_naming_the_problem(mutate, message):
 def test_config_syntax_error_has_a_line():
     with pytest.raises(GuardConfigError, match=r"gw.json:2: JSON syntax error"):
         parse_config('{\n "version": 2,,\n}', "gw.json")
+
+
+def test_guard_cli_help_and_bad_config(tmp_path: Path):
+    env = {**os.environ}
+    r = subprocess.run(python_module("bridges.guard", "--help"), cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Guard:WhatIf" in r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 2, "clients": [], "servers": [], "guard": {"polcy": "x"}}')
+    r = subprocess.run(python_module("bridges.guard", "--prefix", P, "--config", str(bad)),
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "polcy" in r.stderr, r.stderr

@@ -50,6 +50,7 @@ def guard_config(
     access: str | Path | None = None,
     pvlist: str | Path | None = None,
     stale_after: float | None = None,
+    coordination_env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The guard's config (pvagw JSON + ``guard`` section) for two loopback environments.
 
@@ -62,8 +63,11 @@ def guard_config(
         access: site ACF file.
         pvlist: site pvlist file.
         stale_after: seconds without a coordination heartbeat before failing closed.
+        coordination_env: where the coordination and registry IOCs are, if not in
+            ``client_env``.
     """
     cport = int(client_env["EPICS_PVA_BROADCAST_PORT"])
+    coord_port = int((coordination_env or client_env)["EPICS_PVA_BROADCAST_PORT"])
     dport = int(device_env["EPICS_PVA_BROADCAST_PORT"])
     server: dict[str, Any] = {
         "name": "clients",
@@ -79,7 +83,7 @@ def guard_config(
     if pvlist:
         server["pvlist"] = str(pvlist)
     guard: dict[str, Any] = {
-        "coordination": {"addrlist": LOOPBACK, "autoaddrlist": False, "bcastport": cport},
+        "coordination": {"addrlist": LOOPBACK, "autoaddrlist": False, "bcastport": coord_port},
     }
     if policy:
         guard["policy"] = str(policy)

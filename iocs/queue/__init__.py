@@ -4,7 +4,7 @@ Usage::
 
     python -m iocs.queue --prefix BL01: --zmq-control tcp://127.0.0.1:60615
         --zmq-info tcp://127.0.0.1:60625 [--policy policy.toml] [--redis redis://127.0.0.1:6379/0]
-        [--no-locks] [--coord-prefix BL01:]
+        [--no-locks] [--coord-prefix BL01:] [--lock-owner USER]
 
 It talks to the RE Manager only through its two 0MQ sockets (bluesky-queueserver-api): status is
 pushed on the info socket (QS_Info; start the manager with --zmq-publish-console ON), queue and
@@ -67,7 +67,8 @@ Manager refusals are returned verbatim; bad input changes nothing):
   P Queue:ItemAdd           name=PLAN args=JSON-list kwargs=JSON-object [pos=front|back|N]
   P Queue:ItemRemove        uid=ITEM_UID | pos=front|back|N
 
-Automatic locks (through P Coord:Acquire/Release/Renew, as this process's account): queued items
+Automatic locks (through P Coord:Acquire/Release/Renew, as this process's account, or on behalf of
+--lock-owner when this account is a trusted service): queued items
 reserve their devices (QUEUE_QUEUED), the running item holds QUEUE_EXECUTING with planUid = its
 item uid, renewed while it runs and released when it leaves the running slot. A refused
 QUEUE_EXECUTING (e.g. MAINTENANCE) stops and pauses the queue and fills Queue:StopReason. With

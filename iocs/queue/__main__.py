@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-locks", action="store_true", help="take no automatic locks")
     p.add_argument("--coord-prefix", default=None,
                    help="prefix of the coordination IOC (default: --prefix)")
+    p.add_argument("--lock-owner", default=None,
+                   help="hold the locks on behalf of this user (this account must be a trusted "
+                        "service in the coordination policy); default: this process's account")
     p.add_argument("--exec-lease", type=float, default=60.0,
                    help="lease of QUEUE_EXECUTING locks in s (renewed every third)")
     p.add_argument("--queued-lease", type=float, default=600.0,
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         await serve(
             a.prefix, a.zmq_control, a.zmq_info, stop, policy=policy, locks=not a.no_locks,
             redis_url=a.redis, coord_prefix=a.coord_prefix, exec_lease=a.exec_lease,
-            queued_lease=a.queued_lease,
+            queued_lease=a.queued_lease, lock_owner=a.lock_owner,
         )
 
     asyncio.run(run())

@@ -57,6 +57,10 @@ class QueueIOC:
         coord_prefix: prefix of the coordination IOC (default: ``prefix``).
         redis_url: redis of the worker hook's requests (``None``: no hook requests served).
         user_group: RE Manager user group of items added through ``Queue:ItemAdd``.
+        exec_lease: QUEUE_EXECUTING lease in s.
+        queued_lease: QUEUE_QUEUED lease in s.
+        lock_owner: hold the locks as this user (``onBehalfOf``; this process's account must be
+            a trusted service in the coordination IOC's policy); default: this process's account.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class QueueIOC:
         user_group: str = "primary",
         exec_lease: float = 60.0,
         queued_lease: float = 600.0,
+        lock_owner: str | None = None,
     ) -> None:
         self.prefix = check_prefix(prefix)
         self.policy = policy
@@ -81,12 +86,13 @@ class QueueIOC:
         self.pvs = QueuePVs(self.prefix, self.provider)
         self.rpcs = add_rpcs(self.prefix, self.provider, self._handlers())
         self.link = ManagerLink(zmq_control, zmq_info, self.on_status, self.on_console)
-        self.account = this_account()
+        self.account = lock_owner or this_account()
         self.keeper: LockKeeper | None = None
         if locks:
             self.keeper = LockKeeper(
                 check_prefix(coord_prefix or prefix), self.account, client_conf,
                 self.on_conflict, exec_lease=exec_lease, queued_lease=queued_lease,
+                on_behalf=lock_owner is not None,
             )
             self.keeper.on_change = self._locks_changed
         else:
@@ -494,6 +500,7 @@ async def serve(
     coord_prefix: str | None = None,
     exec_lease: float = 60.0,
     queued_lease: float = 600.0,
+    lock_owner: str | None = None,
 ) -> QueueIOC:
     """Serve the queue PVs until ``stop`` is set; returns the IOC object (for tests).
 
@@ -511,11 +518,12 @@ async def serve(
         coord_prefix: prefix of the coordination IOC (default: ``prefix``).
         exec_lease: QUEUE_EXECUTING lease in s.
         queued_lease: QUEUE_QUEUED lease in s.
+        lock_owner: hold the locks on behalf of this user (see :class:`QueueIOC`).
     """
     ioc = QueueIOC(
         prefix, zmq_control, zmq_info, policy or Policy(), locks=locks, client_conf=client_conf,
         coord_prefix=coord_prefix, redis_url=redis_url, exec_lease=exec_lease,
-        queued_lease=queued_lease,
+        queued_lease=queued_lease, lock_owner=lock_owner,
     )
     server_kws: dict[str, Any] = (
         {"conf": dict(server_conf), "useenv": False} if server_conf is not None else {}

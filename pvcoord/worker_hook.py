@@ -1,0 +1,290 @@
+"""RunEngine hook: a plan never acts on a device someone else holds at equal or higher priority.
+
+Activate it with one line in a profile collection's startup file (after ``RE`` is created)::
+
+    from pvcoord.worker_hook import lock_guard; RE.preprocessors.append(lock_guard())
+
+and start the RE Manager with these environment variables (the worker inherits them):
+
+- ``PVCOORD_PREFIX``: the endstation prefix (``BL01:``), as given to the queue IOC.
+- ``PVCOORD_REDIS_URL``: the redis the queue IOC answers on (its ``--redis``; the RE Manager's
+  own redis is fine).
+- ``PVCOORD_STORE``: the coordination IOC's store (its ``--store``: ``sqlite:///PATH`` on this
+  host, or ``redis://HOST:PORT/DB``), read-only. Optional but recommended: without it the hook
+  relies on the queue IOC alone and does not see locks taken during the plan.
+- ``PVCOORD_HOOK_TIMEOUT``: seconds to wait for the queue IOC's answer (default 3).
+
+How it works (no EPICS inside the worker: DESIGN section 5.2):
+
+1. For every *acting* message (:data:`ACTING`: ``set``, ``trigger``, ``stage``, ``kickoff``,
+   ``complete``, ``prepare``, ``configure``) it finds the root device (following ``.parent``).
+   Cleanup messages (:data:`EXEMPT`: ``unstage``, ``stop``) and everything else pass unchecked,
+   so a refusal is never hidden by a second error during cleanup.
+2. It reads the locks from the store. A device (or the ``beamline``) held at a priority stronger
+   than ``QUEUE_EXECUTING`` (``MAINTENANCE``) raises :class:`DeviceLockedError` at once.
+3. The first time a plan acts on a device, the hook asks the queue IOC over redis (a request on
+   list :func:`pvdb.queue.hook_request_key`, the answer on :func:`pvdb.queue.hook_reply_key`) to
+   hold ``QUEUE_EXECUTING`` on it for the running item. The IOC acquires it through the
+   coordination IOC if the static analysis of the item missed it (a device reached through a
+   module global), so every device the plan uses shows as ``QueueExecuting``. A refusal (another
+   holder of equal or higher priority, no running queue item, no answer) raises
+   :class:`DeviceLockedError` *before* the message reaches the device.
+4. Later messages to a confirmed device only re-check the store: if the plan's lock was preempted
+   (``MAINTENANCE`` taken during the plan) the next acting message raises.
+
+The error is thrown into the plan, so its own cleanup (``unstage``, ``close_run``) runs; the RE
+Manager reports the item as failed, puts it back at the front of the queue and stops the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from typing import Any
+
+from bluesky.preprocessors import msg_mutator
+
+from pvdb import queue as qn
+from pvdb.models import BEAMLINE, Lock, LockType
+from pvdb.names import check_prefix
+
+ACTING: frozenset[str] = frozenset(
+    {"set", "trigger", "stage", "kickoff", "complete", "prepare", "configure"}
+)
+"""Msg commands that act on a device and are checked."""
+EXEMPT: frozenset[str] = frozenset({"unstage", "stop"})
+"""Cleanup commands that are never refused (they run after a failure and must not hide it)."""
+
+DEFAULT_TIMEOUT = 3.0
+"""Seconds to wait for the queue IOC's answer to a lock request."""
+
+EXEC = LockType.QUEUE_EXECUTING
+
+
+class DeviceLockedError(RuntimeError):
+    """A plan tried to act on a device it may not act on; the message names holder and reason."""
+
+
+class HookConfigError(RuntimeError):
+    """The hook is not configured (a missing environment variable, an unreachable store)."""
+
+
+def root_device(obj: Any) -> Any:
+    """The top-level device of ``obj`` (a signal or component), following ``.parent``."""
+    seen = 0
+    while getattr(obj, "parent", None) is not None and seen < 64:
+        obj = obj.parent
+        seen += 1
+    return obj
+
+
+def _fmt_time(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def describe(lock: Lock) -> str:
+    """``m2 is held MAINTENANCE by bob@host (reason 'realign') until 12:00:00``."""
+    why = f" (reason {lock.reason!r})" if lock.reason else ""
+    what = "every device (beamline lock)" if lock.device == BEAMLINE else lock.device
+    until = _fmt_time(lock.expires)
+    return f"{what} is held {lock.lock_type.value} by {lock.holder}{why} until {until}"
+
+
+def effective(locks: Mapping[str, Lock], device: str) -> Lock | None:
+    """The lock governing ``device``: its own, or a stronger ``beamline`` lock."""
+    own = locks.get(device)
+    bl = locks.get(BEAMLINE)
+    if own is None:
+        return bl
+    if bl is not None and bl.priority < own.priority:
+        return bl
+    return own
+
+
+def normalize_store_url(url: str) -> str:
+    """``sqlite:////abs/path`` (an absolute path after ``sqlite:///``) -> ``sqlite:///abs/path``.
+
+    The read-only SQLite open uses a ``file:`` URI, in which ``//abs`` would be a host name.
+    """
+    if url.startswith("sqlite:////"):
+        return "sqlite:///" + url[len("sqlite:///"):].lstrip("/")
+    return url
+
+
+class LockGuard:
+    """The preprocessor: ``RE.preprocessors.append(LockGuard(...))`` (or :func:`lock_guard`).
+
+    Args:
+        prefix: endstation prefix of the queue IOC.
+        redis_url: redis where the queue IOC serves lock requests.
+        store_url: the coordination IOC's store (read-only), or ``None``.
+        timeout: seconds to wait for the queue IOC's answer.
+        store: an already opened store (tests), instead of ``store_url``.
+
+    Raises:
+        HookConfigError: a bad prefix or a store that cannot be opened.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        redis_url: str,
+        store_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        store: Any = None,
+    ) -> None:
+        import redis  # noqa: PLC0415 - imported in the worker only when the hook is used
+
+        from pvcoord.store import StoreError, open_store  # noqa: PLC0415
+
+        try:
+            self.prefix = check_prefix(prefix)
+        except ValueError as e:
+            raise HookConfigError(f"pvcoord worker hook: {e}") from None
+        self.timeout = float(timeout)
+        self.redis_url = redis_url
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=self.timeout + 2, socket_connect_timeout=self.timeout
+        )
+        self._redis_error = redis.RedisError
+        self._store_error: type[Exception] = StoreError
+        self.store = store
+        if store is None and store_url:
+            try:
+                self.store = open_store(
+                    normalize_store_url(store_url), namespace=self.prefix, readonly=True
+                )
+            except StoreError as e:
+                raise HookConfigError(f"pvcoord worker hook: {e}") from None
+
+    def __call__(self, plan: Generator) -> Generator:
+        """Wrap one plan (the RunEngine calls this for every plan it runs)."""
+        return msg_mutator(plan, PlanCheck(self))
+
+    # --- lock state without EPICS -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Lock]:
+        """Unexpired locks from the store, by device (empty without a store).
+
+        Raises:
+            DeviceLockedError: the store cannot be read (fail closed).
+        """
+        if self.store is None:
+            return {}
+        try:
+            locks = self.store.load_locks()
+        except self._store_error as e:
+            raise DeviceLockedError(f"pvcoord: cannot read the lock store, refusing: {e}") from None
+        now = time.time()
+        return {lk.device: lk for lk in locks if lk.expires > now}
+
+    def request(self, device: str) -> dict[str, Any]:
+        """Ask the queue IOC to hold QUEUE_EXECUTING on ``device`` for the running item.
+
+        Returns the IOC's answer ``{"granted", "coordinated", "planUid", "owner", "message"}``.
+
+        Raises:
+            DeviceLockedError: no answer within the timeout, or redis unreachable.
+        """
+        rid = uuid.uuid4().hex
+        req = json.dumps({"id": rid, "device": device, "time": time.time(), "pid": os.getpid()})
+        reply_key = qn.hook_reply_key(self.prefix, rid)
+        try:
+            self._redis.lpush(qn.hook_request_key(self.prefix), req)
+            got = self._redis.blpop([reply_key], timeout=self.timeout)
+        except self._redis_error as e:
+            raise DeviceLockedError(
+                f"pvcoord: cannot ask the queue IOC for a lock on {device} ({self.redis_url}: {e});"
+                " refusing to act on it"
+            ) from None
+        if not got:
+            raise DeviceLockedError(
+                f"pvcoord: the queue IOC did not answer a lock request for {device} within "
+                f"{self.timeout:g} s on {self.redis_url} (is python -m iocs.queue running with "
+                f"--prefix {self.prefix} --redis ...?); refusing to act on {device}"
+            )
+        return json.loads(got[1])
+
+
+class PlanCheck:
+    """The per-plan state of :class:`LockGuard`: devices confirmed for this plan."""
+
+    def __init__(self, guard: LockGuard) -> None:
+        self.guard = guard
+        self.confirmed: dict[str, str] = {}
+        """device -> planUid of the QUEUE_EXECUTING lock the queue IOC confirmed."""
+        self.uncoordinated: set[str] = set()
+        self.checked = 0
+
+    def __call__(self, msg: Any) -> Any:
+        """Check one message; return it unchanged or raise :class:`DeviceLockedError`."""
+        if msg.command not in ACTING or msg.command in EXEMPT or msg.obj is None:
+            return msg
+        name = getattr(root_device(msg.obj), "name", None)
+        if not isinstance(name, str) or not name or name in self.uncoordinated:
+            return msg
+        self.checked += 1
+        self.check(msg.command, name)
+        return msg
+
+    def check(self, command: str, device: str) -> None:
+        """Raise :class:`DeviceLockedError` unless this plan may ``command`` ``device`` now."""
+        locks = self.guard.snapshot()
+        lk = effective(locks, device)
+        refusal = f"pvcoord: refused {command!r} on {device} before it reached the device"
+        if lk is not None and lk.priority < EXEC.priority:
+            raise DeviceLockedError(
+                f"{refusal}: {describe(lk)}; a queue plan (QUEUE_EXECUTING) cannot preempt it"
+            )
+        uid = self.confirmed.get(device)
+        if uid is not None:
+            if self.guard.store is None:
+                return  # without a store the queue IOC's confirmation is all we know
+            if lk is not None and lk.lock_type is EXEC and lk.plan_uid == uid:
+                return  # still ours
+            if lk is not None and lk.priority <= EXEC.priority:
+                raise DeviceLockedError(f"{refusal}: the plan's lock is gone: {describe(lk)}")
+            # free or held weaker: the plan's lock was released or expired; ask again
+        answer = self.guard.request(device)
+        if not answer.get("granted"):
+            raise DeviceLockedError(f"{refusal}: {answer.get('message', 'refused')}")
+        if not answer.get("coordinated", True):
+            self.uncoordinated.add(device)
+            return
+        self.confirmed[device] = str(answer.get("planUid", ""))
+
+
+def lock_guard(
+    prefix: str | None = None,
+    redis_url: str | None = None,
+    store_url: str | None = None,
+    timeout: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Callable[[Generator], Generator]:
+    """The preprocessor for ``RE.preprocessors``, configured from arguments or the environment.
+
+    Arguments default to ``PVCOORD_PREFIX``, ``PVCOORD_REDIS_URL``, ``PVCOORD_STORE`` and
+    ``PVCOORD_HOOK_TIMEOUT`` (see the module docstring).
+
+    Raises:
+        HookConfigError: prefix or redis URL missing, or the store cannot be opened: the startup
+            file fails, so the RE environment does not open unguarded.
+    """
+    env = os.environ if environ is None else environ
+    prefix = prefix or env.get("PVCOORD_PREFIX")
+    redis_url = redis_url or env.get("PVCOORD_REDIS_URL")
+    store_url = store_url or env.get("PVCOORD_STORE") or None
+    if not prefix or not redis_url:
+        raise HookConfigError(
+            "pvcoord worker hook: set PVCOORD_PREFIX and PVCOORD_REDIS_URL in the RE Manager's "
+            "environment (or pass prefix= and redis_url= to lock_guard())"
+        )
+    if timeout is None:
+        try:
+            timeout = float(env.get("PVCOORD_HOOK_TIMEOUT", DEFAULT_TIMEOUT))
+        except ValueError:
+            raise HookConfigError("PVCOORD_HOOK_TIMEOUT must be a number of seconds") from None
+    return LockGuard(prefix, redis_url, store_url, timeout)

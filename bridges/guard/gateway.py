@@ -357,7 +357,8 @@ class Guard:
         self.core.refresh()
 
     def every_second(self) -> None:
-        """Post the guard's heartbeat and channel count."""
+        """Forget closed channels; post the guard's heartbeat and channel count."""
+        self.core.sweep()
         now = time.time()
         self._beat += 1
         self.pv_heartbeat.post(self._beat, timestamp=now)
@@ -365,9 +366,8 @@ class Guard:
         self._post_health()
 
     def sweep(self) -> None:
-        """Drop closed channels from the gateway cache and the core (pvagw does it every 30 s)."""
+        """Drop unused upstream channels from the gateway cache (pvagw does it every 30 s)."""
         self.stats.sweep()
-        self.core.sweep()
 
     # --- inputs -------------------------------------------------------------------------------
 

@@ -144,6 +144,8 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(tmp_path):
         assert reg.stdout.splitlines()[0].split()[:3] == ["NAME", "CLASS", "CAPABILITIES"]
         assert {ln.split()[0] for ln in reg.stdout.splitlines()[1:]} == set(
             demo_pvs.DEVICE_NAMES)
+        using_before = [pid for pid, cmd in cmdlines().items() if str(tmp_path) in cmd]
+        assert len(set(using_before) & set(pids)) >= 3, "the run-dir check below would be void"
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
     finally:
@@ -154,3 +156,18 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(tmp_path):
     assert "stopping the demo beamline" in rest and rest.rstrip().endswith("stopped")
     left = [pid for pid in pids if alive(pid)]
     assert not left, f"processes left running: {left}"
+    # nor any other process working on this run's files (children of children included)
+    using = [pid for pid, cmd in cmdlines().items() if str(tmp_path) in cmd and alive(pid)]
+    assert not using, f"processes still using {tmp_path}: {using}"
+
+
+def cmdlines() -> dict[int, str]:
+    """Command line of every process we can see."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+    return out

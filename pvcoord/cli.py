@@ -303,7 +303,8 @@ def cmd_registry_import(args: argparse.Namespace, out: TextIO) -> int:
         devices = import_registry(startup)
         text = dump_registry(devices, comment=f"imported from {startup.resolve()}")
     except (RegistryImportError, ValueError) as e:
-        print(f"pvcoord: registry import failed: {e}", file=sys.stderr)
+        msg = str(e) if str(e).startswith("registry import") else f"registry import failed: {e}"
+        print(f"pvcoord: {msg}", file=sys.stderr)
         return EXIT_REFUSED
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

@@ -171,3 +171,30 @@ def _wait_for(out: io.StringIO, text: str, timeout: float = 10) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_registry_import_writes_a_loadable_registry_file(tmp_path, capsys):
+    from pvdb.registry_file import load_registry  # noqa: PLC0415
+
+    target = tmp_path / "registry.yaml"
+    out = io.StringIO()
+    code = cli.main(["registry", "import", "--startup-dir",
+                     str(REPO / "tests" / "data" / "profile_collection"), "-o", str(target)],
+                    out=out)
+    assert code == 0, capsys.readouterr().err
+    devices = load_registry(target)
+    assert out.getvalue().strip() == f"wrote {len(devices)} devices to {target}"
+    assert {"m1", "det1"} <= {d.name for d in devices}
+    m1 = next(d for d in devices if d.name == "m1")
+    assert any(pv.endswith(":Setpoint") for pv in m1.pvs)
+
+
+def test_registry_import_failures_are_one_clear_line(tmp_path, capsys):
+    code = cli.main(["registry", "import", "--startup-dir", str(tmp_path / "missing")])
+    assert code == cli.EXIT_BAD_INPUT
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "00-broken.py").write_text("raise RuntimeError('motor controller offline')\n")
+    code = cli.main(["registry", "import", "--startup-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_REFUSED
+    assert err.startswith("pvcoord: registry import failed:") and "offline" in err

@@ -27,6 +27,7 @@ from typing import Any
 from p4p import _gw
 from p4p.asLib import Engine
 from p4p.asLib.pvlist import PVList
+from p4p.asLib.yacc import parse as parse_acf
 from p4p.client.thread import Context, Disconnected
 from p4p.gw import GWHandler, GWStats
 from p4p.nt import NTScalar, NTTable
@@ -221,7 +222,7 @@ class Guard:
             except Exception as e:
                 raise GuardConfigError(f"{s.pvlist}: not a valid pvlist: {e}") from None
             try:
-                Engine(acf or None)
+                parse_acf(acf or Engine.defaultACF)
             except Exception as e:
                 raise GuardConfigError(f"{s.access}: not a valid ACF: {e}") from None
             self._site.append((s.name, acf, pvl))
@@ -329,6 +330,10 @@ class Guard:
             prov.ignoreByGUID(gws)
         self._post_health()
 
+    def server_confs(self) -> list[dict[str, str]]:
+        """The effective ``EPICS_PVA*`` settings of each client-facing server (ports included)."""
+        return [srv.conf() for srv in self._servers]
+
     def _monitor(self, ctx: Context, name: str, cb: Callable[[Any], None]) -> None:
         def safe(v: Any) -> None:
             try:
@@ -377,7 +382,7 @@ class Guard:
             return
         try:
             cols = v["value"]
-            locks = parse_locks({k: list(cols[k]) for k in cols.keys()})  # noqa: SIM118 - Value
+            locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})  # noqa: SIM118
         except (KeyError, ValueError, TypeError) as e:
             self.core.locks_lost(f"{COORD_LOCKS.name(self.prefix)}: {e}")
             return
@@ -396,17 +401,20 @@ class Guard:
     def _on_device_pvs(self, v: Any) -> None:
         if isinstance(v, Exception):
             # keep the last map: device membership does not go stale like locks do
-            _log.warning("registry PV list: %r (keeping the last one)", v)
+            if self._devices_rows is not None:
+                _log.warning("registry PV list: %r (keeping the last one)", v)
             return
         cols = v["value"]
-        self._devices_rows = list(zip(list(cols["pv"]), list(cols["device"]), strict=True))
+        self._devices_rows = list(zip(_column(cols["pv"]), _column(cols["device"]), strict=True))
         self._remap()
 
     def _on_devices(self, v: Any) -> None:
         if isinstance(v, Exception):
             return
         cols = v["value"]
-        self._prefix_rows = list(zip(list(cols["name"]), list(cols["pvPrefix"]), strict=True))
+        self._prefix_rows = list(
+            zip(_column(cols["name"]), _column(cols["pvPrefix"]), strict=True)
+        )
         self._remap()
 
     def _remap(self) -> None:
@@ -535,6 +543,11 @@ def _uri_args(value: Value) -> dict[str, str]:
     except (KeyError, TypeError):
         query = value
     return {k: str(query[k]) for k in query.keys()}  # noqa: SIM118 - p4p Value
+
+
+def _column(x: Any) -> list[Any]:
+    """An NTTable column as a list (p4p gives None for a column that was never set)."""
+    return [] if x is None else list(x)
 
 
 def _stamp(v: Value) -> float:

@@ -1,0 +1,234 @@
+"""The guard's ``serve()`` in this process, between in-process p4p servers (``isolate=True``).
+
+A stand-in coordination/registry server lets the test control the heartbeat and the lock table
+exactly (the system tests use the real IOCs); the device is a p4p SharedPV upstream. Covers what
+the real processes make slow or hard to provoke: a heartbeat that stops while the connection
+stays up, and a site ACF ``INP`` changing permissions live together with the locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from p4p import Value
+from p4p.client.thread import Context, RemoteError
+from p4p.nt import NTScalar, NTTable
+from p4p.server import Server
+from p4p.server.thread import SharedPV
+
+from bridges.guard.app import serve
+from bridges.guard.config import parse_config
+from bridges.guard.gateway import Guard
+from pvcoord.procs import wait_until
+from pvdb import demo
+from pvdb.guard import GUARD_HEALTH, GUARD_WHAT_IF
+from pvdb.names import (
+    COORD_HEARTBEAT,
+    COORD_LOCKS,
+    LOCKS_COLUMNS,
+    REGISTRY_DEVICE_PVS,
+    REGISTRY_DEVICES,
+)
+from tests.conftest import TIMEOUT
+
+P = "INP:"
+M1 = demo.MOTORS[0]
+SETPOINT = demo.motor_setpoint(P, M1)
+ENABLE = demo.shutter_status(P)  # stands in for a site interlock PV read by the ACF (INPA)
+ACF = f"""
+ASG(DEFAULT) {{
+    INPA("{ENABLE}")
+    RULE(1, READ)
+    RULE(1, WRITE) {{ CALC("A==1") }}
+}}
+"""
+
+
+def server_conf_to_client(conf: dict[str, str]) -> dict:
+    """pvagw-style client entry reaching an isolated in-process server."""
+    return {"addrlist": conf["EPICS_PVA_ADDR_LIST"], "autoaddrlist": False,
+            "bcastport": int(conf["EPICS_PVA_BROADCAST_PORT"])}
+
+
+class Upstream:
+    """The device side: one motor setpoint and the site's interlock PV."""
+
+    def __init__(self) -> None:
+        self.setpoint = SharedPV(nt=NTScalar("d"), initial=0.0)
+        self.enable = SharedPV(nt=NTScalar("i"), initial=1)
+
+        @self.setpoint.put
+        def put(pv, op):
+            pv.post(op.value(), timestamp=time.time())
+            op.done()
+
+        self.server = Server(providers=[{SETPOINT: self.setpoint, ENABLE: self.enable}],
+                             isolate=True)
+
+
+class Coordination:
+    """Stand-in for the coordination and registry IOCs: the test posts what they would."""
+
+    def __init__(self) -> None:
+        self.locks_nt = NTTable(list(LOCKS_COLUMNS))
+        self.locks = SharedPV(nt=self.locks_nt, initial=[])
+        self.beat = SharedPV(nt=NTScalar("i"), initial=0)
+        self.pvs = SharedPV(nt=NTTable([("pv", "s"), ("device", "s")]),
+                            initial=[{"pv": SETPOINT, "device": M1}])
+        self.devices = SharedPV(nt=NTTable([("name", "s"), ("pvPrefix", "s")]),
+                                initial=[{"name": M1, "pvPrefix": f"{P}{M1}:"}])
+        self.server = Server(providers=[{
+            COORD_LOCKS.name(P): self.locks, COORD_HEARTBEAT.name(P): self.beat,
+            REGISTRY_DEVICE_PVS.name(P): self.pvs, REGISTRY_DEVICES.name(P): self.devices,
+        }], isolate=True)
+        self.count = 0
+        self._run = threading.Event()
+        self._run.set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(0.2):
+            if self._run.is_set():
+                self.count += 1
+                self.beat.post(self.count, timestamp=time.time())
+
+    def pause_heartbeat(self) -> None:
+        self._run.clear()
+
+    def resume_heartbeat(self) -> None:
+        self._run.set()
+
+    def hold(self, owner: str | None) -> None:
+        rows = [] if owner is None else [{
+            "device": M1, "lockType": "MANUAL_OPERATOR", "priority": 2, "owner": owner,
+            "acquired": time.time(), "expires": time.time() + 60, "reason": "test", "planUid": "",
+        }]
+        v = self.locks_nt.wrap(rows, timestamp=time.time())
+        for col, _code in LOCKS_COLUMNS:  # NTTable.wrap([]) leaves columns unmarked: mark them
+            v["value." + col] = [row[col] for row in rows]
+        self.locks.post(v)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Iterator[tuple[Upstream, Coordination, Guard, Context]]:
+    tmp = tmp_path_factory.mktemp("guard-inproc")
+    (tmp / "site.acf").write_text(ACF)
+    (tmp / "policy.toml").write_text("[access]\nemergency = []\n")
+    up, coord = Upstream(), Coordination()
+    conf = parse_config(
+        json.dumps({
+            "version": 2,
+            "clients": [{"name": "dev", **server_conf_to_client(up.server.conf())}],
+            "servers": [{"name": "cli", "clients": ["dev"], "interface": ["127.0.0.1"],
+                         "autoaddrlist": False, "addrlist": "127.0.0.1", "serverport": 0,
+                         "bcastport": 0, "access": "site.acf"}],
+            "guard": {"policy": "policy.toml", "stale_after": 1.0,
+                      "coordination": server_conf_to_client(coord.server.conf())},
+        }),
+        "inproc.json", tmp,
+    )
+    ready = threading.Event()
+    holder: dict = {}
+
+    def run() -> None:
+        async def main() -> None:
+            holder["loop"] = asyncio.get_running_loop()
+            holder["stop"] = asyncio.Event()
+
+            def on_ready(g: Guard) -> None:
+                holder["guard"] = g
+                ready.set()
+
+            await serve(P, conf, holder["stop"], ready=on_ready)
+
+        try:
+            asyncio.run(main())
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(20) and "guard" in holder, "guard did not start"
+    guard = holder["guard"]
+    gconf = guard.server_confs()[0]
+    client = Context("pva", conf={k: v for k, v in gconf.items() if k.startswith("EPICS_PVA_")},
+                     useenv=False, nt=False)
+    try:
+        wait_until(lambda: client.get(GUARD_HEALTH.name(P), timeout=TIMEOUT).value == "OK",
+                   10.0, "guard health OK")
+        yield up, coord, guard, client
+    finally:
+        client.close()
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(10)
+        coord.close()
+        up.server.stop()
+
+
+def writes(client: Context) -> bool:
+    try:
+        client.put(SETPOINT, 1.0, wait=True, timeout=TIMEOUT)
+        return True
+    except RemoteError:
+        return False
+
+
+def what_if(client: Context, account: str) -> Value:
+    from p4p.nt import NTURI  # noqa: PLC0415
+
+    name = GUARD_WHAT_IF.name(P)
+    uri = NTURI([("pv", "s"), ("account", "s")]).wrap(name, kws={"pv": SETPOINT,
+                                                               "account": account})
+    return client.rpc(name, uri, timeout=TIMEOUT)
+
+
+def test_heartbeat_that_stops_fails_closed_and_resumes(setup):
+    _up, coord, _guard, client = setup
+    assert writes(client)
+    coord.pause_heartbeat()  # the connection stays up; only the counter stops
+    wait_until(lambda: not writes(client), 5.0, "refused after the heartbeat stopped")
+    assert "not advanced" in what_if(client, "anyone").reason
+    coord.resume_heartbeat()
+    wait_until(lambda: writes(client), 5.0, "allowed once the heartbeat advances")
+
+
+def test_lock_and_site_acf_inp_both_change_an_open_channel(setup):
+    up, coord, _guard, client = setup
+    assert writes(client)
+    coord.hold("someone-else@10.9.9.9")
+    wait_until(lambda: not writes(client), 5.0, "refused while someone else holds m1")
+    w = what_if(client, "anyone")
+    assert not w.allowed and w.holder == "someone-else@10.9.9.9" and w.device == M1
+    coord.hold(None)
+    wait_until(lambda: writes(client), 5.0, "allowed after release")
+    up.enable.post(0, timestamp=time.time())  # the site ACF now denies WRITE
+    wait_until(lambda: not writes(client), 5.0, "refused by the ACF INP")
+    assert "ACF" in what_if(client, "anyone").reason
+    up.enable.post(1, timestamp=time.time())
+    wait_until(lambda: writes(client), 5.0, "allowed by the ACF again")
+
+
+def test_malformed_lock_table_fails_closed(setup):
+    _up, coord, _guard, client = setup
+    assert writes(client)
+    # a table without the owner column cannot be trusted (the type changes: clients reconnect)
+    coord.locks.close()
+    coord.locks.open(NTTable([("device", "s")]).wrap([{"device": M1}], timestamp=time.time()))
+    wait_until(lambda: not writes(client), 5.0, "refused on a malformed table")
+    assert "Coord:Locks" in what_if(client, "anyone").reason
+    coord.locks.close()
+    coord.locks.open(coord.locks_nt.wrap([], timestamp=time.time()))
+    coord.hold(None)
+    wait_until(lambda: writes(client), 5.0, "allowed on a good table again")

@@ -10,6 +10,12 @@
 - :func:`walkthrough`: the demo steps of the guard (issue 4): while an operator holds ``m1``,
   another account's put to ``m1``'s setpoint through the guard is refused and the holder's
   succeeds; after the release the other account's put succeeds on the same channel.
+  :func:`run_guard_walkthrough` runs it on a started demo (root and ``nobody``).
+- :data:`COMPONENTS`: the guard's part of ``pvcoord demo`` (see ``pvcoord.demo.beamline``). Its
+  ``prepare`` moves the softIoc to a device network of its own (PVA and CA ports only the guard
+  uses: ``guard-upstream``, ``guard-upstream-tcp``) and starts the guard right away, so that every
+  later client (the RE worker's ophyd-async devices included) reaches the devices only through it;
+  its ``start`` waits until the guard has the registry and the lock state (``Guard:Health`` OK).
 
 Run ``python -m pvcoord.demo.guard_part agent`` to start an agent by hand (JSON lines on stdin).
 """
@@ -34,7 +40,7 @@ from pvcoord.procs import (
     wait_for_pv,
 )
 from pvdb import demo
-from pvdb.guard import GUARD_HEALTH, GUARD_WHAT_IF
+from pvdb.guard import GUARD_AUDIT, GUARD_HEALTH, GUARD_WHAT_IF
 from pvdb.names import COORD_ACQUIRE, COORD_RELEASE
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -334,6 +340,87 @@ def _wait_decision(
             break
         time.sleep(0.02)
     return last
+
+
+# --- the demo component -----------------------------------------------------------------------
+
+
+def _prepare(ctx: Any) -> None:
+    """Move the softIoc behind the guard and start the guard (``ctx``: beamline DemoContext)."""
+    from pvcoord.procs import loopback_env  # noqa: PLC0415
+
+    ctx.device_env = loopback_env(
+        pva_server_port=ctx.port("guard-upstream-tcp"),
+        pva_broadcast_port=ctx.port("guard-upstream"),
+        ca_server_port=ctx.port("guard-upstream-ca"),
+        ca_repeater_port=ctx.port("guard-upstream-ca-repeater"),
+        base=ctx.env,
+    )
+    path = ctx.run_dir / "guard.json"
+    config = guard_config(ctx.env, ctx.device_env, ctx.files.get("policy"), ctx.port("guard"))
+    path.write_text(json.dumps(config, indent=2))
+    ctx.files["guard-config"] = path
+    # started now, before the other parts: they must find the devices through the guard
+    ctx.start(
+        "guard",
+        python_module("bridges.guard", "--prefix", ctx.prefix, "--config", str(path)),
+        ctx.server_env("guard"),
+        ready_pv=GUARD_HEALTH.name(ctx.prefix),
+    )
+
+
+def _start(ctx: Any) -> None:
+    """Wait until the guard enforces (registry and lock state received); add banner notes."""
+    try:
+        wait_for_pv(GUARD_HEALTH.name(ctx.prefix), ctx.env, 60.0, procs=[ctx.procs["guard"]],
+                    condition=lambda v: v == "OK")
+    except (TimeoutError, RuntimeError) as e:
+        from pvcoord.demo.beamline import DemoError  # noqa: PLC0415
+
+        raise DemoError(f"the guard did not get the registry and lock state: {e}") from None
+    p = ctx.prefix
+    m1 = demo.MOTORS[0]
+    ctx.notes.append(
+        f"guard: the devices are reached only through the guard gateway (PVA TCP "
+        f"{ctx.port('guard')}); the softIoc listens on a device network only the guard uses "
+        f"(PVA UDP {ctx.port('guard-upstream')}, no Channel Access on the client side)."
+    )
+    ctx.notes.append(
+        f"guard: while someone else holds {m1}, a put to {demo.motor_setpoint(p, m1)} is refused "
+        f"(\"Put permission denied by gateway\"); ask why: pvcall {GUARD_WHAT_IF.name(p)} "
+        f"pv={demo.motor_setpoint(p, m1)} account=nobody; audit: {GUARD_AUDIT.name(p)}"
+    )
+
+
+def _components() -> list[Any]:
+    from pvcoord.demo.beamline import Component  # noqa: PLC0415 - beamline imports us lazily
+
+    return [Component("guard", _start, _prepare)]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMPONENTS":  # built lazily: beamline imports this module to find it
+        return _components()
+    raise AttributeError(name)
+
+
+def run_guard_walkthrough(ctx: Any, stop: Any = None) -> bool:
+    """Run :func:`walkthrough` on a started demo as root (operator) and ``nobody`` (other).
+
+    Returns whether every step behaved. Needs root and ``runuser`` for the second OS account;
+    otherwise it says so and returns False (PVA's identity is the client's OS account).
+    """
+    import shutil  # noqa: PLC0415
+
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        ctx.say("[guard] walkthrough needs a second OS account: run the demo as root "
+                "(runuser -u nobody); not run")
+        return False
+    if stop is not None and stop.is_set():
+        return False
+    with PutAgent(ctx.env) as operator, PutAgent(ctx.env, user="nobody") as other:
+        results = walkthrough(ctx.prefix, ctx.env, operator, other, say=ctx.say)
+    return bool(results) and all(ok for _step, ok in results)
 
 
 def main(argv: list[str] | None = None) -> int:

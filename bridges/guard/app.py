@@ -69,7 +69,7 @@ async def serve(
                 guard.every_second()
                 next_second = now + 1.0
             if now >= next_sweep:
-                guard.sweep()
+                guard.sweep(SWEEP)
                 next_sweep = now + SWEEP
     finally:
         guard.close()

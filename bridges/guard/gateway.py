@@ -370,9 +370,17 @@ class Guard:
         self.pv_channels.post(self.core.channel_count(), timestamp=now)
         self._post_health()
 
-    def sweep(self) -> None:
-        """Drop unused upstream channels from the gateway cache (pvagw does it every 30 s)."""
-        self.stats.sweep()
+    def sweep(self, period: float) -> None:
+        """Drop unused upstream channels from the cache; update pvagw's statistics PVs.
+
+        pvagw does both every 30 s (``period``); the statistics PVs are served under a server's
+        ``statusprefix``.
+        """
+        try:
+            self.stats.sweep()
+            self.stats.update_stats(period)
+        except Exception:
+            _log.exception("periodic sweep failed")
 
     # --- inputs -------------------------------------------------------------------------------
 

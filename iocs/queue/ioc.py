@@ -24,7 +24,7 @@ from pvdb.policy import Policy
 
 from . import model
 from .locks import Inputs, LockKeeper
-from .manager import POLL_AFTER, ManagerError, ManagerLink
+from .manager import POLL_AFTER, ManagerError, ManagerLink, ManagerUnreachableError
 from .model import BadRequestError
 from .pvs import INVALID, ControlError, QueuePVs, add_rpcs
 
@@ -380,6 +380,8 @@ class QueueIOC:
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
             return await self.link.call(method, *args, **kwargs)
+        except ManagerUnreachableError as e:
+            raise ControlError(f"{method} not done: {e}") from None
         except ManagerError as e:
             raise ControlError(f"RE Manager refused {method}: {e}") from None
 
@@ -396,7 +398,12 @@ class QueueIOC:
         spec = qn.QUEUE_START
         self._allow(account, roles, spec.suffix)
         model.check_args(args, spec.args, spec.suffix)
-        item, blocking = self.next_item_blockers()
+        items = (await self._call("queue_get", reload=True)).get("items") or []
+        item = items[0] if items else None
+        blocking = (
+            self.keeper.item_blockers(self.item_devices(item))
+            if item is not None and self.keeper is not None else []
+        )
         if item is not None and blocking:
             reason = "; ".join(b.describe() for b in blocking)
             raise ControlError(

@@ -37,7 +37,11 @@ ConsoleCallback = Callable[[str], None]
 
 
 class ManagerError(RuntimeError):
-    """The RE Manager refused a request or did not answer; ``str(e)`` is its message verbatim."""
+    """The RE Manager refused a request; ``str(e)`` is its message verbatim."""
+
+
+class ManagerUnreachableError(ManagerError):
+    """The RE Manager did not answer (or the 0MQ request failed); ``str(e)`` says which."""
 
 
 @dataclass
@@ -92,12 +96,12 @@ class ManagerLink:
             resp = getattr(e, "response", None) or {}
             raise ManagerError(str(resp.get("msg") or e)) from None
         except self.api.RequestTimeoutError:
-            raise ManagerError(
+            raise ManagerUnreachableError(
                 f"the RE Manager did not answer {method} within {CONTROL_TIMEOUT:g} s "
                 f"({self.zmq_control})"
             ) from None
         except Exception as e:  # noqa: BLE001 - 0MQ errors: report, never crash the IOC
-            raise ManagerError(f"{method} failed: {type(e).__name__}: {e}") from None
+            raise ManagerUnreachableError(f"{method} failed: {type(e).__name__}: {e}") from None
 
     async def refresh(self) -> dict[str, Any]:
         """Ask for the status now (``status(reload=True)``), deliver it like a push, return it.

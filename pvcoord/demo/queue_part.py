@@ -123,10 +123,71 @@ def start_re_manager(
     return proc
 
 
-def _api(control_port: int, timeout: float = 2.0):
-    from bluesky_queueserver_api.zmq import REManagerAPI  # noqa: PLC0415
+class ManagerRequestError(RuntimeError):
+    """The RE Manager answered ``success: False``; ``str(e)`` is its message."""
 
-    return REManagerAPI(zmq_control_addr=zmq_addr(control_port), timeout_recv=timeout)
+
+class ManagerClient:
+    """A minimal blocking 0MQ client of the RE Manager's control socket (harness and tests).
+
+    The documented request/reply protocol (``{"method", "params"}`` -> a JSON reply with
+    ``success`` and ``msg``) on a REQ socket whose 0MQ context this object owns and terminates:
+    bluesky-queueserver's own clients never terminate theirs, which shows up as
+    ``ResourceWarning: Unclosed context`` in a long-lived test process. The queue IOC itself uses
+    ``bluesky_queueserver_api``.
+
+    Args:
+        control_port: the manager's control port on 127.0.0.1.
+        timeout: seconds to wait for each reply.
+    """
+
+    def __init__(self, control_port: int, timeout: float = 5.0) -> None:
+        import zmq  # noqa: PLC0415 - only the harness needs it
+
+        self._zmq = zmq
+        self.addr = zmq_addr(control_port)
+        self.timeout = timeout
+        self._ctx = zmq.Context()
+        self._sock = None
+        self._open()
+
+    def _open(self) -> None:
+        zmq = self._zmq
+        self._sock = self._ctx.socket(zmq.REQ)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.addr)
+
+    def request(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one request and return the reply.
+
+        Raises:
+            TimeoutError: no reply within the timeout (the socket is reset).
+            ManagerRequestError: the manager answered ``success: False``.
+        """
+        assert self._sock is not None
+        self._sock.send_json({"method": method, "params": params})
+        if not self._sock.poll(int(self.timeout * 1000)):
+            self._sock.close()
+            self._open()
+            raise TimeoutError(f"RE Manager at {self.addr} did not answer {method} "
+                               f"within {self.timeout:g} s")
+        reply = self._sock.recv_json()
+        if isinstance(reply, dict) and reply.get("success") is False:
+            raise ManagerRequestError(str(reply.get("msg", "")))
+        return reply
+
+    def close(self) -> None:
+        """Close the socket and terminate the context."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        self._ctx.term()
+
+    def __enter__(self) -> ManagerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def wait_manager(control_port: int, timeout: float, proc: ManagedProcess | None = None) -> dict:
@@ -135,53 +196,43 @@ def wait_manager(control_port: int, timeout: float, proc: ManagedProcess | None 
     Raises:
         TimeoutError / RuntimeError: with the manager's output.
     """
-    api = _api(control_port, 1.0)
-    try:
+    with ManagerClient(control_port, 1.0) as mc:
         def answered():
             if proc is not None and not proc.alive():
                 raise RuntimeError(f"RE Manager exited:\n{proc.output()}")
             try:
-                return api.status(reload=True)
-            except Exception:  # noqa: BLE001 - not up yet
+                return mc.request("status")
+            except TimeoutError:
                 return None
         try:
             return wait_until(answered, timeout, f"RE Manager on port {control_port}", 0.2)
         except TimeoutError as e:
             raise TimeoutError(f"{e}\n{proc.output() if proc else ''}") from None
-    finally:
-        api.close()
 
 
-def manager_call(control_port: int, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call one RE Manager API method directly over 0MQ (tests, demo set-up)."""
-    api = _api(control_port)
-    try:
-        return getattr(api, method)(*args, **kwargs)
-    finally:
-        api.close()
+def manager_call(control_port: int, method: str, **params: Any) -> dict[str, Any]:
+    """One RE Manager request (protocol method names: ``queue_item_add``, ``status``, ...)."""
+    with ManagerClient(control_port) as mc:
+        return mc.request(method, **params)
 
 
 def open_environment(control_port: int, timeout: float = ENV_OPEN_TIMEOUT) -> None:
     """Open the RE worker environment and wait until the manager is idle with it open.
 
     Raises:
-        RuntimeError: the environment failed to open (the manager's console says why).
+        RuntimeError: the environment failed to open (the manager's log says why).
     """
-    api = _api(control_port)
-    try:
-        st = api.status(reload=True)
-        if not st.get("worker_environment_exists"):
-            api.environment_open()
+    with ManagerClient(control_port) as mc:
+        if not mc.request("status").get("worker_environment_exists"):
+            mc.request("environment_open")
 
         def opened():
-            s = api.status(reload=True)
+            s = mc.request("status")
             if s["manager_state"] == "idle" and not s["worker_environment_exists"]:
                 raise RuntimeError("the RE environment failed to open (see the manager's log)")
             return s["manager_state"] == "idle" and s["worker_environment_exists"]
 
         wait_until(opened, timeout, "RE environment open", 0.2)
-    finally:
-        api.close()
 
 
 def queue_ioc_argv(
@@ -222,9 +273,13 @@ class QueueStack:
         """The manager's control address."""
         return zmq_addr(self.control_port)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call the RE Manager API directly (bypassing the queue IOC)."""
-        return manager_call(self.control_port, method, *args, **kwargs)
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """One request straight to the RE Manager, bypassing the queue IOC.
+
+        Protocol method names: ``call("queue_item_add", item={...}, user="u",
+        user_group="primary")``, ``call("status")``, ``call("queue_start")``.
+        """
+        return manager_call(self.control_port, method, **params)
 
     def restart_manager(self, kill: bool = True) -> ManagedProcess:
         """Kill (or stop) the RE Manager and start it again on the same ports."""

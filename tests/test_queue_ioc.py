@@ -1,0 +1,536 @@
+"""The real queue IOC against a real RE Manager, redis, softIoc and coordination IOC.
+
+One set of processes per module (``bench``): the demo softIoc, ``python -m iocs.coordination``
+(SQLite store, static device list), redis, ``start-re-manager`` with the project's demo startup
+dir (ophyd-async devices, worker hook on) and ``python -m iocs.queue`` (locks held on behalf of
+the user ``queue``). The test that kills the manager runs last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+from p4p.client.thread import Context, RemoteError
+from p4p.nt import NTURI
+
+from pvcoord.client import Client, LockInfo, RefusedError, table_rows
+from pvcoord.demo import devices
+from pvcoord.demo.queue_part import (
+    QUEUE_LOCK_OWNER,
+    QueueStack,
+    manager_call,
+    queue_ioc_argv,
+    start_queue_stack,
+    start_re_manager,
+    wait_manager,
+    zmq_addr,
+)
+from pvcoord.procs import (
+    ManagedProcess,
+    client_conf,
+    free_port,
+    loopback_env,
+    python_module,
+    server_env,
+    start_redis,
+    wait_for_pv,
+    wait_until,
+)
+from pvdb import demo as demo_pvs
+from pvdb import names as pvn
+from pvdb import queue as qn
+from pvdb.models import EventAction, LockType
+
+from .conftest import TIMEOUT, other_user_available
+
+pytestmark = pytest.mark.system
+
+P = "TQ:"
+POLICY = """
+[access]
+trusted_services = ["root"]
+force_release = ["root"]
+queue_control = ["root"]
+
+[lock_types.MAINTENANCE]
+allow = ["*"]
+
+[lock_types.QUEUE_EXECUTING]
+allow = ["queue"]
+default_lease = 60
+max_lease = 600
+
+[lock_types.MANUAL_OPERATOR]
+allow = ["*"]
+
+[lock_types.QUEUE_QUEUED]
+allow = ["queue"]
+"""
+WAIT = 30.0
+"""Deadline (s) for things that take a few seconds on two loaded cores (plans, env open)."""
+
+
+@dataclass
+class Bench:
+    env: dict[str, str]
+    stack: QueueStack
+    ctxt: Context
+    coord: Client
+    procs: list[ManagedProcess]
+    dir: Path
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.output()[-4000:]}" for p in self.procs)
+
+
+def _start_base(d: Path, env: dict[str, str]) -> tuple[list[ManagedProcess], str, Path]:
+    policy = d / "policy.toml"
+    policy.write_text(POLICY)
+    db = devices.write_database(P, d / "demo.db")
+    store = f"sqlite://{d}/locks.sqlite"
+    soft = ManagedProcess("softioc", python_module("pvxslibs.ioc", "-d", str(db)),
+                          server_env(env), log_dir=d)
+    coord = ManagedProcess(
+        "coordination",
+        python_module("iocs.coordination", "--prefix", P, "--policy", str(policy), "--store",
+                      store, "--devices", ",".join(demo_pvs.DEVICE_NAMES)),
+        server_env(env), log_dir=d,
+    )
+    procs = [soft, coord]
+    try:
+        wait_for_pv(demo_pvs.motor_readback(P, "m1"), env, WAIT, procs=[soft])
+        wait_for_pv(pvn.COORD_DEVICES.name(P), env, WAIT, procs=[coord])
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs, store, policy
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    d = tmp_path_factory.mktemp("queue")
+    env = loopback_env()
+    procs, store, policy = _start_base(d, env)
+    try:
+        with start_queue_stack(P, env, d, store_url=store, policy=policy) as stack, \
+                Context("pva", conf=client_conf(env), useenv=False, nt=False) as ctxt, \
+                Client(P, conf=client_conf(env), timeout=TIMEOUT) as coord:
+            yield Bench(env, stack, ctxt, coord, [*procs, *stack.procs.values()], d)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+@pytest.fixture(autouse=True)
+def _show_logs_on_failure(request):
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed and "bench" in request.fixturenames:
+        print(request.getfixturevalue("bench").logs())
+
+
+@pytest.fixture
+def clean(bench):
+    """An idle manager with an empty queue and no locks at the start of the test."""
+    st = bench.stack
+    status = st.call("status")
+    if status["manager_state"] == "paused":
+        st.call("re_stop")
+    wait_until(lambda: st.call("status")["manager_state"] == "idle", WAIT, "idle")
+    st.call("queue_clear")
+    wait_until(lambda: not queue_locks(bench), WAIT, "the queue IOC released its locks")
+    for lk in bench.coord.locks():
+        with contextlib.suppress(RefusedError):
+            bench.coord.force_release([lk.device], reason="test cleanup")
+    wait_until(lambda: not bench.coord.locks(), WAIT, "no locks")
+    return bench
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def raw(b: Bench, spec: pvn.PVSpec):
+    return b.ctxt.get(spec.name(P), timeout=TIMEOUT)
+
+
+def val(b: Bench, spec: pvn.PVSpec):
+    v = raw(b, spec)
+    if spec.kind is pvn.PVKind.NTENUM:
+        return v["value.choices"][v["value.index"]]
+    if spec.kind is pvn.PVKind.NTTABLE:
+        return table_rows(v)
+    x = v["value"]
+    return list(x) if spec.kind is pvn.PVKind.STRING_ARRAY else x
+
+
+def wait_val(b: Bench, spec: pvn.PVSpec, pred, what: str, timeout: float = WAIT):
+    return wait_until(lambda: pred(val(b, spec)), timeout, f"{spec.suffix}: {what}")
+
+
+def call(b: Bench, spec: pvn.PVSpec, **kws: str):
+    name = spec.name(P)
+    return b.ctxt.rpc(name, NTURI([(k, "s") for k in kws]).wrap(name, kws=kws), timeout=TIMEOUT)
+
+
+def mgr_state(b: Bench) -> str:
+    return b.stack.call("status")["manager_state"]
+
+
+def queue_locks(b: Bench) -> list[LockInfo]:
+    return [lk for lk in b.coord.locks() if lk.owner.startswith(QUEUE_LOCK_OWNER + "@")]
+
+
+def wait_idle(b: Bench, timeout: float = WAIT) -> None:
+    wait_until(lambda: mgr_state(b) == "idle", timeout, "manager idle")
+
+
+def collapse(seq: list[str]) -> list[str]:
+    out: list[str] = []
+    for s in seq:
+        if not out or out[-1] != s:
+            out.append(s)
+    return out
+
+
+class InfoRecorder:
+    """manager_state of every QS_Info message, from our own SUB socket on the info address."""
+
+    def __init__(self, stack: QueueStack) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(zmq_addr(stack.info_port))
+        self.sock.subscribe(b"QS_Info")
+        self.states: list[str] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        wait_until(lambda: self.states, 5.0, "first QS_Info message")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.sock.poll(200):
+                _topic, payload = self.sock.recv_multipart()
+                self.states.append(json.loads(payload)["msg"]["status"]["manager_state"])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(5)
+        self.sock.close()
+        self.ctx.term()
+
+
+# --- status PVs -------------------------------------------------------------------------------
+
+
+def test_status_pvs_are_served_and_valid(clean):
+    b = clean
+    st = b.stack.call("status")
+    assert val(b, qn.MANAGER_STATE) == "idle"
+    assert val(b, qn.WORKER_ENVIRONMENT_EXISTS) == 1
+    assert val(b, qn.WORKER_ENVIRONMENT_STATE) == st["worker_environment_state"]
+    assert val(b, qn.CONNECTION) == "Push"
+    assert val(b, qn.LOCK_HEALTH) == "OK"
+    for spec in qn.QUEUE_PVS:
+        if spec.kind is not pvn.PVKind.RPC:
+            assert raw(b, spec)["alarm.severity"] == 0, spec.suffix
+    hb = val(b, qn.HEARTBEAT)
+    wait_val(b, qn.HEARTBEAT, lambda v: v > hb, "counts seconds", 5.0)
+
+
+def test_manager_state_pv_follows_every_transition(clean):
+    """Queue run (incl. the few-ms starting_queue), pause/resume, environment close/open."""
+    b = clean
+    seen: list[str] = []
+    choices = list(qn.MANAGER_STATES)
+    sub = b.ctxt.monitor(qn.MANAGER_STATE.name(P),
+                         lambda v: seen.append(choices[v["value.index"]]))
+    rec = InfoRecorder(b.stack)
+    try:
+        for _ in range(2):
+            call(b, qn.ITEM_ADD, name="wait_a_while", args="[0.2]")
+        call(b, qn.QUEUE_START)
+        wait_until(lambda: mgr_state(b) == "idle" and val(b, qn.ITEMS_IN_QUEUE) == 0, WAIT,
+                   "queue ran")
+        call(b, qn.ITEM_ADD, name="wait_a_while", args="[5]")
+        call(b, qn.QUEUE_START)
+        wait_until(lambda: mgr_state(b) == "executing_queue", WAIT, "running")
+        call(b, qn.RE_PAUSE, option="immediate")
+        wait_until(lambda: mgr_state(b) == "paused", WAIT, "paused")
+        call(b, qn.RE_RESUME)
+        wait_idle(b)
+        call(b, qn.ENVIRONMENT_CLOSE)
+        wait_until(lambda: not b.stack.call("status")["worker_environment_exists"],
+                   WAIT, "environment closed")
+        call(b, qn.ENVIRONMENT_OPEN)
+        wait_until(lambda: b.stack.call("status")["worker_environment_exists"]
+                   and mgr_state(b) == "idle", WAIT, "environment open")
+        wait_until(lambda: collapse(seen)[-1] == collapse(rec.states)[-1] == "idle", 5.0,
+                   "both settled")
+    finally:
+        sub.close()
+        rec.close()
+    mgr = collapse(rec.states)
+    pv = collapse(seen)
+    for s in ("starting_queue", "executing_queue", "paused", "closing_environment",
+              "creating_environment"):
+        assert s in mgr, f"manager never reported {s}: {mgr}"
+    # the PV shows exactly the manager's sequence (the PV monitor starts one state earlier)
+    start = len(pv) - len(mgr)
+    assert start >= 0 and pv[start:] == mgr, f"PV {pv} vs manager {mgr}"
+
+
+def test_tables_match_queue_get_and_history_get(clean):
+    b = clean
+    call(b, qn.ITEM_ADD, name="count", args='[["det1"]]', kwargs='{"num": 2}')
+    call(b, qn.ITEM_ADD, name="mv", args='["m3", 0.5]')
+    call(b, qn.ITEM_ADD, name="wait_a_while", args="[0.1]", pos="front")
+
+    def same_queue():
+        q = b.stack.call("queue_get")["items"]
+        rows = val(b, qn.ITEMS)
+        return [i["item_uid"] for i in q] == [r["itemUid"] for r in rows] and len(q) == 3
+
+    wait_until(same_queue, WAIT, "Queue:Items == queue_get")
+    q = b.stack.call("queue_get")["items"]
+    rows = val(b, qn.ITEMS)
+    assert [r["name"] for r in rows] == [i["name"] for i in q] == ["wait_a_while", "count", "mv"]
+    assert [r["user"] for r in rows] == ["root"] * 3
+    assert rows[1]["devices"] == "det1" and rows[2]["devices"] == "m3"
+    assert rows[1]["args"] == "[det1], num=2"
+    assert val(b, qn.ITEM_NAMES) == ["wait_a_while", "count", "mv"]
+    assert val(b, qn.ITEM_UIDS) == [i["item_uid"] for i in q]
+    assert val(b, qn.NEXT_ITEM).startswith("wait_a_while(0.1)")
+    wait_until(lambda: set(val(b, qn.QUEUED_DEVICES)) == {"det1", "m3"}, WAIT, "reservations")
+
+    call(b, qn.QUEUE_START)
+    wait_until(lambda: mgr_state(b) == "idle" and val(b, qn.ITEMS_IN_QUEUE) == 0, WAIT, "ran")
+
+    def same_history():
+        h = b.stack.call("history_get")["items"]
+        rows = val(b, qn.HISTORY)
+        return [i["item_uid"] for i in h][-len(rows):] == [r["itemUid"] for r in rows]
+
+    wait_until(same_history, WAIT, "Queue:History == history_get")
+    h = b.stack.call("history_get")["items"]
+    rows = val(b, qn.HISTORY)[-3:]
+    assert [r["exitStatus"] for r in rows] == [i["result"]["exit_status"] for i in h[-3:]]
+    assert [r["exitStatus"] for r in rows] == ["completed"] * 3
+    assert all(r["timeStop"] >= r["timeStart"] > 0 for r in rows)
+    assert val(b, qn.LAST_EXIT_STATUS) == "completed"
+    assert val(b, qn.HISTORY_EXIT_STATUS)[-3:] == ["completed"] * 3
+    assert val(b, qn.ITEMS) == [] and val(b, qn.ITEM_NAMES) == []
+    lines = val(b, qn.CONSOLE_LINES_PV)
+    assert any("Starting the plan" in line for line in lines), lines[-5:]
+
+
+# --- control ----------------------------------------------------------------------------------
+
+
+def test_bad_control_input_is_refused_and_changes_nothing(clean):
+    b = clean
+    before = b.stack.call("queue_get")["plan_queue_uid"]
+    for kws, text in (
+        ({"name": "no_such_plan"}, "unknown plan 'no_such_plan'"),
+        ({"name": "count", "args": '[["det1"]'}, "args is not valid JSON"),
+        ({"name": "count", "args": '{"a": 1}'}, "args must be a JSON list"),
+        ({"name": "count", "color": "red"}, "unknown argument 'color'"),
+    ):
+        with pytest.raises(RemoteError, match=text):
+            call(b, qn.ITEM_ADD, **kws)
+    with pytest.raises(RemoteError, match="give exactly one of uid"):
+        call(b, qn.ITEM_REMOVE)
+    # the RE Manager's own refusals come back verbatim
+    with pytest.raises(RemoteError, match="RE Manager refused re_resume: RE Manager is not paused"):
+        call(b, qn.RE_RESUME)
+    with pytest.raises(RemoteError, match="RE Manager refused item_remove: .*not in the queue"):
+        call(b, qn.ITEM_REMOVE, uid="no-such-uid")
+    assert b.stack.call("queue_get")["plan_queue_uid"] == before
+    assert b.stack.call("status")["items_in_queue"] == 0
+    # a good request still works, and ItemRemove removes it again
+    uid = call(b, qn.ITEM_ADD, name="count", args='[["det1"]]')["itemUid"]
+    assert [i["item_uid"] for i in b.stack.call("queue_get")["items"]] == [uid]
+    call(b, qn.ITEM_REMOVE, uid=uid)
+    assert b.stack.call("queue_get")["items"] == []
+
+
+@pytest.mark.identity
+def test_an_account_the_policy_does_not_name_is_refused(clean):
+    why = other_user_available()
+    if why:
+        pytest.skip(why)
+    b = clean
+    before = b.stack.call("queue_get")["plan_queue_uid"]
+    argv = ["runuser", "-u", "nobody", "--", sys.executable, "-m", "p4p.client.cli", "-w",
+            str(TIMEOUT), "rpc", qn.ITEM_ADD.name(P), "name=count"]
+    p = subprocess.run(argv, env=b.env, capture_output=True, text=True, timeout=60, cwd="/")
+    out = p.stdout + p.stderr
+    assert "account 'nobody' may not control the queue" in out, out
+    assert "queue_control: root" in out
+    assert b.stack.call("queue_get")["plan_queue_uid"] == before
+
+
+# --- automatic locks --------------------------------------------------------------------------
+
+
+def test_locks_follow_an_item_that_completes(clean):
+    b = clean
+    uid = call(b, qn.ITEM_ADD, name="count", args='[["det1"]]',
+               kwargs='{"num": 15, "delay": 0.2}')["itemUid"]
+    wait_until(lambda: {(lk.device, lk.lock_type) for lk in queue_locks(b)}
+               == {("det1", LockType.QUEUE_QUEUED)}, WAIT, "det1 reserved")
+    call(b, qn.QUEUE_START)
+    running = wait_until(
+        lambda: [lk for lk in queue_locks(b) if lk.lock_type is LockType.QUEUE_EXECUTING],
+        WAIT, "QUEUE_EXECUTING while running")
+    assert [(lk.device, lk.plan_uid) for lk in running] == [("det1", uid)]
+    assert mgr_state(b) == "executing_queue"
+    assert val(b, qn.EXECUTING_DEVICES) == ["det1"]
+    assert val(b, qn.RUNNING_ITEM_UID) == uid and val(b, qn.RUNNING_ITEM_NAME) == "count"
+    assert val(b, qn.RUNNING_ITEM_DEVICES) == ["det1"]
+    wait_idle(b)
+    wait_until(lambda: not queue_locks(b), WAIT, "released after completion")
+    assert b.stack.call("history_get")["items"][-1]["result"]["exit_status"] == "completed"
+
+
+def test_locks_follow_an_item_that_fails(clean):
+    b = clean
+    uid = call(b, qn.ITEM_ADD, name="mv", args='["m4", 1000]')["itemUid"]  # beyond the limit
+    call(b, qn.QUEUE_START)
+    wait_idle(b)
+    h = b.stack.call("history_get")["items"][-1]
+    assert (h["item_uid"], h["result"]["exit_status"]) == (uid, "failed")
+    q = b.stack.call("queue_get")["items"]
+    assert len(q) == 1 and q[0]["item_uid"] != uid  # back in the queue with a new uid
+    # the executing lock is gone; the item in the queue reserves m4 again
+    wait_until(lambda: [(lk.device, lk.lock_type, lk.plan_uid) for lk in queue_locks(b)]
+               == [("m4", LockType.QUEUE_QUEUED, q[0]["item_uid"])], WAIT, "re-reserved")
+    events = b.coord.events()
+    assert any(e.action is EventAction.ACQUIRED and e.device == "m4"
+               and e.lock_type is LockType.QUEUE_EXECUTING and uid in e.message for e in events)
+    call(b, qn.ITEM_REMOVE, pos="front")
+    wait_until(lambda: not queue_locks(b), WAIT, "released after removal")
+
+
+def test_locks_follow_an_item_that_is_stopped(clean):
+    b = clean
+    call(b, qn.ITEM_ADD, name="count", args='[["det2"]]', kwargs='{"num": 50, "delay": 0.2}')
+    call(b, qn.QUEUE_START)
+    wait_until(lambda: [lk.device for lk in queue_locks(b)
+                        if lk.lock_type is LockType.QUEUE_EXECUTING] == ["det2"], WAIT, "held")
+    call(b, qn.RE_PAUSE, option="immediate")
+    wait_until(lambda: mgr_state(b) == "paused", WAIT, "paused")
+    assert [lk.device for lk in queue_locks(b)] == ["det2"]  # still held while paused
+    call(b, qn.RE_STOP)
+    wait_idle(b)
+    assert b.stack.call("history_get")["items"][-1]["result"]["exit_status"] == "stopped"
+    wait_until(lambda: not queue_locks(b), WAIT, "released after stop")
+
+
+def test_maintenance_lock_stops_the_queue_before_the_plan_touches_the_device(clean):
+    b = clean
+    setpoint = demo_pvs.motor_setpoint(P, "m2")
+    before = b.ctxt.get(setpoint, timeout=TIMEOUT)["value"]
+    b.coord.acquire(["m2"], LockType.MAINTENANCE, 300, "realign m2", on_behalf_of="max")
+    uid = call(b, qn.ITEM_ADD, name="scan", args=f'[["det1"], "m2", {before + 1}, '
+               f'{before + 2}]', kwargs='{"num": 3}')["itemUid"]
+    # 1. the IOC refuses to start a queue whose next item needs m2
+    with pytest.raises(RemoteError, match="queue not started: .*m2 held MAINTENANCE by max@"):
+        call(b, qn.QUEUE_START)
+    assert mgr_state(b) == "idle"
+    # 2. started behind the IOC's back: the acquire is refused (audited), the queue is stopped
+    #    and paused, the worker hook refuses to act on m2; m2 never moves
+    b.stack.call("queue_start")
+    wait_val(b, qn.STOP_REASON, lambda s: "m2" in s and "MAINTENANCE" in s, "reason shown")
+    wait_until(lambda: mgr_state(b) in ("idle", "paused"), WAIT, "queue stopped or paused")
+    reason = val(b, qn.STOP_REASON)
+    assert uid in reason and "max@" in reason and "realign m2" in reason, reason
+    if mgr_state(b) == "paused":
+        call(b, qn.RE_ABORT)
+        wait_idle(b)
+    assert b.ctxt.get(setpoint, timeout=TIMEOUT)["value"] == before
+    events = b.coord.events()
+    assert any(e.action is EventAction.REFUSED and "m2" in e.device
+               and e.lock_type is LockType.QUEUE_EXECUTING for e in events), events[-5:]
+    assert not [lk for lk in queue_locks(b) if lk.lock_type is LockType.QUEUE_EXECUTING]
+    b.coord.force_release(["m2"], reason="test done")
+
+
+# --- without console publishing ---------------------------------------------------------------
+
+
+def test_polls_status_when_the_manager_publishes_nothing(bench, tmp_path):
+    redis, rport = start_redis(log_dir=tmp_path / "redis")
+    ctl, info = free_port(), free_port()
+    try:
+        mgr = start_re_manager(bench.stack.manager_env, rport, ctl, info, tmp_path,
+                               publish=False, name="re-manager-quiet")
+        prefix = "TQP:"
+        ioc = ManagedProcess("queue-ioc-poll", queue_ioc_argv(prefix, ctl, info, locks=False),
+                             server_env(bench.env), log_dir=tmp_path)
+        try:
+            wait_for_pv(qn.CONNECTION.name(prefix), bench.env, WAIT, procs=[ioc],
+                        condition=lambda v: int(v) == 2)  # Polling
+            st = bench.ctxt.get(qn.MANAGER_STATE.name(prefix), timeout=TIMEOUT)
+            assert st["value.choices"][st["value.index"]] == "idle"
+            assert st["alarm.severity"] == 0
+            # the RE Manager's own lock flags reach the PVs while polling too
+            manager_call(ctl, "lock", lock_key="test-key", environment=True, note="test",
+                         user="tester")
+            wait_until(lambda: bench.ctxt.get(qn.LOCK_ENVIRONMENT.name(prefix),
+                                              timeout=TIMEOUT)["value"] == 1,
+                       WAIT, "LockEnvironment = 1")
+            assert bench.ctxt.get(qn.LOCK_QUEUE.name(prefix), timeout=TIMEOUT)["value"] == 0
+            manager_call(ctl, "unlock", lock_key="test-key")
+            wait_until(lambda: bench.ctxt.get(qn.LOCK_ENVIRONMENT.name(prefix),
+                                              timeout=TIMEOUT)["value"] == 0,
+                       WAIT, "LockEnvironment = 0")
+        finally:
+            ioc.stop()
+            mgr.stop()
+    finally:
+        redis.stop()
+
+
+# --- last: kill the manager -------------------------------------------------------------------
+
+
+def test_killing_the_manager_makes_every_pv_invalid_and_a_restart_recovers(clean):
+    b = clean
+    specs = [s for s in qn.QUEUE_PVS if s not in qn.NEVER_INVALID]
+    sev: dict[str, int] = {}
+    subs = [b.ctxt.monitor(s.name(P), lambda v, n=s.suffix: sev.__setitem__(
+        n, v["alarm.severity"])) for s in specs]
+    try:
+        wait_until(lambda: len(sev) == len(specs) and not any(sev.values()), 5.0, "all valid")
+        t0 = time.monotonic()
+        b.stack.procs["re-manager"].kill9()
+        wait_until(lambda: all(sev.get(s.suffix) == 3 for s in specs), 2.0 + 2.0, "INVALID")
+        t_invalid = time.monotonic() - t0
+        assert val(b, qn.CONNECTION) == "Disconnected"
+        assert raw(b, qn.HEARTBEAT)["alarm.severity"] == 0  # the IOC itself is alive
+        with pytest.raises(RemoteError, match="did not answer"):
+            call(b, qn.QUEUE_START)
+        proc = b.stack.restart_manager(kill=False)
+        b.procs.append(proc)
+        wait_manager(b.stack.control_port, WAIT, proc)
+        t1 = time.monotonic()
+        wait_until(lambda: not any(sev.get(s.suffix) for s in specs), 2.0 + 1.0, "recovered")
+        t_recover = time.monotonic() - t1
+    finally:
+        for s in subs:
+            s.close()
+    print(f"INVALID {t_invalid:.2f} s after kill -9; valid {t_recover:.2f} s after the "
+          "manager answered again")
+    wait_val(b, qn.MANAGER_STATE, lambda v: v == "idle", "idle after restart")
+    wait_val(b, qn.CONNECTION, lambda v: v == "Push", "push again")

@@ -44,7 +44,8 @@ def test_device_list_follows_the_registry(tmp_path):
             wait_until(
                 lambda: sorted(c.get(pvn.COORD_DEVICES.name(PREFIX), timeout=CLIENT_TIMEOUT))
                 == sorted([*names, "beamline"]), 10, "Coord:Devices from the registry")
-            assert c.get(pvn.COORD_HEALTH.name(PREFIX), timeout=CLIENT_TIMEOUT) == "OK"
+            wait_until(lambda: c.get(pvn.COORD_HEALTH.name(PREFIX), timeout=CLIENT_TIMEOUT)
+                       == "OK", 10, "Coord:Health OK")
             ok = rpc(c, pvn.COORD_ACQUIRE, device="det2", type="MANUAL_OPERATOR", timeout="60")
             assert ok.granted
             # the per-device PVs of registered devices exist

@@ -169,7 +169,7 @@ def test_release_rules(table):
         table.release(ALICE)
     assert held(table) == {"m1": ("MANUAL_OPERATOR", "alice")}
     assert table.release(ALICE, devices=["m1"]) == ("m1",)  # own account, no key
-    with pytest.raises(LockError, match="already released"):
+    with pytest.raises(LockError, match="was released by alice@10.0.0.1"):
         table.release(ALICE, key=r.key)
 
 
@@ -230,11 +230,39 @@ def test_persistence_and_expired_dropped_on_reload(store_url, clock):
     t2.release(BOB, key=r.key)  # the key survives the restart (as a digest)
 
 
-def test_store_failure_changes_nothing(table, tmp_path):
+def test_store_failure_changes_nothing_and_is_reported(table, tmp_path):
     table.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+    assert table.store_error is None
     table.store.close()  # every later write fails
     with pytest.raises(LockError, match="store failed, nothing changed"):
         table.acquire(BOB, ["m2"], LockType.MANUAL_OPERATOR, 60)
     with pytest.raises(LockError, match="store failed"):
         table.release(ALICE, devices=["m1"])
     assert held(table) == {"m1": ("MANUAL_OPERATOR", "alice")}
+    assert "closed" in table.store_error
+    table.check_store()
+    assert table.store_error is not None  # still failing
+
+
+def test_expired_lease_is_not_honoured_before_the_tick(table, clock):
+    r = table.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 1)
+    clock.t += 5  # no expire() tick ran
+    with pytest.raises(LockError, match="expired at"):
+        table.renew(ALICE, key=r.key)
+    table.acquire(BOB, ["m1"], LockType.MANUAL_OPERATOR, 60)
+
+
+def test_device_request_of_higher_priority_preempts_a_whole_beamline_lock(table):
+    """A beamline lock is one exclusive lock: losing one device to MAINTENANCE ends all of it."""
+    table.acquire(ALICE, [BEAMLINE], LockType.MANUAL_OPERATOR, 60)
+    r = table.acquire(STAFF, ["m1"], LockType.MAINTENANCE, 60)
+    assert r.preempted == ("beamline (MANUAL_OPERATOR of alice@10.0.0.1)",)
+    assert held(table) == {"m1": ("MAINTENANCE", "carol")}
+    assert table.effective("m2") is None
+
+
+def test_release_notice_names_the_verb_of_the_request(table):
+    table.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+    table.release(ALICE, devices=["m1"])
+    with pytest.raises(LockError, match="your lock on m1 was released by alice"):
+        table.renew(ALICE, devices=["m1"])

@@ -252,6 +252,7 @@ class CoordinationIOC:
         self.table.expire()
         self.flush_events()
         if second:
+            self.table.check_store()
             now = time.time()
             self._heartbeat += 1
             self.pv_heartbeat.post(self._heartbeat, timestamp=now)
@@ -329,14 +330,26 @@ class _RPC:
         self.ioc, self.spec, self.fn = ioc, spec, fn
 
     def rpc(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
+        args: dict[str, str] = {}
         try:
             args = request_args(op.value())
             op.done(self.fn(op, args))
         except LockError as e:
             op.done(error=str(e))
+            if not e.audited:  # bad arguments: refused before the lock table; audit it too
+                self._audit(op, args, str(e))
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", self.spec.suffix)
             op.done(error=f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}")
+
+    def _audit(self, op, args: dict[str, str], msg: str) -> None:
+        try:
+            ident = Identity(op.account() or "anonymous",
+                             (op.peer() or "unknown").rsplit(":", 1)[0])
+            devices = [args.get("device", "?")]
+            self.ioc.table.audit_refusal(ident, devices, None, f"{self.spec.suffix}: {msg}")
+        except Exception:  # noqa: BLE001 - auditing must never break the reply path
+            log.exception("could not audit a refusal")
 
     def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
         op.done(error=f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put")
@@ -412,7 +425,9 @@ async def serve(
                     ioc.tick(second)
                 except Exception:  # noqa: BLE001 - keep serving; the health PV shows it
                     log.exception("tick failed")
-                if follower is not None and not follower.connected:
+                if table.store_error is not None:
+                    ioc.set_health(f"store failing: {table.store_error}"[:200])
+                elif follower is not None and not follower.connected:
                     ioc.set_health(f"registry {follower.name} not connected")
                 elif table.devices is None:
                     ioc.set_health("no device list")

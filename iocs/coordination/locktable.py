@@ -53,7 +53,12 @@ NOTICES_KEPT = 4096
 
 
 class LockError(Exception):
-    """A request that was refused or invalid; ``str(e)`` is the message for the client."""
+    """A request that was refused or invalid; ``str(e)`` is the message for the client.
+
+    ``audited`` is true once the refusal is recorded as an audit event.
+    """
+
+    audited: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,8 @@ class LockTable:
         self._devices: frozenset[str] | None = None if devices is None else frozenset(devices)
         self._locks: dict[str, Lock] = {lk.device: lk for lk in store.load_locks()}
         self._notices: OrderedDict[object, str] = OrderedDict()
+        self._store_error: str | None = None
+        self._store_error_logged = 0.0
         self.startup_events: list[LockEvent] = self.expire(reason="while the IOC was down")
 
     # --- queries ----------------------------------------------------------------------------
@@ -234,12 +241,37 @@ class LockTable:
 
     # --- the store-then-memory step ---------------------------------------------------------
 
+    @property
+    def store_error(self) -> str | None:
+        """The last store failure, or ``None`` once a commit succeeded again."""
+        return self._store_error
+
+    def check_store(self) -> None:
+        """While the store is failing: try to read it, and clear the error if that works."""
+        with self._mutex:
+            if self._store_error is None:
+                return
+            try:
+                self.store.load_locks()
+            except StoreError as e:
+                self._store_error = str(e)
+                return
+            log.warning("store answers again")
+            self._store_error = None
+
     def _apply(self, change: _Change) -> None:
         try:
             self.store.commit(change.upsert, change.delete, change.events)
         except StoreError as e:
-            log.error("store failed, nothing changed: %s", e)
+            now = time.monotonic()
+            if self._store_error is None or now - self._store_error_logged > 10:
+                log.error("store failed, nothing changed: %s", e)
+                self._store_error_logged = now
+            self._store_error = str(e)
             raise LockError(f"the lock store failed, nothing changed: {e}") from None
+        if self._store_error is not None:
+            log.warning("store works again")
+            self._store_error = None
         for d in change.delete:
             self._locks.pop(d, None)
         for lk in change.upsert:
@@ -256,17 +288,27 @@ class LockTable:
             changed = {lk.device for lk in change.upsert} | set(change.delete)
             self.listener(changed, change.events)
 
-    def _refuse(self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str):
-        """Audit a refusal (best effort) and raise it."""
+    def audit_refusal(
+        self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str
+    ) -> None:
+        """Record a refused request as an audit event (best effort: a store failure is logged)."""
         ev = LockEvent(
-            time=self.clock(), action=EventAction.REFUSED, device=",".join(devices),
-            lock_type=lt, actor=ident.actor_name, holder=ident.holder, message=msg,
+            time=self.clock(), action=EventAction.REFUSED,
+            device=",".join(d[:64] for d in devices)[:256] or "?",
+            lock_type=lt, actor=ident.actor_name, holder=ident.holder, message=msg[:1024],
         )
-        try:
-            self._apply(_Change(events=[ev]))
-        except LockError:
-            pass
-        raise LockError(msg)
+        with self._mutex:
+            try:
+                self._apply(_Change(events=[ev]))
+            except LockError:
+                pass
+
+    def _refuse(self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str):
+        """Audit a refusal and raise it."""
+        self.audit_refusal(ident, devices, lt, msg)
+        err = LockError(msg)
+        err.audited = True
+        raise err
 
     @staticmethod
     def _notice_keys(lock: Lock) -> list[object]:
@@ -293,6 +335,7 @@ class LockTable:
                 priority (the message names it); nothing changed.
         """
         with self._mutex:
+            self.expire()  # a lease that ran out since the last tick is gone before we decide
             devs = self._check_devices(devices)
             lease = self._lease(lock_type, timeout)
             reason = self._check_text("reason", reason, MAX_REASON)
@@ -426,6 +469,7 @@ class LockTable:
                 expired (the message says by whom and when); nothing changed.
         """
         with self._mutex:
+            self.expire()
             try:
                 locks = self._select(ident, devices, key, "release")
             except LockError as e:
@@ -439,7 +483,9 @@ class LockTable:
                     message="released",
                 ))
                 for nk in self._notice_keys(lk):
-                    change.notices[nk] = f"cannot release: {lk.device} was already released"
+                    change.notices[nk] = (
+                        f"your lock on {lk.device} was released by {ident.holder} at "
+                        f"{fmt_time(now)}")
             self._apply(change)
             return tuple(lk.device for lk in locks)
 
@@ -459,6 +505,7 @@ class LockTable:
             LockError: as :meth:`release`, or a timeout over the type's maximum.
         """
         with self._mutex:
+            self.expire()
             try:
                 locks = self._select(ident, devices, key, "renew")
                 leases = [self._lease(lk.lock_type, timeout) for lk in locks]
@@ -486,9 +533,10 @@ class LockTable:
             LockError: the caller is not allowed, a device is unknown or not locked.
         """
         with self._mutex:
+            self.expire()
             devs = tuple(sorted(set(devices)))
             if not devs:
-                raise LockError("no device given: device=NAME[,NAME...]")
+                self._refuse(ident, ("?",), None, "no device given: device=NAME[,NAME...]")
             reason = self._check_text("reason", reason, MAX_REASON)
             if not self.policy.may_force_release(ident.account, ident.roles):
                 self._refuse(
@@ -498,8 +546,8 @@ class LockTable:
                 )
             missing = [d for d in devs if d not in self._locks]
             if missing:
-                raise LockError(f"cannot force-release: {', '.join(m[:64] for m in missing)} "
-                                "not locked")
+                self._refuse(ident, devs, None, f"cannot force-release: "
+                             f"{', '.join(m[:64] for m in missing)} not locked")
             now = self.clock()
             change = _Change(delete=list(devs))
             for d in devs:

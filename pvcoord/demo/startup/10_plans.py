@@ -6,12 +6,17 @@ static analysis of an item cannot see: the worker hook catches it and the device
 QueueExecuting.
 """
 
+from collections.abc import Sequence
+
 import bluesky.plan_stubs as bps
 from bluesky.plan_stubs import mv  # noqa: F401 - queueable plan
 from bluesky.plans import count, list_scan, rel_scan, scan  # noqa: F401 - queueable plans
+from bluesky.protocols import Movable, Readable
 
 
-def scan_with_shutter(detectors: list, motor, start: float, stop: float, num: int = 5):
+def scan_with_shutter(
+    detectors: Sequence[Readable], motor: Movable, start: float, stop: float, num: int = 5
+):
     """Open the shutter (a global), scan ``motor``, close the shutter."""
     yield from bps.mv(shutter, "Open")  # noqa: F821 - defined in 00_devices.py
     try:

@@ -1,0 +1,303 @@
+"""The worker hook (``pvcoord.worker_hook``).
+
+Unit tier: a real in-process RunEngine, a real SQLite store (written with the coordination IOC's
+store code) and a real redis; a small thread answers lock requests in place of the queue IOC (the
+real queue IOC answers them in the system test at the end).
+
+System tier: the real RE Manager with the demo startup dir (the hook activated by its one line),
+the queue IOC, the coordination IOC and the demo softIoc: a MAINTENANCE lock on ``m2`` stops a
+plan that reaches ``m2`` through a global before any ``set``; a device reached through a global
+shows as QUEUE_EXECUTING while the plan runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+
+import pytest
+import redis
+from bluesky import RunEngine
+from bluesky.plans import scan
+from bluesky.utils import Msg
+from ophyd.sim import SynAxis, SynGauss
+
+from pvcoord.client import Client, RefusedError
+from pvcoord.demo.queue_part import QUEUE_LOCK_OWNER, start_queue_stack
+from pvcoord.procs import client_conf, loopback_env, start_redis, wait_until
+from pvcoord.store import SQLiteStore
+from pvcoord.worker_hook import (
+    ACTING,
+    EXEMPT,
+    DeviceLockedError,
+    HookConfigError,
+    LockGuard,
+    PlanCheck,
+    lock_guard,
+    normalize_store_url,
+)
+from pvdb import demo as demo_pvs
+from pvdb import queue as qn
+from pvdb.models import Lock, LockType
+
+from .conftest import TIMEOUT
+
+PREFIX = "TH:"
+
+
+@pytest.fixture(scope="module")
+def redis_port(tmp_path_factory):
+    proc, port = start_redis(log_dir=tmp_path_factory.mktemp("hook-redis"))
+    try:
+        yield port
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteStore(tmp_path / "locks.sqlite")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def put_lock(store, device, lock_type, owner="max", plan_uid="", reason="realign", ttl=60.0):
+    now = time.time()
+    store.commit([Lock(device=device, lock_type=lock_type, owner=owner, host="h", actor=owner,
+                       acquired=now, expires=now + ttl, reason=reason, plan_uid=plan_uid)],
+                 [], [])
+
+
+class Responder(threading.Thread):
+    """Answers hook requests on redis the way the queue IOC does (a test stand-in)."""
+
+    def __init__(self, port: int, answer) -> None:
+        super().__init__(daemon=True)
+        self.r = redis.Redis(port=port)
+        self.answer = answer
+        self.requests: list[dict] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            got = self.r.brpop([qn.hook_request_key(PREFIX)], timeout=0.2)
+            if not got:
+                continue
+            req = json.loads(got[1])
+            self.requests.append(req)
+            key = qn.hook_reply_key(PREFIX, req["id"])
+            self.r.lpush(key, json.dumps(self.answer(req)))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+        self.r.close()
+
+
+@contextlib.contextmanager
+def responder(port: int, answer):
+    r = redis.Redis(port=port)
+    r.delete(qn.hook_request_key(PREFIX))
+    r.close()
+    t = Responder(port, answer)
+    t.start()
+    try:
+        yield t
+    finally:
+        t.stop()
+
+
+def grant(req):
+    return {"granted": True, "coordinated": True, "planUid": "item-1", "owner": "queue",
+            "message": "ok"}
+
+
+def guard(redis_port, store, timeout=2.0) -> LockGuard:
+    return LockGuard(PREFIX, f"redis://127.0.0.1:{redis_port}/0", timeout=timeout, store=store)
+
+
+class Dev:
+    def __init__(self, name, parent=None):
+        self.name, self.parent = name, parent
+
+
+# --- unit tier --------------------------------------------------------------------------------
+
+
+def test_maintenance_refuses_before_asking_anyone(redis_port, store):
+    put_lock(store, "m2", LockType.MAINTENANCE, owner="max", reason="realign")
+    check = PlanCheck(guard(redis_port, store))
+    with responder(redis_port, grant) as resp:
+        with pytest.raises(DeviceLockedError) as e:
+            check(Msg("set", Dev("user_setpoint", Dev("m2")), 1.0))
+        assert resp.requests == []
+    msg = str(e.value)
+    assert "refused 'set' on m2 before it reached the device" in msg
+    assert "held MAINTENANCE by max@h (reason 'realign')" in msg
+    # cleanup and non-acting messages pass
+    for cmd in (*EXEMPT, "read", "describe"):
+        m = Msg(cmd, Dev("m2"))
+        assert check(m) is m
+    assert "set" in ACTING and "unstage" not in ACTING
+
+
+def test_beamline_maintenance_covers_every_device(redis_port, store):
+    put_lock(store, "beamline", LockType.MAINTENANCE)
+    with pytest.raises(DeviceLockedError, match="every device .beamline lock."):
+        PlanCheck(guard(redis_port, store))(Msg("trigger", Dev("det1")))
+
+
+def test_first_use_asks_the_queue_ioc_then_trusts_the_store(redis_port, store):
+    check = PlanCheck(guard(redis_port, store))
+    with responder(redis_port, grant) as resp:
+        check(Msg("set", Dev("m1"), 1))
+        assert [r["device"] for r in resp.requests] == ["m1"]
+        # the queue IOC's lock is now in the store: no further requests
+        put_lock(store, "m1", LockType.QUEUE_EXECUTING, owner="queue", plan_uid="item-1")
+        for _ in range(5):
+            check(Msg("set", Dev("m1"), 2))
+        assert len(resp.requests) == 1
+        # preempted during the plan: the next acting message is refused
+        put_lock(store, "m1", LockType.MAINTENANCE, owner="max")
+        with pytest.raises(DeviceLockedError, match="held MAINTENANCE by max@h"):
+            check(Msg("set", Dev("m1"), 3))
+
+
+def test_a_refusal_of_the_queue_ioc_stops_the_message(redis_port, store):
+    def refuse(req):
+        return {"granted": False, "message": "m3 held QUEUE_EXECUTING by other@h"}
+
+    with responder(redis_port, refuse), pytest.raises(DeviceLockedError,
+                                                       match="m3 held QUEUE_EXECUTING by other"):
+        PlanCheck(guard(redis_port, store))(Msg("set", Dev("m3"), 1))
+
+
+def test_no_answer_fails_closed(redis_port, store):
+    redis.Redis(port=redis_port).delete(qn.hook_request_key(PREFIX))
+    with pytest.raises(DeviceLockedError, match="did not answer a lock request for m4 within"):
+        PlanCheck(guard(redis_port, store, timeout=0.3))(Msg("set", Dev("m4"), 1))
+
+
+def test_uncoordinated_devices_are_asked_once(redis_port, store):
+    def unknown(req):
+        return {"granted": True, "coordinated": False, "message": "not coordinated"}
+
+    check = PlanCheck(guard(redis_port, store))
+    with responder(redis_port, unknown) as resp:
+        for _ in range(3):
+            check(Msg("set", Dev("sim_thing"), 1))
+    assert len(resp.requests) == 1
+
+
+def test_in_a_real_runengine_the_scan_fails_before_any_set(redis_port, store):
+    put_lock(store, "m2", LockType.MAINTENANCE, owner="max")
+    m2 = SynAxis(name="m2")
+    m1 = SynAxis(name="m1")
+    det = SynGauss("det", m1, "m1", center=0, Imax=1)
+    sets: list[float] = []
+    m2.readback.subscribe(lambda value, **kw: sets.append(value), run=False)
+    RE = RunEngine({})  # noqa: N806 - bluesky's name
+    RE.preprocessors.append(guard(redis_port, store))
+    with responder(redis_port, grant) as resp, pytest.raises(DeviceLockedError,
+                                                             match="m2 is held MAINTENANCE"):
+        RE(scan([det], m2, 1, 2, 3))
+    assert sets == [] and m2.position == 0
+    assert all(r["device"] != "m2" for r in resp.requests)
+    assert RE.state == "idle"
+
+
+def test_configuration_errors_are_clear(redis_port, tmp_path):
+    with pytest.raises(HookConfigError, match="set PVCOORD_PREFIX and PVCOORD_REDIS_URL"):
+        lock_guard(environ={})
+    with pytest.raises(HookConfigError, match="prefix 'X' is not valid"):
+        lock_guard("X", "redis://127.0.0.1:1/0", environ={})
+    with pytest.raises(HookConfigError, match="cannot open SQLite store"):
+        lock_guard(PREFIX, f"redis://127.0.0.1:{redis_port}/0",
+                   store_url=f"sqlite://{tmp_path}/missing/none.sqlite", environ={})
+    assert normalize_store_url("sqlite:////a/b.sqlite") == "sqlite:///a/b.sqlite"
+    g = lock_guard(environ={"PVCOORD_PREFIX": PREFIX,
+                            "PVCOORD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                            "PVCOORD_HOOK_TIMEOUT": "1.5"})
+    assert g.timeout == 1.5 and g.store is None
+
+
+# --- system tier ------------------------------------------------------------------------------
+
+
+@pytest.mark.system
+def test_hook_with_the_real_re_manager_and_queue_ioc(tmp_path):
+    from .test_queue_ioc import WAIT, P, _start_base  # noqa: PLC0415 - shared set-up
+
+    env = loopback_env()
+    procs, store_url, policy = _start_base(tmp_path, env)
+    try:
+        with start_queue_stack(P, env, tmp_path, store_url=store_url, policy=policy) as st, \
+                Client(P, conf=client_conf(env), timeout=TIMEOUT) as coord:
+            from p4p.client.thread import Context  # noqa: PLC0415
+
+            with Context("pva", conf=client_conf(env), useenv=False) as ctxt:
+                _maintenance_on_a_global_device(st, coord, ctxt, P, WAIT)
+                _a_global_device_shows_as_executing(st, coord, WAIT)
+    except BaseException:
+        for p in procs:
+            print(f"--- {p.name} ---\n{p.output()[-3000:]}")
+        for name in ("re-manager", "queue-ioc"):
+            log = tmp_path / f"{name}.log"
+            if log.exists():
+                print(f"--- {name} ---\n{log.read_text()[-6000:]}")
+        raise
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def _add(st, name, *args, **kwargs) -> str:
+    item = {"item_type": "plan", "name": name, "args": list(args), "kwargs": kwargs}
+    return st.call("queue_item_add", item=item, user="test", user_group="primary")["item"][
+        "item_uid"]
+
+
+def _idle(st, wait) -> None:
+    wait_until(lambda: st.call("status")["manager_state"] == "idle", wait, "manager idle")
+
+
+def _maintenance_on_a_global_device(st, coord, ctxt, prefix, wait) -> None:
+    setpoint = demo_pvs.motor_setpoint(prefix, "m2")
+    before = float(ctxt.get(setpoint, timeout=TIMEOUT))
+    coord.acquire(["m2"], LockType.MAINTENANCE, 300, "realign m2", on_behalf_of="max")
+    uid = _add(st, "park_m2", before + 5.0)  # names no device: the IOC's analysis sees none
+    st.call("queue_start")
+    _idle(st, wait)
+    last = st.call("history_get")["items"][-1]
+    assert last["item_uid"] == uid and last["result"]["exit_status"] == "failed"
+    msg = last["result"]["msg"]
+    assert "refused 'set' on m2 before it reached the device" in msg, msg
+    assert "MAINTENANCE by max@" in msg and "realign m2" in msg
+    assert float(ctxt.get(setpoint, timeout=TIMEOUT)) == before  # no set reached m2
+    q = st.call("queue_get")["items"]
+    assert [i["name"] for i in q] == ["park_m2"]  # back in the queue, the queue stopped
+    st.call("queue_clear")
+    coord.force_release(["m2"], reason="test done")
+
+
+def _a_global_device_shows_as_executing(st, coord, wait) -> None:
+    uid = _add(st, "scan_with_shutter", ["det1"], "m1", 0.0, 0.2, 8)
+    st.call("queue_start")
+
+    def shutter_executing():
+        return [lk for lk in coord.locks()
+                if lk.device == "shutter" and lk.lock_type is LockType.QUEUE_EXECUTING]
+
+    lk = wait_until(shutter_executing, wait, "shutter (a global) shows QUEUE_EXECUTING")[0]
+    assert lk.plan_uid == uid and lk.owner.startswith(QUEUE_LOCK_OWNER + "@")
+    _idle(st, wait)
+    assert st.call("history_get")["items"][-1]["result"]["exit_status"] == "completed"
+    wait_until(lambda: not [x for x in coord.locks() if x.owner.startswith(QUEUE_LOCK_OWNER)],
+               wait, "all queue locks released")
+    with contextlib.suppress(RefusedError):
+        coord.force_release(["shutter"], reason="cleanup")
+

@@ -110,6 +110,8 @@ class QueueIOC:
         self._console_dirty = False
         self._acted_next: tuple[str, str] | None = None
         self._heartbeat = 0
+        self._fetch_wake = asyncio.Event()
+        self._fetch_lock = asyncio.Lock()
 
     # --- status ---------------------------------------------------------------------------------
 
@@ -126,8 +128,25 @@ class QueueIOC:
         if state == "starting_queue" and prev_state != "starting_queue":
             self.pvs.set(qn.STOP_REASON, "")
             self._acted_next = None
-        await self._fetch_changed(status)
-        await self._check_next_item()
+        self._fetch_wake.set()  # fetches run in _fetcher: the next status is not delayed
+
+    async def fetch(self) -> None:
+        """Fetch whatever the last status says changed (serialized), then check the next item."""
+        async with self._fetch_lock:
+            await self._fetch_changed(self.status)
+            await self._check_next_item()
+
+    async def _fetcher(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fetch_wake.wait(), 0.5)
+            if not self._fetch_wake.is_set():
+                continue
+            self._fetch_wake.clear()
+            try:
+                await self.fetch()
+            except Exception:  # noqa: BLE001 - keep fetching
+                log.exception("fetch failed")
 
     async def _fetch_changed(self, status: Mapping[str, Any]) -> None:
         """Fetch devices/plans allowed, queue and history whose change token moved."""
@@ -307,6 +326,7 @@ class QueueIOC:
             return {**base, "message": "the queue IOC runs without automatic locks (--no-locks)"}
         try:
             await self.link.refresh()  # the worker started the item: make sure we know it
+            await self.fetch()
         except ManagerError as e:
             return {**base, "message": f"the queue IOC cannot reach the RE Manager: {e}"}
         uid = self.running.uid
@@ -479,6 +499,7 @@ class QueueIOC:
         tasks = [
             asyncio.create_task(self.link.run(stop), name="link"),
             asyncio.create_task(self._ticker(stop), name="ticker"),
+            asyncio.create_task(self._fetcher(stop), name="fetcher"),
         ]
         if self.keeper is not None:
             tasks.append(asyncio.create_task(self.keeper.run(stop), name="locks"))

@@ -1,0 +1,260 @@
+"""Benchmark of the queue IOC against a real RE Manager (and floors measured in the same run).
+
+Usage: ``.venv/bin/python benchmarks/bench_queue.py [--runs 10] [--items 12]``
+
+Starts the demo softIoc, the coordination IOC, redis, the RE Manager (demo startup dir, worker
+hook on) and the queue IOC on loopback, then prints:
+
+1. ``Queue:ManagerState`` staleness: for every ``manager_state`` transition (>= 20: each run of a
+   two-item queue gives idle -> starting_queue -> executing_queue -> idle), the time a PVA
+   monitor client receives the new state minus the ``time`` stamped on the QS_Info message that
+   first carried it (the manager's own status time; same host clock). Floor: the same message
+   received on our own 0MQ SUB socket (the push itself). Target: median < 5 ms.
+2. Item start -> QUEUE_EXECUTING visible: for each item, the time a ``Coord:Locks`` monitor
+   client sees a QUEUE_EXECUTING lock with ``planUid`` = the item uid, minus the time of the
+   QS_Info message whose ``running_item_uid`` first names it. Floor: one ``Coord:Acquire``
+   round trip of a client in this process. Target: < 50 ms.
+
+Every figure comes from this run on this machine; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import zmq  # noqa: E402
+from p4p.client.thread import Context  # noqa: E402
+
+from pvcoord.client import Client, parse_locks  # noqa: E402
+from pvcoord.demo import devices  # noqa: E402
+from pvcoord.demo.queue_part import start_queue_stack, zmq_addr  # noqa: E402
+from pvcoord.procs import (  # noqa: E402
+    ManagedProcess,
+    client_conf,
+    loopback_env,
+    python_module,
+    server_env,
+    wait_for_pv,
+    wait_until,
+)
+from pvdb import demo as demo_pvs  # noqa: E402
+from pvdb import names as pvn  # noqa: E402
+from pvdb import queue as qn  # noqa: E402
+
+PREFIX = "BQ:"
+POLICY = """
+[access]
+trusted_services = ["root"]
+force_release = ["root"]
+queue_control = ["*"]
+[lock_types.MAINTENANCE]
+allow = ["*"]
+[lock_types.QUEUE_EXECUTING]
+allow = ["queue"]
+[lock_types.MANUAL_OPERATOR]
+allow = ["*"]
+[lock_types.QUEUE_QUEUED]
+allow = ["queue"]
+"""
+
+
+class InfoTap:
+    """Every QS_Info message on our own SUB socket: (receive time, message time, status)."""
+
+    def __init__(self, info_port: int) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(zmq_addr(info_port))
+        self.sock.subscribe(b"QS_Info")
+        self.msgs: list[tuple[float, float, dict]] = []
+        self._halt = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        wait_until(lambda: self.msgs, 5.0, "first QS_Info")
+
+    def _run(self) -> None:
+        while not self._halt.is_set():
+            if self.sock.poll(100):
+                _topic, payload = self.sock.recv_multipart()
+                now = time.time()
+                m = json.loads(payload)
+                self.msgs.append((now, float(m["time"]), m["msg"]["status"]))
+
+    def close(self) -> None:
+        self._halt.set()
+        self._t.join(5)
+        self.sock.close()
+        self.ctx.term()
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def fmt(xs: list[float]) -> str:
+    ms = [x * 1e3 for x in xs]
+    return (f"n={len(ms):3d}  median {statistics.median(ms):7.2f} ms  p90 {pct(ms, 0.9):7.2f} ms"
+            f"  max {max(ms):7.2f} ms")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=10, help="queue runs for the staleness figure")
+    ap.add_argument("--items", type=int, default=12, help="items for the lock-visibility figure")
+    a = ap.parse_args()
+    if not (1 <= a.runs <= 200 and 1 <= a.items <= 200):
+        ap.error("--runs and --items must be between 1 and 200")
+
+    d = Path(tempfile.mkdtemp(prefix="bench-queue-"))
+    env = loopback_env()
+    (d / "policy.toml").write_text(POLICY)
+    db = devices.write_database(PREFIX, d / "demo.db")
+    store = f"sqlite://{d}/locks.sqlite"
+    soft = ManagedProcess("softioc", python_module("pvxslibs.ioc", "-d", str(db)),
+                          server_env(env), log_dir=d)
+    coord = ManagedProcess(
+        "coordination",
+        python_module("iocs.coordination", "--prefix", PREFIX, "--policy", str(d / "policy.toml"),
+                      "--store", store, "--devices", ",".join(demo_pvs.DEVICE_NAMES)),
+        server_env(env), log_dir=d,
+    )
+    print(f"bench_queue: {platform.node()} {platform.machine()} python {platform.python_version()}"
+          f", logs in {d}")
+    try:
+        wait_for_pv(demo_pvs.motor_readback(PREFIX, "m1"), env, 30, procs=[soft])
+        wait_for_pv(pvn.COORD_DEVICES.name(PREFIX), env, 30, procs=[coord])
+        with start_queue_stack(PREFIX, env, d, store_url=store, policy=d / "policy.toml") as st, \
+                Context("pva", conf=client_conf(env), useenv=False, nt=False) as ctxt, \
+                Client(PREFIX, conf=client_conf(env)) as coord_client:
+            tap = InfoTap(st.info_port)
+            try:
+                staleness(st, ctxt, tap, a.runs)
+                lock_visibility(st, ctxt, tap, coord_client, a.items)
+            finally:
+                tap.close()
+    finally:
+        coord.stop()
+        soft.stop()
+    return 0
+
+
+def _item(name: str, *args, **kwargs) -> dict:
+    return {"item_type": "plan", "name": name, "args": list(args), "kwargs": kwargs}
+
+
+def _run_queue(st, items: list[dict], timeout: float = 60.0) -> list[str]:
+    uids = [st.call("queue_item_add", item=i, user="bench", user_group="primary")["item"][
+        "item_uid"] for i in items]
+    st.call("queue_start")
+    wait_until(lambda: st.call("status")["manager_state"] == "idle"
+               and not st.call("status")["items_in_queue"], timeout, "queue ran", 0.05)
+    return uids
+
+
+def staleness(st, ctxt, tap: InfoTap, runs: int) -> None:
+    choices = list(qn.MANAGER_STATES)
+    seen: list[tuple[float, str]] = []
+    sub = ctxt.monitor(qn.MANAGER_STATE.name(PREFIX),
+                       lambda v: seen.append((time.time(), choices[v["value.index"]])))
+    time.sleep(0.5)  # the monitor's first update (current value) is not a transition
+    first = len(tap.msgs)
+    before = seen[-1][1] if seen else None
+    seen.clear()
+    try:
+        for _ in range(runs):
+            _run_queue(st, [_item("wait_a_while", 0.05), _item("wait_a_while", 0.05)])
+            time.sleep(0.2)
+    finally:
+        time.sleep(0.3)
+        sub.close()
+    # the manager's transitions: first message carrying each new state
+    msgs = tap.msgs[first:]
+    transitions: list[tuple[float, float, str]] = []  # (our receive, manager time, state)
+    prev = tap.msgs[first - 1][2]["manager_state"] if first else None
+    for recv, mtime, status in msgs:
+        s = status["manager_state"]
+        if s != prev:
+            transitions.append((recv, mtime, s))
+            prev = s
+    pv_changes: list[tuple[float, str]] = []
+    prev = before
+    for t, s in seen:
+        if s != prev:
+            pv_changes.append((t, s))
+            prev = s
+    stale, floor = [], []
+    j = 0
+    for recv, mtime, s in transitions:
+        while j < len(pv_changes) and pv_changes[j][1] != s:
+            j += 1
+        if j == len(pv_changes):
+            break
+        stale.append(pv_changes[j][0] - mtime)
+        floor.append(recv - mtime)
+        j += 1
+    states = [s for _, _, s in transitions]
+    print(f"\n1. Queue:ManagerState staleness over {len(stale)} transitions "
+          f"({states.count('starting_queue')} of them to starting_queue)")
+    print(f"   PVA monitor client - manager status time : {fmt(stale)}")
+    print(f"   floor: raw QS_Info on our SUB socket     : {fmt(floor)}")
+    print(f"   target median < 5 ms: {'met' if statistics.median(stale) < 0.005 else 'NOT met'}")
+    missing = len(transitions) - len(stale)
+    if missing:
+        print(f"   {missing} manager transitions had no matching PV update")
+
+
+def lock_visibility(st, ctxt, tap: InfoTap, coord: Client, items: int) -> None:
+    seen: dict[str, float] = {}
+
+    def on_locks(v) -> None:
+        now = time.time()
+        for lk in parse_locks(v):
+            if lk.lock_type.value == "QUEUE_EXECUTING" and lk.plan_uid:
+                seen.setdefault(lk.plan_uid, now)
+
+    sub = ctxt.monitor(pvn.COORD_LOCKS.name(PREFIX), on_locks)
+    first = len(tap.msgs)
+    try:
+        uids = []
+        for _ in range(items):
+            uids += _run_queue(st, [_item("count", ["det1"], num=1)])
+            time.sleep(0.1)
+    finally:
+        time.sleep(0.3)
+        sub.close()
+    started: dict[str, float] = {}
+    for _recv, mtime, status in tap.msgs[first:]:
+        uid = status.get("running_item_uid")
+        if uid and uid not in started:
+            started[uid] = mtime
+    lat = [seen[u] - started[u] for u in uids if u in seen and u in started]
+    # floor: one Coord:Acquire round trip (+ release) from this process
+    rtt = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        coord.acquire(["m4"], "MANUAL_OPERATOR", 30, "bench floor")
+        rtt.append(time.perf_counter() - t0)
+        coord.release(["m4"])
+    print(f"\n2. item start (QS_Info running_item_uid) -> QUEUE_EXECUTING visible in Coord:Locks,"
+          f" {len(lat)} of {len(uids)} items")
+    print(f"   latency                                  : {fmt(lat)}")
+    print(f"   floor: one Coord:Acquire round trip      : {fmt(rtt)}")
+    print(f"   target < 50 ms: {'met' if lat and max(lat) < 0.05 else 'NOT met'} (max), "
+          f"{'met' if lat and statistics.median(lat) < 0.05 else 'NOT met'} (median)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -400,8 +400,11 @@ def _start(ctx) -> None:
     )
     wait_until(lambda: _redis_ping(redis_port), 20.0, f"redis on {redis_port}")
     store = ctx.files.get("store")
+    # The RE worker's devices talk to the device network directly (ctx.device_env: behind the
+    # guard gateway when the guard part runs): plans are guarded by the worker hook, the guard
+    # fronts people's clients (docs/decisions/0022-worker-on-the-device-network.md).
     menv = {
-        **ctx.device_env, **ctx.env,
+        **ctx.env, **(ctx.device_env or {}),
         **hook_env(ctx.prefix, redis_port, f"sqlite:///{store}" if store else None),
     }
     t0 = time.monotonic()
@@ -472,3 +475,191 @@ def __getattr__(name: str) -> Any:
     if name == "COMPONENTS":  # built lazily: beamline imports this module to find it
         return _components()
     raise AttributeError(name)
+
+
+# --- the walkthrough of issue 3 ------------------------------------------------------------------
+
+OPERATOR = "anna"
+"""The operator of the walkthrough (a named user through the demo's trusted onBehalfOf path)."""
+
+
+class QueueWalkthrough:
+    """The queue steps of ``pvcoord demo --walkthrough`` (see :func:`run_queue_walkthrough`)."""
+
+    def __init__(self, ctx, say, timeout: float = 60.0) -> None:
+        from p4p.client.thread import Context  # noqa: PLC0415
+
+        from pvcoord.client import Client  # noqa: PLC0415
+        from pvcoord.procs import client_conf  # noqa: PLC0415
+
+        self.ctx, self.say, self.timeout = ctx, say, timeout
+        self.prefix = ctx.prefix
+        self.conf = client_conf(ctx.env)
+        self.pva = Context("pva", conf=self.conf, useenv=False, nt=False)
+        self.coord = Client(self.prefix, conf=self.conf, timeout=10.0)
+        self.control = ctx.port("zmq-control")
+
+    def close(self) -> None:
+        """Close the clients."""
+        self.pva.close()
+        self.coord.close()
+
+    # helpers
+    def get(self, spec, device: str | None = None) -> Any:
+        """Value of PV ``spec`` (an enum as its label, an array as a list)."""
+        from pvdb.names import PVKind  # noqa: PLC0415
+
+        v = self.pva.get(spec.name(self.prefix, device=device), timeout=10.0)
+        if spec.kind is PVKind.NTENUM:
+            return v["value.choices"][v["value.index"]]
+        x = v["value"]
+        return list(x) if spec.kind is PVKind.STRING_ARRAY else x
+
+    def rpc(self, spec, **kws: str) -> Any:
+        """Call RPC ``spec`` with string arguments, printing the equivalent pvcall."""
+        from p4p.nt import NTURI  # noqa: PLC0415
+
+        name = spec.name(self.prefix)
+        shown = " ".join(f"'{k}={v}'" if " " in v or '"' in v else f"{k}={v}"
+                         for k, v in kws.items())
+        self.say(f"  $ pvcall {name} {shown}".rstrip())
+        return self.pva.rpc(name, NTURI([(k, "s") for k in kws]).wrap(name, kws=kws),
+                            timeout=10.0)
+
+    def show_lock(self, device: str) -> str:
+        """Print and return ``Coord:<device>:State`` and ``:Owner``."""
+        from pvdb.names import COORD_DEVICE_OWNER, COORD_DEVICE_STATE  # noqa: PLC0415
+
+        text = f"{self.get(COORD_DEVICE_STATE, device)} {self.get(COORD_DEVICE_OWNER, device)}"
+        text = text.strip()
+        self.say(f"      Coord:{device}:State/Owner = {text}")
+        return text
+
+    def wait(self, pred, what: str) -> Any:
+        """Wait (with the step deadline) until ``pred()`` is truthy; return it."""
+        return wait_until(pred, self.timeout, what, 0.05)
+
+    def idle(self) -> None:
+        """Wait until the RE Manager is idle."""
+        self.wait(lambda: manager_call(self.control, "status")["manager_state"] == "idle",
+                  "RE Manager idle")
+
+    # steps
+    def step_preemption(self) -> bool:
+        """A queued scan on m1 preempts the operator's MANUAL_OPERATOR lock when it runs."""
+        from pvcoord.client import RefusedError  # noqa: PLC0415
+        from pvdb.models import LockType  # noqa: PLC0415
+
+        self.say("\nqueue step 1: an operator holds m1; a scan on m1 is queued, then runs")
+        manager_call(self.control, "queue_clear")
+        self.say(f"  $ pvcoord lock m1 --type MANUAL_OPERATOR --reason 'align m1' "
+                 f"--on-behalf-of {OPERATOR}")
+        self.coord.acquire(["m1"], LockType.MANUAL_OPERATOR, 300, "align m1",
+                           on_behalf_of=OPERATOR)
+        self.show_lock("m1")
+        uid = self.rpc(qn.ITEM_ADD, name="scan", args='[["det1"], "m1", -1, 1]',
+                       kwargs='{"num": 5}')["itemUid"]
+        self.wait(lambda: "det1" in self.get(qn.QUEUED_DEVICES), "det1 reserved")
+        self.say(f"      queued {uid}; Queue:QueuedDevices = {self.get(qn.QUEUED_DEVICES)} "
+                 "(m1 stays the operator's: QUEUE_QUEUED cannot preempt MANUAL_OPERATOR)")
+        ok = self.show_lock("m1").startswith("ManualOperator")
+        self.rpc(qn.QUEUE_START)
+        lk = self.wait(lambda: [x for x in self.coord.locks() if x.device == "m1"
+                                and x.lock_type is LockType.QUEUE_EXECUTING], "m1 executing")[0]
+        self.show_lock("m1")
+        ok &= lk.plan_uid == uid
+        ev = self.wait(lambda: [e for e in self.coord.events()
+                                if e.device == "m1" and e.action.value == "preempted"],
+                       "the preemption in Coord:Events")
+        self.say(f"      audit: {ev[-1].line()}")
+        self.say(f"  [{OPERATOR}] $ pvcoord renew m1 --on-behalf-of {OPERATOR}")
+        try:
+            self.coord.renew(["m1"], timeout=60, on_behalf_of=OPERATOR)
+            self.say("      renewed?! (expected: preempted)")
+            ok = False
+        except RefusedError as e:
+            self.say(f"      error: {e}")
+            ok &= "preempted" in str(e)
+        self.idle()
+        self.say(f"      Queue:LastExitStatus = {self.get(qn.LAST_EXIT_STATUS)}; "
+                 f"m1 after the scan: {self.show_lock('m1')!r}")
+        ok &= self.get(qn.LAST_EXIT_STATUS) == "completed"
+        return bool(ok)
+
+    def step_maintenance(self) -> bool:
+        """MAINTENANCE on m2 stops a plan that uses m2 before it touches it."""
+        from pvdb import demo as demo_pvs  # noqa: PLC0415
+        from pvdb.models import LockType  # noqa: PLC0415
+
+        self.say("\nqueue step 2: staff take MAINTENANCE on m2; plans that use m2 are stopped")
+        manager_call(self.control, "queue_clear")
+        self.say("  $ pvcoord lock m2 --type MAINTENANCE --reason 'realign m2'")
+        self.coord.acquire(["m2"], LockType.MAINTENANCE, 600, "realign m2")
+        self.show_lock("m2")
+        setpoint = demo_pvs.motor_setpoint(self.prefix, "m2")
+        before = float(self.pva.get(setpoint, timeout=10.0)["value"])
+        ok = True
+        try:
+            # a scan that names m2: the queue IOC refuses to start it
+            self.rpc(qn.ITEM_ADD, name="scan", args=f'[["det1"], "m2", {before + 1}, '
+                     f'{before + 2}]', kwargs='{"num": 3}')
+            try:
+                self.rpc(qn.QUEUE_START)
+                self.say("      started?! (expected: refused)")
+                ok = False
+            except Exception as e:  # noqa: BLE001 - the RPC error is the expected outcome
+                self.say(f"      error: {e}")
+                ok &= "MAINTENANCE" in str(e)
+            self.rpc(qn.ITEM_REMOVE, pos="front")
+            # a plan that reaches m2 through a global: the worker hook stops it before any set
+            self.rpc(qn.ITEM_ADD, name="park_m2", args=f"[{before + 5}]")
+            self.rpc(qn.QUEUE_START)
+            self.wait(lambda: self.get(qn.LAST_EXIT_STATUS) == "failed"
+                      and manager_call(self.control, "status")["manager_state"] == "idle",
+                      "park_m2 stopped")
+            msg = self.get(qn.LAST_ITEM_MSG)
+            self.say(f"      Queue:LastExitStatus = failed; Queue:LastItemMsg = {msg}")
+            after = float(self.pva.get(setpoint, timeout=10.0)["value"])
+            self.say(f"      {setpoint} = {after} (before: {before}); the item is back in the "
+                     f"queue: Queue:ItemNames = {self.get(qn.ITEM_NAMES)}")
+            ok &= after == before and "refused 'set' on m2" in msg
+        finally:
+            with contextlib.suppress(Exception):
+                manager_call(self.control, "queue_clear")
+            self.say("  $ pvcoord release m2")
+            self.coord.release(["m2"])
+        return bool(ok)
+
+    def run(self) -> bool:
+        """Both steps; True if both behaved as expected."""
+        results = []
+        try:
+            for step in (self.step_preemption, self.step_maintenance):
+                try:
+                    ok = step()
+                except Exception as e:  # noqa: BLE001 - report and go on with the next step
+                    self.say(f"      step failed: {type(e).__name__}: {e}")
+                    ok = False
+                results.append(ok)
+                self.say(f"  -> {'as expected' if ok else 'NOT as expected'}")
+        finally:
+            self.close()
+        return all(results)
+
+
+def run_queue_walkthrough(ctx, stop=None, say=None) -> bool:
+    """Run the queue steps on a started demo (``ctx``: ``pvcoord.demo.beamline.DemoContext``).
+
+    1. An operator (``anna``, through the demo's trusted onBehalfOf path) holds ``m1``
+       MANUAL_OPERATOR; a scan on ``m1`` is queued (it reserves det1 only: QUEUE_QUEUED cannot
+       preempt her) and started: the running item takes QUEUE_EXECUTING on m1, preempting her;
+       she sees it in ``Coord:m1:State``, in the audit, and in the error of her next renew.
+    2. The demo's staff account takes MAINTENANCE on ``m2``: the queue IOC refuses to start a
+       scan that names m2; ``park_m2`` (m2 through a global) is started and the worker hook
+       refuses its first ``set`` on m2: the item fails back into the queue, the queue stops,
+       the reason is in ``Queue:LastItemMsg``, and m2's setpoint is unchanged.
+
+    Returns whether both steps behaved as expected. ``stop`` is accepted for the same signature
+    as the base walkthrough (the steps are short).
+    """
+    return QueueWalkthrough(ctx, say or ctx.say).run()

@@ -365,3 +365,21 @@ def hook_request_key(prefix: str) -> str:
 def hook_reply_key(prefix: str, request_id: str) -> str:
     """Redis list the queue IOC pushes the answer of request ``request_id`` to."""
     return f"pvcoord:{prefix}queue:reply:{request_id}"
+
+
+def pv_table() -> str:
+    """The queue PVs as a Markdown table (the generated part of ``docs/queue.md``)."""
+    lines = ["| PV | type | meaning |", "| --- | --- | --- |"]
+    for s in QUEUE_PVS:
+        kind = s.kind.value
+        if s.kind is PVKind.NTENUM:
+            kind += ": " + ", ".join(s.choices)
+        elif s.kind is PVKind.NTTABLE:
+            kind += ": " + ", ".join(c for c, _ in s.columns)
+        elif s.kind is PVKind.RPC and s.args:
+            kind += ": " + ", ".join(s.args)
+        if s.units:
+            kind += f" [{s.units}]"
+        desc = " ".join(s.description.split()).replace("|", "\\|")
+        lines.append(f"| `$(P){s.suffix}` | {kind} | {desc} |")
+    return "\n".join(lines)

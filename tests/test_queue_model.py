@@ -162,3 +162,14 @@ def test_plan_locks():
     idle = model.plan_locks("", ["m1"], [], [("u2", ("m1",))], ["m1"])
     assert idle.executing == frozenset() and idle.queued == {"m1"}
     assert model.plan_locks("u1", ["m1"], [], [], None).executing == frozenset()
+
+
+def test_docs_queue_pv_list_is_current():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs/queue.md").read_text()
+    start = text.index("<!-- generated: pvdb.queue.pv_table() -->\n") + len(
+        "<!-- generated: pvdb.queue.pv_table() -->\n")
+    end = text.index("\n<!-- end generated -->")
+    assert text[start:end] == qn.pv_table(), (
+        "docs/queue.md PV list is stale: regenerate it from pvdb.queue.pv_table()")

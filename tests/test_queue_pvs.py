@@ -1,0 +1,116 @@
+"""In-process tier: the queue IOC's p4p boundary on an isolated server (no RE Manager).
+
+Posting only changes, empty tables, enum indices, the common INVALID alarm (Heartbeat and the RPCs
+excepted), and RPC handlers that always finish: results, BadRequest and internal errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from p4p.client.thread import Context, RemoteError
+from p4p.nt import NTURI
+from p4p.server import Server, StaticProvider
+
+from iocs.queue.model import BadRequestError
+from iocs.queue.pvs import INVALID, ControlError, QueuePVs, add_rpcs
+from pvdb import queue as qn
+from pvdb.names import PVKind
+
+from .conftest import TIMEOUT
+
+P = "TIP:"
+
+
+@pytest.fixture
+def served():
+    """QueuePVs and three RPCs on an isolated server, driven by an asyncio loop in a thread."""
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    provider = StaticProvider("test-queue")
+
+    async def ok(account, roles, args):
+        return f"hello {account} {args.get('name', '')}", "uid-1"
+
+    async def bad(account, roles, args):
+        raise BadRequestError("ItemAdd: unknown plan 'x'")
+
+    async def boom(account, roles, args):
+        raise KeyError("oops")
+
+    async def build():
+        pvs = QueuePVs(P, provider)
+        add_rpcs(P, provider, {qn.ITEM_ADD: ok, qn.ITEM_REMOVE: bad, qn.QUEUE_START: boom})
+        return pvs
+
+    pvs = asyncio.run_coroutine_threadsafe(build(), loop).result(TIMEOUT)
+    try:
+        with Server(providers=[provider], isolate=True) as server, \
+                Context("pva", conf=server.conf(), useenv=False, nt=False) as ctxt:
+            yield pvs, ctxt, loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(TIMEOUT)
+        loop.close()
+
+
+def on_loop(loop, fn, *args):
+    async def run():
+        return fn(*args)
+    return asyncio.run_coroutine_threadsafe(run(), loop).result(TIMEOUT)
+
+
+def test_initial_values_are_invalid_until_the_manager_is_heard(served):
+    pvs, ctxt, loop = served
+    for spec in qn.QUEUE_PVS:
+        if spec.kind is PVKind.RPC:
+            continue
+        v = ctxt.get(spec.name(P), timeout=TIMEOUT)
+        want = 0 if spec in qn.NEVER_INVALID else INVALID
+        assert v["alarm.severity"] == want, spec.suffix
+    st = ctxt.get(qn.MANAGER_STATE.name(P), timeout=TIMEOUT)
+    assert list(st["value.choices"]) == list(qn.MANAGER_STATES) and st["value.index"] == 0
+
+
+def test_set_posts_changes_and_set_alarm_reposts(served):
+    pvs, ctxt, loop = served
+    on_loop(loop, pvs.set_alarm, 0, "")
+    assert on_loop(loop, pvs.set, qn.ITEMS_IN_QUEUE, 3) is True
+    assert on_loop(loop, pvs.set, qn.ITEMS_IN_QUEUE, 3) is False  # unchanged: not posted
+    on_loop(loop, pvs.set, qn.MANAGER_STATE, qn.MANAGER_STATES.index("starting_queue"))
+    on_loop(loop, pvs.set, qn.ITEMS, [(0, "u1", "plan", "count", "[det1]", "anna", "primary",
+                                       "det1")])
+    v = ctxt.get(qn.ITEMS.name(P), timeout=TIMEOUT)
+    assert list(v["value.itemUid"]) == ["u1"] and v["alarm.severity"] == 0
+    on_loop(loop, pvs.set, qn.ITEMS, [])  # an empty table empties every column
+    v = ctxt.get(qn.ITEMS.name(P), timeout=TIMEOUT)
+    assert list(v["value.itemUid"]) == [] and list(v["value.position"]) == []
+    st = ctxt.get(qn.MANAGER_STATE.name(P), timeout=TIMEOUT)
+    assert st["value.choices"][st["value.index"]] == "starting_queue"
+    on_loop(loop, pvs.set_alarm, INVALID, "RE Manager not reachable")
+    n = ctxt.get(qn.ITEMS_IN_QUEUE.name(P), timeout=TIMEOUT)
+    assert (n["value"], n["alarm.severity"], n["alarm.message"]) == (
+        3, INVALID, "RE Manager not reachable")
+    assert ctxt.get(qn.HEARTBEAT.name(P), timeout=TIMEOUT)["alarm.severity"] == 0
+
+
+def _rpc(ctxt, spec, **kws):
+    name = spec.name(P)
+    return ctxt.rpc(name, NTURI([(k, "s") for k in kws]).wrap(name, kws=kws), timeout=TIMEOUT)
+
+
+def test_rpc_handlers_always_finish(served):
+    pvs, ctxt, loop = served
+    r = _rpc(ctxt, qn.ITEM_ADD, name="count")
+    assert r["message"].startswith("hello ") and r["message"].endswith(" count")
+    assert r["itemUid"] == "uid-1"
+    with pytest.raises(RemoteError, match="unknown plan 'x'"):
+        _rpc(ctxt, qn.ITEM_REMOVE, uid="u")
+    with pytest.raises(RemoteError, match="internal error in Queue:QueueStart: KeyError"):
+        _rpc(ctxt, qn.QUEUE_START)
+    with pytest.raises(RemoteError, match="is an RPC"):
+        ctxt.put(qn.ITEM_ADD.name(P), "x", timeout=TIMEOUT)
+    assert issubclass(ControlError, RuntimeError)

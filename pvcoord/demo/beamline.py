@@ -116,6 +116,8 @@ class DemoContext:
         procs: the processes started, by name, in start order.
         files: files written for the run (``database``, ``registry``, ``policy``, ``store``).
         notes: extra lines for the banner (what a part serves, how to use it).
+        ca_servers: processes serving Channel Access on the clients' CA ports (the CA settings
+            are printed only if there is one).
     """
 
     prefix: str
@@ -127,6 +129,7 @@ class DemoContext:
     procs: dict[str, ManagedProcess] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    ca_servers: list[str] = field(default_factory=list)
     _extra_ports: dict[str, int] = field(default_factory=dict)
     _argv: dict[str, tuple[list[str], dict[str, str], str | None, Callable | None]] = field(
         default_factory=dict
@@ -257,6 +260,8 @@ def start_softioc(ctx: DemoContext) -> None:
         env,
         ready_pv=demo_pvs.motor_readback(ctx.prefix, demo_pvs.MOTORS[0]),
     )
+    if env.get("EPICS_CAS_SERVER_PORT") == ctx.env.get("EPICS_CA_SERVER_PORT"):
+        ctx.ca_servers.append("softioc")  # its RSRV is reachable with the printed CA settings
     ctx.notes.append(
         f"devices: {', '.join(demo_pvs.DEVICE_NAMES)} (e.g. "
         f"{demo_pvs.motor_setpoint(ctx.prefix, demo_pvs.MOTORS[0])}, "
@@ -329,6 +334,8 @@ def check_ports(ctx: DemoContext) -> None:
         port = ctx.port(name)
         kind = socket.SOCK_DGRAM if name in _UDP_PORTS else socket.SOCK_STREAM
         with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:  # as the servers do: TIME_WAIT leftovers are no clash
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((LOOPBACK, port))
             except OSError:
@@ -360,7 +367,8 @@ CLIENT_SETTINGS = (
 
 def settings_lines(ctx: DemoContext) -> list[str]:
     """``export NAME=value`` lines for another shell."""
-    lines = [f"export {k}={ctx.env[k]}" for k in CLIENT_SETTINGS if k in ctx.env]
+    names = [k for k in CLIENT_SETTINGS if ctx.ca_servers or not k.startswith("EPICS_CA_")]
+    lines = [f"export {k}={ctx.env[k]}" for k in names if k in ctx.env]
     lines.append(f"export PVCOORD_PREFIX={ctx.prefix}")
     return lines
 
@@ -426,10 +434,10 @@ def start_beamline(
         components)
     try:
         write_files(ctx)
+        ctx.say(f"starting the demo beamline ({', '.join(c.name for c in comps)}) in {rd}")
         for c in comps:
             if c.prepare is not None:
                 c.prepare(ctx)
-        ctx.say(f"starting the demo beamline ({', '.join(c.name for c in comps)}) in {rd}")
         for c in comps:
             c.start(ctx)
     except BaseException:

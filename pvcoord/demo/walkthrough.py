@@ -14,6 +14,7 @@ only if every step behaved as expected.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -37,6 +38,15 @@ SHORT_LEASE = 2.0
 """Lease of the expiry step, in seconds."""
 EXPIRY_GRACE = 5.0
 """How long after the lease end the lock must be gone (server publishes expiry within 1 s)."""
+
+PART_WALKTHROUGHS: dict[str, tuple[str, str, str]] = {
+    "guard": ("pvcoord.demo.guard_part", "run_guard_walkthrough",
+              "the guard gateway refuses another account's put to a locked device"),
+    "queue": ("pvcoord.demo.queue_part", "run_queue_walkthrough",
+              "the queue holds its devices while a plan runs"),
+}
+"""Walkthroughs of the optional parts, by the process name their component starts: module,
+function ``(ctx, stop) -> bool`` (run if it exists), and the step's title."""
 
 OTHER_ACCOUNT = "nobody"
 ON_BEHALF_USER = "bob"
@@ -274,12 +284,37 @@ class Walkthrough:
                     continue
                 self.say("  ok: as expected")
                 self.results.append((title, True))
+            self.run_parts()
         finally:
             self.me.close()
         passed = sum(ok for _, ok in self.results)
         self.say("")
-        self.say(f"walkthrough: {passed}/{len(steps)} steps behaved as expected")
-        return passed == len(steps)
+        self.say(f"walkthrough: {passed}/{len(self.results)} steps behaved as expected")
+        return passed == len(self.results) == len(steps) + self.part_steps
+
+    part_steps = 0
+
+    def run_parts(self) -> None:
+        """The walkthroughs of the optional parts that run in this demo (one step each)."""
+        for proc_name, (mod_name, func_name, title) in PART_WALKTHROUGHS.items():
+            if proc_name not in self.ctx.procs or self.stop.is_set():
+                continue
+            func = getattr(importlib.import_module(mod_name), func_name, None)
+            if func is None:
+                continue
+            self.say("")
+            self.say(f"step {len(self.results) + 1}: {title}")
+            if os.geteuid() != 0 or shutil.which("runuser") is None:
+                self.say("  skipped: it needs a second OS account (run the demo as root)")
+                continue
+            self.part_steps += 1
+            try:
+                ok = bool(func(self.ctx, self.stop))
+            except Exception as e:  # noqa: BLE001 - a part's failure is a failed step
+                self.say(f"  UNEXPECTED {type(e).__name__}: {e}")
+                ok = False
+            self.say("  ok: as expected" if ok else "  UNEXPECTED: a step of this part failed")
+            self.results.append((title, ok))
 
 
 def run_walkthrough(ctx, stop: threading.Event) -> bool:

@@ -416,10 +416,12 @@ def start_beamline(
     run_dir: str | Path | None = None,
     out: TextIO | None = None,
     components: Sequence[Component] | None = None,
+    stop: threading.Event | None = None,
 ) -> DemoContext:
     """Write the files and start every component; return the context (stop with ``stop_all``).
 
-    On failure everything already started is stopped before :class:`DemoError` is raised.
+    On failure, or when ``stop`` is set between two components (Ctrl-C while starting),
+    everything already started is stopped before :class:`DemoError` is raised.
     """
     out = out or sys.stdout
     check_prefix(prefix)
@@ -439,6 +441,8 @@ def start_beamline(
             if c.prepare is not None:
                 c.prepare(ctx)
         for c in comps:
+            if stop is not None and stop.is_set():
+                raise DemoError(f"interrupted while starting (before {c.name})")
             c.start(ctx)
     except BaseException:
         ctx.stop_all()
@@ -478,10 +482,10 @@ def run_demo(
     code = 0
     try:
         try:
-            ctx = start_beamline(prefix, ports_from, run_dir, out)
+            ctx = start_beamline(prefix, ports_from, run_dir, out, stop=stop)
         except DemoError as e:
             print(f"pvcoord demo: {e}", file=sys.stderr)
-            return 2
+            return 0 if stop.is_set() else 2
         if stop.is_set():
             return 0
         if walkthrough:

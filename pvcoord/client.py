@@ -937,6 +937,14 @@ class AsyncClient(_Base):
         """See :meth:`Client.events`."""
         return parse_events(await self.get(self.pv(COORD_EVENTS), call_timeout))
 
+    async def devices(self, *, call_timeout: float | None = None) -> list[str]:
+        """See :meth:`Client.devices`."""
+        return [str(d) for d in scalar(await self.get(self.pv(COORD_DEVICES), call_timeout))]
+
+    async def heartbeat(self, *, call_timeout: float | None = None) -> int:
+        """See :meth:`Client.heartbeat`."""
+        return int(scalar(await self.get(self.pv(COORD_HEARTBEAT), call_timeout)))
+
     async def registry_devices(
         self, *, call_timeout: float | None = None
     ) -> list[RegistryDevice]:

@@ -91,7 +91,7 @@ def test_refusals_and_bad_input_exit_codes(ioc, capsys):
     code, _ = run("release", "m3")
     err = capsys.readouterr().err
     assert code == cli.EXIT_REFUSED
-    assert err.startswith(f"pvcoord: refused by {PREFIX}Coord:Release: cannot release: 'm3'")
+    assert err.startswith(f"pvcoord: refused by {PREFIX}Coord:Release: ") and "m3" in err
     code, _ = run("lock", "nosuch", "--type", "MANUAL_OPERATOR")
     assert code == cli.EXIT_REFUSED and "nosuch" in capsys.readouterr().err
     code, _ = run("lock", "m3", "--type", "BOSS")

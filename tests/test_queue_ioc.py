@@ -75,6 +75,8 @@ allow = ["*"]
 [lock_types.QUEUE_QUEUED]
 allow = ["queue"]
 """
+EXEC_LEASE = 3.0
+"""QUEUE_EXECUTING lease of the module's queue IOC (s): short, so a plan outlives it."""
 WAIT = 30.0
 """Deadline (s) for things that take a few seconds on two loaded cores (plans, env open)."""
 
@@ -122,7 +124,8 @@ def bench(tmp_path_factory):
     env = loopback_env()
     procs, store, policy = _start_base(d, env)
     try:
-        with start_queue_stack(P, env, d, store_url=store, policy=policy) as stack, \
+        with start_queue_stack(P, env, d, store_url=store, policy=policy,
+                               ioc_args=("--exec-lease", str(EXEC_LEASE))) as stack, \
                 Context("pva", conf=client_conf(env), useenv=False, nt=False) as ctxt, \
                 Client(P, conf=client_conf(env), timeout=TIMEOUT) as coord:
             yield Bench(env, stack, ctxt, coord, [*procs, *stack.procs.values()], d)
@@ -386,7 +389,7 @@ def test_an_account_the_policy_does_not_name_is_refused(clean):
 def test_locks_follow_an_item_that_completes(clean):
     b = clean
     uid = call(b, qn.ITEM_ADD, name="count", args='[["det1"]]',
-               kwargs='{"num": 15, "delay": 0.2}')["itemUid"]
+               kwargs='{"num": 25, "delay": 0.2}')["itemUid"]
     wait_until(lambda: {(lk.device, lk.lock_type) for lk in queue_locks(b)}
                == {("det1", LockType.QUEUE_QUEUED)}, WAIT, "det1 reserved")
     call(b, qn.QUEUE_START)
@@ -398,6 +401,12 @@ def test_locks_follow_an_item_that_completes(clean):
     assert val(b, qn.EXECUTING_DEVICES) == ["det1"]
     assert val(b, qn.RUNNING_ITEM_UID) == uid and val(b, qn.RUNNING_ITEM_NAME) == "count"
     assert val(b, qn.RUNNING_ITEM_DEVICES) == ["det1"]
+    # the lease is shorter than the plan: the IOC renews it while the item runs
+    first_expiry = running[0].expires
+    time.sleep(EXEC_LEASE + 1.0)  # not a readiness wait: the plan must outlive the first lease
+    assert mgr_state(b) == "executing_queue", "the plan should still run"
+    held = [lk for lk in queue_locks(b) if lk.lock_type is LockType.QUEUE_EXECUTING]
+    assert [lk.device for lk in held] == ["det1"] and held[0].expires > first_expiry
     wait_idle(b)
     wait_until(lambda: not queue_locks(b), WAIT, "released after completion")
     assert b.stack.call("history_get")["items"][-1]["result"]["exit_status"] == "completed"

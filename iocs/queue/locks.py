@@ -242,32 +242,36 @@ class LockKeeper:
         assert self._client is not None
         need = [d for d in sorted(plan.queued) if self.held.get(d, (None,))[0] is not QUEUED]
         free = [d for d in need if not blockers([d], self.locks, self.account, QUEUED)]
-        if not free:
-            return
-        uid = plan.first_user.get(free[0], "")
+        groups: dict[str, list[str]] = {}
+        for d in free:  # planUid of a reservation: the first queued item that uses the device
+            groups.setdefault(plan.first_user.get(d, ""), []).append(d)
+        now = time.time()
+        for uid, devs in groups.items():
+            granted = await self._reserve(devs, uid)
+            for d in granted:
+                self.held[d] = (QUEUED, uid, now)
+            if granted:
+                self._last_renew[QUEUED] = now
+
+    async def _reserve(self, devices: list[str], uid: str) -> list[str]:
+        """QUEUE_QUEUED on ``devices`` (all at once, else one by one); returns those granted."""
+        assert self._client is not None
+        reason = "queue: reserved for queued items"
         try:
-            await self._client.acquire(
-                free, QUEUED, timeout=self.queued_lease, reason="queue: reserved for queued items",
-                plan_uid=uid, on_behalf_of=self._obo,
-            )
-            granted = free
+            await self._client.acquire(devices, QUEUED, timeout=self.queued_lease, reason=reason,
+                                       plan_uid=uid, on_behalf_of=self._obo)
+            return devices
         except CoordError:
             granted = []
-            for d in free:  # the table changed meanwhile: one by one
+            for d in devices:  # the table changed meanwhile
                 try:
-                    await self._client.acquire(
-                        [d], QUEUED, timeout=self.queued_lease,
-                        reason="queue: reserved for queued items",
-                        plan_uid=plan.first_user.get(d, ""), on_behalf_of=self._obo,
-                    )
+                    await self._client.acquire([d], QUEUED, timeout=self.queued_lease,
+                                               reason=reason, plan_uid=uid,
+                                               on_behalf_of=self._obo)
                     granted.append(d)
                 except CoordError:
                     continue
-        now = time.time()
-        for d in granted:
-            self.held[d] = (QUEUED, plan.first_user.get(d, ""), now)
-        if granted:
-            self._last_renew[QUEUED] = now
+            return granted
 
     async def _renew(self) -> None:
         assert self._client is not None

@@ -316,6 +316,7 @@ def start_queue_stack(
     queue_ioc: bool = True,
     device_prefix: str | None = None,
     ioc_env: Mapping[str, str] | None = None,
+    ioc_args: tuple[str, ...] = (),
 ) -> Iterator[QueueStack]:
     """Start redis, the RE Manager (demo startup dir) and the queue IOC; stop them on exit.
 
@@ -332,6 +333,7 @@ def start_queue_stack(
         queue_ioc: start the queue IOC (False: only redis and the manager).
         device_prefix: prefix of the demo softIoc's PVs (default ``prefix``).
         ioc_env: environment of the queue IOC (default: ``env`` with a fresh server port).
+        ioc_args: extra arguments of ``python -m iocs.queue`` (e.g. ``("--exec-lease", "3")``).
     """
     log_dir = Path(log_dir)
     stack = QueueStack(prefix, 0, free_port(), free_port(), log_dir=log_dir)
@@ -346,7 +348,7 @@ def start_queue_stack(
         )
         if queue_ioc:
             argv = queue_ioc_argv(prefix, stack.control_port, stack.info_port, stack.redis_port,
-                                  policy, lock_owner, locks)
+                                  policy, lock_owner, locks, ioc_args)
             ioc = ManagedProcess("queue-ioc", argv, ioc_env or server_env(env), log_dir=log_dir)
             stack.procs["queue-ioc"] = ioc
             wait_for_pv(qn.MANAGER_STATE.name(prefix), env, 30.0, procs=[ioc],

@@ -110,9 +110,8 @@ class SQLiteStore:
         self._mutex = threading.Lock()
         try:
             if readonly:
-                self._db = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
-                )
+                uri = self.path.resolve().as_uri() + "?mode=ro"  # file:///abs/path?mode=ro
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(self.path, check_same_thread=False)

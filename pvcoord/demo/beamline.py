@@ -145,6 +145,11 @@ class DemoContext:
             )
         return self._extra_ports[name]
 
+    def last_port(self) -> int:
+        """Highest port of the block handed out so far (fixed names included)."""
+        return max([self.ports_from + o for o in PORT_OFFSETS.values()]
+                   + list(self._extra_ports.values()))
+
     def server_env(self, name: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """``base`` (default :attr:`env`) with the PVA TCP port named ``name``."""
         return server_env(self.env if base is None else base, self.port(name))
@@ -382,7 +387,7 @@ def banner(ctx: DemoContext) -> str:
     out = [
         "",
         f"pvcoord demo beamline is running: prefix {p}, everything on {LOOPBACK} "
-        f"(ports {ctx.ports_from}-{ctx.ports_from + _FIRST_FREE_OFFSET - 1}).",
+        f"(ports {ctx.ports_from}-{ctx.last_port()}).",
         f"Run directory (database, registry, policy, lock store, logs): {ctx.run_dir}",
         "",
         "In another shell:",

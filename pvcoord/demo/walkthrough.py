@@ -39,14 +39,15 @@ SHORT_LEASE = 2.0
 EXPIRY_GRACE = 5.0
 """How long after the lease end the lock must be gone (server publishes expiry within 1 s)."""
 
-PART_WALKTHROUGHS: dict[str, tuple[str, str, str]] = {
+PART_WALKTHROUGHS: dict[str, tuple[str, str, str, bool]] = {
     "guard": ("pvcoord.demo.guard_part", "run_guard_walkthrough",
-              "the guard gateway refuses another account's put to a locked device"),
+              "the guard gateway refuses another account's put to a locked device", True),
     "queue": ("pvcoord.demo.queue_part", "run_queue_walkthrough",
-              "the queue holds its devices while a plan runs"),
+              "the queue holds its devices while a plan runs", False),
 }
 """Walkthroughs of the optional parts, by the process name their component starts: module,
-function ``(ctx, stop) -> bool`` (run if it exists), and the step's title."""
+function ``(ctx, stop) -> bool`` (run if it exists), the step's title, and whether it needs a
+second OS account (root and runuser; otherwise it is reported as skipped)."""
 
 OTHER_ACCOUNT = "nobody"
 ON_BEHALF_USER = "bob"
@@ -296,17 +297,17 @@ class Walkthrough:
 
     def run_parts(self) -> None:
         """The walkthroughs of the optional parts that run in this demo (one step each)."""
-        for proc_name, (mod_name, func_name, title) in PART_WALKTHROUGHS.items():
+        for proc_name, (mod_name, func_name, title, second) in PART_WALKTHROUGHS.items():
             if proc_name not in self.ctx.procs or self.stop.is_set():
                 continue
             func = getattr(importlib.import_module(mod_name), func_name, None)
             if func is None:
                 continue
             self.say("")
-            self.say(f"step {len(self.results) + 1}: {title}")
-            if os.geteuid() != 0 or shutil.which("runuser") is None:
-                self.say("  skipped: it needs a second OS account (run the demo as root)")
+            if second and (os.geteuid() != 0 or shutil.which("runuser") is None):
+                self.say(f"not run: {title} (it needs a second OS account: run the demo as root)")
                 continue
+            self.say(f"step {len(self.results) + 1}: {title}")
             self.part_steps += 1
             try:
                 ok = bool(func(self.ctx, self.stop))

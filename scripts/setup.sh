@@ -22,6 +22,12 @@ if ! runuser -u nobody -- test -r "$repo/pyproject.toml" 2>/dev/null; then
     ln -sfn "$venv" "$repo/.venv"
 fi
 
+# The demo's queue service account: the RE Manager and the queue IOC run as it and hold the queue's
+# locks (docs/decisions/0022-worker-on-the-device-network.md).
+if [ "$(id -u)" = 0 ] && ! getent passwd pvcoord-queue >/dev/null; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pvcoord-queue
+fi
+
 stamp="$venv/.pvcoord-installed"
 want=$(sha1sum pyproject.toml | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then

@@ -55,7 +55,7 @@ from .conftest import TIMEOUT, other_user_available
 pytestmark = pytest.mark.system
 
 P = "TQ:"
-POLICY = """
+POLICY = f"""
 [access]
 trusted_services = ["root"]
 force_release = ["root"]
@@ -65,7 +65,7 @@ queue_control = ["root"]
 allow = ["*"]
 
 [lock_types.QUEUE_EXECUTING]
-allow = ["queue"]
+allow = ["{QUEUE_LOCK_OWNER}"]
 default_lease = 60
 max_lease = 600
 
@@ -73,7 +73,7 @@ max_lease = 600
 allow = ["*"]
 
 [lock_types.QUEUE_QUEUED]
-allow = ["queue"]
+allow = ["{QUEUE_LOCK_OWNER}"]
 """
 EXEC_LEASE = 3.0
 """QUEUE_EXECUTING lease of the module's queue IOC (s): short, so a plan outlives it."""

@@ -166,8 +166,11 @@ class DemoContext:
         ready_pv: str | None = None,
         condition: Callable[[object], bool] | None = None,
         timeout: float = START_TIMEOUT,
+        user: str | None = None,
     ) -> ManagedProcess:
         """Start process ``name`` (logged to ``run_dir/NAME.log``), wait for ``ready_pv``.
+
+        ``user``: run it as this OS account (``runuser``; the demo must run as root).
 
         The process is registered first, so it is stopped at the end even if the wait fails.
 
@@ -178,9 +181,9 @@ class DemoContext:
         if name in self.procs and self.procs[name].alive():
             raise DemoError(f"{name} is already running (pid {self.procs[name].pid})")
         t0 = time.monotonic()
-        proc = ManagedProcess(name, argv, env, cwd=self.run_dir, log_dir=self.run_dir)
+        proc = ManagedProcess(name, argv, env, cwd=self.run_dir, log_dir=self.run_dir, user=user)
         self.procs[name] = proc
-        self._argv[name] = (list(argv), dict(env), ready_pv, condition)
+        self._argv[name] = (list(argv), dict(env), ready_pv, condition, user)
         if ready_pv is not None:
             try:
                 wait_for_pv(ready_pv, self.env, timeout, procs=[proc], condition=condition)
@@ -192,7 +195,7 @@ class DemoContext:
 
     def restart(self, name: str, kill: bool = False) -> ManagedProcess:
         """Stop ``name`` (SIGTERM, or SIGKILL with ``kill``) and start it again the same way."""
-        argv, env, ready_pv, condition = self._argv[name]
+        argv, env, ready_pv, condition, user = self._argv[name]
         proc = self.procs[name]
         if kill:
             proc.kill9()
@@ -200,7 +203,7 @@ class DemoContext:
         old_log = proc.log_path
         with contextlib.suppress(OSError):
             old_log.rename(old_log.with_suffix(f".{int(time.time())}.log"))
-        return self.start(name, argv, env, ready_pv, condition)
+        return self.start(name, argv, env, ready_pv, condition, user=user)
 
     def stop_all(self) -> list[str]:
         """Stop every process, newest first; return ``name: exit code`` lines."""

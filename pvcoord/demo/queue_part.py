@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -39,9 +39,12 @@ from pvdb import queue as qn
 STARTUP_DIR = Path(__file__).with_name("startup")
 """The demo profile collection (startup dir) of the RE Manager."""
 
-QUEUE_LOCK_OWNER = "queue"
-"""User the demo's queue IOC holds its locks as (``--lock-owner``): distinct from the demo's own
-account (root), so the operator's and staff's locks and the queue's are different holders."""
+QUEUE_LOCK_OWNER = "pvcoord-queue"
+"""The demo's queue service account: the RE Manager and the queue IOC run as this OS account
+(created by scripts/setup.sh), so it holds the QUEUE_* locks and the RE worker's puts through the
+guard come from the holder. Without the account (or without root), the queue IOC runs as the demo's
+account and holds its locks on behalf of this user (``--lock-owner``), and the RE worker talks to
+the device network directly."""
 
 MANAGER_START_TIMEOUT = 60.0
 """Seconds the RE Manager may take to answer its first status (2 loaded cores)."""
@@ -371,25 +374,27 @@ def _index(v: Any) -> int:
 # --- the demo component ------------------------------------------------------------------------
 
 
-def _prepare(ctx) -> None:
-    """Let the queue IOC's lock owner take QUEUE_* locks in the run's policy copy.
+def service_account_problem(python: str = sys.executable) -> str | None:
+    """Why the RE Manager and queue IOC cannot run as :data:`QUEUE_LOCK_OWNER`, or None."""
+    import pwd  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
 
-    Workaround until the demo policy (pvcoord/demo/policy.toml, not this module's file) names
-    :data:`QUEUE_LOCK_OWNER` itself: adds it to the ``allow`` lists of QUEUE_EXECUTING and
-    QUEUE_QUEUED of the run directory's copy.
-    """
-    path = ctx.files.get("policy")
-    if path is None:
-        return
-    text = Path(path).read_text()
-    for section in ("QUEUE_EXECUTING", "QUEUE_QUEUED"):
-        pat = re.compile(
-            r"(\[lock_types\." + section + r"\][^\[]*?allow\s*=\s*\[)([^\]]*)\]", re.S
-        )
-        m = pat.search(text)
-        if m and f'"{QUEUE_LOCK_OWNER}"' not in m.group(2):
-            text = text[: m.start(2)] + f'"{QUEUE_LOCK_OWNER}", ' + text[m.start(2):]
-    Path(path).write_text(text)
+    if os.geteuid() != 0:
+        return "the demo does not run as root"
+    try:
+        pwd.getpwnam(QUEUE_LOCK_OWNER)
+    except KeyError:
+        return f"no OS account {QUEUE_LOCK_OWNER} (scripts/setup.sh creates it)"
+    if shutil.which("runuser") is None:
+        return "runuser not found"
+    probe = subprocess.run(
+        ["runuser", "-u", QUEUE_LOCK_OWNER, "--", python, "-c", "import pvcoord.worker_hook"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    if probe.returncode != 0:
+        return f"{QUEUE_LOCK_OWNER} cannot import pvcoord (checkout not readable by other accounts)"
+    return None
 
 
 def _start(ctx) -> None:
@@ -402,15 +407,24 @@ def _start(ctx) -> None:
     )
     wait_until(lambda: _redis_ping(redis_port), 20.0, f"redis on {redis_port}")
     store = ctx.files.get("store")
-    # The RE worker's devices talk to the device network directly (ctx.device_env: behind the
-    # guard gateway when the guard part runs): plans are guarded by the worker hook, the guard
-    # fronts people's clients (docs/decisions/0022-worker-on-the-device-network.md).
-    menv = {
-        **ctx.env, **(ctx.device_env or {}),
-        **hook_env(ctx.prefix, redis_port, f"sqlite:///{store}" if store else None),
-    }
+    problem = service_account_problem()
+    user = None if problem else QUEUE_LOCK_OWNER
+    hook = hook_env(ctx.prefix, redis_port, f"sqlite:///{store}" if store else None)
+    if user is not None:
+        # The production arrangement: RE Manager and queue IOC under one service account that
+        # holds the queue's locks; the RE worker is a client like any other, so with the guard
+        # part its puts go through the guard (docs/decisions/0022-worker-on-the-device-network.md).
+        home = ctx.run_dir / "home-queue"
+        home.mkdir(exist_ok=True)
+        shutil.chown(home, user=QUEUE_LOCK_OWNER)
+        ctx.run_dir.chmod(0o755)  # the service account reads the policy, startup and lock store
+        menv = {**ctx.env, **hook, "HOME": str(home), "USER": QUEUE_LOCK_OWNER}
+    else:
+        ctx.say(f"  note: queue part runs as {os.environ.get('USER', 'this account')}: {problem};"
+                " the RE worker then talks to the device network directly")
+        menv = {**ctx.env, **(ctx.device_env or {}), **hook}
     t0 = time.monotonic()
-    mgr = ctx.start("re-manager", re_manager_argv(redis_port, control, info), menv)
+    mgr = ctx.start("re-manager", re_manager_argv(redis_port, control, info), menv, user=user)
     try:
         wait_manager(control, MANAGER_START_TIMEOUT, mgr)
     except (TimeoutError, RuntimeError) as e:
@@ -418,10 +432,12 @@ def _start(ctx) -> None:
     ctx.say(f"  {'re-manager':<13} answering after {time.monotonic() - t0:4.1f} s")
     ctx.start(
         "queue",
-        queue_ioc_argv(ctx.prefix, control, info, redis_port, ctx.files.get("policy")),
-        ctx.server_env("queue"),
+        queue_ioc_argv(ctx.prefix, control, info, redis_port, ctx.files.get("policy"),
+                       lock_owner=None if user else QUEUE_LOCK_OWNER),
+        {**ctx.server_env("queue"), **({"HOME": str(ctx.run_dir / "home-queue")} if user else {})},
         ready_pv=qn.MANAGER_STATE.name(ctx.prefix),
         condition=lambda v: _index(v) != 0,
+        user=user,
     )
     t0 = time.monotonic()
     try:
@@ -470,7 +486,7 @@ def _demo_error(text: str) -> Exception:
 def _components() -> list:
     from pvcoord.demo.beamline import Component  # noqa: PLC0415
 
-    return [Component("queue", _start, _prepare)]
+    return [Component("queue", _start)]
 
 
 def __getattr__(name: str) -> Any:

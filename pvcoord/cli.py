@@ -136,26 +136,51 @@ def cmd_lock(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+KEY_ENV = "PVCOORD_KEY"
+"""Environment variable holding a lock key (keeps it out of the process list)."""
+
+
+def _key(args: argparse.Namespace) -> str | None:
+    """The key of a release/renew: ``--key -`` (stdin), else ``--key KEY``, else ``$PVCOORD_KEY``.
+
+    A key on the command line is visible to every account in the process list.
+    """
+    if args.key == "-":
+        key = sys.stdin.readline().strip()
+        if not key:
+            raise UsageError("--key -: no key on standard input")
+        return key
+    return args.key or os.environ.get(KEY_ENV) or None
+
+
+def _said(what: str, message: str) -> str:
+    """The server's message in parentheses, unless it only repeats ``what``."""
+    same = message.replace(" ", "").endswith(what.replace(" ", ""))
+    return "" if not message or same else f" ({message})"
+
+
 def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
     """``pvcoord release``."""
-    if not args.devices and not args.key:
-        raise UsageError("release: name the devices, or give --key")
+    key = _key(args)
+    if not args.devices and not key:
+        raise UsageError(f"release: name the devices, or give --key (or ${KEY_ENV})")
     with _client(args) as c:
-        r = c.release(args.devices or None, args.key, args.on_behalf_of)
+        r = c.release(args.devices or None, key, args.on_behalf_of)
     what = ",".join(r.devices) or args.devices or "the lock of that key"
-    print(f"released {what}" + (f" ({r.message})" if r.message else ""), file=out)
+    print(f"released {what}" + _said(what, r.message), file=out)
     return EXIT_OK
 
 
 def cmd_renew(args: argparse.Namespace, out: TextIO) -> int:
     """``pvcoord renew``."""
-    if not args.devices and not args.key:
-        raise UsageError("renew: name the devices, or give --key")
+    key = _key(args)
+    if not args.devices and not key:
+        raise UsageError(f"renew: name the devices, or give --key (or ${KEY_ENV})")
     with _client(args) as c:
-        r = c.renew(args.devices or None, args.key, args.timeout, args.on_behalf_of)
+        r = c.renew(args.devices or None, key, args.timeout, args.on_behalf_of)
     what = ",".join(r.devices) or args.devices or "the lock of that key"
     until = f" until {fmt_time(r.expires)}" if r.expires else ""
-    print(f"renewed {what}{until}" + (f" ({r.message})" if r.message else ""), file=out)
+    print(f"renewed {what}{until}" + _said(what, r.message), file=out)
     return EXIT_OK
 
 
@@ -402,13 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
         "release", parents=[common], help="release your locks (or the lock of a key)",
     )
     rl.add_argument("devices", nargs="?", default="", help="comma list of devices")
-    rl.add_argument("--key", default=None, help="the key the lock was granted with")
+    rl.add_argument("--key", default=None,
+                    help="the key the lock was granted with; '-' reads it from stdin (a key on "
+                    "the command line is visible in the process list; $PVCOORD_KEY also works)")
     rl.add_argument("--on-behalf-of", default=None, metavar="USER")
     rl.set_defaults(func=cmd_release)
 
     rn = sub.add_parser("renew", parents=[common], help="extend the lease of your locks")
     rn.add_argument("devices", nargs="?", default="", help="comma list of devices")
-    rn.add_argument("--key", default=None, help="the key the lock was granted with")
+    rn.add_argument("--key", default=None,
+                    help="the key the lock was granted with; '-' reads it from stdin "
+                    "($PVCOORD_KEY also works)")
     rn.add_argument("--timeout", type=_positive, default=None,
                     help="new lease from now, in seconds (default: the type's default)")
     rn.add_argument("--on-behalf-of", default=None, metavar="USER")

@@ -82,9 +82,29 @@ def test_lock_status_release(ioc, capsys):
     code, out = run("renew", "m1", "--timeout", "120")
     assert code == 0 and out.startswith("renewed m1 until ")
     code, out = run("release", "m1,m2")
-    assert (code, out.strip()) == (0, "released m1,m2 (released m1, m2)")
+    assert (code, out.strip()) == (0, "released m1,m2")
     code, out = run("status")
     assert code == 0 and out.startswith(f"no active locks on {PREFIX}")
+
+
+def test_key_from_stdin_or_environment_never_on_the_command_line(ioc):
+    """``--key -`` and ``$PVCOORD_KEY`` keep the key out of the process list."""
+    from pvcoord.client import Client
+
+    with Client(PREFIX) as c:
+        g1 = c.acquire("m4", "MANUAL_OPERATOR", 60, on_behalf_of="keyholder")
+        g2 = c.acquire("m5", "MANUAL_OPERATOR", 60, on_behalf_of="keyholder")
+    cmd = [sys.executable, "-m", "pvcoord.cli", "--prefix", PREFIX]
+    r = subprocess.run([*cmd, "renew", "--key", "-", "--timeout", "30"], input=g1.key + "\n",
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0 and r.stdout.startswith("renewed m4 until"), r.stderr
+    r = subprocess.run([*cmd, "release"], env={**os.environ, "PVCOORD_KEY": g2.key},
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert (r.returncode, r.stdout.strip()) == (0, "released m5"), r.stderr
+    r = subprocess.run([*cmd, "release", "--key", "-"], input="", capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 2 and "no key on standard input" in r.stderr
+    assert run("release", "--key", g1.key)[0] == 0
 
 
 def test_refusals_and_bad_input_exit_codes(ioc, capsys):

@@ -244,8 +244,8 @@ class Walkthrough:
             before.owner, before.lock_type, before.expires
         ):
             raise StepFailedError(f"{m4} came back changed: {before} -> {after}")
-        self.cmd("identity 1", self.me_shown("renew", "--key", "KEY", "--timeout", "300")
-                 + "   # KEY: granted before the restart")
+        self.cmd("identity 1", self.me_shown("renew", "--key", "-", "--timeout", "300")
+                 + "   # the key granted before the restart, on stdin")
         r = self.me.renew(key=g.key, timeout=300)
         self.result(r.message)
         self.cmd("identity 1", self.me_shown("release", m4))

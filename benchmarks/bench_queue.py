@@ -38,7 +38,7 @@ from p4p.client.thread import Context  # noqa: E402
 
 from pvcoord.client import Client, parse_locks  # noqa: E402
 from pvcoord.demo import devices  # noqa: E402
-from pvcoord.demo.queue_part import start_queue_stack, zmq_addr  # noqa: E402
+from pvcoord.demo.queue_part import QUEUE_LOCK_OWNER, start_queue_stack, zmq_addr  # noqa: E402
 from pvcoord.procs import (  # noqa: E402
     ManagedProcess,
     client_conf,
@@ -53,7 +53,7 @@ from pvdb import names as pvn  # noqa: E402
 from pvdb import queue as qn  # noqa: E402
 
 PREFIX = "BQ:"
-POLICY = """
+POLICY = f"""
 [access]
 trusted_services = ["root"]
 force_release = ["root"]
@@ -61,11 +61,11 @@ queue_control = ["*"]
 [lock_types.MAINTENANCE]
 allow = ["*"]
 [lock_types.QUEUE_EXECUTING]
-allow = ["queue"]
+allow = ["{QUEUE_LOCK_OWNER}"]
 [lock_types.MANUAL_OPERATOR]
 allow = ["*"]
 [lock_types.QUEUE_QUEUED]
-allow = ["queue"]
+allow = ["{QUEUE_LOCK_OWNER}"]
 """
 
 

@@ -41,3 +41,20 @@ def other_user_available() -> str | None:
     if shutil.which("runuser") is None:
         return "runuser not found"
     return None
+
+
+@pytest.fixture
+def shared_run_dir():
+    """A run directory other OS accounts can reach (pytest's own tmp_path is private to root).
+
+    The demo runs the RE Manager and the queue IOC as the service account ``pvcoord-queue``,
+    which must read the run directory's policy and lock store.
+    """
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="pvcoord-test-run-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -90,11 +90,11 @@ def test_busy_port_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.system
-def test_walkthrough_passes(tmp_path):
+def test_walkthrough_passes(shared_run_dir):
     base = free_block()
     p = subprocess.run(
-        demo_argv("--walkthrough", "--ports-from", str(base), "--run-dir", str(tmp_path)),
-        capture_output=True, text=True, timeout=DEMO_TIMEOUT, env=child_env(), cwd=tmp_path,
+        demo_argv("--walkthrough", "--ports-from", str(base), "--run-dir", str(shared_run_dir)),
+        capture_output=True, text=True, timeout=DEMO_TIMEOUT, env=child_env(), cwd=shared_run_dir,
     )
     out = p.stdout
     assert p.returncode == 0, out + p.stderr
@@ -108,15 +108,19 @@ def test_walkthrough_passes(tmp_path):
     assert "coordination IOC restarted as pid" in out
     assert f"export EPICS_PVA_BROADCAST_PORT={base}" in out
     assert out.rstrip().endswith("stopped")
+    if os.geteuid() == 0:  # the RE worker is a guard client like any other (decision 0022)
+        assert "note: queue part runs as" not in out
+        guard_log = (shared_run_dir / "guard.log").read_text()
+        assert re.search(r"allowed put DEMO:m1:Setpoint = \S+ by pvcoord-queue@", guard_log)
 
 
 @pytest.mark.system
-def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(tmp_path):
+def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(shared_run_dir):
     base = free_block()
     proc = subprocess.Popen(
-        demo_argv("--ports-from", str(base), "--run-dir", str(tmp_path)),
+        demo_argv("--ports-from", str(base), "--run-dir", str(shared_run_dir)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
-        cwd=tmp_path, bufsize=1,
+        cwd=shared_run_dir, bufsize=1,
     )
     lines: list[str] = []
     try:
@@ -142,7 +146,7 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(tmp_path):
             assert set(reg.value.name) == set(demo_pvs.DEVICE_NAMES)
             rb = ctxt.get(demo_pvs.motor_readback(demo_pvs.DEMO_PREFIX, "m1"), timeout=10)
             assert float(rb) == 0.0
-        assert (tmp_path / "locks.sqlite").exists() and (tmp_path / "demo.db").exists()
+        assert (shared_run_dir / "locks.sqlite").exists() and (shared_run_dir / "demo.db").exists()
         # the pvcoord commands, in a shell that has only the printed export lines
         shell_env = dict(child_env(), **dict(
             re.findall(r"^\s+export (\w+)=(\S+)$", text, re.M)))
@@ -152,7 +156,7 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(tmp_path):
         assert reg.stdout.splitlines()[0].split()[:3] == ["NAME", "CLASS", "CAPABILITIES"]
         assert {ln.split()[0] for ln in reg.stdout.splitlines()[1:]} == set(
             demo_pvs.DEVICE_NAMES)
-        using_before = [pid for pid, cmd in cmdlines().items() if str(tmp_path) in cmd]
+        using_before = [pid for pid, cmd in cmdlines().items() if str(shared_run_dir) in cmd]
         assert len(set(using_before) & set(pids)) >= 3, "the run-dir check below would be void"
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
@@ -165,8 +169,8 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(tmp_path):
     left = [pid for pid in pids if alive(pid)]
     assert not left, f"processes left running: {left}"
     # nor any other process working on this run's files (children of children included)
-    using = [pid for pid, cmd in cmdlines().items() if str(tmp_path) in cmd and alive(pid)]
-    assert not using, f"processes still using {tmp_path}: {using}"
+    using = [pid for pid, cmd in cmdlines().items() if str(shared_run_dir) in cmd and alive(pid)]
+    assert not using, f"processes still using {shared_run_dir}: {using}"
 
 
 def cmdlines() -> dict[int, str]:

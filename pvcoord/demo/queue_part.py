@@ -374,8 +374,13 @@ def _index(v: Any) -> int:
 # --- the demo component ------------------------------------------------------------------------
 
 
-def service_account_problem(python: str = sys.executable) -> str | None:
-    """Why the RE Manager and queue IOC cannot run as :data:`QUEUE_LOCK_OWNER`, or None."""
+def service_account_problem(
+    run_dir: Path | None = None, python: str = sys.executable
+) -> str | None:
+    """Why the RE Manager and queue IOC cannot run as :data:`QUEUE_LOCK_OWNER`, or None.
+
+    Checks: root, the account exists, it can import pvcoord and reach ``run_dir``.
+    """
     import pwd  # noqa: PLC0415
     import shutil  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
@@ -394,6 +399,14 @@ def service_account_problem(python: str = sys.executable) -> str | None:
     )
     if probe.returncode != 0:
         return f"{QUEUE_LOCK_OWNER} cannot import pvcoord (checkout not readable by other accounts)"
+    if run_dir is not None:
+        run_dir.chmod(0o755)  # the service account reads the policy, startup and lock store
+        reach = subprocess.run(
+            ["runuser", "-u", QUEUE_LOCK_OWNER, "--", "test", "-x", str(run_dir)],
+            capture_output=True, timeout=30,
+        )
+        if reach.returncode != 0:
+            return f"{QUEUE_LOCK_OWNER} cannot reach the run directory {run_dir}"
     return None
 
 
@@ -407,7 +420,7 @@ def _start(ctx) -> None:
     )
     wait_until(lambda: _redis_ping(redis_port), 20.0, f"redis on {redis_port}")
     store = ctx.files.get("store")
-    problem = service_account_problem()
+    problem = service_account_problem(ctx.run_dir)
     user = None if problem else QUEUE_LOCK_OWNER
     hook = hook_env(ctx.prefix, redis_port, f"sqlite:///{store}" if store else None)
     if user is not None:
@@ -417,7 +430,6 @@ def _start(ctx) -> None:
         home = ctx.run_dir / "home-queue"
         home.mkdir(exist_ok=True)
         shutil.chown(home, user=QUEUE_LOCK_OWNER)
-        ctx.run_dir.chmod(0o755)  # the service account reads the policy, startup and lock store
         menv = {**ctx.env, **hook, "HOME": str(home), "USER": QUEUE_LOCK_OWNER}
     else:
         ctx.say(f"  note: queue part runs as {os.environ.get('USER', 'this account')}: {problem};"

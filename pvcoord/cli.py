@@ -42,8 +42,11 @@ from .client import (
     NoAnswerError,
     RefusedError,
     RegistryDevice,
+    call_rpc,
+    get_pv,
     parse_events,
     parse_locks,
+    put_pv,
 )
 
 PREFIX_ENV = "PVCOORD_PREFIX"
@@ -191,6 +194,44 @@ def cmd_force_release(args: argparse.Namespace, out: TextIO) -> int:
     what = ",".join(r.devices) or args.devices
     print(f"force-released {what}" + (f" ({r.message})" if r.message else ""), file=out)
     return EXIT_OK
+
+
+def cmd_put(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord put PV VALUE``: a plain PVA put (through the guard, when it fronts the IOC)."""
+    put_pv(args.pv, args.value, timeout=args.call_timeout)
+    print(f"{args.pv} = {args.value}", file=out)
+    return EXIT_OK
+
+
+def cmd_call(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord call PV key=value ...``: like EPICS ``pvcall``, every argument a string."""
+    kws: dict[str, str] = {}
+    for a in args.args:
+        k, sep, v = a.partition("=")
+        if not sep or not k:
+            raise UsageError(f"call: arguments are key=value, not {a!r}")
+        kws[k] = v
+    reply = call_rpc(args.pv, kws, timeout=args.call_timeout)
+    for k, v in reply.items():
+        print(f"{k}: {json.dumps(v) if isinstance(v, list | dict) else v}", file=out)
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord get PV``."""
+    v = get_pv(args.pv, timeout=args.call_timeout)
+    print(f"{args.pv} {_plain(v)}", file=out)
+    return EXIT_OK
+
+
+def _plain(v: Any) -> Any:
+    """A p4p-unwrapped value without its time stamp decoration (enum -> its label)."""
+    if hasattr(v, "choice"):
+        return v.choice
+    for t in (bool, int, float, str):
+        if isinstance(v, t):
+            return t.__str__(v) if t is str else t(v)
+    return v
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
@@ -449,6 +490,22 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("devices", help="comma list of devices")
     fr.add_argument("--reason", required=True, help="why, recorded in the audit log")
     fr.set_defaults(func=cmd_force_release)
+
+    pu = sub.add_parser("put", parents=[common],
+                        help="put a value to any PV (like pvput; refusals exit 1)")
+    pu.add_argument("pv", help="full PV name, e.g. DEMO:m1:Setpoint")
+    pu.add_argument("value", help="the value, as text (the server converts it)")
+    pu.set_defaults(func=cmd_put)
+
+    ca = sub.add_parser("call", parents=[common],
+                        help="call an RPC with string arguments (like pvcall)")
+    ca.add_argument("pv", help="full RPC PV name, e.g. DEMO:Queue:ItemAdd")
+    ca.add_argument("args", nargs="*", metavar="KEY=VALUE", help="arguments, sent as strings")
+    ca.set_defaults(func=cmd_call)
+
+    ge = sub.add_parser("get", parents=[common], help="read any PV (like pvget)")
+    ge.add_argument("pv", help="full PV name")
+    ge.set_defaults(func=cmd_get)
 
     st = sub.add_parser("status", parents=[common], help="table of the active locks")
     st.add_argument("--events", type=int, default=0, metavar="N",

@@ -1088,3 +1088,66 @@ class AsyncHeldLock:
             raise self.lost
         return False
 
+
+
+# --- plain PV access (for the CLI's `pvcoord put`/`get`: p4p 4.3.0's own `cli put` is broken) ---
+
+
+def put_pv(
+    pv: str, value: str, timeout: float = DEFAULT_CALL_TIMEOUT,
+    conf: Mapping[str, str] | None = None,
+) -> None:
+    """Put ``value`` (text, converted by the server's type) to ``pv`` and wait for completion.
+
+    Raises:
+        RefusedError: the server (or a gateway in between) refused it; ``message`` is its text,
+            e.g. ``Put permission denied by gateway``.
+        NoAnswerError: no answer within ``timeout`` seconds.
+    """
+    with ThreadContext("pva", **_context_conf(conf)) as ctxt:
+        try:
+            ctxt.put(pv, value, timeout=timeout, wait=True, get=False)
+        except RemoteError as e:
+            raise RefusedError(pv, str(e)) from None
+        except (TimeoutError, Disconnected) as e:
+            raise NoAnswerError(pv, timeout, type(e).__name__) from None
+
+
+def get_pv(
+    pv: str, timeout: float = DEFAULT_CALL_TIMEOUT, conf: Mapping[str, str] | None = None
+) -> Any:
+    """The current value of ``pv`` (unwrapped by p4p: a number, text, enum label or table).
+
+    Raises:
+        NoAnswerError: no answer within ``timeout`` seconds.
+    """
+    with ThreadContext("pva", **_context_conf(conf)) as ctxt:
+        try:
+            return ctxt.get(pv, timeout=timeout)
+        except RemoteError as e:
+            raise RefusedError(pv, str(e)) from None
+        except (TimeoutError, Disconnected) as e:
+            raise NoAnswerError(pv, timeout, type(e).__name__) from None
+
+
+def call_rpc(
+    pv: str, args: Mapping[str, str], timeout: float = DEFAULT_CALL_TIMEOUT,
+    conf: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Call RPC ``pv`` with string arguments, exactly as EPICS ``pvcall`` sends them.
+
+    (``python -m p4p.client.cli rpc`` JSON-decodes values that start with ``[`` or ``{`` and then
+    cannot send them; this never decodes.) Returns the reply's fields as a dict.
+
+    Raises:
+        RefusedError: the server's error text.
+        NoAnswerError: no answer within ``timeout`` seconds.
+    """
+    with ThreadContext("pva", nt=False, **_context_conf(conf)) as ctxt:
+        try:
+            v = ctxt.rpc(pv, nturi(pv, dict(args)), timeout=timeout)
+        except RemoteError as e:
+            raise RefusedError(pv, str(e)) from None
+        except (TimeoutError, Disconnected) as e:
+            raise NoAnswerError(pv, timeout, type(e).__name__) from None
+    return v.todict() if isinstance(v, Value) else {"value": v}

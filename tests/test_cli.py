@@ -218,3 +218,21 @@ def test_registry_import_failures_are_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == cli.EXIT_REFUSED
     assert err.startswith("pvcoord: registry import failed:") and "offline" in err
+
+
+def test_put_get_and_call_like_pvput_pvget_pvcall(ioc):
+    """``pvcoord put/get/call`` against the real coordination IOC (p4p's own ``cli put`` and its
+    JSON-decoding ``rpc`` cannot do this)."""
+    code, out = run("call", f"{PREFIX}Coord:Acquire", "device=m3", "type=MANUAL_OPERATOR",
+                    "timeout=60", "reason=[json-looking] {text}")
+    assert code == 0 and "granted: True" in out
+    assert "key: " in out  # the requester's own reply carries its key
+    code, out = run("get", f"{PREFIX}Coord:m3:State")
+    assert (code, out.strip()) == (0, f"{PREFIX}Coord:m3:State ManualOperator")
+    code, out = run("get", f"{PREFIX}Coord:m3:Reason")
+    assert out.strip() == f"{PREFIX}Coord:m3:Reason [json-looking] {{text}}"
+    code, _ = run("put", f"{PREFIX}Coord:m3:Reason", "x")  # a read-only PV refuses the put
+    assert code == 1
+    code, _ = run("call", f"{PREFIX}Coord:Release", "device")
+    assert code == 2
+    assert run("release", "m3")[0] == 0

@@ -403,7 +403,7 @@ def banner(ctx: DemoContext) -> str:
         f"  {bindir}/pvcoord status",
         f"  {bindir}/pvcoord watch",
         f"  {bindir}/pvcoord registry show",
-        f"  {py} -m p4p.client.cli put {demo_pvs.motor_setpoint(p, m1)}=5",
+        f"  {bindir}/pvcoord put {demo_pvs.motor_setpoint(p, m1)} 5",
         f"  {py} -m p4p.client.cli monitor {demo_pvs.motor_readback(p, m1)}",
         f"  runuser -u nobody -- {bindir}/pvcoord lock {m1} --type MANUAL_OPERATOR "
         "  # a second identity (as root)",

@@ -387,7 +387,7 @@ def _start(ctx: Any) -> None:
     )
     ctx.notes.append(
         f"guard: while someone else holds {m1}, a put to {demo.motor_setpoint(p, m1)} is refused "
-        f"(\"Put permission denied by gateway\"); ask why: pvcall {GUARD_WHAT_IF.name(p)} "
+        f"(\"Put permission denied by gateway\"); ask why: pvcoord call {GUARD_WHAT_IF.name(p)} "
         f"pv={demo.motor_setpoint(p, m1)} account=nobody; audit: {GUARD_AUDIT.name(p)}"
     )
 

@@ -459,8 +459,8 @@ def _start(ctx) -> None:
     ctx.say(f"  {'re-env':<13} open after {time.monotonic() - t0:4.1f} s")
     ctx.notes.append(
         f"queue: {qn.MANAGER_STATE.name(ctx.prefix)}, {qn.ITEMS.name(ctx.prefix)}; add a plan: "
-        f"pvcall {qn.ITEM_ADD.name(ctx.prefix)} name=count 'args=[[\"det1\"]]' "
-        f"'kwargs={{\"num\": 5}}'  then  pvcall {qn.QUEUE_START.name(ctx.prefix)}"
+        f"pvcoord call {qn.ITEM_ADD.name(ctx.prefix)} name=count 'args=[[\"det1\"]]' "
+        f"'kwargs={{\"num\": 5}}'  then  pvcoord call {qn.QUEUE_START.name(ctx.prefix)}"
     )
     ctx.notes.append(
         f"RE Manager: qserver --zmq-control-addr {zmq_addr(control)} status"
@@ -552,7 +552,7 @@ class QueueWalkthrough:
         name = spec.name(self.prefix)
         shown = " ".join(f"'{k}={v}'" if " " in v or '"' in v else f"{k}={v}"
                          for k, v in kws.items())
-        self.say(f"  $ pvcall {name} {shown}".rstrip())
+        self.say(f"  $ pvcoord call {name} {shown}".rstrip())
         return self.pva.rpc(name, NTURI([(k, "s") for k in kws]).wrap(name, kws=kws),
                             timeout=10.0)
 

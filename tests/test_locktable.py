@@ -266,3 +266,40 @@ def test_release_notice_names_the_verb_of_the_request(table):
     table.release(ALICE, devices=["m1"])
     with pytest.raises(LockError, match="your lock on m1 was released by alice"):
         table.renew(ALICE, devices=["m1"])
+
+
+class FlakyStore:
+    """A real SQLite store whose next commit is applied but then reported as failed
+    (a Redis MULTI/EXEC whose reply was lost)."""
+
+    def __init__(self, url: str) -> None:
+        self.inner = open_store(url)
+        self.url = url
+        self.lose_next_reply = False
+
+    def load_locks(self):
+        return self.inner.load_locks()
+
+    def recent_events(self, n):
+        return self.inner.recent_events(n)
+
+    def commit(self, upsert, delete, events):
+        self.inner.commit(upsert, delete, events)
+        if self.lose_next_reply:
+            self.lose_next_reply = False
+            from pvcoord.store import StoreError
+            raise StoreError("connection lost before the reply")
+
+
+def test_commit_applied_but_reported_failed_is_undone_in_the_store(store_url, clock):
+    store = FlakyStore(store_url)
+    t = LockTable(POLICY, store, devices=DEVICES, clock=clock)
+    t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+    store.lose_next_reply = True
+    with pytest.raises(LockError, match="nothing changed"):
+        t.acquire(BOB, ["m2"], LockType.MANUAL_OPERATOR, 60)
+    assert held(t) == {"m1": ("MANUAL_OPERATOR", "alice")}
+    assert {lk.device for lk in store.load_locks()} == {"m1", "m2"}  # applied after all
+    t.check_store()  # the 1 Hz probe: memory (what clients were told) wins
+    assert t.store_error is None
+    assert {lk.device for lk in store.load_locks()} == {"m1"}

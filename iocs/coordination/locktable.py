@@ -247,20 +247,38 @@ class LockTable:
         return self._store_error
 
     def check_store(self) -> None:
-        """While the store is failing: try to read it, and clear the error if that works."""
+        """While the store is failing: try to resynchronise it; clear the error if that works."""
         with self._mutex:
             if self._store_error is None:
                 return
             try:
-                self.store.load_locks()
+                self._resync()
             except StoreError as e:
                 self._store_error = str(e)
                 return
             log.warning("store answers again")
             self._store_error = None
 
+    def _resync(self) -> None:
+        """Make the store equal to memory after a failure.
+
+        A failed commit may still have been applied (e.g. a Redis MULTI/EXEC whose reply was
+        lost); the client was told nothing changed, and memory holds what clients were told, so
+        memory wins. Raises StoreError if the store still fails.
+        """
+        stored = {lk.device: lk for lk in self.store.load_locks()}
+        if stored == self._locks:
+            return
+        upsert = [lk for d, lk in self._locks.items() if stored.get(d) != lk]
+        delete = [d for d in stored if d not in self._locks]
+        log.warning("store disagreed with memory after a store failure (%d to write, %d to "
+                    "delete): memory wins", len(upsert), len(delete))
+        self.store.commit(upsert, delete, [])
+
     def _apply(self, change: _Change) -> None:
         try:
+            if self._store_error is not None:
+                self._resync()
             self.store.commit(change.upsert, change.delete, change.events)
         except StoreError as e:
             now = time.monotonic()

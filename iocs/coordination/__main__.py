@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 
 from pvcoord.store import StoreError, open_store
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
+from ..pvutil import run_until_signal
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
 from .ioc import serve
 from .locktable import LockTable
@@ -72,16 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("dropped at start: %s", e.line())
     registry_prefix = None if devices is not None else (a.registry_prefix or a.prefix)
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(a.prefix, table, stop, registry_prefix=registry_prefix,
-                    events_tail=a.events_tail)
-
     try:
-        asyncio.run(run())
+        run_until_signal(lambda stop: serve(a.prefix, table, stop, registry_prefix=registry_prefix,
+                                            events_tail=a.events_tail))
     finally:
         store.close()
     log.info("stopped")

@@ -24,6 +24,7 @@ from p4p.server.thread import SharedPV
 from pvdb import names as pvn
 from pvdb.models import BEAMLINE, Lock, LockEvent
 
+from .. import pvutil
 from . import args as rpcargs
 from .locktable import Identity, LockError, LockTable
 
@@ -43,52 +44,14 @@ RENEW_RESULT = Type(
 )
 
 
-def _stamp(v: Value, ts: float) -> Value:
-    sec = int(ts)
-    v["timeStamp.secondsPastEpoch"] = sec
-    v["timeStamp.nanoseconds"] = int((ts - sec) * 1e9)
-    return v
-
-
-def table_value(
-    nt: NTTable, columns: tuple[tuple[str, str], ...], rows: Iterable[tuple], ts: float
-) -> Value:
-    """An NTTable Value with every column set (also when empty) and a timestamp."""
-    rows = list(rows)
-    cols = {name: [r[i] for r in rows] for i, (name, _) in enumerate(columns)}
-    v = nt.type({"labels": [c for c, _ in columns], "value": cols})
-    return _stamp(v, ts)
-
-
 def request_args(value: Value) -> dict[str, str]:
-    """The arguments of an RPC request as strings.
-
-    Accepts an NTURI (``pvcall``, ``p4p.client.cli rpc``: arguments under ``query``) or a plain
-    structure of scalar fields (pvapy, other clients).
+    """The RPC's arguments as strings (see :func:`iocs.pvutil.request_args`).
 
     Raises:
         LockError: the request is not a structure of scalar arguments.
     """
-    try:
-        top = value.keys()
-        src = value["query"] if "query" in top else value
-        out: dict[str, str] = {}
-        for k in src.keys():
-            if k in ("scheme", "authority", "path") and src is value:
-                continue
-            v = src[k]
-            if isinstance(v, bool | int | float | str):
-                out[k] = str(v)
-            else:
-                raise LockError(f"malformed request: argument {k!r} is not a scalar")
-        return out
-    except LockError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any other shape is a malformed request
-        raise LockError(
-            f"malformed request ({type(e).__name__}): send an NTURI with string query arguments,"
-            " e.g. pvcall NAME device=m1 type=MANUAL_OPERATOR"
-        ) from None
+    return pvutil.request_args(
+        value, LockError, "pvcall P Coord:Acquire device=m1 type=MANUAL_OPERATOR")
 
 
 def roles_of(user: str) -> frozenset[str]:
@@ -124,9 +87,9 @@ class CoordinationIOC:
         self._locks_nt = NTTable(pvn.LOCKS_COLUMNS)
         self._events_nt = NTTable(pvn.EVENTS_COLUMNS)
         self.pv_locks = self._add(pvn.COORD_LOCKS, SharedPV(
-            initial=table_value(self._locks_nt, pvn.LOCKS_COLUMNS, [], now)))
+            initial=pvutil.table_value(self._locks_nt, pvn.LOCKS_COLUMNS, [], now)))
         self.pv_events = self._add(pvn.COORD_EVENTS, SharedPV(
-            initial=table_value(self._events_nt, pvn.EVENTS_COLUMNS, [], now)))
+            initial=pvutil.table_value(self._events_nt, pvn.EVENTS_COLUMNS, [], now)))
         self.pv_last_event = self._add(pvn.COORD_LAST_EVENT, self._scalar("s", ""))
         self.pv_lock_count = self._add(pvn.COORD_LOCK_COUNT, self._scalar("i", 0))
         self.pv_heartbeat = self._add(pvn.COORD_HEARTBEAT, self._scalar("i", 0))
@@ -230,7 +193,7 @@ class CoordinationIOC:
                 locks = self.table.locks()
                 rows = [(lk.device, lk.lock_type.value, lk.priority, lk.holder, lk.acquired,
                          lk.expires, lk.reason, lk.plan_uid) for lk in locks]
-                self.pv_locks.post(table_value(self._locks_nt, pvn.LOCKS_COLUMNS, rows, now))
+                self.pv_locks.post(pvutil.table_value(self._locks_nt, pvn.LOCKS_COLUMNS, rows, now))
                 self.pv_lock_count.post(len(locks), timestamp=now)
             if events:
                 self._events.extend(events)
@@ -245,7 +208,8 @@ class CoordinationIOC:
             self._events_dirty = False
             rows = [(e.time, e.action.value, e.device, e.lock_type.value if e.lock_type else "",
                      e.actor, e.holder, e.message) for e in self._events]
-            self.pv_events.post(table_value(self._events_nt, pvn.EVENTS_COLUMNS, rows, time.time()))
+            self.pv_events.post(
+                pvutil.table_value(self._events_nt, pvn.EVENTS_COLUMNS, rows, time.time()))
 
     def tick(self, second: bool) -> None:
         """Periodic work: expiry; once a second heartbeat and remaining lease times."""

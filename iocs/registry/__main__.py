@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import math
-import signal
 import sys
 
 from pvdb.names import check_prefix
 from pvdb.registry_file import RegistryFileError, load_registry
 
+from ..pvutil import run_until_signal
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
 from .ioc import DEFAULT_CHECK_PERIOD, serve
 
@@ -50,14 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"registry rejected: {e}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(a.prefix, devices, stop, check_period=a.check_period)
-
-    asyncio.run(run())
+    run_until_signal(lambda stop: serve(a.prefix, devices, stop, check_period=a.check_period))
     log.info("stopped")
     return 0
 

@@ -20,6 +20,7 @@ from p4p.server.asyncio import SharedPV
 from pvdb import names as pvn
 from pvdb.models import Device
 
+from .. import pvutil
 from .model import LOOKUP_FIELDS, RegistryError, RegistryState, lookup_pv_arg
 
 log = logging.getLogger(__name__)
@@ -31,45 +32,13 @@ DEFAULT_CHECK_PERIOD = 2.0
 """Seconds between connectivity checks of every device PV."""
 
 
-def _stamp(v: Value, ts: float) -> Value:
-    sec = int(ts)
-    v["timeStamp.secondsPastEpoch"] = sec
-    v["timeStamp.nanoseconds"] = int((ts - sec) * 1e9)
-    return v
-
-
-def table_value(nt: NTTable, columns: tuple[tuple[str, str], ...], rows: list[tuple],
-                ts: float) -> Value:
-    """An NTTable Value with every column set (also when empty) and a timestamp."""
-    cols = {name: [r[i] for r in rows] for i, (name, _) in enumerate(columns)}
-    return _stamp(nt.type({"labels": [c for c, _ in columns], "value": cols}), ts)
-
-
 def request_args(value: Value) -> dict[str, str]:
-    """RPC arguments as strings, from an NTURI (``query``) or a plain structure of scalars.
+    """The RPC's arguments as strings (see :func:`iocs.pvutil.request_args`).
 
     Raises:
         RegistryError: the request is not a structure of scalar arguments.
     """
-    try:
-        top = value.keys()
-        src = value["query"] if "query" in top else value
-        out: dict[str, str] = {}
-        for k in src.keys():
-            if src is value and k in ("scheme", "authority", "path"):
-                continue
-            v = src[k]
-            if not isinstance(v, bool | int | float | str):
-                raise RegistryError(f"malformed request: argument {k!r} is not a scalar")
-            out[k] = str(v)
-        return out
-    except RegistryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any other shape is a malformed request
-        raise RegistryError(
-            f"malformed request ({type(e).__name__}): send an NTURI with a string argument, "
-            "e.g. pvcall NAME pv=BL01:m1:Setpoint"
-        ) from None
+    return pvutil.request_args(value, RegistryError, "pvcall P Registry:Lookup pv=BL01:m1:Setpoint")
 
 
 class _Lookup:
@@ -106,9 +75,9 @@ class RegistryIOC:
         now = time.time()
         self._devices_nt = NTTable(list(pvn.DEVICES_COLUMNS))
         self._pvs_nt = NTTable(list(pvn.REGISTRY_DEVICE_PVS.columns))
-        self.pv_devices = self._add(pvn.REGISTRY_DEVICES, SharedPV(initial=table_value(
+        self.pv_devices = self._add(pvn.REGISTRY_DEVICES, SharedPV(initial=pvutil.table_value(
             self._devices_nt, pvn.DEVICES_COLUMNS, self.state.device_rows(), now)))
-        self.pv_device_pvs = self._add(pvn.REGISTRY_DEVICE_PVS, SharedPV(initial=table_value(
+        self.pv_device_pvs = self._add(pvn.REGISTRY_DEVICE_PVS, SharedPV(initial=pvutil.table_value(
             self._pvs_nt, pvn.REGISTRY_DEVICE_PVS.columns, self.state.pv_rows(), now)))
         self.pv_names = self._add(pvn.REGISTRY_NAMES, self._scalar("as", self.state.names()))
         self.pv_connected = self._add(pvn.REGISTRY_CONNECTED, self._scalar("i", 0))
@@ -130,7 +99,7 @@ class RegistryIOC:
         changed = self.state.apply_check(answered)
         if changed:
             now = time.time()
-            self.pv_devices.post(table_value(
+            self.pv_devices.post(pvutil.table_value(
                 self._devices_nt, pvn.DEVICES_COLUMNS, self.state.device_rows(), now))
             self.pv_connected.post(self.state.connected_count(), timestamp=now)
             for name in sorted(changed):

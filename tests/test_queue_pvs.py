@@ -16,6 +16,7 @@ from p4p.server import Server, StaticProvider
 
 from iocs.queue.model import BadRequestError
 from iocs.queue.pvs import INVALID, ControlError, QueuePVs, add_rpcs
+from pvcoord.procs import wait_until
 from pvdb import queue as qn
 from pvdb.names import PVKind
 
@@ -31,6 +32,7 @@ def served():
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
     provider = StaticProvider("test-queue")
+    pending: list[asyncio.Task] = []
 
     async def ok(account, roles, args):
         return f"hello {account} {args.get('name', '')}", "uid-1"
@@ -41,16 +43,22 @@ def served():
     async def boom(account, roles, args):
         raise KeyError("oops")
 
+    async def forever(account, roles, args):
+        pending.append(asyncio.current_task())
+        await asyncio.Event().wait()
+        return "never", ""
+
     async def build():
         pvs = QueuePVs(P, provider)
-        add_rpcs(P, provider, {qn.ITEM_ADD: ok, qn.ITEM_REMOVE: bad, qn.QUEUE_START: boom})
+        add_rpcs(P, provider, {qn.ITEM_ADD: ok, qn.ITEM_REMOVE: bad, qn.QUEUE_START: boom,
+                               qn.QUEUE_STOP: forever})
         return pvs
 
     pvs = asyncio.run_coroutine_threadsafe(build(), loop).result(TIMEOUT)
     try:
         with Server(providers=[provider], isolate=True) as server, \
                 Context("pva", conf=server.conf(), useenv=False, nt=False) as ctxt:
-            yield pvs, ctxt, loop
+            yield pvs, ctxt, loop, pending
     finally:
         loop.call_soon_threadsafe(loop.stop)
         t.join(TIMEOUT)
@@ -64,7 +72,7 @@ def on_loop(loop, fn, *args):
 
 
 def test_initial_values_are_invalid_until_the_manager_is_heard(served):
-    pvs, ctxt, loop = served
+    pvs, ctxt, loop, _pending = served
     for spec in qn.QUEUE_PVS:
         if spec.kind is PVKind.RPC:
             continue
@@ -76,7 +84,7 @@ def test_initial_values_are_invalid_until_the_manager_is_heard(served):
 
 
 def test_set_posts_changes_and_set_alarm_reposts(served):
-    pvs, ctxt, loop = served
+    pvs, ctxt, loop, _pending = served
     on_loop(loop, pvs.set_alarm, 0, "")
     assert on_loop(loop, pvs.set, qn.ITEMS_IN_QUEUE, 3) is True
     assert on_loop(loop, pvs.set, qn.ITEMS_IN_QUEUE, 3) is False  # unchanged: not posted
@@ -103,7 +111,7 @@ def _rpc(ctxt, spec, **kws):
 
 
 def test_rpc_handlers_always_finish(served):
-    pvs, ctxt, loop = served
+    pvs, ctxt, loop, _pending = served
     r = _rpc(ctxt, qn.ITEM_ADD, name="count")
     assert r["message"].startswith("hello ") and r["message"].endswith(" count")
     assert r["itemUid"] == "uid-1"
@@ -114,3 +122,23 @@ def test_rpc_handlers_always_finish(served):
     with pytest.raises(RemoteError, match="is an RPC"):
         ctxt.put(qn.ITEM_ADD.name(P), "x", timeout=TIMEOUT)
     assert issubclass(ControlError, RuntimeError)
+
+
+def test_an_rpc_cancelled_at_shutdown_is_answered(served):
+    """A handler still waiting for the RE Manager when the IOC shuts down (task cancelled)."""
+    pvs, ctxt, loop, pending = served
+    out: list[BaseException] = []
+
+    def client():
+        try:
+            _rpc(ctxt, qn.QUEUE_STOP)
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+            out.append(e)
+
+    t = threading.Thread(target=client)
+    t.start()
+    wait_until(lambda: pending, TIMEOUT, "handler running")
+    loop.call_soon_threadsafe(pending[0].cancel)
+    t.join(TIMEOUT)
+    assert len(out) == 1 and isinstance(out[0], RemoteError), out
+    assert "Queue:QueueStop not done: queue IOC shutting down" in str(out[0])

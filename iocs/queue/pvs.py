@@ -219,6 +219,9 @@ class ControlRPC:
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", name)
             op.done(error=f"internal error in {name}: {type(e).__name__}: {e}")
+        except BaseException:  # cancelled at shutdown: the caller still gets an answer
+            op.done(error=f"{name} not done: queue IOC shutting down")
+            raise
 
     def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
         op.done(error=f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put")

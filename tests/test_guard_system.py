@@ -8,7 +8,8 @@ Layout (two loopback networks, as a facility separates them):
 
 A second guard (strict policy, a site ACF that grants WRITE only to root) serves its own client
 network "clients2" in front of the same softIoc. The shutter is served by the softIoc but left
-out of the registry: it is "a PV the registry does not know".
+out of the registry: it is "a PV the registry does not know". ``m3`` is registered by explicit PV
+names only (no ``pvPrefix``).
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
     (tmp / "strict.toml").write_text(STRICT_POLICY)
     (tmp / "site.acf").write_text(SITE_ACF)
     devices.write_database(P, tmp / "demo.db")
-    save_registry([d for d in devices.registry_devices(P) if d.name != SHUTTER],
+    # m3 is registered by its explicit PVs only (no pvPrefix), as a site listing records would
+    save_registry([d.model_copy(update={"pv_prefix": ""}) if d.name == M3 else d
+                   for d in devices.registry_devices(P) if d.name != SHUTTER],
                   tmp / "registry.yaml")
     try:
         b.procs["softioc"] = ManagedProcess(
@@ -254,6 +257,21 @@ def test_preemption_moves_the_right_to_write(bl: Beamline):
     bl.settle(sp(M2), "nobody", allowed=False)
     assert put_ok(root, sp(M2), 2.5)
     assert not put_ok(nobody, sp(M2), 3.5)
+
+
+def test_decorated_names_of_a_locked_record_are_refused(bl: Beamline):
+    """QSRV2 accepts ``rec.VAL[0]``, ``rec.VAL{...}`` (JSON filters) and ``rec$`` for a record;
+    they must map to its device even when the registry lists only exact PV names (no
+    ``pvPrefix`` to fall back on), or a non-holder writes the locked device (fail open)."""
+    nobody = bl.agents["nobody"]
+    bl.rpc(COORD_ACQUIRE, device=M3, type="MANUAL_OPERATOR", timeout="60", reason="decorated")
+    bl.settle(sp(M3), "nobody", allowed=False)
+    before = scalar(bl.ctxt.get(sp(M3), timeout=TIMEOUT))
+    for name in (sp(M3) + ".VAL[0]", sp(M3) + '.VAL{"ts":{}}'):
+        r = nobody.put(name, before + 7.0)
+        assert not r["ok"] and DENIED in r["error"], (name, r)
+        assert not bl.what_if(name, "nobody")["allowed"], name
+    assert scalar(bl.ctxt.get(sp(M3), timeout=TIMEOUT)) == before
 
 
 def test_expiry_returns_the_right_to_write(bl: Beamline):

@@ -110,6 +110,14 @@ def test_device_map_exact_record_and_prefix():
     m = devmap()
     assert m.device_of(SP1) == M1
     assert m.device_of(SP1 + ".VAL") == M1  # a field of a registered record
+    # every other spelling QSRV2 accepts for the same record (array slice, JSON channel filter,
+    # long string) is the same device, also without a pvPrefix to fall back on
+    only_pvs = DeviceMap([(SP1, M1)], [], known=True)
+    for decorated in (".VAL", ".VAL[0]", "[0]", '.VAL{"ts":{}}', '{"ts":{}}', ".VAL$", "$",
+                      ".DESC$", '.VAL{"arr":{"s":0}}[0]'):
+        assert only_pvs.device_of(SP1 + decorated) == M1, decorated
+        assert m.device_of(SP1 + decorated) == M1, decorated
+    assert only_pvs.device_of(SP2) is None
     assert m.device_of(demo.MOTOR_SIM_MOVING.name(P, device=M2)) == M2  # by pvPrefix
     assert m.device_of(SHUTTER_CMD) is None
     # a prefix claimed by two devices is ambiguous and ignored

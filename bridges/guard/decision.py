@@ -18,6 +18,7 @@ Rules (DESIGN section 5):
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,8 +125,9 @@ def parse_locks(columns: Mapping[str, Sequence[object]]) -> dict[str, HeldLock]:
 class DeviceMap:
     """PV name -> device, from ``Registry:DevicePVs`` (and ``pvPrefix`` of ``Registry:Devices``).
 
-    Lookup order for a channel name ``N``: ``N`` itself; its record name (``N`` without a
-    ``.FIELD`` suffix, so ``m1.VAL`` and ``m1`` are the same device); the longest device
+    Lookup order for a channel name ``N``: ``N`` itself; its record name (``N`` up to the first
+    ``.``, ``$``, ``[`` or ``{``, so ``m1.VAL``, ``m1.VAL[0]``, ``m1.VAL{"ts":{}}`` and ``m1`` are
+    the same device); the longest device
     ``pvPrefix`` that ``N`` starts with (prefixes shared by several devices are ignored).
     """
 
@@ -166,9 +168,19 @@ class DeviceMap:
         return len(self._exact)
 
 
+_RECORD = re.compile(r"[^.$\[{]+")
+
+
 def _record_of(pv: str) -> str:
-    base, dot, fld = pv.rpartition(".")
-    return base if dot and base and fld.isalnum() else pv
+    """The record part of a channel name: everything before the first ``.``, ``$``, ``[``, ``{``.
+
+    QSRV2 accepts ``rec.FIELD``, ``rec.FIELD$`` / ``rec$`` (long string), ``rec.VAL[0]``
+    (array slice) and ``rec.VAL{"ts":{}}`` / ``rec{...}`` (JSON channel filters) for the same
+    record: all of them must map to the record's device, or a locked device could be written
+    under a decorated name (fail open).
+    """
+    m = _RECORD.match(pv)
+    return m.group(0) if m else pv
 
 
 @dataclass(frozen=True)

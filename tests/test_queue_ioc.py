@@ -530,8 +530,11 @@ def test_killing_the_manager_makes_every_pv_invalid_and_a_restart_recovers(clean
         assert raw(b, qn.HEARTBEAT)["alarm.severity"] == 0  # the IOC itself is alive
         with pytest.raises(RemoteError, match="did not answer"):
             call(b, qn.QUEUE_START)
+        first_log = b.stack.procs["re-manager"].log_path
         proc = b.stack.restart_manager(kill=False)
         b.procs.append(proc)
+        assert proc.log_path != first_log and "RE Manager" in first_log.read_text(
+            errors="replace"), "the first manager's log must survive the restart"
         wait_manager(b.stack.control_port, WAIT, proc)
         t1 = time.monotonic()
         wait_until(lambda: not any(sev.get(s.suffix) for s in specs), 2.0 + 1.0, "recovered")

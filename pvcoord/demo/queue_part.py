@@ -270,6 +270,8 @@ class QueueStack:
     procs: dict[str, ManagedProcess] = field(default_factory=dict)
     manager_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path = Path(".")
+    restarts: int = 0
+    """How many times :meth:`restart_manager` started a new manager."""
 
     @property
     def control(self) -> str:
@@ -285,13 +287,18 @@ class QueueStack:
         return manager_call(self.control_port, method, **params)
 
     def restart_manager(self, kill: bool = True) -> ManagedProcess:
-        """Kill (or stop) the RE Manager and start it again on the same ports."""
+        """Kill (or stop) the RE Manager and start it again on the same ports.
+
+        The new manager logs to ``re-manager-restart-N.log`` (N = 1, 2, ...): the earlier
+        managers' logs stay as they are.
+        """
         old = self.procs.pop("re-manager")
         if kill:
             old.kill9()
         old.stop()
+        self.restarts += 1
         proc = ManagedProcess(
-            "re-manager",
+            f"re-manager-restart-{self.restarts}",
             re_manager_argv(self.redis_port, self.control_port, self.info_port),
             self.manager_env, log_dir=self.log_dir,
         )

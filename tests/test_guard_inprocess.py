@@ -13,6 +13,8 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from p4p import Value
@@ -39,6 +41,7 @@ from tests.conftest import TIMEOUT
 P = "INP:"
 M1 = demo.MOTORS[0]
 SETPOINT = demo.motor_setpoint(P, M1)
+INTERNAL = demo.MOTOR_SIM_MOVING.name(P, device=M1)  # not in Registry:DevicePVs: m1 by pvPrefix
 ENABLE = demo.shutter_status(P)  # stands in for a site interlock PV read by the ACF (INPA)
 ACF = f"""
 ASG(DEFAULT) {{
@@ -56,32 +59,36 @@ def server_conf_to_client(conf: dict[str, str]) -> dict:
 
 
 class Upstream:
-    """The device side: one motor setpoint and the site's interlock PV."""
+    """The device side: one motor setpoint, an m1 PV known only by the prefix, the interlock."""
 
     def __init__(self) -> None:
         self.setpoint = SharedPV(nt=NTScalar("d"), initial=0.0)
+        self.internal = SharedPV(nt=NTScalar("d"), initial=0.0)
         self.enable = SharedPV(nt=NTScalar("i"), initial=1)
 
-        @self.setpoint.put
         def put(pv, op):
             pv.post(op.value(), timestamp=time.time())
             op.done()
 
-        self.server = Server(providers=[{SETPOINT: self.setpoint, ENABLE: self.enable}],
-                             isolate=True)
+        self.setpoint.put(put)
+        self.internal.put(put)
+        self.server = Server(providers=[{SETPOINT: self.setpoint, INTERNAL: self.internal,
+                                         ENABLE: self.enable}], isolate=True)
 
 
 class Coordination:
     """Stand-in for the coordination and registry IOCs: the test posts what they would."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_devices: bool = True) -> None:
         self.locks_nt = NTTable(list(LOCKS_COLUMNS))
         self.locks = SharedPV(nt=self.locks_nt, initial=[])
         self.beat = SharedPV(nt=NTScalar("i"), initial=0)
         self.pvs = SharedPV(nt=NTTable([("pv", "s"), ("device", "s")]),
                             initial=[{"pv": SETPOINT, "device": M1}])
-        self.devices = SharedPV(nt=NTTable([("name", "s"), ("pvPrefix", "s")]),
-                                initial=[{"name": M1, "pvPrefix": f"{P}{M1}:"}])
+        self.devices_nt = NTTable([("name", "s"), ("pvPrefix", "s")])
+        self.devices = SharedPV(nt=self.devices_nt)  # not open: clients wait for its value
+        if with_devices:
+            self.open_devices()
         self.server = Server(providers=[{
             COORD_LOCKS.name(P): self.locks, COORD_HEARTBEAT.name(P): self.beat,
             REGISTRY_DEVICE_PVS.name(P): self.pvs, REGISTRY_DEVICES.name(P): self.devices,
@@ -98,6 +105,10 @@ class Coordination:
             if self._run.is_set():
                 self.count += 1
                 self.beat.post(self.count, timestamp=time.time())
+
+    def open_devices(self) -> None:
+        self.devices.open(self.devices_nt.wrap([{"name": M1, "pvPrefix": f"{P}{M1}:"}],
+                                               timestamp=time.time()))
 
     def pause_heartbeat(self) -> None:
         self._run.clear()
@@ -121,12 +132,9 @@ class Coordination:
         self.server.stop()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Iterator[tuple[Upstream, Coordination, Guard, Context]]:
-    tmp = tmp_path_factory.mktemp("guard-inproc")
-    (tmp / "site.acf").write_text(ACF)
-    (tmp / "policy.toml").write_text("[access]\nemergency = []\n")
-    up, coord = Upstream(), Coordination()
+@contextmanager
+def running_guard(tmp: Path, up: Upstream, coord: Coordination) -> Iterator[tuple[Guard, Context]]:
+    """``serve()`` in a thread between ``up`` and ``coord``; yields it and a client of it."""
     conf = parse_config(
         json.dumps({
             "version": 2,
@@ -160,26 +168,53 @@ def setup(tmp_path_factory) -> Iterator[tuple[Upstream, Coordination, Guard, Con
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    assert ready.wait(20) and "guard" in holder, "guard did not start"
-    guard = holder["guard"]
-    gconf = guard.server_confs()[0]
-    client = Context("pva", conf={k: v for k, v in gconf.items() if k.startswith("EPICS_PVA_")},
-                     useenv=False, nt=False)
     try:
-        wait_until(lambda: client.get(GUARD_HEALTH.name(P), timeout=TIMEOUT).value == "OK",
-                   10.0, "guard health OK")
-        yield up, coord, guard, client
+        assert ready.wait(20) and "guard" in holder, "guard did not start"
+        guard = holder["guard"]
+        gconf = guard.server_confs()[0]
+        client = Context("pva", useenv=False, nt=False,
+                         conf={k: v for k, v in gconf.items() if k.startswith("EPICS_PVA_")})
+        try:
+            yield guard, client
+        finally:
+            client.close()
     finally:
-        client.close()
-        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        if "loop" in holder:
+            holder["loop"].call_soon_threadsafe(holder["stop"].set)
         thread.join(10)
-        coord.close()
+
+
+def health(client: Context) -> str:
+    return client.get(GUARD_HEALTH.name(P), timeout=TIMEOUT).value
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[tuple[Path, Upstream]]:
+    tmp = tmp_path_factory.mktemp("guard-inproc")
+    (tmp / "site.acf").write_text(ACF)
+    (tmp / "policy.toml").write_text("[access]\nemergency = []\n")
+    up = Upstream()
+    try:
+        yield tmp, up
+    finally:
         up.server.stop()
 
 
-def writes(client: Context) -> bool:
+@pytest.fixture(scope="module")
+def setup(site) -> Iterator[tuple[Upstream, Coordination, Guard, Context]]:
+    tmp, up = site
+    coord = Coordination()
     try:
-        client.put(SETPOINT, 1.0, wait=True, timeout=TIMEOUT)
+        with running_guard(tmp, up, coord) as (guard, client):
+            wait_until(lambda: health(client) == "OK", 10.0, "guard health OK")
+            yield up, coord, guard, client
+    finally:
+        coord.close()
+
+
+def writes(client: Context, pv: str = SETPOINT) -> bool:
+    try:
+        client.put(pv, 1.0, wait=True, timeout=TIMEOUT)
         return True
     except RemoteError:
         return False
@@ -232,3 +267,42 @@ def test_malformed_lock_table_fails_closed(setup):
     coord.locks.open(coord.locks_nt.wrap([], timestamp=time.time()))
     coord.hold(None)
     wait_until(lambda: writes(client), 5.0, "allowed on a good table again")
+
+
+def test_registry_counts_only_with_both_tables(site):
+    """``Registry:DevicePVs`` alone is not the registry: without ``Registry:Devices`` (the
+    prefixes) a PV known only by its device's prefix would look like "no device" (fail open)."""
+    tmp, up = site
+    coord = Coordination(with_devices=False)
+    try:
+        with running_guard(tmp, up, coord) as (_guard, client):
+            coord.hold("someone-else@10.9.9.9")
+            wait_until(lambda: "Registry:Devices not received" in health(client), 10.0,
+                       "guard health names the missing table")
+            assert "Coord" not in health(client)  # the lock state itself is fine
+            assert not writes(client, INTERNAL)  # m1 is locked by someone else
+            assert not writes(client)
+            coord.open_devices()
+            wait_until(lambda: health(client) == "OK", 10.0, "guard health OK")
+            assert not writes(client, INTERNAL)  # m1 by its prefix: still held by someone else
+            coord.hold(None)
+            wait_until(lambda: writes(client, INTERNAL), 5.0, "allowed after release")
+    finally:
+        coord.close()
+
+
+def test_unreadable_registry_table_fails_closed_and_shows_in_health(setup):
+    _up, coord, _guard, client = setup
+    assert writes(client)
+    # a Registry:Devices without the pvPrefix column (the type changes: clients reconnect)
+    coord.devices.close()
+    coord.devices.open(NTTable([("name", "s")]).wrap([{"name": M1}], timestamp=time.time()))
+    wait_until(lambda: "pvPrefix" in health(client), 5.0, "guard health names the bad column")
+    assert "Registry:Devices unreadable" in health(client)
+    assert not writes(client)
+    assert not writes(client, INTERNAL)
+    assert "Registry:Devices unreadable" in what_if(client, "anyone").reason
+    coord.devices.close()
+    coord.open_devices()
+    wait_until(lambda: health(client) == "OK", 5.0, "guard health OK again")
+    assert writes(client)

@@ -6,10 +6,11 @@ the PV -> device table of the registry) and the endstation policy; the output is
 
 Rules (DESIGN section 5):
 
-1. Registry never received, or lock state unknown/stale -> refused (fail closed), except for
-   the policy's ``access.emergency`` accounts. A PV the registry does not map to a device does not
-   depend on the locks: it gets the policy default (``access.unlocked_writable``) even then, but
-   only once the registry has been received (before that the guard cannot tell it is not a device).
+1. Registry not received (both tables) or unreadable, or lock state unknown/stale -> refused
+   (fail closed), except for the policy's ``access.emergency`` accounts. A PV the registry does
+   not map to a device does not depend on the locks: it gets the policy default
+   (``access.unlocked_writable``) even then, but only once the registry has been received (before
+   that the guard cannot tell it is not a device).
 2. Device held (by its own lock or a ``beamline`` lock) -> only the holder's account; the host
    part of ``account@host`` is recorded but does not count.
 3. Device free -> ``access.unlocked_writable`` (everyone; or, in strict mode, nobody).
@@ -129,6 +130,9 @@ class DeviceMap:
     ``.``, ``$``, ``[`` or ``{``, so ``m1.VAL``, ``m1.VAL[0]``, ``m1.VAL{"ts":{}}`` and ``m1`` are
     the same device); the longest device
     ``pvPrefix`` that ``N`` starts with (prefixes shared by several devices are ignored).
+
+    ``known`` is False until both registry tables were received and readable; ``why_unknown``
+    then says what is missing or wrong (writes are refused meanwhile: fail closed).
     """
 
     def __init__(
@@ -136,8 +140,10 @@ class DeviceMap:
         pv_rows: Iterable[tuple[str, str]] = (),
         prefixes: Iterable[tuple[str, str]] = (),
         known: bool = False,
+        why_unknown: str = "registry PV list not received",
     ) -> None:
         self.known = known
+        self.why_unknown = "" if known else why_unknown
         self._exact: dict[str, str] = {}
         self._record: dict[str, str] = {}
         for pv, device in pv_rows:
@@ -226,12 +232,12 @@ def decide(
     roles = list(roles)
     emergency = policy.is_emergency(account, roles)
     if not devices.known:
+        why = devices.why_unknown or "registry PV list not received"
         if emergency:
-            return Decision(True, Verdict.EMERGENCY,
-                            f"registry PV list not received; {account} is an emergency account")
+            return Decision(True, Verdict.EMERGENCY, f"{why}; {account} is an emergency account")
         return Decision(False, Verdict.UNKNOWN_STATE,
-                        "registry PV list not received: the guard cannot tell which device "
-                        f"{pv} belongs to, so writes are refused (fail closed)")
+                        f"{why}: the guard cannot tell which device {pv} belongs to, so writes "
+                        "are refused (fail closed)")
     device = devices.device_of(pv) or ""
     if not device:
         if policy.access.unlocked_writable:

@@ -208,8 +208,10 @@ class Guard:
         self._engines: list[GuardEngine] = []
         self._audit_rows: deque[AuditRecord] = deque(maxlen=config.guard.audit_tail)
         self._beat = 0
+        # registry tables: None until received; a table that cannot be read is in _registry_bad
         self._devices_rows: list[tuple[str, str]] | None = None
-        self._prefix_rows: list[tuple[str, str]] = []
+        self._prefix_rows: list[tuple[str, str]] | None = None
+        self._registry_bad: dict[str, str] = {}
         self._read_only = config.read_only
         self._site: list[tuple[str, str, str]] = []
         self._pvlists: dict[str, PVList] = {}
@@ -407,28 +409,65 @@ class Guard:
         self.core.beat(v["value"])
 
     def _on_device_pvs(self, v: Any) -> None:
+        name = REGISTRY_DEVICE_PVS.name(self.registry_prefix)
         if isinstance(v, Exception):
             # keep the last map: device membership does not go stale like locks do
             if self._devices_rows is not None:
-                _log.warning("registry PV list: %r (keeping the last one)", v)
+                _log.warning("%s: %r (keeping the last registry map)", name, v)
             return
-        cols = v["value"]
-        self._devices_rows = list(zip(_column(cols["pv"]), _column(cols["device"]), strict=True))
+        try:
+            cols = v["value"]
+            rows = list(zip(_column(cols["pv"]), _column(cols["device"]), strict=True))
+        except (KeyError, ValueError, TypeError) as e:
+            self._table_unreadable(name, e)
+            return
+        self._devices_rows = rows
+        self._registry_bad.pop(name, None)
         self._remap()
 
     def _on_devices(self, v: Any) -> None:
+        name = REGISTRY_DEVICES.name(self.registry_prefix)
         if isinstance(v, Exception):
+            if self._prefix_rows is not None:
+                _log.warning("%s: %r (keeping the last registry map)", name, v)
             return
-        cols = v["value"]
-        self._prefix_rows = list(
-            zip(_column(cols["name"]), _column(cols["pvPrefix"]), strict=True)
-        )
+        try:
+            cols = v["value"]
+            rows = list(zip(_column(cols["name"]), _column(cols["pvPrefix"]), strict=True))
+        except (KeyError, ValueError, TypeError) as e:
+            self._table_unreadable(name, e)
+            return
+        self._prefix_rows = rows
+        self._registry_bad.pop(name, None)
         self._remap()
 
+    def _table_unreadable(self, name: str, e: Exception) -> None:
+        """A registry table arrived that cannot be read: forget the map (fail closed)."""
+        what = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        self._registry_bad[name] = f"{name} unreadable ({what})"
+        _log.error("%s: cannot read the registry table: %s; device writes refused", name, what)
+        self._remap()
+
+    def registry_problem(self) -> str:
+        """'' when the registry map is known, else why not (tables missing or unreadable)."""
+        problems = list(self._registry_bad.values())
+        for name, rows in ((REGISTRY_DEVICE_PVS, self._devices_rows),
+                           (REGISTRY_DEVICES, self._prefix_rows)):
+            full = name.name(self.registry_prefix)
+            if rows is None and full not in self._registry_bad:
+                problems.append(f"{full} not received")
+        return "; ".join(problems)
+
     def _remap(self) -> None:
-        if self._devices_rows is None:
-            return
-        self.core.set_devices(DeviceMap(self._devices_rows, self._prefix_rows, known=True))
+        why = self.registry_problem()
+        if why:
+            # both tables are needed: PV rows alone would leave prefix-only PVs "not a device"
+            if self.core.devices.known or self.core.devices.why_unknown != why:
+                self.core.set_devices(DeviceMap(known=False, why_unknown=why))
+        else:
+            self.core.set_devices(
+                DeviceMap(self._devices_rows or [], self._prefix_rows or [], known=True)
+            )
         self._post_health()
 
     def _state_changed(self, state: LockState) -> None:
@@ -439,10 +478,8 @@ class Guard:
         state = self.core.state
         problems = []
         if not self.core.devices.known:
-            problems.append(
-                f"{REGISTRY_DEVICE_PVS.name(self.registry_prefix)} not received: "
-                "device writes refused"
-            )
+            problems.append(f"{self.registry_problem() or 'registry not received'}: "
+                            "device writes refused")
         if not state.known:
             problems.append(f"lock state unknown ({state.why_unknown}): device writes refused")
         text = "; ".join(problems) or "OK"

@@ -14,6 +14,11 @@ hook on) and the queue IOC on loopback, then prints:
    client sees a QUEUE_EXECUTING lock with ``planUid`` = the item uid, minus the time of the
    QS_Info message whose ``running_item_uid`` first names it. Floor: one ``Coord:Acquire``
    round trip of a client in this process. Target: < 50 ms.
+3. Manager kill -9 -> every queue PV INVALID, and restart -> every PV valid again (``--kills``
+   times; issue 3: within 2 s of each). Kill -> INVALID is measured from the kill; its floor is
+   ``UNREACHABLE_AFTER`` minus the age of the manager's last QS_Info message at the kill (the
+   earliest the IOC may decide). Restart -> valid is measured from the first ``status`` answer of
+   the new manager to our own client; its floor is that answer's round trip.
 
 Every figure comes from this run on this machine; nothing is asserted.
 """
@@ -38,7 +43,12 @@ from p4p.client.thread import Context  # noqa: E402
 
 from pvcoord.client import Client, parse_locks  # noqa: E402
 from pvcoord.demo import devices  # noqa: E402
-from pvcoord.demo.queue_part import QUEUE_LOCK_OWNER, start_queue_stack, zmq_addr  # noqa: E402
+from pvcoord.demo.queue_part import (  # noqa: E402
+    QUEUE_LOCK_OWNER,
+    ManagerClient,
+    start_queue_stack,
+    zmq_addr,
+)
 from pvcoord.procs import (  # noqa: E402
     ManagedProcess,
     client_conf,
@@ -114,9 +124,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10, help="queue runs for the staleness figure")
     ap.add_argument("--items", type=int, default=12, help="items for the lock-visibility figure")
+    ap.add_argument("--kills", type=int, default=3, help="manager kill/restart cycles")
     a = ap.parse_args()
-    if not (1 <= a.runs <= 200 and 1 <= a.items <= 200):
-        ap.error("--runs and --items must be between 1 and 200")
+    if not (1 <= a.runs <= 200 and 1 <= a.items <= 200 and 0 <= a.kills <= 20):
+        ap.error("--runs and --items must be between 1 and 200, --kills between 0 and 20")
 
     d = Path(tempfile.mkdtemp(prefix="bench-queue-"))
     env = loopback_env()
@@ -143,6 +154,8 @@ def main() -> int:
             try:
                 staleness(st, ctxt, tap, a.runs)
                 lock_visibility(st, ctxt, tap, coord_client, a.items)
+                if a.kills:
+                    kill_and_restart(st, ctxt, tap, a.kills)
             finally:
                 tap.close()
     finally:
@@ -254,6 +267,52 @@ def lock_visibility(st, ctxt, tap: InfoTap, coord: Client, items: int) -> None:
     print(f"   floor: one Coord:Acquire round trip      : {fmt(rtt)}")
     print(f"   target < 50 ms: {'met' if lat and max(lat) < 0.05 else 'NOT met'} (max), "
           f"{'met' if lat and statistics.median(lat) < 0.05 else 'NOT met'} (median)")
+
+
+def kill_and_restart(st, ctxt, tap: InfoTap, kills: int) -> None:
+    specs = [s for s in qn.QUEUE_PVS if s not in qn.NEVER_INVALID]
+    sev: dict[str, int] = {}
+    subs = [ctxt.monitor(s.name(PREFIX), lambda v, n=s.suffix: sev.__setitem__(
+        n, v["alarm.severity"])) for s in specs]
+    invalid, invalid_floor, valid, valid_floor = [], [], [], []
+    try:
+        for _ in range(kills):
+            wait_until(lambda: len(sev) == len(specs) and not any(sev.values()), 30.0,
+                       "every PV valid", 0.01)
+            last_msg = tap.msgs[-1][0]  # our receive time of the newest QS_Info (wall clock)
+            t_kill = time.time()
+            t0 = time.monotonic()
+            st.procs["re-manager"].kill9()
+            wait_until(lambda: all(sev.get(s.suffix) == 3 for s in specs), 30.0, "INVALID",
+                       0.002)
+            invalid.append(time.monotonic() - t0)
+            invalid_floor.append(max(0.0, qn.UNREACHABLE_AFTER - (t_kill - last_msg)))
+            proc = st.restart_manager(kill=False)
+            with ManagerClient(st.control_port, 0.2) as mc:
+                def answered(mc=mc, proc=proc):
+                    if not proc.alive():
+                        raise RuntimeError(f"RE Manager exited:\n{proc.output()}")
+                    t = time.monotonic()
+                    try:
+                        mc.request("status")
+                    except TimeoutError:
+                        return None
+                    return t, time.monotonic()
+                sent, t1 = wait_until(answered, 60.0, "restarted RE Manager answers", 0.01)
+            wait_until(lambda: not any(sev.get(s.suffix) for s in specs), 30.0, "valid", 0.002)
+            valid.append(time.monotonic() - t1)
+            valid_floor.append(t1 - sent)
+    finally:
+        for sub in subs:
+            sub.close()
+    print(f"\n3. RE Manager kill -9 / restart, {len(invalid)} cycles "
+          f"(UNREACHABLE_AFTER = {qn.UNREACHABLE_AFTER:g} s)")
+    print(f"   kill -9 -> every PV INVALID              : {fmt(invalid)}")
+    print(f"   floor: UNREACHABLE_AFTER - last msg age  : {fmt(invalid_floor)}")
+    print(f"   first answer -> every PV valid again     : {fmt(valid)}")
+    print(f"   floor: that status round trip            : {fmt(valid_floor)}")
+    print(f"   target within 2 s: {'met' if invalid and max(invalid) < 2.0 else 'NOT met'} "
+          f"(INVALID, max), {'met' if valid and max(valid) < 2.0 else 'NOT met'} (valid, max)")
 
 
 if __name__ == "__main__":

@@ -524,7 +524,9 @@ def test_killing_the_manager_makes_every_pv_invalid_and_a_restart_recovers(clean
         wait_until(lambda: len(sev) == len(specs) and not any(sev.values()), 5.0, "all valid")
         t0 = time.monotonic()
         b.stack.procs["re-manager"].kill9()
-        wait_until(lambda: all(sev.get(s.suffix) == 3 for s in specs), 2.0 + 2.0, "INVALID")
+        # issue 3: INVALID within 2 s of the kill (deadline measured from the kill)
+        wait_until(lambda: all(sev.get(s.suffix) == 3 for s in specs),
+                   max(0.0, t0 + 2.0 - time.monotonic()), "every PV INVALID within 2 s of kill -9")
         t_invalid = time.monotonic() - t0
         assert val(b, qn.CONNECTION) == "Disconnected"
         assert raw(b, qn.HEARTBEAT)["alarm.severity"] == 0  # the IOC itself is alive
@@ -537,7 +539,9 @@ def test_killing_the_manager_makes_every_pv_invalid_and_a_restart_recovers(clean
             errors="replace"), "the first manager's log must survive the restart"
         wait_manager(b.stack.control_port, WAIT, proc)
         t1 = time.monotonic()
-        wait_until(lambda: not any(sev.get(s.suffix) for s in specs), 2.0 + 1.0, "recovered")
+        # issue 3: valid again within 2 s of the manager answering again
+        wait_until(lambda: not any(sev.get(s.suffix) for s in specs), 2.0,
+                   "every PV valid within 2 s of the restarted manager answering")
         t_recover = time.monotonic() - t1
     finally:
         for s in subs:

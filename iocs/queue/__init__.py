@@ -9,7 +9,7 @@ Usage::
 It talks to the RE Manager only through its two 0MQ sockets (bluesky-queueserver-api): status is
 pushed on the info socket (QS_Info; start the manager with --zmq-publish-console ON), queue and
 history are fetched when their change tokens move; without the push it polls status every 0.25 s.
-When nothing is heard for 2 s every PV below except Heartbeat and the RPCs has alarm severity
+When nothing is heard for 1.8 s every PV below except Heartbeat and the RPCs has alarm severity
 INVALID, until the manager answers again.
 
 PVs (P is --prefix, with its trailing colon):

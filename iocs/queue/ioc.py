@@ -480,15 +480,19 @@ class QueueIOC:
     # --- periodic -------------------------------------------------------------------------------
 
     async def _ticker(self, stop: asyncio.Event) -> None:
-        n = 0
+        next_beat = time.monotonic() + 1.0
         while not stop.is_set():
+            # every 0.1 s, and just after the moment the manager becomes unreachable, so INVALID
+            # is posted UNREACHABLE_AFTER (not up to one tick later) after the last message
+            left = self.link.contact.last() + qn.UNREACHABLE_AFTER - time.monotonic()
+            wait = min(0.1, left + 0.002) if left > 0 else 0.1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
-            n += 1
+                await asyncio.wait_for(stop.wait(), wait)
             try:
                 self._update_connection()
                 self._post_console()
-                if n % 10 == 0:
+                if time.monotonic() >= next_beat:
+                    next_beat += 1.0
                     self._heartbeat += 1
                     self.pvs.set(qn.HEARTBEAT, self._heartbeat)
             except Exception:  # noqa: BLE001 - keep ticking

@@ -182,7 +182,8 @@ def staleness(st, ctxt, tap: InfoTap, runs: int) -> None:
     seen: list[tuple[float, str]] = []
     sub = ctxt.monitor(qn.MANAGER_STATE.name(PREFIX),
                        lambda v: seen.append((time.time(), choices[v["value.index"]])))
-    time.sleep(0.5)  # the monitor's first update (current value) is not a transition
+    # the monitor's first update (the current value) is not a transition
+    wait_until(lambda: seen, 10.0, "first Queue:ManagerState monitor update", 0.005)
     first = len(tap.msgs)
     before = seen[-1][1] if seen else None
     seen.clear()

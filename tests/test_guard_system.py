@@ -6,10 +6,11 @@ Layout (two loopback networks, as a facility separates them):
     clients (root, nobody) --env "clients"--> guard --env "devices"--> softIoc
                            \\-> coordination IOC, registry IOC (env "clients")
 
-A second guard (strict policy, a site ACF that grants WRITE only to root) serves its own client
-network "clients2" in front of the same softIoc. The shutter is served by the softIoc but left
-out of the registry: it is "a PV the registry does not know". ``m3`` is registered by explicit PV
-names only (no ``pvPrefix``).
+The default guard has a site pvlist with an ALIAS for m1's setpoint. A second guard (strict
+policy, a site ACF that grants WRITE only to root) serves its own client network "clients2" in
+front of the same softIoc. The shutter is served by the softIoc but left out of the registry: it
+is "a PV the registry does not know". ``m3`` is registered by explicit PV names only (no
+``pvPrefix``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ allow = ["root"]
 allow = ["*"]
 """
 STRICT_POLICY = POLICY.replace("unlocked_writable = true", "unlocked_writable = false")
+ALIAS = f"{P}site:{M1}"
+"""A site's own name for m1's setpoint (a pvlist ALIAS of the default guard)."""
+SITE_PVLIST = f"""
+.* ALLOW
+{ALIAS} ALIAS {demo.motor_setpoint(P, M1)}
+"""
 SITE_ACF = """
 UAG(ops) { root }
 ASG(DEFAULT) {
@@ -170,7 +177,9 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
         )
         wait_for_pv(REGISTRY_DEVICE_PVS.name(P), b.clients, procs=[b.procs["registry"]])
         b.start_coordination()
-        b.procs["guard"] = start_guard(P, b.clients, b.devices_env, tmp / "p.toml", tmp / "g1")
+        (tmp / "site.pvlist").write_text(SITE_PVLIST)
+        b.procs["guard"] = start_guard(P, b.clients, b.devices_env, tmp / "p.toml", tmp / "g1",
+                                       pvlist=tmp / "site.pvlist")
         b.procs["strict"] = start_guard(
             P, b.clients2, b.devices_env, tmp / "strict.toml", tmp / "g2",
             access=tmp / "site.acf", coordination_env=b.clients,
@@ -230,6 +239,29 @@ def test_holder_writes_others_are_refused_and_reads_always_work(bl: Beamline):
     assert ("refused", "nobody", M1, answer["holder"]) in rows
     assert ("allowed", "root", M1, answer["holder"]) in rows
     assert scalar(bl.ctxt.get(GUARD_REFUSED.name(P), timeout=TIMEOUT)) >= refused_before + 1
+
+
+def test_pvlist_alias_is_decided_on_the_ioc_name_and_audited_with_the_clients(bl: Beamline):
+    root, nobody = bl.agents["root"], bl.agents["nobody"]
+    bl.rpc(COORD_ACQUIRE, device=M1, type="MANUAL_OPERATOR", timeout="60", reason="alias")
+    answer = bl.settle(ALIAS, "nobody", allowed=False)
+    assert answer["device"] == M1 and answer["holder"].startswith("root@")
+    assert sp(M1) in answer["reason"]
+    r = nobody.put(ALIAS, 9.0)
+    assert not r["ok"] and DENIED in r["error"], r
+    assert put_ok(root, ALIAS, 8.0)
+    assert scalar(bl.ctxt.get(sp(M1), timeout=TIMEOUT)) == 8.0
+
+    def audited():
+        rows = bl.ctxt.get(GUARD_AUDIT.name(P), timeout=TIMEOUT).value
+        return [(rows.action[i], rows.account[i], rows.device[i], rows.message[i])
+                for i in range(len(rows.action)) if rows.pv[i] == ALIAS]
+
+    rows = wait_until(lambda: len(audited()) >= 2 and audited(), 5.0, "audit rows of the alias")
+    assert {(a, acc, dev) for a, acc, dev, _m in rows} >= {("refused", "nobody", M1),
+                                                           ("allowed", "root", M1)}
+    # classified with the channel's own history, not "decided with the current state"
+    assert not any("closed" in m for *_r, m in rows), rows
 
 
 def test_walkthrough_other_account_writes_again_on_the_same_channel_after_release(bl: Beamline):

@@ -94,14 +94,14 @@ class GuardEngine(Engine):
 
     Args:
         core: decides and applies.
-        pvlist: the server's pvlist (to find the upstream name a channel was created for).
+        pvlist: the server's pvlist (the what-if RPC maps a client's name through it).
         acf: site ACF text ('' for pvagw's default: everyone may write).
         ctxt: client context for ACF ``INP`` PVs.
     """
 
     def __init__(self, core: GuardCore, pvlist: PVList, acf: str = "", ctxt: Any = None) -> None:
         self._core = core
-        self._pvlist = pvlist
+        self.pvlist = pvlist
         super().__init__(acf or None, ctxt=ctxt)
 
     def create(self, channel, group, user, host, level, roles=()):  # noqa: D102 - asLib API
@@ -110,24 +110,47 @@ class GuardEngine(Engine):
             # asLib's _recompute() drops the roles: use the ones the channel was created with
             roles = roles or proxy.roles
         elif isinstance(channel, _gw.Channel):
-            dsname = channel.name.decode()
-            usname = self._pvlist.compute(channel.name, host)[0] or dsname
-            proxy = self._core.track(channel, dsname, usname, user, host, channel.peer, roles)
+            # not reached through GuardHandler (which calls track()): ``channel.name`` is the
+            # upstream name (p4p sets it to the name it was created with); the client's name is
+            # unknown here, so both are that name (the decision is on the upstream name anyway)
+            name = channel.name.decode()
+            proxy = self._core.track(channel, name, name, user, host, channel.peer, roles)
         else:
             return super().create(channel, group, user, host, level, list(roles))
         return super().create(proxy, group, user, host, level, list(roles))
 
-    def acf_grant(self, pv: str, account: str, host: str, roles: list[str]) -> tuple[str, dict]:
-        """What the site pvlist + ACF give ``account`` at ``host`` (an IP) on ``pv``.
+    def track(self, channel: Any, dsname: str, usname: str, group: str, user: str, host: str,
+              level: int, roles: list[str], peer: str) -> GuardedChannel:
+        """Enforce on a new gateway channel whose names are known from its creation.
 
-        Returns ``(asg or '' if the pvlist denies the PV, {put, rpc, uncached, audit})``.
+        Args:
+            channel: the ``_gw.Channel``.
+            dsname: the name the client asked for (downstream; audit records use it).
+            usname: the name after the site pvlist (upstream, the IOC's; decisions use it).
+            group: the ASG the pvlist gave.
+            user: the client's account.
+            host: the client's IP address.
+            level: the ASL the pvlist gave.
+            roles: the client's OS groups.
+            peer: the client's ``ip:port`` (the gateway's audit lines carry it).
         """
-        usname, asg, asl = self._pvlist.compute(pv.encode(), host)
+        proxy = self._core.track(channel, dsname, usname, user, host, peer, roles)
+        super().create(proxy, group, user, host, level, list(roles))
+        return proxy
+
+    def acf_grant(self, pv: str, account: str, host: str,
+                  roles: list[str]) -> tuple[str, str, dict]:
+        """What the site pvlist + ACF give ``account`` at ``host`` (an IP) on client name ``pv``.
+
+        Returns ``(upstream name, asg, {put, rpc, uncached, audit})``; the upstream name is ''
+        if the pvlist denies ``pv``.
+        """
+        usname, asg, asl = self.pvlist.compute(pv.encode(), host)
         if not usname:
-            return "", {}
+            return "", "", {}
         cap = _Capture()
         super().create(cap, asg, account, host, asl, roles)
-        return asg, cap.perm
+        return usname, asg, cap.perm
 
 
 class GuardHandler(GWHandler):
@@ -145,13 +168,38 @@ class GuardHandler(GWHandler):
     def testChannel(self, pvname, peer):  # noqa: D102 - p4p callback
         if pvname.decode(errors="replace").startswith(self.banned):
             return self.provider.BanPV
+        usname = self.pvlist.compute(pvname, peer.split(":", 1)[0])[0]
+        if usname and usname.startswith(self.banned):  # a pvlist ALIAS onto a service PV
+            return self.provider.BanHostPV
         return super().testChannel(pvname, peer)
 
     @override
     def makeChannel(self, op):  # noqa: D102 - p4p callback
-        if op.name.decode(errors="replace").startswith(self.banned):
+        # p4p's GWHandler.makeChannel, except that the guard is told both names: the channel's
+        # ``name`` is the upstream one, so the client's name would otherwise be lost (and a
+        # pvlist ALIAS applied twice)
+        dsname = op.name.decode(errors="replace")
+        if dsname.startswith(self.banned):
             return None
-        return super().makeChannel(op)
+        peer = op.peer.split(":", 1)[0]
+        usname, asg, asl = self.pvlist.compute(op.name, peer)
+        if not usname or usname.startswith(self.banned):
+            return None
+        if self.provider.testChannel(usname.encode()) != self.provider.Claim:
+            return None
+        chan = op.create(usname.encode())
+        with self.channels_lock:
+            self.channels.setdefault(op.peer, []).append(chan)
+        try:
+            if not self.readOnly:  # p4p's default is read-only
+                self.acf.track(chan, dsname, usname, asg, op.account, peer, asl, list(op.roles),
+                               op.peer)
+            if self.getholdoff is not None:
+                chan.access(holdoff=self.getholdoff)
+        except Exception:
+            # as p4p: the search was answered, so connect read-only rather than fail
+            _log.exception("read-only after an error: %s from %s", dsname, op.peer)
+        return chan
 
     def audit(self, msgs):  # noqa: D102 - p4p callback (gateway work queue thread)
         for msg in msgs:
@@ -559,18 +607,24 @@ class Guard:
         if self._read_only:
             return {**base, "allowed": False, "reason": "the gateway is configured read-only"}
         engine = self._engines[0] if self._engines else None
-        d = self.core.decide(pv, account, roles)
-        base.update(device=d.device, holder=d.holder, lockType=d.lock_type, expires=d.expires)
+        usname, asg, perm = pv, "", {"put": True}
         if engine is not None:
-            asg, perm = engine.acf_grant(pv, account, ip, roles)
-            if not asg:
+            # decide on the upstream (IOC) name, as for a channel: a pvlist ALIAS maps it
+            usname, asg, perm = engine.acf_grant(pv, account, ip, roles)
+            if not usname:
                 return {**base, "allowed": False,
                         "reason": f"the site pvlist does not let {ip} reach {pv}"}
-            if not perm.get("put"):
-                return {**base, "allowed": False,
-                        "reason": f"the site ACF (ASG {asg}) does not grant {account} at {ip} "
-                        "write access"}
-        return {**base, "allowed": d.allowed, "reason": d.reason}
+        if usname.startswith(self.banned):
+            return {**base, "allowed": False,
+                    "reason": f"{usname} is a pvcoord service PV: never proxied by the guard"}
+        d = self.core.decide(usname, account, roles)
+        base.update(device=d.device, holder=d.holder, lockType=d.lock_type, expires=d.expires)
+        alias = f" ({pv} is {usname} on the IOC)" if usname != pv else ""
+        if not perm.get("put"):
+            return {**base, "allowed": False,
+                    "reason": f"the site ACF (ASG {asg}) does not grant {account} at {ip} "
+                    f"write access{alias}"}
+        return {**base, "allowed": d.allowed, "reason": d.reason + alias}
 
 
 class WhatIfError(ValueError):

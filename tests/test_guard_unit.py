@@ -244,6 +244,13 @@ def test_parse_audit_line_formats():
     assert a is not None and a.account == "bob" and a.peer == "127.0.0.1:4000"
     assert a.value == "2" and abs(a.time % 1 - 0.123456789) < 1e-5
     assert parse_audit_line("2026-01-02 03:04:05.1 ... put audit log overflow") is None
+    # names with spaces (JSON channel filters) still give a record
+    name = SP1 + '.VAL{"ts": {}, "dbnd": {"d": 1}}'
+    a = parse_audit_line(f"2026-01-02 03:04:05.5 ca/bob@127.0.0.1:4000 {name} as {name}"
+                         " -> double = 7\n")
+    assert a is not None and a.dsname == name and a.usname == name and a.value == "7"
+    a = parse_audit_line(f"2026-01-02 03:04:05 ca/bob@127.0.0.1:4000 {name} as {SP1}\n")
+    assert a is not None and a.dsname == name and a.usname == SP1 and a.value == ""
 
 
 def test_service_prefixes_are_never_proxied():

@@ -154,7 +154,9 @@ class AuditLine:
 
 _AUDIT_RE = re.compile(
     r"^(?P<date>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:\.(?P<frac>\d+))? "
-    r"(?:(?P<method>[^/@ ]*)/(?P<account>\S*?))?@(?P<peer>\S+) (?P<ds>\S+) as (?P<us>\S+)"
+    # PV names may contain spaces (JSON channel filters: 'rec.VAL{"ts": {}}'): a name ends at
+    # the first " as " / " -> "; a line whose names contain those still parses (split early)
+    r"(?:(?P<method>[^/@ ]*)/(?P<account>\S*?))?@(?P<peer>\S+) (?P<ds>.+?) as (?P<us>.+?)"
     r"(?: -> (?P<value>.*))?$",
     re.DOTALL,
 )

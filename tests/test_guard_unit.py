@@ -295,6 +295,18 @@ def test_config_rejects_bad_files_naming_the_problem(mutate, message):
         parse_config(json.dumps(c), "gw.json")
 
 
+def test_config_says_when_lock_state_is_searched_for_on_open_networks():
+    """PVA does not authenticate servers: the guard warns (at start) unless the coordination
+    and registry IOCs are searched for only at the addresses the config names."""
+    assert "not set" in parse_config(json.dumps(minimal_config())).coordination_exposure()
+    c = minimal_config(coordination={"addrlist": "10.2.0.5", "autoaddrlist": True})
+    assert "autoaddrlist" in parse_config(json.dumps(c)).coordination_exposure()
+    c = minimal_config(coordination={"addrlist": "10.2.0.5 10.2.0.6", "autoaddrlist": False})
+    conf = parse_config(json.dumps(c))
+    assert conf.coordination_exposure() == ""
+    assert conf.guard.coordination.p4p_conf()["EPICS_PVA_ADDR_LIST"] == "10.2.0.5 10.2.0.6"
+
+
 def test_config_syntax_error_has_a_line():
     with pytest.raises(GuardConfigError, match=r"gw.json:2: JSON syntax error"):
         parse_config('{\n "version": 2,,\n}', "gw.json")

@@ -51,6 +51,9 @@ async def serve(
     if registry_prefix:
         check_prefix(registry_prefix)
     policy = load_policy(policy_path or config.guard.policy)
+    exposure = config.coordination_exposure()
+    if exposure:
+        _log.warning("%s", exposure)
     guard = Guard(prefix, config, policy, registry_prefix)
     try:
         guard.start()

@@ -149,6 +149,26 @@ class GuardConfig(BaseModel):
     servers: list[GatewayServer]
     guard: GuardSection = Field(default_factory=GuardSection)
 
+    def coordination_exposure(self) -> str:
+        """'' when the lock/registry PVs are searched for only where the config says, else why not.
+
+        PVA does not authenticate servers: whoever answers the guard's search for
+        ``Coord:Locks`` / ``Registry:DevicePVs`` decides what it enforces. Without
+        ``guard.coordination``, or with ``autoaddrlist`` on, the guard searches every broadcast
+        address of the host (or whatever the process environment says).
+        """
+        c = self.guard.coordination
+        if c is None:
+            return ("guard.coordination is not set: the lock state and the registry are read "
+                    "from whoever answers on the networks of the process's EPICS_PVA_* "
+                    "environment (PVA does not authenticate servers)")
+        if c.autoaddrlist:
+            return ("guard.coordination.autoaddrlist is true: the lock state and the registry "
+                    "are read from whoever answers on any broadcast network of this host (PVA "
+                    "does not authenticate servers); name the IOCs' hosts in addrlist and set "
+                    "autoaddrlist false")
+        return ""
+
     @model_validator(mode="after")
     def _consistent(self) -> GuardConfig:
         names = [c.name for c in self.clients]

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,9 +44,10 @@ from pvcoord.procs import (
     python_module,
     server_env,
     wait_for_pv,
+    wait_until,
 )
 from pvdb import demo
-from pvdb.guard import GUARD_APPLY_LATENCY, GUARD_HEALTH
+from pvdb.guard import GUARD_APPLY_LATENCY, GUARD_HEALTH, GUARD_WHAT_IF
 from pvdb.names import COORD_ACQUIRE, COORD_LOCKS, COORD_RELEASE, REGISTRY_DEVICE_PVS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,6 +140,7 @@ def main() -> int:
     del plain["guard"]
     (tmp / "pvagw.json").write_text(json.dumps(plain, indent=1))
     procs: list[ManagedProcess] = []
+    ok = False
     try:
         procs.append(ManagedProcess(
             "softioc", python_module("pvxslibs.ioc", "-d", str(tmp / "demo.db")),
@@ -171,7 +175,8 @@ def main() -> int:
         pvs["guard, locked by us (audited)"] = sp2
         coord = Context("pva", conf=client_conf(clients), useenv=False)
         rpc(coord, COORD_ACQUIRE, device=M2, type="MANUAL_OPERATOR", timeout="3600")
-        time.sleep(0.2)  # let the guard apply the lock (not a readiness check: a warm-up pause)
+        wait_until(lambda: rpc(coord, GUARD_WHAT_IF, pv=sp2, account=getpass.getuser()).holder,
+                   10.0, f"the guard applies our lock on {M2}")
 
         print(f"# guard benchmark, {a.puts} puts per path, machine: {sys.platform}")
         print("\n## put latency (p4p put wait=True get=False, one client, sequential)")
@@ -227,9 +232,14 @@ def main() -> int:
                       f"{statistics.median(ms):.2f} ms  p99 {pct(ms, 99):.2f} ms (n={len(ms)})")
         for c in (*ctx.values(), coord):
             c.close()
+        ok = True
     finally:
         for p in reversed(procs):
             p.stop()
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"logs kept in {tmp}", file=sys.stderr)
     return 0
 
 

@@ -258,6 +258,17 @@ def test_lock_and_site_acf_inp_both_change_an_open_channel(setup):
 def test_malformed_lock_table_fails_closed(setup):
     _up, coord, _guard, client = setup
     assert writes(client)
+    # the right type, but columns of different lengths: the parse fails, not the connection
+    v = coord.locks_nt.wrap([], timestamp=time.time())
+    for col, _code in LOCKS_COLUMNS:
+        v["value." + col] = [M1] if col == "device" else []
+    coord.locks.post(v)
+    wait_until(lambda: not writes(client), 5.0, "refused on a table with uneven columns")
+    reason = what_if(client, "anyone").reason
+    assert "Coord:Locks unreadable" in reason and "different lengths" in reason, reason
+    assert "different lengths" in health(client)
+    coord.hold(None)
+    wait_until(lambda: writes(client), 5.0, "allowed on a good table again")
     # a table without the owner column cannot be trusted (the type changes: clients reconnect)
     coord.locks.close()
     coord.locks.open(NTTable([("device", "s")]).wrap([{"device": M1}], timestamp=time.time()))

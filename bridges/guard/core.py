@@ -238,11 +238,11 @@ class GuardCore:
         self.refresh()
 
     def locks_lost(self, why: str = "") -> None:
-        """``Coord:Locks`` disconnected or unusable."""
+        """``Coord:Locks`` disconnected (``why`` '') or unusable (``why`` says how)."""
         if why:
             _log.warning("lock table unusable: %s", why)
         with self._lock:
-            self.feed.locks_lost()
+            self.feed.locks_lost(why)
         self.refresh()
 
     def beat(self, value: object) -> None:
@@ -279,8 +279,8 @@ class GuardCore:
             new = self.feed.state(self._monotonic())
             old = self._state
             if new.known == old.known and new.locks == old.locks:
-                if new.stamp != old.stamp:
-                    self._state = new
+                if new.stamp != old.stamp or new.why_unknown != old.why_unknown:
+                    self._state = new  # same permissions; keep the reason current
                 return False
             self._state = new
             if new.known != old.known:

@@ -293,15 +293,18 @@ class LockFeed:
         self._beat_connected = False
         self._last_beat: float | None = None
         self._last_beat_value: object = None
+        self._locks_problem = ""
 
     def locks_update(self, locks: dict[str, HeldLock], stamp: float) -> None:
         """A new ``Coord:Locks`` value arrived (``stamp``: its timestamp, epoch seconds)."""
         self._locks_connected = True
+        self._locks_problem = ""
         self.locks, self.stamp = locks, stamp
 
-    def locks_lost(self) -> None:
-        """The ``Coord:Locks`` monitor disconnected (or sent something unusable)."""
+    def locks_lost(self, problem: str = "") -> None:
+        """The ``Coord:Locks`` monitor disconnected, or sent something unusable (``problem``)."""
         self._locks_connected = False
+        self._locks_problem = problem
         self.locks = None
 
     def beat(self, value: object, now: float) -> None:
@@ -322,6 +325,8 @@ class LockFeed:
 
     def why_unknown(self, now: float) -> str:
         """'' when the lock state is fresh at monotonic time ``now``, else the reason."""
+        if self._locks_problem:
+            return f"Coord:Locks unreadable: {self._locks_problem}"
         if not self._locks_connected or self.locks is None:
             return "Coord:Locks disconnected or not received"
         if not self._beat_connected or self._last_beat is None:

@@ -442,7 +442,7 @@ class Guard:
             cols = v["value"]
             locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})  # noqa: SIM118
         except (KeyError, ValueError, TypeError) as e:
-            self.core.locks_lost(f"{COORD_LOCKS.name(self.prefix)}: {e}")
+            self.core.locks_lost(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
             return
         stamp = _stamp(v)
         self.core.locks_update(locks, stamp)

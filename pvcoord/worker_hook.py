@@ -21,7 +21,9 @@ How it works (no EPICS inside the worker: DESIGN section 5.2):
    Cleanup messages (:data:`EXEMPT`: ``unstage``, ``stop``) and everything else pass unchecked,
    so a refusal is never hidden by a second error during cleanup.
 2. It reads the locks from the store. A device (or the ``beamline``) held at a priority stronger
-   than ``QUEUE_EXECUTING`` (``MAINTENANCE``) raises :class:`DeviceLockedError` at once.
+   than ``QUEUE_EXECUTING`` (``MAINTENANCE``) raises :class:`DeviceLockedError`, after telling
+   the queue IOC (a request marked ``refusing``), which asks for the lock anyway so that the
+   coordination IOC audits the refusal and ``Queue:StopReason`` shows it.
 3. The first time a plan acts on a device, the hook asks the queue IOC over redis (a request on
    list :func:`pvdb.queue.hook_request_key`, the answer on :func:`pvdb.queue.hook_reply_key`) to
    hold ``QUEUE_EXECUTING`` on it for the running item. The IOC acquires it through the
@@ -181,16 +183,37 @@ class LockGuard:
         now = time.time()
         return {lk.device: lk for lk in locks if lk.expires > now}
 
-    def request(self, device: str) -> dict[str, Any]:
+    def report_refusal(self, device: str, why: str) -> None:
+        """Tell the queue IOC that the hook refuses ``device`` (held MAINTENANCE in the store).
+
+        The same request as :meth:`request`, marked ``refusing``: the queue IOC asks for
+        QUEUE_EXECUTING on the device for the running item, so the coordination IOC refuses and
+        audits it (``Coord:Events``) and the IOC shows the reason in ``Queue:StopReason`` and
+        stops the queue. Waits for the answer (up to the timeout: the item must still be running
+        when the IOC looks) and ignores it; no answer is not an error here (the hook refuses
+        anyway).
+        """
+        try:
+            self.request(device, refusing=why)
+        except (DeviceLockedError, ValueError):
+            pass
+
+    def request(self, device: str, refusing: str | None = None) -> dict[str, Any]:
         """Ask the queue IOC to hold QUEUE_EXECUTING on ``device`` for the running item.
 
         Returns the IOC's answer ``{"granted", "coordinated", "planUid", "owner", "message"}``.
+        ``refusing``: the hook refuses the message anyway, for this reason (see
+        :meth:`report_refusal`).
 
         Raises:
             DeviceLockedError: no answer within the timeout, or redis unreachable.
         """
         rid = uuid.uuid4().hex
-        req = json.dumps({"id": rid, "device": device, "time": time.time(), "pid": os.getpid()})
+        body: dict[str, Any] = {"id": rid, "device": device, "time": time.time(),
+                                "pid": os.getpid()}
+        if refusing is not None:
+            body["refusing"] = refusing
+        req = json.dumps(body)
         reply_key = qn.hook_reply_key(self.prefix, rid)
         try:
             self._redis.lpush(qn.hook_request_key(self.prefix), req)
@@ -236,9 +259,9 @@ class PlanCheck:
         lk = effective(locks, device)
         refusal = f"pvcoord: refused {command!r} on {device} before it reached the device"
         if lk is not None and lk.priority < EXEC.priority:
-            raise DeviceLockedError(
-                f"{refusal}: {describe(lk)}; a queue plan (QUEUE_EXECUTING) cannot preempt it"
-            )
+            why = f"{describe(lk)}; a queue plan (QUEUE_EXECUTING) cannot preempt it"
+            self.guard.report_refusal(device, why)
+            raise DeviceLockedError(f"{refusal}: {why}")
         uid = self.confirmed.get(device)
         if uid is not None:
             if self.guard.store is None:

@@ -453,10 +453,21 @@ def test_maintenance_lock_stops_the_queue_before_the_plan_touches_the_device(cle
     b.coord.acquire(["m2"], LockType.MAINTENANCE, 300, "realign m2", on_behalf_of="max")
     uid = call(b, qn.ITEM_ADD, name="scan", args=f'[["det1"], "m2", {before + 1}, '
                f'{before + 2}]', kwargs='{"num": 3}')["itemUid"]
-    # 1. the IOC refuses to start a queue whose next item needs m2
+    # 1. the IOC refuses to start a queue whose next item needs m2; the refusal is audited by
+    #    the coordination IOC and shown in Queue:StopReason
+    t0 = time.time()
     with pytest.raises(RemoteError, match="queue not started: .*m2 held MAINTENANCE by max@"):
         call(b, qn.QUEUE_START)
     assert mgr_state(b) == "idle"
+    refused = wait_until(lambda: [
+        e for e in b.coord.events() if e.time >= t0 - 1 and e.action is EventAction.REFUSED
+        and "m2" in e.device.split(",") and e.lock_type is LockType.QUEUE_EXECUTING],
+        5.0, "the refusal in Coord:Events (posted coalesced)")
+    assert "MAINTENANCE" in refused[-1].message, refused
+    assert "realign m2" in refused[-1].message
+    reason = val(b, qn.STOP_REASON)
+    assert reason.startswith("queue not started") and uid in reason, reason
+    assert "m2 held MAINTENANCE by max@" in reason and "realign m2" in reason
     # 2. started behind the IOC's back: the acquire is refused (audited), the queue is stopped
     #    and paused, the worker hook refuses to act on m2; m2 never moves
     b.stack.call("queue_start")

@@ -40,7 +40,7 @@ from pvcoord.worker_hook import (
 )
 from pvdb import demo as demo_pvs
 from pvdb import queue as qn
-from pvdb.models import Lock, LockType
+from pvdb.models import EventAction, Lock, LockType
 
 from .conftest import TIMEOUT
 
@@ -128,13 +128,15 @@ class Dev:
 # --- unit tier --------------------------------------------------------------------------------
 
 
-def test_maintenance_refuses_before_asking_anyone(redis_port, store):
+def test_maintenance_refuses_and_tells_the_queue_ioc(redis_port, store):
     put_lock(store, "m2", LockType.MAINTENANCE, owner="max", reason="realign")
     check = PlanCheck(guard(redis_port, store))
-    with responder(redis_port, grant) as resp:
+    with responder(redis_port, grant) as resp:  # even a grant does not let the message through
         with pytest.raises(DeviceLockedError) as e:
             check(Msg("set", Dev("user_setpoint", Dev("m2")), 1.0))
-        assert resp.requests == []
+        # the queue IOC is told (so the refusal is audited and shown in Queue:StopReason)
+        assert [(r["device"], "held MAINTENANCE by max@h" in r.get("refusing", ""))
+                for r in resp.requests] == [("m2", True)]
     msg = str(e.value)
     assert "refused 'set' on m2 before it reached the device" in msg
     assert "held MAINTENANCE by max@h (reason 'realign')" in msg
@@ -147,7 +149,8 @@ def test_maintenance_refuses_before_asking_anyone(redis_port, store):
 
 def test_beamline_maintenance_covers_every_device(redis_port, store):
     put_lock(store, "beamline", LockType.MAINTENANCE)
-    with pytest.raises(DeviceLockedError, match="every device .beamline lock."):
+    with responder(redis_port, grant), \
+            pytest.raises(DeviceLockedError, match="every device .beamline lock."):
         PlanCheck(guard(redis_port, store))(Msg("trigger", Dev("det1")))
 
 
@@ -206,7 +209,7 @@ def test_in_a_real_runengine_the_scan_fails_before_any_set(redis_port, store):
                                                              match="m2 is held MAINTENANCE"):
         RE(scan([det], m2, 1, 2, 3))
     assert sets == [] and m2.position == 0
-    assert all(r["device"] != "m2" for r in resp.requests)
+    assert all(r["device"] != "m2" or r.get("refusing") for r in resp.requests)
     assert RE.state == "idle"
 
 
@@ -270,6 +273,7 @@ def _maintenance_on_a_global_device(st, coord, ctxt, prefix, wait) -> None:
     before = float(ctxt.get(setpoint, timeout=TIMEOUT))
     coord.acquire(["m2"], LockType.MAINTENANCE, 300, "realign m2", on_behalf_of="max")
     uid = _add(st, "park_m2", before + 5.0)  # names no device: the IOC's analysis sees none
+    t0 = time.time()
     st.call("queue_start")
     _idle(st, wait)
     last = st.call("history_get")["items"][-1]
@@ -278,6 +282,16 @@ def _maintenance_on_a_global_device(st, coord, ctxt, prefix, wait) -> None:
     assert "refused 'set' on m2 before it reached the device" in msg, msg
     assert "MAINTENANCE by max@" in msg and "realign m2" in msg
     assert float(ctxt.get(setpoint, timeout=TIMEOUT)) == before  # no set reached m2
+    # the refusal is audited by the coordination IOC and shown by the queue IOC
+    refused = wait_until(lambda: [
+        e for e in coord.events() if e.time >= t0 - 1 and e.action is EventAction.REFUSED
+        and e.device == "m2" and e.lock_type is LockType.QUEUE_EXECUTING],
+        5.0, "the refusal in Coord:Events (posted coalesced)")
+    assert "MAINTENANCE" in refused[-1].message, refused
+    assert "realign m2" in refused[-1].message
+    reason = str(ctxt.get(qn.STOP_REASON.name(prefix), timeout=TIMEOUT))
+    assert uid in reason and "m2" in reason and "MAINTENANCE" in reason, reason
+    assert "realign m2" in reason
     q = st.call("queue_get")["items"]
     assert [i["name"] for i in q] == ["park_m2"]  # back in the queue, the queue stopped
     st.call("queue_clear")

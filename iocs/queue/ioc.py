@@ -105,6 +105,8 @@ class QueueIOC:
         self.running = model.RunningItem()
         self.history: list[dict[str, Any]] = []
         self.hook_devices: dict[str, set[str]] = {}
+        self._hook_pending: dict[str, int] = {}
+        """item uid -> worker-hook requests being answered for it (no pause on a conflict)."""
         self._console: deque[str] = deque(maxlen=qn.CONSOLE_LINES)
         self._console_partial = ""
         self._console_dirty = False
@@ -298,27 +300,34 @@ class QueueIOC:
             await self.link.call("queue_stop")
 
     async def on_conflict(self, uid: str, message: str) -> None:
-        """The running item's QUEUE_EXECUTING acquire was refused: stop and pause the queue."""
+        """The running item's QUEUE_EXECUTING acquire was refused: stop and pause the queue.
+
+        During a worker-hook request for the item the plan is not paused: the hook refuses the
+        message and the plan fails at once (a pause would race with its cleanup).
+        """
         name = self.running.name if self.running.uid == uid else "item"
-        reason = (
-            f"queue paused and stopped by pvcoord: {name} ({uid}) may not act on its devices: "
-            f"{message}"
-        )
+        hook = uid in self._hook_pending
+        what = "stopped" if hook else "paused and stopped"
+        reason = f"queue {what} by pvcoord: {name} ({uid}) may not act on its devices: {message}"
         log.warning("%s", reason)
         self.pvs.set(qn.STOP_REASON, reason)
         with contextlib.suppress(ManagerError):
             await self.link.call("queue_stop")
-        with contextlib.suppress(ManagerError):
-            await self.link.call("re_pause", "immediate")
+        if not hook:
+            with contextlib.suppress(ManagerError):
+                await self.link.call("re_pause", "immediate")
 
     # --- worker hook requests (redis) -----------------------------------------------------------
 
     async def handle_hook_request(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Answer one worker-hook request ``{"id", "device", "time"}``.
+        """Answer one worker-hook request ``{"id", "device", "time"[, "refusing"]}``.
 
         Returns ``{"granted": bool, "coordinated": bool, "planUid": str, "owner": str,
         "message": str}``: granted when this IOC holds QUEUE_EXECUTING on the device for the
         running item (acquired now if needed), or when the device is not coordinated.
+        ``refusing`` (the reason) says the hook refuses the message anyway (it saw a MAINTENANCE
+        lock in the store): the request is still made, so the coordination IOC refuses and audits
+        it and ``Queue:StopReason`` shows why; the answer is ignored.
         """
         device = str(request.get("device", ""))
         base = {"granted": False, "coordinated": True, "planUid": "", "owner": self.account}
@@ -339,9 +348,15 @@ class QueueIOC:
             return {**base, "granted": True, "coordinated": False,
                     "message": f"{device} is not a coordinated device"}
         if not self.keeper.holds_executing(device, uid):
-            self.hook_devices.setdefault(uid, set()).add(device)
-            self._update_lock_inputs()
-            await self.keeper.reconcile()
+            self._hook_pending[uid] = self._hook_pending.get(uid, 0) + 1
+            try:
+                self.hook_devices.setdefault(uid, set()).add(device)
+                self._update_lock_inputs()
+                await self.keeper.reconcile()
+            finally:
+                self._hook_pending[uid] -= 1
+                if not self._hook_pending[uid]:
+                    del self._hook_pending[uid]
         if self.keeper.holds_executing(device, uid):
             return {**base, "granted": True, "planUid": uid,
                     "message": f"QUEUE_EXECUTING on {device} for {uid}"}
@@ -424,12 +439,21 @@ class QueueIOC:
             self.keeper.item_blockers(self.item_devices(item))
             if item is not None and self.keeper is not None else []
         )
-        if item is not None and blocking:
-            reason = "; ".join(b.describe() for b in blocking)
-            raise ControlError(
-                f"queue not started: the next item {item.get('name')} ({item.get('item_uid')}) "
-                f"needs a device held at higher priority: {reason}"
-            )
+        if item is not None and blocking and self.keeper is not None:
+            # ask for the item's locks anyway: the coordination IOC refuses and audits it
+            # (Coord:Events shows who was refused and why), and the reason is shown here too
+            uid = str(item.get("item_uid", ""))
+            devs = [d for d in self.item_devices(item) if d in (self.keeper.coordinated or ())]
+            refusal = await self.keeper.try_executing(
+                devs, uid, f"queue: start of {item.get('name')} requested by {account}")
+            if refusal is not None:
+                reason = (
+                    f"queue not started: the next item {item.get('name')} ({uid}) needs a device "
+                    f"held at higher priority: {'; '.join(b.describe() for b in blocking)}"
+                )
+                log.warning("%s (coordination IOC: %s)", reason, refusal)
+                self.pvs.set(qn.STOP_REASON, reason)
+                raise ControlError(reason)
         await self._call("queue_start")
         log.info("queue_start by %s", account)
         return "queue started", ""

@@ -289,6 +289,33 @@ class LockKeeper:
                     with contextlib.suppress(CoordError):
                         await self._client.renew([d], timeout=lease, on_behalf_of=self._obo)
 
+    async def try_executing(self, devices: Sequence[str], uid: str, reason: str) -> str | None:
+        """Request QUEUE_EXECUTING on ``devices`` for item ``uid`` now (one atomic request).
+
+        Used when a start is refused on what ``Coord:Locks`` shows: the request leaves the
+        refusal in the coordination IOC's audit events (``Coord:Events``). Returns ``None`` if it
+        was granted (the blocking lock went away meanwhile; the locks are then held and
+        reconciled like any other), else the coordination IOC's refusal message.
+        """
+        devs = sorted(set(devices))
+        if not devs:
+            return None
+        async with self._lock:
+            if self._client is None:
+                return "the coordination IOC is not connected"
+            try:
+                await self._client.acquire(devs, EXEC, timeout=self.exec_lease, reason=reason,
+                                           plan_uid=uid, on_behalf_of=self._obo)
+            except RefusedError as e:
+                return str(e.message)
+            except CoordError as e:
+                return f"coordination IOC: {e}"
+            now = time.time()
+            for d in devs:
+                self.held[d] = (EXEC, uid, now)
+        self._wake.set()
+        return None
+
     async def release_all(self) -> None:
         """Release every lock this IOC holds (at shutdown)."""
         async with self._lock:

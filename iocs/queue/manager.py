@@ -109,15 +109,31 @@ class ManagerLink:
         Raises:
             ManagerError: the manager did not answer.
         """
+        sent = time.monotonic()
         status = dict(await self.call("status", reload=True))
         self.contact.poll = time.monotonic()
-        await self._deliver(status, time.time(), "poll")
+        await self._deliver(status, time.time(), "poll", asked=sent)
         return status
+
+    async def deliver_push(self, status: dict[str, Any], mtime: float) -> None:
+        """Deliver one ``QS_Info`` status (manager time ``mtime``) received now."""
+        self.contact.push = time.monotonic()
+        await self._deliver(status, mtime, "push")
 
     # --- tasks --------------------------------------------------------------------------------
 
-    async def _deliver(self, status: dict[str, Any], mtime: float, source: str) -> None:
+    async def _deliver(
+        self, status: dict[str, Any], mtime: float, source: str, asked: float | None = None
+    ) -> None:
+        """Hand ``status`` to ``on_status`` (serialized).
+
+        ``asked``: the ``time.monotonic()`` a polled status was requested. If a push arrived
+        after that, the reply is dropped: the push may be newer (delivering the reply after it
+        would step the PVs back), and any change after the reply is pushed again anyway.
+        """
         async with self._status_lock:
+            if asked is not None and self.contact.push > asked:
+                return
             try:
                 await self.on_status(status, mtime, source)
             except Exception:  # noqa: BLE001 - one bad update must not stop the link
@@ -135,10 +151,9 @@ class ManagerLink:
             status = (msg.get("msg") or {}).get("status")
             if not isinstance(status, dict):
                 continue
-            self.contact.push = time.monotonic()
             mtime = msg.get("time")
-            await self._deliver(
-                status, float(mtime) if isinstance(mtime, int | float) else time.time(), "push"
+            await self.deliver_push(
+                status, float(mtime) if isinstance(mtime, int | float) else time.time()
             )
 
     async def _poll_loop(self) -> None:
@@ -147,6 +162,7 @@ class ManagerLink:
             await asyncio.sleep(POLL_PERIOD)
             if time.monotonic() - self.contact.push < POLL_AFTER:
                 continue
+            sent = time.monotonic()
             try:
                 status = await self._poll_api.status(reload=True)
             except Exception as e:  # noqa: BLE001 - unreachable manager: keep polling
@@ -155,7 +171,7 @@ class ManagerLink:
             if time.monotonic() - self.contact.push < POLL_AFTER:
                 continue  # a push arrived meanwhile: it is newer
             self.contact.poll = time.monotonic()
-            await self._deliver(dict(status), time.time(), "poll")
+            await self._deliver(dict(status), time.time(), "poll", asked=sent)
 
     async def _console_loop(self) -> None:
         assert self.api is not None

@@ -26,13 +26,14 @@ from bridges.guard.decision import (
     split_owner,
 )
 from bridges.guard.gateway import service_prefixes
-from pvcoord.procs import python_module
+from pvcoord.demo.guard_part import AgentError, PutAgent
+from pvcoord.procs import loopback_env, python_module, wait_until
 from pvdb import demo
 from pvdb.guard import GUARD_WHAT_IF
 from pvdb.models import BEAMLINE, LockType
 from pvdb.names import COORD_ACQUIRE, REGISTRY_LOOKUP
 from pvdb.policy import parse_policy
-from tests.conftest import REPO
+from tests.conftest import REPO, other_user_available
 
 P = "TST:"
 M1, M2 = demo.MOTORS[:2]
@@ -310,6 +311,35 @@ def test_config_says_when_lock_state_is_searched_for_on_open_networks():
 def test_config_syntax_error_has_a_line():
     with pytest.raises(GuardConfigError, match=r"gw.json:2: JSON syntax error"):
         parse_config('{\n "version": 2,,\n}', "gw.json")
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    """PIDs of live processes whose environment contains ``marker``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "environ").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(other_user_available() is not None, reason=str(other_user_available()))
+def test_put_agent_whose_first_reply_fails_is_stopped_with_its_runuser_child(monkeypatch):
+    marker = f"PVCOORD_AGENT_TEST=guard-{os.getpid()}-{time.monotonic_ns()}"
+
+    def first_reply_fails(self, timeout):
+        # the agent (under runuser) is running, but its hello does not come
+        wait_until(lambda: len(_processes_with(marker.encode())) >= 2, 10.0, "agent running")
+        raise AgentError("simulated: no hello")
+
+    monkeypatch.setattr(PutAgent, "_reply", first_reply_fails)
+    key, value = marker.split("=")
+    with pytest.raises(AgentError, match="no hello"):
+        PutAgent({**loopback_env(), key: value}, user="nobody")
+    wait_until(lambda: not _processes_with(marker.encode()), 10.0, "runuser and agent stopped")
 
 
 def test_guard_cli_help_and_bad_config(tmp_path: Path):

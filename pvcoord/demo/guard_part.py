@@ -168,8 +168,32 @@ class PutAgent:
             argv, env=dict(env), cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, bufsize=1,
         )
-        hello = self._reply(AGENT_TIMEOUT * 2)
+        try:
+            hello = self._reply(AGENT_TIMEOUT * 2)
+        except BaseException:
+            self._kill()  # never leave the (runuser) child behind
+            raise
         self.account = str(hello.get("value", ""))
+
+    def _kill(self) -> None:
+        """Stop the agent process (ours, by its PID) and reap it; close its pipes.
+
+        SIGTERM first: ``runuser`` passes it on to its child (the agent) and waits for it; then
+        SIGKILL if it is still there after 3 s.
+        """
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f:
+                try:
+                    f.close()
+                except OSError:
+                    pass
 
     def _reply(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdout is not None

@@ -216,6 +216,8 @@ class QueueIOC:
 
     def _update_connection(self) -> None:
         age = time.monotonic() - self.link.contact.last()
+        if self.keeper is not None:
+            self.keeper.set_manager_reachable(age <= qn.UNREACHABLE_AFTER)
         if age > qn.UNREACHABLE_AFTER:
             conn = 0
             self.pvs.set_alarm(INVALID, f"RE Manager not reachable: no message for {age:.1f} s")

@@ -3,7 +3,8 @@
 - Queued items reserve their devices with ``QUEUE_QUEUED`` (only devices nobody else holds, so
   refusals do not flood the audit log).
 - The running item holds ``QUEUE_EXECUTING`` (``planUid`` = its item uid) on the devices it names
-  plus those the worker hook reports; renewed every lease/3; released when the item leaves the
+  plus those the worker hook reports; renewed every lease/3 while the RE Manager is reachable
+  (not while it is not: the lease then runs out); released when the item leaves the
   running slot, whatever its exit status (a failed item comes back with a new uid and gets new
   locks when it runs again).
 - If the running item's acquire is refused (a ``MAINTENANCE`` lock, another queue's lock) the
@@ -92,6 +93,10 @@ class LockKeeper:
         self.refused_items: dict[str, str] = {}
         """item uid -> refusal message of its QUEUE_EXECUTING acquire (tried once per item)."""
         self.on_change: Callable[[], None] | None = None
+        self.manager_reachable = True
+        """Set by the queue IOC: while False (the RE Manager unreachable) QUEUE_EXECUTING is
+        neither renewed nor acquired, so the running item's locks run out with their lease
+        instead of outliving a dead manager."""
         self._client: AsyncClient | None = None
         self._ctxt: Context | None = None
         self._subs: list = []
@@ -150,6 +155,14 @@ class LockKeeper:
 
     # --- planning -------------------------------------------------------------------------------
 
+    def set_manager_reachable(self, reachable: bool) -> None:
+        """The RE Manager became reachable / unreachable (see :attr:`manager_reachable`)."""
+        if reachable != self.manager_reachable:
+            self.manager_reachable = reachable
+            log.warning("RE Manager %s: QUEUE_EXECUTING locks %s", "reachable again" if reachable
+                        else "unreachable", "kept again" if reachable else "no longer renewed")
+            self._wake.set()
+
     def update(self, inputs: Inputs) -> None:
         """New queue state: reconcile soon."""
         self.inputs = inputs
@@ -185,7 +198,8 @@ class LockKeeper:
                 return
             plan = self.plan()
             await self._release(plan)
-            await self._acquire_executing(plan)
+            if self.manager_reachable:
+                await self._acquire_executing(plan)
             await self._acquire_queued(plan)
             await self._renew()
             if self.health.startswith(("coordination IOC", "starting")):
@@ -280,6 +294,8 @@ class LockKeeper:
             devs = sorted(d for d, (t, _, _) in self.held.items() if t is lt)
             if not devs or now - self._last_renew[lt] < lease / 3:
                 continue
+            if lt is EXEC and not self.manager_reachable:
+                continue  # nobody may be running the item: let the lease run out
             self._last_renew[lt] = now
             try:
                 await self._client.renew(devs, timeout=lease, on_behalf_of=self._obo)

@@ -1,0 +1,75 @@
+"""The queue IOC's lock keeper (``iocs.queue.locks.LockKeeper``) against the real coordination IOC.
+
+While the RE Manager is unreachable the running item's QUEUE_EXECUTING lock is neither renewed
+nor re-acquired, so it runs out with its lease; it comes back once the manager is reachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from iocs.queue.locks import Inputs, LockKeeper
+from pvcoord.client import Client
+from pvcoord.procs import client_conf
+from pvdb.models import LockType
+
+from .conftest import TIMEOUT
+from .coordhelpers import PREFIX, start_coordination
+
+LEASE = 1.5
+"""QUEUE_EXECUTING lease of the keeper under test (s)."""
+
+pytestmark = pytest.mark.system
+
+
+def test_executing_lock_runs_out_while_the_manager_is_unreachable(env, tmp_path):
+    proc = start_coordination(env, tmp_path)
+    try:
+        with Client(PREFIX, conf=client_conf(env), timeout=TIMEOUT) as coord:
+            asyncio.run(_scenario(env, coord))
+    except BaseException:
+        print(proc.output()[-3000:])
+        raise
+    finally:
+        proc.stop()
+
+
+async def _scenario(env, coord: Client) -> None:
+    async def conflict(uid: str, message: str) -> None:
+        raise AssertionError(f"unexpected refusal for {uid}: {message}")
+
+    def executing() -> list[tuple[str, str]]:
+        return [(lk.device, lk.plan_uid) for lk in coord.locks()
+                if lk.lock_type is LockType.QUEUE_EXECUTING]
+
+    async def until(pred, timeout: float, what: str):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            got = await asyncio.to_thread(pred)
+            if got:
+                return got
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{what}: not true after {timeout} s")
+
+    keeper = LockKeeper(PREFIX, "root", client_conf(env), conflict, exec_lease=LEASE)
+    stop = asyncio.Event()
+    task = asyncio.create_task(keeper.run(stop))
+    try:
+        keeper.update(Inputs(running_uid="item-1", running_name="count",
+                             running_devices=("m1",)))
+        await until(lambda: executing() == [("m1", "item-1")], TIMEOUT, "m1 QUEUE_EXECUTING")
+        await asyncio.sleep(LEASE * 1.5)  # not a readiness wait: outlive one lease
+        assert await asyncio.to_thread(executing) == [("m1", "item-1")], "renewed while reachable"
+        keeper.set_manager_reachable(False)
+        await until(lambda: not executing(), LEASE + 5.0, "the lease ran out")
+        await asyncio.sleep(LEASE)  # not a readiness wait: it must not come back on its own
+        assert await asyncio.to_thread(executing) == [], "re-acquired while unreachable"
+        assert keeper.executing() == []
+        keeper.set_manager_reachable(True)
+        await until(lambda: executing() == [("m1", "item-1")], TIMEOUT, "held again")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT)

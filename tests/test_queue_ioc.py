@@ -252,7 +252,9 @@ def test_status_pvs_are_served_and_valid(clean):
 
 
 def test_manager_state_pv_follows_every_transition(clean):
-    """Queue run (incl. the few-ms starting_queue), pause/resume, environment close/open."""
+    """Queue run (incl. the few-ms starting_queue), pause/resume, a task (script upload),
+    environment close/open and destroy/open: every manager_state but initializing (only while
+    the manager process itself starts)."""
     b = clean
     seen: list[str] = []
     choices = list(qn.MANAGER_STATES)
@@ -272,12 +274,23 @@ def test_manager_state_pv_follows_every_transition(clean):
         wait_until(lambda: mgr_state(b) == "paused", WAIT, "paused")
         call(b, qn.RE_RESUME)
         wait_idle(b)
+        # a foreground task in the worker: executing_task
+        b.stack.call("script_upload", script="import time\ntime.sleep(0.3)\n",
+                     update_lists=False, run_in_background=False)
+        wait_until(lambda: mgr_state(b) == "idle"
+                   and "executing_task" in collapse(rec.states), WAIT, "task done")
         call(b, qn.ENVIRONMENT_CLOSE)
         wait_until(lambda: not b.stack.call("status")["worker_environment_exists"],
                    WAIT, "environment closed")
         call(b, qn.ENVIRONMENT_OPEN)
         wait_until(lambda: b.stack.call("status")["worker_environment_exists"]
                    and mgr_state(b) == "idle", WAIT, "environment open")
+        b.stack.call("environment_destroy")  # destroying_environment; reopened for later tests
+        wait_until(lambda: not b.stack.call("status")["worker_environment_exists"]
+                   and mgr_state(b) == "idle", WAIT, "environment destroyed")
+        call(b, qn.ENVIRONMENT_OPEN)
+        wait_until(lambda: b.stack.call("status")["worker_environment_exists"]
+                   and mgr_state(b) == "idle", WAIT, "environment open again")
         wait_until(lambda: collapse(seen)[-1] == collapse(rec.states)[-1] == "idle", 5.0,
                    "both settled")
     finally:
@@ -285,8 +298,8 @@ def test_manager_state_pv_follows_every_transition(clean):
         rec.close()
     mgr = collapse(rec.states)
     pv = collapse(seen)
-    for s in ("starting_queue", "executing_queue", "paused", "closing_environment",
-              "creating_environment"):
+    for s in ("starting_queue", "executing_queue", "paused", "executing_task",
+              "closing_environment", "creating_environment", "destroying_environment"):
         assert s in mgr, f"manager never reported {s}: {mgr}"
     # the PV shows exactly the manager's sequence (the PV monitor starts one state earlier)
     start = len(pv) - len(mgr)

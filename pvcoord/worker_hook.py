@@ -7,8 +7,9 @@ Activate it with one line in a profile collection's startup file (after ``RE`` i
 and start the RE Manager with these environment variables (the worker inherits them):
 
 - ``PVCOORD_PREFIX``: the endstation prefix (``BL01:``), as given to the queue IOC.
-- ``PVCOORD_REDIS_URL``: the redis the queue IOC answers on (its ``--redis``; the RE Manager's
-  own redis is fine).
+- ``PVCOORD_REDIS_URL``: the redis the queue IOC answers on (its ``--redis``), e.g.
+  ``redis://:PASSWORD@127.0.0.1:6380/0`` for a password-protected redis (``redis://USER:PASS@...``
+  for an ACL user); the password never appears in messages.
 - ``PVCOORD_STORE``: the coordination IOC's store (its ``--store``: ``sqlite:///PATH`` on this
   host, or ``redis://HOST:PORT/DB``), read-only. Optional but recommended: without it the hook
   relies on the queue IOC alone and does not see locks taken during the plan.
@@ -220,14 +221,14 @@ class LockGuard:
             got = self._redis.blpop([reply_key], timeout=self.timeout)
         except self._redis_error as e:
             raise DeviceLockedError(
-                f"pvcoord: cannot ask the queue IOC for a lock on {device} ({self.redis_url}: {e});"
-                " refusing to act on it"
+                f"pvcoord: cannot ask the queue IOC for a lock on {device} "
+                f"({qn.redact_url(self.redis_url)}: {e}); refusing to act on it"
             ) from None
         if not got:
             raise DeviceLockedError(
                 f"pvcoord: the queue IOC did not answer a lock request for {device} within "
-                f"{self.timeout:g} s on {self.redis_url} (is python -m iocs.queue running with "
-                f"--prefix {self.prefix} --redis ...?); refusing to act on {device}"
+                f"{self.timeout:g} s on {qn.redact_url(self.redis_url)} (is python -m iocs.queue "
+                f"running with --prefix {self.prefix} --redis ...?); refusing to act on {device}"
             )
         return json.loads(got[1])
 

@@ -371,6 +371,16 @@ def hook_reply_key(prefix: str, request_id: str) -> str:
     return f"pvcoord:{prefix}queue:reply:{request_id}"
 
 
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0`` (for messages)."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, hostpart = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = auth.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}" if ":" in auth else f"{scheme}://***@{hostpart}"
+
+
 def pv_table() -> str:
     """The queue PVs as a Markdown table (the generated part of ``docs/queue.md``)."""
     lines = ["| PV | type | meaning |", "| --- | --- | --- |"]

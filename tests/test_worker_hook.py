@@ -315,3 +315,57 @@ def _a_global_device_shows_as_executing(st, coord, wait) -> None:
     with contextlib.suppress(RefusedError):
         coord.force_release(["shutter"], reason="cleanup")
 
+
+
+def test_a_password_protected_redis_between_hook_and_queue_ioc(tmp_path):
+    """redis://:PASSWORD@host:port/0 on both sides; a wrong password is refused, never shown."""
+    import asyncio  # noqa: PLC0415
+
+    from iocs.queue.ioc import QueueIOC  # noqa: PLC0415
+    from pvcoord.procs import LOOPBACK, ManagedProcess, free_port, redis_server_path  # noqa: PLC0415
+    from pvdb.policy import Policy  # noqa: PLC0415
+
+    secret = "s3cret-hook-pw"
+    port = free_port()
+    srv = ManagedProcess("redis-pw", [redis_server_path(), "--bind", LOOPBACK, "--port", str(port),
+                                      "--dir", str(tmp_path), "--save", "", "--requirepass",
+                                      secret], {}, log_dir=tmp_path)
+    url = f"redis://:{secret}@{LOOPBACK}:{port}/0"
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    stop = asyncio.Event()
+
+    async def start():
+        ioc = QueueIOC(PREFIX, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", Policy(), locks=False,
+                       redis_url=url)
+        return asyncio.ensure_future(ioc.serve_hook_requests(stop))
+
+    try:
+        def pong() -> bool:
+            client = redis.Redis.from_url(url)
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+            finally:
+                client.close()
+
+        wait_until(pong, 10.0, "redis with a password")
+        task = asyncio.run_coroutine_threadsafe(start(), loop).result(TIMEOUT)
+        answer = LockGuard(PREFIX, url, timeout=5.0).request("m1")
+        assert answer["granted"] is False and "--no-locks" in answer["message"], answer
+        wrong = f"redis://:wrong-pw@{LOOPBACK}:{port}/0"
+        with pytest.raises(DeviceLockedError) as e:
+            LockGuard(PREFIX, wrong, timeout=1.0).request("m1")
+        assert "cannot ask the queue IOC" in str(e.value) and "wrong-pw" not in str(e.value)
+        assert "redis://:***@" in str(e.value)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.wrap_future(task), 10),
+                                             loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(TIMEOUT)
+        loop.close()
+        srv.stop()

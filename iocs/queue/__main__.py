@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -35,8 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zmq-info", required=True, type=_loopback_or_host,
                    help="RE Manager info (publish) address, tcp://HOST:PORT")
     p.add_argument("--policy", default=None, help="policy TOML file (default: built-in policy)")
-    p.add_argument("--redis", default=None,
-                   help="redis://HOST:PORT/DB where the worker hook sends lock requests")
+    p.add_argument("--redis", default=os.environ.get("PVCOORD_REDIS_URL") or None,
+                   help="redis://[:PASSWORD@]HOST:PORT/DB where the worker hook sends lock "
+                        "requests (default: $PVCOORD_REDIS_URL, which keeps a password out of "
+                        "the process list)")
     p.add_argument("--no-locks", action="store_true", help="take no automatic locks")
     p.add_argument("--coord-prefix", default=None,
                    help="prefix of the coordination IOC (default: --prefix)")

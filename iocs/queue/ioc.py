@@ -365,7 +365,8 @@ class QueueIOC:
         refusal = self.keeper.refused_items.get(uid) or self.keeper.health
         return {**base, "message": f"QUEUE_EXECUTING on {device} not granted: {refusal}"}
 
-    async def _hook_server(self, stop: asyncio.Event) -> None:
+    async def serve_hook_requests(self, stop: asyncio.Event) -> None:
+        """Answer worker-hook requests on ``redis_url`` until ``stop`` is set (see 0023)."""
         import redis.asyncio as aioredis  # noqa: PLC0415 - only with --redis
 
         assert self.redis_url is not None
@@ -376,7 +377,7 @@ class QueueIOC:
                 try:
                     got = await r.brpop([key], timeout=1)
                 except Exception as e:  # noqa: BLE001 - redis down: retry, say it in the log
-                    log.warning("worker-hook channel %s: %s", self.redis_url, e)
+                    log.warning("worker-hook channel %s: %s", qn.redact_url(self.redis_url), e)
                     await asyncio.sleep(1.0)
                     continue
                 if not got:
@@ -534,7 +535,7 @@ class QueueIOC:
         if self.keeper is not None:
             tasks.append(asyncio.create_task(self.keeper.run(stop), name="locks"))
         if self.redis_url is not None:
-            tasks.append(asyncio.create_task(self._hook_server(stop), name="hook"))
+            tasks.append(asyncio.create_task(self.serve_hook_requests(stop), name="hook"))
         try:
             await stop.wait()
         finally:

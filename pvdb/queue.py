@@ -268,7 +268,7 @@ CONSOLE_LINES_PV = _q(
 )
 CONNECTION = _q(
     "Connection", PVKind.NTENUM,
-    "How the IOC hears from the RE Manager: Disconnected (nothing for 2 s), Push (QS_Info), "
+    "How the IOC hears from the RE Manager: Disconnected (nothing for 1.8 s), Push (QS_Info), "
     "Polling (the manager publishes nothing; status polled).",
     choices=CONNECTION_STATES,
 )

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import sys
 
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
+from ..pvutil import run_until_signal
 from . import __doc__ as DOC  # noqa: N812 - the package docstring is the help text
 from .ioc import serve
 
@@ -75,18 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"policy rejected: {e}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(
-            a.prefix, a.zmq_control, a.zmq_info, stop, policy=policy, locks=not a.no_locks,
-            redis_url=a.redis, coord_prefix=a.coord_prefix, exec_lease=a.exec_lease,
-            queued_lease=a.queued_lease, lock_owner=a.lock_owner,
-        )
-
-    asyncio.run(run())
+    run_until_signal(lambda stop: serve(
+        a.prefix, a.zmq_control, a.zmq_info, stop, policy=policy, locks=not a.no_locks,
+        redis_url=a.redis, coord_prefix=a.coord_prefix, exec_lease=a.exec_lease,
+        queued_lease=a.queued_lease, lock_owner=a.lock_owner,
+    ))
     logging.getLogger("iocs.queue").info("stopped")
     return 0
 

@@ -19,6 +19,7 @@ from p4p.server.asyncio import SharedPV
 from pvdb import queue as qn
 from pvdb.names import PVKind, PVSpec
 
+from .. import pvutil
 from .model import BadRequestError
 
 log = logging.getLogger(__name__)
@@ -173,31 +174,13 @@ class ControlError(RuntimeError):
 
 
 def request_args(value: Value) -> dict[str, str]:
-    """pvcall-style arguments as strings (NTURI ``query`` fields, or a plain structure).
+    """pvcall-style arguments as strings (see :func:`iocs.pvutil.request_args`).
 
     Raises:
         BadRequestError: the request is not a structure of scalar fields.
     """
-    try:
-        top = value.keys()
-        src = value["query"] if "query" in top else value
-        out: dict[str, str] = {}
-        for k in src.keys():
-            if src is value and k in ("scheme", "authority", "path"):
-                continue
-            v = src[k]
-            if isinstance(v, bool | int | float | str):
-                out[k] = str(v)
-            else:
-                raise BadRequestError(f"malformed request: argument {k!r} is not a scalar")
-        return out
-    except BadRequestError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any other shape is a malformed request
-        raise BadRequestError(
-            f"malformed request ({type(e).__name__}): send an NTURI with string arguments, "
-            "e.g. pvcall P Queue:ItemAdd name=count 'args=[[\"det1\"]]'"
-        ) from None
+    return pvutil.request_args(
+        value, BadRequestError, "pvcall P Queue:ItemAdd name=count 'args=[[\"det1\"]]'")
 
 
 class ControlRPC:

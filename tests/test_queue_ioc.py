@@ -541,17 +541,26 @@ def test_polls_status_when_the_manager_publishes_nothing(bench, tmp_path):
 def test_killing_the_manager_makes_every_pv_invalid_and_a_restart_recovers(clean):
     b = clean
     specs = [s for s in qn.QUEUE_PVS if s not in qn.NEVER_INVALID]
-    sev: dict[str, int] = {}
-    subs = [b.ctxt.monitor(s.name(P), lambda v, n=s.suffix: sev.__setitem__(
-        n, v["alarm.severity"])) for s in specs]
+    # per PV: (alarm severity, server time stamp of that post). The issue's 2 s deadlines are
+    # checked on the IOC's own time stamps (when it decided), so a slow client on a loaded machine
+    # cannot make the test flaky; the waits themselves are generous.
+    sev: dict[str, tuple[int, float]] = {}
+
+    def seen(v, n):
+        sev[n] = (v["alarm.severity"],
+                  v["timeStamp.secondsPastEpoch"] + v["timeStamp.nanoseconds"] * 1e-9)
+
+    subs = [b.ctxt.monitor(s.name(P), lambda v, n=s.suffix: seen(v, n)) for s in specs]
     try:
-        wait_until(lambda: len(sev) == len(specs) and not any(sev.values()), 5.0, "all valid")
-        t0 = time.monotonic()
+        wait_until(lambda: len(sev) == len(specs) and not any(x[0] for x in sev.values()), 5.0,
+                   "all valid")
+        t_kill = time.time()
         b.stack.procs["re-manager"].kill9()
-        # issue 3: INVALID within 2 s of the kill (deadline measured from the kill)
-        wait_until(lambda: all(sev.get(s.suffix) == 3 for s in specs),
-                   max(0.0, t0 + 2.0 - time.monotonic()), "every PV INVALID within 2 s of kill -9")
-        t_invalid = time.monotonic() - t0
+        wait_until(lambda: all(sev.get(s.suffix, (0, 0))[0] == 3 for s in specs), 10.0,
+                   "every PV INVALID after kill -9")
+        # issue 3: INVALID within 2 s of the kill
+        t_invalid = max(sev[s.suffix][1] for s in specs) - t_kill
+        assert t_invalid < 2.0, f"INVALID posted {t_invalid:.2f} s after the kill"
         assert val(b, qn.CONNECTION) == "Disconnected"
         assert raw(b, qn.HEARTBEAT)["alarm.severity"] == 0  # the IOC itself is alive
         with pytest.raises(RemoteError, match="did not answer"):
@@ -562,11 +571,12 @@ def test_killing_the_manager_makes_every_pv_invalid_and_a_restart_recovers(clean
         assert proc.log_path != first_log and "RE Manager" in first_log.read_text(
             errors="replace"), "the first manager's log must survive the restart"
         wait_manager(b.stack.control_port, WAIT, proc)
-        t1 = time.monotonic()
+        t_answer = time.time()
+        wait_until(lambda: not any(sev.get(s.suffix, (0, 0))[0] for s in specs), 10.0,
+                   "every PV valid after the restarted manager answered")
         # issue 3: valid again within 2 s of the manager answering again
-        wait_until(lambda: not any(sev.get(s.suffix) for s in specs), 2.0,
-                   "every PV valid within 2 s of the restarted manager answering")
-        t_recover = time.monotonic() - t1
+        t_recover = max(sev[s.suffix][1] for s in specs) - t_answer
+        assert t_recover < 2.0, f"valid again {t_recover:.2f} s after the manager answered"
     finally:
         for s in subs:
             s.close()

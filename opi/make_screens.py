@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pvdb import demo  # noqa: E402
 from pvdb import names as pvn  # noqa: E402
+from pvdb import queue as qn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 P = "$(P)"
@@ -74,10 +75,40 @@ def coordination(devices: list[str]) -> str:
     return display("pvcoord coordination", 880, y + 220, ws)
 
 
+def queue() -> str:
+    """The queue server at a glance: states, running item, next items, why pvcoord stopped it.
+
+    Read-only: Phoebus action buttons write PVs and cannot call the queue IOC's RPCs (use
+    ``pvcoord call P Queue:QueueStart`` and friends).
+    """
+    def pv(spec: pvn.PVSpec) -> str:
+        return escape("pva://" + P + spec.suffix)
+    rows: list[tuple[str, pvn.PVSpec, int]] = [
+        ("Manager", qn.MANAGER_STATE, 200), ("RunEngine", qn.RE_STATE, 200),
+        ("Environment", qn.WORKER_ENVIRONMENT_STATE, 200), ("Connection", qn.CONNECTION, 200),
+        ("In queue", qn.ITEMS_IN_QUEUE, 80), ("In history", qn.ITEMS_IN_HISTORY, 80),
+        ("Running", qn.RUNNING_ITEM_NAME, 300), ("Arguments", qn.RUNNING_ITEM_ARGS, 720),
+        ("User", qn.RUNNING_ITEM_USER, 200), ("Holds", qn.EXECUTING_DEVICES, 720),
+        ("Next", qn.NEXT_ITEM, 720), ("Queue", qn.ITEM_NAMES, 720),
+        ("Reserved", qn.QUEUED_DEVICES, 720), ("Last exit", qn.LAST_EXIT_STATUS, 200),
+        ("Last message", qn.LAST_ITEM_MSG, 720), ("Stopped by pvcoord", qn.STOP_REASON, 720),
+        ("Locks", qn.LOCK_HEALTH, 300), ("Console", qn.CONSOLE, 720),
+    ]
+    ws = [widget("label", "Title", 10, 10, 600, 30, text="pvcoord queue server: $(P)")]
+    y = 50
+    for label, spec, w in rows:
+        ws.append(widget("label", f"{label}Label", 10, y, 140, 24, text=escape(label)))
+        ws.append(widget("textupdate", label, 150, y, w, 24, pv_name=pv(spec)))
+        y += 28
+    ws.append(widget("table", "Items", 10, y + 10, 860, 200, pv_name=pv(qn.ITEMS)))
+    return display("pvcoord queue", 880, y + 220, ws)
+
+
 def screens() -> dict[str, str]:
     """File name -> content of every generated screen."""
     devices = [d.name for d in demo.DEVICES] + ["beamline"]
-    return {"device_lock.bob": device_lock(), "coordination.bob": coordination(devices)}
+    return {"device_lock.bob": device_lock(), "coordination.bob": coordination(devices),
+            "queue.bob": queue()}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the domain logic of every IOC is pure Python in its own package.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -69,6 +70,12 @@ def request_args(value: Value, error: type[Exception], example: str) -> dict[str
             f"malformed request ({type(e).__name__}): send an NTURI with string arguments, "
             f"e.g. {example}"
         ) from None
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr with time stamps at ``level`` (DEBUG, INFO, WARNING, ERROR)."""
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -35,7 +35,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 from p4p import Value
 from p4p.client.asyncio import Context as AsyncContext
@@ -482,7 +482,9 @@ def _lost_error(pv: str, message: str) -> LockLostError:
 
 
 class _Base:
-    """Prefix, PV names and the call timeout shared by both flavours."""
+    """Prefix, PV names, the call timeout and the context's lifetime shared by both flavours."""
+
+    _ctxt: Any
 
     def __init__(
         self, prefix: str, timeout: float, registry_prefix: str | None
@@ -503,6 +505,16 @@ class _Base:
     def call_timeout(self, call_timeout: float | None = None) -> float:
         """Seconds a call waits: ``call_timeout`` if given, else the client's ``timeout``."""
         return self.timeout if call_timeout is None else float(call_timeout)
+
+    def close(self) -> None:
+        """Close the PVA context (idempotent)."""
+        self._ctxt.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _context_conf(conf: Mapping[str, str] | None) -> dict[str, Any]:
@@ -537,16 +549,6 @@ class Client(_Base):
     ) -> None:
         super().__init__(prefix, timeout, registry_prefix)
         self._ctxt = ThreadContext("pva", nt=False, **_context_conf(conf))
-
-    def close(self) -> None:
-        """Close the PVA context (idempotent)."""
-        self._ctxt.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # raw operations
 
@@ -846,16 +848,6 @@ class AsyncClient(_Base):
     ) -> None:
         super().__init__(prefix, timeout, registry_prefix)
         self._ctxt = AsyncContext("pva", nt=False, **_context_conf(conf))
-
-    def close(self) -> None:
-        """Close the PVA context (idempotent)."""
-        self._ctxt.close()
-
-    def __enter__(self) -> AsyncClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     async def _timed(self, pv: str, coro: Awaitable[Any], call_timeout: float | None) -> Any:
         t = self.call_timeout(call_timeout)

@@ -10,7 +10,7 @@ from pvcoord.store import StoreError, open_store
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
-from ..pvutil import run_until_signal
+from ..pvutil import run_until_signal, setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
 from .ioc import serve
 from .locktable import LockTable
@@ -50,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the IOC until SIGTERM/SIGINT; return the exit status."""
     a = parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(a.log_level)
     try:
         policy = load_policy(a.policy)
     except PolicyError as e:

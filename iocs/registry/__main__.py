@@ -10,7 +10,7 @@ import sys
 from pvdb.names import check_prefix
 from pvdb.registry_file import RegistryFileError, load_registry
 
-from ..pvutil import run_until_signal
+from ..pvutil import run_until_signal, setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
 from .ioc import DEFAULT_CHECK_PERIOD, serve
 
@@ -41,8 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the IOC until SIGTERM/SIGINT; return the exit status."""
     a = parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(a.log_level)
     try:
         devices = load_registry(a.registry)
     except RegistryFileError as e:

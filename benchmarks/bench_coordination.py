@@ -34,6 +34,7 @@ from p4p.client.thread import Context  # noqa: E402
 from p4p.nt import NTURI  # noqa: E402
 
 from pvcoord.procs import (  # noqa: E402
+    PYTHON,
     ManagedProcess,
     client_conf,
     loopback_env,
@@ -90,7 +91,7 @@ def main() -> None:  # noqa: D103
             r, port = start_redis(data_dir=tmp / "redis")
             procs.append(r)
             store = f"redis://127.0.0.1:{port}/0"
-        echo = ManagedProcess("echo", [sys.executable, str(REPO / "benchmarks/echo_server.py"),
+        echo = ManagedProcess("echo", [PYTHON, str(REPO / "benchmarks/echo_server.py"),
                                        ECHO], server_env(env), log_dir=tmp)
         procs.append(echo)
         coord = ManagedProcess(
@@ -153,7 +154,7 @@ def main() -> None:  # noqa: D103
         state_pv = pvn.COORD_DEVICE_STATE.name(PREFIX, "m0")
         for n in (1, 50):
             out = tmp / f"fan{n}.json"
-            sub = ManagedProcess(f"subs{n}", [sys.executable,
+            sub = ManagedProcess(f"subs{n}", [PYTHON,
                                               str(REPO / "benchmarks/fanout_subscribers.py"),
                                               state_pv, str(n), str(out)], env, log_dir=tmp)
             procs.append(sub)

@@ -21,6 +21,25 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
+def _shared_python() -> str:
+    """This interpreter by a path every OS account can follow.
+
+    In a venv, ``sys.executable`` may go through ``.venv``, a symlink in a private checkout (root's
+    home, mode 700) to the shared venv ``scripts/setup.sh`` made; ``runuser`` children cannot
+    execute that path. The venv's own directory, resolved, they can.
+    """
+    if sys.prefix == sys.base_prefix:
+        return sys.executable
+    exe = Path(os.path.realpath(sys.prefix)) / "bin" / "python"
+    return str(exe) if exe.exists() else sys.executable
+
+
+PYTHON = _shared_python()
+"""The interpreter for every process pvcoord starts (a path other accounts can execute)."""
+BIN = Path(PYTHON).parent
+"""The venv's ``bin`` folder (``start-re-manager``, ``pvcoord``), by the same shareable path."""
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """Return a port on 127.0.0.1 that is free for both TCP and UDP right now."""
     for _ in range(50):
@@ -193,8 +212,8 @@ class ManagedProcess:
 
 
 def python_module(module: str, *args: str) -> list[str]:
-    """Argv for ``python -m module args...`` with this interpreter."""
-    return [sys.executable, "-m", module, *args]
+    """Argv for ``python -m module args...`` with this interpreter (:data:`PYTHON`)."""
+    return [PYTHON, "-m", module, *args]
 
 
 def wait_for_pv(

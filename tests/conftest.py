@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pvcoord.procs import loopback_env
+from pvcoord import sourcedigest
+from pvcoord.procs import PYTHON, loopback_env
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
@@ -22,6 +23,23 @@ for _k in list(os.environ):
 os.environ.update({k: v for k, v in loopback_env().items() if k.startswith("EPICS_")})
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run against a stale installed copy of pvcoord.
+
+    ``scripts/setup.sh`` installs pvcoord as a copy into a venv every account can read (processes
+    run as other accounts, or from the demo's run directory, import that copy, not this checkout)
+    and records the digest of what it installed. A checkout changed since then would test old code
+    in those processes, so stop with what to do instead. Not checked when ``PYTHONPATH`` puts this
+    checkout first (every child process then imports it).
+    """
+    if str(REPO) in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        return
+    stamp = Path(os.path.realpath(sys.prefix)) / sourcedigest.STAMP
+    if stamp.is_file() and stamp.read_text().strip() != sourcedigest.digest(REPO):
+        pytest.exit(f"the pvcoord installed in {stamp.parent} is older than this checkout: "
+                    "run 'bash scripts/setup.sh' first", returncode=4)
+
+
 @pytest.fixture
 def env() -> dict[str, str]:
     """A fresh loopback-only environment (own PVA/CA ports) for the processes of one test."""
@@ -31,7 +49,7 @@ def env() -> dict[str, str]:
 @pytest.fixture
 def python() -> str:
     """The interpreter of the project venv (readable by other accounts, see scripts/setup.sh)."""
-    return sys.executable
+    return PYTHON
 
 
 def other_user_available() -> str | None:

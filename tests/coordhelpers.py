@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from p4p.client.thread import Context
 from p4p.nt import NTURI
 
-from pvcoord.procs import ManagedProcess, python_module, server_env, wait_for_pv
+from pvcoord.procs import PYTHON, ManagedProcess, python_module, server_env, wait_for_pv
 from pvdb import names as pvn
 
 PREFIX = "TST:"
@@ -87,7 +86,7 @@ def pvcall_as(user: str, env: Mapping[str, str], spec: pvn.PVSpec, **kws: str):
     Returns the CompletedProcess (stdout has the reply, or ``Error: <server message>``).
     """
     argv = [
-        "runuser", "-u", user, "--", sys.executable, "-m", "p4p.client.cli", "-w",
+        "runuser", "-u", user, "--", PYTHON, "-m", "p4p.client.cli", "-w",
         str(CLIENT_TIMEOUT), "rpc", spec.name(PREFIX), *(f"{k}={v}" for k, v in kws.items()),
     ]
     return subprocess.run(

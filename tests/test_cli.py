@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pvcoord import cli
-from pvcoord.procs import ManagedProcess, python_module, server_env, wait_for_pv
+from pvcoord.procs import BIN, PYTHON, ManagedProcess, python_module, server_env, wait_for_pv
 from pvdb.names import COORD_LOCKS
 
 pytestmark = pytest.mark.system
@@ -57,7 +56,7 @@ def run(*argv: str) -> tuple[int, str]:
 
 def run_process(*argv: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m pvcoord.cli argv...`` as a real process (optionally as another account)."""
-    cmd = [sys.executable, "-m", "pvcoord.cli", "--prefix", PREFIX, *argv]
+    cmd = [PYTHON, "-m", "pvcoord.cli", "--prefix", PREFIX, *argv]
     if user:
         cmd = ["runuser", "-u", user, "--", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ),
@@ -94,7 +93,7 @@ def test_key_from_stdin_or_environment_never_on_the_command_line(ioc):
     with Client(PREFIX) as c:
         g1 = c.acquire("m4", "MANUAL_OPERATOR", 60, on_behalf_of="keyholder")
         g2 = c.acquire("m5", "MANUAL_OPERATOR", 60, on_behalf_of="keyholder")
-    cmd = [sys.executable, "-m", "pvcoord.cli", "--prefix", PREFIX]
+    cmd = [PYTHON, "-m", "pvcoord.cli", "--prefix", PREFIX]
     r = subprocess.run([*cmd, "renew", "--key", "-", "--timeout", "30"], input=g1.key + "\n",
                        capture_output=True, text=True, timeout=60, cwd="/")
     assert r.returncode == 0 and r.stdout.startswith("renewed m4 until"), r.stderr
@@ -152,7 +151,7 @@ def test_second_identity_is_refused_with_the_holder_named(ioc):
 
 
 def test_console_script_exit_code_and_no_traceback(ioc):
-    exe = Path(sys.executable).with_name("pvcoord")
+    exe = BIN / "pvcoord"
     p = subprocess.run([str(exe), "--prefix", PREFIX, "release", "m5"], capture_output=True,
                        text=True, timeout=60, env=dict(os.environ))
     assert p.returncode == cli.EXIT_REFUSED

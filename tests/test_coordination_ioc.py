@@ -7,7 +7,6 @@ Clients: p4p in this process (account root), ``python -m p4p.client.cli`` under 
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -15,7 +14,7 @@ import pytest
 from p4p import Type, Value
 from p4p.client.thread import Context, RemoteError
 
-from pvcoord.procs import client_conf, loopback_env, python_module, start_redis, wait_until
+from pvcoord.procs import PYTHON, client_conf, loopback_env, python_module, start_redis, wait_until
 from pvdb import names as pvn
 
 from .conftest import other_user_available
@@ -297,7 +296,7 @@ def test_pvapy_client_calls_the_same_rpcs(ioc, ctxt):
         released = pva.RpcClient({pvn.COORD_RELEASE.name(PREFIX)!r}).invoke(rel)
         print('RELEASED', list(released['devices']))
     """)
-    out = subprocess.run([sys.executable, "-c", code], env=dict(env), capture_output=True,
+    out = subprocess.run([PYTHON, "-c", code], env=dict(env), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "GRANTED True ['det1']" in out.stdout

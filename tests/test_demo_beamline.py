@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from p4p.client.thread import Context
 
 from pvcoord.demo import beamline
+from pvcoord.procs import PYTHON
 from pvdb import demo as demo_pvs
 from pvdb.models import LockType
 from pvdb.names import COORD_LOCKS, REGISTRY_DEVICES
@@ -48,7 +48,7 @@ def free_block() -> int:
 
 
 def demo_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pvcoord.cli", "demo", *args]
+    return [PYTHON, "-m", "pvcoord.cli", "demo", *args]
 
 
 def child_env() -> dict[str, str]:
@@ -150,7 +150,7 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(shared_run_d
         # the pvcoord commands, in a shell that has only the printed export lines
         shell_env = dict(child_env(), **dict(
             re.findall(r"^\s+export (\w+)=(\S+)$", text, re.M)))
-        reg = subprocess.run([sys.executable, "-m", "pvcoord.cli", "registry", "show"],
+        reg = subprocess.run([PYTHON, "-m", "pvcoord.cli", "registry", "show"],
                              capture_output=True, text=True, timeout=60, env=shell_env)
         assert reg.returncode == 0, reg.stderr
         assert reg.stdout.splitlines()[0].split()[:3] == ["NAME", "CLASS", "CAPABILITIES"]

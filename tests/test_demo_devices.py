@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-import sys
 import threading
 import time
 
@@ -14,6 +13,7 @@ from p4p.client.thread import Context
 
 from pvcoord.demo.devices import DETECTOR_AXES, database, write_database
 from pvcoord.procs import (
+    PYTHON,
     ManagedProcess,
     client_conf,
     loopback_env,
@@ -214,7 +214,7 @@ def test_devices_are_reachable_over_channel_access(softioc):
     """ophyd (pyepics) and ophyd-async ``ca://`` clients use CA: the softIoc serves it too."""
     env, _ = softioc
     out = subprocess.run(
-        [sys.executable, "-m", "caproto.commandline.get", "--no-repeater", "--timeout", "5",
+        [PYTHON, "-m", "caproto.commandline.get", "--no-repeater", "--timeout", "5",
          demo.motor_velocity(P, demo.MOTORS[0])],
         env=env, capture_output=True, text=True, timeout=30,
     )

@@ -16,7 +16,6 @@ is "a PV the registry does not know". ``m3`` is registered by explicit PV names 
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from p4p.nt import NTURI
 from pvcoord.demo import devices
 from pvcoord.demo.guard_part import PutAgent, start_guard, walkthrough
 from pvcoord.procs import (
+    PYTHON,
     ManagedProcess,
     client_conf,
     loopback_env,
@@ -398,7 +398,7 @@ def test_bluesky_plan_through_the_guard_without_the_lock_fails_with_the_refusal(
     before = scalar(bl.ctxt.get(sp(M1), timeout=TIMEOUT))
     env = {**bl.clients, "HOME": "/tmp"}
     r = subprocess.run(
-        ["runuser", "-u", "nobody", "--", sys.executable, "-c", PLAN, sp(M1),
+        ["runuser", "-u", "nobody", "--", PYTHON, "-c", PLAN, sp(M1),
          demo.motor_readback(P, M1), str(before + 5.0)],
         env=env, cwd="/", capture_output=True, text=True, timeout=120,
     )

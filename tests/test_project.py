@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from pvcoord.procs import BIN, PYTHON
 from pvdb.catalog import all_specs, markdown
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def test_pv_list_doc_is_generated_from_pvdb():
@@ -71,12 +71,12 @@ def test_systemd_unit(unit, tmp_path):
     text = unit.read_text()
     m = re.search(r"^ExecStart=\S+ -m (\S+)", text, re.M)
     assert m, "ExecStart must run python -m MODULE"
-    out = subprocess.run([sys.executable, "-m", m.group(1), "--help"], cwd=REPO,
+    out = subprocess.run([PYTHON, "-m", m.group(1), "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze not installed (Debian package systemd)")
-    local = text.replace("/opt/pvcoord/.venv/bin/python", sys.executable).replace(
+    local = text.replace("/opt/pvcoord/.venv/bin/python", PYTHON).replace(
         "WorkingDirectory=/opt/pvcoord", f"WorkingDirectory={REPO}")
     inst = tmp_path / unit.name.replace("@.", "@BL01.")
     (tmp_path / unit.name).write_text(local)

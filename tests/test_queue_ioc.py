@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pvcoord.demo.queue_part import (
     zmq_addr,
 )
 from pvcoord.procs import (
+    PYTHON,
     ManagedProcess,
     client_conf,
     free_port,
@@ -387,7 +387,7 @@ def test_an_account_the_policy_does_not_name_is_refused(clean):
         pytest.skip(why)
     b = clean
     before = b.stack.call("queue_get")["plan_queue_uid"]
-    argv = ["runuser", "-u", "nobody", "--", sys.executable, "-m", "p4p.client.cli", "-w",
+    argv = ["runuser", "-u", "nobody", "--", PYTHON, "-m", "p4p.client.cli", "-w",
             str(TIMEOUT), "rpc", qn.ITEM_ADD.name(P), "name=count"]
     p = subprocess.run(argv, env=b.env, capture_output=True, text=True, timeout=60, cwd="/")
     out = p.stdout + p.stderr

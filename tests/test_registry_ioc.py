@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -19,6 +18,7 @@ from iocs.registry.ioc import serve
 from iocs.registry.model import RegistryError, RegistryState, lookup_pv_arg
 from pvcoord.demo.devices import registry_devices, write_database, write_registry
 from pvcoord.procs import (
+    PYTHON,
     ManagedProcess,
     client_conf,
     python_module,
@@ -202,7 +202,7 @@ def wait_value(ctxt: Context):
 # --- the real process -------------------------------------------------------------------------
 
 def test_help_lists_every_registry_pv():
-    out = subprocess.run([sys.executable, "-m", "iocs.registry", "--help"],
+    out = subprocess.run([PYTHON, "-m", "iocs.registry", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for spec in pvn.REGISTRY_PVS:

@@ -59,6 +59,7 @@ from typing import TextIO
 
 from pvcoord.procs import (
     LOOPBACK,
+    PYTHON,
     ManagedProcess,
     OutputPump,
     loopback_env,
@@ -383,7 +384,7 @@ def settings_lines(ctx: DemoContext) -> list[str]:
 
 def banner(ctx: DemoContext) -> str:
     """What the demo prints once everything runs."""
-    py = sys.executable
+    py = PYTHON
     bindir = Path(py).parent
     p = ctx.prefix
     m1 = demo_pvs.MOTORS[0]

@@ -34,6 +34,7 @@ from typing import Any, TextIO
 
 from pvcoord.procs import (
     LOOPBACK,
+    PYTHON,
     ManagedProcess,
     free_port,
     python_module,
@@ -160,7 +161,7 @@ class PutAgent:
     """
 
     def __init__(self, env: Mapping[str, str], user: str | None = None) -> None:
-        argv = [sys.executable, "-m", "pvcoord.demo.guard_part", "agent"]
+        argv = [PYTHON, "-m", "pvcoord.demo.guard_part", "agent"]
         if user is not None:
             argv = ["runuser", "-u", user, "--", *argv]
         self.user = user

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from pvcoord.procs import (
+    BIN,
     LOOPBACK,
+    PYTHON,
     ManagedProcess,
     free_port,
     python_module,
@@ -69,7 +70,7 @@ def re_manager_argv(
     ``--update-existing-plans-devices NEVER`` keeps it from writing into the startup dir; the
     lists of plans and devices are then known once the environment is opened.
     """
-    exe = Path(sys.executable).with_name("start-re-manager")
+    exe = BIN / "start-re-manager"
     return [
         str(exe),
         "--redis-addr", f"{LOOPBACK}:{redis_port}",
@@ -382,7 +383,7 @@ def _index(v: Any) -> int:
 
 
 def service_account_problem(
-    run_dir: Path | None = None, python: str = sys.executable
+    run_dir: Path | None = None, python: str = PYTHON
 ) -> str | None:
     """Why the RE Manager and queue IOC cannot run as :data:`QUEUE_LOCK_OWNER`, or None.
 

@@ -18,7 +18,6 @@ import importlib
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 
 from pvcoord.cli import EXIT_OK, EXIT_REFUSED, locks_table
 from pvcoord.client import Client, LockInfo, RefusedError
-from pvcoord.procs import client_conf, wait_until
+from pvcoord.procs import PYTHON, client_conf, wait_until
 from pvdb import demo as demo_pvs
 from pvdb.models import EventAction, LockType
 
@@ -87,7 +86,7 @@ def _quote(s: str) -> str:
 
 def identity2() -> Identity2:
     """A real second OS account when possible, else the trusted on-behalf-of path."""
-    cli = [sys.executable, "-m", "pvcoord.cli"]
+    cli = [PYTHON, "-m", "pvcoord.cli"]
     if os.geteuid() == 0 and shutil.which("runuser"):
         return Identity2(["runuser", "-u", OTHER_ACCOUNT, "--", *cli], [], OTHER_ACCOUNT,
                          f"the OS account '{OTHER_ACCOUNT}' (runuser -u {OTHER_ACCOUNT})")

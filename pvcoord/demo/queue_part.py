@@ -443,8 +443,13 @@ def _start(ctx) -> None:
         ctx.say(f"  note: queue part runs as {os.environ.get('USER', 'this account')}: {problem};"
                 " the RE worker then talks to the device network directly")
         menv = {**ctx.env, **(ctx.device_env or {}), **hook}
+    # The service account cannot read a private checkout: give it the run directory's own copy.
+    startup = ctx.run_dir / "startup"
+    shutil.copytree(STARTUP_DIR, startup, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     t0 = time.monotonic()
-    mgr = ctx.start("re-manager", re_manager_argv(redis_port, control, info), menv, user=user)
+    mgr = ctx.start("re-manager", re_manager_argv(redis_port, control, info, startup), menv,
+                    user=user)
     try:
         wait_manager(control, MANAGER_START_TIMEOUT, mgr)
     except (TimeoutError, RuntimeError) as e:

@@ -3,6 +3,7 @@ clean, every systemd unit starts an importable module and passes ``systemd-analy
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -84,3 +85,18 @@ def test_systemd_unit(unit, tmp_path):
     res = subprocess.run(["systemd-analyze", "verify", str(inst)], capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.system
+@pytest.mark.identity
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
+                    reason="needs root and runuser to run as other accounts")
+@pytest.mark.parametrize("account", ["nobody", "pvcoord-queue"])
+def test_other_accounts_run_the_installed_pvcoord(account):
+    """From a checkout anywhere (root's private home too) other accounts run the venv's copy."""
+    probe = ("import pvcoord.worker_hook, pvcoord.cli, iocs.queue, bridges.guard, pvdb, sys; "
+             "print(pvcoord.cli.__file__)")
+    out = subprocess.run(["runuser", "-u", account, "--", PYTHON, "-c", probe], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "site-packages" in out.stdout or out.stdout.startswith(str(REPO)), out.stdout

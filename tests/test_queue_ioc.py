@@ -450,6 +450,8 @@ def test_locks_follow_an_item_that_is_stopped(clean):
     call(b, qn.QUEUE_START)
     wait_until(lambda: [lk.device for lk in queue_locks(b)
                         if lk.lock_type is LockType.QUEUE_EXECUTING] == ["det2"], WAIT, "held")
+    # the lock is taken when the item starts; the RunEngine may pause only once it runs the plan
+    wait_until(lambda: b.stack.call("status")["re_state"] == "running", WAIT, "plan running")
     call(b, qn.RE_PAUSE, option="immediate")
     wait_until(lambda: mgr_state(b) == "paused", WAIT, "paused")
     assert [lk.device for lk in queue_locks(b)] == ["det2"]  # still held while paused

@@ -4,18 +4,23 @@ The startup directory is loaded the way the RE worker loads it, with bluesky-que
 ``profile_ops.load_worker_startup_code`` and ``profile_ops.devices_from_nspace`` (unchanged), in a
 child process (``python -m pvcoord.registry_import``) so a profile's side effects (a RunEngine,
 event loops, ``sys.path`` changes) stay out of the caller and a hanging profile is stopped after
-``timeout`` seconds. Every device the queue server would offer becomes one entry:
+``timeout`` seconds. Every device the queue server would offer becomes one entry (soft and
+simulated devices too: they are locked by name), with its signals:
 
-- PV names: ophyd signals' ``pvname`` / ``setpoint_pvname`` (lazy components included);
-  ophyd-async signals' sources (``ca://X``, ``pva://X``, ``mock+ca://X`` -> ``X``, read and write
-  PVs). Signals of other kinds (soft, sim, tango) have no PV and are skipped.
+- signals: ophyd components by attribute path (``m1.readback``; lazy components included), a
+  top-level signal as the device's one signal; ophyd-async signals of the device tree. Each with
+  its ``kind`` (ophyd ``Kind``; for ophyd-async from the device's ``hints`` / ``describe()`` /
+  ``describe_configuration()``), ``access`` (``r``, ``rw``, ``w``, ``x``) and its PVs: ophyd
+  ``pvname`` / ``setpoint_pvname``, ophyd-async read and write sources (``ca://X``, ``pva://X``,
+  ``mock+ca://X`` -> ``X``). Soft, sim and tango signals have no PV. Other objects (flyers) have
+  no signals. The device's PVs are its signals' PVs.
 - capabilities: bluesky protocols (``Readable``, ``Movable``, ``Triggerable``, ``Flyable``); an
   ophyd device is triggerable only if its class overrides ``trigger`` (every ophyd device has the
   default no-op ``trigger``).
 - ``class``: the device's class (``module.Class``); ``pv_prefix``: an ophyd device's ``prefix``,
   else the longest common ``:``-terminated prefix of its PVs; a prefix shared by two devices is
   dropped from both. A PV claimed by two devices (a component also named at top level) goes to the
-  device with more PVs.
+  device with more PVs; the other keeps the signal, whose PV is then the larger device's.
 
 Nothing connects: ophyd signals are created without waiting, and by default the ophyd-async
 ``init_devices()`` context of the profile connects in mock mode (``mock_connect=True``), so the

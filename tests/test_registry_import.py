@@ -8,6 +8,7 @@ import bluesky_queueserver
 import pytest
 import yaml
 
+from pvcoord.demo.devices import registry_devices
 from pvcoord.registry_import import (
     RegistryImportError,
     common_prefix,
@@ -177,3 +178,20 @@ def test_hanging_startup_is_stopped_after_timeout(env, tmp_path):
     (tmp_path / "00-hang.py").write_text("import time\ntime.sleep(600)\n")
     with pytest.raises(RegistryImportError, match="took longer than 3 s"):
         import_registry(tmp_path, env=env, timeout=3)
+
+
+@pytest.mark.system
+def test_demo_registry_signals_match_the_demo_profile_collection(env):
+    # the demo's registry (from pvdb.demo) and its RE worker's ophyd-async devices agree: same
+    # devices, and every signal the profile has is in the registry with the same kind, access
+    # and PVs (the registry also lists <motor>.moving, which the profile's motors do not read)
+    startup = REPO / "pvcoord" / "demo" / "startup"
+    child_env = {**env, "PVCOORD_HOOK": "off", "PVCOORD_DEVICE_PREFIX": P}
+    imported = {d.name: d for d in import_registry(startup, env=child_env, timeout=60)}
+    registry = {d.name: d for d in registry_devices(P)}
+    assert sorted(imported) == sorted(registry)
+    for name, dev in imported.items():
+        served = {s.name: s for s in registry[name].signals}
+        assert dev.signals and all(served[s.name] == s for s in dev.signals), name
+        assert set(served) - {s.name for s in dev.signals} <= {f"{name}.moving"}, name
+        assert set(dev.pvs) <= set(registry[name].pvs)

@@ -28,8 +28,7 @@ PVs (``P`` is --prefix, with its trailing colon):
 Connectivity: every --check-period seconds each device's explicit PVs get a PVA GET; a PV that
 does not answer within min(period, 2 s) makes its device disconnected. A device registered by
 pv_prefix only, or without any PV (a soft device, locked by name), has nothing to check and
-shows connected = false. Changes are published only when a
-flag changes.
+shows connected = false. Changes are published only when a flag changes.
 
 The registry file format (YAML) is described in docs/registry.md; a bad file is refused at start
 with the line, device and field that is wrong (exit status 2). Build one from a bluesky profile

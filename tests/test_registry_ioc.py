@@ -78,6 +78,27 @@ def test_lookup_answers_and_errors():
         st.lookup("Y:z")
 
 
+def test_devices_without_pvs_leave_the_guards_map_intact():
+    # the guard builds its map from the Registry:DevicePVs rows and the pvPrefix column
+    from bridges.guard.decision import DeviceMap  # noqa: PLC0415 - only this test needs it
+
+    st = RegistryState([
+        Device(name="m1", pvs=["X:m1:A"], pv_prefix="X:m1:",
+               signals=[DeviceSignal(name="m1.a", access="rw", read_pv="X:m1:A",
+                                     write_pv="X:m1:A")]),
+        Device(name="soft", signals=[DeviceSignal(name="soft", access="rw")]),
+        Device(name="alias", signals=[DeviceSignal(name="alias", access="r", read_pv="X:m1:A")]),
+        Device(name="flyer"),
+    ])
+    assert st.pv_rows() == [("X:m1:A", "m1")]
+    prefixes = [(r[0], r[3]) for r in st.device_rows()]
+    dmap = DeviceMap(st.pv_rows(), prefixes, known=True)
+    assert dmap.device_of("X:m1:A") == "m1" and dmap.device_of("X:m1:Other") == "m1"
+    assert dmap.device_of("soft") is None and dmap.device_of("Y:anything") is None
+    assert st.signal_rows("alias") == [("alias", "", "r", "X:m1:A", "")]
+    assert st.signal_rows("flyer") == []
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

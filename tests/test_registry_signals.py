@@ -15,11 +15,20 @@ import pytest
 from p4p.client.thread import Context
 
 from pvcoord import cli
-from pvcoord.procs import ManagedProcess, client_conf, python_module, server_env, wait_for_pv
+from pvcoord.client import Client
+from pvcoord.procs import (
+    ManagedProcess,
+    client_conf,
+    python_module,
+    server_env,
+    wait_for_pv,
+    wait_until,
+)
 from pvdb import names as pvn
 from pvdb.registry_file import load_registry
 
 from .conftest import TIMEOUT
+from .coordhelpers import TEST_POLICY
 
 pytestmark = pytest.mark.system
 
@@ -112,3 +121,25 @@ def test_cli_registry_show_device_prints_its_signals(served):
     every = _show(env)
     assert every.returncode == cli.EXIT_OK
     assert len(every.stdout.splitlines()) == 1 + 43
+
+
+def test_devices_without_pvs_are_locked_by_name(served, tmp_path):
+    # the coordination IOC follows this registry: simulated devices are lockable like any other
+    env, _ = served
+    policy = tmp_path / "policy.toml"
+    policy.write_text(TEST_POLICY)
+    coord = ManagedProcess(
+        "coordination",
+        python_module("iocs.coordination", "--prefix", P, "--registry-prefix", P, "--policy",
+                      str(policy), "--store", f"sqlite:///{tmp_path}/locks.sqlite"),
+        server_env(env), log_dir=tmp_path)
+    try:
+        wait_for_pv(pvn.COORD_LOCKS.name(P), env, 30, procs=[coord])
+        with Client(P, conf=client_conf(env), timeout=TIMEOUT) as c:
+            wait_until(lambda: "motor1" in c.devices(), TIMEOUT, "Coord:Devices from the registry")
+            grant = c.acquire("motor1,sim_bundle_A", "MANUAL_OPERATOR", 60, reason="align")
+            assert sorted(grant.devices) == ["motor1", "sim_bundle_A"]
+            assert sorted(lk.device for lk in c.locks()) == ["motor1", "sim_bundle_A"]
+            c.release("motor1,sim_bundle_A", key=grant.key)
+    finally:
+        coord.stop()

@@ -64,7 +64,7 @@ def test_import_profile_collection_without_reachable_pvs(env, tmp_path):
     devices = import_registry(STARTUP, ioc="demo-softioc", env=env, timeout=60)
     by_name = {d.name: d for d in devices}
     # every device, also without PVs: soft (no PV at all) and m1_readback (its PV is m1's)
-    assert sorted(by_name) == ["det1", "m1", "m1_readback", "m2", "soft"]
+    assert sorted(by_name) == ["det1", "det2", "m1", "m1_readback", "m2", "soft"]
 
     m1 = by_name["m1"]  # ophyd PVPositioner, lazy velocity component included
     assert m1.device_class == "DemoMotor"
@@ -105,6 +105,13 @@ def test_import_profile_collection_without_reachable_pvs(env, tmp_path):
     assert m2.signals[1] == DeviceSignal(
         name="m2.user_setpoint", kind="omitted", access="rw",
         read_pv=demo.motor_readback(P, "m2"), write_pv=demo.motor_setpoint(P, "m2"))
+
+    det2 = by_name["det2"]  # ophyd-async: DeviceVector entries are numbered; soft and x signals
+    assert [(s.name, s.kind, s.access, s.read_pv, s.write_pv) for s in det2.signals] == [
+        ("det2.channels.1", "normal", "r", demo.det_value(P, "det2"), ""),
+        ("det2.channels.2", "normal", "r", demo.det_acquire_time(P, "det2"), ""),
+        ("det2.gain", "omitted", "rw", "", ""),
+        ("det2.reset", "omitted", "x", "", demo.det_acquire(P, "det2"))]
 
     # what the CLI writes is a valid registry file
     assert load_registry(save_registry(devices, tmp_path / "imported.yaml")) == devices

@@ -210,14 +210,16 @@ def _async_tree(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
         stack.extend((f"{here}.{child_name}", child) for child_name, child in reversed(children))
 
 
-def _async_kinds(obj: Any, mock_connect: bool, timeout: float) -> dict[str, str]:
+def _async_kinds(
+    obj: Any, mock_connect: bool, timeout: float, notes: list[str]
+) -> dict[str, str]:
     """Signal name -> kind of an ophyd-async device, from its public bluesky interface.
 
     ``hints`` names the hinted signals, ``describe()`` the read (``normal``) ones and
     ``describe_configuration()`` the ``config`` ones; every other signal is ``omitted``. The
     describes run in the bluesky event loop and need a connection: with ``mock_connect`` the
     device is first connected in mock mode (a no-op for a device ``init_devices()`` already
-    mock-connected). Empty when that fails (the kinds are then not known).
+    mock-connected). Empty when that fails (the kinds are then not known); ``notes`` gets why.
     """
     from bluesky.run_engine import call_in_bluesky_event_loop  # noqa: PLC0415
 
@@ -234,7 +236,8 @@ def _async_kinds(obj: Any, mock_connect: bool, timeout: float) -> dict[str, str]
         read, conf = call_in_bluesky_event_loop(describe(), timeout=timeout)
         hints = getattr(obj, "hints", None) or {}
     except Exception as e:  # noqa: BLE001 - kinds are optional: say why they are missing
-        log.warning("%s: signal kinds not known (%s: %s)", obj.name, type(e).__name__, e)
+        notes.append(f"{obj.name}: signal kinds not known: describing it failed: "
+                     f"{type(e).__name__}: {e}")
         return {}
     kinds = dict.fromkeys(conf, "config")
     kinds.update(dict.fromkeys(read, "normal"))
@@ -243,12 +246,12 @@ def _async_kinds(obj: Any, mock_connect: bool, timeout: float) -> dict[str, str]
 
 
 def _ophyd_async_device_signals(
-    name: str, obj: Any, mock_connect: bool = True, timeout: float = 10.0
+    name: str, obj: Any, mock_connect: bool, notes: list[str], timeout: float = 10.0
 ) -> list[DeviceSignal]:
     """Signals of an ophyd-async device tree (or of a top-level ophyd-async signal)."""
     if not obj.name:
         obj.set_name(name)  # the describe keys are signal names; this process is disposable
-    kinds = _async_kinds(obj, mock_connect, timeout)
+    kinds = _async_kinds(obj, mock_connect, timeout, notes)
     out = []
     for path, sig in _async_tree(obj, name):
         access = _async_access(sig)
@@ -260,15 +263,19 @@ def _ophyd_async_device_signals(
     return out
 
 
-def device_signals(name: str, obj: object, mock_connect: bool = True) -> list[DeviceSignal]:
+def device_signals(
+    name: str, obj: object, mock_connect: bool = True, notes: list[str] | None = None
+) -> list[DeviceSignal]:
     """The signals of device ``name`` (an ophyd or ophyd-async device or signal), by name.
 
-    Other objects (flyers, plain Python devices) have none.
+    Other objects (flyers, plain Python devices) have none. What could not be found out (the
+    kinds of an ophyd-async device that cannot be described) is appended to ``notes``.
     """
     if _is_ophyd(obj):
         sigs = _ophyd_device_signals(name, obj)
     elif _is_ophyd_async(obj):
-        sigs = _ophyd_async_device_signals(name, obj, mock_connect)
+        sigs = _ophyd_async_device_signals(name, obj, mock_connect,
+                                           notes if notes is not None else [])
     else:
         sigs = []
     return sorted(sigs, key=lambda s: s.name)
@@ -400,7 +407,7 @@ def devices_from_objects(
             out.skipped.append(f"{name}: not a valid device name")
             continue
         try:
-            signals = device_signals(name, obj, mock_connect)
+            signals = device_signals(name, obj, mock_connect, out.notes)
         except Exception as e:  # noqa: BLE001 - a broken device must not stop the import
             out.notes.append(f"{name}: kept without signals: walking its signals failed: "
                              f"{type(e).__name__}: {e}")

@@ -202,3 +202,24 @@ def test_demo_registry_signals_match_the_demo_profile_collection(env):
         assert dev.signals and all(served[s.name] == s for s in dev.signals), name
         assert set(served) - {s.name for s in dev.signals} <= {f"{name}.moving"}, name
         assert set(dev.pvs) <= set(registry[name].pvs)
+
+
+@pytest.mark.system
+def test_ophyd_async_without_a_bluesky_event_loop_has_no_kinds(env, tmp_path, caplog):
+    # no RunEngine: the devices cannot be described, so their kinds are not known (and said so)
+    (tmp_path / "00-signals.py").write_text(
+        "from ophyd_async.core import soft_signal_rw\n"
+        "from ophyd_async.epics.core import epics_signal_rw\n"
+        "from pvdb import demo\n"
+        "gain = soft_signal_rw(float, 1.0, name='gain')\n"
+        "pos = epics_signal_rw(float, 'pva://' + demo.motor_setpoint('X:', 'm1'), name='pos')\n"
+    )
+    with caplog.at_level("WARNING", logger="pvcoord.registry_import"):
+        devices = import_registry(tmp_path, env=env, timeout=60)
+    pv = demo.motor_setpoint("X:", "m1")
+    assert [(d.name, d.pvs, d.signals) for d in devices] == [
+        ("gain", [], [DeviceSignal(name="gain", access="rw")]),
+        ("pos", [pv], [DeviceSignal(name="pos", access="rw", read_pv=pv, write_pv=pv)]),
+    ]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("gain: signal kinds not known") for m in warned), warned

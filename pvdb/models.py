@@ -122,9 +122,9 @@ class Capability(StrEnum):
     FLYABLE = "flyable"
 
 
-SIGNAL_PATH_RE = re.compile(r"^[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,15}$")
-"""A signal's dotted component name: the device name, then attribute names (or DeviceVector
-indices) separated by dots, e.g. ``sim_bundle_A.mtrs.x.setpoint``."""
+SIGNAL_PATH_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_]{1,64}){0,15}$")
+"""A signal's dotted component name: the device name (which may contain ``-``), then up to 15
+attribute names (or DeviceVector indices) separated by dots: ``sim_bundle_A.mtrs.x.setpoint``."""
 
 
 class DeviceSignal(BaseModel):

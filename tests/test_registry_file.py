@@ -158,6 +158,8 @@ def test_devices_without_pvs_and_signals_round_trip(tmp_path):
         "  - name: m1_rbv\n"                   # an alias of m1's component: the PV is m1's
         "    signals:\n"
         "      - {name: m1_rbv, access: r, read_pv: A:m1:Rbv}\n"
+        "  - name: det-1\n"                    # '-' is allowed in a device name
+        "    signals: [{name: det-1.cam.gain, access: rw}]\n"
         "  - name: det\n"
         "    pv_prefix: 'A:det:'\n"
         "    signals:\n"

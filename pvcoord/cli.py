@@ -9,6 +9,7 @@ Commands (``pvcoord COMMAND --help`` for each)::
     pvcoord status                   # table of the active locks, and the free devices
     pvcoord watch                    # live lock changes and audit events until Ctrl-C
     pvcoord registry show            # the registered devices
+    pvcoord registry show m1         # one device and its signals (Registry:m1:Signals)
     pvcoord registry import --startup-dir ~/profile_collection/startup -o registry.yaml
     pvcoord demo [--walkthrough]     # the demo beamline on loopback
 
@@ -31,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from pvdb.models import DeviceSignal
 from pvdb.names import COORD_EVENTS, COORD_LOCKS, check_prefix
 
 from .client import (
@@ -337,8 +339,35 @@ def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def signals_table(signals: Sequence[DeviceSignal]) -> str:
+    """The ``registry show DEVICE`` table of a device's signals."""
+    rows = [[s.name, s.kind or "-", s.access, s.read_pv, s.write_pv] for s in signals]
+    return table(["SIGNAL", "KIND", "ACCESS", "READ PV", "WRITE PV"], rows)
+
+
+def _show_device(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as c:
+        devices = {d.name: d for d in c.registry_devices()}
+        dev = devices.get(args.device)
+        if dev is None:
+            known = ", ".join(sorted(devices)) or "none"
+            raise CoordError(f"no device {args.device!r} in the registry (known: {known})")
+        signals = c.registry_signals(dev.name)
+    if args.json:
+        json.dump({**dev.model_dump(mode="json"),
+                   "signals": [s.model_dump(mode="json") for s in signals]}, out, indent=2)
+        print(file=out)
+        return EXIT_OK
+    print(registry_table([dev]), file=out)
+    print(file=out)
+    print(signals_table(signals) if signals else f"{dev.name} has no known signals", file=out)
+    return EXIT_OK
+
+
 def cmd_registry_show(args: argparse.Namespace, out: TextIO) -> int:
-    """``pvcoord registry show``."""
+    """``pvcoord registry show [DEVICE]``: every device, or one device and its signals."""
+    if args.device:
+        return _show_device(args, out)
     with _client(args) as c:
         devices = c.registry_devices()
     if args.json:
@@ -526,8 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     rg = sub.add_parser("registry", parents=[common], help="the device registry")
     rsub = rg.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
     rs = rsub.add_parser(
-        "show", parents=[common], help="table of the registered devices (Registry:Devices)",
+        "show", parents=[common], help="table of the registered devices (Registry:Devices), or "
+        "one device and its signals (Registry:<device>:Signals)",
     )
+    rs.add_argument("device", nargs="?", default=None, metavar="DEVICE",
+                    help="show this device and its signals")
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=cmd_registry_show)
     ri = rsub.add_parser(

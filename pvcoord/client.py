@@ -44,7 +44,7 @@ from p4p.client.thread import Disconnected, RemoteError
 from p4p.nt import NTURI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pvdb.models import LockEvent, LockType
+from pvdb.models import DeviceSignal, LockEvent, LockType
 from pvdb.names import (
     ACQUIRE_ARGS,
     COORD_ACQUIRE,
@@ -56,6 +56,7 @@ from pvdb.names import (
     COORD_RELEASE,
     COORD_RENEW,
     FORCE_RELEASE_ARGS,
+    REGISTRY_DEVICE_SIGNALS,
     REGISTRY_DEVICES,
     RELEASE_ARGS,
     RENEW_ARGS,
@@ -466,6 +467,24 @@ def parse_registry(value: Any) -> list[RegistryDevice]:
     return out
 
 
+def parse_signals(value: Any) -> list[DeviceSignal]:
+    """Rows of ``Registry:<device>:Signals`` as :class:`pvdb.models.DeviceSignal`.
+
+    Raises:
+        CoordError: a row that is not a valid signal.
+    """
+    out = []
+    for r in table_rows(value):
+        try:
+            out.append(DeviceSignal(
+                name=r["signal"], kind=r.get("kind", ""), access=r.get("access", ""),
+                read_pv=r.get("readPv", ""), write_pv=r.get("writePv", ""),
+            ))
+        except (KeyError, ValidationError) as e:
+            raise CoordError(f"malformed Registry signals row {r!r}: {e}") from None
+    return out
+
+
 def scalar(value: Any) -> Any:
     """The ``value`` field of an NTScalar/NTScalarArray (a p4p Value or an unwrapped one)."""
     if isinstance(value, Value):
@@ -672,6 +691,16 @@ class Client(_Base):
     def registry_devices(self, *, call_timeout: float | None = None) -> list[RegistryDevice]:
         """The registered devices (``Registry:Devices``)."""
         return parse_registry(self.get(self.pv(REGISTRY_DEVICES), call_timeout))
+
+    def registry_signals(
+        self, device: str, *, call_timeout: float | None = None
+    ) -> list[DeviceSignal]:
+        """The signals of ``device`` (``Registry:<device>:Signals``), sorted by name.
+
+        Raises:
+            NoAnswerError: no such PV answered (also for a device the registry does not have).
+        """
+        return parse_signals(self.get(self.pv(REGISTRY_DEVICE_SIGNALS, device), call_timeout))
 
     def monitor(
         self, spec: PVSpec, callback: Callable[[Value | Exception], None]
@@ -942,6 +971,14 @@ class AsyncClient(_Base):
     ) -> list[RegistryDevice]:
         """See :meth:`Client.registry_devices`."""
         return parse_registry(await self.get(self.pv(REGISTRY_DEVICES), call_timeout))
+
+    async def registry_signals(
+        self, device: str, *, call_timeout: float | None = None
+    ) -> list[DeviceSignal]:
+        """See :meth:`Client.registry_signals`."""
+        return parse_signals(
+            await self.get(self.pv(REGISTRY_DEVICE_SIGNALS, device), call_timeout)
+        )
 
     def lock(
         self,

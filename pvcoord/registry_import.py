@@ -4,18 +4,23 @@ The startup directory is loaded the way the RE worker loads it, with bluesky-que
 ``profile_ops.load_worker_startup_code`` and ``profile_ops.devices_from_nspace`` (unchanged), in a
 child process (``python -m pvcoord.registry_import``) so a profile's side effects (a RunEngine,
 event loops, ``sys.path`` changes) stay out of the caller and a hanging profile is stopped after
-``timeout`` seconds. Every device the queue server would offer becomes one entry:
+``timeout`` seconds. Every device the queue server would offer becomes one entry (soft and
+simulated devices too: they are locked by name), with its signals:
 
-- PV names: ophyd signals' ``pvname`` / ``setpoint_pvname`` (lazy components included);
-  ophyd-async signals' sources (``ca://X``, ``pva://X``, ``mock+ca://X`` -> ``X``, read and write
-  PVs). Signals of other kinds (soft, sim, tango) have no PV and are skipped.
+- signals: ophyd components by attribute path (``m1.readback``; lazy components included), a
+  top-level signal as the device's one signal; ophyd-async signals of the device tree. Each with
+  its ``kind`` (ophyd ``Kind``; for ophyd-async from the device's ``hints`` / ``describe()`` /
+  ``describe_configuration()``), ``access`` (``r``, ``rw``, ``w``, ``x``) and its PVs: ophyd
+  ``pvname`` / ``setpoint_pvname``, ophyd-async read and write sources (``ca://X``, ``pva://X``,
+  ``mock+ca://X`` -> ``X``). Soft, sim and tango signals have no PV. Other objects (flyers) have
+  no signals. The device's PVs are its signals' PVs.
 - capabilities: bluesky protocols (``Readable``, ``Movable``, ``Triggerable``, ``Flyable``); an
   ophyd device is triggerable only if its class overrides ``trigger`` (every ophyd device has the
   default no-op ``trigger``).
 - ``class``: the device's class (``module.Class``); ``pv_prefix``: an ophyd device's ``prefix``,
   else the longest common ``:``-terminated prefix of its PVs; a prefix shared by two devices is
   dropped from both. A PV claimed by two devices (a component also named at top level) goes to the
-  device with more PVs.
+  device with more PVs; the other keeps the signal, whose PV is then the larger device's.
 
 Nothing connects: ophyd signals are created without waiting, and by default the ophyd-async
 ``init_devices()`` context of the profile connects in mock mode (``mock_connect=True``), so the
@@ -45,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from pvcoord.procs import PYTHON
-from pvdb.models import DEVICE_NAME_RE, Capability, Device
+from pvdb.models import DEVICE_NAME_RE, Capability, Device, DeviceSignal
 from pvdb.registry_file import PV_NAME_RE, check_device, check_devices
 
 log = logging.getLogger(__name__)
@@ -91,8 +96,11 @@ def _is_ophyd_async(obj: object) -> bool:
     return isinstance(obj, AsyncDevice)
 
 
-def _ophyd_signals(dev: Any) -> Iterator[Any]:
-    """Every signal of an ophyd device, lazy ones included, instantiated without waiting."""
+def _ophyd_signals(dev: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(dotted name, signal)`` of every signal of an ophyd device, lazy ones included.
+
+    Lazy components are instantiated without waiting for a connection.
+    """
     from ophyd import Device as OphydDevice  # noqa: PLC0415
     from ophyd.device import do_not_wait_for_lazy_connection  # noqa: PLC0415
 
@@ -100,72 +108,183 @@ def _ophyd_signals(dev: Any) -> Iterator[Any]:
         for attr in dev.component_names:
             child = getattr(dev, attr)
             if isinstance(child, OphydDevice):
-                yield from _ophyd_signals(child)
+                yield from _ophyd_signals(child, f"{path}.{attr}")
             else:
-                yield child
+                yield f"{path}.{attr}", child
 
 
-def _ophyd_pvs(obj: Any) -> list[str]:
-    """PV names of an ophyd signal or device (``pvname`` and ``setpoint_pvname``)."""
+def _ophyd_kind(sig: Any) -> str:
+    """Ophyd ``Kind`` flag -> ``hinted``, ``normal``, ``config`` or ``omitted``."""
+    from ophyd import Kind  # noqa: PLC0415
+
+    kind = getattr(sig, "kind", None)
+    if not isinstance(kind, Kind):
+        return ""
+    if kind & Kind.hinted == Kind.hinted:
+        return "hinted"
+    if kind & Kind.normal:
+        return "normal"
+    if kind & Kind.config:
+        return "config"
+    return "omitted"
+
+
+def _pv_attr(sig: Any, attr: str) -> str:
+    pv = getattr(sig, attr, None)
+    return pv if isinstance(pv, str) and pv and PV_NAME_RE.match(pv) else ""
+
+
+def _ophyd_signal(name: str, sig: Any) -> DeviceSignal:
+    """One ophyd signal: access from its class (EPICS) or its ``write_access`` (soft/sim)."""
+    from ophyd.signal import EpicsSignalBase, EpicsSignalRO, SignalRO  # noqa: PLC0415
+
+    if isinstance(sig, EpicsSignalBase):
+        writable = not isinstance(sig, EpicsSignalRO) and hasattr(sig, "setpoint_pvname")
+    elif isinstance(sig, SignalRO):
+        writable = False
+    else:
+        try:
+            writable = bool(sig.write_access)
+        except Exception:  # noqa: BLE001 - a signal that cannot say is taken as writable
+            writable = True
+    return DeviceSignal(
+        name=name, kind=_ophyd_kind(sig), access="rw" if writable else "r",
+        read_pv=_pv_attr(sig, "pvname"),
+        write_pv=_pv_attr(sig, "setpoint_pvname") if writable else "",
+    )
+
+
+def _ophyd_device_signals(name: str, obj: Any) -> list[DeviceSignal]:
+    """Signals of an ophyd device (dotted component names) or of a top-level ophyd signal."""
     from ophyd import Device as OphydDevice  # noqa: PLC0415
 
-    signals = list(_ophyd_signals(obj)) if isinstance(obj, OphydDevice) else [obj]
-    pvs: list[str] = []
-    for sig in signals:
-        for attr in ("pvname", "setpoint_pvname"):
-            pv = getattr(sig, attr, None)
-            if isinstance(pv, str) and pv and PV_NAME_RE.match(pv):
-                pvs.append(pv)
-    return pvs
+    if isinstance(obj, OphydDevice):
+        return [_ophyd_signal(path, sig) for path, sig in _ophyd_signals(obj, name)]
+    return [_ophyd_signal(name, obj)]
 
 
-def _async_signal_sources(sig: Any) -> list[str]:
-    """Read and write sources of an ophyd-async signal, without connecting.
+def _async_write_source(sig: Any) -> str:
+    """The write source of an ophyd-async signal, without connecting.
 
-    ``Signal.source`` is the read source; ophyd-async has no public accessor for the write
-    source, so it is asked from the signal's backend (``SignalBackend.source(name, read=False)``).
+    ophyd-async has no public accessor for it, so it is asked from the signal's backend
+    (``SignalBackend.source(name, read=False)``); ``Signal.source`` if that fails.
     """
-    out = [sig.source]
     connector = getattr(sig, "_connector", None)  # no public accessor (see docstring)
     backend = getattr(connector, "backend", None)
     if backend is not None:
         with contextlib.suppress(Exception):
-            out.append(backend.source(sig.name, read=False))
-    return out
+            src = backend.source(sig.name, read=False)
+            if isinstance(src, str):
+                return src
+    return sig.source
 
 
-def _ophyd_async_pvs(obj: Any) -> list[str]:
-    """PV names of an ophyd-async device tree (every signal's read and write source)."""
+def _async_access(sig: Any) -> str:
+    from ophyd_async.core import SignalR, SignalRW, SignalW, SignalX  # noqa: PLC0415
+
+    if isinstance(sig, SignalRW):
+        return "rw"
+    if isinstance(sig, SignalX):
+        return "x"
+    if isinstance(sig, SignalW):
+        return "w"
+    if isinstance(sig, SignalR):
+        return "r"
+    return "rw"
+
+
+def _async_tree(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(dotted name, signal)`` of every signal in an ophyd-async device tree."""
     from ophyd_async.core import Signal  # noqa: PLC0415
 
-    pvs: list[str] = []
-    stack = [obj]
+    stack = [(path, obj)]
     seen: set[int] = set()
     while stack:
-        dev = stack.pop()
+        here, dev = stack.pop()
         if id(dev) in seen:
             continue
         seen.add(id(dev))
         if isinstance(dev, Signal):
-            for src in _async_signal_sources(dev):
-                pv = pv_from_source(src) if isinstance(src, str) else None
-                if pv:
-                    pvs.append(pv)
+            yield here, dev
             continue
         children = list(dev.children())
-        stack.extend(child for _, child in reversed(children))
-    return pvs
+        stack.extend((f"{here}.{child_name}", child) for child_name, child in reversed(children))
 
 
-def device_pvs(obj: object) -> list[str]:
-    """PV names of an ophyd or ophyd-async device or signal, each once, in walk order."""
+def _async_kinds(
+    obj: Any, mock_connect: bool, timeout: float, notes: list[str]
+) -> dict[str, str]:
+    """Signal name -> kind of an ophyd-async device, from its public bluesky interface.
+
+    ``hints`` names the hinted signals, ``describe()`` the read (``normal``) ones and
+    ``describe_configuration()`` the ``config`` ones; every other signal is ``omitted``. The
+    describes run in the bluesky event loop and need a connection: with ``mock_connect`` the
+    device is first connected in mock mode (a no-op for a device ``init_devices()`` already
+    mock-connected). Empty when that fails (the kinds are then not known); ``notes`` gets why.
+    """
+    from bluesky.run_engine import call_in_bluesky_event_loop  # noqa: PLC0415
+
+    async def describe() -> tuple[dict, dict]:
+        if mock_connect:
+            await obj.connect(mock=True)
+        read = await obj.describe() if hasattr(obj, "describe") else {}
+        conf = (
+            await obj.describe_configuration() if hasattr(obj, "describe_configuration") else {}
+        )
+        return read, conf
+
+    try:
+        read, conf = call_in_bluesky_event_loop(describe(), timeout=timeout)
+        hints = getattr(obj, "hints", None) or {}
+    except Exception as e:  # noqa: BLE001 - kinds are optional: say why they are missing
+        notes.append(f"{obj.name}: signal kinds not known: describing it failed: "
+                     f"{type(e).__name__}: {e}")
+        return {}
+    kinds = dict.fromkeys(conf, "config")
+    kinds.update(dict.fromkeys(read, "normal"))
+    kinds.update({key: "hinted" for key in hints.get("fields", ()) if key in kinds})
+    return kinds
+
+
+def _ophyd_async_device_signals(
+    name: str, obj: Any, mock_connect: bool, notes: list[str], timeout: float = 10.0
+) -> list[DeviceSignal]:
+    """Signals of an ophyd-async device tree (or of a top-level ophyd-async signal)."""
+    if not obj.name:
+        obj.set_name(name)  # the describe keys are signal names; this process is disposable
+    kinds = _async_kinds(obj, mock_connect, timeout, notes)
+    out = []
+    for path, sig in _async_tree(obj, name):
+        access = _async_access(sig)
+        read_pv = pv_from_source(sig.source) if "r" in access else None
+        write_pv = pv_from_source(_async_write_source(sig)) if access != "r" else None
+        kind = kinds.get(sig.name, "omitted") if kinds else ""
+        out.append(DeviceSignal(name=path, kind=kind, access=access, read_pv=read_pv or "",
+                                write_pv=write_pv or ""))
+    return out
+
+
+def device_signals(
+    name: str, obj: object, mock_connect: bool = True, notes: list[str] | None = None
+) -> list[DeviceSignal]:
+    """The signals of device ``name`` (an ophyd or ophyd-async device or signal), by name.
+
+    Other objects (flyers, plain Python devices) have none. What could not be found out (the
+    kinds of an ophyd-async device that cannot be described) is appended to ``notes``.
+    """
     if _is_ophyd(obj):
-        pvs = _ophyd_pvs(obj)
+        sigs = _ophyd_device_signals(name, obj)
     elif _is_ophyd_async(obj):
-        pvs = _ophyd_async_pvs(obj)
+        sigs = _ophyd_async_device_signals(name, obj, mock_connect,
+                                           notes if notes is not None else [])
     else:
-        pvs = []
-    return list(dict.fromkeys(pvs))
+        sigs = []
+    return sorted(sigs, key=lambda s: s.name)
+
+
+def signal_pvs(signals: list[DeviceSignal]) -> list[str]:
+    """PV names of ``signals`` (read, then write), each once, in order."""
+    return list(dict.fromkeys(pv for sig in signals for pv in sig.pvs))
 
 
 def capabilities(obj: object) -> list[Capability]:
@@ -260,21 +379,27 @@ def pick_prefix(device_prefix: str, pvs: list[str]) -> str:
 
 @dataclass
 class Walked:
-    """Devices found in a namespace, and what was left out (with why)."""
+    """Devices found in a namespace, what was left out (with why), and what is incomplete."""
 
     devices: list[Device] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
-def devices_from_objects(objects: Mapping[str, object], ioc: str = "") -> Walked:
+def devices_from_objects(
+    objects: Mapping[str, object], ioc: str = "", mock_connect: bool = True
+) -> Walked:
     """Registry entries for ``name -> device object`` (e.g. ``profile_ops.devices_from_nspace``).
 
-    Rules (module docstring): PVs from the signals, capabilities from the bluesky protocols, a
-    PV claimed twice goes to the device with more PVs, a shared prefix is dropped, a device with
-    no PV is skipped. The result passes :func:`pvdb.registry_file.check_devices`.
+    Rules (module docstring): every device is kept, with its signals (none for objects that are
+    neither ophyd nor ophyd-async); its PVs come from the signals; capabilities from the bluesky
+    protocols; a PV claimed twice goes to the device with more PVs (the other keeps the signal,
+    whose PV then belongs to the larger device); a shared prefix is dropped. Only names that
+    cannot be device names are skipped. The result passes
+    :func:`pvdb.registry_file.check_devices`.
     """
     out = Walked()
-    found: list[tuple[str, object, list[str], str]] = []
+    found: list[tuple[str, object, list[DeviceSignal], list[str], str]] = []
     for name in sorted(objects):
         obj = objects[name]
         if name.startswith("_"):
@@ -283,41 +408,41 @@ def devices_from_objects(objects: Mapping[str, object], ioc: str = "") -> Walked
             out.skipped.append(f"{name}: not a valid device name")
             continue
         try:
-            pvs = device_pvs(obj)
+            signals = device_signals(name, obj, mock_connect, out.notes)
         except Exception as e:  # noqa: BLE001 - a broken device must not stop the import
-            out.skipped.append(f"{name}: walking its signals failed: {type(e).__name__}: {e}")
-            continue
+            out.notes.append(f"{name}: kept without signals: walking its signals failed: "
+                             f"{type(e).__name__}: {e}")
+            signals = []
+        pvs = signal_pvs(signals)
         given = getattr(obj, "prefix", "") if _is_ophyd(obj) else ""
         prefix = pick_prefix(given if isinstance(given, str) else "", pvs)
-        found.append((name, obj, pvs, prefix))
+        found.append((name, obj, signals, pvs, prefix))
 
     # a PV belongs to one device: the one with the most PVs (then the first by name)
     owner: dict[str, str] = {}
-    size = {name: len(pvs) for name, _, pvs, _ in found}
-    for name, _, pvs, _ in found:
+    size = {name: len(pvs) for name, _, _, pvs, _ in found}
+    for name, _, _, pvs, _ in found:
         for pv in pvs:
             other = owner.get(pv)
             if other is None or size[name] > size[other]:
                 owner[pv] = name
     prefix_count: dict[str, int] = {}
-    for _, _, _, prefix in found:
+    for *_, prefix in found:
         if prefix:
             prefix_count[prefix] = prefix_count.get(prefix, 0) + 1
 
-    for name, obj, pvs, prefix in found:
+    for name, obj, signals, pvs, prefix in found:
         mine = [pv for pv in pvs if owner[pv] == name]
-        given_away = len(pvs) - len(mine)
-        if prefix_count.get(prefix, 0) > 1:
+        others = sorted({owner[pv] for pv in pvs if owner[pv] != name})
+        if prefix_count.get(prefix, 0) > 1 or not mine:
             prefix = ""
-        if not mine:
-            why = "no EPICS PV" if not pvs else "all its PVs belong to a larger device"
-            out.skipped.append(f"{name}: {why}")
-            continue
+        text = f"imported from profile collection: {_count(len(signals), 'signal')}, "
+        text += _count(len(mine), "PV")
+        if others:
+            text += f" (and {_count(len(pvs) - len(mine), 'PV')} of {', '.join(others)})"
         dev = Device(
             name=name, device_class=class_name(obj), capabilities=capabilities(obj),
-            pv_prefix=prefix, pvs=mine, ioc=ioc,
-            description=f"imported from profile collection: {_count(len(mine), 'PV')}"
-            + (f" (and {_count(given_away, 'PV')} of a larger device)" if given_away else ""),
+            pv_prefix=prefix, pvs=mine, ioc=ioc, description=text, signals=signals,
         )
         check_device(dev)
         out.devices.append(dev)
@@ -347,7 +472,7 @@ def load_and_walk(startup_dir: str | Path, ioc: str = "", mock_connect: bool = T
                 f"loading profile collection {str(path)!r} failed: {type(e).__name__}: {e}"
             ) from e
     objects = profile_ops.devices_from_nspace(nspace)
-    return devices_from_objects(objects, ioc=ioc)
+    return devices_from_objects(objects, ioc=ioc, mock_connect=mock_connect)
 
 
 @contextlib.contextmanager
@@ -431,6 +556,8 @@ def import_registry(
         data = json.loads(out_file.read_text())
     for line in data.get("skipped", []):
         log.info("skipped %s", line)
+    for line in data.get("notes", []):
+        log.warning("%s", line)
     return [Device.model_validate(d) for d in data["devices"]]
 
 
@@ -459,9 +586,12 @@ def _child_main(argv: list[str] | None = None) -> int:
     Path(a.output).write_text(json.dumps({
         "devices": [d.model_dump(mode="json", by_alias=True) for d in walked.devices],
         "skipped": walked.skipped,
+        "notes": walked.notes,
     }))
     for line in walked.skipped:
         print(f"skipped {line}", file=sys.stderr)
+    for line in walked.notes:
+        print(line, file=sys.stderr)
     # the profile may have started threads (RunEngine loop, CA contexts): do not wait for them
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .names import DEVICE_STATES
+from .names import DEVICE_STATES, SIGNAL_ACCESS, SIGNAL_KINDS
 
 BEAMLINE = "beamline"
 """Pseudo-device: a lock on it is a lock on every device."""
@@ -122,6 +122,55 @@ class Capability(StrEnum):
     FLYABLE = "flyable"
 
 
+SIGNAL_PATH_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_]{1,64}){0,15}$")
+"""A signal's dotted component name: the device name (which may contain ``-``), then up to 15
+attribute names (or DeviceVector indices) separated by dots: ``sim_bundle_A.mtrs.x.setpoint``."""
+
+
+class DeviceSignal(BaseModel):
+    """One signal of a device: its dotted component name, ophyd kind, access and EPICS PVs.
+
+    ``read_pv`` / ``write_pv`` are PV names without a scheme, empty for soft and simulated
+    signals (and ``write_pv`` for read-only ones, ``read_pv`` for write-only/executable ones).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="dotted name starting with the device name: m1.readback")
+    kind: str = Field(default="", description="hinted, normal, config, omitted; '' not known")
+    access: str = Field(description="r, rw, w or x")
+    read_pv: str = ""
+    write_pv: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_path(cls, value: str) -> str:
+        if not SIGNAL_PATH_RE.match(value):
+            raise ValueError(
+                f"signal name {value!r} is not a dotted component name (e.g. 'm1.readback')"
+            )
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _valid_kind(cls, value: str) -> str:
+        if value and value not in SIGNAL_KINDS:
+            raise ValueError(f"{value!r} is not one of {', '.join(SIGNAL_KINDS)} (or empty)")
+        return value
+
+    @field_validator("access")
+    @classmethod
+    def _valid_access(cls, value: str) -> str:
+        if value not in SIGNAL_ACCESS:
+            raise ValueError(f"{value!r} is not one of {', '.join(SIGNAL_ACCESS)}")
+        return value
+
+    @property
+    def pvs(self) -> list[str]:
+        """The signal's PV names (read, then write if different), each once."""
+        return list(dict.fromkeys(pv for pv in (self.read_pv, self.write_pv) if pv))
+
+
 class Device(BaseModel):
     """A registered device: what a beamline scientist calls ``m1``, and the PVs behind it."""
 
@@ -134,6 +183,9 @@ class Device(BaseModel):
     pvs: list[str] = Field(default_factory=list, description="explicit PV names")
     ioc: str = ""
     description: str = ""
+    signals: list[DeviceSignal] = Field(
+        default_factory=list, description="the device's signals (component hierarchy), by name"
+    )
 
     @field_validator("name")
     @classmethod

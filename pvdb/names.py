@@ -244,6 +244,30 @@ REGISTRY_HEARTBEAT = PVSpec(
     "registry", "Registry:Heartbeat", PVKind.INT, "Counter incremented every second."
 )
 
+SIGNAL_KINDS: tuple[str, ...] = ("hinted", "normal", "config", "omitted")
+"""ophyd ``Kind`` of a signal, as the registry writes it (``""``: not known)."""
+
+SIGNAL_ACCESS: tuple[str, ...] = ("r", "rw", "w", "x")
+"""Access of a signal: read-only, read-write, write-only, executable (a trigger-only command)."""
+
+SIGNALS_COLUMNS = (
+    ("signal", "s"),
+    ("kind", "s"),
+    ("access", "s"),
+    ("readPv", "s"),
+    ("writePv", "s"),
+)
+
+REGISTRY_DEVICE_SIGNALS = PVSpec(
+    "registry", "Registry:{device}:Signals", PVKind.NTTABLE,
+    "Signals of one device, sorted by signal: signal (dotted component name starting with the "
+    "device name, e.g. m1.readback; the device itself if it is one signal), kind (hinted, normal, "
+    "config, omitted, or empty if not known), access (r, rw, w, x), readPv and writePv (the EPICS "
+    "PV the signal reads / writes, empty for soft and simulated signals). Served for every "
+    "registered device, with no rows for a device without known signals.",
+    columns=SIGNALS_COLUMNS,
+)
+
 COORDINATION_PVS = (
     COORD_LOCKS, COORD_ACQUIRE, COORD_RELEASE, COORD_RENEW, COORD_FORCE_RELEASE, COORD_EVENTS,
     COORD_LAST_EVENT, COORD_LOCK_COUNT, COORD_HEARTBEAT, COORD_HEALTH, COORD_DEVICES,
@@ -252,7 +276,7 @@ COORDINATION_PVS = (
 )
 REGISTRY_PVS = (
     REGISTRY_DEVICES, REGISTRY_LOOKUP, REGISTRY_DEVICE_PVS, REGISTRY_NAMES, REGISTRY_CONNECTED,
-    REGISTRY_HEARTBEAT,
+    REGISTRY_HEARTBEAT, REGISTRY_DEVICE_SIGNALS,
 )
 
 ALL_PVS: tuple[PVSpec, ...] = COORDINATION_PVS + REGISTRY_PVS

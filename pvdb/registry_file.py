@@ -13,10 +13,20 @@ File format (``docs/registry.md``)::
           - DEMO:m1:Readback
         ioc: demo-softioc         # owning IOC (free text)
         description: simulated motor m1
+        signals:                  # optional: the component hierarchy
+          - name: m1.readback     # dotted name, starting with the device name
+            kind: hinted          # hinted, normal, config, omitted (optional)
+            access: r             # r, rw, w, x
+            read_pv: DEMO:m1:Readback   # optional: none for soft / simulated signals
+          - {name: m1.setpoint, kind: omitted, access: rw,
+             read_pv: DEMO:m1:Setpoint, write_pv: DEMO:m1:Setpoint}
 
 Rules: device names are unique; a PV is listed by one device only; two devices may not share a
-``pv_prefix``; every device has ``pvs`` or a ``pv_prefix``. A bad file raises
-:class:`RegistryFileError` naming the file, line, device and field; nothing is loaded.
+``pv_prefix``. A device may have no PV at all (a soft or simulated device: it is locked by name).
+Signal names are unique in a device and start with its name; a read-only signal has no
+``write_pv``, a write-only or executable one no ``read_pv``; every signal PV belongs to a
+registered device (listed, or under a prefix). A bad file raises :class:`RegistryFileError`
+naming the file, line, device and field; nothing is loaded.
 
 The registry IOC (``iocs.registry``), the CLI (``pvcoord registry ...``) and the guard use this
 module; it imports no p4p.
@@ -33,7 +43,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .models import Device
+from .models import Device, DeviceSignal
 
 FORMAT_VERSION = 1
 """The registry file format version this module reads and writes."""
@@ -46,10 +56,35 @@ FIELD_SUFFIX_RE = re.compile(r"\.(?:[A-Z][A-Z0-9_]*\$?|\{.*\}|\[.*\])$")
 ``.{"dbnd":{"abs":1}}``, ``.[0:2]``."""
 
 _TOP_KEYS = {"version", "devices"}
+_DEVICE_KEYS = "name, class, capabilities, pv_prefix, pvs, ioc, description, signals"
+_SIGNAL_KEYS = "name, kind, access, read_pv, write_pv"
+
+
+ERROR_CODES: dict[str, str] = {
+    "unreadable": "the file cannot be read (missing, permissions, not UTF-8)",
+    "yaml": "not valid YAML",
+    "structure": "not a mapping with a 'devices' list, an unknown top-level key, an entry that "
+    "is not a mapping",
+    "version": "a format version this pvcoord does not read",
+    "field": "a device or signal field is missing, unknown or has a bad value",
+    "pv-name": "a PV name or prefix with characters EPICS does not allow",
+    "duplicate": "a device name, PV, prefix, capability or signal listed twice",
+    "signal": "a signal that does not start with its device's name, or PVs its access rules out",
+    "signal-pv": "a signal PV that belongs to no registered device",
+}
+"""Machine-readable codes of :class:`RegistryFileError` (``code`` attribute) and their meaning."""
 
 
 class RegistryFileError(ValueError):
-    """A registry file that cannot be loaded; the message names file, line, device and field."""
+    """A registry file that cannot be loaded; the message names file, line, device and field.
+
+    Attributes:
+        code: one of :data:`ERROR_CODES`.
+    """
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _where(source: str, line: int | None) -> str:
@@ -83,17 +118,18 @@ def _pydantic_message(err: ValidationError) -> tuple[str, str]:
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ())]
     field = loc[0] if loc else ""
+    in_signal = field == "signals" and len(loc) > 2
     msg = first.get("msg", str(err)).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
-        msg = (
-            "unknown field; allowed: name, class, capabilities, pv_prefix, pvs, ioc, description"
-        )
+        msg = f"unknown field; allowed: {_SIGNAL_KEYS if in_signal else _DEVICE_KEYS}"
     elif first.get("type") == "missing":
         msg = "required field is missing"
     elif first.get("type") == "enum":
         msg = f"{first.get('input')!r} is not one of readable, movable, triggerable, flyable"
     if len(loc) > 1:
         field = f"{field}[{loc[1]}]"
+    if in_signal:
+        field = f"{field}.{loc[2]}"
     return field, msg
 
 
@@ -113,27 +149,33 @@ def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e)
-        raise RegistryFileError(f"{_where(source, line)}: not valid YAML: {problem}") from None
+        raise RegistryFileError(
+            f"{_where(source, line)}: not valid YAML: {problem}", "yaml"
+        ) from None
     if not isinstance(data, dict):
         raise RegistryFileError(
             f"{source}: expected a mapping with a 'devices' list at the top level, got "
-            f"{type(data).__name__}"
+            f"{type(data).__name__}", "structure"
         )
     extra = sorted(set(map(str, data)) - _TOP_KEYS)
     if extra:
         raise RegistryFileError(
-            f"{source}: unknown top-level key(s) {', '.join(extra)}; allowed: version, devices"
+            f"{source}: unknown top-level key(s) {', '.join(extra)}; allowed: version, devices",
+            "structure",
         )
     version = data.get("version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise RegistryFileError(
-            f"{source}: version {version!r} is not supported (this pvcoord reads {FORMAT_VERSION})"
+            f"{source}: version {version!r} is not supported (this pvcoord reads "
+            f"{FORMAT_VERSION})", "version",
         )
     entries = data.get("devices")
     if entries is None:
         entries = []
     if not isinstance(entries, list):
-        raise RegistryFileError(f"{source}: 'devices' must be a list of device entries")
+        raise RegistryFileError(
+            f"{source}: 'devices' must be a list of device entries", "structure"
+        )
     entry_lines, key_lines = _entry_lines(text)
 
     devices: list[Device] = []
@@ -147,7 +189,7 @@ def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
         if not isinstance(entry, dict):
             raise RegistryFileError(
                 f"{_where(source, line)}: {label}: expected a mapping of fields, got "
-                f"{type(entry).__name__}"
+                f"{type(entry).__name__}", "structure"
             )
         try:
             dev = Device.model_validate(_normalise(entry))
@@ -156,7 +198,7 @@ def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
             base = field.split("[")[0]
             fline = keys.get(base, line)
             raise RegistryFileError(
-                f"{_where(source, fline)}: {label}: field {field!r}: {msg}"
+                f"{_where(source, fline)}: {label}: field {field!r}: {msg}", "field"
             ) from None
         try:
             check_device(dev)
@@ -164,8 +206,15 @@ def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
         except ValueError as e:
             field = getattr(e, "field", "")
             fline = keys.get(field, line)
-            raise RegistryFileError(f"{_where(source, fline)}: {label}: {e}") from None
+            raise RegistryFileError(
+                f"{_where(source, fline)}: {label}: {e}", getattr(e, "code", "field")
+            ) from None
         devices.append(dev)
+    try:
+        check_signal_pvs(devices)
+    except _SignalPVError as e:
+        fline = key_lines[e.number - 1].get("signals") if e.number <= len(key_lines) else None
+        raise RegistryFileError(f"{_where(source, fline)}: {e}", "signal-pv") from None
     return devices
 
 
@@ -175,37 +224,109 @@ def _normalise(entry: dict[Any, Any]) -> dict[str, Any]:
     for key in ("class", "pv_prefix", "ioc", "description"):
         if key in out and out[key] is None:
             out[key] = ""
-    for key in ("capabilities", "pvs"):
+    for key in ("capabilities", "pvs", "signals"):
         if key in out and out[key] is None:
             out[key] = []
+    if isinstance(out.get("signals"), list):
+        out["signals"] = [_normalise_signal(s) for s in out["signals"]]
+    return out
+
+
+def _normalise_signal(entry: Any) -> Any:
+    if not isinstance(entry, dict):
+        return entry
+    out = {str(k): v for k, v in entry.items()}
+    for key in ("kind", "read_pv", "write_pv"):
+        if key in out and out[key] is None:
+            out[key] = ""
     return out
 
 
 class _FieldError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, code: str) -> None:
         super().__init__(f"field {field!r}: {message}")
         self.field = field
+        self.code = code
 
 
 def check_device(dev: Device) -> None:
-    """Check one device beyond its model: PV names, prefix, duplicates.
+    """Check one device beyond its model: PV names, prefix, duplicates, its signals.
 
     Raises:
-        ValueError: with a ``field`` attribute naming the field that is wrong.
+        ValueError: with a ``field`` attribute naming the field that is wrong and a ``code``
+            (:data:`ERROR_CODES`).
     """
-    if not dev.pvs and not dev.pv_prefix:
-        raise _FieldError("pvs", "a device needs explicit 'pvs' or a 'pv_prefix' (or both)")
     if dev.pv_prefix and not PV_NAME_RE.match(dev.pv_prefix):
-        raise _FieldError("pv_prefix", f"{dev.pv_prefix!r} contains characters not allowed")
+        raise _FieldError(
+            "pv_prefix", f"{dev.pv_prefix!r} contains characters not allowed", "pv-name"
+        )
     seen: set[str] = set()
     for pv in dev.pvs:
         if not isinstance(pv, str) or not pv or not PV_NAME_RE.match(pv):
-            raise _FieldError("pvs", f"{pv!r} is not a valid PV name")
+            raise _FieldError("pvs", f"{pv!r} is not a valid PV name", "pv-name")
         if pv in seen:
-            raise _FieldError("pvs", f"{pv!r} is listed twice")
+            raise _FieldError("pvs", f"{pv!r} is listed twice", "duplicate")
         seen.add(pv)
     if len(set(dev.capabilities)) != len(dev.capabilities):
-        raise _FieldError("capabilities", "a capability is listed twice")
+        raise _FieldError("capabilities", "a capability is listed twice", "duplicate")
+    names: set[str] = set()
+    for i, sig in enumerate(dev.signals):
+        _check_signal(dev.name, i, sig)
+        if sig.name in names:
+            raise _FieldError("signals", f"signals[{i}]: {sig.name!r} is listed twice",
+                              "duplicate")
+        names.add(sig.name)
+
+
+def _check_signal(device: str, i: int, sig: DeviceSignal) -> None:
+    where = f"signals[{i}]"
+    if sig.name != device and not sig.name.startswith(device + "."):
+        raise _FieldError(
+            "signals", f"{where}: {sig.name!r} does not start with the device name {device!r} "
+            f"(write {device}.COMPONENT, or {device} for a device that is one signal)", "signal"
+        )
+    for attr in ("read_pv", "write_pv"):
+        pv = getattr(sig, attr)
+        if pv and not PV_NAME_RE.match(pv):
+            raise _FieldError("signals", f"{where}.{attr}: {pv!r} is not a valid PV name",
+                              "pv-name")
+    if sig.access == "r" and sig.write_pv:
+        raise _FieldError(
+            "signals", f"{where}: a read-only signal (access r) has no write_pv ({sig.write_pv!r})",
+            "signal",
+        )
+    if sig.access in ("w", "x") and sig.read_pv:
+        raise _FieldError(
+            "signals", f"{where}: a signal with access {sig.access} is not read, so it has no "
+            f"read_pv ({sig.read_pv!r})", "signal"
+        )
+
+
+class _SignalPVError(ValueError):
+    def __init__(self, number: int, message: str) -> None:
+        super().__init__(message)
+        self.number = number
+
+
+def check_signal_pvs(devices: Sequence[Device]) -> None:
+    """Check that every signal PV belongs to a registered device (so the guard can map it).
+
+    A signal's PV may belong to another device (an alias of a larger device's component).
+
+    Raises:
+        ValueError: naming the device (``#n`` and name), the signal and the PV.
+    """
+    index = RegistryIndex(devices)
+    for number, dev in enumerate(devices, start=1):
+        for i, sig in enumerate(dev.signals):
+            for attr in ("read_pv", "write_pv"):
+                pv = getattr(sig, attr)
+                if pv and index.lookup(pv) is None:
+                    raise _SignalPVError(
+                        number, f"device #{number} ({dev.name!r}): field 'signals[{i}].{attr}': "
+                        f"PV {pv!r} of signal {sig.name!r} belongs to no device; list it in "
+                        "'pvs' (or under a 'pv_prefix') of this device or of another one"
+                    )
 
 
 class _Unique:
@@ -219,18 +340,19 @@ class _Unique:
     def add(self, number: int, dev: Device) -> None:
         if dev.name in self.names:
             raise _FieldError(
-                "name", f"{dev.name!r} is already used by device #{self.names[dev.name]}"
+                "name", f"{dev.name!r} is already used by device #{self.names[dev.name]}",
+                "duplicate",
             )
         for pv in dev.pvs:
             if pv in self.pv_owner:
                 raise _FieldError(
                     "pvs", f"PV {pv!r} is already listed by device {self.pv_owner[pv]!r}; a PV "
-                    "belongs to one device"
+                    "belongs to one device", "duplicate"
                 )
         if dev.pv_prefix and dev.pv_prefix in self.prefix_owner:
             raise _FieldError(
                 "pv_prefix", f"{dev.pv_prefix!r} is already used by device "
-                f"{self.prefix_owner[dev.pv_prefix]!r}"
+                f"{self.prefix_owner[dev.pv_prefix]!r}", "duplicate"
             )
         self.names[dev.name] = number
         self.pv_owner.update((pv, dev.name) for pv in dev.pvs)
@@ -250,6 +372,7 @@ def check_devices(devices: Sequence[Device]) -> None:
             unique.add(i + 1, dev)
         except ValueError as e:
             raise ValueError(f"device #{i + 1} ({dev.name!r}): {e}") from None
+    check_signal_pvs(devices)
 
 
 def load_registry(path: str | Path) -> list[Device]:
@@ -262,7 +385,7 @@ def load_registry(path: str | Path) -> list[Device]:
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise RegistryFileError(f"{p}: cannot read registry file: {e}") from None
+        raise RegistryFileError(f"{p}: cannot read registry file: {e}", "unreadable") from None
     return parse_registry(text, source=str(p))
 
 
@@ -280,6 +403,21 @@ def device_entry(dev: Device) -> dict[str, Any]:
         out["ioc"] = dev.ioc
     if dev.description:
         out["description"] = dev.description
+    if dev.signals:
+        out["signals"] = [signal_entry(s) for s in dev.signals]
+    return out
+
+
+def signal_entry(sig: DeviceSignal) -> dict[str, str]:
+    """One signal as a registry-file mapping (empty fields left out)."""
+    out = {"name": sig.name}
+    if sig.kind:
+        out["kind"] = sig.kind
+    out["access"] = sig.access
+    if sig.read_pv:
+        out["read_pv"] = sig.read_pv
+    if sig.write_pv:
+        out["write_pv"] = sig.write_pv
     return out
 
 

@@ -28,7 +28,7 @@ from pvcoord.procs import (
 )
 from pvdb import demo
 from pvdb import names as pvn
-from pvdb.models import Device
+from pvdb.models import Device, DeviceSignal
 
 from .conftest import TIMEOUT
 
@@ -76,6 +76,27 @@ def test_lookup_answers_and_errors():
     assert st.lookup("X:m2:Other")["match"] == "prefix"
     with pytest.raises(RegistryError, match=r"no registered device has PV 'Y:z' \(checked 3 PV"):
         st.lookup("Y:z")
+
+
+def test_devices_without_pvs_leave_the_guards_map_intact():
+    # the guard builds its map from the Registry:DevicePVs rows and the pvPrefix column
+    from bridges.guard.decision import DeviceMap  # noqa: PLC0415 - only this test needs it
+
+    st = RegistryState([
+        Device(name="m1", pvs=["X:m1:A"], pv_prefix="X:m1:",
+               signals=[DeviceSignal(name="m1.a", access="rw", read_pv="X:m1:A",
+                                     write_pv="X:m1:A")]),
+        Device(name="soft", signals=[DeviceSignal(name="soft", access="rw")]),
+        Device(name="alias", signals=[DeviceSignal(name="alias", access="r", read_pv="X:m1:A")]),
+        Device(name="flyer"),
+    ])
+    assert st.pv_rows() == [("X:m1:A", "m1")]
+    prefixes = [(r[0], r[3]) for r in st.device_rows()]
+    dmap = DeviceMap(st.pv_rows(), prefixes, known=True)
+    assert dmap.device_of("X:m1:A") == "m1" and dmap.device_of("X:m1:Other") == "m1"
+    assert dmap.device_of("soft") is None and dmap.device_of("Y:anything") is None
+    assert st.signal_rows("alias") == [("alias", "", "r", "X:m1:A", "")]
+    assert st.signal_rows("flyer") == []
 
 
 @pytest.mark.parametrize(
@@ -153,9 +174,16 @@ def table_rows(value) -> list[dict]:
 
 def test_in_process_tables_lookup_and_connectivity():
     dev_pvs = {pv: SharedPV(nt=NTScalar("d"), initial=0.0) for pv in ["Y:a:One", "Y:a:Two"]}
+    signals = [
+        DeviceSignal(name="a.two", kind="config", access="rw", read_pv="Y:a:Two",
+                     write_pv="Y:a:Two"),
+        DeviceSignal(name="a.one", kind="hinted", access="r", read_pv="Y:a:One"),
+        DeviceSignal(name="a.sub.soft", access="rw"),
+    ]
     devices = [
-        Device(name="a", pvs=list(dev_pvs), pv_prefix="Y:a:"),
+        Device(name="a", pvs=list(dev_pvs), pv_prefix="Y:a:", signals=signals),
         Device(name="b", pvs=["Y:b:Missing"]),
+        Device(name="soft", signals=[DeviceSignal(name="soft", kind="hinted", access="rw")]),
     ]
     with Server(providers=[dev_pvs], isolate=True) as device_server, \
             serving(devices, device_server.conf()) as conf, \
@@ -163,13 +191,26 @@ def test_in_process_tables_lookup_and_connectivity():
         wait = wait_value(ctxt)
         wait(pvn.REGISTRY_CONNECTED.name(P), lambda v: v == 1)
         rows = table_rows(ctxt.get(pvn.REGISTRY_DEVICES.name(P), timeout=TIMEOUT))
-        assert [(r["name"], bool(r["connected"])) for r in rows] == [("a", True), ("b", False)]
+        assert [(r["name"], bool(r["connected"])) for r in rows] == [
+            ("a", True), ("b", False), ("soft", False)]
         assert list(ctxt.get(pvn.REGISTRY_DEVICES.name(P), timeout=TIMEOUT).labels) \
             == DEVICE_COLUMNS
-        assert list(ctxt.get(pvn.REGISTRY_NAMES.name(P), timeout=TIMEOUT)) == ["a", "b"]
+        assert list(ctxt.get(pvn.REGISTRY_NAMES.name(P), timeout=TIMEOUT)) == ["a", "b", "soft"]
+        # the signals of each device, sorted by name; none for b; soft has no PVs
+        sig = ctxt.get(pvn.REGISTRY_DEVICE_SIGNALS.name(P, device="a"), timeout=TIMEOUT)
+        assert list(sig.labels) == [c for c, _ in pvn.SIGNALS_COLUMNS]
+        assert [tuple(r.values()) for r in table_rows(sig)] == [
+            ("a.one", "hinted", "r", "Y:a:One", ""),
+            ("a.sub.soft", "", "rw", "", ""),
+            ("a.two", "config", "rw", "Y:a:Two", "Y:a:Two")]
+        assert table_rows(ctxt.get(pvn.REGISTRY_DEVICE_SIGNALS.name(P, device="b"),
+                                   timeout=TIMEOUT)) == []
+        assert [tuple(r.values()) for r in table_rows(ctxt.get(
+            pvn.REGISTRY_DEVICE_SIGNALS.name(P, device="soft"), timeout=TIMEOUT))] == [
+            ("soft", "hinted", "rw", "", "")]
         pv_rows = table_rows(ctxt.get(pvn.REGISTRY_DEVICE_PVS.name(P), timeout=TIMEOUT))
         assert [(r["pv"], r["device"]) for r in pv_rows] == [
-            ("Y:a:One", "a"), ("Y:a:Two", "a"), ("Y:b:Missing", "b")]
+            ("Y:a:One", "a"), ("Y:a:Two", "a"), ("Y:b:Missing", "b")]  # soft: no rows
         ans = lookup(ctxt, "Y:a:Two.VAL")
         assert (ans.device, ans.match, ans.connected) == ("a", "field", True)
         assert lookup(ctxt, "Y:a:Internal").match == "prefix"
@@ -189,6 +230,8 @@ def test_in_process_tables_lookup_and_connectivity():
         wait(pvn.REGISTRY_CONNECTED.name(P), lambda v: v == 0)
         rows = table_rows(ctxt.get(pvn.REGISTRY_DEVICES.name(P), timeout=TIMEOUT))
         assert not any(r["connected"] for r in rows)
+        with pytest.raises(TimeoutError):  # an unknown device has no Signals PV
+            ctxt.get(pvn.REGISTRY_DEVICE_SIGNALS.name(P, device="nope"), timeout=0.5)
 
 
 def wait_value(ctxt: Context):
@@ -206,7 +249,8 @@ def test_help_lists_every_registry_pv():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for spec in pvn.REGISTRY_PVS:
-        assert spec.suffix in out.stdout, spec.suffix
+        suffix = spec.suffix.replace("{device}", "<device>")
+        assert suffix in out.stdout, suffix
     assert "--check-period" in out.stdout
 
 
@@ -275,6 +319,18 @@ def test_registry_process_with_real_softioc(tmp_path, env):
             assert lookup(ctxt, sim).match == "prefix"
             with pytest.raises(RemoteError, match="no registered device has PV"):
                 lookup(ctxt, P + "NoSuchDevice:Setpoint")
+            # every device's signals, as the registry file has them
+            for d in expected:
+                rows = table_rows(ctxt.get(pvn.REGISTRY_DEVICE_SIGNALS.name(P, device=d.name),
+                                           timeout=TIMEOUT))
+                assert rows == [{"signal": s.name, "kind": s.kind, "access": s.access,
+                                 "readPv": s.read_pv, "writePv": s.write_pv}
+                                for s in d.signals], d.name
+            m1_rows = table_rows(ctxt.get(pvn.REGISTRY_DEVICE_SIGNALS.name(P, device=m1),
+                                          timeout=TIMEOUT))
+            rbv = next(r for r in m1_rows if r["signal"] == f"{m1}.readback")
+            assert (rbv["kind"], rbv["access"], rbv["readPv"]) == (
+                "hinted", "r", demo.motor_readback(P, m1))
 
         ioc.stop()
         wait_for_pv(connected, env, timeout=30, procs=[registry], condition=lambda v: v == 0)

@@ -19,11 +19,16 @@ PVs (``P`` is --prefix, with its trailing colon):
   P Registry:Names       string[] device names, sorted
   P Registry:Connected   int32    number of connected devices
   P Registry:Heartbeat   int32    +1 every second
+  P Registry:<device>:Signals
+                         NTTable  one per device: its signals, sorted: signal (dotted name,
+                                  m1.readback), kind (hinted, normal, config, omitted, or
+                                  empty), access (r, rw, w, x), readPv, writePv (empty for
+                                  soft/simulated signals); no rows if none are known
 
 Connectivity: every --check-period seconds each device's explicit PVs get a PVA GET; a PV that
 does not answer within min(period, 2 s) makes its device disconnected. A device registered by
-pv_prefix only has nothing to check and shows connected = false. Changes are published only when a
-flag changes.
+pv_prefix only, or without any PV (a soft device, locked by name), has nothing to check and
+shows connected = false. Changes are published only when a flag changes.
 
 The registry file format (YAML) is described in docs/registry.md; a bad file is refused at start
 with the line, device and field that is wrong (exit status 2). Build one from a bluesky profile

@@ -84,6 +84,13 @@ class RegistryIOC:
         self.pv_heartbeat = self._add(pvn.REGISTRY_HEARTBEAT, self._scalar("i", 0))
         self._add(pvn.REGISTRY_LOOKUP, SharedPV(
             handler=_Lookup(self.state), initial=NTScalar("s").wrap("", timestamp=now)))
+        signals_nt = NTTable(list(pvn.SIGNALS_COLUMNS))
+        self.pv_signals: dict[str, SharedPV] = {}
+        for name in self.state.names():
+            self.pv_signals[name] = SharedPV(initial=pvutil.table_value(
+                signals_nt, pvn.SIGNALS_COLUMNS, self.state.signal_rows(name), now))
+            self.provider.add(pvn.REGISTRY_DEVICE_SIGNALS.name(self.prefix, device=name),
+                              self.pv_signals[name])
 
     def _add(self, spec: pvn.PVSpec, pv: SharedPV) -> SharedPV:
         self.provider.add(spec.name(self.prefix), pv)

@@ -107,6 +107,18 @@ class RegistryState:
         """Device names, sorted (``Registry:Names``)."""
         return [d.name for d in self.devices]
 
+    def signal_rows(self, name: str) -> list[tuple[str, str, str, str, str]]:
+        """Rows of ``Registry:<name>:Signals`` in ``pvdb.names.SIGNALS_COLUMNS`` order, by signal.
+
+        Raises:
+            KeyError: ``name`` is not a registered device.
+        """
+        dev = self.index.by_name[name]
+        return [
+            (s.name, s.kind, s.access, s.read_pv, s.write_pv)
+            for s in sorted(dev.signals, key=lambda s: s.name)
+        ]
+
     # --- lookup -------------------------------------------------------------------------------
 
     def lookup(self, pv: str) -> dict[str, object]:

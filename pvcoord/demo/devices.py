@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 
 from pvdb import demo
-from pvdb.models import Device
+from pvdb.models import Device, DeviceSignal
 from pvdb.names import PVSpec, check_prefix
 from pvdb.registry_file import dump_registry
 
@@ -219,10 +219,39 @@ def write_database(prefix: str, path: str | Path) -> Path:
     return path
 
 
-def registry_devices(prefix: str = demo.DEMO_PREFIX, ioc: str = demo.SERVER) -> list[Device]:
-    """Registry entries of the demo devices: explicit public PVs plus the ``P<device>:`` prefix.
+DEMO_SIGNALS: dict[PVSpec, tuple[str, str, str]] = {
+    demo.MOTOR_READBACK: ("readback", "hinted", "r"),
+    demo.MOTOR_SETPOINT: ("setpoint", "omitted", "rw"),
+    demo.MOTOR_MOVING: ("moving", "omitted", "r"),
+    demo.MOTOR_VELOCITY_PV: ("velocity", "config", "rw"),
+    demo.MOTOR_STOP: ("stop_cmd", "omitted", "rw"),
+    demo.DET_VALUE: ("value", "hinted", "r"),
+    demo.DET_ACQUIRE_TIME_PV: ("acquire_time", "config", "rw"),
+    demo.DET_ACQUIRE: ("acquire", "omitted", "rw"),
+    demo.SHUTTER_STATUS: ("status", "hinted", "r"),
+    demo.SHUTTER_COMMAND: ("command", "omitted", "rw"),
+}
+"""Public PV -> (component, kind, access) of the demo devices' signals: the component names and
+kinds of the demo profile collection's ophyd-async devices (``pvcoord/demo/startup``; a test
+compares them with its import), plus ``moving``, which those devices do not have."""
 
-    ``ioc`` is the name recorded as the owning IOC of every device.
+
+def device_signals(prefix: str, dev: demo.DemoDevice) -> list[DeviceSignal]:
+    """The registry signals of demo device ``dev`` (sorted by name)."""
+    out = []
+    for spec in dev.pvs:
+        component, kind, access = DEMO_SIGNALS[spec]
+        pv = spec.name(prefix, device=dev.name)
+        out.append(DeviceSignal(name=f"{dev.name}.{component}", kind=kind, access=access,
+                                read_pv=pv, write_pv=pv if access == "rw" else ""))
+    return sorted(out, key=lambda s: s.name)
+
+
+def registry_devices(prefix: str = demo.DEMO_PREFIX, ioc: str = demo.SERVER) -> list[Device]:
+    """Registry entries of the demo devices: public PVs, the ``P<device>:`` prefix, signals.
+
+    The signals are :data:`DEMO_SIGNALS`. ``ioc`` is the name recorded as the owning IOC of
+    every device.
     """
     check_prefix(prefix)
     return [
@@ -234,6 +263,7 @@ def registry_devices(prefix: str = demo.DEMO_PREFIX, ioc: str = demo.SERVER) -> 
             pvs=dev.pv_names(prefix),
             ioc=ioc,
             description=dev.description,
+            signals=device_signals(prefix, dev),
         )
         for dev in demo.DEVICES
     ]

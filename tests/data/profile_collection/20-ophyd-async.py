@@ -1,11 +1,18 @@
 # ruff: noqa: F821 - startup files share one namespace (P, demo, _suffix come from 00-base.py)
-# ophyd-async devices: a detector (CA and PVA signals, trigger) created in init_devices(), and a
-# motor with separate read and write PVs created outside it.
+# ophyd-async devices: a detector (CA and PVA signals, trigger) created in init_devices(), a
+# motor with separate read and write PVs created outside it, and a device with numbered channels,
+# a soft signal and an executable signal.
 import asyncio
 
 from bluesky.protocols import Movable
-from ophyd_async.core import AsyncStatus, StandardReadable, init_devices
-from ophyd_async.epics.core import epics_signal_r, epics_signal_rw
+from ophyd_async.core import (
+    AsyncStatus,
+    DeviceVector,
+    StandardReadable,
+    init_devices,
+    soft_signal_rw,
+)
+from ophyd_async.epics.core import epics_signal_r, epics_signal_rw, epics_signal_x
 
 
 class DemoDetector(StandardReadable):
@@ -41,3 +48,21 @@ with init_devices(timeout=2):
     det1 = DemoDetector(P, "det1")
 
 m2 = DemoAsyncMotor(P, "m2", name="m2")
+
+
+class DemoChannels(StandardReadable):
+    """Numbered channels (a DeviceVector), a soft signal and an executable (write-only) one."""
+
+    def __init__(self, prefix: str, device: str, name: str = "") -> None:
+        with self.add_children_as_readables():
+            self.channels = DeviceVector({
+                1: epics_signal_r(float, demo.det_value(prefix, device)),
+                2: epics_signal_r(float, demo.det_acquire_time(prefix, device)),
+            })
+        self.gain = soft_signal_rw(float, 1.0)
+        self.reset = epics_signal_x(demo.det_acquire(prefix, device))
+        super().__init__(name=name)
+
+
+with init_devices(timeout=2):
+    det2 = DemoChannels(P, "det2")

@@ -16,6 +16,7 @@ SPEC_MODULES: tuple[tuple[str, str], ...] = (
     ("pvdb.names", "Coordination and registry IOCs"),
     ("pvdb.queue", "Queue IOC"),
     ("pvdb.guard", "Guard gateway"),
+    ("pvdb.flat", "CA bridge (flat PVs; CA and PVA)"),
     ("pvdb.demo", "Demo beamline softIoc (simulated devices; not pvcoord's own PVs)"),
 )
 

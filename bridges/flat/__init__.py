@@ -1,0 +1,53 @@
+"""CA bridge: device PVs over Channel Access with live per-client write access, and screen PVs.
+
+Usage: python -m bridges.flat --prefix P [--registry-prefix R] [--policy FILE]
+                              [--upstream EPICS_PVA_KEY=VALUE ...] [--stale-after S]
+                              [--put-timeout S]
+
+A caproto CA server (port and interfaces from EPICS_CAS_SERVER_PORT / EPICS_CA_SERVER_PORT and
+EPICS_CAS_INTF_ADDR_LIST) for Phoebus and other CA clients, plus a PVA server (EPICS_PVAS_*) for
+the bridge's own PVs. It reads the coordination and registry IOCs over PVA (this process's
+EPICS_PVA_* environment) and the device IOCs over PVA on the device network (``--upstream``
+settings, e.g. ``--upstream EPICS_PVA_ADDR_LIST=10.0.1.5 --upstream EPICS_PVA_BROADCAST_PORT=5076``;
+default: the same environment).
+
+Device PVs: every PV of every registered device (Registry:DevicePVs), under its own name, and on
+first search any other name the registry maps to a device (record fields such as ``.DESC``,
+``.DRVH``). Value, alarm, time stamp, units, precision, limits and enum labels pass through;
+a put is forwarded upstream and its put-callback completes when the upstream put completes; a
+refused or failed put is a CA put failure naming the reason.
+
+Access rights: READ for everyone; WRITE when the guard's decision (bridges.guard.decision.decide)
+allows the client's CA user name, with the host taken from the peer address (HOST_NAME is
+ignored) and the user name fixed at its first CLIENT_NAME (a later rename is ignored). Rights of
+open channels change live (ACCESS_RIGHTS) when a lock or the registry changes; lock state unknown
+or stale (coordination IOC gone, heartbeat stopped for 2 s): no WRITE (except the policy's
+emergency accounts), exactly as the guard.
+
+Screen PVs over CA (names of the coordination IOC, computed from Coord:Locks):
+  P Coord:<device>:State      enum    Free, Maintenance, QueueExecuting, ManualOperator,
+                                      QueueQueued (INVALID while the lock state is unknown)
+  P Coord:<device>:Owner      string  account@host or '' (NAME$ for more than 39 characters)
+  P Coord:<device>:Reason     string  the holder's reason (NAME$ for the full text)
+  P Coord:<device>:Remaining  double  seconds of lease left
+
+The bridge's own PVs (CA and PVA; pvdb.flat):
+  P Flat:<device>:Take        enum    put 1 -> MANUAL_OPERATOR lock for the writing account
+  P Flat:<device>:Release     enum    put 1 -> release the writing account's lock
+  P Flat:<device>:Message     string  'granted: ...', 'released: ...', 'held: ... held by ...',
+                                      'bad-value: ...' (code first)
+  P Flat:<device>:Connected   enum    No/Yes (registry connectivity)
+  P Flat:<device>:Description string  from the registry
+  P Flat:<device>:DeviceClass string  from the registry
+  P Flat:Take / P Flat:Release string put device name(s): take / release for the writer
+  P Flat:Message              string  outcome of the last Flat:Take / Flat:Release
+  P Flat:Devices              string[] registered device names
+  P Flat:LockCount            int     active locks
+  P Flat:Health               string  'OK' or why device writes are refused
+  P Flat:Heartbeat            int     +1 every second
+
+Take/Release act through the coordination IOC's Coord:Acquire / Coord:Release with
+onBehalfOf=<writer> clientHost=<peer IP>: this process's account must be a trusted service in
+the policy (access.trusted_services). CA identity is claimed by the client: see docs/ca.md.
+Audit log: logger ``bridges.flat.audit``.
+"""

@@ -1,0 +1,136 @@
+"""Process entry of the CA bridge: ``serve()`` (a coroutine tests can call) and ``main()``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+from pvdb.names import check_prefix
+from pvdb.policy import PolicyError, load_policy
+
+from . import __doc__ as HELP  # noqa: N812 - the module docstring is the --help text
+from .server import PUT_TIMEOUT, STALE_AFTER, FlatBridge
+
+_log = logging.getLogger("bridges.flat")
+
+
+class _OnceBeaconFailure(logging.Filter):
+    """Let caproto's 'Failed to send beacon' error through once, without its traceback.
+
+    No repeater listening is normal on a loopback test network; caproto would log it every
+    15 s.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        if "Failed to send beacon" not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.exc_info = None
+        return True
+
+
+def parse_upstream(items: Sequence[str]) -> dict[str, str] | None:
+    """``--upstream KEY=VALUE`` items as a p4p client configuration (None if none given).
+
+    Raises:
+        ValueError: an item is not ``EPICS_PVA_...=VALUE``.
+    """
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.startswith("EPICS_PVA_"):
+            raise ValueError(f"--upstream {item!r}: give EPICS_PVA_<NAME>=VALUE")
+        out[key] = value.strip()
+    return out
+
+
+async def serve(
+    prefix: str,
+    stop: asyncio.Event,
+    policy_path: str | None = None,
+    registry_prefix: str | None = None,
+    upstream: Mapping[str, str] | None = None,
+    stale_after: float = STALE_AFTER,
+    put_timeout: float = PUT_TIMEOUT,
+) -> None:
+    """Run the bridge until ``stop`` is set.
+
+    Raises:
+        ValueError: bad prefix. PolicyError: bad policy file.
+    """
+    check_prefix(prefix)
+    if registry_prefix:
+        check_prefix(registry_prefix)
+    policy = load_policy(policy_path)
+    bridge = FlatBridge(prefix, policy, registry_prefix, upstream_conf=upstream,
+                        stale_after=stale_after, put_timeout=put_timeout)
+    await bridge.serve(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, wire SIGTERM/SIGINT to a clean stop and run :func:`serve`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bridges.flat", description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--prefix", required=True, help="endstation prefix P, e.g. BL01:")
+    parser.add_argument("--registry-prefix", help="prefix of the registry IOC (default: P)")
+    parser.add_argument("--policy", help="policy TOML (default: the built-in policy)")
+    parser.add_argument("--upstream", action="append", default=[], metavar="EPICS_PVA_X=V",
+                        help="p4p client setting of the device network (repeatable)")
+    parser.add_argument("--stale-after", type=float, default=STALE_AFTER,
+                        help="seconds without Coord:Heartbeat before failing closed")
+    parser.add_argument("--put-timeout", type=float, default=PUT_TIMEOUT,
+                        help="seconds a forwarded put may take upstream")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.Formatter.converter = time.localtime
+    if not args.verbose:
+        logging.getLogger("caproto").setLevel(logging.WARNING)
+    logging.getLogger("caproto.ctx").addFilter(_OnceBeaconFailure())
+    # caproto sends beacons to EPICS_CAS_BEACON_PORT (default 5065); the clients' repeater port
+    # is EPICS_CA_REPEATER_PORT
+    if "EPICS_CA_REPEATER_PORT" in os.environ:
+        os.environ.setdefault("EPICS_CAS_BEACON_PORT", os.environ["EPICS_CA_REPEATER_PORT"])
+    try:
+        check_prefix(args.prefix)
+        if args.registry_prefix:
+            check_prefix(args.registry_prefix)
+        upstream = parse_upstream(args.upstream)
+        load_policy(args.policy)
+        if not 0 < args.stale_after <= 60 or not 0 < args.put_timeout <= 86400:
+            raise ValueError("--stale-after must be in (0, 60] s, --put-timeout in (0, 86400] s")
+    except (ValueError, PolicyError) as e:
+        print(f"flat: {e}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
+                    args.stale_after, args.put_timeout)
+
+    asyncio.run(run())
+    _log.info("CA bridge stopped")
+    return 0

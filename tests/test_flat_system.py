@@ -1,0 +1,353 @@
+"""The CA bridge as a real process, with a real softIoc, coordination and registry IOCs, and real
+CA clients (libca via pyepics under root and nobody; caproto's client).
+
+Layout (two loopback networks, as a facility separates them):
+
+    CA clients (root, nobody) --CA, own port--> bridge --PVA "devices"--> softIoc
+                                                  \\--PVA "clients"--> coordination, registry
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import caproto
+import epics
+import pytest
+from caproto import ChannelType
+from caproto.threading.client import Context as CaprotoContext
+from p4p.client.thread import Context
+from p4p.nt import NTURI
+
+from pvcoord.demo import devices
+from pvcoord.demo.flat_part import CAAgent, bridge_env, start_flat, walkthrough
+from pvcoord.demo.guard_part import PutAgent
+from pvcoord.procs import (
+    ManagedProcess,
+    client_conf,
+    loopback_env,
+    python_module,
+    server_env,
+    wait_for_pv,
+    wait_until,
+)
+from pvdb import demo
+from pvdb import flat as fl
+from pvdb.names import (
+    COORD_ACQUIRE,
+    COORD_DEVICE_OWNER,
+    COORD_DEVICE_STATE,
+    COORD_FORCE_RELEASE,
+    COORD_LOCKS,
+    COORD_RELEASE,
+)
+from tests.conftest import REPO, TIMEOUT, other_user_available
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.identity,
+    pytest.mark.skipif(other_user_available() is not None, reason=str(other_user_available())),
+]
+
+P = "TST:"
+M1, M2, M3, M4 = demo.MOTORS
+DET = demo.DETECTORS[0]
+POLICY = """
+[access]
+unlocked_writable = true
+trusted_services = ["root"]
+force_release = ["root"]
+emergency = []
+
+[lock_types.MAINTENANCE]
+allow = ["root"]
+
+[lock_types.MANUAL_OPERATOR]
+allow = ["*"]
+"""
+
+
+def sp(motor: str) -> str:
+    return demo.motor_setpoint(P, motor)
+
+
+@dataclass
+class Beamline:
+    tmp: Path
+    clients: dict[str, str]
+    devices_env: dict[str, str]
+    ca_env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, ManagedProcess] = field(default_factory=dict)
+    ca: dict[str, CAAgent] = field(default_factory=dict)
+    pva: dict[str, PutAgent] = field(default_factory=dict)
+    ctxt: Context | None = None
+
+    def start_coordination(self) -> None:
+        proc = ManagedProcess(
+            "coordination",
+            python_module("iocs.coordination", "--prefix", P, "--policy", str(self.tmp / "p.toml"),
+                          "--store", f"sqlite:///{self.tmp}/locks.sqlite", "--registry-prefix", P),
+            server_env(self.clients), cwd=REPO, log_dir=self.tmp,
+        )
+        self.procs["coordination"] = proc
+        wait_for_pv(COORD_LOCKS.name(P), self.clients, procs=[proc])
+
+    def outputs(self) -> str:
+        return "\n".join(f"--- {n} ---\n{p.output()[-4000:]}" for n, p in self.procs.items())
+
+    def rpc(self, spec, **args: str):
+        name = spec.name(P)
+        uri = NTURI([(k, "s") for k in args]).wrap(name, kws=args)
+        return self.ctxt.rpc(name, uri, timeout=TIMEOUT)
+
+    def holders(self) -> dict[str, str]:
+        t = self.ctxt.get(COORD_LOCKS.name(P), timeout=TIMEOUT).value
+        return dict(zip(t.device, t.owner, strict=True))
+
+    def text(self, name: str) -> str:
+        v = self.ctxt.get(name, timeout=TIMEOUT)
+        return str(v.raw.value if hasattr(v, "raw") else v.value)
+
+    def message(self, device: str) -> str:
+        return self.text(fl.FLAT_MESSAGE.name(P, device) if device
+                         else fl.FLAT_MESSAGE_ALL.name(P))
+
+
+@pytest.fixture(scope="module")
+def bl(tmp_path_factory) -> Iterator[Beamline]:
+    tmp = tmp_path_factory.mktemp("flat")
+    b = Beamline(tmp, loopback_env(), loopback_env())
+    b.ca_env = bridge_env(b.clients)
+    # the in-process CA clients (pyepics, caproto) of this module talk to the bridge
+    os.environ.update({k: v for k, v in b.ca_env.items() if k.startswith("EPICS_CA")})
+    (tmp / "p.toml").write_text(POLICY)
+    devices.write_database(P, tmp / "demo.db")
+    devices.write_registry(P, tmp / "registry.yaml")
+    try:
+        b.procs["softioc"] = ManagedProcess(
+            "softioc", python_module("pvxslibs.ioc", "-d", str(tmp / "demo.db")),
+            server_env(b.devices_env), log_dir=tmp,
+        )
+        wait_for_pv(sp(M1), b.devices_env, procs=[b.procs["softioc"]])
+        b.procs["registry"] = ManagedProcess(
+            "registry",
+            python_module("iocs.registry", "--prefix", P, "--registry", str(tmp / "registry.yaml")),
+            server_env(b.clients), cwd=REPO, log_dir=tmp,
+        )
+        b.start_coordination()
+        b.procs["flat"] = start_flat(P, b.ca_env, b.devices_env, tmp / "p.toml", tmp)
+        wait_for_pv(fl.FLAT_HEALTH.name(P), b.clients, procs=list(b.procs.values()),
+                    condition=lambda v: v == "OK")
+        b.ctxt = Context("pva", conf=client_conf(b.clients), useenv=False)
+        b.ca["root"] = CAAgent(b.ca_env)
+        b.ca["nobody"] = CAAgent(b.ca_env, user="nobody")
+        b.pva["root"] = PutAgent(b.clients)
+        yield b
+    except BaseException:
+        print(b.outputs())
+        raise
+    finally:
+        if b.ctxt is not None:
+            b.ctxt.close()
+        for a in [*b.ca.values(), *b.pva.values()]:
+            a.close()
+        for p in reversed(list(b.procs.values())):
+            p.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_locks_left(bl: Beamline, request) -> Iterator[None]:
+    """Every test ends with no locks (force-released by root, who may); output on failure."""
+    yield
+    if bl.procs["coordination"].alive():
+        for device in bl.holders():
+            bl.rpc(COORD_FORCE_RELEASE, device=device, reason="test cleanup")
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(bl.outputs())
+
+
+def ok(reply: dict) -> dict:
+    assert reply["ok"], reply
+    return reply["value"]
+
+
+def test_device_pvs_pass_through_with_metadata(bl: Beamline):
+    root = bl.ca["root"]
+    ok(root.connect(sp(M1)))
+    ok(root.put(sp(M1), 1.25))
+    assert ok(root.get(sp(M1))) == 1.25
+    # units, precision, control limits over CA, from the softIoc's record via PVA
+    pv = epics.PV(sp(M2), form="ctrl")
+    try:
+        assert pv.wait_for_connection(TIMEOUT)
+        ctrl = pv.get_ctrlvars(timeout=TIMEOUT)
+        assert ctrl["units"] == demo.MOTOR_SETPOINT.units
+        assert ctrl["precision"] == 3
+        assert ctrl["upper_ctrl_limit"] == demo.MOTOR_LIMIT
+        assert ctrl["lower_ctrl_limit"] == -demo.MOTOR_LIMIT
+    finally:
+        pv.disconnect()
+    # enum labels
+    moving = demo.motor_moving(P, M1)
+    assert ok(root.get(moving, as_string=True)) in demo.MOVING_CHOICES
+    # a record field the registry does not list is served on first search, gated like the record
+    assert ok(root.get(sp(M1) + ".DESC", as_string=True)) == f"{M1} setpoint"
+    # lock state screen PV over CA
+    assert ok(root.get(COORD_DEVICE_STATE.name(P, M1), as_string=True)) == "Free"
+
+
+def test_rights_flip_live_for_holder_and_non_holder(bl: Beamline):
+    root, nobody = bl.ca["root"], bl.ca["nobody"]
+    field_pv = sp(M1) + ".DRVH"
+    for pv in (sp(M1), field_pv):
+        assert ok(nobody.connect(pv))["write"]
+    ok(root.connect(sp(M1)))
+    before = ok(nobody.access(sp(M1)))
+    bl.rpc(COORD_ACQUIRE, device=M1, type="MANUAL_OPERATOR", timeout="60", reason="align")
+    w = ok(nobody.wait_write(sp(M1), False))
+    assert not w["write"] and w["read"]
+    assert not ok(nobody.wait_write(field_pv, False))["write"]  # record fields are gated too
+    assert ok(root.access(sp(M1)))["write"]
+    r = nobody.put(sp(M1), 7.0)
+    assert not r["ok"] and "denied" in r["error"].lower(), r
+    ok(root.put(sp(M1), 2.0))
+    assert ok(nobody.get(sp(M1))) == 2.0  # reads always pass
+    # the screen PVs show the holder, over CA and PVA
+    assert ok(nobody.get(COORD_DEVICE_STATE.name(P, M1), as_string=True)) == "ManualOperator"
+    assert ok(nobody.get(COORD_DEVICE_OWNER.name(P, M1), as_string=True)).startswith("root@")
+    bl.rpc(COORD_RELEASE, device=M1)
+    w = ok(nobody.wait_write(sp(M1), True))
+    assert w["write"]
+    # same channel: one connection, the rights changed by ACCESS_RIGHTS messages only
+    assert w["connects"] == before["connects"] == 1 and w["changes"] >= before["changes"] + 2
+    ok(nobody.put(sp(M1), 3.0))  # unlocked device, policy unlocked_writable = true
+
+
+def test_preemption_moves_write_access_and_expiry_returns_it(bl: Beamline):
+    root, nobody = bl.ca["root"], bl.ca["nobody"]
+    ok(nobody.put(fl.FLAT_TAKE.name(P, M2), 1))  # nobody takes m2 through the screen PV
+    assert bl.holders()[M2].startswith("nobody@")
+    assert not ok(root.wait_write(sp(M2), False))["write"]
+    assert ok(nobody.wait_write(sp(M2), True))["write"]
+    bl.rpc(COORD_ACQUIRE, device=M2, type="MAINTENANCE", timeout="2", reason="preempt")
+    assert ok(root.wait_write(sp(M2), True))["write"]
+    assert not ok(nobody.wait_write(sp(M2), False))["write"]
+    # the 2 s MAINTENANCE lease runs out: everyone may write the unlocked device again
+    assert ok(nobody.wait_write(sp(M2), True, timeout=6))["write"]
+    assert M2 not in bl.holders()
+
+
+def test_put_callback_completes_with_the_upstream_put(bl: Beamline):
+    root = bl.ca["root"]
+    acquire_time = demo.det_acquire_time(P, DET)
+    ok(root.put(acquire_time, 0.6))
+    secs = ok(root.put(demo.det_acquire(P, DET), 1, timeout=10))["seconds"]
+    assert secs >= 0.5, secs  # the exposure (ODLY) ends the upstream put
+    ok(root.put(acquire_time, demo.DET_ACQUIRE_TIME))
+    # a failed upstream put (value beyond the enum's labels) is a CA put failure
+    r = root.put(demo.motor_stop(P, M3), 7)
+    assert not r["ok"], r
+
+
+def test_rename_after_connect_keeps_the_first_identity(bl: Beamline):
+    bl.rpc(COORD_ACQUIRE, device=M3, type="MANUAL_OPERATOR", timeout="60", reason="rename")
+    with CaprotoContext(client_name="someone", host_name="elsewhere") as ctx:
+        (pv,) = ctx.get_pvs(sp(M3), timeout=TIMEOUT)
+        pv.wait_for_connection(timeout=TIMEOUT)
+        assert pv.channel.access_rights == caproto.AccessRights.READ
+        pv.circuit_manager.send(caproto.ClientNameRequest("root"))
+        pv.circuit_manager.send(caproto.HostNameRequest("localhost"))
+        with pytest.raises((caproto.CaprotoTimeoutError, caproto.ErrorResponseReceived)):
+            pv.write([42.0], wait=True, timeout=2)
+        assert pv.channel.access_rights == caproto.AccessRights.READ
+    assert ok(bl.ca["root"].get(sp(M3))) != 42.0
+
+
+def test_take_and_release_by_pv_for_the_writing_account(bl: Beamline):
+    root, nobody = bl.ca["root"], bl.ca["nobody"]
+    ok(nobody.put(fl.FLAT_TAKE.name(P, M4), 1))
+    assert bl.holders()[M4].startswith("nobody@127.0.0.1")
+    assert bl.message(M4).startswith("granted:") and "nobody" in bl.message(M4)
+    r = root.put(fl.FLAT_TAKE.name(P, M4), 1)
+    assert not r["ok"]
+    msg = bl.message(M4)
+    assert msg.startswith("held:") and "nobody@" in msg, msg
+    assert bl.holders()[M4].startswith("nobody@")
+    r = root.put(fl.FLAT_RELEASE.name(P, M4), 1)  # not root's lock
+    assert not r["ok"] and bl.holders()[M4].startswith("nobody@")
+    ok(nobody.put(fl.FLAT_RELEASE.name(P, M4), 1))
+    assert M4 not in bl.holders() and bl.message(M4).startswith("released:")
+    # over PVA the account of the put acts
+    r = bl.pva["root"].put(fl.FLAT_TAKE.name(P, M4), 1)
+    assert r["ok"], r
+    assert bl.holders()[M4].startswith("root@")
+
+
+def test_bad_input_gives_a_message_and_changes_nothing(bl: Beamline):
+    take, msg_pv = fl.FLAT_TAKE.name(P, M1), fl.FLAT_MESSAGE.name(P, M1)
+    with CaprotoContext(client_name="nobody") as ctx:
+        pvs = dict(zip(
+            [take, fl.FLAT_RELEASE.name(P, M1), fl.FLAT_TAKE_DEVICE.name(P), msg_pv,
+             COORD_DEVICE_STATE.name(P, M1)],
+            ctx.get_pvs(take, fl.FLAT_RELEASE.name(P, M1), fl.FLAT_TAKE_DEVICE.name(P), msg_pv,
+                        COORD_DEVICE_STATE.name(P, M1), timeout=TIMEOUT),
+            strict=True,
+        ))
+        for pv in pvs.values():
+            pv.wait_for_connection(timeout=TIMEOUT)
+
+        def refused(pv_name: str, data, data_type, code: str, device: str = M1) -> None:
+            with pytest.raises((Exception,)):
+                pvs[pv_name].write(data, data_type=data_type, wait=True, timeout=3)
+            text = bl.message(device)
+            assert text.startswith(code + ":"), (pv_name, data_type, text)
+
+        refused(take, [5], ChannelType.LONG, "bad-value")
+        refused(take, [1, 1], ChannelType.LONG, "bad-value")
+        refused(take, [2.5], ChannelType.DOUBLE, "bad-value")
+        refused(take, [b"nope"], ChannelType.STRING, "bad-value")
+        refused(take, b"\xff\xfe" * 4, ChannelType.CHAR, "bad-value")
+        refused(take, b"x" * 40000, ChannelType.CHAR, "bad-value")
+        refused(fl.FLAT_TAKE_DEVICE.name(P), [b"m9"], ChannelType.STRING, "unknown-device", "")
+        refused(fl.FLAT_TAKE_DEVICE.name(P), b"m1,\x01" , ChannelType.CHAR, "bad-value", "")
+        refused(fl.FLAT_TAKE_DEVICE.name(P), b"y" * 40000, ChannelType.CHAR, "bad-value", "")
+        # screen PVs are read-only: the write is refused (caproto answers ECA_PUTFAIL)
+        for name in (msg_pv, COORD_DEVICE_STATE.name(P, M1)):
+            with pytest.raises((Exception,)):
+                pvs[name].write([b"x"], data_type=ChannelType.STRING, wait=True, timeout=3)
+        assert bl.holders() == {}
+    # a burst of 1,000 Take puts: one lock, for the writer; the bridge keeps serving
+    nobody = bl.ca["nobody"]
+    ok(nobody.request(op="burst", pv=take, value=1, count=1000))
+    ok(nobody.put(take, 1, timeout=10))
+    wait_until(lambda: bl.holders().get(M1, "").startswith("nobody@"), 10, "burst lock")
+    assert list(bl.holders()) == [M1]
+    assert bl.procs["flat"].alive()
+    assert bl.message(M1).startswith("granted:")
+
+
+def test_walkthrough(bl: Beamline):
+    results = walkthrough(P, bl.clients, bl.ca["nobody"], bl.pva["root"].rpc, motor=M4,
+                          say=lambda s: None)
+    assert results and all(passed for _, passed in results), results
+
+
+def test_coordination_killed_no_write_access_within_2s_then_back(bl: Beamline):
+    root, nobody = bl.ca["root"], bl.ca["nobody"]
+    for a in (root, nobody):
+        assert ok(a.connect(sp(M4)))["write"]
+    t0 = time.monotonic()
+    bl.procs["coordination"].kill9()
+    for a in (root, nobody):
+        w = ok(a.wait_write(sp(M4), False, timeout=2.5))
+        assert not w["write"]
+    assert time.monotonic() - t0 < 2.0
+    bl.procs["coordination"].stop()
+    bl.start_coordination()
+    for a in (root, nobody):
+        assert ok(a.wait_write(sp(M4), True, timeout=10))["write"]

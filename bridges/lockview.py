@@ -1,0 +1,353 @@
+"""One follower of the coordination and registry state over PVA, for every front that decides.
+
+:class:`LockView` monitors, with one p4p client context,
+
+* ``P Coord:Locks`` and ``P Coord:Heartbeat`` -> a :class:`~bridges.guard.decision.LockState`
+  (through :class:`~bridges.guard.decision.LockFeed`: unknown until both arrived, stale when the
+  heartbeat stops advancing for ``stale_after`` s, unknown when either disconnects or the table
+  cannot be read: fail closed);
+* ``R Registry:DevicePVs`` and ``R Registry:Devices`` -> a
+  :class:`~bridges.guard.decision.DeviceMap` (unknown until both arrived; an unreadable table
+  drops the map; a disconnect keeps the last map, device membership does not go stale), the
+  device rows and each device's PV names.
+
+and calls its listeners whenever the lock state (known flag or locks) or the registry changes,
+including the moment the heartbeat goes stale (noticed by a ticker thread every ``tick`` s).
+The may-write decision itself stays in :func:`bridges.guard.decision.decide`; this module only
+gathers its inputs. Used by the CA bridge (``bridges.flat``) and the web bridge.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from p4p.client.thread import Context, Disconnected
+
+from pvdb.names import COORD_HEARTBEAT, COORD_LOCKS, REGISTRY_DEVICE_PVS, REGISTRY_DEVICES
+
+from .guard.decision import STALE_AFTER, DeviceMap, LockFeed, LockState, parse_locks
+
+_log = logging.getLogger(__name__)
+
+TICK = 0.1
+"""Seconds between staleness checks of the ticker thread."""
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One row of ``Registry:Devices`` (the columns a front shows)."""
+
+    name: str
+    device_class: str = ""
+    capabilities: str = ""
+    pv_prefix: str = ""
+    ioc: str = ""
+    description: str = ""
+    connected: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a listener gets: the inputs of one decision, consistent with each other.
+
+    Attributes:
+        state: the lock state (``known`` False: fail closed).
+        devices: PV name -> device map (``known`` False until both registry tables arrived).
+        rows: the registered devices, in registry order.
+        pvs: device name -> its PV names (from ``Registry:DevicePVs``), in registry order.
+    """
+
+    state: LockState
+    devices: DeviceMap
+    rows: tuple[DeviceRow, ...]
+    pvs: Mapping[str, tuple[str, ...]]
+
+    @property
+    def device_names(self) -> list[str]:
+        """Registered device names, in registry order."""
+        return [r.name for r in self.rows]
+
+
+Listener = Callable[[Snapshot], None]
+
+
+class LockView:
+    """Follows lock, heartbeat and registry PVs; thread-safe; calls listeners on change.
+
+    Construct, add listeners (:attr:`listeners`), :meth:`start`, :meth:`close` at the end.
+    Listeners run on p4p's callback thread or the ticker thread, outside the view's lock; a
+    failing listener is logged and does not stop the others.
+
+    Args:
+        prefix: endstation prefix ``P`` of the coordination IOC (``Coord:...``).
+        registry_prefix: prefix of the registry IOC (default ``prefix``).
+        conf: p4p client configuration (``EPICS_PVA_*`` keys, used with ``useenv=False``); None:
+            this process's environment.
+        stale_after: seconds without a heartbeat advance before the lock state is stale.
+        tick: seconds between staleness checks (0: no ticker thread; call :meth:`refresh`).
+        monotonic: clock for staleness (injectable for unit tests).
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        registry_prefix: str | None = None,
+        conf: Mapping[str, str] | None = None,
+        stale_after: float = STALE_AFTER,
+        tick: float = TICK,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.prefix = prefix
+        self.registry_prefix = registry_prefix or prefix
+        self.conf = dict(conf) if conf is not None else None
+        self.tick = tick
+        self.listeners: list[Listener] = []
+        self._monotonic = monotonic
+        self._lock = threading.RLock()
+        self._feed = LockFeed(stale_after)
+        self._state = LockState()
+        self._devices = DeviceMap()
+        self._pv_rows: list[tuple[str, str]] | None = None
+        self._rows: list[DeviceRow] | None = None
+        self._bad: dict[str, str] = {}
+        self._ctxt: Context | None = None
+        self._subs: list[Any] = []
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._snapshot = Snapshot(self._state, self._devices, (), {})
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the client context and the four monitors; start the ticker thread."""
+        if self._ctxt is not None:
+            return
+        if self.conf is not None:
+            self._ctxt = Context("pva", conf=self.conf, useenv=False, nt=False)
+        else:
+            self._ctxt = Context("pva", nt=False)
+        for spec, prefix, cb in (
+            (COORD_LOCKS, self.prefix, self._on_locks),
+            (COORD_HEARTBEAT, self.prefix, self._on_beat),
+            (REGISTRY_DEVICE_PVS, self.registry_prefix, self._on_device_pvs),
+            (REGISTRY_DEVICES, self.registry_prefix, self._on_devices),
+        ):
+            self._subs.append(self._ctxt.monitor(spec.name(prefix), self._safe(spec.suffix, cb),
+                                                 notify_disconnect=True))
+        if self.tick > 0:
+            self._ticker = threading.Thread(target=self._tick_loop, name="lockview-tick",
+                                            daemon=True)
+            self._ticker.start()
+
+    def close(self) -> None:
+        """Stop the ticker, the monitors and the context (idempotent)."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=2)
+            self._ticker = None
+        for sub in self._subs:
+            sub.close()
+        self._subs.clear()
+        if self._ctxt is not None:
+            self._ctxt.close()
+            self._ctxt = None
+
+    def __enter__(self) -> LockView:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.tick):
+            try:
+                self.refresh()
+            except Exception:
+                _log.exception("lock view refresh failed")
+
+    @staticmethod
+    def _safe(name: str, cb: Callable[[Any], None]) -> Callable[[Any], None]:
+        def safe(v: Any) -> None:
+            try:
+                cb(v)
+            except Exception:
+                _log.exception("handling %s update", name)
+
+        return safe
+
+    # --- what fronts read ---------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The current inputs (lock state, device map, rows, PVs), consistent with each other."""
+        return self._snapshot
+
+    @property
+    def state(self) -> LockState:
+        """The current lock state (``known`` False: fail closed)."""
+        return self._snapshot.state
+
+    @property
+    def devices(self) -> DeviceMap:
+        """The current PV -> device map."""
+        return self._snapshot.devices
+
+    def registry_problem(self) -> str:
+        """'' when both registry tables are known and readable, else what is missing or wrong."""
+        with self._lock:
+            problems = list(self._bad.values())
+            for spec, rows in ((REGISTRY_DEVICE_PVS, self._pv_rows),
+                               (REGISTRY_DEVICES, self._rows)):
+                full = spec.name(self.registry_prefix)
+                if rows is None and full not in self._bad:
+                    problems.append(f"{full} not received")
+            return "; ".join(problems)
+
+    # --- inputs (p4p callback thread) ---------------------------------------------------------
+
+    def _on_locks(self, v: Any) -> None:
+        if isinstance(v, Exception):
+            why = "" if isinstance(v, Disconnected) else f"{v!r}"
+            with self._lock:
+                self._feed.locks_lost(why)
+        else:
+            try:
+                cols = v["value"]
+                locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})  # noqa: SIM118
+            except (KeyError, ValueError, TypeError) as e:
+                what = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+                with self._lock:
+                    self._feed.locks_lost(what)
+            else:
+                with self._lock:
+                    self._feed.locks_update(locks, _stamp(v))
+        self.refresh()
+
+    def _on_beat(self, v: Any) -> None:
+        with self._lock:
+            if isinstance(v, Exception):
+                self._feed.beat_lost()
+            else:
+                self._feed.beat(v["value"], self._monotonic())
+        self.refresh()
+
+    def _on_device_pvs(self, v: Any) -> None:
+        name = REGISTRY_DEVICE_PVS.name(self.registry_prefix)
+        if isinstance(v, Exception):
+            return  # keep the last map: membership does not go stale like locks do
+        try:
+            cols = v["value"]
+            rows = list(zip((str(x) for x in _column(cols["pv"])),
+                            (str(x) for x in _column(cols["device"])), strict=True))
+        except (KeyError, ValueError, TypeError) as e:
+            self._unreadable(name, e)
+            return
+        with self._lock:
+            self._pv_rows = rows
+            self._bad.pop(name, None)
+        self._remap()
+
+    def _on_devices(self, v: Any) -> None:
+        name = REGISTRY_DEVICES.name(self.registry_prefix)
+        if isinstance(v, Exception):
+            return
+        try:
+            cols = v["value"]
+            names = [str(x) for x in _column(cols["name"])]
+            n = len(names)
+
+            def col(key: str, default: Any) -> list[Any]:
+                try:
+                    c = _column(cols[key])
+                except (KeyError, ValueError):
+                    return [default] * n
+                if len(c) != n:
+                    raise ValueError(f"column {key} has {len(c)} rows, name has {n}")
+                return c
+
+            prefixes = [str(x) for x in _column(cols["pvPrefix"])]
+            if len(prefixes) != n:
+                raise ValueError(f"column pvPrefix has {len(prefixes)} rows, name has {n}")
+            rows = [
+                DeviceRow(nm, str(dc), str(cap), pp, str(ioc), str(desc), bool(conn))
+                for nm, dc, cap, pp, ioc, desc, conn in zip(
+                    names, col("deviceClass", ""), col("capabilities", ""), prefixes,
+                    col("ioc", ""), col("description", ""), col("connected", False),
+                    strict=True,
+                )
+            ]
+        except (KeyError, ValueError, TypeError) as e:
+            self._unreadable(name, e)
+            return
+        with self._lock:
+            self._rows = rows
+            self._bad.pop(name, None)
+        self._remap()
+
+    def _unreadable(self, name: str, e: Exception) -> None:
+        what = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        _log.error("%s: cannot read the registry table: %s; device writes refused", name, what)
+        with self._lock:
+            self._bad[name] = f"{name} unreadable ({what})"
+        self._remap()
+
+    def _remap(self) -> None:
+        why = self.registry_problem()
+        with self._lock:
+            if why:
+                self._devices = DeviceMap(known=False, why_unknown=why)
+            else:
+                prefixes = [(r.name, r.pv_prefix) for r in self._rows or []]
+                self._devices = DeviceMap(self._pv_rows or [], prefixes, known=True)
+        self.refresh(registry_changed=True)
+
+    # --- change detection ---------------------------------------------------------------------
+
+    def refresh(self, registry_changed: bool = False) -> bool:
+        """Recompute the lock state (staleness included); call the listeners if anything changed.
+
+        Called by the ticker thread every ``tick`` s and after each update. Returns whether the
+        listeners were called.
+        """
+        with self._lock:
+            new = self._feed.state(self._monotonic())
+            old = self._state
+            changed = registry_changed or new.known != old.known or new.locks != old.locks
+            if not changed and new.why_unknown == old.why_unknown and new.stamp == old.stamp:
+                return False
+            if new.known != old.known:
+                _log.warning("lock state %s",
+                             "fresh again" if new.known else f"UNKNOWN: {new.why_unknown}")
+            self._state = new
+            pvs: dict[str, list[str]] = {}
+            for pv, dev in self._pv_rows or []:
+                pvs.setdefault(dev, []).append(pv)
+            snap = Snapshot(new, self._devices, tuple(self._rows or ()),
+                            {d: tuple(p) for d, p in pvs.items()})
+            self._snapshot = snap
+        if not changed:
+            return False
+        for cb in list(self.listeners):
+            try:
+                cb(snap)
+            except Exception:
+                _log.exception("lock view listener failed")
+        return True
+
+
+def _column(x: Any) -> list[Any]:
+    """An NTTable column as a list (p4p gives None for a column that was never set)."""
+    return [] if x is None else list(x)
+
+
+def _stamp(v: Any) -> float:
+    try:
+        return float(v["timeStamp.secondsPastEpoch"]) + 1e-9 * float(v["timeStamp.nanoseconds"])
+    except (KeyError, TypeError):
+        return 0.0

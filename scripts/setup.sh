@@ -28,6 +28,11 @@ if [ "$(id -u)" = 0 ] && ! getent passwd pvcoord-queue >/dev/null; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pvcoord-queue
 fi
 
+# Web client browser tests (tests/test_web_client.py): Debian's Chromium and its WebDriver.
+if [ "$(id -u)" = 0 ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
 stamp="$venv/.pvcoord-installed"
 want=$(sha1sum pyproject.toml | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then

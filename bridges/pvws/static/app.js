@@ -565,8 +565,14 @@ function renderPlot() {
 // --- start --------------------------------------------------------------------------------------
 
 async function start() {
-  const r = await fetch("pvws/names.json", { credentials: "same-origin" });
-  state.names = await r.json();
+  try {
+    const r = await fetch("pvws/names.json", { credentials: "same-origin" });
+    if (!r.ok) throw new Error(`HTTP ${r.status} ${r.statusText}`);
+    state.names = await r.json();
+  } catch (e) {
+    $("page-error").textContent = `cannot load the PV list (pvws/names.json): ${e.message}`;
+    return;
+  }
   $("prefix").textContent = state.names.prefix;
   $("login-form").addEventListener("submit", login);
   $("logout-button").addEventListener("click", logout);

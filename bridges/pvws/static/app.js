@@ -457,6 +457,7 @@ function renderQueueControls() {
     b.title = allowed ? "" : "log in (with bridge writes on) to control the queue";
   }
   $("add-button").disabled = !allowed;
+  renderItems(null);
 }
 
 async function queueCall(key, args = {}) {
@@ -475,12 +476,19 @@ function addItem(event) {
   return queueCall("add", args);
 }
 
+let lastItems = null;
+
 function renderItems(u) {
+  if (u) lastItems = u;
+  if (!lastItems) return;
   const body = $("queue-items").tBodies[0];
-  body.textContent = "";
-  const rows = tableRows(u);
+  const rows = tableRows(lastItems);
   const canMove = "move" in state.names.queueRpc;
   const allowed = Boolean(state.who.user && state.who.writes);
+  const key = JSON.stringify([rows, allowed]);
+  if (body.dataset.key === key) return; // unchanged: keep the buttons under the pointer
+  body.dataset.key = key;
+  body.textContent = "";
   rows.forEach((r, i) => {
     const remove = el("button", { type: "button", class: "remove", text: "Remove", title: "remove from the queue" });
     remove.disabled = !allowed;

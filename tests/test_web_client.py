@@ -43,7 +43,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1400,1000",
+    "--window-size=1400,1300",
 )
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOTS = REPO / "docs" / "img"
@@ -73,25 +73,15 @@ def site():
     ctx = None
     try:
         ctx = beamline.start_beamline(PREFIX, ports_from=free_block(), run_dir=run, out=out)
-        pwfile = run / "web-passwords"
-        passwords = {}
-        for user in USERS:
-            p = subprocess.run(
-                python_module("bridges.pvws", "passwd", str(pwfile), user, "--generate"),
-                capture_output=True, text=True, env=ctx.env, timeout=30, check=True,
-            )
-            passwords[user] = p.stdout.strip()
-        port = ctx.port("web-client-test")
-        # the bridge writes to the softIoc on the device network, as the guard does
-        device_conf = [f"--device-conf={k}={v}" for k, v in client_conf(ctx.device_env).items()
-                       if ctx.device_env is not ctx.env]
-        ctx.start("pvws", python_module(
-            "bridges.pvws", "--prefix", PREFIX, "--port", str(port), "--writes",
-            "--auth", "password", "--password-file", str(pwfile),
-            "--policy", str(ctx.files["policy"]), *device_conf,
-        ), ctx.env)
-        wait_until(lambda: _port_open(port), 30, f"the bridge on port {port}")
-        yield {"url": f"http://127.0.0.1:{port}/", "passwords": passwords, "ctx": ctx}
+        if "web" in ctx.procs:  # the demo's own bridge (pvcoord.demo.web_part)
+            from pvcoord.demo import web_part
+
+            url = web_part.web_url(ctx)
+            passwords = web_part.read_users(ctx.files["web-users"])
+        else:
+            url, passwords = _start_bridge(ctx, run)
+        assert set(USERS) <= set(passwords), passwords.keys()
+        yield {"url": url, "passwords": passwords, "ctx": ctx}
     except BaseException:
         print(out.getvalue())
         if ctx is not None:
@@ -102,6 +92,29 @@ def site():
         if ctx is not None:
             ctx.stop_all()
         shutil.rmtree(run, ignore_errors=True)
+
+
+def _start_bridge(ctx, run: Path) -> tuple[str, dict[str, str]]:
+    """Start a bridge with writes and password users (for a demo without its web part)."""
+    pwfile = run / "web-passwords"
+    passwords = {}
+    for user in USERS:
+        p = subprocess.run(
+            python_module("bridges.pvws", "passwd", str(pwfile), user, "--generate"),
+            capture_output=True, text=True, env=ctx.env, timeout=30, check=True,
+        )
+        passwords[user] = p.stdout.strip()
+    port = ctx.port("web")
+    # the bridge writes to the softIoc on the device network, as the guard does
+    device_conf = [f"--device-conf={k}={v}" for k, v in client_conf(ctx.device_env).items()
+                   if ctx.device_env is not ctx.env]
+    ctx.start("web", python_module(
+        "bridges.pvws", "--prefix", PREFIX, "--port", str(port), "--writes",
+        "--auth", "password", "--password-file", str(pwfile),
+        "--policy", str(ctx.files["policy"]), *device_conf,
+    ), ctx.env)
+    wait_until(lambda: _port_open(port), 30, f"the bridge on port {port}")
+    return f"http://127.0.0.1:{port}/", passwords
 
 
 def _port_open(port: int) -> bool:
@@ -206,7 +219,8 @@ def test_two_users_lock_move_release(site, pages):
     b.until(lambda d: b.driver.execute_script(
         "const s = document.getElementById('plot-pv');"
         "const o = [...s.options].find(o => o.text.startsWith('m1 '));"
-        "if (o) { s.value = o.value; s.dispatchEvent(new Event('change')); } return Boolean(o);"),
+        "if (o) { s.value = o.value; s.dispatchEvent(new Event('change')); }"
+        "document.getElementById('plot-window').value = '60'; return Boolean(o);"),
         "m1's readback in the plot choices")
     for page in (a, b):
         page.until(lambda d, p=page: p.row("m1", ".setpoint").is_enabled(),

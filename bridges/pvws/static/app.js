@@ -293,6 +293,7 @@ function useSignals(row, readbackPV, setpointPV) {
     const y = numberOf(u);
     state.history.add(readbackPV, updateTime(u), y);
     renderDevice(row);
+    if ($("plot-pv").value === readbackPV) schedulePlot();
   });
   if (!state.readbacks.has(readbackPV)) {
     state.readbacks.set(readbackPV, { device: row.name });
@@ -559,6 +560,14 @@ function watchQueue() {
 }
 
 // --- plot ---------------------------------------------------------------------------------------
+
+let plotPending = false;
+
+function schedulePlot() {
+  if (plotPending) return;
+  plotPending = true;
+  requestAnimationFrame(() => { plotPending = false; renderPlot(); });
+}
 
 function renderPlot() {
   const sel = $("plot-pv").value;

@@ -7,16 +7,14 @@ panel adds plans (a malformed one refused verbatim), moves and removes one, star
 shows the running item and lands it in the history. Screenshots go to ``docs/img/``.
 
 Processes: the demo beamline (``pvcoord.demo.beamline.start_beamline``: softIoc, registry,
-coordination, RE Manager + redis, queue IOC, guard) and the PVWS bridge (``python -m
-bridges.pvws``), all on 127.0.0.1, started once for the module and stopped even on failure.
+coordination, RE Manager + redis, queue IOC, guard and the PVWS bridge with its generated users),
+all on 127.0.0.1, started once for the module and stopped even on failure.
 """
 
 from __future__ import annotations
 
 import io
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +27,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from pvcoord.demo import beamline
-from pvcoord.procs import client_conf, python_module, wait_until
+from pvcoord.demo import beamline, web_part
+from pvcoord.procs import client_conf
 from pvdb import demo as demo_pvs
 
 from .test_demo_beamline import free_block
@@ -51,7 +49,7 @@ WAIT = 15.0
 """Seconds a page may take to show something that does not depend on a motion or a plan."""
 READONLY_WITHIN = 1.0
 """Issue 10: bob's input is disabled within 1 s of alice's lock."""
-USERS = ("alice", "bob")
+USERS = web_part.USERS
 
 
 
@@ -64,7 +62,7 @@ def _missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def site():
-    """The demo beamline plus a bridge with writes and password login; yields (url, passwords)."""
+    """The demo beamline with its bridge (writes on, password login for alice and bob)."""
     if (why := _missing()) is not None:
         pytest.fail(why)
     run = Path(tempfile.mkdtemp(prefix="pvcoord-test-web-"))
@@ -73,13 +71,9 @@ def site():
     ctx = None
     try:
         ctx = beamline.start_beamline(PREFIX, ports_from=free_block(), run_dir=run, out=out)
-        if "web" in ctx.procs:  # the demo's own bridge (pvcoord.demo.web_part)
-            from pvcoord.demo import web_part
-
-            url = web_part.web_url(ctx)
-            passwords = web_part.read_users(ctx.files["web-users"])
-        else:
-            url, passwords = _start_bridge(ctx, run)
+        assert "web" in ctx.procs, "the demo did not start its bridge (pvcoord.demo.web_part)"
+        url = web_part.web_url(ctx)
+        passwords = web_part.read_users(ctx.files["web-users"])
         assert set(USERS) <= set(passwords), passwords.keys()
         yield {"url": url, "passwords": passwords, "ctx": ctx}
     except BaseException:
@@ -92,37 +86,6 @@ def site():
         if ctx is not None:
             ctx.stop_all()
         shutil.rmtree(run, ignore_errors=True)
-
-
-def _start_bridge(ctx, run: Path) -> tuple[str, dict[str, str]]:
-    """Start a bridge with writes and password users (for a demo without its web part)."""
-    pwfile = run / "web-passwords"
-    passwords = {}
-    for user in USERS:
-        p = subprocess.run(
-            python_module("bridges.pvws", "passwd", str(pwfile), user, "--generate"),
-            capture_output=True, text=True, env=ctx.env, timeout=30, check=True,
-        )
-        passwords[user] = p.stdout.strip()
-    port = ctx.port("web")
-    # the bridge writes to the softIoc on the device network, as the guard does
-    device_conf = [f"--device-conf={k}={v}" for k, v in client_conf(ctx.device_env).items()
-                   if ctx.device_env is not ctx.env]
-    ctx.start("web", python_module(
-        "bridges.pvws", "--prefix", PREFIX, "--port", str(port), "--writes",
-        "--auth", "password", "--password-file", str(pwfile),
-        "--policy", str(ctx.files["policy"]), *device_conf,
-    ), ctx.env)
-    wait_until(lambda: _port_open(port), 30, f"the bridge on port {port}")
-    return f"http://127.0.0.1:{port}/", passwords
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-    except OSError:
-        return False
-    return True
 
 
 class Page:

@@ -265,6 +265,11 @@ def test_lock_holder_writes_other_user_refused_naming_holder_readonly_flips(bl):
         assert status == 200 and body["ok"] and body["expires"] > 0, body
         flip = _sp_update(wb, lambda m: m.get("readonly") is True)
         assert "alice" in flip["readonly_reason"]
+        status, body, _ = bl.bridge.post("/api/lock", {"action": "renew", "device": M1,
+                                                       "timeout": 1000}, cookie=alice)
+        assert status == 200, body
+        renewed = _sp_update(wb, lambda m: "readonly_reason" in m)  # reason changed: re-sent
+        assert "readonly" not in renewed and renewed["readonly_reason"] != flip["readonly_reason"]
         wb.send({"type": "write", "pv": f"pva://{SP}", "value": 7})
         err = wb.error("holder-conflict")
         assert err["holder"].startswith("alice@") and err["device"] == M1

@@ -177,6 +177,24 @@ def _setpoint_pv_value(site, motor: str) -> float:
         return float(ctxt.get(demo_pvs.motor_setpoint(PREFIX, motor), timeout=10.0))
 
 
+def test_not_logged_in_reads_but_may_not_write(site, pages):
+    profile = Path(tempfile.mkdtemp(prefix="pvcoord-chromium-"))
+    page = Page(site["url"], profile)
+    try:
+        page.until(lambda d: page.row("m1", ".lock").text == "Free", "m1's lock state")
+        page.until(lambda d: page.row("m1", ".readback").text.endswith(" mm"), "m1's readback")
+        assert not page.row("m1", ".setpoint").is_enabled()
+        assert page.row("m1", ".reason").text == "log in to write"
+        assert not page.row("m1", ".take").is_enabled()
+        assert not page.find('button[data-rpc="start"]').is_enabled()
+        page.until(lambda d: page.find('#health [data-process="coordination"]')
+                   .get_attribute("data-ok") == "true", "coordination healthy")
+        assert page.find('#health [data-process="bridge"]').get_attribute("data-ok") == "true"
+    finally:
+        page.close()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 def test_two_users_lock_move_release(site, pages):
     a, b = pages["alice"], pages["bob"]
     b.until(lambda d: b.driver.execute_script(
@@ -268,7 +286,7 @@ def test_queue_panel_add_move_remove_start_history(site, pages):
     assert "ItemAdd: args is not valid JSON" in a.text("#queue-error")
     assert _queue_rows(a) == []
 
-    _add(a, "count", '[["det1"]]', '{"num": 4, "delay": 0.5}')
+    _add(a, "count", '[["det1"]]', '{"num": 10, "delay": 0.5}')
     a.until(lambda d: len(_queue_rows(a)) == 1, "the first item in the queue")
     _add(a, "count", '[["det2"]]', '{"num": 1}')
     a.until(lambda d: len(_queue_rows(a)) == 2, "the second item in the queue")
@@ -289,6 +307,12 @@ def test_queue_panel_add_move_remove_start_history(site, pages):
     a.until(lambda d: a.text("#manager-state") == "executing_queue", "executing_queue")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     a.driver.save_screenshot(str(SCREENSHOTS / "web-client-queue.png"))
+
+    # pause at the next checkpoint, then resume
+    a.click('button[data-rpc="pause"]')
+    a.until(lambda d: a.text("#manager-state") == "paused", "the paused manager")
+    a.click('button[data-rpc="resume"]')
+    a.until(lambda d: a.text("#manager-state") == "executing_queue", "the resumed plan")
     a.until(lambda d: a.driver.find_elements(
         By.CSS_SELECTOR, f'#history tr[data-uid="{first[0]}"] .exit-completed'),
         "the item in the history as completed", timeout=WAIT + 10.0)

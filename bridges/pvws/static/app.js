@@ -427,11 +427,20 @@ function watchHealth() {
   watch(state.names.pv.connection, (u) => { conn.text = u.text || "?"; renderHealth(); });
 }
 
+const healthPills = new Map(); // process -> its pill, updated in place
+
 function renderHealth() {
   const box = $("health");
-  box.textContent = "";
   const pill = (name, ok, title) => {
-    box.append(el("span", { class: `pill ${ok ? "ok" : "bad"}`, "data-process": name, "data-ok": String(ok), title, text: name }));
+    let node = healthPills.get(name);
+    if (!node) {
+      node = el("span", { "data-process": name, text: name });
+      healthPills.set(name, node);
+      box.append(node);
+    }
+    node.className = `pill ${ok ? "ok" : "bad"}`;
+    node.dataset.ok = String(ok);
+    node.title = title;
   };
   pill("bridge", state.connected, state.connected ? "websocket open" : "websocket closed");
   const now = Date.now();

@@ -398,3 +398,14 @@ def test_slow_client_does_not_slow_others_and_keeps_last_state(bl, ctx):
         assert len(base64.b64decode(last_big["b64dbl"])) == 8 * 100_000
     finally:
         slow.close()
+
+
+def test_socket_from_another_origin_gets_no_identity(bl):
+    alice = bl.bridge.login("alice", bl.passwords["alice"])
+    from websockets.sync.client import connect
+
+    with connect(bl.bridge.ws_url, additional_headers={"Cookie": alice},
+                 origin="http://evil.example", open_timeout=TIMEOUT) as conn:
+        conn.send(json.dumps({"type": "subscribe", "pvs": [f"pva://{SP}"]}))
+        first = json.loads(conn.recv(timeout=TIMEOUT))
+        assert first["readonly"] is True and first["readonly_reason"] == "log in to write"

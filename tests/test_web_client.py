@@ -30,6 +30,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from pvcoord.demo import beamline, web_part
 from pvcoord.procs import client_conf
 from pvdb import demo as demo_pvs
+from pvdb import queue as qn
 
 from .test_demo_beamline import free_block
 
@@ -320,3 +321,45 @@ def test_queue_panel_add_move_remove_start_history(site, pages):
     assert _queue_rows(a) == []
     console = a.text("#console")
     assert console.strip(), "the console shows the RE Manager's output"
+
+
+def _http(url: str, body: object | None = None, cookie: str = "") -> tuple[int, dict, str]:
+    """POST ``body`` as JSON (GET if None); return (status, JSON reply, Set-Cookie)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    req.add_header("Content-Type", "application/json")
+    if cookie:
+        req.add_header("Cookie", cookie)
+    try:
+        with urllib.request.urlopen(req, timeout=10.0) as r:
+            return r.status, json.loads(r.read()), r.headers.get("Set-Cookie", "")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), ""
+
+
+def test_queue_endpoint_refuses_bad_calls_with_codes(site):
+    url = site["url"]
+    status, names, _ = _http(url + "pvws/names.json")
+    assert status == 200 and names["prefix"] == PREFIX
+    assert names["pv"]["managerState"] == qn.MANAGER_STATE.name(PREFIX)
+    status, reply, _ = _http(url + "api/queue/start", {})
+    assert (status, reply["error"]["code"]) == (401, "not-logged-in")
+    status, _, set_cookie = _http(url + "login", {"user": "alice",
+                                                  "password": site["passwords"]["alice"]})
+    assert status == 200 and set_cookie
+    cookie = set_cookie.split(";", 1)[0]
+    for key, body, code, want in (
+        ("no_such_call", {}, 404, "unknown-rpc"),
+        ("start", {"color": "red"}, 400, "bad-request"),
+        ("add", ["count"], 400, "bad-request"),
+        ("add", {"name": "count", "args": [["det1"]]}, 400, "bad-request"),
+        ("remove", {"uid": "no-such-uid"}, 409, "queue-refused"),
+    ):
+        status, reply, _ = _http(url + f"api/queue/{key}", body, cookie)
+        assert (status, reply["error"]["code"]) == (code, want), (key, body, reply)
+    status, reply, _ = _http(url + "api/queue/remove", {"uid": "no-such-uid"}, cookie)
+    assert "not in the queue" in reply["error"]["message"]  # the RE Manager's words, verbatim

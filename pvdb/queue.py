@@ -110,6 +110,7 @@ HISTORY_COLUMNS = (
 
 ITEM_ADD_ARGS = ("name", "args", "kwargs", "pos", "itemType")
 ITEM_REMOVE_ARGS = ("uid", "pos")
+ITEM_MOVE_ARGS = ("uid", "pos", "posDest", "beforeUid", "afterUid")
 RE_PAUSE_ARGS = ("option",)
 NO_ARGS: tuple[str, ...] = ()
 
@@ -331,9 +332,16 @@ ITEM_REMOVE = _rpc(
     "item_remove", "Remove a queued item: uid=ITEM_UID or pos=front|back|N.", ITEM_REMOVE_ARGS,
 )
 
+ITEM_MOVE = _rpc(
+    "item_move",
+    "Move a queued item (uid=ITEM_UID or pos=front|back|N) to posDest=front|back|N, or before "
+    "beforeUid / after afterUid (exactly one destination). Returns the item's itemUid.",
+    ITEM_MOVE_ARGS,
+)
+
 CONTROL_RPCS: tuple[PVSpec, ...] = (
     QUEUE_START, QUEUE_STOP, QUEUE_STOP_CANCEL, RE_PAUSE, RE_RESUME, RE_STOP, RE_ABORT, RE_HALT,
-    ENVIRONMENT_OPEN, ENVIRONMENT_CLOSE, ITEM_ADD, ITEM_REMOVE,
+    ENVIRONMENT_OPEN, ENVIRONMENT_CLOSE, ITEM_ADD, ITEM_REMOVE, ITEM_MOVE,
 )
 
 STATUS_PVS: tuple[PVSpec, ...] = (

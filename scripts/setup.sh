@@ -19,6 +19,14 @@ if ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
 fi
 
+# Debian packages the tests use: Chromium and its WebDriver (browser tests of the web client).
+debs=()
+[ -x /usr/bin/chromium ] || debs+=(chromium)
+[ -x /usr/bin/chromedriver ] || debs+=(chromium-driver)
+if [ "${#debs[@]}" -gt 0 ] && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}" >/dev/null
+fi
+
 # The demo's queue service account: the RE Manager and the queue IOC run as it and hold the queue's
 # locks (docs/decisions/0022-worker-on-the-device-network.md).
 if [ "$(id -u)" = 0 ] && ! getent passwd pvcoord-queue >/dev/null; then

@@ -380,6 +380,30 @@ def test_bad_control_input_is_refused_and_changes_nothing(clean):
     assert b.stack.call("queue_get")["items"] == []
 
 
+def test_item_move_reorders_the_queue_and_a_bad_move_changes_nothing(clean):
+    b = clean
+    u1 = call(b, qn.ITEM_ADD, name="count", args='[["det1"]]')["itemUid"]
+    u2 = call(b, qn.ITEM_ADD, name="count", args='[["det2"]]')["itemUid"]
+    try:
+        before = b.stack.call("queue_get")["plan_queue_uid"]
+        for kws, text in (
+            ({"uid": u2}, "exactly one destination"),
+            ({"uid": u2, "posDest": "top"}, "posDest must be front, back or an integer"),
+            ({"posDest": "front"}, "give exactly one of uid"),
+            ({"uid": "no-such-uid", "posDest": "front"}, "RE Manager refused item_move"),
+        ):
+            with pytest.raises(RemoteError, match=text):
+                call(b, qn.ITEM_MOVE, **kws)
+        assert b.stack.call("queue_get")["plan_queue_uid"] == before
+        assert call(b, qn.ITEM_MOVE, uid=u2, posDest="front")["itemUid"] == u2
+        assert [i["item_uid"] for i in b.stack.call("queue_get")["items"]] == [u2, u1]
+        call(b, qn.ITEM_MOVE, uid=u2, afterUid=u1)
+        assert [i["item_uid"] for i in b.stack.call("queue_get")["items"]] == [u1, u2]
+    finally:
+        for uid in (u1, u2):
+            call(b, qn.ITEM_REMOVE, uid=uid)
+
+
 @pytest.mark.identity
 def test_an_account_the_policy_does_not_name_is_refused(clean):
     why = other_user_available()

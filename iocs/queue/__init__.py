@@ -66,6 +66,7 @@ Manager refusals are returned verbatim; bad input changes nothing):
   P Queue:EnvironmentOpen  P Queue:EnvironmentClose
   P Queue:ItemAdd           name=PLAN args=JSON-list kwargs=JSON-object [pos=front|back|N]
   P Queue:ItemRemove        uid=ITEM_UID | pos=front|back|N
+  P Queue:ItemMove          uid=ITEM_UID | pos=N, then posDest=front|back|N | beforeUid= | afterUid=
 
 Automatic locks (through P Coord:Acquire/Release/Renew, as this process's account, or on behalf of
 --lock-owner when this account is a trusted service): queued items

@@ -485,6 +485,15 @@ class QueueIOC:
         uid = str((reply.get("item") or {}).get("item_uid", ""))
         return f"removed {(reply.get('item') or {}).get('name', 'item')} ({uid})", uid
 
+    async def _item_move(self, account: str, roles: frozenset[str], args: dict[str, str]):
+        self._allow(account, roles, qn.ITEM_MOVE.suffix)
+        which = model.parse_item_move(args)
+        reply = await self._call("item_move", **which)
+        item = reply.get("item") or {}
+        uid = str(item.get("item_uid", ""))
+        log.info("item_move %s by %s", which, account)
+        return f"moved {item.get('name', 'item')} ({uid}); queue size {reply.get('qsize')}", uid
+
     def _handlers(self):
         return {
             qn.QUEUE_START: self._queue_start,
@@ -502,6 +511,7 @@ class QueueIOC:
                 qn.ENVIRONMENT_CLOSE, "environment_close", "environment closing"),
             qn.ITEM_ADD: self._item_add,
             qn.ITEM_REMOVE: self._item_remove,
+            qn.ITEM_MOVE: self._item_move,
         }
 
     # --- periodic -------------------------------------------------------------------------------

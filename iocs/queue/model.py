@@ -286,6 +286,45 @@ def parse_item_remove(args: Mapping[str, str]) -> dict[str, Any]:
     return {"uid": uid} if uid else {"pos": pos}
 
 
+def parse_item_move(args: Mapping[str, str]) -> dict[str, Any]:
+    """Validate ``Queue:ItemMove``; return the RE Manager API's kwargs.
+
+    One source (``uid`` or ``pos``) and one destination (``posDest``, ``beforeUid`` or
+    ``afterUid``).
+
+    Raises:
+        BadRequestError: naming the missing, doubled or malformed argument.
+    """
+    check_args(args, qn.ITEM_MOVE_ARGS, "ItemMove")
+    uid = (args.get("uid") or "").strip()
+    pos = parse_position(args.get("pos"), "ItemMove")
+    if bool(uid) == (pos is not None):
+        raise BadRequestError("ItemMove: give exactly one of uid=ITEM_UID or pos=front|back|N")
+    try:
+        dest = parse_position(args.get("posDest"), "ItemMove")
+    except BadRequestError:
+        raise BadRequestError(
+            f"ItemMove: posDest must be front, back or an integer, not {args.get('posDest')!r}"
+        ) from None
+    before = (args.get("beforeUid") or "").strip()
+    after = (args.get("afterUid") or "").strip()
+    given = [name for name, v in (("posDest", dest), ("beforeUid", before), ("afterUid", after))
+             if v not in (None, "")]
+    if len(given) != 1:
+        raise BadRequestError(
+            "ItemMove: give exactly one destination: posDest=front|back|N, beforeUid=ITEM_UID or "
+            f"afterUid=ITEM_UID (got {', '.join(given) or 'none'})"
+        )
+    out: dict[str, Any] = {"uid": uid} if uid else {"pos": pos}
+    if dest is not None:
+        out["pos_dest"] = dest
+    elif before:
+        out["before_uid"] = before
+    else:
+        out["after_uid"] = after
+    return out
+
+
 def parse_pause(args: Mapping[str, str]) -> str:
     """Validate ``Queue:RePause``: ``option`` deferred (default) or immediate."""
     check_args(args, qn.RE_PAUSE_ARGS, "RePause")

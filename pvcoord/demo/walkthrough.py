@@ -43,6 +43,9 @@ PART_WALKTHROUGHS: dict[str, tuple[str, str, str, bool]] = {
               "the guard gateway refuses another account's put to a locked device", True),
     "queue": ("pvcoord.demo.queue_part", "run_queue_walkthrough",
               "the queue holds its devices while a plan runs", False),
+    "web": ("pvcoord.demo.web_part", "run_web_walkthrough",
+            "two web users: A takes m1, B is read-only within 1 s and refused naming A, A moves "
+            "m1, A releases and B writes", False),
 }
 """Walkthroughs of the optional parts, by the process name their component starts: module,
 function ``(ctx, stop) -> bool`` (run if it exists), the step's title, and whether it needs a

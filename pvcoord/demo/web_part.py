@@ -1,0 +1,240 @@
+"""The PVWS bridge's part of the demo beamline, and its walkthrough step.
+
+- :data:`COMPONENTS`: ``pvcoord demo`` starts ``python -m bridges.pvws`` (writes on, password
+  login) on 127.0.0.1. Two demo users, ``alice`` and ``bob``, get passwords generated for this run
+  by ``python -m bridges.pvws passwd`` (argon2 hashes in ``RUN/web-passwd``; the plain passwords,
+  for the person running the demo, in ``RUN/web-users.txt``, mode 0600). Nothing is fixed in the
+  code. The bridge reads through the client network and writes to the devices on the device
+  network (``ctx.device_env``, where the guard part moved the softIoc), deciding per web user.
+- :func:`run_web_walkthrough`: two web users over the bridge's own protocol (websocket + login,
+  what the browser uses): A takes ``m1``; B's ``m1`` setpoint turns read-only within 1 s and B's
+  write is refused naming A; A moves ``m1``; A releases and B may write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pvcoord.procs import LOOPBACK, python_module
+from pvdb import demo
+
+USERS = ("alice", "bob")
+"""The demo's web users (their passwords are generated at each start)."""
+HTTP_TIMEOUT = 10.0
+READONLY_WITHIN = 1.0
+"""Seconds within which B's setpoint must turn read-only after A's lock (the issue's 1 s)."""
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def write_users(run_dir: Path) -> tuple[Path, dict[str, str]]:
+    """Generate the demo users' passwords: return (password file, user -> password).
+
+    Raises:
+        RuntimeError: the ``passwd`` tool failed (its error in the message).
+    """
+    pw = run_dir / "web-passwd"
+    passwords: dict[str, str] = {}
+    for user in USERS:
+        r = subprocess.run(python_module("bridges.pvws", "passwd", str(pw), user, "--generate"),
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        if r.returncode != 0:
+            raise RuntimeError(f"python -m bridges.pvws passwd failed: {r.stderr.strip()}")
+        passwords[user] = r.stdout.strip()
+    plain = run_dir / "web-users.txt"
+    fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# demo web users of this run (generated; log in at the bridge URL)\n")
+        for user, password in passwords.items():
+            f.write(f"{user} {password}\n")
+    return pw, passwords
+
+
+def read_users(path: Path) -> dict[str, str]:
+    """User -> password from ``web-users.txt``."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            user, _, password = line.partition(" ")
+            out[user] = password
+    return out
+
+
+def _wait_http(url: str, proc: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0):
+                return
+        except OSError:
+            if not proc.alive():
+                raise RuntimeError(f"the bridge exited:\n{proc.output()}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer in {timeout} s:\n{proc.output()}") \
+                    from None
+            time.sleep(0.05)
+
+
+def web_url(ctx: Any) -> str:
+    """The bridge's URL in the demo run ``ctx`` (``http://127.0.0.1:PORT/``)."""
+    return f"http://{LOOPBACK}:{ctx.port('web')}/"
+
+
+def _start(ctx: Any) -> None:
+    from pvcoord.demo.beamline import START_TIMEOUT, DemoError  # noqa: PLC0415 - lazy, no cycle
+
+    try:
+        pw, _ = write_users(ctx.run_dir)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        raise DemoError(str(e)) from None
+    ctx.files["web-passwd"] = pw
+    ctx.files["web-users"] = ctx.run_dir / "web-users.txt"
+    port = ctx.port("web")
+    argv = python_module(
+        "bridges.pvws", "--prefix", ctx.prefix, "--host", LOOPBACK, "--port", str(port),
+        "--writes", "--auth", "password", "--password-file", str(pw),
+        "--policy", str(ctx.files["policy"]), "--admin", USERS[0],
+    )
+    dev = ctx.device_env or ctx.env
+    if dev.get("EPICS_PVA_BROADCAST_PORT") != ctx.env.get("EPICS_PVA_BROADCAST_PORT"):
+        for key in ("EPICS_PVA_ADDR_LIST", "EPICS_PVA_AUTO_ADDR_LIST",
+                    "EPICS_PVA_BROADCAST_PORT"):
+            argv += ["--device-conf", f"{key}={dev[key]}"]
+    proc = ctx.start("web", argv, dict(ctx.env))
+    url = web_url(ctx)
+    try:
+        _wait_http(url + "pvws/info", proc, START_TIMEOUT)
+    except (TimeoutError, RuntimeError) as e:
+        raise DemoError(f"web did not start: {e}") from None
+    ctx.notes.append(
+        f"web: {url} (PVWS websocket {url.replace('http', 'ws')}pvws/pv); log in as "
+        f"{' or '.join(USERS)}, passwords generated for this run in {ctx.files['web-users']}"
+    )
+
+
+def _components() -> list[Any]:
+    from pvcoord.demo.beamline import Component  # noqa: PLC0415 - beamline imports us lazily
+
+    return [Component("web", _start)]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMPONENTS":  # built lazily: beamline imports this module to find it
+        return _components()
+    raise AttributeError(name)
+
+
+# --- walkthrough --------------------------------------------------------------------------------
+
+
+class _Web:
+    """A web user: login cookie, a websocket, the messages received."""
+
+    def __init__(self, base: str, user: str, password: str) -> None:
+        from websockets.sync.client import connect  # noqa: PLC0415 - only the walkthrough
+
+        self.base, self.user = base, user
+        status, body, cookie = _post(base, "/login", {"user": user, "password": password})
+        if status != 200:
+            raise RuntimeError(f"login of {user} failed: {body}")
+        self.cookie = cookie
+        ws_url = base.replace("http://", "ws://") + "pvws/pv"
+        self._cm = connect(ws_url, additional_headers={"Cookie": cookie},
+                           open_timeout=HTTP_TIMEOUT, max_size=None)
+        self.ws = self._cm.__enter__()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.ws.send(json.dumps(msg))
+
+    def wait(self, pred: Any, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                m = json.loads(self.ws.recv(timeout=left))
+            except TimeoutError:
+                break
+            if pred(m):
+                return m
+        raise TimeoutError(f"{self.user}: expected message not received in {timeout} s")
+
+    def lock(self, action: str, device: str) -> tuple[int, dict[str, Any]]:
+        status, body, _ = _post(self.base, "/api/lock", {"action": action, "device": device},
+                                self.cookie)
+        return status, body
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def _post(base: str, path: str, body: Any, cookie: str = "") -> tuple[int, Any, str]:
+    headers = {"Content-Type": "application/json"}
+    if cookie:
+        headers["Cookie"] = cookie
+    req = urllib.request.Request(base.rstrip("/") + path, data=json.dumps(body).encode(),
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as r:
+            got = ""
+            for v in r.headers.get_all("Set-Cookie") or []:
+                got = v.split(";", 1)[0]
+            return r.status, json.loads(r.read()), got
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), ""
+
+
+def run_web_walkthrough(ctx: Any, stop: Any = None) -> bool:
+    """Two web users on the started demo's bridge; return whether every step behaved."""
+    if "web" not in ctx.procs:
+        ctx.say("[web] the bridge is not part of this demo run")
+        return False
+    base = web_url(ctx)
+    users = read_users(ctx.files["web-users"])
+    m1 = demo.MOTORS[0]
+    sp = f"pva://{demo.motor_setpoint(ctx.prefix, m1)}"
+    a_name, b_name = USERS
+    a = b = None
+    try:
+        a, b = _Web(base, a_name, users[a_name]), _Web(base, b_name, users[b_name])
+        for w in (a, b):
+            w.send({"type": "subscribe", "pvs": [sp]})
+            w.wait(lambda m: m.get("pv") == sp and "readonly" in m, HTTP_TIMEOUT)
+        ctx.say(f"[web] {a_name} takes {m1} (POST /api/lock)")
+        status, body = a.lock("take", m1)
+        if status != 200:
+            ctx.say(f"[web] FAILED: {a_name} could not take {m1}: {body}")
+            return False
+        t0 = time.monotonic()
+        flip = b.wait(lambda m: m.get("pv") == sp and m.get("readonly") is True,
+                      READONLY_WITHIN + 1.0)
+        dt = time.monotonic() - t0
+        ctx.say(f"[web] {b_name}'s {m1} setpoint read-only after {dt * 1000:.0f} ms: "
+                f"{flip.get('readonly_reason', '')}")
+        ok = dt <= READONLY_WITHIN
+        b.send({"type": "write", "pv": sp, "value": 3.0})
+        err = b.wait(lambda m: m.get("type") == "error", HTTP_TIMEOUT)
+        ctx.say(f"[web] {b_name}'s write refused: [{err.get('code')}] {err.get('message')}")
+        ok = ok and err.get("code") == "holder-conflict" and \
+            str(err.get("holder", "")).startswith(f"{a_name}@")
+        a.send({"type": "write", "pv": sp, "value": 2.5})
+        a.wait(lambda m: m.get("pv") == sp and m.get("value") == 2.5, HTTP_TIMEOUT)
+        ctx.say(f"[web] {a_name} moved {m1} to 2.5")
+        status, body = a.lock("release", m1)
+        ok = ok and status == 200
+        b.wait(lambda m: m.get("pv") == sp and m.get("readonly") is False, HTTP_TIMEOUT)
+        b.send({"type": "write", "pv": sp, "value": 0.0})
+        b.wait(lambda m: m.get("pv") == sp and m.get("value") == 0.0, HTTP_TIMEOUT)
+        ctx.say(f"[web] {a_name} released {m1}; {b_name} may write: moved it to 0.0")
+        return ok
+    except (TimeoutError, RuntimeError, OSError) as e:
+        ctx.say(f"[web] FAILED: {e}")
+        return False
+    finally:
+        for w in (a, b):
+            if w is not None:
+                w.close()

@@ -16,6 +16,7 @@ SPEC_MODULES: tuple[tuple[str, str], ...] = (
     ("pvdb.names", "Coordination and registry IOCs"),
     ("pvdb.queue", "Queue IOC"),
     ("pvdb.guard", "Guard gateway"),
+    ("pvdb.process", "Process status (every process: version, start time)"),
     ("pvdb.demo", "Demo beamline softIoc (simulated devices; not pvcoord's own PVs)"),
 )
 

@@ -2,9 +2,9 @@
 
 For each process (:data:`pvdb.process.PROCESSES`) it reads the heartbeat, health, version and
 start-time PVs in one parallel get. A process is **up** when its heartbeat answers and was posted
-less than :data:`pvdb.process.HEARTBEAT_STALE` seconds ago (the heartbeat's own time stamp, so a
-hung process whose PVs still answer from a stale cache counts as down). A process without status
-PVs (the bridges, until they serve them) is shown as unknown and does not count as down.
+less than :data:`pvdb.process.HEARTBEAT_STALE` seconds before the status was asked (by the
+heartbeat's own time stamp: a hung process whose PVs still answer counts as down). A process
+without status PVs (the bridges, until they serve them) is shown as unknown, not as down.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def read_status(
             if spec is not None:
                 names.append(spec.name(prefix))
     kws: dict[str, Any] = {"conf": dict(conf), "useenv": False} if conf is not None else {}
+    asked = time.time()  # ages are from when we asked: a dead process delays the whole get
     with Context("pva", nt=False, **kws) as ctxt:
         values = ctxt.get(names, timeout=timeout, throw=False) if names else []
     got = dict(zip(names, values, strict=True))
@@ -105,7 +106,7 @@ def read_status(
         if isinstance(hb, Exception):
             rows.append(ProcessRow(p, False, note=f"no answer from {info.heartbeat.name(prefix)}"))
             continue
-        row = ProcessRow(p, True, heartbeat_age=max(0.0, now - _stamp(hb)))
+        row = ProcessRow(p, True, heartbeat_age=max(0.0, asked - _stamp(hb)))
         if row.heartbeat_age is not None and row.heartbeat_age > HEARTBEAT_STALE:
             row.up = False
             row.note = f"heartbeat stopped {row.heartbeat_age:.0f} s ago"

@@ -9,11 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from p4p import Value
-from p4p.nt import NTTable
+from p4p.nt import NTScalar, NTTable
+from p4p.server.thread import SharedPV
+
+from pvcoord.service import ServiceNotifier
+from pvdb.process import PROCESSES, pvcoord_version
 
 
 def stamp(v: Value, ts: float) -> Value:
@@ -89,3 +94,55 @@ def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
         await serve(stop)
 
     asyncio.run(run())
+
+
+def run_as_service(
+    serve: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, None]], status: str = ""
+) -> None:
+    """Like :func:`run_until_signal`, and tell systemd: ``serve(stop, ready)`` sets ``ready``.
+
+    ``READY=1`` goes out when ``ready`` is set, ``WATCHDOG=1`` while the loop runs, ``STOPPING=1``
+    at the end (:class:`pvcoord.service.ServiceNotifier`; nothing outside systemd).
+    """
+    async def run() -> None:
+        stop = asyncio.Event()
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        notifier = ServiceNotifier()
+        task = asyncio.create_task(notifier.run(ready, stop, status))
+        try:
+            await serve(stop, ready)
+        finally:
+            stop.set()
+            await task
+            notifier.close()
+
+    asyncio.run(run())
+
+
+STARTED = time.time()
+"""When this process imported pvutil (its start, within the import time)."""
+
+
+def add_process_info(
+    provider: Any, prefix: str, process: str, started: float = STARTED
+) -> None:
+    """Serve ``Version`` and ``StartTime`` of ``process`` (:data:`pvdb.process.PROCESSES`).
+
+    Args:
+        provider: the IOC's ``StaticProvider``.
+        prefix: endstation prefix.
+        process: ``coordination``, ``registry`` or ``queue``.
+        started: epoch seconds the process started (default :data:`STARTED`).
+    """
+    info = PROCESSES[process]
+    assert info.version is not None and info.start_time is not None
+    now = time.time()
+    nt_s, nt_d = NTScalar("s"), NTScalar("d", display=True)
+    start = nt_d.wrap(started, timestamp=now)
+    start["display.units"] = info.start_time.units
+    provider.add(info.version.name(prefix),
+                 SharedPV(nt=nt_s, initial=nt_s.wrap(pvcoord_version(), timestamp=now)))
+    provider.add(info.start_time.name(prefix), SharedPV(nt=nt_d, initial=start))

@@ -6,7 +6,9 @@ Commands (``pvcoord COMMAND --help`` for each)::
     pvcoord renew m1,m2 --timeout 600
     pvcoord release m1,m2
     pvcoord force-release m1 --reason "left locked overnight"
-    pvcoord status                   # table of the active locks, and the free devices
+    pvcoord locks                    # table of the active locks, and the free devices
+    pvcoord status [--config FILE]   # is every process of the endstation up? (exit 1 if not)
+    pvcoord config check FILE        # validate an endstation file (every error with its line)
     pvcoord watch                    # live lock changes and audit events until Ctrl-C
     pvcoord registry show            # the registered devices
     pvcoord registry show m1         # one device and its signals (Registry:m1:Signals)
@@ -236,8 +238,8 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
-    """``pvcoord status``."""
+def cmd_locks(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord locks`` (``pvcoord status`` before the endstation status took that name)."""
     with _client(args) as c:
         locks = c.locks()
         try:
@@ -264,6 +266,46 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         print(f"\nlast {min(args.events, len(events))} events:", file=out)
         for e in events[-args.events:]:
             print(f"  {fmt_time(e.time)}  {e.line()}", file=out)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord status``: one row per process of the endstation; exit 1 when one is down."""
+    from pvdb.endstation import EndstationError, load_endstation  # noqa: PLC0415
+
+    from . import endstation_status as es  # noqa: PLC0415
+
+    conf, processes, prefix = None, list(es.DEFAULT_PROCESSES), args.prefix
+    if args.config:
+        try:
+            cfg = load_endstation(args.config)
+        except EndstationError as e:
+            raise UsageError(f"endstation file rejected:\n{e}") from None
+        conf, processes, prefix = es.client_conf(cfg), cfg.processes(), cfg.prefix
+    rows = es.read_status(prefix, processes, conf, timeout=args.call_timeout)
+    if args.json:
+        json.dump([vars(r) for r in rows], out, indent=2)
+        print(file=out)
+    else:
+        print(table(es.STATUS_HEADERS, es.status_rows(rows)), file=out)
+    down = [r.name for r in rows if r.up is False]
+    if down and not args.json:
+        print(f"down: {', '.join(down)}", file=out)
+    return EXIT_REFUSED if down else EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord config check FILE``: every error with its line and code; exit 2 if any."""
+    from pvdb.endstation import EndstationError, load_endstation  # noqa: PLC0415
+
+    try:
+        cfg = load_endstation(args.file, deep=True)
+    except EndstationError as e:
+        print(str(e), file=out)
+        print(f"{len(e.issues)} error(s) in {args.file}", file=out)
+        return EXIT_BAD_INPUT
+    print(f"{args.file}: OK: endstation {cfg.instance} (prefix {cfg.prefix}), processes "
+          f"{', '.join(cfg.processes())}", file=out)
     return EXIT_OK
 
 
@@ -536,11 +578,26 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("pv", help="full PV name")
     ge.set_defaults(func=cmd_get)
 
-    st = sub.add_parser("status", parents=[common], help="table of the active locks")
-    st.add_argument("--events", type=int, default=0, metavar="N",
+    lo = sub.add_parser("locks", parents=[common], help="table of the active locks")
+    lo.add_argument("--events", type=int, default=0, metavar="N",
                     help="also show the last N audit events")
-    st.add_argument("--json", action="store_true", help="print the locks as JSON")
+    lo.add_argument("--json", action="store_true", help="print the locks as JSON")
+    lo.set_defaults(func=cmd_locks)
+
+    st = sub.add_parser("status", parents=[common],
+                        help="every process of the endstation: up, health, heartbeat, version")
+    st.add_argument("--config", default=None, metavar="FILE",
+                    help="endstation file (its prefix, network and processes); default: the "
+                    "four services under --prefix with the EPICS_PVA_* environment")
+    st.add_argument("--json", action="store_true", help="print the rows as JSON")
     st.set_defaults(func=cmd_status)
+
+    cf = sub.add_parser("config", parents=[common], help="the endstation file")
+    csub = cf.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    cc = csub.add_parser("check", parents=[common],
+                         help="validate an endstation file (exit 2 with each error and its line)")
+    cc.add_argument("file", help="the endstation TOML file")
+    cc.set_defaults(func=cmd_config_check)
 
     wa = sub.add_parser(
         "watch", parents=[common], help="print lock changes and audit events until Ctrl-C",

@@ -17,6 +17,7 @@ SPEC_MODULES: tuple[tuple[str, str], ...] = (
     ("pvdb.queue", "Queue IOC"),
     ("pvdb.guard", "Guard gateway"),
     ("pvdb.flat", "CA bridge (flat PVs; CA and PVA)"),
+    ("pvdb.process", "Process status (every process: version, start time)"),
     ("pvdb.demo", "Demo beamline softIoc (simulated devices; not pvcoord's own PVs)"),
 )
 

@@ -69,7 +69,7 @@ def test_lock_status_release(ioc, capsys):
     assert code == 0, capsys.readouterr().err
     assert re.match(r"granted m1,m2 MANUAL_OPERATOR until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", out)
     assert "key:" not in out
-    code, out = run("status")
+    code, out = run("locks")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["DEVICE", "TYPE", "OWNER", "REMAINING", "EXPIRES", "REASON",
@@ -82,7 +82,7 @@ def test_lock_status_release(ioc, capsys):
     assert code == 0 and out.startswith("renewed m1 until ")
     code, out = run("release", "m1,m2")
     assert (code, out.strip()) == (0, "released m1,m2")
-    code, out = run("status")
+    code, out = run("locks")
     assert code == 0 and out.startswith(f"no active locks on {PREFIX}")
 
 
@@ -122,10 +122,10 @@ def test_refusals_and_bad_input_exit_codes(ioc, capsys):
         run("lock", "m3", "--type", "MANUAL_OPERATOR", "--timeout", "-5")
     assert e.value.code == cli.EXIT_BAD_INPUT
     assert "must be a positive number of seconds" in capsys.readouterr().err
-    code, _ = run("--call-timeout", "0.3", "--prefix", "NOIOC:", "status")
+    code, _ = run("--call-timeout", "0.3", "--prefix", "NOIOC:", "locks")
     assert code == cli.EXIT_NO_ANSWER and "no answer from NOIOC:Coord:Locks within 0.3 s" in (
         capsys.readouterr().err)
-    code, out = run("status")
+    code, out = run("locks")
     assert out.startswith("no active locks"), "nothing of the above may have changed the table"
 
 
@@ -156,7 +156,7 @@ def test_console_script_exit_code_and_no_traceback(ioc):
                        text=True, timeout=60, env=dict(os.environ))
     assert p.returncode == cli.EXIT_REFUSED
     assert p.stderr.startswith("pvcoord: refused by") and "Traceback" not in p.stderr
-    p = subprocess.run([str(exe), "status", "--prefix", PREFIX], capture_output=True,
+    p = subprocess.run([str(exe), "locks", "--prefix", PREFIX], capture_output=True,
                        text=True, timeout=60, env=dict(os.environ))
     assert p.returncode == 0 and "no active locks" in p.stdout, p.stderr
 

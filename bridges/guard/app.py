@@ -10,11 +10,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from pvcoord.service import ServiceNotifier, config_argv
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
 from . import __doc__ as HELP  # noqa: N812 - the module docstring is the --help text
-from .config import GuardConfig, GuardConfigError, load_config
+from .config import GuardConfig, GuardConfigError, load_guard_config
 from .gateway import Guard
 
 _log = logging.getLogger("bridges.guard")
@@ -86,11 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--prefix", required=True, help="endstation prefix P, e.g. BL01:")
-    parser.add_argument("--config", required=True, help="guard config (pvagw JSON + 'guard')")
+    parser.add_argument("--config", required=True,
+                        help="guard config (pvagw JSON + 'guard'), or the endstation TOML file")
     parser.add_argument("--policy", help="policy TOML (overrides guard.policy in the config)")
     parser.add_argument("--registry-prefix", help="prefix of the registry IOC (default: P)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(config_argv("guard", argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_prefix(args.prefix)
         if args.registry_prefix:
             check_prefix(args.registry_prefix)
-        config = load_config(args.config)
+        config = load_guard_config(args.config)
         load_policy(args.policy or config.guard.policy)
     except (ValueError, PolicyError, GuardConfigError) as e:
         print(f"guard: {e}", file=sys.stderr)
@@ -111,11 +113,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        serving = asyncio.Event()
+        notifier = ServiceNotifier()
+        task = asyncio.create_task(notifier.run(serving, stop, f"guard {args.prefix}"))
 
         def ready(guard: Guard) -> None:
             _log.info("guard ready: prefix %s, %d server(s)", args.prefix, len(config.servers))
+            serving.set()
 
-        await serve(args.prefix, config, stop, args.policy, args.registry_prefix, ready)
+        try:
+            await serve(args.prefix, config, stop, args.policy, args.registry_prefix, ready)
+        finally:
+            stop.set()
+            await task
+            notifier.close()
 
     try:
         asyncio.run(run())

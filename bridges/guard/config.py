@@ -258,3 +258,29 @@ def read_site_file(path: str, what: str) -> str:
         return Path(path).read_text()
     except OSError as e:
         raise GuardConfigError(f"{path}: cannot read {what} file: {e.strerror}") from None
+
+
+def load_guard_config(path: str | Path) -> GuardConfig:
+    """Load ``path``: a pvagw JSON guard config, or an endstation TOML file (``*.toml``).
+
+    From an endstation file the config is ``guard.gateway_config`` when set, else the one
+    :func:`pvdb.endstation.guard_gateway` generates from its ``[network]`` and ``[guard]``.
+
+    Raises:
+        GuardConfigError: the file cannot be read or is not valid (every endstation error is in
+            the message, with its line).
+    """
+    if not str(path).endswith(".toml"):
+        return load_config(path)
+    from pvdb.endstation import EndstationError, guard_gateway, load_endstation  # noqa: PLC0415
+
+    try:
+        cfg = load_endstation(path)
+        if cfg.guard is not None and cfg.guard.gateway_config:
+            return load_config(cfg.guard.gateway_config)
+        data = guard_gateway(cfg)
+    except EndstationError as e:
+        raise GuardConfigError(f"endstation file rejected:\n{e}") from None
+    except ValueError as e:
+        raise GuardConfigError(f"{path}: {e}") from None
+    return parse_config(json.dumps(data), f"{path} (generated guard config)")

@@ -59,6 +59,7 @@ from pvdb.names import (
     REGISTRY_DEVICES,
 )
 from pvdb.policy import Policy
+from pvdb.process import GUARD_START_TIME, GUARD_VERSION, pvcoord_version
 
 from .config import GuardConfig, GuardConfigError, read_site_file
 from .core import AuditRecord, GuardCore, GuardedChannel, parse_audit_line
@@ -67,6 +68,9 @@ from .decision import DeviceMap, LockState, parse_locks
 _log = logging.getLogger(__name__)
 _log_audit = logging.getLogger("bridges.guard.audit")
 _log_gw_audit = logging.getLogger("p4p.gw.audit")
+
+STARTED = time.time()
+"""When the guard process imported this module (its start, for ``Guard:StartTime``)."""
 
 WHAT_IF_TYPE = Type(list(WHAT_IF_FIELDS), id="pvcoord:guard/WhatIf:1.0")
 
@@ -312,6 +316,9 @@ class Guard:
             GUARD_HEARTBEAT.name(p): self.pv_heartbeat,
             GUARD_AUDIT.name(p): self.pv_audit,
             GUARD_WHAT_IF.name(p): self.pv_what_if,
+            GUARD_VERSION.name(p): SharedPV(nt=NTScalar("s"), initial=pvcoord_version(),
+                                            timestamp=now),
+            GUARD_START_TIME.name(p): SharedPV(nt=NTScalar("d"), initial=STARTED, timestamp=now),
         }
 
     # --- start / stop -------------------------------------------------------------------------

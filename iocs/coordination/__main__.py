@@ -6,11 +6,12 @@ import argparse
 import logging
 import sys
 
+from pvcoord.service import config_argv
 from pvcoord.store import StoreError, open_store
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
-from ..pvutil import run_until_signal, setup_logging
+from ..pvutil import run_as_service, setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
 from .ioc import serve
 from .locktable import LockTable
@@ -20,10 +21,14 @@ log = logging.getLogger("iocs.coordination")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
+    argv = config_argv("coordination", argv)  # --config FILE: the endstation file
     p = argparse.ArgumentParser(
         prog="python -m iocs.coordination", description=DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="endstation TOML file: sets the options below and the EPICS network "
+                        "(options given here win); docs/deploy.md")
     p.add_argument("--prefix", required=True, help="endstation prefix P, ending in ':'")
     p.add_argument("--policy", default=None, help="policy TOML file (default: built-in policy)")
     p.add_argument("--store", default=None,
@@ -71,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     registry_prefix = None if devices is not None else (a.registry_prefix or a.prefix)
 
     try:
-        run_until_signal(lambda stop: serve(a.prefix, table, stop, registry_prefix=registry_prefix,
-                                            events_tail=a.events_tail))
+        run_as_service(lambda stop, ready: serve(
+            a.prefix, table, stop, registry_prefix=registry_prefix, events_tail=a.events_tail,
+            ready=ready))
     finally:
         store.close()
     log.info("stopped")

@@ -76,6 +76,7 @@ class CoordinationIOC:
         self.prefix = pvn.check_prefix(prefix)
         self.table = table
         self.provider = StaticProvider("pvcoord-coordination")
+        pvutil.add_process_info(self.provider, self.prefix, "coordination")
         self._events: deque[LockEvent] = deque(maxlen=events_tail)
         self._events_dirty = False
         self._device_pvs: dict[str, dict[str, SharedPV]] = {}

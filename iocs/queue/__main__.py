@@ -7,10 +7,11 @@ import logging
 import os
 import sys
 
+from pvcoord.service import config_argv
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
-from ..pvutil import run_until_signal, setup_logging
+from ..pvutil import run_as_service, setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the package docstring is the help text
 from .ioc import serve
 
@@ -25,10 +26,14 @@ def _loopback_or_host(addr: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the package docstring)."""
+    argv = config_argv("queue", argv)  # --config FILE: the endstation file
     p = argparse.ArgumentParser(
         prog="python -m iocs.queue", description=DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="endstation TOML file: sets the options below and the EPICS network "
+                        "(options given here win); docs/deploy.md")
     p.add_argument("--prefix", required=True, help="endstation prefix P, ending in ':'")
     p.add_argument("--zmq-control", required=True, type=_loopback_or_host,
                    help="RE Manager control address, tcp://HOST:PORT")
@@ -73,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"policy rejected: {e}", file=sys.stderr)
         return 2
 
-    run_until_signal(lambda stop: serve(
+    run_as_service(lambda stop, ready: serve(
         a.prefix, a.zmq_control, a.zmq_info, stop, policy=policy, locks=not a.no_locks,
         redis_url=a.redis, coord_prefix=a.coord_prefix, exec_lease=a.exec_lease,
-        queued_lease=a.queued_lease, lock_owner=a.lock_owner,
+        queued_lease=a.queued_lease, lock_owner=a.lock_owner, ready=ready,
     ))
     logging.getLogger("iocs.queue").info("stopped")
     return 0

@@ -22,6 +22,7 @@ from pvdb import queue as qn
 from pvdb.names import check_prefix
 from pvdb.policy import Policy
 
+from .. import pvutil
 from . import model
 from .locks import Inputs, LockKeeper
 from .manager import POLL_AFTER, ManagerError, ManagerLink, ManagerUnreachableError
@@ -83,6 +84,7 @@ class QueueIOC:
         self.user_group = user_group
         self.redis_url = redis_url
         self.provider = StaticProvider("pvcoord-queue")
+        pvutil.add_process_info(self.provider, self.prefix, "queue")
         self.pvs = QueuePVs(self.prefix, self.provider)
         self.rpcs = add_rpcs(self.prefix, self.provider, self._handlers())
         self.link = ManagerLink(zmq_control, zmq_info, self.on_status, self.on_console)

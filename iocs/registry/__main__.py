@@ -7,10 +7,11 @@ import logging
 import math
 import sys
 
+from pvcoord.service import config_argv
 from pvdb.names import check_prefix
 from pvdb.registry_file import RegistryFileError, load_registry
 
-from ..pvutil import run_until_signal, setup_logging
+from ..pvutil import run_as_service, setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
 from .ioc import DEFAULT_CHECK_PERIOD, serve
 
@@ -19,10 +20,14 @@ log = logging.getLogger("iocs.registry")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
+    argv = config_argv("registry", argv)  # --config FILE: the endstation file
     p = argparse.ArgumentParser(
         prog="python -m iocs.registry", description=DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="endstation TOML file: sets the options below and the EPICS network "
+                        "(options given here win); docs/deploy.md")
     p.add_argument("--prefix", required=True, help="endstation prefix P, ending in ':'")
     p.add_argument("--registry", required=True, help="registry file (YAML)")
     p.add_argument("--check-period", type=float, default=DEFAULT_CHECK_PERIOD,
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"registry rejected: {e}", file=sys.stderr)
         return 2
 
-    run_until_signal(lambda stop: serve(a.prefix, devices, stop, check_period=a.check_period))
+    run_as_service(lambda stop, ready: serve(a.prefix, devices, stop, check_period=a.check_period,
+                                             ready=lambda _conf: ready.set()))
     log.info("stopped")
     return 0
 

@@ -71,6 +71,7 @@ class RegistryIOC:
         self.prefix = pvn.check_prefix(prefix)
         self.state = RegistryState(devices)
         self.provider = StaticProvider("pvcoord-registry")
+        pvutil.add_process_info(self.provider, self.prefix, "registry")
         self.heartbeat = 0
         now = time.time()
         self._devices_nt = NTTable(list(pvn.DEVICES_COLUMNS))

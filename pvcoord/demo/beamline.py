@@ -253,6 +253,9 @@ def write_files(ctx: DemoContext) -> None:
     ctx.files["registry"] = devices.write_registry(ctx.prefix, ctx.run_dir / "registry.yaml")
     ctx.files["policy"] = write_policy(ctx.run_dir / "policy.toml")
     ctx.files["store"] = ctx.run_dir / "locks.sqlite"
+    from pvcoord.demo.endstation_file import write_endstation  # noqa: PLC0415
+
+    ctx.files["endstation"] = write_endstation(ctx, ctx.run_dir / "endstation.toml")
 
 
 # --- base components --------------------------------------------------------------------------
@@ -282,8 +285,7 @@ def start_registry(ctx: DemoContext) -> None:
     """The registry IOC reading the demo registry file."""
     ctx.start(
         "registry",
-        python_module("iocs.registry", "--prefix", ctx.prefix,
-                      "--registry", str(ctx.files["registry"])),
+        python_module("iocs.registry", "--config", str(ctx.files["endstation"])),
         ctx.server_env("registry"),
         ready_pv=REGISTRY_DEVICES.name(ctx.prefix),
     )
@@ -298,10 +300,7 @@ def start_coordination(ctx: DemoContext) -> None:
     """The coordination IOC (SQLite store in the run dir), following the registry's devices."""
     ctx.start(
         "coordination",
-        python_module(
-            "iocs.coordination", "--prefix", ctx.prefix, "--policy", str(ctx.files["policy"]),
-            "--store", f"sqlite:///{ctx.files['store']}", "--registry-prefix", ctx.prefix,
-        ),
+        python_module("iocs.coordination", "--config", str(ctx.files["endstation"])),
         ctx.server_env("coordination"),
         ready_pv=COORD_DEVICES.name(ctx.prefix),
         condition=_has_all_devices,
@@ -401,7 +400,8 @@ def banner(ctx: DemoContext) -> str:
         f"  {py} -m p4p.client.cli rpc {COORD_ACQUIRE.name(p)} device={m1} "
         "type=MANUAL_OPERATOR timeout=60 reason=align",
         f"  {py} -m p4p.client.cli get {COORD_LOCKS.name(p)}",
-        f"  {bindir}/pvcoord status",
+        f"  {bindir}/pvcoord locks",
+        f"  {bindir}/pvcoord status --config {ctx.files['endstation']}",
         f"  {bindir}/pvcoord watch",
         f"  {bindir}/pvcoord registry show",
         f"  {bindir}/pvcoord put {demo_pvs.motor_setpoint(p, m1)} 5",

@@ -1,0 +1,229 @@
+"""The nginx site file in front of the web bridge, with Debian's nginx on 127.0.0.1 and a
+throwaway self-signed certificate: the page loads over https, the PVWS websocket works over wss,
+nothing reaches the bridge unauthenticated, and the user name the bridge sees comes only from
+nginx (a client's own header is replaced).
+
+The backend is a small aiohttp app (``tests/web_standin.py``) standing in for the web bridge;
+the page + wss test also runs against ``python -m bridges.pvws`` when that module exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import jinja2
+import pytest
+
+from pvcoord.procs import LOOPBACK, ManagedProcess, free_port, wait_until
+from pvdb.endstation import to_toml
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "deploy/ansible/roles/pvcoord_endstation/templates/nginx-site.conf.j2"
+STANDIN = REPO / "tests" / "web_standin.py"
+USER, PASSWORD = "alice", "correct horse"
+HEADER = "X-Remote-User"
+TIMEOUT = 20.0
+PAGE = "<!doctype html><title>pvcoord web client</title><p id=marker>beamline page</p>\n"
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+def render_site(**values: object) -> str:
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(TEMPLATE.read_text()).render(**values)
+
+
+def start_backend(kind: str, d: Path, port: int) -> ManagedProcess:
+    if kind == "standin":
+        argv = [sys.executable, str(STANDIN), "--port", str(port), "--static", str(d / "www"),
+                "--user-header", HEADER]
+    else:
+        cfg = d / "endstation.toml"
+        cfg.write_text(to_toml({
+            "prefix": "TWEB:", "files": {"registry": "registry.yaml"},
+            "web_bridge": {"listen_host": LOOPBACK, "listen_port": port},
+            "tls": {"certificate": str(d / "cert.pem"), "key": str(d / "key.pem")},
+        }))
+        argv = [sys.executable, "-m", "bridges.pvws", "--config", str(cfg)]
+    proc = ManagedProcess(f"web-{kind}", argv, dict(os.environ), cwd=d, log_dir=d)
+    try:
+        wait_until(lambda: port_open(port) or not proc.alive(), TIMEOUT, f"{kind} on {port}")
+        assert proc.alive(), proc.output()
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+class Front:
+    """nginx with the rendered site file in front of one backend."""
+
+    def __init__(self, d: Path, backend_port: int) -> None:
+        self.d = d
+        self.https, self.http = free_port(), free_port()
+        site = render_site(
+            pvcoord_name="bl-test", pvcoord_server_name="localhost", pvcoord_listen_prefix=
+            f"{LOOPBACK}:", pvcoord_https_port=self.https, pvcoord_http_port=self.http,
+            pvcoord_tls_certificate=d / "cert.pem", pvcoord_tls_key=d / "key.pem",
+            pvcoord_htpasswd_file=d / "htpasswd", pvcoord_user_header=HEADER,
+            pvcoord_web_upstream=f"{LOOPBACK}:{backend_port}",
+        )
+        (d / f"site-{self.https}.conf").write_text(site)
+        conf = d / f"nginx-{self.https}.conf"
+        temps = " ".join(f"{k}_temp_path {d}/{k}-{self.https};"
+                         for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf.write_text(
+            f"worker_processes 1;\npid {d}/nginx-{self.https}.pid;\n"
+            f"error_log {d}/nginx-error-{self.https}.log info;\n"
+            "events { worker_connections 64; }\n"
+            f"http {{ access_log {d}/nginx-access-{self.https}.log; {temps}\n"
+            f"  include {d}/site-{self.https}.conf; }}\n")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        t = subprocess.run([nginx, "-t", "-p", str(d), "-c", str(conf)], capture_output=True,
+                           text=True, timeout=30)
+        assert t.returncode == 0, t.stderr
+        self.proc = ManagedProcess("nginx", [nginx, "-p", str(d), "-c", str(conf), "-g",
+                                             "daemon off;"], dict(os.environ), cwd=d,
+                                   log_dir=d)
+        try:
+            wait_until(lambda: port_open(self.https) or not self.proc.alive(), TIMEOUT, "nginx")
+            assert self.proc.alive(), self.proc.output()
+        except BaseException:
+            self.proc.stop()
+            raise
+        self.ssl = ssl.create_default_context(cafile=str(d / "cert.pem"))
+
+    def url(self, path: str, scheme: str = "https") -> str:
+        return f"{scheme}://localhost:{self.https}{path}"
+
+
+@pytest.fixture(scope="module")
+def site_dir():
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        pytest.fail("nginx not installed (Debian package nginx-light; scripts/setup.sh)")
+    d = Path(tempfile.mkdtemp(prefix="pvcoord-test-nginx-"))
+    d.chmod(0o755)  # nginx's workers run as nobody and read the password file
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+             "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+            check=True, capture_output=True, timeout=60)
+        hashed = subprocess.run(["openssl", "passwd", "-6", PASSWORD], check=True,
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+        (d / "htpasswd").write_text(f"{USER}:{hashed}\n")
+        (d / "htpasswd").chmod(0o644)
+        (d / "www").mkdir()
+        (d / "www" / "index.html").write_text(PAGE)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def standin_front(site_dir):
+    port = free_port()
+    backend = start_backend("standin", site_dir, port)
+    front = None
+    try:
+        front = Front(site_dir, port)
+        yield front
+    finally:
+        if front is not None:
+            front.proc.stop()
+        backend.stop()
+
+
+AUTH = {"Authorization": aiohttp.encode_basic_auth(USER, PASSWORD)}
+
+
+async def _get(front: Front, path: str, **kw) -> tuple[int, str, dict]:
+    async with aiohttp.ClientSession() as s, s.get(front.url(path), ssl=front.ssl,
+                                                   allow_redirects=False, **kw) as r:
+        return r.status, await r.text(), dict(r.headers)
+
+
+async def _ws(front: Front, messages: list[str], **kw) -> list[str]:
+    out = []
+    async with aiohttp.ClientSession() as s, s.ws_connect(
+            front.url("/pvws/pv", "wss"), ssl=front.ssl, timeout=aiohttp.ClientWSTimeout(
+                ws_close=5), **kw) as ws:
+        for m in messages:
+            await ws.send_str(m)
+            reply = await ws.receive(timeout=TIMEOUT)
+            assert reply.type == aiohttp.WSMsgType.TEXT, reply
+            out.append(reply.data)
+    return out
+
+
+def test_page_over_https_and_websocket_over_wss(standin_front):
+    status, text, headers = asyncio.run(_get(standin_front, "/", headers=AUTH))
+    assert status == 200 and "beamline page" in text
+    assert "max-age" in headers.get("Strict-Transport-Security", "")
+    echo = json.dumps({"type": "echo", "body": "through nginx"})
+    assert asyncio.run(_ws(standin_front, [echo], headers=AUTH)) == [echo]
+
+
+def test_nothing_reaches_the_bridge_without_authentication(standin_front):
+    before = json.loads(asyncio.run(_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
+    assert asyncio.run(_get(standin_front, "/"))[0] == 401
+    wrong = {"Authorization": aiohttp.encode_basic_auth(USER, "wrong")}
+    assert asyncio.run(_get(standin_front, "/pvws/whoami", headers=wrong))[0] == 401
+    with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+        asyncio.run(_ws(standin_front, []))
+    assert e.value.status == 401
+    after = json.loads(asyncio.run(_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
+    assert after["requests"] == before["requests"] + 1, "only the two authenticated whoami"
+
+
+def test_user_name_comes_only_from_nginx(standin_front):
+    spoof = {HEADER: "mallory"}
+    _, text, _ = asyncio.run(_get(standin_front, "/pvws/whoami", headers={**AUTH, **spoof}))
+    got = json.loads(text)
+    assert got["user"] == USER and got["peer"] == LOOPBACK
+    whoami = json.dumps({"type": "whoami"})
+    [reply] = asyncio.run(_ws(standin_front, [whoami], headers={**AUTH, **spoof}))
+    assert json.loads(reply)["user"] == USER
+
+
+def test_plain_http_redirects_to_https(standin_front):
+    async def get() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as s, s.get(
+                f"http://localhost:{standin_front.http}/pvws/", allow_redirects=False) as r:
+            return r.status, r.headers.get("Location", "")
+    status, location = asyncio.run(get())
+    assert status == 301 and location.startswith(f"https://localhost:{standin_front.https}/")
+
+
+def test_real_web_bridge_behind_nginx(site_dir):
+    if importlib.util.find_spec("bridges.pvws") is None:
+        pytest.skip("bridges.pvws is not in this tree yet (built on another branch)")
+    port = free_port()
+    backend = start_backend("pvws", site_dir, port)
+    front = None
+    try:
+        front = Front(site_dir, port)
+        echo = json.dumps({"type": "echo", "body": "through nginx"})
+        assert asyncio.run(_ws(front, [echo], headers=AUTH)) == [echo]
+        assert asyncio.run(_get(front, "/pvws/", headers=AUTH))[0] == 200
+    finally:
+        if front is not None:
+            front.proc.stop()
+        backend.stop()

@@ -1,0 +1,203 @@
+"""The endstation file: ``pvcoord config check`` on good and bad files (code and line of each
+error), and what each process gets from it (``--config``). Pure: no processes."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pvcoord import cli
+from pvcoord.demo.devices import write_registry
+from pvcoord.service import config_argv
+from pvdb.endstation import (
+    CODES,
+    EndstationError,
+    guard_gateway,
+    key_lines,
+    load_endstation,
+    parse_endstation,
+    process_args,
+    process_env,
+    to_toml,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "deploy" / "endstation.example.toml"
+POLICY = REPO / "pvcoord" / "demo" / "policy.toml"
+
+
+@pytest.fixture
+def station(tmp_path) -> Path:
+    """The shipped example with the files it names, in a fresh directory."""
+    shutil.copy(POLICY, tmp_path / "policy.toml")
+    write_registry("BL01:", tmp_path / "registry.yaml")
+    text = EXAMPLE.read_text()
+    for name in ("certificate", "key"):
+        m = re.search(rf'^{name} = "(.*)"$', text, re.M)
+        assert m
+        (tmp_path / Path(m.group(1)).name).write_text("not checked beyond existence\n")
+        text = text.replace(m.group(1), Path(m.group(1)).name)
+    path = tmp_path / "endstation.toml"
+    path.write_text(text)
+    return path
+
+
+def check(path: Path) -> tuple[int, str]:
+    out = io.StringIO()
+    return cli.main(["config", "check", str(path)], out=out), out.getvalue()
+
+
+def line_of(text: str, marker: str) -> int:
+    for n, line in enumerate(text.splitlines(), 1):
+        if marker in line:
+            return n
+    raise AssertionError(f"{marker!r} not in the file")
+
+
+def test_example_file_is_valid(station):
+    code, out = check(station)
+    assert code == cli.EXIT_OK, out
+    assert "processes registry, coordination, queue, guard, flat, pvws" in out
+    cfg = load_endstation(station, deep=True)
+    assert cfg.instance == "bl01"
+    assert cfg.files.policy == str(station.parent / "policy.toml")
+
+
+def test_minimal_file_gets_the_defaults(tmp_path):
+    cfg = parse_endstation('prefix = "X:"\n[files]\nregistry = "r.yaml"\n')
+    assert cfg.processes() == ["registry", "coordination"]
+    assert cfg.instance == "x" and cfg.network.client.interfaces == ["127.0.0.1"]
+
+
+# (case, old text, new text, code, marker of the line the error must name)
+BAD = [
+    ("syntax", 'prefix = "BL01:"', 'prefix = "BL01:', "syntax", 'prefix = "BL01:'),
+    ("prefix", 'prefix = "BL01:"', 'prefix = "BL01"', "bad_prefix", 'prefix = "BL01"'),
+    ("unknown key", "interfaces = [\"10.0.1.5\"]", "intrefaces = [\"10.0.1.5\"]", "unknown_key",
+     "intrefaces"),
+    ("port range", "ca_server_port = 5064", "ca_server_port = 70000", "bad_port",
+     "ca_server_port = 70000"),
+    ("address", '["10.0.2.5"]', '["10.0.2.500"]', "bad_address", "10.0.2.500"),
+    ("port clash", "pva_server_port = 5077", "pva_server_port = 5075", "port_clash",
+     "check_period"),  # the registry's port line is the one before check_period: see below
+    ("store url", "url = \"sqlite:////var", "url = \"mysql:////var", "bad_store_url", "mysql"),
+    ("secret", "redis://127.0.0.1:6379/0", "redis://:hunter2@127.0.0.1:6379/0", "secret_in_file",
+     "hunter2"),
+    ("missing key", 'registry = "registry.yaml"', "", "missing", "[files]"),
+    ("type", "events_tail = 50", 'events_tail = "many"', "bad_type", "events_tail"),
+    ("zmq wildcard", "tcp://127.0.0.1:60615", "tcp://*:60615", "bad_address", "tcp://*"),
+    ("log level", 'log_level = "INFO"', 'log_level = "LOUD"', "bad_value", "LOUD"),
+    ("missing file", 'policy = "policy.toml"', 'policy = "nope.toml"', "missing_file",
+     "nope.toml"),
+    ("needs tls", "[tls]", "[tls_off]", "unknown_key", "[tls_off]"),
+]
+
+
+@pytest.mark.parametrize(("case", "old", "new", "code", "marker"), BAD, ids=[b[0] for b in BAD])
+def test_bad_file_names_line_and_code(station, case, old, new, code, marker):
+    text = station.read_text()
+    assert old in text, case
+    text = text.replace(old, new, 1)
+    station.write_text(text)
+    rc, out = check(station)
+    assert rc == cli.EXIT_BAD_INPUT, out
+    want = line_of(text, marker)
+    if case == "port clash":
+        want -= 1
+    found = re.findall(r"^\S*?:(\d+): .* \[(\w+)\]$", out, re.M)
+    assert (str(want), code) in found, out
+    assert code in CODES
+    assert "Traceback" not in out
+
+
+def test_bad_policy_and_registry_contents_are_named(station):
+    (station.parent / "policy.toml").write_text("[access]\nunlocked_writable = 3\n")
+    (station.parent / "registry.yaml").write_text("- {name: m1}\n")
+    rc, out = check(station)
+    assert rc == cli.EXIT_BAD_INPUT
+    text = station.read_text()
+    assert f":{line_of(text, 'policy = ')}: files.policy: " in out and "[bad_policy]" in out
+    assert f":{line_of(text, 'registry = ')}: files.registry: " in out and "[bad_registry]" in out
+
+
+def test_every_error_is_reported_at_once_and_nothing_is_half_loaded(station):
+    text = station.read_text().replace('prefix = "BL01:"', 'prefix = "BL01"').replace(
+        "events_tail = 50", "events_tail = 5000").replace("[queue]\n", "[queue]\ncolour = 1\n")
+    station.write_text(text)
+    with pytest.raises(EndstationError) as e:
+        load_endstation(station, deep=True)
+    codes = sorted(i.code for i in e.value.issues)
+    assert codes == ["bad_prefix", "bad_value", "unknown_key"]
+    assert [i.line for i in e.value.issues] == sorted(i.line for i in e.value.issues)
+
+
+def test_web_bridge_needs_tls():
+    text = 'prefix = "X:"\n[files]\nregistry = "r.yaml"\n\n[web_bridge]\nlisten_port = 8080\n'
+    with pytest.raises(EndstationError) as e:
+        parse_endstation(text)
+    [issue] = e.value.issues
+    assert (issue.code, issue.line, issue.path) == ("needs_section", 5, "web_bridge")
+
+
+def test_unreadable_file_is_an_error_not_a_crash(tmp_path):
+    rc, out = check(tmp_path / "absent.toml")
+    assert rc == cli.EXIT_BAD_INPUT and "[missing_file]" in out
+
+
+def test_key_lines_index():
+    text = ('a = 1\n[t]\nb = """\nx = 2\n"""\n"q.k" = 3\nd.e = 4\n[t.u]\nf = {g = 1}\n')
+    idx = key_lines(text)
+    assert idx[("a",)] == 1 and idx[("t",)] == 2 and idx[("t", "b")] == 3
+    assert ("t", "x") not in idx  # inside a multi-line string
+    assert idx[("t", "q.k")] == 6 and idx[("t", "d", "e")] == 7 and idx[("t", "u", "f")] == 9
+
+
+def test_to_toml_round_trips():
+    data = {"prefix": "X:", "files": {"registry": 'a "b".yaml'},
+            "network": {"client": {"interfaces": ["127.0.0.1"], "auto_addr_list": False}}}
+    cfg = parse_endstation(to_toml(data))
+    assert cfg.files.registry == 'a "b".yaml' and cfg.network.client.auto_addr_list is False
+
+
+def test_process_options_and_environment(station):
+    cfg = load_endstation(station)
+    coord = process_args(cfg, "coordination")
+    assert coord[:2] == ["--prefix", "BL01:"] and "--store" in coord
+    queue = process_args(cfg, "queue")
+    assert queue[queue.index("--zmq-control") + 1] == "tcp://127.0.0.1:60615"
+    env = process_env(cfg, "registry")
+    assert env["EPICS_PVAS_INTF_ADDR_LIST"] == "10.0.1.5"
+    assert env["EPICS_PVAS_SERVER_PORT"] == "5077" and env["EPICS_PVA_ADDR_LIST"] == "10.0.1.255"
+    flat = process_env(cfg, "flat")
+    assert flat["EPICS_CAS_SERVER_PORT"] == "5064"
+    assert flat["EPICS_CAS_INTF_ADDR_LIST"] == "10.0.1.5"
+    gw = guard_gateway(cfg)
+    assert gw["clients"][0]["addrlist"] == "10.0.2.255"
+    assert gw["servers"][0]["interface"] == ["10.0.1.5"] and gw["servers"][0]["serverport"] == 5079
+    assert gw["guard"]["coordination"] == {"addrlist": "10.0.1.255", "autoaddrlist": False,
+                                           "bcastport": 5076}
+
+
+def test_config_argv_puts_the_file_first_and_sets_the_environment(station):
+    env: dict[str, str] = {"PVCOORD_STORE_URL": "redis://:secret@127.0.0.1:1/0"}
+    argv = config_argv("coordination", ["--config", str(station), "--events-tail", "7"], env)
+    assert argv[-2:] == ["--events-tail", "7"]  # the command line wins: argparse takes the last
+    assert argv[argv.index("--store") + 1] == "redis://:secret@127.0.0.1:1/0"
+    assert env["EPICS_PVAS_SERVER_PORT"] == "5075"
+    env = {}
+    config_argv("queue", [f"--config={station}"], env)
+    assert env["PVCOORD_REDIS_URL"] == "redis://127.0.0.1:6379/0"
+    assert config_argv("guard", ["--config", "guard.json"], {}) == ["--config", "guard.json"]
+    assert config_argv("registry", ["--prefix", "X:"], {}) == ["--prefix", "X:"]
+
+
+def test_config_argv_bad_file_exits_2_with_the_errors(station, capsys):
+    station.write_text(station.read_text().replace("events_tail = 50", "events_tail = 0"))
+    with pytest.raises(SystemExit) as e:
+        config_argv("coordination", ["--config", str(station)], {})
+    assert e.value.code == 2
+    assert "coordination.events_tail" in capsys.readouterr().err

@@ -37,8 +37,6 @@ TICK = 0.05
 """Seconds between expiry checks (expiry is published within this plus one post)."""
 NAME_CHECK_TIMEOUT = 0.5
 """Seconds the IOC looks for another server of its ``Coord:Authority`` before it serves."""
-PUBLISH_WAIT = 5.0
-"""Longest an RPC waits for ``Coord:Locks`` to show its change before it replies anyway."""
 _LOCK_ROW_FIELDS = tuple(name for name, _ in pvn.LOCKS_COLUMNS)
 _NUMERIC = {"i": np.int32, "d": np.float64}
 
@@ -65,57 +63,6 @@ def check_no_other_authority(prefix: str, client_conf: dict[str, str] | None,
                 f"another coordination IOC already serves {prefix}Coord:* ({name} answers: "
                 f"{who}); stop it first: one authority per prefix")
 
-
-class _TablePublisher(threading.Thread):
-    """Posts ``Coord:Locks`` off the table mutex, coalescing changes that arrive meanwhile.
-
-    The RPC thread waits for it (:meth:`wait`) while the store's fsync runs, so building a large
-    table costs no latency when durability is on, and never blocks other requests.
-    """
-
-    def __init__(self, ioc: CoordinationIOC) -> None:
-        super().__init__(name="pvcoord-locks-publisher", daemon=True)
-        self.ioc = ioc
-        self._cond = threading.Condition()
-        self._want = 0
-        self._done = 0
-        self._stopping = False
-
-    def request(self, version: int) -> None:
-        with self._cond:
-            self._want = max(self._want, version)
-            self._cond.notify_all()
-
-    def wait(self, version: int, timeout: float = PUBLISH_WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._done < version and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.error("Coord:Locks not posted within %.1f s; replying anyway", timeout)
-                    return
-                self._cond.wait(left)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-
-    def run(self) -> None:  # noqa: D102 - thread body
-        while True:
-            with self._cond:
-                while self._want <= self._done and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-            try:
-                version = self.ioc.post_locks()
-            except Exception:  # noqa: BLE001 - keep publishing; the next change retries
-                log.exception("posting Coord:Locks failed")
-                version = self._want
-            with self._cond:
-                self._done = max(self._done, version)
-                self._cond.notify_all()
 
 ACQUIRE_RESULT = Type(
     [("granted", "?"), ("key", "s"), ("devices", "as"), ("preempted", "as"), ("expires", "d"),
@@ -172,10 +119,13 @@ class CoordinationIOC:
         self._health = ""
         # Coord:Locks as columns, kept sorted by device and changed row by row (under the mutex)
         self._lock_devs: list[str] = []
-        self._lock_cols: dict[str, list] = {f: [] for f in _LOCK_ROW_FIELDS}
+        self._lock_cols: dict[str, list | np.ndarray] = {
+            f: (np.zeros(0, _NUMERIC[code]) if code in _NUMERIC else [])
+            for f, code in pvn.LOCKS_COLUMNS}
         self._locks_version = 0
         self._tls = threading.local()
-        self._publisher = _TablePublisher(self)
+        self._post_lock = threading.Lock()
+        self._posted = 0
 
         now = time.time()
         self._locks_nt = NTTable(pvn.LOCKS_COLUMNS)
@@ -202,17 +152,15 @@ class CoordinationIOC:
             self._events.append(e)
         self._events_dirty = True
         table.listener = self._on_change
-        self._publisher.start()
         if table.devices is not None:
             self.set_devices(table.devices)
         with table.mutex:
             self._on_change(set(self._device_pvs) | {lk.device for lk in table.locks()},
                             table.startup_events)
+        self.wait_published()
 
     def close(self) -> None:
-        """Stop the publishing thread."""
-        self._publisher.stop()
-        self._publisher.join(timeout=5)
+        """Nothing to stop (kept for symmetry with serve()'s cleanup)."""
 
     # --- construction helpers ---------------------------------------------------------------
 
@@ -255,6 +203,7 @@ class CoordinationIOC:
                 self._add_device(d)
             self.pv_devices.post([*devices, BEAMLINE], timestamp=time.time())
         self._on_change(set(devices), [])
+        self.wait_published()
 
     def set_health(self, text: str) -> None:
         """Publish ``Coord:Health`` if it changed."""
@@ -290,45 +239,67 @@ class CoordinationIOC:
         """Insert, replace or remove ``device``'s row of the cached ``Coord:Locks`` columns."""
         i = bisect.bisect_left(self._lock_devs, device)
         present = i < len(self._lock_devs) and self._lock_devs[i] == device
+        cols = self._lock_cols
         if lock is None:
             if present:
                 del self._lock_devs[i]
-                for col in self._lock_cols.values():
-                    del col[i]
+                for f, col in cols.items():
+                    if isinstance(col, np.ndarray):
+                        cols[f] = np.delete(col, i)
+                    else:
+                        del col[i]
             return
         row = (lock.device, lock.lock_type.value, lock.priority, lock.holder, lock.acquired,
                lock.expires, lock.reason, lock.plan_uid)
         if present:
             for f, v in zip(_LOCK_ROW_FIELDS, row, strict=True):
-                self._lock_cols[f][i] = v
+                cols[f][i] = v
         else:
             self._lock_devs.insert(i, device)
             for f, v in zip(_LOCK_ROW_FIELDS, row, strict=True):
-                self._lock_cols[f].insert(i, v)
+                col = cols[f]
+                if isinstance(col, np.ndarray):
+                    cols[f] = np.insert(col, i, v)
+                else:
+                    col.insert(i, v)
 
     def post_locks(self) -> int:
         """Post ``Coord:Locks`` and ``Coord:LockCount`` from the cached columns; return the version.
 
-        Called by the publishing thread: the columns are copied under the mutex (a few
-        microseconds), the Value is built and posted outside it.
+        The columns are copied under the mutex (microseconds), the Value is built and posted
+        outside it. Numeric columns are kept as numpy arrays, so only the string columns are
+        converted.
         """
         with self.table.mutex:
             version = self._locks_version
-            cols = {f: list(c) for f, c in self._lock_cols.items()}
+            cols = {f: c.copy() for f, c in self._lock_cols.items()}
         now = time.time()
-        value = {f: (np.array(cols[f], dtype=_NUMERIC[code]) if code in _NUMERIC else cols[f])
-                 for f, code in pvn.LOCKS_COLUMNS}
-        v = self._locks_nt.type({"labels": list(_LOCK_ROW_FIELDS), "value": value})
+        v = self._locks_nt.type({"labels": list(_LOCK_ROW_FIELDS), "value": cols})
         self.pv_locks.post(pvutil.stamp(v, now))
         self.pv_lock_count.post(len(cols["device"]), timestamp=now)
         return version
 
+    def publish_upto(self, version: int) -> int:
+        """Post ``Coord:Locks`` unless a post of ``version`` or later went out; return the latest.
+
+        Posts are serialised, and each takes the newest columns, so an older table never
+        replaces a newer one.
+        """
+        with self._post_lock:
+            if self._posted < version:
+                self._posted = self.post_locks()
+            return self._posted
+
     def wait_published(self) -> None:
-        """Wait until ``Coord:Locks`` shows the changes this thread made (read-your-writes)."""
+        """Make ``Coord:Locks`` show the changes this thread made (read-your-writes).
+
+        Called outside the table mutex after each change (RPC, tick, registry update): the
+        table is built once for every change made up to now, so concurrent requests share posts.
+        """
         version = getattr(self._tls, "version", 0)
         self._tls.version = 0
         if version:
-            self._publisher.wait(version)
+            self.publish_upto(version)
 
     def _on_change(self, devices: set[str], events: list[LockEvent]) -> None:
         """Listener of the lock table (called under its mutex, in order).
@@ -347,7 +318,6 @@ class CoordinationIOC:
                     self._set_row(d, self.table.get(d))
                 self._locks_version += 1
                 self._tls.version = self._locks_version
-                self._publisher.request(self._locks_version)
             if events:
                 self._events.extend(events)
                 self._events_dirty = True
@@ -368,6 +338,7 @@ class CoordinationIOC:
         """Periodic work: expiry, flushing the store; once a second heartbeat, remaining times."""
         self.table.expire()
         self.table.flush()
+        self.wait_published()
         self.flush_events()
         if second:
             self.table.check_store()
@@ -455,8 +426,8 @@ class _RPC:
         try:
             args = request_args(op.value())
             result = self.fn(op, args)
-            self.ioc.table.durable()  # the store's fsync (shared by requests in flight) ...
-            self.ioc.wait_published()  # ... while Coord:Locks is posted: both before the reply
+            self.ioc.wait_published()  # Coord:Locks shows the change (read-your-writes) ...
+            self.ioc.table.durable()  # ... and the store's fsync (shared by requests in flight)
             op.done(result)
         except LockError as e:
             op.done(error=str(e))
@@ -465,6 +436,8 @@ class _RPC:
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", self.spec.suffix)
             op.done(error=f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}")
+        finally:
+            self.ioc.wait_published()  # a change made before an error is posted too
 
     def _audit(self, op, args: dict[str, str], msg: str) -> None:
         try:

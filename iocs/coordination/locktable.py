@@ -178,6 +178,7 @@ class LockTable:
         self._locks: dict[str, Lock] = {}
         self._deadline: dict[str, float] = {}  # device -> monotonic end of its lease
         self._heap: list[tuple[float, str]] = []  # (deadline, device); stale entries skipped
+        self._by_key: dict[str, set[str]] = {}  # key digest -> devices it holds
         self._offset = self.clock() - self.monotonic()
         self._notices: OrderedDict[object, str] = OrderedDict()
         self._store_error: str | None = None
@@ -229,14 +230,29 @@ class LockTable:
     def _put(self, lk: Lock) -> None:
         """Hold ``lk`` in memory; its lease ends ``expires - now`` s from now, monotonically."""
         end = self.monotonic() + (lk.expires - self.clock())
+        self._unindex(lk.device)
         self._locks[lk.device] = lk
+        for h in lk.key_hashes:
+            self._by_key.setdefault(h, set()).add(lk.device)
         self._deadline[lk.device] = end
         heapq.heappush(self._heap, (end, lk.device))
         if len(self._heap) > 4 * len(self._locks) + 64:  # drop stale entries now and then
             self._heap = [(e, d) for d, e in self._deadline.items()]
             heapq.heapify(self._heap)
 
+    def _unindex(self, device: str) -> None:
+        old = self._locks.get(device)
+        if old is None:
+            return
+        for h in old.key_hashes:
+            devs = self._by_key.get(h)
+            if devs is not None:
+                devs.discard(device)
+                if not devs:
+                    del self._by_key[h]
+
     def _drop(self, device: str) -> None:
+        self._unindex(device)
         self._locks.pop(device, None)
         self._deadline.pop(device, None)
 
@@ -641,7 +657,7 @@ class LockTable:
         devs = tuple(sorted(set(devices or ())))
         if key:
             kh = hash_key(key)
-            held = [lk for lk in self._locks.values() if kh in lk.key_hashes]
+            held = [self._locks[d] for d in self._by_key.get(kh, ())]
             if not held:
                 notice = self._notices.get(kh)
                 raise LockError(notice or f"cannot {verb}: no active lock matches the given key")

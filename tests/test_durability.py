@@ -318,3 +318,53 @@ def test_start_redis_is_durable(tmp_path):
 
 
 test_start_redis_is_durable = pytest.mark.system(test_start_redis_is_durable)
+
+
+@pytest.mark.system
+def test_disk_full_refuses_changes_and_recovers(tmp_path, clocks):
+    """A small tmpfs filled up: each change is refused with nothing changed, then works again."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        t = table_on(small / "locks.sqlite", clocks)
+        first = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+        t.durable()
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT)  # fill the disk
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        refused = None
+        for i in range(2000):  # audit rows and WAL frames use the last free pages
+            before = {lk.device: lk for lk in t.locks()}
+            try:
+                t.renew(ALICE, key=first.key, timeout=60)
+                t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60, reason="r" * 200)
+                t.release(ALICE, ["m2"])
+            except LockError as e:
+                refused = (i, str(e))
+                break
+        assert refused is not None, "the disk never filled up"
+        print("disk full after", refused[0], "rounds:", refused[1])
+        assert "the lock store failed, nothing changed" in refused[1]
+        assert "full" in refused[1]
+        after = {lk.device: lk for lk in t.locks()}
+        assert after == before  # nothing half-applied
+        (small / "filler").unlink()
+        t.check_store()
+        assert t.store_error is None
+        assert t.acquire(ALICE, ["m3"], LockType.MANUAL_OPERATOR, 60).granted
+        t.store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

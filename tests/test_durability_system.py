@@ -28,9 +28,10 @@ from pvcoord.procs import (
     python_module,
     redis_server_path,
     server_env,
+    start_redis,
     wait_until,
 )
-from pvcoord.store import SQLiteStore
+from pvcoord.store import RedisStore, SQLiteStore
 from pvdb import names as pvn
 
 from .conftest import other_user_available
@@ -281,9 +282,16 @@ class Worker(threading.Thread):
                 self.held.pop(d, None)
 
 
-def test_kill9_during_operations_loses_and_resurrects_nothing(tmp_path):
+@pytest.mark.parametrize("victim", ["ioc", "redis"])
+def test_kill9_during_operations_loses_and_resurrects_nothing(tmp_path, victim):
+    """kill -9 of the IOC (SQLite store), or of its Redis and then the IOC, 3 times."""
     env = loopback_env()
-    proc = start(env, tmp_path)
+    redis = None
+    store = None
+    if victim == "redis":
+        redis, rport = start_redis(data_dir=tmp_path / "redis")
+        store = f"redis://127.0.0.1:{rport}/0"
+    proc = start(env, tmp_path, store=store)
     stop = threading.Event()
     workers = [Worker(env, i, stop) for i in range(4)]
     for w in workers:
@@ -292,46 +300,73 @@ def test_kill9_during_operations_loses_and_resurrects_nothing(tmp_path):
     try:
         for round_ in range(3):
             time.sleep(rnd.uniform(0.3, 1.0))  # let operations run, then kill at a random moment
-            proc.kill9()
-            killed_at = time.time()
-            proc.stop()
-            proc = start(env, tmp_path, name=f"coordination-{round_}")
+            if victim == "ioc":
+                proc.kill9()
+                killed_at = time.time()
+                proc.stop()
+                proc = start(env, tmp_path, name=f"coordination-{round_}")
+            else:  # the store's process dies first, then the IOC: all it has is the AOF
+                redis.kill9()
+                killed_at = time.time()
+                time.sleep(rnd.uniform(0, 0.3))  # requests meanwhile are refused
+                proc.kill9()
+                redis.stop()
+                proc.stop()
+                redis, _ = start_redis(port=rport, data_dir=tmp_path / "redis")
+                proc = start(env, tmp_path, store=store, name=f"coordination-{round_}")
             for w in workers:  # let every worker finish its operation in flight, then hold
                 w.mutex.acquire()
             try:
                 check_after_restart(env, workers, killed_at)
+                if store is not None:  # the store itself holds every grant too
+                    stored = {lk.device: lk for lk in RedisStore(
+                        store, namespace=PREFIX, check_durability=False).load_locks()}
+                    check_told(workers, killed_at, {
+                        d: (lk.holder, lk.expires) for d, lk in stored.items()})
             finally:
                 for w in workers:
                     w.mutex.release()
         total = sum(w.ops for w in workers)
-        print(f"kill -9: 3 kills during {total} operations")
+        print(f"kill -9 of the {victim}: 3 kills during {total} operations")
         assert total > 100
+        assert proc.alive(), proc.output()[-2000:]
     finally:
         stop.set()
         for w in workers:
             w.join(timeout=20)
         proc.stop()
+        if redis is not None:
+            redis.stop()
 
 
 def check_after_restart(env, workers: list[Worker], killed_at: float) -> None:
     """Every grant its client was told of is there with a working key; nothing expired is."""
     with Context("pva", conf=client_conf(env), useenv=False) as c:
         v = c.get(pvn.COORD_LOCKS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
-        table = {d: (o, e) for d, o, e in zip(v.device, v.owner, v.expires,
-                                               strict=True)}
-        now = time.time()
-        # no expired lock comes back
-        assert all(e > now - 1.0 for _, e in table.values()), table
-        for w in workers:
-            told = dict(w.held)
-            for d, (key, expires) in told.items():
-                if expires <= killed_at + 1.0:
-                    continue  # its lease ran out around the kill: either is right
-                # every grant that reached its client is there, and its key works
-                assert d in table and table[d][0] == f"user{w.i}@127.0.0.1", (d, table)
-                r = rpc(c, pvn.COORD_RENEW, key=key, timeout="600",
-                        onBehalfOf=f"user{w.i}")
-                assert not isinstance(r, Exception), (d, r)
+        table = {d: (o, e) for d, o, e in zip(v.device, v.owner, v.expires, strict=True)}
+        for d, (key, i) in check_told(workers, killed_at, table):
+            # no key stops working early
+            r = rpc(c, pvn.COORD_RENEW, key=key, timeout="600", onBehalfOf=f"user{i}")
+            assert not isinstance(r, Exception), (d, r)
+
+
+def check_told(workers: list[Worker], killed_at: float, table: dict[str, tuple[str, float]]):
+    """Check ``table`` (device -> holder, expires) against what the workers were told.
+
+    Returns (device, (key, worker index)) of the grants that must still hold.
+    """
+    now = time.time()
+    # no expired lock comes back
+    assert all(e > now - 1.0 for _, e in table.values()), table
+    out = []
+    for w in workers:
+        for d, (key, expires) in dict(w.held).items():
+            if expires <= killed_at + 1.0:
+                continue  # its lease ran out around the kill: either is right
+            # every grant that reached its client is there
+            assert d in table and table[d][0] == f"user{w.i}@127.0.0.1", (d, table)
+            out.append((d, (key, w.i)))
+    return out
 
 
 # --- fuzz -----------------------------------------------------------------------------------------

@@ -1,15 +1,21 @@
 """Benchmark of the coordination IOC against a bare p4p RPC echo measured in the same run.
 
-Usage: ``.venv/bin/python benchmarks/bench_coordination.py [--pairs 500] [--store sqlite|redis]``
+Usage::
 
-Prints:
+    .venv/bin/python benchmarks/bench_coordination.py [--pairs 500] [--store sqlite|redis]
+        [--sizes 10,1000] [--subscribers 1,50,500] [--changes 100]
+
+Prints, for each size N in ``--sizes`` (N devices, all but the five measured ones locked):
+- startup: process start to ``Coord:Locks`` answering and to the last ``Coord:<dev>:State``;
 - median / p99 of a bare p4p RPC echo (separate process, thread server: the floor);
-- median / p99 of an acquire+release pair on the real IOC process with a durable store
-  (SQLite WAL synchronous=NORMAL by default; --store sqlite-full / redis), and the ratios: each
-  RPC to one echo, the pair to two echos (a pair is two round trips) and to one echo;
-- sustained acquire+release rate with 1 and 4 client threads;
-- time from a lock change (RPC sent) to its arrival at 1 and 50 monitor subscribers
-  (separate process, one PVA context each), p50 / p99 / max.
+- median / p99 of an acquire+release pair on the real IOC process with the default durable store
+  (SQLite WAL, fsync before the reply; ``--store sqlite-normal`` without fsync; ``redis`` with
+  appendfsync always), and the ratios: each RPC to one echo, the pair to two echos;
+- sustained acquire+release rate with 1 and 4 client threads (4 shows the group commit);
+- time from a lock change (RPC sent) to its arrival at each count of ``--subscribers`` of
+  ``Coord:m0:State`` (processes of at most 100 PVA contexts each) and at one subscriber of
+  ``Coord:Locks``, p50 / p99 / max;
+- the op cost at the largest size against the smallest.
 
 Every figure comes from this run on this machine; nothing is asserted.
 """
@@ -47,7 +53,6 @@ from pvcoord.procs import (  # noqa: E402
 from pvdb import names as pvn  # noqa: E402
 
 PREFIX = "BENCH:"
-DEVICES = [f"m{i}" for i in range(60)]
 ECHO = "BENCH:Echo"
 POLICY = '[access]\nforce_release = ["root"]\n[lock_types.MANUAL_OPERATOR]\nallow = ["*"]\n'
 
@@ -68,148 +73,199 @@ def uri(name: str, **kws: str):
     return NTURI([(k, "s") for k in kws]).wrap(name, kws=kws)
 
 
+def rpc_pairs(env, acq: str, rel: str, pairs: int) -> tuple[list, list, list, list]:
+    """Interleaved echo, acquire, release of m0: (echo, acquire, release, pair) times in s."""
+    echo_t, pair_t, acq_t, rel_t = [], [], [], []
+    with Context("pva", conf=client_conf(env), useenv=False) as c:
+        echo_req = uri(ECHO, device="m0", type="MANUAL_OPERATOR", timeout="60")
+        for i in range(100 + pairs):
+            t0 = time.perf_counter()
+            c.rpc(ECHO, echo_req, timeout=5)
+            t1 = time.perf_counter()
+            k = c.rpc(acq, uri(acq, device="m0", type="MANUAL_OPERATOR", timeout="60"),
+                      timeout=5).key
+            t2 = time.perf_counter()
+            c.rpc(rel, uri(rel, key=k), timeout=5)
+            t3 = time.perf_counter()
+            if i >= 100:  # the first 100 are warm-up
+                echo_t.append(t1 - t0)
+                acq_t.append(t2 - t1)
+                rel_t.append(t3 - t2)
+                pair_t.append(t3 - t1)
+    return echo_t, acq_t, rel_t, pair_t
+
+
+def rate(env, acq: str, rel: str, threads: int, seconds: float = 3.0) -> float:
+    """Acquire+release pairs per second with ``threads`` clients on devices m1..m4."""
+    counts = [0] * threads
+
+    def worker(i: int) -> None:
+        with Context("pva", conf=client_conf(env), useenv=False) as cc:
+            dev = f"m{i + 1}"
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                k = cc.rpc(acq, uri(acq, device=dev, type="MANUAL_OPERATOR", timeout="60"),
+                           timeout=5).key
+                cc.rpc(rel, uri(rel, key=k), timeout=5)
+                counts[i] += 1
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(counts) / seconds
+
+
+def fanout(env, tmp: Path, procs: list, pv: str, n: int, changes: int, acq: str, rel: str,
+           tag: str) -> list[float]:
+    """Latencies (s) from sending a lock change of m0 to its arrival at ``n`` subscribers."""
+    outs, subs = [], []
+    for j in range(0, n, 100):
+        out = tmp / f"fan-{tag}-{n}-{j}.json"
+        sub = ManagedProcess(f"subs-{tag}-{n}-{j}", [
+            PYTHON, str(REPO / "benchmarks/fanout_subscribers.py"), pv,
+            str(min(100, n - j)), str(out)], env, log_dir=tmp)
+        procs.append(sub)
+        outs.append(out)
+        subs.append(sub)
+    for sub in subs:
+        wait_until(lambda s=sub: "subscribed" in s.output(), 120, f"{n} subscribers")
+        if "NOT" in sub.output():
+            raise RuntimeError(sub.output())
+    t0s: list[float] = []
+    with Context("pva", conf=client_conf(env), useenv=False) as c:
+        key = None
+        for i in range(changes):
+            t0s.append(time.monotonic())
+            if i % 2 == 0:
+                key = c.rpc(acq, uri(acq, device="m0", type="MANUAL_OPERATOR", timeout="60"),
+                            timeout=5).key
+            else:
+                c.rpc(rel, uri(rel, key=key), timeout=5)
+            time.sleep(0.02)
+        if key and changes % 2:
+            c.rpc(rel, uri(rel, key=key), timeout=5)
+    time.sleep(0.5)  # let the last updates arrive before the subscribers write out
+    lat = []
+    for sub, out in zip(subs, outs, strict=True):
+        sub.stop()
+        for per_sub in json.loads(out.read_text()):
+            updates = per_sub[1:]  # the first is the initial value
+            for t0, (t_arr, _v) in zip(t0s, updates, strict=False):
+                lat.append(t_arr - t0)
+            if changes - len(updates) > 0:
+                print(f"WARNING: a subscriber missed {changes - len(updates)} updates")
+    return lat
+
+
+def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
+    """Start the IOC with ``n_dev`` devices, lock all but m0..m4, measure; return the figures."""
+    devices = [f"m{i}" for i in range(max(n_dev, 5))]
+    t_start = time.monotonic()
+    coord = ManagedProcess(
+        f"coordination-{n_dev}",
+        python_module("iocs.coordination", "--prefix", PREFIX, "--policy",
+                      str(tmp / "policy.toml"), "--store", store, "--devices",
+                      ",".join(devices), "--log-level", "WARNING"),
+        server_env(env), cwd=REPO, log_dir=tmp)
+    procs.append(coord)
+    wait_for_pv(pvn.COORD_LOCKS.name(PREFIX), env, procs=[coord], timeout=60)
+    t_locks = time.monotonic() - t_start
+    wait_for_pv(pvn.COORD_DEVICE_STATE.name(PREFIX, devices[-1]), env, procs=[coord], timeout=60)
+    t_last = time.monotonic() - t_start
+    acq, rel = pvn.COORD_ACQUIRE.name(PREFIX), pvn.COORD_RELEASE.name(PREFIX)
+    others = devices[5:]
+    with Context("pva", conf=client_conf(env), useenv=False) as c:
+        for j in range(0, len(others), 250):
+            c.rpc(acq, uri(acq, device=",".join(others[j:j + 250]), type="MANUAL_OPERATOR",
+                           timeout="3600"), timeout=30)
+        held = len(c.get(pvn.COORD_LOCKS.name(PREFIX), timeout=10).value.device)
+    echo_t, acq_t, rel_t, pair_t = rpc_pairs(env, acq, rel, a.pairs)
+    r1, r4 = rate(env, acq, rel, 1), rate(env, acq, rel, 4)
+    fan = {n: fanout(env, tmp, procs, pvn.COORD_DEVICE_STATE.name(PREFIX, "m0"), n, a.changes,
+                     acq, rel, f"{n_dev}") for n in a.subscribers}
+    fan_locks = fanout(env, tmp, procs, pvn.COORD_LOCKS.name(PREFIX), 1, a.changes, acq, rel,
+                       f"{n_dev}-locks")
+    coord.stop()
+    return {"n": n_dev, "held": held, "t_locks": t_locks, "t_last": t_last, "echo": echo_t,
+            "acq": acq_t, "rel": rel_t, "pair": pair_t, "rate1": r1, "rate4": r4, "fan": fan,
+            "fan_locks": fan_locks}
+
+
 def main() -> None:  # noqa: D103
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=500)
-    ap.add_argument("--store", choices=["sqlite", "sqlite-full", "redis"], default="sqlite",
-                    help="sqlite: WAL synchronous=NORMAL (default store); sqlite-full: fsync "
-                    "per change; redis: redis-server with appendfsync always")
+    ap.add_argument("--store", choices=["sqlite", "sqlite-normal", "redis"], default="sqlite",
+                    help="sqlite: WAL, fsync before the reply (the default store); "
+                    "sqlite-normal: no fsync; redis: redis-server with appendfsync always")
+    ap.add_argument("--sizes", default="10,1000", help="device counts, comma list")
+    ap.add_argument("--subscribers", default="1,50", help="subscriber counts, comma list")
     ap.add_argument("--changes", type=int, default=100)
     a = ap.parse_args()
+    a.subscribers = [int(x) for x in a.subscribers.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="pvcoord-bench-"))
     env = loopback_env()
     os.environ.update({k: v for k, v in env.items() if k.startswith("EPICS_")})
     (tmp / "policy.toml").write_text(POLICY)
     procs: list[ManagedProcess] = []
+    results = []
     try:
-        store = f"sqlite:///{tmp}/locks.sqlite"
-        if a.store == "sqlite-full":
-            store += "?sync=full"
-        if a.store == "redis":
-            r, port = start_redis(data_dir=tmp / "redis")
-            procs.append(r)
-            store = f"redis://127.0.0.1:{port}/0"
         echo = ManagedProcess("echo", [PYTHON, str(REPO / "benchmarks/echo_server.py"),
                                        ECHO], server_env(env), log_dir=tmp)
         procs.append(echo)
-        coord = ManagedProcess(
-            "coordination",
-            python_module("iocs.coordination", "--prefix", PREFIX, "--policy",
-                          str(tmp / "policy.toml"), "--store", store, "--devices",
-                          ",".join(DEVICES), "--log-level", "WARNING"),
-            server_env(env), cwd=REPO, log_dir=tmp)
-        procs.append(coord)
-        wait_for_pv(pvn.COORD_LOCKS.name(PREFIX), env, procs=[coord])
-        acq, rel = pvn.COORD_ACQUIRE.name(PREFIX), pvn.COORD_RELEASE.name(PREFIX)
-
         with Context("pva", conf=client_conf(env), useenv=False) as c:
-            wait_until(lambda: c.rpc(ECHO, uri(ECHO, x="1"), timeout=2, throw=False) is not None,
-                       20, "echo server")
-            echo_req = uri(ECHO, device="m0", type="MANUAL_OPERATOR", timeout="60")
-            for _ in range(100):
-                c.rpc(ECHO, echo_req, timeout=5)
-                k = c.rpc(acq, uri(acq, device="m0", type="MANUAL_OPERATOR", timeout="60"),
-                          timeout=5).key
-                c.rpc(rel, uri(rel, key=k), timeout=5)
-            echo_t, pair_t, acq_t, rel_t = [], [], [], []
-            for _ in range(a.pairs):
-                t0 = time.perf_counter()
-                c.rpc(ECHO, echo_req, timeout=5)
-                t1 = time.perf_counter()
-                k = c.rpc(acq, uri(acq, device="m0", type="MANUAL_OPERATOR", timeout="60"),
-                          timeout=5).key
-                t2 = time.perf_counter()
-                c.rpc(rel, uri(rel, key=k), timeout=5)
-                t3 = time.perf_counter()
-                echo_t.append(t1 - t0)
-                acq_t.append(t2 - t1)
-                rel_t.append(t3 - t2)
-                pair_t.append(t3 - t1)
-
-        def rate(threads: int, seconds: float = 3.0) -> float:
-            counts = [0] * threads
-
-            def worker(i: int) -> None:
-                with Context("pva", conf=client_conf(env), useenv=False) as cc:
-                    dev = f"m{i + 1}"
-                    end = time.perf_counter() + seconds
-                    while time.perf_counter() < end:
-                        k = cc.rpc(acq, uri(acq, device=dev, type="MANUAL_OPERATOR",
-                                            timeout="60"), timeout=5).key
-                        cc.rpc(rel, uri(rel, key=k), timeout=5)
-                        counts[i] += 1
-
-            ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            return sum(counts) / seconds
-
-        rate1, rate4 = rate(1), rate(4)
-
-        fan: dict[int, list[float]] = {}
-        state_pv = pvn.COORD_DEVICE_STATE.name(PREFIX, "m0")
-        for n in (1, 50):
-            out = tmp / f"fan{n}.json"
-            sub = ManagedProcess(f"subs{n}", [PYTHON,
-                                              str(REPO / "benchmarks/fanout_subscribers.py"),
-                                              state_pv, str(n), str(out)], env, log_dir=tmp)
-            procs.append(sub)
-            wait_until(lambda s=sub: "subscribed" in s.output(), 60, f"{n} subscribers")
-            if "NOT" in sub.output():
-                raise RuntimeError(sub.output())
-            t0s: list[float] = []
-            with Context("pva", conf=client_conf(env), useenv=False) as c:
-                key = None
-                for i in range(a.changes):
-                    t0s.append(time.monotonic())
-                    if i % 2 == 0:
-                        key = c.rpc(acq, uri(acq, device="m0", type="MANUAL_OPERATOR",
-                                             timeout="60"), timeout=5).key
-                    else:
-                        c.rpc(rel, uri(rel, key=key), timeout=5)
-                    time.sleep(0.02)
-                if key and a.changes % 2:
-                    c.rpc(rel, uri(rel, key=key), timeout=5)
-            time.sleep(0.5)  # let the last updates arrive before the subscribers write out
-            sub.stop()
-            arrivals = json.loads(out.read_text())
-            lat = []
-            for per_sub in arrivals:
-                updates = per_sub[1:]  # the first is the initial value
-                for t0, (t_arr, _idx) in zip(t0s, updates, strict=False):
-                    lat.append(t_arr - t0)
-                missing = a.changes - len(updates)
-                if missing > 0:
-                    print(f"WARNING: a subscriber missed {missing} updates")
-            fan[n] = lat
+            wait_until(lambda: c.rpc(ECHO, uri(ECHO, x="1"), timeout=2, throw=False)
+                       is not None, 20, "echo server")
+        for n_dev in (int(x) for x in a.sizes.split(",")):
+            store = f"sqlite:///{tmp}/locks-{n_dev}.sqlite"
+            if a.store == "sqlite-normal":
+                store += "?sync=normal"
+            if a.store == "redis":
+                r, port = start_redis(data_dir=tmp / f"redis-{n_dev}")
+                procs.append(r)
+                store = f"redis://127.0.0.1:{port}/0"
+            results.append(run_size(a, env, tmp, store, n_dev, procs))
     finally:
         for p in reversed(procs):
             p.stop()
 
-    e_med = statistics.median(echo_t)
-    p_med = statistics.median(pair_t)
     print(f"# pvcoord coordination benchmark ({time.strftime('%Y-%m-%d %H:%M')})")
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, store {a.store}")
-    print(f"bare p4p RPC echo:       median {ms(e_med)}  p99 {ms(pct(echo_t, .99))}")
-    print(f"acquire:                 median {ms(statistics.median(acq_t))}  "
-          f"p99 {ms(pct(acq_t, .99))}")
-    print(f"release:                 median {ms(statistics.median(rel_t))}  "
-          f"p99 {ms(pct(rel_t, .99))}")
-    print(f"acquire+release pair:    median {ms(p_med)}  p99 {ms(pct(pair_t, .99))}")
-    print(f"ratio acquire / echo:    {statistics.median(acq_t) / e_med:.2f}x")
-    print(f"ratio release / echo:    {statistics.median(rel_t) / e_med:.2f}x")
-    print(f"ratio pair / two echos:  {p_med / (2 * e_med):.2f}x   (target <= 2x)")
-    print(f"ratio pair / one echo:   {p_med / e_med:.2f}x")
-    print(f"sustained pairs/s:       1 client {rate1:.0f}/s, 4 clients {rate4:.0f}/s")
-    for n, lat in fan.items():
-        print(f"lock change -> {n:2d} subscriber(s): p50 {ms(pct(lat, .5))}  "
-              f"p99 {ms(pct(lat, .99))}  max {ms(max(lat))}  ({len(lat)} arrivals)"
-              + ("   (target p99 < 20 ms)" if n == 50 else ""))
+    for res in results:
+        e_med = statistics.median(res["echo"])
+        p_med = statistics.median(res["pair"])
+        acq_t, rel_t, pair_t = res["acq"], res["rel"], res["pair"]
+        print(f"\n## {res['n']} devices, {res['held']} locked")
+        print(f"startup: Coord:Locks after {res['t_locks']:.2f} s, last device State after "
+              f"{res['t_last']:.2f} s")
+        print(f"bare p4p RPC echo:       median {ms(e_med)}  p99 {ms(pct(res['echo'], .99))}")
+        print(f"acquire:                 median {ms(statistics.median(acq_t))}  "
+              f"p99 {ms(pct(acq_t, .99))}")
+        print(f"release:                 median {ms(statistics.median(rel_t))}  "
+              f"p99 {ms(pct(rel_t, .99))}")
+        print(f"acquire+release pair:    median {ms(p_med)}  p99 {ms(pct(pair_t, .99))}")
+        print(f"ratio acquire / echo:    {statistics.median(acq_t) / e_med:.2f}x")
+        print(f"ratio release / echo:    {statistics.median(rel_t) / e_med:.2f}x")
+        print(f"ratio pair / two echos:  {p_med / (2 * e_med):.2f}x   (target <= 1.3x)")
+        print(f"sustained pairs/s:       1 client {res['rate1']:.0f}/s, "
+              f"4 clients {res['rate4']:.0f}/s")
+        for n, lat in res["fan"].items():
+            print(f"lock change -> {n:3d} State subscriber(s): p50 {ms(pct(lat, .5))}  "
+                  f"p99 {ms(pct(lat, .99))}  max {ms(max(lat))}  ({len(lat)} arrivals)")
+        lat = res["fan_locks"]
+        print(f"lock change -> Coord:Locks subscriber: p50 {ms(pct(lat, .5))}  "
+              f"p99 {ms(pct(lat, .99))}  max {ms(max(lat))}")
+    if len(results) > 1:
+        small, big = results[0], results[-1]
+        rel_small = statistics.median(small["pair"]) / (2 * statistics.median(small["echo"]))
+        rel_big = statistics.median(big["pair"]) / (2 * statistics.median(big["echo"]))
+        print(f"\nop cost at {big['n']} against {small['n']} devices (pair/two echos): "
+              f"{rel_big / rel_small:.2f}x   (target <= 1.1x); raw pair medians "
+              f"{statistics.median(big['pair']) / statistics.median(small['pair']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Subscriber process for bench_coordination: N separate PVA client contexts monitor one PV.
 
 Usage: ``python benchmarks/fanout_subscribers.py PV N OUTFILE``. Each update's arrival time
-(``time.monotonic()``, comparable across processes on Linux) and state index are appended per
-subscriber; on SIGTERM the arrivals are written to OUTFILE as JSON.
+(``time.monotonic()``, comparable across processes on Linux) and state index (an NTEnum) or row
+count (an NTTable such as ``Coord:Locks``) are appended per subscriber; on SIGTERM the arrivals
+are written to OUTFILE as JSON.
 """
 
 import json
@@ -12,6 +13,13 @@ import threading
 import time
 
 from p4p.client.thread import Context
+
+
+def _value(v) -> int:
+    """State index of an NTEnum, or the number of rows of an NTTable."""
+    if "index" in v["value"]:
+        return v["value.index"]
+    return len(v["value.device"])
 
 
 def main() -> None:  # noqa: D103
@@ -24,7 +32,7 @@ def main() -> None:  # noqa: D103
         c = Context("pva", nt=False)
         ctxts.append(c)
         subs.append(c.monitor(
-            name, lambda v, i=i: arrivals[i].append((time.monotonic(), v["value.index"]))))
+            name, lambda v, i=i: arrivals[i].append((time.monotonic(), _value(v)))))
     deadline = time.monotonic() + 30
     while not all(arrivals) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -1,38 +1,71 @@
 """Durable storage of locks and audit events: SQLite (WAL, the default) or Redis.
 
 The coordination IOC is the only writer. It calls :meth:`Store.commit` with every change *before*
-it replies to the client, so a granted lock survives ``kill -9`` of the IOC. Readers (the worker
-hook inside the RE worker, the CLI) may open the same store read-only to learn the lock state
-without EPICS.
+it changes its memory, and :meth:`Store.durable` before it replies to the client, so a granted
+lock survives ``kill -9`` of the IOC and a power loss of its host. Readers (the worker hook inside
+the RE worker, the CLI) may open the same store read-only to learn the lock state without EPICS.
 
 URLs accepted by :func:`open_store`:
 
-- ``sqlite:///ABSOLUTE/PATH.sqlite`` or a plain path: SQLite in WAL mode. ``?sync=normal``
-  (default: each commit is written to the WAL before the reply, so it survives a crash or
-  ``kill -9`` of the IOC, not a power loss of the host) or ``?sync=full`` (each commit is also
-  fsync'ed: survives a power loss; costs one fsync, ~0.5 ms on the benchmark machine, per change).
-  See docs/decisions/0003-sqlite-synchronous-normal.md.
-- ``redis://HOST:PORT/DB``: Redis; durability is the server's (run it with
-  ``appendonly yes`` / ``appendfsync always`` as ``pvcoord.procs.start_redis`` does).
+- ``sqlite:///ABSOLUTE/PATH.sqlite`` or a plain path: SQLite in WAL mode. ``?sync=full``
+  (default): each change is written to the WAL under the IOC's mutex, and the WAL file is
+  fsync'ed before the reply, once for all the requests in flight (group commit), so a reply
+  means the change survives a power loss. ``?sync=normal``: no fsync (survives a crash or
+  ``kill -9`` of the IOC, not a power loss; an explicit opt-out the IOC logs as a warning).
+  See docs/decisions/0100-durable-before-the-reply-group-fsync.md.
+- ``redis://HOST:PORT/DB``: Redis; durability is the server's, so it is checked when the store is
+  opened: ``appendonly yes`` and ``appendfsync always`` (``CONFIG GET``), else :class:`StoreError`
+  unless ``allow_nondurable`` is given (the IOC's ``--allow-nondurable-store``, logged).
+
+One authority: a writer takes the store's authority (an ``flock`` on ``PATH.authority`` for SQLite,
+a key with a 10 s lease for Redis) and keeps it while it runs; a second writer on the same store is
+refused with a message naming the first (pid, host, prefix, since when).
+
+Rows are not trusted: :meth:`Store.load_rows` returns the locks that parse and the rows that do not
+(the caller reports and drops them); :meth:`Store.load_locks` returns only the ones that parse.
 
 Keys are never stored: a lock keeps only SHA-256 digests of its keys.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlparse
 
+from pydantic import ValidationError
+
 from pvdb.models import Lock, LockEvent
+
+AUTHORITY_LEASE = 10.0
+"""Seconds a Redis authority key lives without renewal (the IOC renews it every second)."""
 
 
 class StoreError(RuntimeError):
     """The store could not be opened, read or written."""
+
+
+class AuthorityError(StoreError):
+    """Another writer holds the store's authority; ``str(e)`` names it."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A stored lock row that does not parse: its key, the start of its data, and why."""
+
+    key: str
+    data: str
+    why: str
 
 
 class Store(Protocol):
@@ -41,21 +74,36 @@ class Store(Protocol):
     url: str
 
     def load_locks(self) -> list[Lock]:
-        """All locks as last committed (expired ones included: the caller drops them)."""
+        """Locks that parse, as last committed (expired ones included: the caller drops them)."""
+        ...
+
+    def load_rows(self) -> tuple[list[Lock], list[BadRow]]:
+        """The locks that parse, and the rows that do not (never raises for a bad row)."""
         ...
 
     def commit(
         self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
-    ) -> None:
-        """Apply one change atomically and durably: all of it or nothing.
+    ) -> int:
+        """Apply one change atomically: all of it or nothing.
 
         Args:
             upsert: locks to insert or replace (keyed by device).
-            delete: devices whose lock is removed.
+            delete: devices (store keys) whose lock row is removed.
             events: audit events to append.
+
+        Returns:
+            A token for :meth:`durable`: the change is durable once ``durable(token)`` returned.
 
         Raises:
             StoreError: nothing was written.
+        """
+        ...
+
+    def durable(self, token: int) -> None:
+        """Wait until the commit of ``token`` (and every earlier one) is on stable storage.
+
+        Raises:
+            StoreError: the flush failed (the change is written but may not survive a power loss).
         """
         ...
 
@@ -63,8 +111,24 @@ class Store(Protocol):
         """The last ``n`` audit events, oldest first."""
         ...
 
+    def claim_authority(self, who: str) -> None:
+        """Become the store's only writer, described by ``who`` (pid, host, prefix).
+
+        Raises:
+            AuthorityError: another writer holds it (the message names it).
+        """
+        ...
+
+    def keep_authority(self) -> None:
+        """Renew the authority (called every second by the IOC).
+
+        Raises:
+            AuthorityError: it was lost to another writer.
+        """
+        ...
+
     def close(self) -> None:
-        """Release the connection."""
+        """Release the authority and the connection."""
         ...
 
 
@@ -93,21 +157,64 @@ def _event_from_row(row: tuple) -> LockEvent:
     )
 
 
+def _parse_rows(rows: Iterable[tuple[str, str | bytes]]) -> tuple[list[Lock], list[BadRow]]:
+    """(key, JSON) rows -> locks that parse and whose key is their device, and the bad rows."""
+    good: list[Lock] = []
+    bad: list[BadRow] = []
+    for key, data in rows:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        try:
+            lk = Lock.model_validate_json(text)
+        except (ValidationError, ValueError) as e:
+            first = e.errors()[0] if isinstance(e, ValidationError) else {"msg": str(e)}
+            where = ".".join(str(x) for x in first.get("loc", ())) or "row"
+            bad.append(BadRow(key, text[:200], f"{where}: {first.get('msg', 'invalid')}"[:200]))
+            continue
+        if lk.device != key:
+            bad.append(BadRow(key, text[:200], f"row key {key[:64]!r} is not its device "
+                              f"{lk.device[:64]!r}"))
+            continue
+        good.append(lk)
+    return sorted(good, key=lambda x: x.device), bad
+
+
+def authority_text(prefix: str) -> str:
+    """``pid PID on HOST for PREFIX since ISO-TIME``: how a writer describes itself."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return f"pid {os.getpid()} on {socket.gethostname()} for {prefix} since {since}"
+
+
+def _pid_of(text: str) -> tuple[int | None, str | None]:
+    """(pid, host) from an :func:`authority_text`, or (None, None)."""
+    parts = text.split()
+    try:
+        return int(parts[1]), parts[3]
+    except (IndexError, ValueError):
+        return None, None
+
+
 class SQLiteStore:
     """SQLite in WAL mode; one connection guarded by a mutex (the IOC calls it from p4p threads).
 
     Args:
         path: database file (created with its folder if missing).
-        sync: ``"full"`` (fsync each commit) or ``"normal"``.
+        sync: ``"full"`` (fsync the WAL before each reply, grouped) or ``"normal"`` (no fsync).
         readonly: open for reading only (the worker hook, the CLI).
     """
 
-    def __init__(self, path: str | Path, sync: str = "normal", readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, sync: str = "full", readonly: bool = False) -> None:
         if sync not in ("full", "normal"):
             raise StoreError(f"sync must be 'full' or 'normal', not {sync!r}")
         self.path = Path(path)
+        self.sync = sync
         self.url = f"sqlite://{self.path}?sync={sync}"
         self._mutex = threading.Lock()
+        self._written = 0  # commits written to the WAL (under _mutex)
+        self._synced = 0  # commits known to be on stable storage
+        self._sync_cond = threading.Condition()
+        self._syncing = False
+        self._wal_fd: int | None = None
+        self._authority_fd: int | None = None
         try:
             if readonly:
                 uri = self.path.resolve().as_uri() + "?mode=ro"  # file:///abs/path?mode=ro
@@ -116,23 +223,41 @@ class SQLiteStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(self.path, check_same_thread=False)
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(f"PRAGMA synchronous={sync.upper()}")
+                # NORMAL: SQLite itself does not fsync a commit; durable() does, for every
+                # commit in flight at once (group commit). Checkpoints still fsync both files.
+                self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
                 self._db.commit()
-        except sqlite3.Error as e:
+                if sync == "full":
+                    self._open_wal()
+        except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open SQLite store {self.path}: {e}") from None
 
-    def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
+    def _open_wal(self) -> None:
+        """Open the WAL file for fsync, and make it and the database exist durably."""
+        wal = Path(str(self.path) + "-wal")
+        self._wal_fd = os.open(wal, os.O_RDONLY)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(self._wal_fd)
+            os.fsync(dfd)  # the directory entries of the database and its WAL
+        finally:
+            os.close(dfd)
+
+    def load_rows(self) -> tuple[list[Lock], list[BadRow]]:  # noqa: D102 - see Store
         with self._mutex:
             try:
-                rows = self._db.execute("SELECT data FROM locks ORDER BY device").fetchall()
+                rows = self._db.execute("SELECT device, data FROM locks ORDER BY device").fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read locks from {self.path}: {e}") from None
-        return [Lock.model_validate_json(r[0]) for r in rows]
+        return _parse_rows(rows)
+
+    def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
+        return self.load_rows()[0]
 
     def commit(  # noqa: D102 - see Store
         self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
-    ) -> None:
+    ) -> int:
         ups = [(lk.device, lk.model_dump_json()) for lk in upsert]
         dels = [(d,) for d in delete]
         evs = [_event_row(e) for e in events]
@@ -153,6 +278,32 @@ class SQLiteStore:
                         )
             except sqlite3.Error as e:
                 raise StoreError(f"cannot write to SQLite store {self.path}: {e}") from None
+            self._written += 1
+            return self._written
+
+    def durable(self, token: int) -> None:  # noqa: D102 - see Store
+        if self._wal_fd is None:
+            return  # sync=normal or read-only: nothing to flush
+        with self._sync_cond:
+            while self._synced < token:
+                if self._syncing:  # someone's fsync is under way: it may cover us
+                    self._sync_cond.wait()
+                    continue
+                self._syncing = True
+                target = self._written  # every commit that returned so far is in the WAL
+                self._sync_cond.release()
+                err: OSError | None = None
+                try:
+                    os.fsync(self._wal_fd)
+                except OSError as e:
+                    err = e
+                finally:
+                    self._sync_cond.acquire()
+                    self._syncing = False
+                    self._sync_cond.notify_all()
+                if err is not None:
+                    raise StoreError(f"cannot flush SQLite store {self.path} to disk: {err}")
+                self._synced = max(self._synced, target)
 
     def recent_events(self, n: int) -> list[LockEvent]:  # noqa: D102 - see Store
         with self._mutex:
@@ -166,44 +317,125 @@ class SQLiteStore:
                 raise StoreError(f"cannot read events from {self.path}: {e}") from None
         return [_event_from_row(r) for r in reversed(rows)]
 
+    def claim_authority(self, who: str) -> None:  # noqa: D102 - see Store
+        path = Path(str(self.path) + ".authority")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot open {path}: {e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            first = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise AuthorityError(
+                f"another coordination IOC already writes the store {self.path} ({first}); "
+                "stop it first: one authority per store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, who.encode() + b"\n", 0)
+        self._authority_fd = fd
+
+    def keep_authority(self) -> None:  # noqa: D102 - see Store
+        return  # the flock lasts as long as the process
+
     def close(self) -> None:  # noqa: D102 - see Store
         with self._mutex:
             self._db.close()
+        for fd in (self._wal_fd, self._authority_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wal_fd = self._authority_fd = None
+
+
+_RENEW_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
 
 
 class RedisStore:
     """Redis: a hash ``pvcoord:<ns>:locks`` (device -> JSON lock) and a list ``...:events``.
 
-    Each commit is one MULTI/EXEC transaction.
+    Each commit is one MULTI/EXEC transaction; with ``appendfsync always`` Redis fsyncs it before
+    it answers, and Redis itself groups the fsyncs of concurrent clients.
 
     Args:
         url: ``redis://HOST:PORT/DB``.
         namespace: separates endstations sharing one Redis (the IOC uses its prefix).
+        allow_nondurable: accept a Redis without ``appendonly yes`` / ``appendfsync always``.
+        check_durability: check the persistence settings (readers skip it).
+
+    Raises:
+        StoreError: cannot connect, or the persistence settings are not durable (the message says
+            which setting and how to fix it) and ``allow_nondurable`` is false.
     """
 
-    def __init__(self, url: str, namespace: str = "default") -> None:
+    def __init__(
+        self, url: str, namespace: str = "default", allow_nondurable: bool = False,
+        check_durability: bool = True,
+    ) -> None:
         import redis  # noqa: PLC0415 - only needed for this store
 
         self.url = url
+        shown = urlparse(url)
+        self._shown = url.replace(shown.password, "***") if shown.password else url
         self._locks_key = f"pvcoord:{namespace}:locks"
         self._events_key = f"pvcoord:{namespace}:events"
+        self._authority_key = f"pvcoord:{namespace}:authority"
+        self._who: str | None = None
+        self._redis_error = redis.RedisError
+        self.durability_warning: str | None = None
         try:
             self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
             self._r.ping()
         except redis.RedisError as e:
-            raise StoreError(f"cannot connect to Redis store {url}: {e}") from None
-        self._redis_error = redis.RedisError
+            raise StoreError(f"cannot connect to Redis store {self._shown}: {e}") from None
+        if check_durability:
+            problem = self._durability_problem()
+            if problem is not None:
+                if not allow_nondurable:
+                    raise StoreError(
+                        f"Redis store {self._shown} is not durable: {problem}; run redis-server "
+                        "with --appendonly yes --appendfsync always (or accept the risk with "
+                        "--allow-nondurable-store)"
+                    )
+                self.durability_warning = f"Redis store {self._shown} is not durable: {problem}"
 
-    def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
+    def _durability_problem(self) -> str | None:
+        """What is wrong with the server's persistence settings, or None."""
+        try:
+            conf = {}
+            for name in ("appendonly", "appendfsync"):
+                got = self._r.config_get(name)
+                conf[name] = got.get(name) if isinstance(got, dict) else None
+        except self._redis_error as e:
+            return f"its persistence settings cannot be read (CONFIG GET: {e})"
+        if conf["appendonly"] != "yes":
+            return f"appendonly is {conf['appendonly']!r}, not 'yes'"
+        if conf["appendfsync"] != "always":
+            return f"appendfsync is {conf['appendfsync']!r}, not 'always'"
+        return None
+
+    def load_rows(self) -> tuple[list[Lock], list[BadRow]]:  # noqa: D102 - see Store
         try:
             data = self._r.hgetall(self._locks_key)
         except self._redis_error as e:
-            raise StoreError(f"cannot read locks from {self.url}: {e}") from None
-        return sorted((Lock.model_validate_json(v) for v in data.values()), key=lambda x: x.device)
+            raise StoreError(f"cannot read locks from {self._shown}: {e}") from None
+        return _parse_rows(
+            (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k), v)
+            for k, v in data.items()
+        )
+
+    def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
+        return self.load_rows()[0]
 
     def commit(  # noqa: D102 - see Store
         self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
-    ) -> None:
+    ) -> int:
         ups = {lk.device: lk.model_dump_json() for lk in upsert}
         dels = list(delete)
         evs = [json.dumps(_event_row(e)) for e in events]
@@ -217,33 +449,96 @@ class RedisStore:
                 pipe.rpush(self._events_key, *evs)
             pipe.execute()
         except self._redis_error as e:
-            raise StoreError(f"cannot write to Redis store {self.url}: {e}") from None
+            raise StoreError(f"cannot write to Redis store {self._shown}: {e}") from None
+        return 0
+
+    def durable(self, token: int) -> None:  # noqa: D102 - see Store
+        return  # appendfsync always: Redis answered the commit after its fsync
 
     def recent_events(self, n: int) -> list[LockEvent]:  # noqa: D102 - see Store
         try:
             rows = self._r.lrange(self._events_key, -n, -1)
         except self._redis_error as e:
-            raise StoreError(f"cannot read events from {self.url}: {e}") from None
-        return [_event_from_row(tuple(json.loads(r))) for r in rows]
+            raise StoreError(f"cannot read events from {self._shown}: {e}") from None
+        out = []
+        for r in rows:
+            try:
+                out.append(_event_from_row(tuple(json.loads(r))))
+            except (ValueError, TypeError, ValidationError):
+                continue  # a malformed audit row is not shown; the lock state is unaffected
+        return out
+
+    def claim_authority(self, who: str) -> None:  # noqa: D102 - see Store
+        ttl = int(AUTHORITY_LEASE * 1000)
+        try:
+            if not self._r.set(self._authority_key, who, nx=True, px=ttl):
+                first = (self._r.get(self._authority_key) or b"").decode("utf-8", "replace")
+                pid, host = _pid_of(first)
+                if host == socket.gethostname() and pid is not None and not _alive(pid):
+                    # the previous writer on this host is gone (kill -9): take over at once
+                    self._r.set(self._authority_key, who, px=ttl)
+                else:
+                    raise AuthorityError(
+                        f"another coordination IOC already writes the Redis store {self._shown} "
+                        f"under {self._authority_key} ({first or 'unknown'}); stop it first "
+                        f"(its claim lapses {AUTHORITY_LEASE:g} s after it stops): one authority "
+                        "per store"
+                    )
+        except self._redis_error as e:
+            raise StoreError(f"cannot claim the Redis store {self._shown}: {e}") from None
+        self._who = who
+
+    def keep_authority(self) -> None:  # noqa: D102 - see Store
+        if self._who is None:
+            return
+        try:
+            ok = self._r.eval(_RENEW_LUA, 1, self._authority_key, self._who,
+                              int(AUTHORITY_LEASE * 1000))
+        except self._redis_error as e:
+            raise StoreError(f"cannot renew the claim on {self._shown}: {e}") from None
+        if not ok:
+            first = (self._r.get(self._authority_key) or b"").decode("utf-8", "replace")
+            raise AuthorityError(f"lost the claim on the Redis store {self._shown} to "
+                                 f"{first or 'nobody'}")
 
     def close(self) -> None:  # noqa: D102 - see Store
+        if self._who is not None:
+            with contextlib.suppress(self._redis_error):
+                self._r.eval("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                             "return redis.call('del', KEYS[1]) end return 0",
+                             1, self._authority_key, self._who)
         self._r.close()
 
 
-def open_store(url: str, namespace: str = "default", readonly: bool = False) -> Store:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def open_store(
+    url: str, namespace: str = "default", readonly: bool = False, allow_nondurable: bool = False
+) -> Store:
     """Open the store named by ``url`` (see the module docstring for the forms).
 
     Args:
-        url: ``sqlite:///path``, a plain path, or ``redis://host:port/db``.
+        url: ``sqlite:///path[?sync=full|normal]``, a plain path, or ``redis://host:port/db``.
         namespace: Redis key namespace (the coordination IOC passes its prefix).
-        readonly: SQLite only: open without write access (readers such as the worker hook).
+        readonly: open for reading only (readers such as the worker hook): no durability check.
+        allow_nondurable: accept a Redis whose persistence is not ``appendfsync always``.
 
     Raises:
-        StoreError: unknown scheme, bad option, or the store cannot be opened.
+        StoreError: unknown scheme, bad option, a non-durable Redis, or the store cannot be
+            opened.
     """
     parsed = urlparse(url)
     if parsed.scheme in ("redis", "rediss"):
-        return RedisStore(url, namespace=namespace)
+        return RedisStore(url, namespace=namespace, allow_nondurable=allow_nondurable,
+                          check_durability=not readonly)
     if parsed.scheme in ("sqlite", ""):
         path = parsed.path if parsed.scheme else url
         if not path:
@@ -252,6 +547,6 @@ def open_store(url: str, namespace: str = "default", readonly: bool = False) -> 
         unknown = set(opts) - {"sync"}
         if unknown:
             raise StoreError(f"unknown store option(s) {sorted(unknown)} in {url!r}; use sync=")
-        sync = opts.get("sync", ["normal"])[0]
+        sync = opts.get("sync", ["full"])[0]
         return SQLiteStore(path, sync=sync, readonly=readonly)
     raise StoreError(f"unknown store {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")

@@ -178,6 +178,11 @@ COORD_HEALTH = PVSpec(
     "coordination", "Coord:Health", PVKind.STRING,
     "'OK', or what is wrong (store failing, registry not connected).",
 )
+COORD_AUTHORITY = PVSpec(
+    "coordination", "Coord:Authority", PVKind.STRING,
+    "Which process is the lock authority of this prefix: 'pid PID on HOST for P since TIME'. "
+    "A second coordination IOC that finds it refuses to start and names it.",
+)
 COORD_DEVICES = PVSpec(
     "coordination", "Coord:Devices", PVKind.STRING_ARRAY,
     "Device names the coordination IOC accepts locks for (from the registry), plus 'beamline'.",
@@ -270,7 +275,8 @@ REGISTRY_DEVICE_SIGNALS = PVSpec(
 
 COORDINATION_PVS = (
     COORD_LOCKS, COORD_ACQUIRE, COORD_RELEASE, COORD_RENEW, COORD_FORCE_RELEASE, COORD_EVENTS,
-    COORD_LAST_EVENT, COORD_LOCK_COUNT, COORD_HEARTBEAT, COORD_HEALTH, COORD_DEVICES,
+    COORD_LAST_EVENT, COORD_LOCK_COUNT, COORD_HEARTBEAT, COORD_HEALTH, COORD_AUTHORITY,
+    COORD_DEVICES,
     COORD_DEVICE_STATE, COORD_DEVICE_OWNER, COORD_DEVICE_REASON, COORD_DEVICE_REMAINING,
     COORD_DEVICE_EXPIRES,
 )

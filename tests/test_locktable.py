@@ -280,15 +280,22 @@ class FlakyStore:
     def load_locks(self):
         return self.inner.load_locks()
 
+    def load_rows(self):
+        return self.inner.load_rows()
+
+    def durable(self, token):
+        self.inner.durable(token)
+
     def recent_events(self, n):
         return self.inner.recent_events(n)
 
     def commit(self, upsert, delete, events):
-        self.inner.commit(upsert, delete, events)
+        token = self.inner.commit(upsert, delete, events)
         if self.lose_next_reply:
             self.lose_next_reply = False
             from pvcoord.store import StoreError
             raise StoreError("connection lost before the reply")
+        return token
 
 
 def test_commit_applied_but_reported_failed_is_undone_in_the_store(store_url, clock):

@@ -7,13 +7,13 @@ import logging
 import sys
 
 from pvcoord.service import config_argv
-from pvcoord.store import StoreError, open_store
+from pvcoord.store import StoreError, authority_text, open_store
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
 from ..pvutil import run_as_service, setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
-from .ioc import serve
+from .ioc import NAME_CHECK_TIMEOUT, AuthorityClashError, roles_of, serve
 from .locktable import LockTable
 
 log = logging.getLogger("iocs.coordination")
@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="follow P Registry:Devices under this prefix (default: --prefix)")
     src.add_argument("--devices", default=None,
                      help="static comma list of devices instead of following the registry")
+    p.add_argument("--allow-nondurable-store", action="store_true",
+                   help="accept a Redis store without appendonly yes / appendfsync always "
+                   "(logged as a warning: a granted lock may be lost in a power cut)")
+    p.add_argument("--name-check-timeout", type=float, default=NAME_CHECK_TIMEOUT,
+                   help="seconds to look for another IOC serving P Coord:* before serving "
+                   f"(default {NAME_CHECK_TIMEOUT}; 0 skips the check)")
     p.add_argument("--events-tail", type=int, default=50, help="rows of Coord:Events (1-1000)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
@@ -62,23 +68,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"policy rejected: {e}", file=sys.stderr)
         return 2
     url = a.store or f"sqlite:///{'pvcoord-' + a.prefix.strip(':').replace(':', '_')}.sqlite"
+    who = authority_text(a.prefix)
     try:
-        store = open_store(url, namespace=a.prefix)
+        store = open_store(url, namespace=a.prefix, allow_nondurable=a.allow_nondurable_store)
     except StoreError as e:
         print(f"store: {e}", file=sys.stderr)
         return 2
+    try:
+        store.claim_authority(who)
+    except StoreError as e:
+        store.close()
+        print(f"refusing to start: {e}", file=sys.stderr)
+        return 2
+    warning = getattr(store, "durability_warning", None)
+    if warning:
+        log.warning("%s: accepted because of --allow-nondurable-store; a granted lock may be lost "
+                    "in a power cut of the Redis host", warning)
+    if getattr(store, "sync", "full") == "normal":
+        log.warning("store %s: sync=normal, no fsync before the reply; a granted lock may be lost "
+                    "in a power cut of this host", store.url)
     devices = None
     if a.devices is not None:
         devices = [d.strip() for d in a.devices.split(",") if d.strip()]
-    table = LockTable(policy, store, devices=devices)
-    for e in table.startup_events:
-        log.warning("dropped at start: %s", e.line())
-    registry_prefix = None if devices is not None else (a.registry_prefix or a.prefix)
-
     try:
+        table = LockTable(policy, store, devices=devices, roles_of=roles_of)
+        for e in table.startup_events:
+            log.warning("dropped at start: %s", e.line())
+        registry_prefix = None if devices is not None else (a.registry_prefix or a.prefix)
         run_as_service(lambda stop, ready: serve(
             a.prefix, table, stop, registry_prefix=registry_prefix, events_tail=a.events_tail,
-            ready=ready))
+            authority=who, name_check=a.name_check_timeout, ready=ready))
+    except AuthorityClashError as e:
+        print(f"refusing to start: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"store: {e}", file=sys.stderr)
+        return 2
     finally:
         store.close()
     log.info("stopped")

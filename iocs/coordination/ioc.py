@@ -7,14 +7,17 @@ Everything untyped (p4p ``Value``, ``ServerOperation``) stays in this module; th
 from __future__ import annotations
 
 import asyncio
+import bisect
 import grp
 import logging
 import os
 import pwd
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
 
+import numpy as np
 from p4p import Type, Value
 from p4p.client.thread import Context
 from p4p.nt import NTEnum, NTScalar, NTTable
@@ -32,6 +35,34 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05
 """Seconds between expiry checks (expiry is published within this plus one post)."""
+NAME_CHECK_TIMEOUT = 0.5
+"""Seconds the IOC looks for another server of its ``Coord:Authority`` before it serves."""
+_LOCK_ROW_FIELDS = tuple(name for name, _ in pvn.LOCKS_COLUMNS)
+_NUMERIC = {"i": np.int32, "d": np.float64}
+
+
+class AuthorityClashError(RuntimeError):
+    """Another coordination IOC already serves this prefix; ``str(e)`` names it."""
+
+
+def check_no_other_authority(prefix: str, client_conf: dict[str, str] | None,
+                             timeout: float = NAME_CHECK_TIMEOUT) -> None:
+    """Refuse to start if some server already answers ``P Coord:Authority`` (or ``Heartbeat``).
+
+    Raises:
+        AuthorityClashError: naming the running IOC (its ``Coord:Authority`` text).
+    """
+    kws = {"conf": client_conf, "useenv": False} if client_conf is not None else {}
+    with Context("pva", nt=False, **kws) as c:
+        names = [pvn.COORD_AUTHORITY.name(prefix), pvn.COORD_HEARTBEAT.name(prefix)]
+        got = c.get(names, timeout=timeout, throw=False)
+    for name, v in zip(names, got, strict=True):
+        if not isinstance(v, Exception):
+            who = str(v["value"]) if name.endswith("Authority") else "an older IOC without it"
+            raise AuthorityClashError(
+                f"another coordination IOC already serves {prefix}Coord:* ({name} answers: "
+                f"{who}); stop it first: one authority per prefix")
+
 
 ACQUIRE_RESULT = Type(
     [("granted", "?"), ("key", "s"), ("devices", "as"), ("preempted", "as"), ("expires", "d"),
@@ -70,9 +101,13 @@ class CoordinationIOC:
         prefix: endstation prefix ``P`` (with trailing ``:``).
         table: the lock table (its listener is set to this IOC's publisher).
         events_tail: rows in ``Coord:Events``.
+        authority: who this IOC is (``pid ... on HOST for P since ...``), served as
+            ``Coord:Authority`` so a second IOC on the prefix can name it.
     """
 
-    def __init__(self, prefix: str, table: LockTable, events_tail: int = 50) -> None:
+    def __init__(
+        self, prefix: str, table: LockTable, events_tail: int = 50, authority: str = ""
+    ) -> None:
         self.prefix = pvn.check_prefix(prefix)
         self.table = table
         self.provider = StaticProvider("pvcoord-coordination")
@@ -83,6 +118,15 @@ class CoordinationIOC:
         self._last_posted: dict[tuple[str, str], object] = {}
         self._heartbeat = 0
         self._health = ""
+        # Coord:Locks as columns, kept sorted by device and changed row by row (under the mutex)
+        self._lock_devs: list[str] = []
+        self._lock_cols: dict[str, list | np.ndarray] = {
+            f: (np.zeros(0, _NUMERIC[code]) if code in _NUMERIC else [])
+            for f, code in pvn.LOCKS_COLUMNS}
+        self._locks_version = 0
+        self._tls = threading.local()
+        self._post_lock = threading.Lock()
+        self._posted = 0
 
         now = time.time()
         self._locks_nt = NTTable(pvn.LOCKS_COLUMNS)
@@ -96,6 +140,8 @@ class CoordinationIOC:
         self.pv_heartbeat = self._add(pvn.COORD_HEARTBEAT, self._scalar("i", 0))
         self.pv_health = self._add(pvn.COORD_HEALTH, self._scalar("s", "starting"))
         self.pv_devices = self._add(pvn.COORD_DEVICES, self._scalar("as", [BEAMLINE]))
+        self.authority = authority
+        self.pv_authority = self._add(pvn.COORD_AUTHORITY, self._scalar("s", authority))
         for spec, fn in (
             (pvn.COORD_ACQUIRE, self._acquire), (pvn.COORD_RELEASE, self._release),
             (pvn.COORD_RENEW, self._renew), (pvn.COORD_FORCE_RELEASE, self._force_release),
@@ -109,7 +155,13 @@ class CoordinationIOC:
         table.listener = self._on_change
         if table.devices is not None:
             self.set_devices(table.devices)
-        self._on_change(set(self._device_pvs), table.startup_events)
+        with table.mutex:
+            self._on_change(set(self._device_pvs) | {lk.device for lk in table.locks()},
+                            table.startup_events)
+        self.wait_published()
+
+    def close(self) -> None:
+        """Nothing to stop (kept for symmetry with serve()'s cleanup)."""
 
     # --- construction helpers ---------------------------------------------------------------
 
@@ -152,6 +204,7 @@ class CoordinationIOC:
                 self._add_device(d)
             self.pv_devices.post([*devices, BEAMLINE], timestamp=time.time())
         self._on_change(set(devices), [])
+        self.wait_published()
 
     def set_health(self, text: str) -> None:
         """Publish ``Coord:Health`` if it changed."""
@@ -178,24 +231,94 @@ class CoordinationIOC:
             vals = (0, "", "", 0.0, 0.0)
         else:
             vals = (lock.lock_type.state_index, lock.holder, lock.reason, lock.expires,
-                    max(0.0, round(lock.expires - now, 1)))
+                    round(self.table.remaining(lock), 1))
         for field, v in zip(("state", "owner", "reason", "expires", "remaining"), vals,
                             strict=True):
             self._post_if_changed(device, field, v, now)
 
+    def _set_row(self, device: str, lock: Lock | None) -> None:
+        """Insert, replace or remove ``device``'s row of the cached ``Coord:Locks`` columns."""
+        i = bisect.bisect_left(self._lock_devs, device)
+        present = i < len(self._lock_devs) and self._lock_devs[i] == device
+        cols = self._lock_cols
+        if lock is None:
+            if present:
+                del self._lock_devs[i]
+                for f, col in cols.items():
+                    if isinstance(col, np.ndarray):
+                        cols[f] = np.delete(col, i)
+                    else:
+                        del col[i]
+            return
+        row = (lock.device, lock.lock_type.value, lock.priority, lock.holder, lock.acquired,
+               lock.expires, lock.reason, lock.plan_uid)
+        if present:
+            for f, v in zip(_LOCK_ROW_FIELDS, row, strict=True):
+                cols[f][i] = v
+        else:
+            self._lock_devs.insert(i, device)
+            for f, v in zip(_LOCK_ROW_FIELDS, row, strict=True):
+                col = cols[f]
+                if isinstance(col, np.ndarray):
+                    cols[f] = np.insert(col, i, v)
+                else:
+                    col.insert(i, v)
+
+    def post_locks(self) -> int:
+        """Post ``Coord:Locks`` and ``Coord:LockCount`` from the cached columns; return the version.
+
+        The columns are copied under the mutex (microseconds), the Value is built and posted
+        outside it. Numeric columns are kept as numpy arrays, so only the string columns are
+        converted.
+        """
+        with self.table.mutex:
+            version = self._locks_version
+            cols = {f: c.copy() for f, c in self._lock_cols.items()}
+        now = time.time()
+        v = self._locks_nt.type({"labels": list(_LOCK_ROW_FIELDS), "value": cols})
+        self.pv_locks.post(pvutil.stamp(v, now))
+        self.pv_lock_count.post(len(cols["device"]), timestamp=now)
+        return version
+
+    def publish_upto(self, version: int) -> int:
+        """Post ``Coord:Locks`` unless a post of ``version`` or later went out; return the latest.
+
+        Posts are serialised, and each takes the newest columns, so an older table never
+        replaces a newer one.
+        """
+        with self._post_lock:
+            if self._posted < version:
+                self._posted = self.post_locks()
+            return self._posted
+
+    def wait_published(self) -> None:
+        """Make ``Coord:Locks`` show the changes this thread made (read-your-writes).
+
+        Called outside the table mutex after each change (RPC, tick, registry update): the
+        table is built once for every change made up to now, so concurrent requests share posts.
+        """
+        version = getattr(self._tls, "version", 0)
+        self._tls.version = 0
+        if version:
+            self.publish_upto(version)
+
     def _on_change(self, devices: set[str], events: list[LockEvent]) -> None:
-        """Listener of the lock table (called under its mutex, in order)."""
+        """Listener of the lock table (called under its mutex, in order).
+
+        Only what changed is posted: the per-device PVs of ``devices`` whose values differ (all
+        devices for a ``beamline`` change), and the changed rows of ``Coord:Locks``.
+        """
         now = time.time()
         with self.table.mutex:
-            affected = set(self._device_pvs) if BEAMLINE in devices else devices
-            for d in sorted(affected & set(self._device_pvs)):
+            pvs = self._device_pvs
+            affected = pvs if BEAMLINE in devices else devices
+            for d in sorted(d for d in affected if d in pvs):
                 self._post_device(d, self.table.effective(d), now)
             if devices:
-                locks = self.table.locks()
-                rows = [(lk.device, lk.lock_type.value, lk.priority, lk.holder, lk.acquired,
-                         lk.expires, lk.reason, lk.plan_uid) for lk in locks]
-                self.pv_locks.post(pvutil.table_value(self._locks_nt, pvn.LOCKS_COLUMNS, rows, now))
-                self.pv_lock_count.post(len(locks), timestamp=now)
+                for d in devices:
+                    self._set_row(d, self.table.get(d))
+                self._locks_version += 1
+                self._tls.version = self._locks_version
             if events:
                 self._events.extend(events)
                 self._events_dirty = True
@@ -213,20 +336,25 @@ class CoordinationIOC:
                 pvutil.table_value(self._events_nt, pvn.EVENTS_COLUMNS, rows, time.time()))
 
     def tick(self, second: bool) -> None:
-        """Periodic work: expiry; once a second heartbeat and remaining lease times."""
+        """Periodic work: expiry, flushing the store; once a second heartbeat, remaining times."""
         self.table.expire()
+        self.table.flush()
+        self.wait_published()
         self.flush_events()
         if second:
             self.table.check_store()
+            self.table.keep_authority()
             now = time.time()
             self._heartbeat += 1
             self.pv_heartbeat.post(self._heartbeat, timestamp=now)
             with self.table.mutex:
+                if not self._lock_devs:
+                    return
                 for d in self._device_pvs:
                     lk = self.table.effective(d)
                     if lk is not None:
                         self._post_if_changed(
-                            d, "remaining", max(0.0, round(lk.expires - now, 1)), now)
+                            d, "remaining", round(self.table.remaining(lk), 1), now)
 
     # --- RPC handlers (called by _RPC, which finishes the operation) -------------------------
 
@@ -298,7 +426,10 @@ class _RPC:
         args: dict[str, str] = {}
         try:
             args = request_args(op.value())
-            op.done(self.fn(op, args))
+            result = self.fn(op, args)
+            self.ioc.wait_published()  # Coord:Locks shows the change (read-your-writes) ...
+            self.ioc.table.durable()  # ... and the store's fsync (shared by requests in flight)
+            op.done(result)
         except LockError as e:
             op.done(error=str(e))
             if not e.audited:  # bad arguments: refused before the lock table; audit it too
@@ -306,6 +437,8 @@ class _RPC:
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", self.spec.suffix)
             op.done(error=f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}")
+        finally:
+            self.ioc.wait_published()  # a change made before an error is posted too
 
     def _audit(self, op, args: dict[str, str], msg: str) -> None:
         try:
@@ -355,6 +488,8 @@ async def serve(
     client_conf: dict[str, str] | None = None,
     ready: asyncio.Event | None = None,
     events_tail: int = 50,
+    authority: str = "",
+    name_check: float = NAME_CHECK_TIMEOUT,
 ) -> None:
     """Serve the coordination PVs until ``stop`` is set.
 
@@ -368,8 +503,15 @@ async def serve(
         client_conf: p4p client configuration for the registry monitor (``None``: environment).
         ready: set once the PVs are served.
         events_tail: rows of ``Coord:Events``.
+        authority: this IOC's description for ``Coord:Authority``.
+        name_check: seconds to look for another IOC serving the prefix first (0: skip).
+
+    Raises:
+        AuthorityClashError: another IOC already serves ``prefix`` (before anything is served).
     """
-    ioc = CoordinationIOC(prefix, table, events_tail=events_tail)
+    if name_check > 0:
+        check_no_other_authority(prefix, client_conf, name_check)
+    ioc = CoordinationIOC(prefix, table, events_tail=events_tail, authority=authority)
     server_kws = {"conf": server_conf, "useenv": False} if server_conf is not None else {}
     client_kws = {"conf": client_conf, "useenv": False} if client_conf is not None else {}
     follower = None
@@ -390,12 +532,18 @@ async def serve(
                     ioc.tick(second)
                 except Exception:  # noqa: BLE001 - keep serving; the health PV shows it
                     log.exception("tick failed")
-                if table.store_error is not None:
+                if table.authority_error is not None:
+                    ioc.set_health(f"lost the store's authority: {table.authority_error}"[:200])
+                elif table.store_error is not None:
                     ioc.set_health(f"store failing: {table.store_error}"[:200])
                 elif follower is not None and not follower.connected:
                     ioc.set_health(f"registry {follower.name} not connected")
                 elif table.devices is None:
                     ioc.set_health("no device list")
+                elif table.load_problems:
+                    n = len(table.load_problems)
+                    ioc.set_health(f"OK ({n} bad stored lock row{'s' * (n > 1)} rejected at "
+                                   f"start, see Coord:Events: {table.load_problems[0]})"[:200])
                 else:
                     ioc.set_health("OK")
                 try:
@@ -407,3 +555,4 @@ async def serve(
             follower.close()
         if ctxt is not None:
             ctxt.close()
+        ioc.close()

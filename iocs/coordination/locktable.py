@@ -8,14 +8,22 @@ Rules implemented here:
 - The holder is an account (``Identity.account``); its repeated request is idempotent: it renews
   (and may change the type), it never conflicts with itself.
 - Every lock has a lease (``timeout`` s, default and maximum per type from the policy) and expires
-  server-side (:meth:`LockTable.expire`).
+  server-side (:meth:`LockTable.expire`). Leases run on the monotonic clock: the published and
+  stored ``acquired`` / ``expires`` are wall-clock times, and a wall-clock step neither expires nor
+  extends a lock (the wall-clock times are shifted by the step and rewritten). Across a restart
+  the stored wall-clock ``expires`` is the only reference (docs/locks.md, "Time").
 - Acquisition returns a secret key; only SHA-256 digests are kept. Release/renew accept the key or
   the holder's own account.
 - Several devices in one request are granted all or none (try-lock, no waiting).
 - ``beamline`` locks every device: it conflicts with every device lock and vice versa.
 - A preempted, expired or force-released holder is told on its next release/renew.
-- Every change is committed to the store before it is applied in memory and before the caller
-  replies; if the store fails nothing changes.
+- Every change is committed to the store before it is applied in memory; the caller replies only
+  after :meth:`LockTable.durable` (the store's fsync, shared by the requests in flight); if the
+  store fails nothing changes.
+- Rows loaded from the store are not trusted: a row that does not parse, names an unknown device,
+  a type its owner may not take, a lease beyond the policy's maximum or malformed fields is
+  reported (an audit event and :attr:`LockTable.load_problems`), deleted from the store and
+  skipped.
 - Every action is an audit event.
 
 Thread-safe: every public method takes one mutex. ``listener(devices, events)`` is called under it
@@ -25,8 +33,10 @@ after each change, so publishers see changes in order.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -34,8 +44,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from pvcoord.store import Store, StoreError
-from pvdb.models import BEAMLINE, EventAction, Lock, LockEvent, LockType
+from pvcoord.store import AuthorityError, BadRow, Store, StoreError
+from pvdb.models import BEAMLINE, DEVICE_NAME_RE, EventAction, Lock, LockEvent, LockType
 from pvdb.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,13 @@ KEY_HASHES_KEPT = 8
 """Keys (as digests) that stay valid for one lock when its holder re-requests it."""
 NOTICES_KEPT = 4096
 """How many 'your lock was preempted/expired' notices are remembered for their holders."""
+CLOCK_STEP = 1.0
+"""Seconds by which the wall clock must jump against the monotonic clock to count as a step."""
+LOAD_SLACK = 5.0
+"""Seconds of clock difference tolerated when checking a stored lease against the policy."""
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+_ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]{1,255}$")
 
 
 class LockError(Exception):
@@ -134,6 +151,10 @@ class LockTable:
             until :meth:`set_devices` is called).
         clock: epoch seconds (tests may pass a fake clock).
         listener: called as ``listener(changed_devices, events)`` after every change.
+        monotonic: the clock leases run on (seconds, any origin). Default: ``time.monotonic``
+            with the default ``clock``, else ``clock`` itself (one fake clock drives both).
+        roles_of: OS groups of an account, to check stored locks against the policy on load
+            (default: no groups).
     """
 
     def __init__(
@@ -143,18 +164,34 @@ class LockTable:
         devices: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
         listener: Callable[[set[str], list[LockEvent]], None] | None = None,
+        monotonic: Callable[[], float] | None = None,
+        roles_of: Callable[[str], frozenset[str]] | None = None,
     ) -> None:
         self.policy = policy
         self.store = store
         self.clock = clock
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self.listener = listener
+        self._roles_of = roles_of or (lambda _account: frozenset())
         self._mutex = threading.RLock()
         self._devices: frozenset[str] | None = None if devices is None else frozenset(devices)
-        self._locks: dict[str, Lock] = {lk.device: lk for lk in store.load_locks()}
+        self._locks: dict[str, Lock] = {}
+        self._deadline: dict[str, float] = {}  # device -> monotonic end of its lease
+        self._heap: list[tuple[float, str]] = []  # (deadline, device); stale entries skipped
+        self._by_key: dict[str, set[str]] = {}  # key digest -> devices it holds
+        self._offset = self.clock() - self.monotonic()
         self._notices: OrderedDict[object, str] = OrderedDict()
         self._store_error: str | None = None
         self._store_error_logged = 0.0
-        self.startup_events: list[LockEvent] = self.expire(reason="while the IOC was down")
+        self._tls = threading.local()
+        self._last_token = 0
+        self._authority_error: str | None = None
+        self._unverified: set[str] = set()  # loaded before the device list was known
+        self.load_problems: list[str] = []
+        """One line per stored row rejected at start (shown in ``Coord:Health``)."""
+        rejected = self._load()
+        self.startup_events: list[LockEvent] = rejected + self.expire(
+            reason="while the IOC was down")
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -169,9 +206,55 @@ class LockTable:
         return self._devices
 
     def set_devices(self, devices: Iterable[str]) -> None:
-        """Replace the accepted device names (from the registry). Existing locks are kept."""
+        """Replace the accepted device names (from the registry). Existing locks are kept.
+
+        Locks loaded from the store before the first device list arrived are checked against
+        it: one on an unknown device is rejected like any bad row (event, deleted, skipped).
+        """
         with self._mutex:
             self._devices = frozenset(devices) - {BEAMLINE}
+            unknown = sorted(d for d in self._unverified
+                             if d != BEAMLINE and d not in self._devices and d in self._locks)
+            self._unverified.clear()
+            if not unknown:
+                return
+            bad = [BadRow(d, self._locks[d].holder, "unknown device (not in the registry)")
+                   for d in unknown]
+            for d in unknown:
+                self._drop(d)
+            events = self._reject(bad, self.clock())
+            self.startup_events.extend(events)
+            if self.listener is not None:
+                self.listener(set(unknown), events)
+
+    def _put(self, lk: Lock) -> None:
+        """Hold ``lk`` in memory; its lease ends ``expires - now`` s from now, monotonically."""
+        end = self.monotonic() + (lk.expires - self.clock())
+        self._unindex(lk.device)
+        self._locks[lk.device] = lk
+        for h in lk.key_hashes:
+            self._by_key.setdefault(h, set()).add(lk.device)
+        self._deadline[lk.device] = end
+        heapq.heappush(self._heap, (end, lk.device))
+        if len(self._heap) > 4 * len(self._locks) + 64:  # drop stale entries now and then
+            self._heap = [(e, d) for d, e in self._deadline.items()]
+            heapq.heapify(self._heap)
+
+    def _unindex(self, device: str) -> None:
+        old = self._locks.get(device)
+        if old is None:
+            return
+        for h in old.key_hashes:
+            devs = self._by_key.get(h)
+            if devs is not None:
+                devs.discard(device)
+                if not devs:
+                    del self._by_key[h]
+
+    def _drop(self, device: str) -> None:
+        self._unindex(device)
+        self._locks.pop(device, None)
+        self._deadline.pop(device, None)
 
     def locks(self) -> list[Lock]:
         """Active locks sorted by device."""
@@ -193,6 +276,88 @@ class LockTable:
         """Earliest expiry (epoch s) of any lock, or None."""
         with self._mutex:
             return min((lk.expires for lk in self._locks.values()), default=None)
+
+    def get(self, device: str) -> Lock | None:
+        """The lock on ``device`` itself (not a ``beamline`` lock covering it), or None."""
+        return self._locks.get(device)
+
+    def remaining(self, lock: Lock) -> float:
+        """Seconds of lease left for ``lock`` on the monotonic clock (0 when over)."""
+        with self._mutex:
+            end = self._deadline.get(lock.device)
+            if end is None:
+                return max(0.0, lock.expires - self.clock())
+            return max(0.0, end - self.monotonic())
+
+    # --- loading untrusted rows ---------------------------------------------------------------
+
+    def _check_loaded(self, lk: Lock, now: float) -> str | None:
+        """Why a stored lock cannot be trusted, or None."""
+        if lk.device != BEAMLINE and not DEVICE_NAME_RE.match(lk.device):
+            return "not a valid device name"
+        if self._devices is not None and lk.device != BEAMLINE and lk.device not in self._devices:
+            return "unknown device (not in the registry)"
+        for name, value in (("acquired", lk.acquired), ("expires", lk.expires)):
+            if not math.isfinite(value):
+                return f"{name} is not a finite time"
+        lp = self.policy.lock_types[lk.lock_type]
+        if lk.expires - now > lp.max_lease + LOAD_SLACK:
+            return (f"lease ends in {lk.expires - now:.0f} s, beyond the {lk.lock_type.value} "
+                    f"maximum of {lp.max_lease:g} s")
+        if lk.acquired > now + LOAD_SLACK or lk.acquired > lk.expires:
+            return "acquired lies in the future or after its expiry"
+        if not _ACCOUNT_RE.match(lk.owner) or not _ACCOUNT_RE.match(lk.actor):
+            return "owner or actor is not a valid account name"
+        if not _HOST_RE.match(lk.host):
+            return "host is not a valid host name"
+        if len(lk.reason) > MAX_REASON or len(lk.plan_uid) > MAX_PLAN_UID or any(
+                ord(c) < 32 for c in lk.reason + lk.plan_uid):
+            return "reason or planUid is too long or has control characters"
+        if len(lk.key_hashes) > KEY_HASHES_KEPT or not all(
+                _HASH_RE.match(h) for h in lk.key_hashes):
+            return "key digests are malformed"
+        if not self.policy.may_take(lk.lock_type, lk.owner, self._roles_of(lk.owner)):
+            return f"{lk.owner} may not take {lk.lock_type.value} locks (policy)"
+        return None
+
+    def _load(self) -> list[LockEvent]:
+        """Load the store's locks, validating each; report, delete and skip the bad rows."""
+        good, bad = self.store.load_rows()
+        now = self.clock()
+        for lk in good:
+            why = self._check_loaded(lk, now)
+            if why is not None:
+                bad.append(BadRow(lk.device, lk.holder, why))
+                continue
+            self._put(lk)
+            if self._devices is None:
+                self._unverified.add(lk.device)
+        locked = [d for d in self._locks if d != BEAMLINE]
+        if BEAMLINE in self._locks and locked:  # a state the rules never produce
+            for d in locked:
+                bad.append(BadRow(d, self._locks[d].holder, "a device lock beside a beamline lock"))
+                self._drop(d)
+        return self._reject(bad, now)
+
+    def _reject(self, bad: list[BadRow], now: float) -> list[LockEvent]:
+        if not bad:
+            return []
+        events = []
+        for b in bad:
+            line = f"{b.key[:64]!r}: {b.why}"
+            self.load_problems.append(line)
+            events.append(LockEvent(
+                time=now, action=EventAction.REFUSED, device=b.key[:64] or "?",
+                actor="pvcoord", holder=b.data[:128] if "@" in b.data[:128] else "",
+                message=f"stored lock rejected at start and deleted: {b.why}",
+            ))
+            log.error("stored lock row %s rejected: %s (data %r)", b.key[:64], b.why, b.data)
+        try:
+            self._last_token = max(self._last_token, self.store.commit(
+                [], [b.key for b in bad], events))
+        except StoreError as e:
+            log.error("could not delete the rejected rows: %s", e)
+        return events
 
     # --- validation -------------------------------------------------------------------------
 
@@ -276,10 +441,13 @@ class LockTable:
         self.store.commit(upsert, delete, [])
 
     def _apply(self, change: _Change) -> None:
+        if self._authority_error is not None:
+            raise LockError(f"this IOC is no longer the lock authority, nothing changed: "
+                            f"{self._authority_error}")
         try:
             if self._store_error is not None:
                 self._resync()
-            self.store.commit(change.upsert, change.delete, change.events)
+            token = self.store.commit(change.upsert, change.delete, change.events)
         except StoreError as e:
             now = time.monotonic()
             if self._store_error is None or now - self._store_error_logged > 10:
@@ -290,10 +458,12 @@ class LockTable:
         if self._store_error is not None:
             log.warning("store works again")
             self._store_error = None
+        self._tls.token = max(getattr(self._tls, "token", 0), token)
+        self._last_token = max(self._last_token, token)
         for d in change.delete:
-            self._locks.pop(d, None)
+            self._drop(d)
         for lk in change.upsert:
-            self._locks[lk.device] = lk
+            self._put(lk)
             self._notices.pop((lk.owner, lk.device), None)  # a new lock: old news is stale
         for k, msg in change.notices.items():
             self._notices[k] = msg
@@ -305,6 +475,51 @@ class LockTable:
         if self.listener is not None:
             changed = {lk.device for lk in change.upsert} | set(change.delete)
             self.listener(changed, change.events)
+
+    def durable(self) -> None:
+        """Wait until this thread's changes are on stable storage; call it before replying.
+
+        Several threads waiting at once share one fsync (group commit). Call it without
+        holding :attr:`mutex`.
+
+        Raises:
+            LockError: the store could not flush; the change is in effect (memory and the
+                store's file) but may not survive a power loss of the host.
+        """
+        token = getattr(self._tls, "token", 0)
+        self._tls.token = 0
+        try:
+            self.store.durable(token)
+        except StoreError as e:
+            self._store_error = str(e)
+            log.error("store flush failed: %s", e)
+            err = LockError(f"the lock store could not flush the change to disk ({e}); it is "
+                            "in effect but may not survive a power loss")
+            err.audited = True
+            raise err from None
+
+    @property
+    def authority_error(self) -> str | None:
+        """Why this IOC lost the store's authority (then every change is refused), or None."""
+        return self._authority_error
+
+    def keep_authority(self) -> None:
+        """Renew the store's authority (every second); on loss refuse every further change."""
+        try:
+            self.store.keep_authority()
+        except AuthorityError as e:
+            if self._authority_error is None:
+                log.error("%s: refusing every change from now on", e)
+            self._authority_error = str(e)
+        except StoreError as e:
+            self._store_error = str(e)
+
+    def flush(self) -> None:
+        """Make every change so far durable (the IOC's tick: expiry and refusal events)."""
+        try:
+            self.store.durable(self._last_token)
+        except StoreError as e:
+            self._store_error = str(e)
 
     def audit_refusal(
         self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str
@@ -442,7 +657,7 @@ class LockTable:
         devs = tuple(sorted(set(devices or ())))
         if key:
             kh = hash_key(key)
-            held = [lk for lk in self._locks.values() if kh in lk.key_hashes]
+            held = [self._locks[d] for d in self._by_key.get(kh, ())]
             if not held:
                 notice = self._notices.get(kh)
                 raise LockError(notice or f"cannot {verb}: no active lock matches the given key")
@@ -582,11 +797,49 @@ class LockTable:
             self._apply(change)
             return devs
 
+    def _follow_clock_step(self) -> None:
+        """If the wall clock stepped, shift every lock's wall-clock times by the step (rewrite)."""
+        offset = self.clock() - self.monotonic()
+        step = offset - self._offset
+        if abs(step) < CLOCK_STEP:
+            return
+        self._offset = offset
+        if not self._locks:
+            return
+        log.warning("the wall clock stepped by %+.1f s: %d lease(s) keep their remaining time; "
+                    "their wall-clock times are shifted", step, len(self._locks))
+        shifted = [lk.model_copy(update={"acquired": lk.acquired + step,
+                                         "expires": lk.expires + step})
+                   for lk in self._locks.values()]
+        try:
+            self._last_token = max(self._last_token, self.store.commit(shifted, [], []))
+        except StoreError as e:
+            self._offset -= step  # try again at the next tick
+            log.error("could not rewrite the shifted lease times: %s", e)
+            return
+        for lk in shifted:  # same monotonic deadline, new wall-clock times
+            self._locks[lk.device] = lk
+        if self.listener is not None:
+            self.listener({lk.device for lk in shifted}, [])
+
     def expire(self, now: float | None = None, reason: str = "") -> list[LockEvent]:
-        """Drop every lock whose lease has run out; return the ``expired`` events."""
+        """Drop every lock whose lease has run out; return the ``expired`` events.
+
+        Leases are timed on :attr:`monotonic`; ``now`` (wall clock, for tests) additionally
+        expires every lock whose wall-clock ``expires`` is not after it.
+        """
         with self._mutex:
+            self._follow_clock_step()
+            mono = self.monotonic()
+            due: set[str] = set()
+            while self._heap and self._heap[0][0] <= mono:
+                end, d = heapq.heappop(self._heap)
+                if self._deadline.get(d) == end:
+                    due.add(d)
+            if now is not None:
+                due |= {d for d, lk in self._locks.items() if lk.expires <= now}
             now = self.clock() if now is None else now
-            gone = [lk for lk in self._locks.values() if lk.expires <= now]
+            gone = [self._locks[d] for d in due if d in self._locks]
             if not gone:
                 return []
             change = _Change(delete=[lk.device for lk in gone])
@@ -601,5 +854,7 @@ class LockTable:
             try:
                 self._apply(change)
             except LockError:
-                return []  # store down: try again at the next tick
+                for lk in gone:  # store down: try again at the next tick
+                    heapq.heappush(self._heap, (self._deadline[lk.device], lk.device))
+                return []
             return change.events

@@ -1,0 +1,370 @@
+"""Durability, time, one authority and untrusted store rows (issue 12), without a network.
+
+The lock table runs on a real SQLite (or Redis) store; clocks are injected so a wall-clock step
+is a plain assignment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+
+import pytest
+
+from iocs.coordination.locktable import Identity, LockError, LockTable, hash_key
+from pvcoord.procs import start_redis
+from pvcoord.store import AuthorityError, RedisStore, SQLiteStore, StoreError, open_store
+from pvdb.models import EventAction, Lock, LockType
+from pvdb.policy import parse_policy
+
+POLICY = parse_policy(
+    """
+[lock_types.MAINTENANCE]
+allow = ["root"]
+default_lease = 600
+max_lease = 3600
+
+[lock_types.MANUAL_OPERATOR]
+allow = ["*"]
+default_lease = 300
+max_lease = 3600
+"""
+)
+ALICE = Identity("alice", "10.0.0.1")
+DEVICES = ["m1", "m2", "m3"]
+T0 = 1_800_000_000.0
+
+
+class Clocks:
+    """A wall clock and a monotonic clock that tests move independently."""
+
+    def __init__(self) -> None:
+        self.wall = T0
+        self.mono = 1000.0
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, s: float) -> None:
+        self.wall += s
+        self.mono += s
+
+
+@pytest.fixture
+def clocks() -> Clocks:
+    return Clocks()
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "locks.sqlite"
+
+
+def table_on(path, clocks, devices=DEVICES, **kw) -> LockTable:
+    return LockTable(POLICY, open_store(f"sqlite:///{path}"), devices=devices, clock=clocks.time,
+                     monotonic=clocks.monotonic, **kw)
+
+
+# --- time ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+def test_wall_clock_step_neither_expires_nor_extends(path, clocks, step):
+    t = table_on(path, clocks)
+    r = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+    clocks.advance(10)
+    clocks.wall += step  # NTP step
+    assert t.expire() == []  # a forward step does not expire it
+    (lk,) = t.locks()
+    assert lk.expires == pytest.approx(r.expires + step)  # wall-clock times follow the step
+    assert t.remaining(lk) == pytest.approx(50)
+    assert t.store.load_locks()[0].expires == pytest.approx(r.expires + step)  # rewritten
+    clocks.advance(49)
+    assert t.expire() == [] and len(t.locks()) == 1  # a backward step does not extend it
+    clocks.advance(1.01)
+    (ev,) = t.expire()
+    assert ev.action == EventAction.EXPIRED and t.locks() == []
+    with pytest.raises(LockError, match="expired at"):
+        t.renew(ALICE, key=r.key)
+
+
+def test_restart_takes_the_stored_wall_clock_expiry(path, clocks):
+    """Documented restart behaviour: the stored wall-clock ``expires`` is the reference."""
+    t = table_on(path, clocks)
+    t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+    t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 20)
+    t.store.close()
+    clocks.wall += 30  # the IOC was down for 30 s
+    clocks.mono = 5.0  # a new process (or a reboot): its monotonic clock tells nothing
+    t2 = table_on(path, clocks)
+    assert [lk.device for lk in t2.locks()] == ["m1"]
+    assert t2.remaining(t2.locks()[0]) == pytest.approx(30)
+    assert [(e.action, e.device) for e in t2.startup_events] == [(EventAction.EXPIRED, "m2")]
+
+
+# --- untrusted rows -----------------------------------------------------------------------------
+
+def _lock(device="m1", lock_type="MANUAL_OPERATOR", owner="alice", expires=T0 + 60, **kw) -> dict:
+    d = {"device": device, "lock_type": lock_type, "owner": owner, "host": "10.0.0.1",
+         "actor": owner, "acquired": T0 - 5, "expires": expires, "reason": "",
+         "plan_uid": "", "key_hashes": [hash_key("k")]}
+    d.update(kw)
+    return d
+
+
+BAD_ROWS = {
+    "m1": "{not json",
+    "m2": json.dumps(_lock("m2", expires=T0 + 10 * 86400)),  # beyond the 3600 s maximum
+    "zz": json.dumps(_lock("zz")),  # not a known device
+    "m3": json.dumps(_lock("m3", lock_type="MAINTENANCE")),  # alice may not take MAINTENANCE
+    "det1": json.dumps(_lock("m9")),  # row key is not its device
+    "x y": json.dumps(_lock("x y")),  # not a device name
+}
+BAD_FIELDS = [
+    {"key_hashes": ["not-a-digest"]}, {"expires": "Infinity"}, {"owner": "a b"},
+    {"reason": "x" * 300}, {"lock_type": "BOSS"}, {"acquired": T0 + 1e6},
+]
+
+
+def _raw_rows(path, rows: dict[str, str]) -> None:
+    SQLiteStore(path).close()  # schema
+    with sqlite3.connect(path) as db:
+        db.executemany("INSERT OR REPLACE INTO locks(device, data) VALUES (?, ?)", rows.items())
+
+
+def test_bad_rows_are_reported_deleted_and_skipped(path, clocks):
+    good = json.dumps(_lock("m1", reason="kept"))
+    _raw_rows(path, {**BAD_ROWS, "m1": good})
+    t = table_on(path, clocks, devices=[*DEVICES, "det1"])
+    assert [(lk.device, lk.reason) for lk in t.locks()] == [("m1", "kept")]
+    refused = {e.device: e.message for e in t.startup_events if e.action == EventAction.REFUSED}
+    assert set(refused) == set(BAD_ROWS) - {"m1"}
+    assert "beyond the MANUAL_OPERATOR maximum" in refused["m2"]
+    assert "unknown device" in refused["zz"]
+    assert "may not take MAINTENANCE" in refused["m3"]
+    assert "is not its device" in refused["det1"]
+    assert len(t.load_problems) == len(refused)
+    # deleted from the store, the events are in it: a restart reports nothing new
+    t.store.close()
+    t2 = table_on(path, clocks, devices=[*DEVICES, "det1"])
+    assert t2.load_problems == [] and [lk.device for lk in t2.locks()] == ["m1"]
+    assert sum(e.action == EventAction.REFUSED for e in t2.store.recent_events(50)) == 5
+
+
+@pytest.mark.parametrize("fields", BAD_FIELDS, ids=[next(iter(f)) for f in BAD_FIELDS])
+def test_each_bad_field_is_rejected(path, clocks, fields):
+    _raw_rows(path, {"m1": json.dumps(_lock(**fields)), "m2": json.dumps(_lock("m2"))})
+    t = table_on(path, clocks)
+    assert [lk.device for lk in t.locks()] == ["m2"]
+    assert [e.device for e in t.startup_events] == ["m1"]
+
+
+def test_rows_on_unknown_devices_are_rejected_when_the_registry_answers(path, clocks):
+    _raw_rows(path, {"m1": json.dumps(_lock("m1")), "gone": json.dumps(_lock("gone"))})
+    seen = []
+    t = table_on(path, clocks, devices=None, listener=lambda d, e: seen.append((d, e)))
+    assert {lk.device for lk in t.locks()} == {"m1", "gone"}  # not judged yet
+    t.set_devices(DEVICES)
+    assert [lk.device for lk in t.locks()] == ["m1"]
+    assert seen[-1][0] == {"gone"} and "unknown device" in seen[-1][1][0].message
+    assert t.load_problems and "gone" in t.load_problems[0]
+
+
+# --- durability: group commit -------------------------------------------------------------------
+
+def test_group_commit_every_commit_durable_with_fewer_fsyncs(path, monkeypatch):
+    store = SQLiteStore(path)
+    calls = []
+    real = os.fsync
+
+    def counting_fsync(fd):  # the real fsync, counted
+        calls.append(store._written)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    n_threads, per_thread = 8, 40
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(per_thread):
+                now = T0 + j
+                token = store.commit([Lock(device=f"d{i}", lock_type=LockType.MANUAL_OPERATOR,
+                                           owner="a", host="h", actor="a", acquired=now,
+                                           expires=now + 60)], [], [])
+                store.durable(token)
+                assert store._synced >= token  # noqa: SLF001 - the property under test
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    monkeypatch.undo()
+    assert errors == []
+    total = n_threads * per_thread
+    print(f"{total} commits, {len(calls)} fsyncs")
+    assert 0 < len(calls) <= total
+    assert store._synced == store._written == total  # noqa: SLF001
+    store.close()
+
+
+def test_sync_normal_does_no_fsync(path, monkeypatch):
+    store = open_store(f"sqlite:///{path}?sync=normal")
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync with sync=normal"))
+    store.durable(store.commit([], [], []))
+    monkeypatch.undo()
+    store.close()
+    assert open_store(f"sqlite:///{path}").sync == "full"  # the default
+
+
+def test_fsync_failure_is_an_error_naming_the_store(path, clocks, monkeypatch):
+    t = table_on(path, clocks)
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+    with pytest.raises(LockError, match="could not flush the change to disk") as e:
+        t.durable()
+    assert e.value.audited
+    assert "Input/output error" in (t.store_error or "")
+
+
+# --- one authority ------------------------------------------------------------------------------
+
+def test_second_writer_of_a_sqlite_store_is_refused_naming_the_first(path):
+    a = SQLiteStore(path)
+    a.claim_authority("pid 111 on hostA for BL01: since 2026-01-01T00:00:00Z")
+    b = SQLiteStore(path)
+    with pytest.raises(AuthorityError, match="pid 111 on hostA for BL01:"):
+        b.claim_authority("pid 222 on hostB for BL01: since now")
+    a.close()
+    b.claim_authority("pid 222 on hostB for BL01: since now")  # free once the first is gone
+    b.close()
+
+
+@pytest.mark.system
+def test_redis_durability_checked_and_authority_kept(tmp_path):
+    from pvcoord.procs import ManagedProcess, free_port, redis_server_path, wait_until
+
+    port = free_port()
+    proc = ManagedProcess("redis-everysec", [
+        redis_server_path(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(tmp_path),
+        "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""], os.environ,
+        log_dir=tmp_path)
+    try:
+        import redis
+
+        r = redis.Redis(port=port)
+        wait_until(lambda: _ping(r), 10, "redis")
+        url = f"redis://127.0.0.1:{port}/0"
+        with pytest.raises(StoreError, match="appendfsync is 'everysec', not 'always'"):
+            open_store(url, namespace="T:")
+        s = open_store(url, namespace="T:", allow_nondurable=True)
+        assert "everysec" in (s.durability_warning or "")
+        s.close()
+        r.config_set("appendfsync", "always")
+        s1 = open_store(url, namespace="T:")
+        s1.claim_authority(f"pid {os.getpid()} on thishost for T: since now")
+        s2 = RedisStore(url, namespace="T:")
+        with pytest.raises(AuthorityError, match=f"pid {os.getpid()} on thishost"):
+            s2.claim_authority("pid 1 on other for T: since now")
+        s1.keep_authority()
+        s1.close()  # releases the claim
+        s2.claim_authority("pid 1 on other for T: since now")
+        # a stale claim of a dead process on this host is taken over at once
+        import socket
+
+        r.set("pvcoord:U::authority", f"pid 999999 on {socket.gethostname()} for U: since x")
+        s3 = RedisStore(url, namespace="U:")
+        s3.claim_authority("pid 2 on here for U: since now")
+        # rows that do not parse are reported, not a crash
+        r.hset("pvcoord:U::locks", mapping={"m1": b"\xff\xfe", "m2": json.dumps(_lock("m2"))})
+        good, bad = s3.load_rows()
+        assert [lk.device for lk in good] == ["m2"], bad
+        assert [b.key for b in bad] == ["m1"]
+        s2.close()
+        s3.close()
+    finally:
+        proc.stop()
+
+
+def _ping(r) -> bool:
+    import redis
+
+    try:
+        return bool(r.ping())
+    except redis.RedisError:
+        return False
+
+
+def test_start_redis_is_durable(tmp_path):
+    """The harness's redis (tests, benchmarks) passes the durability check."""
+    proc, port = start_redis(data_dir=tmp_path / "r")
+    try:
+        s = open_store(f"redis://127.0.0.1:{port}/0")
+        assert s.durability_warning is None
+        s.close()
+    finally:
+        proc.stop()
+
+
+test_start_redis_is_durable = pytest.mark.system(test_start_redis_is_durable)
+
+
+@pytest.mark.system
+def test_disk_full_refuses_changes_and_recovers(tmp_path, clocks):
+    """A small tmpfs filled up: each change is refused with nothing changed, then works again."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        t = table_on(small / "locks.sqlite", clocks)
+        first = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+        t.durable()
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT)  # fill the disk
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        refused = None
+        for i in range(2000):  # audit rows and WAL frames use the last free pages
+            before = {lk.device: lk for lk in t.locks()}
+            try:
+                t.renew(ALICE, key=first.key, timeout=60)
+                t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60, reason="r" * 200)
+                t.release(ALICE, ["m2"])
+            except LockError as e:
+                refused = (i, str(e))
+                break
+        assert refused is not None, "the disk never filled up"
+        print("disk full after", refused[0], "rounds:", refused[1])
+        assert "the lock store failed, nothing changed" in refused[1]
+        assert "full" in refused[1]
+        after = {lk.device: lk for lk in t.locks()}
+        assert after == before  # nothing half-applied
+        (small / "filler").unlink()
+        t.check_store()
+        assert t.store_error is None
+        assert t.acquire(ALICE, ["m3"], LockType.MANUAL_OPERATOR, 60).granted
+        t.store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

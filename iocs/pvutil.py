@@ -15,6 +15,8 @@ from typing import Any
 from p4p import Value
 from p4p.nt import NTTable
 
+from pvdb.redact import install_log_redaction
+
 
 def stamp(v: Value, ts: float) -> Value:
     """Set ``v``'s ``timeStamp`` to ``ts`` (epoch seconds); return ``v``."""
@@ -73,9 +75,13 @@ def request_args(value: Value, error: type[Exception], example: str) -> dict[str
 
 
 def setup_logging(level: str) -> None:
-    """Log to stderr with time stamps at ``level`` (DEBUG, INFO, WARNING, ERROR)."""
+    """Log to stderr with time stamps at ``level`` (DEBUG, INFO, WARNING, ERROR).
+
+    Every line passes :func:`pvdb.redact.redact` (no password in a log line).
+    """
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
 
 
 def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -12,6 +12,11 @@ URLs accepted by :func:`open_store`:
   ``kill -9`` of the IOC, not a power loss of the host) or ``?sync=full`` (each commit is also
   fsync'ed: survives a power loss; costs one fsync, ~0.5 ms on the benchmark machine, per change).
   See docs/decisions/0003-sqlite-synchronous-normal.md.
+  ``?mode=0600`` (default: only the service account that runs the IOC reads the file) or
+  ``?mode=0640`` (its group too, e.g. a queue service account whose worker hook reads the
+  store). A new file and its folder are created with that mode (the folder 0700 / 0750); an
+  existing file that others may read is narrowed to it. SQLite gives the ``-wal`` and ``-shm``
+  files the database file's mode.
 - ``redis://HOST:PORT/DB``: Redis; durability is the server's (run it with
   ``appendonly yes`` / ``appendfsync always`` as ``pvcoord.procs.start_redis`` does).
 
@@ -21,6 +26,8 @@ Keys are never stored: a lock keeps only SHA-256 digests of its keys.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -29,6 +36,9 @@ from typing import Protocol
 from urllib.parse import parse_qs, urlparse
 
 from pvdb.models import Lock, LockEvent
+from pvdb.redact import redact, redact_url, register_url
+
+log = logging.getLogger("pvcoord.store")
 
 
 class StoreError(RuntimeError):
@@ -93,6 +103,25 @@ def _event_from_row(row: tuple) -> LockEvent:
     )
 
 
+FILE_MODES = (0o600, 0o640)
+"""Modes a SQLite store file may have: the service account only, or its group reading too."""
+
+
+def _private_file(path: Path, mode: int) -> None:
+    """Create ``path`` (and its folder) with ``mode``, or narrow an existing one to it."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o750 if mode & 0o040 else 0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, mode))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists() and p.stat().st_mode & 0o777 & ~mode:
+            log.warning("store file %s was readable by others (%04o): narrowed to %04o",
+                        p, p.stat().st_mode & 0o777, mode)
+            p.chmod(p.stat().st_mode & 0o777 & mode)
+        elif p == path and p.stat().st_mode & 0o777 != mode:
+            p.chmod(mode)
+
+
 class SQLiteStore:
     """SQLite in WAL mode; one connection guarded by a mutex (the IOC calls it from p4p threads).
 
@@ -102,9 +131,13 @@ class SQLiteStore:
         readonly: open for reading only (the worker hook, the CLI).
     """
 
-    def __init__(self, path: str | Path, sync: str = "normal", readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, sync: str = "normal", readonly: bool = False, mode: int = 0o600
+    ) -> None:
         if sync not in ("full", "normal"):
             raise StoreError(f"sync must be 'full' or 'normal', not {sync!r}")
+        if mode not in FILE_MODES:
+            raise StoreError(f"mode must be 0600 or 0640, not {mode:04o}")
         self.path = Path(path)
         self.url = f"sqlite://{self.path}?sync={sync}"
         self._mutex = threading.Lock()
@@ -113,7 +146,7 @@ class SQLiteStore:
                 uri = self.path.resolve().as_uri() + "?mode=ro"  # file:///abs/path?mode=ro
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _private_file(self.path, mode)
                 self._db = sqlite3.connect(self.path, check_same_thread=False)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={sync.upper()}")
@@ -121,6 +154,8 @@ class SQLiteStore:
                 self._db.commit()
         except sqlite3.Error as e:
             raise StoreError(f"cannot open SQLite store {self.path}: {e}") from None
+        except OSError as e:
+            raise StoreError(f"cannot create SQLite store {self.path}: {e.strerror}") from None
 
     def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
         with self._mutex:
@@ -184,21 +219,23 @@ class RedisStore:
     def __init__(self, url: str, namespace: str = "default") -> None:
         import redis  # noqa: PLC0415 - only needed for this store
 
-        self.url = url
+        register_url(url)
+        self.url = redact_url(url)  # what messages and Coord:Health show: no password
         self._locks_key = f"pvcoord:{namespace}:locks"
         self._events_key = f"pvcoord:{namespace}:events"
         try:
             self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
             self._r.ping()
         except redis.RedisError as e:
-            raise StoreError(f"cannot connect to Redis store {url}: {e}") from None
+            raise StoreError(
+                redact(f"cannot connect to Redis store {self.url}: {e}")) from None
         self._redis_error = redis.RedisError
 
     def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
         try:
             data = self._r.hgetall(self._locks_key)
         except self._redis_error as e:
-            raise StoreError(f"cannot read locks from {self.url}: {e}") from None
+            raise StoreError(redact(f"cannot read locks from {self.url}: {e}")) from None
         return sorted((Lock.model_validate_json(v) for v in data.values()), key=lambda x: x.device)
 
     def commit(  # noqa: D102 - see Store
@@ -217,13 +254,13 @@ class RedisStore:
                 pipe.rpush(self._events_key, *evs)
             pipe.execute()
         except self._redis_error as e:
-            raise StoreError(f"cannot write to Redis store {self.url}: {e}") from None
+            raise StoreError(redact(f"cannot write to Redis store {self.url}: {e}")) from None
 
     def recent_events(self, n: int) -> list[LockEvent]:  # noqa: D102 - see Store
         try:
             rows = self._r.lrange(self._events_key, -n, -1)
         except self._redis_error as e:
-            raise StoreError(f"cannot read events from {self.url}: {e}") from None
+            raise StoreError(redact(f"cannot read events from {self.url}: {e}")) from None
         return [_event_from_row(tuple(json.loads(r))) for r in rows]
 
     def close(self) -> None:  # noqa: D102 - see Store
@@ -249,9 +286,16 @@ def open_store(url: str, namespace: str = "default", readonly: bool = False) -> 
         if not path:
             raise StoreError(f"store URL {url!r} has no file path")
         opts = parse_qs(parsed.query) if parsed.scheme else {}
-        unknown = set(opts) - {"sync"}
+        unknown = set(opts) - {"sync", "mode"}
         if unknown:
-            raise StoreError(f"unknown store option(s) {sorted(unknown)} in {url!r}; use sync=")
+            raise StoreError(
+                f"unknown store option(s) {sorted(unknown)} in {url!r}; use sync= or mode=")
         sync = opts.get("sync", ["normal"])[0]
-        return SQLiteStore(path, sync=sync, readonly=readonly)
-    raise StoreError(f"unknown store {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")
+        mode_text = opts.get("mode", ["0600"])[0]
+        try:
+            mode = int(mode_text, 8)
+        except ValueError:
+            raise StoreError(f"mode must be 0600 or 0640, not {mode_text!r}") from None
+        return SQLiteStore(path, sync=sync, readonly=readonly, mode=mode)
+    raise StoreError(
+        f"unknown store {redact_url(url)!r}: use sqlite:///PATH or redis://HOST:PORT/DB")

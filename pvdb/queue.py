@@ -19,6 +19,7 @@ Control RPCs are named after the RE Manager API call they make (``queue_start`` 
 from __future__ import annotations
 
 from .names import PVKind, PVSpec, snake_to_pascal
+from .redact import redact_url as redact_url  # re-exported: callers use qn.redact_url
 
 SERVER = "queue"
 
@@ -369,16 +370,6 @@ def hook_request_key(prefix: str) -> str:
 def hook_reply_key(prefix: str, request_id: str) -> str:
     """Redis list the queue IOC pushes the answer of request ``request_id`` to."""
     return f"pvcoord:{prefix}queue:reply:{request_id}"
-
-
-def redact_url(url: str) -> str:
-    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0`` (for messages)."""
-    scheme, sep, rest = url.partition("://")
-    auth, at, hostpart = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = auth.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}" if ":" in auth else f"{scheme}://***@{hostpart}"
 
 
 def pv_table() -> str:

@@ -23,6 +23,7 @@ from p4p.server.thread import SharedPV
 
 from pvdb import names as pvn
 from pvdb.models import BEAMLINE, Lock, LockEvent
+from pvdb.redact import redact
 
 from .. import pvutil
 from . import args as rpcargs
@@ -304,13 +305,14 @@ class _RPC:
                 self._audit(op, args, str(e))
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", self.spec.suffix)
-            op.done(error=f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}")
+            op.done(error=redact(
+                f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}"))
 
     def _audit(self, op, args: dict[str, str], msg: str) -> None:
         try:
             ident = Identity(op.account() or "anonymous",
                              (op.peer() or "unknown").rsplit(":", 1)[0])
-            devices = [args.get("device", "?")]
+            devices = [d.strip() for d in args.get("device", "?").split(",")]
             self.ioc.table.audit_refusal(ident, devices, None, f"{self.spec.suffix}: {msg}")
         except Exception:  # noqa: BLE001 - auditing must never break the reply path
             log.exception("could not audit a refusal")
@@ -390,7 +392,7 @@ async def serve(
                 except Exception:  # noqa: BLE001 - keep serving; the health PV shows it
                     log.exception("tick failed")
                 if table.store_error is not None:
-                    ioc.set_health(f"store failing: {table.store_error}"[:200])
+                    ioc.set_health(redact(f"store failing: {table.store_error}")[:200])
                 elif follower is not None and not follower.connected:
                     ioc.set_health(f"registry {follower.name} not connected")
                 elif table.devices is None:

@@ -21,6 +21,7 @@ from p4p.server import Server, StaticProvider
 from pvdb import queue as qn
 from pvdb.names import check_prefix
 from pvdb.policy import Policy
+from pvdb.redact import register_url
 
 from . import model
 from .locks import Inputs, LockKeeper
@@ -82,6 +83,7 @@ class QueueIOC:
         self.policy = policy
         self.user_group = user_group
         self.redis_url = redis_url
+        register_url(redis_url)  # its password is hidden in every PV, message and log line
         self.provider = StaticProvider("pvcoord-queue")
         self.pvs = QueuePVs(self.prefix, self.provider)
         self.rpcs = add_rpcs(self.prefix, self.provider, self._handlers())

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import grp
 import importlib
 import os
 import re
@@ -251,7 +252,26 @@ def write_files(ctx: DemoContext) -> None:
     ctx.files["database"] = devices.write_database(ctx.prefix, ctx.run_dir / "demo.db")
     ctx.files["registry"] = devices.write_registry(ctx.prefix, ctx.run_dir / "registry.yaml")
     ctx.files["policy"] = write_policy(ctx.run_dir / "policy.toml")
-    ctx.files["store"] = ctx.run_dir / "locks.sqlite"
+    ctx.files["store"] = _store_dir(ctx.run_dir / "store") / "locks.sqlite"
+
+
+def _store_dir(path: Path) -> Path:
+    """The lock store's folder: 0700, or 2750 with the queue service account's group.
+
+    The worker hook (under that account) reads the store; nobody else may (the audit names every
+    holder, the locks keep key digests).
+    """
+    from pvcoord.demo.queue_part import QUEUE_LOCK_OWNER  # noqa: PLC0415 - avoids a cycle
+
+    path.mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:
+        try:
+            gid = grp.getgrnam(QUEUE_LOCK_OWNER).gr_gid
+        except KeyError:
+            return path
+        os.chown(path, -1, gid)
+        path.chmod(0o2750)  # setgid: the store files get the group
+    return path
 
 
 # --- base components --------------------------------------------------------------------------
@@ -295,11 +315,13 @@ def _has_all_devices(value: object) -> bool:
 
 def start_coordination(ctx: DemoContext) -> None:
     """The coordination IOC (SQLite store in the run dir), following the registry's devices."""
+    store = Path(ctx.files["store"])
+    mode = "0640" if store.parent.stat().st_mode & 0o040 else "0600"
     ctx.start(
         "coordination",
         python_module(
             "iocs.coordination", "--prefix", ctx.prefix, "--policy", str(ctx.files["policy"]),
-            "--store", f"sqlite:///{ctx.files['store']}", "--registry-prefix", ctx.prefix,
+            "--store", f"sqlite:///{store}?mode={mode}", "--registry-prefix", ctx.prefix,
         ),
         ctx.server_env("coordination"),
         ready_pv=COORD_DEVICES.name(ctx.prefix),

@@ -407,7 +407,8 @@ def service_account_problem(
     if probe.returncode != 0:
         return f"{QUEUE_LOCK_OWNER} cannot import pvcoord (checkout not readable by other accounts)"
     if run_dir is not None:
-        run_dir.chmod(0o755)  # the service account reads the policy, startup and lock store
+        # the service account reaches the policy, startup and lock store by name, lists nothing
+        run_dir.chmod(0o711)
         reach = subprocess.run(
             ["runuser", "-u", QUEUE_LOCK_OWNER, "--", "test", "-x", str(run_dir)],
             capture_output=True, timeout=30,

@@ -123,3 +123,60 @@ def test_key_only_for_its_own_locks_and_dead_after_release(table):
     with pytest.raises(LockError):
         table.renew(ALICE, key=a.key)  # the released key does not come back with a new grant
     assert table.release(ALICE, key=b.key) == ("m2",) and again.key
+
+
+@pytest.mark.system
+def test_redis_password_never_shown_by_the_coordination_ioc(env, tmp_path):
+    """The hole: the Redis store password showed in Coord:Health, RPC errors and the log."""
+    from p4p.client.thread import Context
+
+    from pvcoord.procs import (
+        ManagedProcess,
+        python_module,
+        server_env,
+        start_redis,
+        wait_for_pv,
+        wait_until,
+    )
+    from pvdb import names as pvn
+
+    from .coordhelpers import CLIENT_TIMEOUT, PREFIX, REPO, rpc
+    from .test_demo_beamline import cmdlines
+
+    redis, port = start_redis(data_dir=tmp_path / "redis", password=PASSWORD)
+    proc = None
+    try:
+        # the password only in the environment ($PVCOORD_STORE), never on the command line
+        ioc_env = {**server_env(env), "PVCOORD_STORE": f"redis://:{PASSWORD}@127.0.0.1:{port}/0"}
+        proc = ManagedProcess(
+            "coordination",
+            python_module("iocs.coordination", "--prefix", PREFIX, "--devices", "m1,m2"),
+            ioc_env, cwd=REPO, log_dir=tmp_path,
+        )
+        wait_for_pv(pvn.COORD_LOCKS.name(PREFIX), env, procs=[proc])
+        conf = {k: v for k, v in env.items() if k.startswith("EPICS_PVA")}
+        with Context("pva", conf=conf, useenv=False) as ctxt:
+            ok = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="60")
+            assert not isinstance(ok, Exception), ok
+            texts = [" ".join(cmdlines().values())]
+            redis.stop()  # the store fails: every text that describes the failure is checked
+            err = rpc(ctxt, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR", timeout="60")
+            assert isinstance(err, Exception)
+            texts.append(str(err))
+            def health_now() -> str:
+                return str(ctxt.get(pvn.COORD_HEALTH.name(PREFIX), timeout=CLIENT_TIMEOUT))
+
+            wait_until(lambda: "store failing" in health_now(), CLIENT_TIMEOUT, "store failing")
+            health = health_now()
+            assert "store failing" in health and "***" in health, health
+            texts += [health, str(ctxt.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT)),
+                      str(ctxt.get(pvn.COORD_LAST_EVENT.name(PREFIX), timeout=CLIENT_TIMEOUT))]
+        proc.stop()
+        texts.append(proc.output())
+        blob = "\n".join(texts)
+        assert "127.0.0.1" in blob and "Redis store" in blob
+        assert PASSWORD not in blob
+    finally:
+        if proc is not None:
+            proc.stop()
+        redis.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 from p4p.client.thread import Context
@@ -14,6 +16,7 @@ from pvcoord.demo import beamline
 from pvcoord.demo.queue_part import (
     PRIVATE_KEY_ENV,
     QUEUE_LOCK_OWNER,
+    manager_call,
     run_queue_walkthrough,
     zmq_addr,
 )
@@ -48,6 +51,8 @@ def test_demo_starts_the_queue_part_and_the_walkthrough_passes(shared_run_dir):
         assert ok, text
         assert "preempted" in text and "refused 'set' on m2" in text
         _no_secret_anywhere(ctx, out)
+        if os.geteuid() == 0:
+            _queue_start_by_an_unnamed_account_is_refused(ctx)
     except BaseException:
         print(out.getvalue())
         for p in ctx.procs.values():
@@ -107,3 +112,16 @@ def _no_secret_anywhere(ctx, out) -> None:
     assert "scan for secrets" in blob and "released" in blob  # we looked at the right things
     for secret in secrets:
         assert secret not in blob
+
+
+def _queue_start_by_an_unnamed_account_is_refused(ctx) -> None:
+    """Issue 11, finding 4: ``nobody`` (not in the demo policy's queue_control) cannot start the
+    queue, so cannot preempt a manual lock through it; the manager's state is unchanged."""
+    name = qn.QUEUE_START.name("QD:")
+    argv = ["runuser", "-u", "nobody", "--", sys.executable, "-m", "p4p.client.cli", "-w", "10",
+            "rpc", name]
+    p = subprocess.run(argv, env=dict(ctx.env), capture_output=True, text=True, timeout=60,
+                       cwd="/")
+    out = p.stdout + p.stderr
+    assert "account 'nobody' may not control the queue" in out, out
+    assert manager_call(ctx.port("zmq-control"), "status")["manager_state"] == "idle"

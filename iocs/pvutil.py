@@ -19,6 +19,7 @@ from p4p.server.thread import SharedPV
 
 from pvcoord.service import ServiceNotifier
 from pvdb.process import PROCESSES, pvcoord_version
+from pvdb.redact import install_log_redaction
 
 
 def stamp(v: Value, ts: float) -> Value:
@@ -78,9 +79,13 @@ def request_args(value: Value, error: type[Exception], example: str) -> dict[str
 
 
 def setup_logging(level: str) -> None:
-    """Log to stderr with time stamps at ``level`` (DEBUG, INFO, WARNING, ERROR)."""
+    """Log to stderr with time stamps at ``level`` (DEBUG, INFO, WARNING, ERROR).
+
+    Every line passes :func:`pvdb.redact.redact` (no password in a log line).
+    """
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
 
 
 def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 from pvdb.models import DeviceSignal
 from pvdb.names import COORD_EVENTS, COORD_LOCKS, check_prefix
+from pvdb.redact import looks_like_key
 
 from .client import (
     DEFAULT_CALL_TIMEOUT,
@@ -148,16 +149,38 @@ KEY_ENV = "PVCOORD_KEY"
 
 
 def _key(args: argparse.Namespace) -> str | None:
-    """The key of a release/renew: ``--key -`` (stdin), else ``--key KEY``, else ``$PVCOORD_KEY``.
+    """The key of a release/renew: ``--key -`` (stdin), ``--key-file FILE``, or ``$PVCOORD_KEY``.
 
-    A key on the command line is visible to every account in the process list.
+    A key on the command line is visible to every account in the process list, so ``--key`` takes
+    only ``-``; a key-shaped device argument is refused too (it would be sent as a device name).
+
+    Raises:
+        UsageError: a literal key on the command line, an empty stdin or key file, or a key where
+            a device belongs; nothing was sent.
     """
+    for d in (args.devices or "").split(","):
+        if looks_like_key(d.strip()):
+            raise UsageError(
+                f"{args.command}: the device argument looks like a lock key; it was not sent. "
+                f"Give a key on stdin (--key -), in a file (--key-file FILE) or in ${KEY_ENV}")
+    if args.key is not None and args.key != "-":
+        raise UsageError(
+            "--key takes only '-' (read the key from stdin): a key on the command line is "
+            f"visible to every account in the process list; or use --key-file FILE or ${KEY_ENV}")
     if args.key == "-":
         key = sys.stdin.readline().strip()
         if not key:
             raise UsageError("--key -: no key on standard input")
         return key
-    return args.key or os.environ.get(KEY_ENV) or None
+    if args.key_file is not None:
+        try:
+            key = Path(args.key_file).read_text().strip()
+        except OSError as e:
+            raise UsageError(f"--key-file {args.key_file}: {e.strerror}") from None
+        if not key:
+            raise UsageError(f"--key-file {args.key_file}: the file is empty")
+        return key
+    return os.environ.get(KEY_ENV) or None
 
 
 def _said(what: str, message: str) -> str:
@@ -540,16 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rl.add_argument("devices", nargs="?", default="", help="comma list of devices")
     rl.add_argument("--key", default=None,
-                    help="the key the lock was granted with; '-' reads it from stdin (a key on "
-                    "the command line is visible in the process list; $PVCOORD_KEY also works)")
+                    help="'-': read the key the lock was granted with from stdin (never give a "
+                    "key on the command line: the process list shows it; $PVCOORD_KEY works too)")
+    rl.add_argument("--key-file", default=None, metavar="FILE", help="read the key from FILE")
     rl.add_argument("--on-behalf-of", default=None, metavar="USER")
     rl.set_defaults(func=cmd_release)
 
     rn = sub.add_parser("renew", parents=[common], help="extend the lease of your locks")
     rn.add_argument("devices", nargs="?", default="", help="comma list of devices")
     rn.add_argument("--key", default=None,
-                    help="the key the lock was granted with; '-' reads it from stdin "
-                    "($PVCOORD_KEY also works)")
+                    help="'-': read the key the lock was granted with from stdin "
+                    "($PVCOORD_KEY works too)")
+    rn.add_argument("--key-file", default=None, metavar="FILE", help="read the key from FILE")
     rn.add_argument("--timeout", type=_positive, default=None,
                     help="new lease from now, in seconds (default: the type's default)")
     rn.add_argument("--on-behalf-of", default=None, metavar="USER")

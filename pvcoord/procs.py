@@ -327,17 +327,32 @@ def redis_server_path() -> str:
 
 
 def start_redis(
-    port: int | None = None, data_dir: str | Path | None = None, log_dir: str | Path | None = None
+    port: int | None = None,
+    data_dir: str | Path | None = None,
+    log_dir: str | Path | None = None,
+    password: str | None = None,
 ) -> tuple[ManagedProcess, int]:
     """Start a redis-server bound to 127.0.0.1 only (AOF on, so writes survive ``kill -9``).
+
+    ``password``: required of every client (``requirepass``), written to a 0600 config file in
+    ``data_dir``, never on the command line.
 
     Returns the process and its port once it answers PING (deadline 10 s).
     """
     port = port or free_port()
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix="pvcoord-redis-"))
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        redis_server_path(), "--bind", LOOPBACK, "--port", str(port), "--dir", str(data_dir),
+    argv = [redis_server_path()]
+    auth = b""
+    if password:
+        conf = data_dir / "redis-auth.conf"
+        conf.touch(mode=0o600)
+        conf.chmod(0o600)
+        conf.write_text(f"requirepass {password}\n")
+        argv.append(str(conf))
+        auth = f"AUTH {password}\r\n".encode()
+    argv += [
+        "--bind", LOOPBACK, "--port", str(port), "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes",
     ]
     proc = ManagedProcess(f"redis-{port}", argv, os.environ, log_dir=log_dir or data_dir)
@@ -347,8 +362,14 @@ def start_redis(
             raise RuntimeError(f"redis-server exited:\n{proc.output()}")
         try:
             with socket.create_connection((LOOPBACK, port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(auth + b"PING\r\n")
+                reply = b""
+                while reply.count(b"\r\n") < (2 if auth else 1):
+                    chunk = s.recv(64)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply.endswith(b"+PONG\r\n")
         except OSError:
             return False
 

@@ -24,6 +24,12 @@ refused with a message naming the first (pid, host, prefix, since when).
 Rows are not trusted: :meth:`Store.load_rows` returns the locks that parse and the rows that do not
 (the caller reports and drops them); :meth:`Store.load_locks` returns only the ones that parse.
 
+SQLite files: ``?mode=0600`` (default: only the service account that runs the IOC reads the
+file) or ``?mode=0640`` (its group too, e.g. a queue service account whose worker hook reads the
+store). A new file and its folder are created with that mode (the folder 0700 / 0750); an
+existing file that others may read is narrowed to it. SQLite gives the ``-wal`` and ``-shm``
+files the database file's mode. Passwords in a Redis URL are never shown (``pvdb.redact``).
+
 Keys are never stored: a lock keeps only SHA-256 digests of its keys.
 """
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -46,6 +53,9 @@ from urllib.parse import parse_qs, urlparse
 from pydantic import ValidationError
 
 from pvdb.models import Lock, LockEvent
+from pvdb.redact import redact, redact_url, register_url
+
+log = logging.getLogger("pvcoord.store")
 
 AUTHORITY_LEASE = 10.0
 """Seconds a Redis authority key lives without renewal (the IOC renews it every second)."""
@@ -193,6 +203,25 @@ def _pid_of(text: str) -> tuple[int | None, str | None]:
         return None, None
 
 
+FILE_MODES = (0o600, 0o640)
+"""Modes a SQLite store file may have: the service account only, or its group reading too."""
+
+
+def _private_file(path: Path, mode: int) -> None:
+    """Create ``path`` (and its folder) with ``mode``, or narrow an existing one to it."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o750 if mode & 0o040 else 0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, mode))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists() and p.stat().st_mode & 0o777 & ~mode:
+            log.warning("store file %s was readable by others (%04o): narrowed to %04o",
+                        p, p.stat().st_mode & 0o777, mode)
+            p.chmod(p.stat().st_mode & 0o777 & mode)
+        elif p == path and p.stat().st_mode & 0o777 != mode:
+            p.chmod(mode)
+
+
 class SQLiteStore:
     """SQLite in WAL mode; one connection guarded by a mutex (the IOC calls it from p4p threads).
 
@@ -202,9 +231,13 @@ class SQLiteStore:
         readonly: open for reading only (the worker hook, the CLI).
     """
 
-    def __init__(self, path: str | Path, sync: str = "full", readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, sync: str = "full", readonly: bool = False, mode: int = 0o600
+    ) -> None:
         if sync not in ("full", "normal"):
             raise StoreError(f"sync must be 'full' or 'normal', not {sync!r}")
+        if mode not in FILE_MODES:
+            raise StoreError(f"mode must be 0600 or 0640, not {mode:04o}")
         self.path = Path(path)
         self.sync = sync
         self.url = f"sqlite://{self.path}?sync={sync}"
@@ -220,7 +253,7 @@ class SQLiteStore:
                 uri = self.path.resolve().as_uri() + "?mode=ro"  # file:///abs/path?mode=ro
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _private_file(self.path, mode)
                 self._db = sqlite3.connect(self.path, check_same_thread=False)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 # NORMAL: SQLite itself does not fsync a commit; durable() does, for every
@@ -230,8 +263,10 @@ class SQLiteStore:
                 self._db.commit()
                 if sync == "full":
                     self._open_wal()
-        except (sqlite3.Error, OSError) as e:
+        except sqlite3.Error as e:
             raise StoreError(f"cannot open SQLite store {self.path}: {e}") from None
+        except OSError as e:
+            raise StoreError(f"cannot create SQLite store {self.path}: {e.strerror}") from None
 
     def _open_wal(self) -> None:
         """Open the WAL file for fsync, and make it and the database exist durably."""
@@ -380,9 +415,9 @@ class RedisStore:
     ) -> None:
         import redis  # noqa: PLC0415 - only needed for this store
 
-        self.url = url
-        shown = urlparse(url)
-        self._shown = url.replace(shown.password, "***") if shown.password else url
+        register_url(url)
+        self.url = redact_url(url)  # what messages and Coord:Health show: no password
+        self._shown = self.url
         self._locks_key = f"pvcoord:{namespace}:locks"
         self._events_key = f"pvcoord:{namespace}:events"
         self._authority_key = f"pvcoord:{namespace}:authority"
@@ -393,7 +428,8 @@ class RedisStore:
             self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
             self._r.ping()
         except redis.RedisError as e:
-            raise StoreError(f"cannot connect to Redis store {self._shown}: {e}") from None
+            raise StoreError(
+                redact(f"cannot connect to Redis store {self._shown}: {e}")) from None
         if check_durability:
             problem = self._durability_problem()
             if problem is not None:
@@ -424,7 +460,7 @@ class RedisStore:
         try:
             data = self._r.hgetall(self._locks_key)
         except self._redis_error as e:
-            raise StoreError(f"cannot read locks from {self._shown}: {e}") from None
+            raise StoreError(redact(f"cannot read locks from {self._shown}: {e}")) from None
         return _parse_rows(
             (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k), v)
             for k, v in data.items()
@@ -449,7 +485,7 @@ class RedisStore:
                 pipe.rpush(self._events_key, *evs)
             pipe.execute()
         except self._redis_error as e:
-            raise StoreError(f"cannot write to Redis store {self._shown}: {e}") from None
+            raise StoreError(redact(f"cannot write to Redis store {self._shown}: {e}")) from None
         return 0
 
     def durable(self, token: int) -> None:  # noqa: D102 - see Store
@@ -459,7 +495,7 @@ class RedisStore:
         try:
             rows = self._r.lrange(self._events_key, -n, -1)
         except self._redis_error as e:
-            raise StoreError(f"cannot read events from {self._shown}: {e}") from None
+            raise StoreError(redact(f"cannot read events from {self._shown}: {e}")) from None
         out = []
         for r in rows:
             try:
@@ -485,7 +521,7 @@ class RedisStore:
                         "per store"
                     )
         except self._redis_error as e:
-            raise StoreError(f"cannot claim the Redis store {self._shown}: {e}") from None
+            raise StoreError(redact(f"cannot claim the Redis store {self._shown}: {e}")) from None
         self._who = who
 
     def keep_authority(self) -> None:  # noqa: D102 - see Store
@@ -495,7 +531,7 @@ class RedisStore:
             ok = self._r.eval(_RENEW_LUA, 1, self._authority_key, self._who,
                               int(AUTHORITY_LEASE * 1000))
         except self._redis_error as e:
-            raise StoreError(f"cannot renew the claim on {self._shown}: {e}") from None
+            raise StoreError(redact(f"cannot renew the claim on {self._shown}: {e}")) from None
         if not ok:
             first = (self._r.get(self._authority_key) or b"").decode("utf-8", "replace")
             raise AuthorityError(f"lost the claim on the Redis store {self._shown} to "
@@ -544,9 +580,16 @@ def open_store(
         if not path:
             raise StoreError(f"store URL {url!r} has no file path")
         opts = parse_qs(parsed.query) if parsed.scheme else {}
-        unknown = set(opts) - {"sync"}
+        unknown = set(opts) - {"sync", "mode"}
         if unknown:
-            raise StoreError(f"unknown store option(s) {sorted(unknown)} in {url!r}; use sync=")
+            raise StoreError(
+                f"unknown store option(s) {sorted(unknown)} in {url!r}; use sync= or mode=")
         sync = opts.get("sync", ["full"])[0]
-        return SQLiteStore(path, sync=sync, readonly=readonly)
-    raise StoreError(f"unknown store {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")
+        mode_text = opts.get("mode", ["0600"])[0]
+        try:
+            mode = int(mode_text, 8)
+        except ValueError:
+            raise StoreError(f"mode must be 0600 or 0640, not {mode_text!r}") from None
+        return SQLiteStore(path, sync=sync, readonly=readonly, mode=mode)
+    raise StoreError(
+        f"unknown store {redact_url(url)!r}: use sqlite:///PATH or redis://HOST:PORT/DB")

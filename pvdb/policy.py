@@ -7,7 +7,7 @@ One TOML file per endstation (format in ``docs/policy.md``)::
     trusted_services = ["pvcoord-web"]  # may act on behalf of a named user
     force_release = ["role/staff"]      # may remove anyone's lock
     emergency = ["root"]                # guard: may write when the lock state is unknown
-    queue_control = ["*"]               # queue IOC control RPCs
+    queue_control = ["role/staff", "role/users"]  # queue IOC control RPCs
 
     [lock_types.MANUAL_OPERATOR]
     allow = ["*"]                       # account names, "role/<group>" or "*"
@@ -32,6 +32,12 @@ from .models import LockType
 ANYONE = "*"
 ROLE_PREFIX = "role/"
 _PRINCIPAL_RE = re.compile(r"^(\*|role/[A-Za-z0-9_.\-]+|[A-Za-z0-9_.\-@]+)$")
+
+
+DEFAULT_QUEUE_CONTROL = ("root", "role/staff", "role/users")
+"""Who may use the queue IOC's control RPCs when the policy does not say: root, the beamline
+staff and its users group (OS groups ``staff`` and ``users`` of the IOC host), not everyone: a
+queue item takes QUEUE_EXECUTING locks, which preempt manual locks."""
 
 
 class PolicyError(ValueError):
@@ -103,7 +109,7 @@ class AccessPolicy(BaseModel):
     trusted_services: list[str] = Field(default_factory=list)
     force_release: list[str] = Field(default_factory=lambda: ["root"])
     emergency: list[str] = Field(default_factory=list)
-    queue_control: list[str] = Field(default_factory=lambda: [ANYONE])
+    queue_control: list[str] = Field(default_factory=lambda: list(DEFAULT_QUEUE_CONTROL))
 
     _v = field_validator(
         "trusted_services", "force_release", "emergency", "queue_control"

@@ -18,7 +18,13 @@ Control RPCs are named after the RE Manager API call they make (``queue_start`` 
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from dataclasses import dataclass
+
 from .names import PVKind, PVSpec, snake_to_pascal
+from .redact import redact_url as redact_url  # re-exported: callers use qn.redact_url
 
 SERVER = "queue"
 
@@ -379,14 +385,91 @@ def hook_reply_key(prefix: str, request_id: str) -> str:
     return f"pvcoord:{prefix}queue:reply:{request_id}"
 
 
-def redact_url(url: str) -> str:
-    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0`` (for messages)."""
-    scheme, sep, rest = url.partition("://")
-    auth, at, hostpart = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = auth.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}" if ":" in auth else f"{scheme}://***@{hostpart}"
+HOOK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+"""A request id: ``uuid.uuid4().hex`` (also the tail of its reply key)."""
+HOOK_MAX_DEVICE = 128
+"""Longest device name in a hook request (characters)."""
+HOOK_MAX_TEXT = 1024
+"""Longest ``refusing`` reason in a hook request (characters)."""
+HOOK_MAX_BYTES = 4096
+"""Largest hook request accepted (bytes of JSON)."""
+_HOOK_FIELDS = {"id", "device", "time", "pid", "refusing"}
+
+
+class HookRequestError(ValueError):
+    """A malformed worker-hook request.
+
+    Attributes:
+        code: machine-readable reason (``not_json``, ``not_object``, ``too_large``,
+            ``bad_id``, ``bad_device``, ``bad_time``, ``bad_pid``, ``bad_refusing``,
+            ``unknown_field``).
+        request_id: the request's id when it was valid (so the sender can be answered), else
+            ``None``.
+    """
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.request_id = code, request_id
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """One validated lock request of the worker hook (see :func:`parse_hook_request`)."""
+
+    id: str
+    device: str
+    time: float
+    pid: int | None = None
+    refusing: str | None = None
+
+
+def _printable(text: str, limit: int) -> bool:
+    return 0 < len(text) <= limit and text.isprintable()
+
+
+def parse_hook_request(raw: bytes | str) -> HookRequest:
+    """Validate one message of the hook's request list.
+
+    The format: a JSON object ``{"id": 32 hex, "device": NAME, "time": epoch s[, "pid": int]
+    [, "refusing": reason]}``; nothing else.
+
+    Raises:
+        HookRequestError: with a code and the id if that much was valid.
+    """
+    if len(raw) > HOOK_MAX_BYTES:
+        raise HookRequestError("too_large", f"{len(raw)} bytes; the limit is {HOOK_MAX_BYTES}")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HookRequestError("not_json", f"not JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise HookRequestError("not_object", f"a JSON {type(data).__name__}, not an object")
+    rid = data.get("id")
+    rid = rid if isinstance(rid, str) and HOOK_ID_RE.match(rid) else None
+    if rid is None:
+        raise HookRequestError("bad_id", "'id' must be 32 lower-case hex digits")
+    unknown = sorted(str(k)[:32] for k in set(data) - _HOOK_FIELDS)
+    if unknown:
+        raise HookRequestError("unknown_field", f"unknown field(s) {unknown}", rid)
+    device = data.get("device")
+    if not isinstance(device, str) or not _printable(device, HOOK_MAX_DEVICE) or " " in device:
+        raise HookRequestError(
+            "bad_device", f"'device' must be a name of 1-{HOOK_MAX_DEVICE} printable characters "
+            "without spaces", rid)
+    t = data.get("time")
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        raise HookRequestError("bad_time", "'time' must be a number (epoch seconds)", rid)
+    pid = data.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+        raise HookRequestError("bad_pid", "'pid' must be an integer", rid)
+    refusing = data.get("refusing")
+    if refusing is not None and (
+        not isinstance(refusing, str) or len(refusing) > HOOK_MAX_TEXT
+    ):
+        raise HookRequestError(
+            "bad_refusing", f"'refusing' must be a text of at most {HOOK_MAX_TEXT} characters",
+            rid)
+    return HookRequest(rid, device, float(t), pid, refusing)
 
 
 def pv_table() -> str:

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from pvcoord import cli
 from pvcoord.procs import BIN, PYTHON, ManagedProcess, python_module, server_env, wait_for_pv
-from pvdb.names import COORD_LOCKS
+from pvdb.names import COORD_EVENTS, COORD_LOCKS
 
 pytestmark = pytest.mark.system
 
@@ -103,7 +104,17 @@ def test_key_from_stdin_or_environment_never_on_the_command_line(ioc):
     r = subprocess.run([*cmd, "release", "--key", "-"], input="", capture_output=True, text=True,
                        timeout=60, cwd="/")
     assert r.returncode == 2 and "no key on standard input" in r.stderr
-    assert run("release", "--key", g1.key)[0] == 0
+    # the holes of issue 11 (finding 5): a key as an option value or where a device belongs
+    for argv in (["release", "--key", g1.key], ["renew", g1.key], ["release", f"m1,{g1.key}"]):
+        r = subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=60, cwd="/")
+        assert r.returncode == 2 and g1.key not in r.stdout + r.stderr, (argv, r.stderr)
+    keyfile = Path(tempfile.mkdtemp()) / "key"
+    keyfile.write_text(g1.key + "\n")
+    r = subprocess.run([*cmd, "release", "--key-file", str(keyfile)], capture_output=True,
+                       text=True, timeout=60, cwd="/")
+    assert (r.returncode, r.stdout.strip()) == (0, "released m4"), r.stderr
+    events = run("get", COORD_EVENTS.name(PREFIX))[1]
+    assert g1.key not in events and g2.key not in events
 
 
 def test_refusals_and_bad_input_exit_codes(ioc, capsys):

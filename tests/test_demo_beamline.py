@@ -146,7 +146,8 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(shared_run_d
             assert set(reg.value.name) == set(demo_pvs.DEVICE_NAMES)
             rb = ctxt.get(demo_pvs.motor_readback(demo_pvs.DEMO_PREFIX, "m1"), timeout=10)
             assert float(rb) == 0.0
-        assert (shared_run_dir / "locks.sqlite").exists() and (shared_run_dir / "demo.db").exists()
+        assert (shared_run_dir / "store" / "locks.sqlite").exists()
+        assert (shared_run_dir / "demo.db").exists()
         # the pvcoord commands, in a shell that has only the printed export lines
         shell_env = dict(child_env(), **dict(
             re.findall(r"^\s+export (\w+)=(\S+)$", text, re.M)))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pvcoord.service import ServiceNotifier, config_argv
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
+from pvdb.redact import install_log_redaction
 
 from . import __doc__ as HELP  # noqa: N812 - the module docstring is the --help text
 from .config import GuardConfig, GuardConfigError, load_guard_config
@@ -98,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.Formatter.converter = time.localtime
+    install_log_redaction()
     try:
         check_prefix(args.prefix)
         if args.registry_prefix:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pvcoord.service import config_argv
 from pvcoord.store import StoreError, authority_text, open_store
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
+from pvdb.redact import redact_url
 
 from ..pvutil import run_as_service, setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
@@ -31,8 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(options given here win); docs/deploy.md")
     p.add_argument("--prefix", required=True, help="endstation prefix P, ending in ':'")
     p.add_argument("--policy", default=None, help="policy TOML file (default: built-in policy)")
-    p.add_argument("--store", default=None,
-                   help="sqlite:///PATH (default ./pvcoord-<prefix>.sqlite) or redis://HOST:PORT/DB")
+    p.add_argument("--store", default=os.environ.get("PVCOORD_STORE") or None,
+                   help="sqlite:///PATH[?mode=0600|0640] (default ./pvcoord-<prefix>.sqlite) or "
+                        "redis://[:PASSWORD@]HOST:PORT/DB (default: $PVCOORD_STORE; give a "
+                        "password only there: a command line is visible in the process list)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--registry-prefix", default=None,
                      help="follow P Registry:Devices under this prefix (default: --prefix)")
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyError as e:
         print(f"policy rejected: {e}", file=sys.stderr)
         return 2
+    if a.store and a.store != os.environ.get("PVCOORD_STORE") and redact_url(a.store) != a.store:
+        log.warning("--store names a password on the command line (visible in the process "
+                    "list): set $PVCOORD_STORE instead")
     url = a.store or f"sqlite:///{'pvcoord-' + a.prefix.strip(':').replace(':', '_')}.sqlite"
     who = authority_text(a.prefix)
     try:

@@ -26,6 +26,7 @@ from p4p.server.thread import SharedPV
 
 from pvdb import names as pvn
 from pvdb.models import BEAMLINE, Lock, LockEvent
+from pvdb.redact import redact
 
 from .. import pvutil
 from . import args as rpcargs
@@ -436,7 +437,8 @@ class _RPC:
                 self._audit(op, args, str(e))
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", self.spec.suffix)
-            op.done(error=f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}")
+            op.done(error=redact(
+                f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}"))
         finally:
             self.ioc.wait_published()  # a change made before an error is posted too
 
@@ -444,7 +446,7 @@ class _RPC:
         try:
             ident = Identity(op.account() or "anonymous",
                              (op.peer() or "unknown").rsplit(":", 1)[0])
-            devices = [args.get("device", "?")]
+            devices = [d.strip() for d in args.get("device", "?").split(",")]
             self.ioc.table.audit_refusal(ident, devices, None, f"{self.spec.suffix}: {msg}")
         except Exception:  # noqa: BLE001 - auditing must never break the reply path
             log.exception("could not audit a refusal")
@@ -533,9 +535,10 @@ async def serve(
                 except Exception:  # noqa: BLE001 - keep serving; the health PV shows it
                     log.exception("tick failed")
                 if table.authority_error is not None:
-                    ioc.set_health(f"lost the store's authority: {table.authority_error}"[:200])
+                    ioc.set_health(redact(
+                        f"lost the store's authority: {table.authority_error}")[:200])
                 elif table.store_error is not None:
-                    ioc.set_health(f"store failing: {table.store_error}"[:200])
+                    ioc.set_health(redact(f"store failing: {table.store_error}")[:200])
                 elif follower is not None and not follower.connected:
                     ioc.set_health(f"registry {follower.name} not connected")
                 elif table.devices is None:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pvcoord.store import AuthorityError, BadRow, Store, StoreError
 from pvdb.models import BEAMLINE, DEVICE_NAME_RE, EventAction, Lock, LockEvent, LockType
 from pvdb.policy import Policy
+from pvdb.redact import MASK, looks_like_key
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +362,21 @@ class LockTable:
 
     # --- validation -------------------------------------------------------------------------
 
+    def _key_shaped(self, device: str) -> bool:
+        """A device argument that is no known device but has the shape of a lock key."""
+        return looks_like_key(device) and (self._devices is None or device not in self._devices)
+
+    def _refuse_key_shaped(self, devices: Iterable[str]) -> None:
+        if any(self._key_shaped(d) for d in devices):
+            raise LockError(
+                "a device argument has the shape of a lock key: give a key as key=KEY (through "
+                "stdin or $PVCOORD_KEY with the CLI), never where a device belongs; it was not "
+                "recorded"
+            )
+
     def _check_devices(self, devices: Iterable[str]) -> tuple[str, ...]:
         devs = tuple(sorted(set(devices)))
+        self._refuse_key_shaped(devs)
         if not devs:
             raise LockError("no device given: device=NAME[,NAME...] or device=beamline")
         if len(devs) > MAX_DEVICES:
@@ -524,7 +538,15 @@ class LockTable:
     def audit_refusal(
         self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str
     ) -> None:
-        """Record a refused request as an audit event (best effort: a store failure is logged)."""
+        """Record a refused request as an audit event (best effort: a store failure is logged).
+
+        A key-shaped device argument (a key typed where a device belongs) is recorded as ``***``.
+        """
+        devices = list(devices)
+        for d in devices:
+            if self._key_shaped(d):
+                msg = msg.replace(d, MASK)
+        devices = [MASK if self._key_shaped(d) else d for d in devices]
         ev = LockEvent(
             time=self.clock(), action=EventAction.REFUSED,
             device=",".join(d[:64] for d in devices)[:256] or "?",
@@ -655,6 +677,7 @@ class LockTable:
     ) -> list[Lock]:
         """The locks a release/renew names: by key, or the caller's own on ``devices``."""
         devs = tuple(sorted(set(devices or ())))
+        self._refuse_key_shaped(devs)
         if key:
             kh = hash_key(key)
             held = [self._locks[d] for d in self._by_key.get(kh, ())]

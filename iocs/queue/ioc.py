@@ -21,6 +21,7 @@ from p4p.server import Server, StaticProvider
 from pvdb import queue as qn
 from pvdb.names import check_prefix
 from pvdb.policy import Policy
+from pvdb.redact import register_url
 
 from .. import pvutil
 from . import model
@@ -83,6 +84,12 @@ class QueueIOC:
         self.policy = policy
         self.user_group = user_group
         self.redis_url = redis_url
+        self.hook_health = ""
+        """Why the worker-hook channel does not work ('' when it does)."""
+        self.bad_hook_requests = 0
+        """Malformed worker-hook requests received (answered when they had a valid id)."""
+        self._bad_hook_logged = -1e9
+        register_url(redis_url)  # its password is hidden in every PV, message and log line
         self.provider = StaticProvider("pvcoord-queue")
         pvutil.add_process_info(self.provider, self.prefix, "queue")
         self.pvs = QueuePVs(self.prefix, self.provider)
@@ -272,7 +279,10 @@ class QueueIOC:
         now = time.time()
         self.pvs.set(qn.EXECUTING_DEVICES, self.keeper.executing(), now)
         self.pvs.set(qn.QUEUED_DEVICES, self.keeper.queued(), now)
-        self.pvs.set(qn.LOCK_HEALTH, self.keeper.health, now)
+        health = self.keeper.health
+        if self.hook_health:
+            health = self.hook_health if health == "OK" else f"{health}; {self.hook_health}"
+        self.pvs.set(qn.LOCK_HEALTH, health, now)
 
     def next_item_blockers(self) -> tuple[dict[str, Any] | None, list[model.HeldBy]]:
         """The item that runs next and the locks that would refuse its QUEUE_EXECUTING."""
@@ -367,6 +377,51 @@ class QueueIOC:
         refusal = self.keeper.refused_items.get(uid) or self.keeper.health
         return {**base, "message": f"QUEUE_EXECUTING on {device} not granted: {refusal}"}
 
+    def _hook_channel_ok(self) -> None:
+        if self.hook_health:
+            self.hook_health = ""
+            self._locks_changed()
+
+    def _hook_channel_down(self, why: str) -> None:
+        if self.hook_health != why:
+            self.hook_health = why
+            self._locks_changed()
+
+    async def _answer_hook_message(self, r, raw: bytes) -> None:
+        """Validate one message of the request list; answer it (a bad one with its code)."""
+        try:
+            req = qn.parse_hook_request(raw)
+        except qn.HookRequestError as e:
+            self.bad_hook_requests += 1
+            now = time.monotonic()
+            if now - self._bad_hook_logged >= 1.0:  # at most one line a second, with the count
+                self._bad_hook_logged = now
+                log.warning("malformed worker-hook request (%d so far): %s; message %r",
+                            self.bad_hook_requests, e, raw[:120])
+            if e.request_id is None:
+                return  # no valid id: there is no reply key to answer on
+            reply = {"granted": False, "coordinated": True, "planUid": "", "owner": self.account,
+                     "error": e.code, "message": f"malformed worker-hook request: {e}"}
+            rid = e.request_id
+        else:
+            rid = req.id
+            if time.time() - req.time > HOOK_REQUEST_MAX_AGE:
+                return  # the hook gave up on it long ago
+            try:
+                reply = await self.handle_hook_request(
+                    {"id": req.id, "device": req.device, "time": req.time,
+                     **({"refusing": req.refusing} if req.refusing is not None else {})})
+            except Exception as e:  # noqa: BLE001 - the hook must get an answer
+                log.exception("worker-hook request failed")
+                reply = {"granted": False, "coordinated": True,
+                         "message": f"queue IOC error: {type(e).__name__}: {e}"}
+        rkey = qn.hook_reply_key(self.prefix, rid)
+        try:
+            await r.lpush(rkey, json.dumps(reply))
+            await r.expire(rkey, HOOK_REPLY_TTL)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cannot answer worker-hook request %s: %s", rid, e)
+
     async def serve_hook_requests(self, stop: asyncio.Event) -> None:
         """Answer worker-hook requests on ``redis_url`` until ``stop`` is set (see 0023)."""
         import redis.asyncio as aioredis  # noqa: PLC0415 - only with --redis
@@ -379,31 +434,18 @@ class QueueIOC:
                 try:
                     got = await r.brpop([key], timeout=1)
                 except Exception as e:  # noqa: BLE001 - redis down: retry, say it in the log
-                    log.warning("worker-hook channel %s: %s", qn.redact_url(self.redis_url), e)
+                    why = f"worker-hook channel {qn.redact_url(self.redis_url)}: {e}"
+                    log.warning("%s", why)
+                    self._hook_channel_down(why)
                     await asyncio.sleep(1.0)
                     continue
+                self._hook_channel_ok()
                 if not got:
                     continue
                 try:
-                    req = json.loads(got[1])
-                    rid = str(req["id"])
-                except (ValueError, KeyError, TypeError):
-                    log.warning("malformed worker-hook request dropped: %r", got[1][:200])
-                    continue
-                if time.time() - float(req.get("time", 0)) > HOOK_REQUEST_MAX_AGE:
-                    continue
-                try:
-                    reply = await self.handle_hook_request(req)
-                except Exception as e:  # noqa: BLE001 - the hook must get an answer
-                    log.exception("worker-hook request failed")
-                    reply = {"granted": False, "coordinated": True,
-                             "message": f"queue IOC error: {type(e).__name__}: {e}"}
-                rkey = qn.hook_reply_key(self.prefix, rid)
-                try:
-                    await r.lpush(rkey, json.dumps(reply))
-                    await r.expire(rkey, HOOK_REPLY_TTL)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("cannot answer worker-hook request %s: %s", rid, e)
+                    await self._answer_hook_message(r, got[1])
+                except Exception:  # noqa: BLE001 - one message never stops the hook server
+                    log.exception("worker-hook request not answered")
         finally:
             await r.aclose()
 

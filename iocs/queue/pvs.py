@@ -18,6 +18,7 @@ from p4p.server.asyncio import SharedPV
 
 from pvdb import queue as qn
 from pvdb.names import PVKind, PVSpec
+from pvdb.redact import redact
 
 from .. import pvutil
 from .model import BadRequestError
@@ -147,6 +148,7 @@ class QueuePVs:
         served = self._pvs[suffix]
         if isinstance(value, tuple) and served.spec.kind is PVKind.STRING_ARRAY:
             value = list(value)
+        value = _redacted(value)
         if served.value == value:
             return False
         served.value = value
@@ -162,6 +164,20 @@ class QueuePVs:
         for served in self._pvs.values():
             if served.spec not in qn.NEVER_INVALID:
                 self._post(served, served.value, now)
+
+
+def _redacted(value: object) -> object:
+    """``value`` with every password hidden (:func:`pvdb.redact.redact`) in its strings.
+
+    The RE Manager's console, item messages and tracebacks may quote a redis URL or a password.
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_redacted(v) for v in value)
+    return value
 
 
 ControlFn = Callable[[str, frozenset[str], dict[str, str]], Awaitable[tuple[str, str]]]
@@ -196,12 +212,12 @@ class ControlRPC:
             account = op.account() or "anonymous"
             roles = frozenset(op.roles() or ())
             message, uid = await self.fn(account, roles, args)
-            op.done(RPC_RESULT({"message": message, "itemUid": uid}))
+            op.done(RPC_RESULT({"message": redact(message), "itemUid": uid}))
         except (BadRequestError, ControlError) as e:
-            op.done(error=str(e))
+            op.done(error=redact(str(e)))
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", name)
-            op.done(error=f"internal error in {name}: {type(e).__name__}: {e}")
+            op.done(error=redact(f"internal error in {name}: {type(e).__name__}: {e}"))
         except BaseException:  # cancelled at shutdown: the caller still gets an answer
             op.done(error=f"{name} not done: queue IOC shutting down")
             raise

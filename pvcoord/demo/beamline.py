@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import grp
 import importlib
 import os
 import re
@@ -252,10 +253,29 @@ def write_files(ctx: DemoContext) -> None:
     ctx.files["database"] = devices.write_database(ctx.prefix, ctx.run_dir / "demo.db")
     ctx.files["registry"] = devices.write_registry(ctx.prefix, ctx.run_dir / "registry.yaml")
     ctx.files["policy"] = write_policy(ctx.run_dir / "policy.toml")
-    ctx.files["store"] = ctx.run_dir / "locks.sqlite"
+    ctx.files["store"] = _store_dir(ctx.run_dir / "store") / "locks.sqlite"
     from pvcoord.demo.endstation_file import write_endstation  # noqa: PLC0415
 
     ctx.files["endstation"] = write_endstation(ctx, ctx.run_dir / "endstation.toml")
+
+
+def _store_dir(path: Path) -> Path:
+    """The lock store's folder: 0700, or 2750 with the queue service account's group.
+
+    The worker hook (under that account) reads the store; nobody else may (the audit names every
+    holder, the locks keep key digests).
+    """
+    from pvcoord.demo.queue_part import QUEUE_LOCK_OWNER  # noqa: PLC0415 - avoids a cycle
+
+    path.mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:
+        try:
+            gid = grp.getgrnam(QUEUE_LOCK_OWNER).gr_gid
+        except KeyError:
+            return path
+        os.chown(path, -1, gid)
+        path.chmod(0o2750)  # setgid: the store files get the group
+    return path
 
 
 # --- base components --------------------------------------------------------------------------

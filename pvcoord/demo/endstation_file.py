@@ -22,6 +22,9 @@ def _part(name: str) -> bool:
 
 def endstation_data(ctx: Any) -> dict[str, Any]:
     """The endstation file's content for a :class:`pvcoord.demo.beamline.DemoContext`."""
+    store = Path(ctx.files["store"])
+    # the queue service account's worker hook reads the store when its folder lets the group in
+    mode = "0640" if store.parent.stat().st_mode & 0o040 else "0600"
     data: dict[str, Any] = {
         "prefix": ctx.prefix,
         "name": "demo",
@@ -38,7 +41,7 @@ def endstation_data(ctx: Any) -> dict[str, Any]:
             },
         },
         "files": {"policy": str(ctx.files["policy"]), "registry": str(ctx.files["registry"])},
-        "store": {"url": f"sqlite:///{ctx.files['store']}"},
+        "store": {"url": f"sqlite:///{store}?mode={mode}"},
         "coordination": {"pva_server_port": ctx.port("coordination")},
         "registry": {"pva_server_port": ctx.port("registry")},
     }

@@ -127,6 +127,30 @@ def start_re_manager(
     return proc
 
 
+MANAGER_PUBLIC_KEYS: dict[int, str] = {}
+"""Control port -> CURVE public key of the demo's RE Managers (made by :func:`new_manager_keys`)."""
+
+PRIVATE_KEY_ENV = "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"
+"""Where ``start-re-manager`` reads its private key (an environment, never a command line)."""
+PUBLIC_KEY_ENV = "QSERVER_ZMQ_PUBLIC_KEY"
+"""Where ``bluesky_queueserver_api`` (the queue IOC, ``qserver``) reads the manager's public key."""
+
+
+def new_manager_keys(control_port: int) -> tuple[str, str]:
+    """A new CURVE key pair for the RE Manager on ``control_port``: ``(public, private)`` (z85).
+
+    The public key is remembered for :class:`ManagerClient`. With the private key in the
+    manager's environment (:data:`PRIVATE_KEY_ENV`) its control socket takes only encrypted
+    requests from clients that know the public key, so another local process cannot send it
+    ``queue_start`` or ``script_upload`` (the public key is not a secret; the private key is).
+    """
+    from bluesky_queueserver import generate_zmq_keys  # noqa: PLC0415 - queue extra only
+
+    public, private = generate_zmq_keys()
+    MANAGER_PUBLIC_KEYS[control_port] = public
+    return public, private
+
+
 class ManagerRequestError(RuntimeError):
     """The RE Manager answered ``success: False``; ``str(e)`` is its message."""
 
@@ -143,14 +167,19 @@ class ManagerClient:
     Args:
         control_port: the manager's control port on 127.0.0.1.
         timeout: seconds to wait for each reply.
+        public_key: the manager's CURVE public key (z85, 40 characters) when its control socket
+            is encrypted; default: the one :func:`new_manager_keys` made for that port, if any.
     """
 
-    def __init__(self, control_port: int, timeout: float = 5.0) -> None:
+    def __init__(
+        self, control_port: int, timeout: float = 5.0, public_key: str | None = None
+    ) -> None:
         import zmq  # noqa: PLC0415 - only the harness needs it
 
         self._zmq = zmq
         self.addr = zmq_addr(control_port)
         self.timeout = timeout
+        self.public_key = public_key or MANAGER_PUBLIC_KEYS.get(control_port)
         self._ctx = zmq.Context()
         self._sock = None
         self._open()
@@ -159,6 +188,10 @@ class ManagerClient:
         zmq = self._zmq
         self._sock = self._ctx.socket(zmq.REQ)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if self.public_key:
+            pub, secret = zmq.curve_keypair()  # this client's own throw-away pair
+            self._sock.curve_publickey, self._sock.curve_secretkey = pub, secret
+            self._sock.curve_serverkey = self.public_key.encode()
         self._sock.connect(self.addr)
 
     def request(self, method: str, **params: Any) -> dict[str, Any]:
@@ -408,7 +441,8 @@ def service_account_problem(
     if probe.returncode != 0:
         return f"{QUEUE_LOCK_OWNER} cannot import pvcoord (checkout not readable by other accounts)"
     if run_dir is not None:
-        run_dir.chmod(0o755)  # the service account reads the policy, startup and lock store
+        # the service account reaches the policy, startup and lock store by name, lists nothing
+        run_dir.chmod(0o711)
         reach = subprocess.run(
             ["runuser", "-u", QUEUE_LOCK_OWNER, "--", "test", "-x", str(run_dir)],
             capture_output=True, timeout=30,
@@ -431,6 +465,7 @@ def _start(ctx) -> None:
     problem = service_account_problem(ctx.run_dir)
     user = None if problem else QUEUE_LOCK_OWNER
     hook = hook_env(ctx.prefix, redis_port, f"sqlite:///{store}" if store else None)
+    public_key, private_key = new_manager_keys(control)
     if user is not None:
         # The production arrangement: RE Manager and queue IOC under one service account that
         # holds the queue's locks; the RE worker is a client like any other, so with the guard
@@ -448,6 +483,7 @@ def _start(ctx) -> None:
     shutil.copytree(STARTUP_DIR, startup, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     t0 = time.monotonic()
+    menv[PRIVATE_KEY_ENV] = private_key
     mgr = ctx.start("re-manager", re_manager_argv(redis_port, control, info, startup), menv,
                     user=user)
     try:
@@ -459,7 +495,8 @@ def _start(ctx) -> None:
         "queue",
         queue_ioc_argv(ctx.prefix, control, info, redis_port, ctx.files.get("policy"),
                        lock_owner=None if user else QUEUE_LOCK_OWNER),
-        {**ctx.server_env("queue"), **({"HOME": str(ctx.run_dir / "home-queue")} if user else {})},
+        {**ctx.server_env("queue"), PUBLIC_KEY_ENV: public_key,
+         **({"HOME": str(ctx.run_dir / "home-queue")} if user else {})},
         ready_pv=qn.MANAGER_STATE.name(ctx.prefix),
         condition=lambda v: _index(v) != 0,
         user=user,
@@ -476,8 +513,8 @@ def _start(ctx) -> None:
         f"'kwargs={{\"num\": 5}}'  then  pvcoord call {qn.QUEUE_START.name(ctx.prefix)}"
     )
     ctx.notes.append(
-        f"RE Manager: qserver --zmq-control-addr {zmq_addr(control)} status"
-        f"   (redis 127.0.0.1:{redis_port})"
+        f"RE Manager: {PUBLIC_KEY_ENV}={public_key} qserver --zmq-control-addr "
+        f"{zmq_addr(control)} status   (control socket encrypted; redis 127.0.0.1:{redis_port})"
     )
 
 

@@ -1,0 +1,121 @@
+"""Issue 11, finding 6: the queue IOC's worker-hook channel survives malformed and forged
+messages, answers a bad one that it can answer, logs it, and says in LockHealth when the channel
+does not work. A real redis; the queue IOC's hook server in-process (no RE Manager needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import uuid
+
+import pytest
+import redis
+
+from iocs.queue.ioc import QueueIOC
+from pvcoord.procs import start_redis, wait_until
+from pvcoord.worker_hook import LockGuard
+from pvdb import queue as qn
+from pvdb.policy import Policy
+
+PREFIX = "HC:"
+TIMEOUT = 10.0
+
+
+def test_parse_hook_request_codes():
+    rid = uuid.uuid4().hex
+    good = qn.parse_hook_request(json.dumps({"id": rid, "device": "m1", "time": 1.0, "pid": 3}))
+    assert (good.id, good.device, good.pid) == (rid, "m1", 3)
+    cases = [
+        (b"\xff\xfe", "not_json", None), (b"[1, 2]", "not_object", None),
+        (b'{"device": "m1"}', "bad_id", None), (b"x" * 5000, "too_large", None),
+        (json.dumps({"id": rid, "device": 5, "time": 1}), "bad_device", rid),
+        (json.dumps({"id": rid, "device": "m 1", "time": 1}), "bad_device", rid),
+        (json.dumps({"id": rid, "device": "m1\x1b[2J", "time": 1}), "bad_device", rid),
+        (json.dumps({"id": rid, "device": "m1", "time": "soon"}), "bad_time", rid),
+        (json.dumps({"id": rid, "device": "m1", "time": None}), "bad_time", rid),
+        (json.dumps({"id": rid, "device": "m1", "time": 1, "pid": "x"}), "bad_pid", rid),
+        (json.dumps({"id": rid, "device": "m1", "time": 1, "refusing": 7}), "bad_refusing", rid),
+        (json.dumps({"id": rid, "device": "m1", "time": 1, "x": 1}), "unknown_field", rid),
+    ]
+    for raw, code, answered_id in cases:
+        with pytest.raises(qn.HookRequestError) as e:
+            qn.parse_hook_request(raw)
+        assert (e.value.code, e.value.request_id) == (code, answered_id), raw
+
+
+def _malformed(i: int, rid: str) -> bytes | str:
+    """A thousand kinds of junk: the shapes that stopped the old server come first."""
+    shapes = [
+        json.dumps({"id": rid, "device": "m1", "time": "not-a-number"}),  # killed the old loop
+        json.dumps({"id": rid, "device": "m1", "time": None}),
+        json.dumps({"id": rid, "device": "m1", "time": [1]}),
+        json.dumps({"id": rid, "device": {"a": 1}, "time": 1e300}),
+        "{not json", b"\x00\xff\x10", "[]", "null", "42", '"text"',
+        json.dumps({"id": ["x"], "device": "m1"}), json.dumps({"id": "../../etc"}),
+        json.dumps({"id": rid, "device": "m1", "time": 1, "refusing": {"x": 1}}),
+        "x" * (qn.HOOK_MAX_BYTES + 1),
+    ]
+    return shapes[i % len(shapes)]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    proc, port = start_redis(data_dir=tmp_path / "redis")
+    try:
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        proc.stop()
+
+
+def test_hook_server_survives_1000_malformed_messages(redis_url, caplog):
+    url, proc = redis_url
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    stop = asyncio.Event()
+    holder: dict = {}
+
+    async def start():
+        ioc = QueueIOC(PREFIX, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", Policy(), locks=False,
+                       redis_url=url)
+        holder["ioc"] = ioc
+        return asyncio.ensure_future(ioc.serve_hook_requests(stop))
+
+    r = redis.Redis.from_url(url)
+    task = None
+    try:
+        caplog.set_level(logging.WARNING, logger="iocs.queue.ioc")
+        task = asyncio.run_coroutine_threadsafe(start(), loop).result(TIMEOUT)
+        ioc = holder["ioc"]
+        ids = [uuid.uuid4().hex for _ in range(1000)]
+        r.lpush(qn.hook_request_key(PREFIX), *[_malformed(i, rid) for i, rid in enumerate(ids)])
+        # every malformed message is consumed; the ones with a valid id are answered
+        wait_until(lambda: ioc.bad_hook_requests == 1000, 60.0, "1000 malformed requests handled")
+        assert not task.done(), "the hook server stopped"
+        reply = json.loads(r.blpop([qn.hook_reply_key(PREFIX, ids[0])], timeout=5)[1])
+        assert reply["granted"] is False and reply["error"] == "bad_time"
+        # logged, but not 1000 lines
+        lines = [rec for rec in caplog.records if "malformed worker-hook request" in rec.message]
+        assert 1 <= len(lines) < 100
+        # a well-formed request is still answered (this IOC runs without locks: not granted)
+        answer = LockGuard(PREFIX, url, timeout=5.0).request("m1")
+        assert answer["granted"] is False and "--no-locks" in answer["message"], answer
+        assert ioc.hook_health == ""
+        # LockHealth is true to what works: redis gone -> the channel says so
+        proc.stop()
+        wait_until(lambda: ioc.hook_health.startswith("worker-hook channel"), 20.0,
+                   "hook channel down noticed")
+        assert not task.done()
+    finally:
+        r.close()
+        loop.call_soon_threadsafe(stop.set)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(
+                    asyncio.wait_for(asyncio.wrap_future(task), 10), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(TIMEOUT)
+        loop.close()

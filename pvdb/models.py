@@ -86,6 +86,11 @@ class Lock(BaseModel):
         return f"{self.owner}@{self.host}"
 
     @property
+    def account(self) -> str:
+        """The holder's account (``owner``)."""
+        return self.owner
+
+    @property
     def priority(self) -> int:
         """Priority of the lock's type (lower wins)."""
         return self.lock_type.priority

@@ -22,6 +22,7 @@ from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
 from pvdb import names as pvn
+from pvdb.lockmodel import ErrorCode, error_text
 from pvdb.models import BEAMLINE, Lock, LockEvent
 
 from .. import pvutil
@@ -241,7 +242,7 @@ class CoordinationIOC:
             trusted = self.table.policy.access.trusted_services
             raise LockError(
                 f"{account} is not a trusted service account: onBehalfOf is refused (policy "
-                f"trusted_services: {', '.join(trusted) or 'none'})"
+                f"trusted_services: {', '.join(trusted) or 'none'})", ErrorCode.NOT_ALLOWED,
             )
         return Identity(user, client_host or host, roles_of(user), actor=account)
 
@@ -299,12 +300,14 @@ class _RPC:
             args = request_args(op.value())
             op.done(self.fn(op, args))
         except LockError as e:
-            op.done(error=str(e))
+            op.done(error=e.text)
             if not e.audited:  # bad arguments: refused before the lock table; audit it too
                 self._audit(op, args, str(e))
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", self.spec.suffix)
-            op.done(error=f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}")
+            op.done(error=error_text(ErrorCode.INTERNAL,
+                                     f"internal error in {self.spec.suffix}: "
+                                     f"{type(e).__name__}: {e}"))
 
     def _audit(self, op, args: dict[str, str], msg: str) -> None:
         try:
@@ -316,7 +319,8 @@ class _RPC:
             log.exception("could not audit a refusal")
 
     def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        op.done(error=f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put")
+        op.done(error=error_text(
+            ErrorCode.BAD_ARGUMENT, f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put"))
 
 
 class RegistryFollower:

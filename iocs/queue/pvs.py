@@ -17,6 +17,7 @@ from p4p.server import StaticProvider
 from p4p.server.asyncio import SharedPV
 
 from pvdb import queue as qn
+from pvdb.lockmodel import ErrorCode, error_text
 from pvdb.names import PVKind, PVSpec
 
 from .. import pvutil
@@ -170,7 +171,19 @@ ControlFn = Callable[[str, frozenset[str], dict[str, str]], Awaitable[tuple[str,
 
 
 class ControlError(RuntimeError):
-    """A control call the RE Manager (or the policy) refused; the message is for the caller."""
+    """A control call the RE Manager (or the lock state) refused; the message is for the caller.
+
+    Attributes:
+        code: the :class:`pvdb.lockmodel.ErrorCode` (``manager-refused`` unless given).
+        holder: ``account@host`` of the lock that caused it, or ''.
+    """
+
+    def __init__(
+        self, message: str, code: ErrorCode = ErrorCode.MANAGER_REFUSED, holder: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.holder = holder
 
 
 def request_args(value: Value) -> dict[str, str]:
@@ -198,16 +211,19 @@ class ControlRPC:
             message, uid = await self.fn(account, roles, args)
             op.done(RPC_RESULT({"message": message, "itemUid": uid}))
         except (BadRequestError, ControlError) as e:
-            op.done(error=str(e))
+            op.done(error=error_text(e.code, str(e), e.holder))
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("%s failed", name)
-            op.done(error=f"internal error in {name}: {type(e).__name__}: {e}")
+            op.done(error=error_text(
+                ErrorCode.INTERNAL, f"internal error in {name}: {type(e).__name__}: {e}"))
         except BaseException:  # cancelled at shutdown: the caller still gets an answer
-            op.done(error=f"{name} not done: queue IOC shutting down")
+            op.done(error=error_text(
+                ErrorCode.SHUTTING_DOWN, f"{name} not done: queue IOC shutting down"))
             raise
 
     def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        op.done(error=f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put")
+        op.done(error=error_text(
+            ErrorCode.BAD_ARGUMENT, f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put"))
 
 
 def add_rpcs(

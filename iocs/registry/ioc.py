@@ -18,6 +18,7 @@ from p4p.server import Server, StaticProvider
 from p4p.server.asyncio import SharedPV
 
 from pvdb import names as pvn
+from pvdb.lockmodel import ErrorCode, error_text
 from pvdb.models import Device
 
 from .. import pvutil
@@ -52,13 +53,16 @@ class _Lookup:
             name = lookup_pv_arg(request_args(op.value()))
             op.done(LOOKUP_RESULT(self.state.lookup(name)))
         except RegistryError as e:
-            op.done(error=str(e))
+            op.done(error=error_text(e.code, str(e)))
         except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
             log.exception("Lookup failed")
-            op.done(error=f"internal error in Lookup: {type(e).__name__}: {e}")
+            op.done(error=error_text(
+                ErrorCode.INTERNAL, f"internal error in Lookup: {type(e).__name__}: {e}"))
 
     def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        op.done(error="Registry:Lookup is an RPC: use pvcall / p4p rpc NAME pv=PVNAME, not put")
+        op.done(error=error_text(
+            ErrorCode.BAD_ARGUMENT,
+            "Registry:Lookup is an RPC: use pvcall / p4p rpc NAME pv=PVNAME, not put"))
 
 
 class RegistryIOC:

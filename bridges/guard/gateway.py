@@ -36,6 +36,7 @@ from p4p.server.thread import SharedPV
 from p4p.wrapper import Type, Value
 from typing_extensions import override
 
+from pvdb import catalog
 from pvdb.guard import (
     AUDIT_COLUMNS,
     GUARD_ALLOWED_LOCKED,
@@ -46,13 +47,12 @@ from pvdb.guard import (
     GUARD_HEARTBEAT,
     GUARD_LAST_AUDIT,
     GUARD_LOCK_STATE_OK,
-    GUARD_PVS,
     GUARD_REFUSED,
     GUARD_WHAT_IF,
     WHAT_IF_FIELDS,
 )
+from pvdb.lockmodel import ErrorCode, error_text
 from pvdb.names import (
-    ALL_PVS,
     COORD_HEARTBEAT,
     COORD_LOCKS,
     REGISTRY_DEVICE_PVS,
@@ -72,8 +72,11 @@ WHAT_IF_TYPE = Type(list(WHAT_IF_FIELDS), id="pvcoord:guard/WhatIf:1.0")
 
 
 def service_prefixes(*prefixes: str) -> tuple[str, ...]:
-    """Name prefixes of pvcoord's own PVs (``P Coord:``, ``P Registry:``, ``P Guard:``...)."""
-    segments = {spec.suffix.split(":", 1)[0] + ":" for spec in (*ALL_PVS, *GUARD_PVS)}
+    """Name prefixes of pvcoord's own PVs: ``P Coord:``, ``P Registry:``, ``P Queue:``, ...
+
+    One per service family of :func:`pvdb.catalog.service_specs`, under each prefix.
+    """
+    segments = {catalog.family(spec) for spec in catalog.service_specs()}
     return tuple(sorted({p + s for p in prefixes for s in segments}))
 
 
@@ -564,11 +567,11 @@ class Guard:
         try:
             reply = self.what_if(op)
         except WhatIfError as e:
-            op.done(error=str(e))
+            op.done(error=error_text(ErrorCode.BAD_ARGUMENT, str(e)))
             return
         except Exception as e:
             _log.exception("what-if failed")
-            op.done(error=f"what-if failed: {e}")
+            op.done(error=error_text(ErrorCode.INTERNAL, f"what-if failed: {e}"))
             return
         op.done(reply)
 

@@ -105,6 +105,10 @@ def help_text(server: str, width: int = 100) -> str:
     for n, k, s in zip(names, kinds, chosen, strict=True):
         head = f"  {n:<{w_name}}{k:<{w_kind}}"
         desc = " ".join(s.description.split())
+        if s.kind == PVKind.RPC and s.args:
+            desc += f" Arguments: {', '.join(s.args)}."
+        elif s.kind == PVKind.NTTABLE and s.columns:
+            desc += f" Columns: {', '.join(c for c, _ in s.columns)}."
         lines += textwrap.wrap(desc, width=width, initial_indent=head, subsequent_indent=indent,
                                break_on_hyphens=False) or [head.rstrip()]
     return "\n".join(lines) + "\n"

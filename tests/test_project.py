@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pvdb import catalog
 from pvdb.catalog import all_specs, markdown
+from pvdb.names import PVSpec
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -21,6 +23,40 @@ BIN = Path(sys.executable).parent
 def test_pv_list_doc_is_generated_from_pvdb():
     assert (REPO / "docs/pvs.md").read_text() == markdown(), (
         "docs/pvs.md is stale: run python -m pvdb > docs/pvs.md")
+
+
+ENTRIES = sorted(p.parent for p in (*REPO.glob("iocs/*/__main__.py"),
+                                     *REPO.glob("bridges/*/__main__.py")))
+
+
+def test_every_pvdb_spec_is_in_the_catalogue():
+    import importlib
+    import pkgutil
+
+    import pvdb
+
+    known = {(s.server, s.suffix) for s in all_specs()}
+    for info in pkgutil.iter_modules(pvdb.__path__):
+        mod = importlib.import_module(f"pvdb.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, PVSpec) and not name.startswith("_"):
+                assert (obj.server, obj.suffix) in known, (
+                    f"pvdb.{info.name}.{name} is not in pvdb.catalog.SPEC_MODULES")
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[f"{p.parent.name}.{p.name}" for p in ENTRIES])
+def test_every_process_has_its_pvs_in_the_catalogue_and_its_help(entry):
+    """Every IOC and bridge serves a PV family of the catalogue (server = its package name), and
+    its --help lists every one of its PVs (generated from the catalogue)."""
+    server = entry.name
+    assert server in catalog.servers(), f"no pvdb spec has server={server!r}"
+    module = f"{entry.parent.name}.{server}"
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for s in all_specs():
+        if s.server == server:
+            assert "P " + s.suffix.replace("{device}", "<dev>") in out.stdout, (module, s.suffix)
 
 
 def test_import_contracts():

@@ -13,7 +13,8 @@ import os
 import pwd
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from p4p import Type, Value
 from p4p.client.thread import Context
@@ -22,7 +23,7 @@ from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
 from pvdb import names as pvn
-from pvdb.lockmodel import ErrorCode, error_text
+from pvdb.lockmodel import ErrorCode
 from pvdb.models import BEAMLINE, Lock, LockEvent
 
 from .. import pvutil
@@ -43,16 +44,6 @@ RELEASE_RESULT = Type([("devices", "as"), ("message", "s")], id="pvcoord:Release
 RENEW_RESULT = Type(
     [("devices", "as"), ("expires", "d"), ("message", "s")], id="pvcoord:RenewResult:1.0"
 )
-
-
-def request_args(value: Value) -> dict[str, str]:
-    """The RPC's arguments as strings (see :func:`iocs.pvutil.request_args`).
-
-    Raises:
-        LockError: the request is not a structure of scalar arguments.
-    """
-    return pvutil.request_args(
-        value, LockError, "pvcall P Coord:Acquire device=m1 type=MANUAL_OPERATOR")
 
 
 def roles_of(user: str) -> frozenset[str]:
@@ -100,7 +91,7 @@ class CoordinationIOC:
             (pvn.COORD_ACQUIRE, self._acquire), (pvn.COORD_RELEASE, self._release),
             (pvn.COORD_RENEW, self._renew), (pvn.COORD_FORCE_RELEASE, self._force_release),
         ):
-            self._add(spec, SharedPV(handler=_RPC(self, spec, fn),
+            self._add(spec, SharedPV(handler=_rpc_handler(self, spec, fn),
                                      initial=NTScalar("s").wrap("", timestamp=now)))
         self._add_device(BEAMLINE)
         for e in table.store.recent_events(events_tail):
@@ -288,39 +279,18 @@ class CoordinationIOC:
                                "message": f"force-released {', '.join(devs)}"})
 
 
-class _RPC:
-    """SharedPV handler: parse, call, and always finish the operation."""
+def _rpc_handler(ioc: CoordinationIOC, spec: pvn.PVSpec, fn: Callable[[Any, dict[str, str]], Value]
+                 ) -> pvutil.RPC:
+    """The handler of one coordination RPC: :class:`iocs.pvutil.RPC`, auditing bad requests."""
 
-    def __init__(self, ioc: CoordinationIOC, spec: pvn.PVSpec, fn) -> None:
-        self.ioc, self.spec, self.fn = ioc, spec, fn
+    def audit(op: Any, args: dict[str, str], err: Exception) -> None:
+        if getattr(err, "audited", False):
+            return  # refused by the lock table, which audited it
+        ident = Identity(op.account() or "anonymous", (op.peer() or "unknown").rsplit(":", 1)[0])
+        ioc.table.audit_refusal(ident, [args.get("device", "?")], None, f"{spec.suffix}: {err}")
 
-    def rpc(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        args: dict[str, str] = {}
-        try:
-            args = request_args(op.value())
-            op.done(self.fn(op, args))
-        except LockError as e:
-            op.done(error=e.text)
-            if not e.audited:  # bad arguments: refused before the lock table; audit it too
-                self._audit(op, args, str(e))
-        except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
-            log.exception("%s failed", self.spec.suffix)
-            op.done(error=error_text(ErrorCode.INTERNAL,
-                                     f"internal error in {self.spec.suffix}: "
-                                     f"{type(e).__name__}: {e}"))
-
-    def _audit(self, op, args: dict[str, str], msg: str) -> None:
-        try:
-            ident = Identity(op.account() or "anonymous",
-                             (op.peer() or "unknown").rsplit(":", 1)[0])
-            devices = [args.get("device", "?")]
-            self.ioc.table.audit_refusal(ident, devices, None, f"{self.spec.suffix}: {msg}")
-        except Exception:  # noqa: BLE001 - auditing must never break the reply path
-            log.exception("could not audit a refusal")
-
-    def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        op.done(error=error_text(
-            ErrorCode.BAD_ARGUMENT, f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put"))
+    return pvutil.RPC(spec.suffix, fn, (LockError,),
+                      "pvcall P Coord:Acquire device=m1 type=MANUAL_OPERATOR", on_refused=audit)
 
 
 class RegistryFollower:
@@ -379,7 +349,7 @@ async def serve(
     ctxt = Context("pva", nt=False, **client_kws) if registry_prefix is not None else None
     try:
         with Server(providers=[ioc.provider], **server_kws):
-            if ctxt is not None:
+            if ctxt is not None and registry_prefix is not None:
                 follower = RegistryFollower(ioc, registry_prefix, ctxt)
             log.info("coordination IOC serving %sCoord:* (%d locks loaded)", prefix,
                      len(table.locks()))

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import cast
 
 from .names import PVKind, PVSpec
 
@@ -34,11 +35,11 @@ def _specs_in(obj: object) -> Iterator[PVSpec]:
     if isinstance(obj, PVSpec):
         yield obj
     elif isinstance(obj, tuple | list):
-        for x in obj:
+        for x in cast(Iterable[object], obj):
             if isinstance(x, PVSpec):
                 yield x
     elif isinstance(obj, dict):
-        for x in obj.values():
+        for x in cast(dict[object, object], obj).values():
             if isinstance(x, PVSpec):
                 yield x
 

@@ -134,7 +134,7 @@ class Device(BaseModel):
 
     name: str
     device_class: str = Field(default="", alias="class")
-    capabilities: list[Capability] = Field(default_factory=list)
+    capabilities: list[Capability] = Field(default_factory=list[Capability])
     pv_prefix: str = ""
     pvs: list[str] = Field(default_factory=list, description="explicit PV names")
     ioc: str = ""

@@ -18,6 +18,8 @@ Control RPCs are named after the RE Manager API call they make (``queue_start`` 
 
 from __future__ import annotations
 
+from typing import Any
+
 from .names import PVKind, PVSpec, snake_to_pascal
 
 SERVER = "queue"
@@ -121,11 +123,11 @@ HISTORY_ROWS = 100
 """Newest history items shown in ``Queue:History`` and the flat history arrays."""
 
 
-def _q(suffix: str, kind: PVKind, description: str, **kws) -> PVSpec:
+def _q(suffix: str, kind: PVKind, description: str, **kws: Any) -> PVSpec:
     return PVSpec(SERVER, "Queue:" + suffix, kind, description, **kws)
 
 
-def _status(key: str, kind: PVKind, description: str, **kws) -> PVSpec:
+def _status(key: str, kind: PVKind, description: str, **kws: Any) -> PVSpec:
     return _q(snake_to_pascal(key), kind, f"RE Manager status '{key}': {description}", **kws)
 
 

@@ -65,6 +65,14 @@ def test_import_contracts():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.timeout(600)
+def test_pyright_clean():
+    """pyright as configured in pyproject.toml (standard; strict for pvdb)."""
+    out = subprocess.run([str(BIN / "pyright"), "--pythonpath", sys.executable], cwd=REPO,
+                         capture_output=True, text=True, timeout=570)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr
+
+
 def test_ruff_clean():
     out = subprocess.run([str(BIN / "ruff"), "check", "--output-format", "concise", "."],
                          cwd=REPO, capture_output=True, text=True, timeout=120)

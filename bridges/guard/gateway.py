@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from p4p import _gw
+from p4p import _gw  # pyright: ignore[reportAttributeAccessIssue] - compiled, no stubs
 from p4p.asLib import Engine
 from p4p.asLib.pvlist import PVList
 from p4p.asLib.yacc import parse as parse_acf
@@ -142,7 +142,7 @@ class GuardEngine(Engine):
         return proxy
 
     def acf_grant(self, pv: str, account: str, host: str,
-                  roles: list[str]) -> tuple[str, str, dict]:
+                  roles: list[str]) -> tuple[str, str | None, dict[str, Any]]:
         """What the site pvlist + ACF give ``account`` at ``host`` (an IP) on client name ``pv``.
 
         Returns ``(upstream name, asg, {put, rpc, uncached, audit})``; the upstream name is ''
@@ -169,6 +169,7 @@ class GuardHandler(GWHandler):
 
     @override
     def testChannel(self, pvname, peer):  # noqa: D102 - p4p callback
+        assert self.provider is not None  # set by Guard before the server starts
         if pvname.decode(errors="replace").startswith(self.banned):
             return self.provider.BanPV
         usname = self.pvlist.compute(pvname, peer.split(":", 1)[0])[0]
@@ -188,6 +189,7 @@ class GuardHandler(GWHandler):
         usname, asg, asl = self.pvlist.compute(op.name, peer)
         if not usname or usname.startswith(self.banned):
             return None
+        assert self.provider is not None
         if self.provider.testChannel(usname.encode()) != self.provider.Claim:
             return None
         chan = op.create(usname.encode())
@@ -358,7 +360,7 @@ class Guard:
                         pname = f"gws.{s.name}_{idx}.{cname}"
                         handler = GuardHandler(engine, pvlist, self.core, self.banned,
                                                self._read_only, self._report)
-                        handler.getholdoff = s.getholdoff
+                        handler.getholdoff = s.getholdoff  # pyright: ignore[reportAttributeAccessIssue] - p4p declares it None
                         handler.provider = _gw.Provider(pname, clients[cname], handler)
                         for name in self._pvs:
                             handler.provider.forceBan(usname=name.encode())

@@ -429,15 +429,15 @@ class LockTable:
                         ))
             for d in devs:
                 prev = self._locks.get(d)
-                mine = prev is not None and prev.owner == ident.account
-                hashes = ((*prev.key_hashes, kh) if mine else (kh,))[-KEY_HASHES_KEPT:]
+                mine = prev if prev is not None and prev.owner == ident.account else None
+                hashes = ((*mine.key_hashes, kh) if mine else (kh,))[-KEY_HASHES_KEPT:]
                 lock = Lock(
                     device=d, lock_type=lock_type, owner=ident.account, host=ident.host,
-                    actor=ident.actor_name, acquired=prev.acquired if mine else now,
+                    actor=ident.actor_name, acquired=mine.acquired if mine else now,
                     expires=expires, reason=reason, plan_uid=plan_uid, key_hashes=hashes,
                 )
                 change.upsert.append(lock)
-                renewed = mine and prev.lock_type == lock_type
+                renewed = mine is not None and mine.lock_type == lock_type
                 change.events.append(LockEvent(
                     time=now, action=EventAction.RENEWED if renewed else EventAction.ACQUIRED,
                     device=d, lock_type=lock_type, actor=ident.actor_name, holder=ident.holder,

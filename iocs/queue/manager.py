@@ -141,7 +141,7 @@ class ManagerLink:
 
     async def _push_loop(self) -> None:
         assert self.api is not None
-        mon = self.api.system_info_monitor
+        mon: Any = self.api.system_info_monitor  # set because the API has zmq_info_addr
         mon.enable()
         while True:
             try:
@@ -164,7 +164,7 @@ class ManagerLink:
                 continue
             sent = time.monotonic()
             try:
-                status = await self._poll_api.status(reload=True)
+                status: Any = await self._poll_api.status(reload=True)
             except Exception as e:  # noqa: BLE001 - unreachable manager: keep polling
                 log.debug("status poll failed: %s", e)
                 continue
@@ -175,7 +175,7 @@ class ManagerLink:
 
     async def _console_loop(self) -> None:
         assert self.api is not None
-        mon = self.api.console_monitor
+        mon: Any = self.api.console_monitor  # set because the API has zmq_info_addr
         mon.enable()
         while True:
             try:

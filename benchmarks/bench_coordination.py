@@ -67,7 +67,7 @@ def uri(name: str, **kws: str):
     return NTURI([(k, "s") for k in kws]).wrap(name, kws=kws)
 
 
-def main() -> None:  # noqa: D103
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=500)

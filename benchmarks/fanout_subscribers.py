@@ -14,7 +14,7 @@ import time
 from p4p.client.thread import Context
 
 
-def main() -> None:  # noqa: D103
+def main() -> None:
     name, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -70,7 +70,7 @@ def request_args(value: Value, error: type[Exception], example: str) -> dict[str
         return out
     except error:
         raise
-    except Exception as e:  # noqa: BLE001 - any other shape is a malformed request
+    except Exception as e:  # any other shape is a malformed request
         raise error(
             f"malformed request ({type(e).__name__}): send an NTURI with string arguments, "
             f"e.g. {example}"
@@ -127,7 +127,7 @@ class RPC(Handler):
             op.done(self.call(op, args))
         except self.errors as e:
             self.refuse(op, args, e)
-        except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
+        except Exception as e:  # never leave an RPC unanswered
             self.internal(op, e)
 
     def refuse(self, op: Any, args: dict[str, str], err: Exception) -> None:
@@ -136,7 +136,7 @@ class RPC(Handler):
         if self.on_refused is not None:
             try:
                 self.on_refused(op, args, err)
-            except Exception:  # noqa: BLE001 - the reply is sent; a hook failure is only logged
+            except Exception:  # the reply is sent; a hook failure is only logged
                 log.exception("%s: refusal hook failed", self.name)
 
     def internal(self, op: Any, err: Exception) -> None:
@@ -174,7 +174,7 @@ class AsyncRPC(RPC):
             op.done(await self.acall(op, args))
         except self.errors as e:
             self.refuse(op, args, e)
-        except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
+        except Exception as e:  # never leave an RPC unanswered
             self.internal(op, e)
         except BaseException:
             op.done(error=error_text(

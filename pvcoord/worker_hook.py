@@ -141,9 +141,9 @@ class LockGuard:
         timeout: float = DEFAULT_TIMEOUT,
         store: Any = None,
     ) -> None:
-        import redis  # noqa: PLC0415 - imported in the worker only when the hook is used
+        import redis  # imported in the worker only when the hook is used
 
-        from pvcoord.store import StoreError, open_store  # noqa: PLC0415
+        from pvcoord.store import StoreError, open_store
 
         try:
             self.prefix = check_prefix(prefix)

@@ -74,7 +74,7 @@ def test_nturi_is_what_p4p_cli_sends():
 
 
 def _reply(**fields) -> Value:
-    from p4p import Type  # noqa: PLC0415
+    from p4p import Type
 
     t = Type([("granted", "?"), ("key", "s"), ("devices", "as"), ("preempted", "as"),
               ("expires", "d"), ("message", "s")])

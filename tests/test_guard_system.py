@@ -133,7 +133,7 @@ class Beamline:
             assert r["ok"], r
             return r["value"]
         v = self.rpc(GUARD_WHAT_IF, pv=pv, account=account)
-        return {k: v[k] for k in v.keys()}  # noqa: SIM118 - p4p Value
+        return {k: v[k] for k in v.keys()}
 
     def settle(self, pv: str, account: str, allowed: bool, strict: bool = False) -> dict:
         """Wait until the guard's decision for ``account`` on ``pv`` is ``allowed``."""

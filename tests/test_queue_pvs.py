@@ -135,7 +135,7 @@ def test_an_rpc_cancelled_at_shutdown_is_answered(served):
     def client():
         try:
             _rpc(ctxt, qn.QUEUE_STOP)
-        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+        except BaseException as e:  # collected for the assertion
             out.append(e)
 
     t = threading.Thread(target=client)

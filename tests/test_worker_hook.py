@@ -236,14 +236,14 @@ def test_configuration_errors_are_clear(redis_port, tmp_path):
 
 @pytest.mark.system
 def test_hook_with_the_real_re_manager_and_queue_ioc(tmp_path):
-    from .test_queue_ioc import WAIT, P, _start_base  # noqa: PLC0415 - shared set-up
+    from .test_queue_ioc import WAIT, P, _start_base  # shared set-up
 
     env = loopback_env()
     procs, store_url, policy = _start_base(tmp_path, env)
     try:
         with start_queue_stack(P, env, tmp_path, store_url=store_url, policy=policy) as st, \
                 Client(P, conf=client_conf(env), timeout=TIMEOUT) as coord:
-            from p4p.client.thread import Context  # noqa: PLC0415
+            from p4p.client.thread import Context
 
             with Context("pva", conf=client_conf(env), useenv=False) as ctxt:
                 _maintenance_on_a_global_device(st, coord, ctxt, P, WAIT)
@@ -322,11 +322,11 @@ def _a_global_device_shows_as_executing(st, coord, wait) -> None:
 
 def test_a_password_protected_redis_between_hook_and_queue_ioc(tmp_path):
     """redis://:PASSWORD@host:port/0 on both sides; a wrong password is refused, never shown."""
-    import asyncio  # noqa: PLC0415
+    import asyncio
 
-    from iocs.queue.ioc import QueueIOC  # noqa: PLC0415
-    from pvcoord.procs import LOOPBACK, ManagedProcess, free_port, redis_server_path  # noqa: PLC0415
-    from pvdb.policy import Policy  # noqa: PLC0415
+    from iocs.queue.ioc import QueueIOC
+    from pvcoord.procs import LOOPBACK, ManagedProcess, free_port, redis_server_path
+    from pvdb.policy import Policy
 
     secret = "s3cret-hook-pw"
     port = free_port()

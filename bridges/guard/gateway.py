@@ -168,7 +168,7 @@ class GuardHandler(GWHandler):
         self.on_audit = on_audit
 
     @override
-    def testChannel(self, pvname, peer):  # noqa: D102 - p4p callback
+    def testChannel(self, pvname, peer):
         assert self.provider is not None  # set by Guard before the server starts
         if pvname.decode(errors="replace").startswith(self.banned):
             return self.provider.BanPV
@@ -178,7 +178,7 @@ class GuardHandler(GWHandler):
         return super().testChannel(pvname, peer)
 
     @override
-    def makeChannel(self, op):  # noqa: D102 - p4p callback
+    def makeChannel(self, op):
         # p4p's GWHandler.makeChannel, except that the guard is told both names: the channel's
         # ``name`` is the upstream one, so the client's name would otherwise be lost (and a
         # pvlist ALIAS applied twice)
@@ -445,7 +445,7 @@ class Guard:
             return
         try:
             cols = v["value"]
-            locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})  # noqa: SIM118
+            locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})
         except (KeyError, ValueError, TypeError) as e:
             self.core.locks_lost(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
             return
@@ -646,7 +646,7 @@ def _uri_args(value: Value) -> dict[str, str]:
         query = value["query"]
     except (KeyError, TypeError):
         query = value
-    return {k: str(query[k]) for k in query.keys()}  # noqa: SIM118 - p4p Value
+    return {k: str(query[k]) for k in query.keys()}
 
 
 def _column(x: Any) -> list[Any]:

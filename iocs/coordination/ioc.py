@@ -308,7 +308,7 @@ class RegistryFollower:
             return
         try:
             names = [str(n) for n in value["value.name"]]
-        except Exception:  # noqa: BLE001 - a registry of another shape
+        except Exception:  # a registry of another shape
             log.exception("unexpected %s value", self.name)
             return
         self.connected = True
@@ -361,7 +361,7 @@ async def serve(
                 second = n % int(1 / TICK) == 0
                 try:
                     ioc.tick(second)
-                except Exception:  # noqa: BLE001 - keep serving; the health PV shows it
+                except Exception:  # keep serving; the health PV shows it
                     log.exception("tick failed")
                 if table.store_error is not None:
                     ioc.set_health(f"store failing: {table.store_error}"[:200])

@@ -148,7 +148,7 @@ class QueueIOC:
             self._fetch_wake.clear()
             try:
                 await self.fetch()
-            except Exception:  # noqa: BLE001 - keep fetching
+            except Exception:  # keep fetching
                 log.exception("fetch failed")
 
     async def _fetch_changed(self, status: Mapping[str, Any]) -> None:
@@ -382,7 +382,7 @@ class QueueIOC:
 
     async def serve_hook_requests(self, stop: asyncio.Event) -> None:
         """Answer worker-hook requests on ``redis_url`` until ``stop`` is set (see 0023)."""
-        import redis.asyncio as aioredis  # noqa: PLC0415 - only with --redis
+        import redis.asyncio as aioredis  # only with --redis
 
         assert self.redis_url is not None
         r = aioredis.Redis.from_url(self.redis_url, socket_timeout=5.0)
@@ -391,7 +391,7 @@ class QueueIOC:
             while not stop.is_set():
                 try:
                     got = await r.brpop([key], timeout=1)
-                except Exception as e:  # noqa: BLE001 - redis down: retry, say it in the log
+                except Exception as e:  # redis down: retry, say it in the log
                     log.warning("worker-hook channel %s: %s", qn.redact_url(self.redis_url), e)
                     await asyncio.sleep(1.0)
                     continue
@@ -407,7 +407,7 @@ class QueueIOC:
                     continue
                 try:
                     reply = await self.handle_hook_request(req)
-                except Exception as e:  # noqa: BLE001 - the hook must get an answer
+                except Exception as e:  # the hook must get an answer
                     log.exception("worker-hook request failed")
                     reply = {"granted": False, "coordinated": True,
                              "message": f"queue IOC error: {type(e).__name__}: {e}"}
@@ -415,7 +415,7 @@ class QueueIOC:
                 try:
                     await r.lpush(rkey, json.dumps(reply))
                     await r.expire(rkey, HOOK_REPLY_TTL)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     log.warning("cannot answer worker-hook request %s: %s", rid, e)
         finally:
             await r.aclose()
@@ -537,7 +537,7 @@ class QueueIOC:
                     next_beat += 1.0
                     self._heartbeat += 1
                     self.pvs.set(qn.HEARTBEAT, self._heartbeat)
-            except Exception:  # noqa: BLE001 - keep ticking
+            except Exception:  # keep ticking
                 log.exception("tick failed")
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -359,7 +359,7 @@ class LockKeeper:
                 self._wake.clear()
                 try:
                     await self.reconcile()
-                except Exception:  # noqa: BLE001 - keep the queue IOC serving
+                except Exception:  # keep the queue IOC serving
                     log.exception("lock reconcile failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)

@@ -100,7 +100,7 @@ class ManagerLink:
                 f"the RE Manager did not answer {method} within {CONTROL_TIMEOUT:g} s "
                 f"({self.zmq_control})"
             ) from None
-        except Exception as e:  # noqa: BLE001 - 0MQ errors: report, never crash the IOC
+        except Exception as e:  # 0MQ errors: report, never crash the IOC
             raise ManagerUnreachableError(f"{method} failed: {type(e).__name__}: {e}") from None
 
     async def refresh(self) -> dict[str, Any]:
@@ -136,7 +136,7 @@ class ManagerLink:
                 return
             try:
                 await self.on_status(status, mtime, source)
-            except Exception:  # noqa: BLE001 - one bad update must not stop the link
+            except Exception:  # one bad update must not stop the link
                 log.exception("status handler failed")
 
     async def _push_loop(self) -> None:
@@ -165,7 +165,7 @@ class ManagerLink:
             sent = time.monotonic()
             try:
                 status: Any = await self._poll_api.status(reload=True)
-            except Exception as e:  # noqa: BLE001 - unreachable manager: keep polling
+            except Exception as e:  # unreachable manager: keep polling
                 log.debug("status poll failed: %s", e)
                 continue
             if time.monotonic() - self.contact.push < POLL_AFTER:

@@ -104,7 +104,7 @@ async def _answers(ctxt: Context, pv: str, timeout: float) -> bool:
         await asyncio.wait_for(ctxt.get(pv), timeout)
     except (TimeoutError, Disconnected, RemoteError):
         return False
-    except Exception as e:  # noqa: BLE001 - anything else also means "not answering"; say why
+    except Exception as e:  # anything else also means "not answering"; say why
         log.warning("checking %s failed: %s: %s", pv, type(e).__name__, e)
         return False
     return True

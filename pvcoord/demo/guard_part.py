@@ -263,10 +263,10 @@ def _plain(v: Any) -> Any:
 
 def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """The agent's loop: one JSON request per line on ``stdin``, one reply per line."""
-    import getpass  # noqa: PLC0415
+    import getpass
 
-    from p4p.client.thread import Context  # noqa: PLC0415
-    from p4p.nt import NTURI  # noqa: PLC0415
+    from p4p.client.thread import Context
+    from p4p.nt import NTURI
 
     def say(obj: dict[str, Any]) -> None:
         stdout.write(json.dumps(obj) + "\n")
@@ -290,7 +290,7 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
                     say({"ok": True, "value": _plain(v)})
                 else:
                     say({"ok": False, "error": f"unknown op {op!r}: use put, get or rpc"})
-            except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+            except Exception as e:  # every failure goes back to the caller
                 say({"ok": False, "error": str(e) or type(e).__name__})
     return 0
 
@@ -371,7 +371,7 @@ def _wait_decision(
 
 def _prepare(ctx: Any) -> None:
     """Move the softIoc behind the guard and start the guard (``ctx``: beamline DemoContext)."""
-    from pvcoord.procs import loopback_env  # noqa: PLC0415
+    from pvcoord.procs import loopback_env
 
     ctx.device_env = loopback_env(
         pva_server_port=ctx.port("guard-upstream-tcp"),
@@ -399,7 +399,7 @@ def _start(ctx: Any) -> None:
         wait_for_pv(GUARD_HEALTH.name(ctx.prefix), ctx.env, 60.0, procs=[ctx.procs["guard"]],
                     condition=lambda v: v == "OK")
     except (TimeoutError, RuntimeError) as e:
-        from pvcoord.demo.beamline import DemoError  # noqa: PLC0415
+        from pvcoord.demo.beamline import DemoError
 
         raise DemoError(f"the guard did not get the registry and lock state: {e}") from None
     p = ctx.prefix
@@ -417,7 +417,7 @@ def _start(ctx: Any) -> None:
 
 
 def _components() -> list[Any]:
-    from pvcoord.demo.beamline import Component  # noqa: PLC0415 - beamline imports us lazily
+    from pvcoord.demo.beamline import Component  # beamline imports us lazily
 
     return [Component("guard", _start, _prepare)]
 
@@ -434,7 +434,7 @@ def run_guard_walkthrough(ctx: Any, stop: Any = None) -> bool:
     Returns whether every step behaved. Needs root and ``runuser`` for the second OS account;
     otherwise it says so and returns False (PVA's identity is the client's OS account).
     """
-    import shutil  # noqa: PLC0415
+    import shutil
 
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         ctx.say("[guard] walkthrough needs a second OS account: run the demo as root "

@@ -348,6 +348,8 @@ def _processes_with(marker: bytes) -> list[int]:
     return found
 
 
+@pytest.mark.system
+@pytest.mark.identity
 @pytest.mark.skipif(other_user_available() is not None, reason=str(other_user_available()))
 def test_put_agent_whose_first_reply_fails_is_stopped_with_its_runuser_child(monkeypatch):
     marker = f"PVCOORD_AGENT_TEST=guard-{os.getpid()}-{time.monotonic_ns()}"
@@ -364,6 +366,7 @@ def test_put_agent_whose_first_reply_fails_is_stopped_with_its_runuser_child(mon
     wait_until(lambda: not _processes_with(marker.encode()), 10.0, "runuser and agent stopped")
 
 
+@pytest.mark.system
 def test_guard_cli_help_and_bad_config(tmp_path: Path):
     env = {**os.environ}
     r = subprocess.run(python_module("bridges.guard", "--help"), cwd=REPO, env=env,

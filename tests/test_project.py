@@ -44,6 +44,7 @@ def test_every_pvdb_spec_is_in_the_catalogue():
                     f"pvdb.{info.name}.{name} is not in pvdb.catalog.SPEC_MODULES")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("entry", ENTRIES, ids=[f"{p.parent.name}.{p.name}" for p in ENTRIES])
 def test_every_process_has_its_pvs_in_the_catalogue_and_its_help(entry):
     """Every IOC and bridge serves a PV family of the catalogue (server = its package name), and
@@ -110,6 +111,7 @@ def test_screens_are_generated_and_every_pv_resolves_to_pvdb():
 UNITS = sorted((REPO / "systemd").glob("*.service"))
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
 def test_systemd_unit(unit, tmp_path):
     text = unit.read_text()

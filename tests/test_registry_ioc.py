@@ -205,6 +205,7 @@ def wait_value(ctxt: Context):
 
 # --- the real process -------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_help_lists_every_registry_pv():
     out = subprocess.run([sys.executable, "-m", "iocs.registry", "--help"],
                          capture_output=True, text=True, timeout=60)
@@ -214,6 +215,7 @@ def test_help_lists_every_registry_pv():
     assert "--check-period" in out.stdout
 
 
+@pytest.mark.system
 def test_bad_registry_file_is_refused_at_start(tmp_path, env):
     bad = tmp_path / "bad.yaml"
     bad.write_text("devices:\n  - name: m1\n    pvs: [A:b]\n    capabilities: [moveable]\n")
@@ -225,6 +227,7 @@ def test_bad_registry_file_is_refused_at_start(tmp_path, env):
     assert "line 4" in out.stderr and "'m1'" in out.stderr and "moveable" in out.stderr
 
 
+@pytest.mark.system
 def test_bad_prefix_is_refused(tmp_path, env):
     reg = write_registry(P, tmp_path / "r.yaml")
     out = subprocess.run(

@@ -49,6 +49,9 @@ from .conftest import TIMEOUT
 PREFIX = "TH:"
 
 
+pytestmark = pytest.mark.system  # every test talks to a real redis-server (module fixture)
+
+
 @pytest.fixture(scope="module")
 def redis_port(tmp_path_factory):
     proc, port = start_redis(log_dir=tmp_path_factory.mktemp("hook-redis"))
@@ -234,7 +237,6 @@ def test_configuration_errors_are_clear(redis_port, tmp_path):
 # --- system tier ------------------------------------------------------------------------------
 
 
-@pytest.mark.system
 def test_hook_with_the_real_re_manager_and_queue_ioc(tmp_path):
     from .test_queue_ioc import WAIT, P, _start_base  # shared set-up
 

@@ -15,7 +15,7 @@ and start the RE Manager with these environment variables (the worker inherits t
   relies on the queue IOC alone and does not see locks taken during the plan.
 - ``PVCOORD_HOOK_TIMEOUT``: seconds to wait for the queue IOC's answer (default 3).
 
-How it works (no EPICS inside the worker: DESIGN section 5.2):
+How it works (no EPICS traffic through the RE worker: docs/architecture.md):
 
 1. For every *acting* message (:data:`ACTING`: ``set``, ``trigger``, ``stage``, ``kickoff``,
    ``complete``, ``prepare``, ``configure``) it finds the root device (following ``.parent``).

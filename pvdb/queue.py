@@ -27,9 +27,9 @@ SERVER = "queue"
 UNREACHABLE_AFTER = 1.8
 """Seconds without any message (push or poll reply) after which the RE Manager is unreachable.
 
-Issue 3 asks for INVALID within 2 s of the manager going away; the manager pushes at least once a
-second (and the IOC polls after 1.2 s without a push), so 1.8 s is above the heartbeat and leaves
-0.2 s for the IOC to post and the client to receive."""
+The queue IOC promises INVALID within 2 s of the manager going away; the manager pushes at least
+once a second (and the IOC polls after 1.2 s without a push), so 1.8 s is above the heartbeat and
+leaves 0.2 s for the IOC to post and the client to receive."""
 
 MANAGER_STATES: tuple[str, ...] = (
     "unknown",

@@ -1,4 +1,4 @@
-"""The lock model (DESIGN section 3) on the pure lock table, with a real SQLite store."""
+"""The lock model (docs/locks.md) on the pure lock table, with a real SQLite store."""
 
 from __future__ import annotations
 

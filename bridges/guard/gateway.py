@@ -12,7 +12,7 @@ Built from the same parts as ``pvagw`` (``p4p.gw.GWHandler``, ``p4p._gw.Provider
 * puts the guard must report come back through ``GWHandler.audit`` and are classified by the
   core (``p4p.gw.audit`` still gets the site ACF's TRAPWRITE lines, as with pvagw).
 * lock state comes from monitors of ``Coord:Locks`` / ``Coord:Heartbeat`` and the registry's
-  ``Registry:DevicePVs`` / ``Registry:Devices`` (raw values, see the reference notes on NTTable).
+  ``Registry:DevicePVs`` / ``Registry:Devices`` (raw values: ``nt=False``).
 """
 
 from __future__ import annotations

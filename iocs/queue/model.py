@@ -87,7 +87,7 @@ def item_devices(item: Mapping[str, Any], devices_allowed: Iterable[str]) -> tup
     (``m1.velocity`` -> ``m1``).
 
     A plan that reaches a device through a module global names none here: the worker hook
-    catches those (DESIGN section 6).
+    catches those (docs/queue.md).
     """
     allowed = set(devices_allowed)
     found: set[str] = set()

@@ -7,7 +7,7 @@
   ``runuser``) that keeps its channels open and does puts, gets and RPCs on request. The PVA
   account of a request is the OS account of the client process, so this is how the demo and the
   tests act as a second person.
-- :func:`walkthrough`: the demo steps of the guard (issue 4): while an operator holds ``m1``,
+- :func:`walkthrough`: the demo steps of the guard: while an operator holds ``m1``,
   another account's put to ``m1``'s setpoint through the guard is refused and the holder's
   succeeds; after the release the other account's put succeeds on the same channel.
   :func:`run_guard_walkthrough` runs it on a started demo (root and ``nobody``).

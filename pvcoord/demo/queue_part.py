@@ -514,7 +514,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-# --- the walkthrough of issue 3 ------------------------------------------------------------------
+# --- the walkthrough of the queue IOC -------------------------------------------------------------
 
 OPERATOR = "anna"
 """The operator of the walkthrough (a named user through the demo's trusted onBehalfOf path)."""

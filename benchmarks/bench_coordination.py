@@ -193,7 +193,7 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
             "fan_locks": fan_locks}
 
 
-def main() -> None:  # noqa: D103
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=500)

@@ -13,7 +13,8 @@ the same softIoc on a third network. Then, from one p4p client:
    Acquire reply to that first refusal (and from Release to the first success). Also the guard's
    own figure ``Guard:ApplyLatency`` (coordination IOC timestamp -> permissions applied).
 
-Targets (issue 4): median guard put <= 1.3 x plain pvagw; lock change effective within 50 ms p99.
+Targets (docs/benchmarks.md): median guard put <= 1.3 x plain pvagw; lock change effective
+within 50 ms p99.
 
 Usage: python benchmarks/bench_guard.py [--puts 2000] [--changes 100]
 """

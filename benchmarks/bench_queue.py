@@ -15,7 +15,7 @@ hook on) and the queue IOC on loopback, then prints:
    QS_Info message whose ``running_item_uid`` first names it. Floor: one ``Coord:Acquire``
    round trip of a client in this process. Target: < 50 ms.
 3. Manager kill -9 -> every queue PV INVALID, and restart -> every PV valid again (``--kills``
-   times; issue 3: within 2 s of each). Kill -> INVALID is measured from the kill; its floor is
+   times; target: within 2 s of each). Kill -> INVALID is measured from the kill; its floor is
    ``UNREACHABLE_AFTER`` minus the age of the manager's last QS_Info message at the kill (the
    earliest the IOC may decide). Restart -> valid is measured from the first ``status`` answer of
    the new manager to our own client; its floor is that answer's round trip.

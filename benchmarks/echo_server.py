@@ -15,11 +15,11 @@ from p4p.server.thread import SharedPV
 class Echo:
     """Reply with the request."""
 
-    def rpc(self, pv, op):  # noqa: D102
+    def rpc(self, pv, op):
         op.done(op.value())
 
 
-def main() -> None:  # noqa: D103
+def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pv = SharedPV(handler=Echo(), nt=None, initial=None)

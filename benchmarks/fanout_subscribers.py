@@ -22,7 +22,7 @@ def _value(v) -> int:
     return len(v["value.device"])
 
 
-def main() -> None:  # noqa: D103
+def main() -> None:
     name, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -219,7 +219,7 @@ class LockView:
         else:
             try:
                 cols = v["value"]
-                locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})  # noqa: SIM118
+                locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})
             except (KeyError, ValueError, TypeError) as e:
                 what = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
                 with self._lock:

@@ -1,7 +1,7 @@
-"""p4p helpers shared by pvcoord's IOCs: time stamps, NTTable values, RPC arguments, process main.
+"""The IOCs' shared p4p boundary: time stamps, NTTable values, the RPC skeleton, process main.
 
-These are part of each IOC's p4p boundary (STYLE: the untyped p4p API stays behind one boundary);
-the domain logic of every IOC is pure Python in its own package.
+These are the IOCs' one p4p boundary (the untyped p4p API stays behind it); the domain logic of
+every IOC is pure Python in its own package.
 """
 
 from __future__ import annotations
@@ -10,16 +10,20 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from p4p import Value
 from p4p.nt import NTScalar, NTTable
+from p4p.server.raw import Handler
 from p4p.server.thread import SharedPV
 
 from pvcoord.service import ServiceNotifier
+from pvdb.lockmodel import ErrorCode, error_text
 from pvdb.process import PROCESSES, pvcoord_version
-from pvdb.redact import install_log_redaction
+from pvdb.redact import install_log_redaction, redact
+
+log = logging.getLogger(__name__)
 
 
 def stamp(v: Value, ts: float) -> Value:
@@ -71,11 +75,116 @@ def request_args(value: Value, error: type[Exception], example: str) -> dict[str
         return out
     except error:
         raise
-    except Exception as e:  # noqa: BLE001 - any other shape is a malformed request
+    except Exception as e:  # any other shape is a malformed request
         raise error(
             f"malformed request ({type(e).__name__}): send an NTURI with string arguments, "
             f"e.g. {example}"
         ) from None
+
+
+def refusal_text(err: Exception) -> str:
+    """The RPC error text of a refusal: ``[code holder=...] message``.
+
+    ``err.code`` (a :class:`pvdb.lockmodel.ErrorCode`, default ``bad-argument``) and
+    ``err.holder`` (default '') are read from the exception if it has them.
+    """
+    code = getattr(err, "code", None)
+    holder = getattr(err, "holder", "") or ""
+    if not isinstance(code, ErrorCode):
+        code = ErrorCode.BAD_ARGUMENT
+    return error_text(code, redact(str(err)), str(holder))
+
+
+RefusalHook = Callable[[Any, dict[str, str], Exception], None]
+"""``hook(op, args, error)``: called after a refusal was sent (e.g. to audit it)."""
+
+
+class RPC(Handler):
+    """The one RPC handler skeleton of pvcoord's IOCs: parse, call, always finish the operation.
+
+    ``call(op, args)`` gets the ``ServerOperation`` and the string arguments and returns the reply
+    ``Value``. An exception of one of ``errors`` becomes an RPC error with its code
+    (:func:`refusal_text`); any other is an ``[internal]`` error (logged); a put is refused.
+
+    Args:
+        name: the PV suffix, for messages (``Coord:Acquire``).
+        call: the operation.
+        errors: the refusals ``call`` raises; the first is also raised for a malformed request.
+        example: a correct call, shown when the request is malformed.
+        on_refused: called after a refusal was sent.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        call: Callable[[Any, dict[str, str]], Any],
+        errors: tuple[type[Exception], ...],
+        example: str,
+        on_refused: RefusalHook | None = None,
+    ) -> None:
+        self.name, self.call, self.errors = name, call, errors
+        self.example, self.on_refused = example, on_refused
+
+    def rpc(self, pv: Any, op: Any) -> None:  # noqa: D102 - p4p callback
+        args: dict[str, str] = {}
+        try:
+            args = request_args(op.value(), self.errors[0], self.example)
+            op.done(self.call(op, args))
+        except self.errors as e:
+            self.refuse(op, args, e)
+        except Exception as e:  # never leave an RPC unanswered
+            self.internal(op, e)
+
+    def refuse(self, op: Any, args: dict[str, str], err: Exception) -> None:
+        """Finish ``op`` with the refusal ``err`` and call ``on_refused``."""
+        op.done(error=refusal_text(err))
+        if self.on_refused is not None:
+            try:
+                self.on_refused(op, args, err)
+            except Exception:  # the reply is sent; a hook failure is only logged
+                log.exception("%s: refusal hook failed", self.name)
+
+    def internal(self, op: Any, err: Exception) -> None:
+        """Finish ``op`` with an ``[internal]`` error for an unexpected exception (logged)."""
+        log.exception("%s failed", self.name)
+        op.done(error=error_text(ErrorCode.INTERNAL, redact(
+            f"internal error in {self.name}: {type(err).__name__}: {err}")))
+
+    def put(self, pv: Any, op: Any) -> None:  # noqa: D102 - p4p callback
+        op.done(error=error_text(
+            ErrorCode.BAD_ARGUMENT, f"{self.name} is an RPC: use pvcall / p4p rpc, not put"))
+
+
+class AsyncRPC(RPC):
+    """:class:`RPC` for an ``asyncio`` SharedPV: ``call`` is a coroutine function.
+
+    Cancelled at shutdown, the caller still gets an answer (``[shutting-down]``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        call: Callable[[Any, dict[str, str]], Awaitable[Any]],
+        errors: tuple[type[Exception], ...],
+        example: str,
+        on_refused: RefusalHook | None = None,
+    ) -> None:
+        super().__init__(name, call, errors, example, on_refused)
+        self.acall = call
+
+    async def rpc(self, pv: Any, op: Any) -> None:  # noqa: D102 - p4p callback  # pyright: ignore[reportIncompatibleMethodOverride]
+        args: dict[str, str] = {}
+        try:
+            args = request_args(op.value(), self.errors[0], self.example)
+            op.done(await self.acall(op, args))
+        except self.errors as e:
+            self.refuse(op, args, e)
+        except Exception as e:  # never leave an RPC unanswered
+            self.internal(op, e)
+        except BaseException:
+            op.done(error=error_text(
+                ErrorCode.SHUTTING_DOWN, f"{self.name} not done: the IOC is shutting down"))
+            raise
 
 
 def setup_logging(level: str) -> None:
@@ -88,7 +197,7 @@ def setup_logging(level: str) -> None:
     install_log_redaction()
 
 
-def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, object]]) -> None:
     """Run ``serve(stop)`` in a new event loop; SIGTERM and SIGINT set ``stop`` (systemctl stop)."""
 
     async def run() -> None:

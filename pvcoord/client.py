@@ -16,7 +16,10 @@ Every call sends pvcall-style string arguments (an NTURI whose query fields are 
 (default: the client's ``timeout``, 5 s). Errors are :class:`CoordError` subclasses:
 
 - :class:`RefusedError`: the IOC answered with an error (its message names the holder, the bad
-  argument, ...); :class:`LockLostError` when that happens to a held lock's renew.
+  argument, ...); :class:`LockLostError` when that happens to a held lock's renew. ``.code`` is
+  the machine-readable :class:`pvdb.lockmodel.ErrorCode` of the refusal (``None`` for a server
+  that sends none, e.g. a gateway's "Put permission denied"), ``.holder`` the ``account@host``
+  it names, if any.
 - :class:`NoAnswerError`: the IOC did not answer within the call timeout (not running, wrong
   prefix or EPICS settings).
 - :class:`BadRequestError`: the request was rejected before sending (unknown lock type, no device).
@@ -34,7 +37,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 from p4p import Value
@@ -44,6 +47,7 @@ from p4p.client.thread import Disconnected, RemoteError
 from p4p.nt import NTURI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pvdb.lockmodel import ErrorCode, error_text, parse_error_text
 from pvdb.models import DeviceSignal, LockEvent, LockType
 from pvdb.names import (
     ACQUIRE_ARGS,
@@ -70,6 +74,7 @@ __all__ = [
     "BadRequestError",
     "Client",
     "CoordError",
+    "ErrorCode",
     "Grant",
     "HeldLock",
     "LockInfo",
@@ -105,12 +110,25 @@ class BadRequestError(CoordError, ValueError):
 
 
 class RefusedError(CoordError):
-    """The IOC refused the request; :attr:`message` is the server's text (names the holder)."""
+    """The IOC refused the request.
 
-    def __init__(self, pv: str, message: str) -> None:
-        super().__init__(message)
+    Attributes:
+        pv: the PV that refused.
+        code: the :class:`pvdb.lockmodel.ErrorCode` of the refusal, ``None`` if the server sent
+            none (a gateway, another server).
+        holder: ``account@host`` of the lock that caused it, or ''.
+        message: the server's sentence (names the holder), without the ``[code]`` head.
+        text: the server's error text as received.
+    """
+
+    def __init__(self, pv: str, text: str) -> None:
+        parsed = parse_error_text(text)
+        super().__init__(parsed.message)
         self.pv = pv
-        self.message = message
+        self.text = text
+        self.code: ErrorCode | None = parsed.code
+        self.holder = parsed.holder
+        self.message = parsed.message
 
 
 class LockLostError(RefusedError):
@@ -493,8 +511,24 @@ def scalar(value: Any) -> Any:
     return value
 
 
-def _lost_error(pv: str, message: str) -> LockLostError:
-    return LockLostError(pv, message)
+def _lost_error(err: RefusedError) -> LockLostError:
+    return LockLostError(err.pv, err.text)
+
+
+@contextlib.contextmanager
+def p4p_errors(pv: str, timeout: float) -> Iterator[None]:
+    """The one mapping of p4p errors to this client's errors, around one call on ``pv``.
+
+    A remote error becomes :class:`RefusedError` (with its code and holder), a timeout or a
+    disconnect :class:`NoAnswerError` (after ``timeout`` s).
+    """
+    try:
+        yield
+    except RemoteError as e:
+        raise RefusedError(pv, str(e)) from None
+    except (TimeoutError, Disconnected) as e:
+        raise NoAnswerError(pv, timeout, "disconnected" if isinstance(e, Disconnected) else "") \
+            from None
 
 
 # --- shared client state ----------------------------------------------------------------------
@@ -574,23 +608,14 @@ class Client(_Base):
     def _rpc(self, spec: PVSpec, args: Mapping[str, str], call_timeout: float | None) -> Any:
         pv = self.pv(spec)
         t = self.call_timeout(call_timeout)
-        try:
+        with p4p_errors(pv, t):
             return self._ctxt.rpc(pv, nturi(pv, args), timeout=t)
-        except RemoteError as e:
-            raise RefusedError(pv, str(e)) from None
-        except (TimeoutError, Disconnected) as e:
-            detail = "disconnected" if isinstance(e, Disconnected) else ""
-            raise NoAnswerError(pv, t, detail) from None
 
     def get(self, pv: str, call_timeout: float | None = None) -> Value:
         """GET any PV as a raw p4p ``Value`` (a :class:`NoAnswerError` after the call timeout)."""
         t = self.call_timeout(call_timeout)
-        try:
+        with p4p_errors(pv, t):
             return self._ctxt.get(pv, timeout=t)
-        except RemoteError as e:
-            raise RefusedError(pv, str(e)) from None
-        except (TimeoutError, Disconnected):
-            raise NoAnswerError(pv, t) from None
 
     # lock operations
 
@@ -829,11 +854,12 @@ class HeldLock:
                     key=self.grant.key, timeout=self._lease, call_timeout=self._call_timeout
                 )
             except RefusedError as e:
-                self._lose(_lost_error(pv, e.message))
+                self._lose(_lost_error(e))
                 return
             except NoAnswerError as e:
                 if time.time() >= self.expires:
-                    self._lose(_lost_error(pv, f"lease ran out while renewing failed: {e}"))
+                    self._lose(LockLostError(pv, error_text(
+                        ErrorCode.EXPIRED, f"lease ran out while renewing failed: {e}")))
                     return
                 wait = max(MIN_RENEW_INTERVAL, min(self._interval, self.expires - time.time()) / 2)
                 continue
@@ -849,7 +875,7 @@ class HeldLock:
             try:
                 self._client.release(key=self.grant.key, call_timeout=self._call_timeout)
             except RefusedError as e:
-                self.lost = _lost_error(e.pv, e.message)
+                self.lost = _lost_error(e)
             except NoAnswerError:
                 if exc_type is None:
                     raise
@@ -880,12 +906,8 @@ class AsyncClient(_Base):
 
     async def _timed(self, pv: str, coro: Awaitable[Any], call_timeout: float | None) -> Any:
         t = self.call_timeout(call_timeout)
-        try:
+        with p4p_errors(pv, t):
             return await asyncio.wait_for(coro, timeout=t)
-        except RemoteError as e:
-            raise RefusedError(pv, str(e)) from None
-        except (TimeoutError, Disconnected):
-            raise NoAnswerError(pv, t) from None
 
     async def _rpc(
         self, spec: PVSpec, args: Mapping[str, str], call_timeout: float | None
@@ -1082,11 +1104,12 @@ class AsyncHeldLock:
                     key=self.grant.key, timeout=self._lease, call_timeout=self._call_timeout
                 )
             except RefusedError as e:
-                self._lose(_lost_error(pv, e.message))
+                self._lose(_lost_error(e))
                 return
             except NoAnswerError as e:
                 if time.time() >= self.expires:
-                    self._lose(_lost_error(pv, f"lease ran out while renewing failed: {e}"))
+                    self._lose(LockLostError(pv, error_text(
+                        ErrorCode.EXPIRED, f"lease ran out while renewing failed: {e}")))
                     return
                 wait = max(MIN_RENEW_INTERVAL, min(self._interval, self.expires - time.time()) / 2)
                 continue
@@ -1103,7 +1126,7 @@ class AsyncHeldLock:
             try:
                 await self._client.release(key=self.grant.key, call_timeout=self._call_timeout)
             except RefusedError as e:
-                self.lost = _lost_error(e.pv, e.message)
+                self.lost = _lost_error(e)
             except NoAnswerError:
                 if exc_type is None:
                     raise
@@ -1133,13 +1156,8 @@ def put_pv(
             e.g. ``Put permission denied by gateway``.
         NoAnswerError: no answer within ``timeout`` seconds.
     """
-    with ThreadContext("pva", **_context_conf(conf)) as ctxt:
-        try:
-            ctxt.put(pv, value, timeout=timeout, wait=True, get=False)
-        except RemoteError as e:
-            raise RefusedError(pv, str(e)) from None
-        except (TimeoutError, Disconnected) as e:
-            raise NoAnswerError(pv, timeout, type(e).__name__) from None
+    with ThreadContext("pva", **_context_conf(conf)) as ctxt, p4p_errors(pv, timeout):
+        ctxt.put(pv, value, timeout=timeout, wait=True, get=False)
 
 
 def get_pv(
@@ -1150,13 +1168,8 @@ def get_pv(
     Raises:
         NoAnswerError: no answer within ``timeout`` seconds.
     """
-    with ThreadContext("pva", **_context_conf(conf)) as ctxt:
-        try:
-            return ctxt.get(pv, timeout=timeout)
-        except RemoteError as e:
-            raise RefusedError(pv, str(e)) from None
-        except (TimeoutError, Disconnected) as e:
-            raise NoAnswerError(pv, timeout, type(e).__name__) from None
+    with ThreadContext("pva", **_context_conf(conf)) as ctxt, p4p_errors(pv, timeout):
+        return ctxt.get(pv, timeout=timeout)
 
 
 def call_rpc(
@@ -1172,11 +1185,6 @@ def call_rpc(
         RefusedError: the server's error text.
         NoAnswerError: no answer within ``timeout`` seconds.
     """
-    with ThreadContext("pva", nt=False, **_context_conf(conf)) as ctxt:
-        try:
-            v = ctxt.rpc(pv, nturi(pv, dict(args)), timeout=timeout)
-        except RemoteError as e:
-            raise RefusedError(pv, str(e)) from None
-        except (TimeoutError, Disconnected) as e:
-            raise NoAnswerError(pv, timeout, type(e).__name__) from None
+    with ThreadContext("pva", nt=False, **_context_conf(conf)) as ctxt, p4p_errors(pv, timeout):
+        v = ctxt.rpc(pv, nturi(pv, dict(args)), timeout=timeout)
     return v.todict() if isinstance(v, Value) else {"value": v}

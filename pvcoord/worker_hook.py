@@ -15,7 +15,7 @@ and start the RE Manager with these environment variables (the worker inherits t
   relies on the queue IOC alone and does not see locks taken during the plan.
 - ``PVCOORD_HOOK_TIMEOUT``: seconds to wait for the queue IOC's answer (default 3).
 
-How it works (no EPICS inside the worker: DESIGN section 5.2):
+How it works (no EPICS traffic through the RE worker: docs/architecture.md):
 
 1. For every *acting* message (:data:`ACTING`: ``set``, ``trigger``, ``stage``, ``kickoff``,
    ``complete``, ``prepare``, ``configure``) it finds the root device (following ``.parent``).
@@ -50,8 +50,10 @@ from typing import Any
 
 from bluesky.preprocessors import msg_mutator
 
+from pvdb import lockmodel
 from pvdb import queue as qn
-from pvdb.models import BEAMLINE, Lock, LockType
+from pvdb.lockmodel import ErrorCode
+from pvdb.models import Lock, LockType
 from pvdb.names import check_prefix
 
 ACTING: frozenset[str] = frozenset(
@@ -68,7 +70,20 @@ EXEC = LockType.QUEUE_EXECUTING
 
 
 class DeviceLockedError(RuntimeError):
-    """A plan tried to act on a device it may not act on; the message names holder and reason."""
+    """A plan tried to act on a device it may not act on; the message names holder and reason.
+
+    Attributes:
+        code: the :class:`pvdb.lockmodel.ErrorCode` of the refusal (``None`` if the queue IOC
+            sent none).
+        holder: ``account@host`` of the lock that refused it, or ''.
+    """
+
+    def __init__(
+        self, message: str, code: ErrorCode | None = ErrorCode.HOLDER_CONFLICT, holder: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.holder = holder
 
 
 class HookConfigError(RuntimeError):
@@ -84,27 +99,14 @@ def root_device(obj: Any) -> Any:
     return obj
 
 
-def _fmt_time(t: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(t))
-
-
-def describe(lock: Lock) -> str:
-    """``m2 is held MAINTENANCE by bob@host (reason 'realign') until 12:00:00``."""
-    why = f" (reason {lock.reason!r})" if lock.reason else ""
-    what = "every device (beamline lock)" if lock.device == BEAMLINE else lock.device
-    until = _fmt_time(lock.expires)
-    return f"{what} is held {lock.lock_type.value} by {lock.holder}{why} until {until}"
+def describe(lock: Lock, device: str | None = None) -> str:
+    """The lock in the one refusal format (:func:`pvdb.lockmodel.describe`), as of now."""
+    return lockmodel.describe(lock, time.time(), device)
 
 
 def effective(locks: Mapping[str, Lock], device: str) -> Lock | None:
-    """The lock governing ``device``: its own, or a stronger ``beamline`` lock."""
-    own = locks.get(device)
-    bl = locks.get(BEAMLINE)
-    if own is None:
-        return bl
-    if bl is not None and bl.priority < own.priority:
-        return bl
-    return own
+    """The lock governing ``device`` (:func:`pvdb.lockmodel.effective`)."""
+    return lockmodel.effective(locks, device)
 
 
 def normalize_store_url(url: str) -> str:
@@ -139,9 +141,9 @@ class LockGuard:
         timeout: float = DEFAULT_TIMEOUT,
         store: Any = None,
     ) -> None:
-        import redis  # noqa: PLC0415 - imported in the worker only when the hook is used
+        import redis  # imported in the worker only when the hook is used
 
-        from pvcoord.store import StoreError, open_store  # noqa: PLC0415
+        from pvcoord.store import StoreError, open_store
 
         try:
             self.prefix = check_prefix(prefix)
@@ -180,7 +182,8 @@ class LockGuard:
         try:
             locks = self.store.load_locks()
         except self._store_error as e:
-            raise DeviceLockedError(f"pvcoord: cannot read the lock store, refusing: {e}") from None
+            raise DeviceLockedError(f"pvcoord: cannot read the lock store, refusing: {e}",
+                                    ErrorCode.STORE_UNAVAILABLE) from None
         now = time.time()
         return {lk.device: lk for lk in locks if lk.expires > now}
 
@@ -222,13 +225,15 @@ class LockGuard:
         except self._redis_error as e:
             raise DeviceLockedError(
                 f"pvcoord: cannot ask the queue IOC for a lock on {device} "
-                f"({qn.redact_url(self.redis_url)}: {e}); refusing to act on it"
+                f"({qn.redact_url(self.redis_url)}: {e}); refusing to act on it",
+                ErrorCode.STATE_UNKNOWN,
             ) from None
         if not got:
             raise DeviceLockedError(
                 f"pvcoord: the queue IOC did not answer a lock request for {device} within "
                 f"{self.timeout:g} s on {qn.redact_url(self.redis_url)} (is python -m iocs.queue "
-                f"running with --prefix {self.prefix} --redis ...?); refusing to act on {device}"
+                f"running with --prefix {self.prefix} --redis ...?); refusing to act on {device}",
+                ErrorCode.STATE_UNKNOWN,
             )
         return json.loads(got[1])
 
@@ -259,26 +264,35 @@ class PlanCheck:
         locks = self.guard.snapshot()
         lk = effective(locks, device)
         refusal = f"pvcoord: refused {command!r} on {device} before it reached the device"
-        if lk is not None and lk.priority < EXEC.priority:
-            why = f"{describe(lk)}; a queue plan (QUEUE_EXECUTING) cannot preempt it"
+        if lk is not None and lockmodel.outranks(lk.lock_type, EXEC):
+            why = lockmodel.conflict_text(lk, EXEC, time.time(), device)
             self.guard.report_refusal(device, why)
-            raise DeviceLockedError(f"{refusal}: {why}")
+            raise DeviceLockedError(f"{refusal}: {why}", ErrorCode.HOLDER_CONFLICT, lk.holder)
         uid = self.confirmed.get(device)
         if uid is not None:
             if self.guard.store is None:
                 return  # without a store the queue IOC's confirmation is all we know
             if lk is not None and lk.lock_type is EXEC and lk.plan_uid == uid:
                 return  # still ours
-            if lk is not None and lk.priority <= EXEC.priority:
-                raise DeviceLockedError(f"{refusal}: the plan's lock is gone: {describe(lk)}")
+            if lk is not None and not lockmodel.can_preempt(EXEC, lk.lock_type):
+                raise DeviceLockedError(f"{refusal}: the plan's lock is gone: "
+                                        f"{describe(lk, device)}", ErrorCode.PREEMPTED, lk.holder)
             # free or held weaker: the plan's lock was released or expired; ask again
         answer = self.guard.request(device)
         if not answer.get("granted"):
-            raise DeviceLockedError(f"{refusal}: {answer.get('message', 'refused')}")
+            raise DeviceLockedError(f"{refusal}: {answer.get('message', 'refused')}",
+                                    _code(answer.get("code")), str(answer.get("holder") or ""))
         if not answer.get("coordinated", True):
             self.uncoordinated.add(device)
             return
         self.confirmed[device] = str(answer.get("planUid", ""))
+
+
+def _code(value: object) -> ErrorCode | None:
+    try:
+        return ErrorCode(str(value))
+    except ValueError:
+        return None
 
 
 def lock_guard(

@@ -1,14 +1,20 @@
-"""Every PV spec of pvcoord, gathered from the pvdb modules, and the generated PV list.
+"""The one PV catalogue: every PV spec of every pvcoord process, and the lists made from it.
 
-``python -m pvdb`` prints :func:`markdown`, which is committed as ``docs/pvs.md``; a test checks
-the file is current. A spec module is listed in :data:`SPEC_MODULES`; every :class:`PVSpec` found
-at its top level (alone or inside tuples, lists and dict values) is included once.
+Every list of PVs is derived from here: ``docs/pvs.md`` (``python -m pvdb`` prints
+:func:`markdown`; a test checks the file is current), the PV lists of each process's ``--help``
+(:func:`help_text`), the service prefixes the guard never proxies (:func:`service_specs`), and
+the screens' checks. A spec module is listed in :data:`SPEC_MODULES`; every :class:`PVSpec`
+found at its top level (alone or inside tuples, lists and dict values) is included once. A new
+process (a bridge) adds its ``pvdb`` module there; a test checks that no ``pvdb`` module defines
+specs outside the catalogue.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Iterable, Iterator
+from typing import cast
 
 from .names import PVKind, PVSpec
 
@@ -20,17 +26,22 @@ SPEC_MODULES: tuple[tuple[str, str], ...] = (
     ("pvdb.process", "Process status (every process: version, start time)"),
     ("pvdb.demo", "Demo beamline softIoc (simulated devices; not pvcoord's own PVs)"),
 )
+"""``(module, title)`` of every spec module, in the order of ``docs/pvs.md``."""
+
+NOT_SERVICES: frozenset[str] = frozenset({"pvdb.demo"})
+"""Spec modules whose PVs are not pvcoord services (the demo's device IOC): the guard proxies
+them like any device PV."""
 
 
 def _specs_in(obj: object) -> Iterator[PVSpec]:
     if isinstance(obj, PVSpec):
         yield obj
     elif isinstance(obj, tuple | list):
-        for x in obj:
+        for x in cast(Iterable[object], obj):
             if isinstance(x, PVSpec):
                 yield x
     elif isinstance(obj, dict):
-        for x in obj.values():
+        for x in cast(dict[object, object], obj).values():
             if isinstance(x, PVSpec):
                 yield x
 
@@ -53,6 +64,73 @@ def all_specs() -> list[PVSpec]:
     for module, _ in SPEC_MODULES:
         out.extend(specs(module))
     return out
+
+
+def service_specs() -> list[PVSpec]:
+    """The specs of pvcoord's own services (every IOC and bridge; not the demo's devices)."""
+    out: list[PVSpec] = []
+    for module, _ in SPEC_MODULES:
+        if module not in NOT_SERVICES:
+            out.extend(specs(module))
+    return out
+
+
+def family(spec: PVSpec) -> str:
+    """The name segment of a spec's family: ``Coord:``, ``Registry:``, ``Queue:``, ``Guard:``."""
+    return spec.suffix.split(":", 1)[0] + ":"
+
+
+def servers() -> list[str]:
+    """Names of the processes that serve catalogue PVs (:attr:`PVSpec.server`), sorted."""
+    return sorted({s.server for s in all_specs()})
+
+
+def help_text(server: str, width: int = 100) -> str:
+    """The PV list of one process for its ``--help``: ``P <suffix>  <type>  <description>``.
+
+    Args:
+        server: the :attr:`PVSpec.server` of the process (``coordination``, ``queue``, ...).
+        width: line width of the text.
+
+    Raises:
+        KeyError: no spec has this server.
+    """
+    chosen = [s for s in all_specs() if s.server == server]
+    if not chosen:
+        raise KeyError(f"no PV in the catalogue is served by {server!r} (known: {servers()})")
+    names = [f"P {s.suffix.replace('{device}', '<dev>')}" for s in chosen]
+    kinds = [_short_kind(s) for s in chosen]
+    w_name = max(len(n) for n in names) + 2
+    w_kind = max(len(k) for k in kinds) + 2
+    indent = " " * (2 + w_name + w_kind)
+    lines = ["PVs (P is --prefix, with its trailing colon; from pvdb, "
+             "python -m pvdb lists them all):", ""]
+    for n, k, s in zip(names, kinds, chosen, strict=True):
+        head = f"  {n:<{w_name}}{k:<{w_kind}}"
+        desc = " ".join(s.description.split())
+        if s.kind == PVKind.RPC and s.args:
+            desc += f" Arguments: {', '.join(s.args)}."
+        elif s.kind == PVKind.NTTABLE and s.columns:
+            desc += f" Columns: {', '.join(c for c, _ in s.columns)}."
+        lines += textwrap.wrap(desc, width=width, initial_indent=head, subsequent_indent=indent,
+                               break_on_hyphens=False) or [head.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+_SHORT_KIND = {
+    PVKind.NTTABLE: "NTTable",
+    PVKind.NTENUM: "NTEnum",
+    PVKind.STRING: "string",
+    PVKind.DOUBLE: "double",
+    PVKind.INT: "int32",
+    PVKind.STRING_ARRAY: "string[]",
+    PVKind.DOUBLE_ARRAY: "double[]",
+    PVKind.RPC: "RPC",
+}
+
+
+def _short_kind(s: PVSpec) -> str:
+    return _SHORT_KIND[s.kind]
 
 
 def _type(s: PVSpec) -> str:

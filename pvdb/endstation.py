@@ -496,8 +496,8 @@ def _resolve(base: Path, name: str | None) -> str | None:
 
 def _check_files(cfg: EndstationConfig, base: Path,
                  index: dict[tuple[str, ...], int], deep: bool) -> list[ConfigIssue]:
-    from .policy import PolicyError, load_policy  # noqa: PLC0415 - only when checking
-    from .registry_file import RegistryFileError, load_registry  # noqa: PLC0415
+    from .policy import PolicyError, load_policy
+    from .registry_file import RegistryFileError, load_registry
 
     issues: list[ConfigIssue] = []
 

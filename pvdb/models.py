@@ -86,6 +86,11 @@ class Lock(BaseModel):
         return f"{self.owner}@{self.host}"
 
     @property
+    def account(self) -> str:
+        """The holder's account (``owner``)."""
+        return self.owner
+
+    @property
     def priority(self) -> int:
         """Priority of the lock's type (lower wins)."""
         return self.lock_type.priority
@@ -178,7 +183,7 @@ class Device(BaseModel):
 
     name: str
     device_class: str = Field(default="", alias="class")
-    capabilities: list[Capability] = Field(default_factory=list)
+    capabilities: list[Capability] = Field(default_factory=list[Capability])
     pv_prefix: str = ""
     pvs: list[str] = Field(default_factory=list, description="explicit PV names")
     ioc: str = ""

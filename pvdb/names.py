@@ -286,4 +286,5 @@ REGISTRY_PVS = (
 )
 
 ALL_PVS: tuple[PVSpec, ...] = COORDINATION_PVS + REGISTRY_PVS
-"""Every PV spec; other modules (queue, guard, bridges) append theirs here when they exist."""
+"""The coordination and registry IOCs' specs. The catalogue of every process's PVs (queue IOC,
+guard, bridges included) is :mod:`pvdb.catalog`."""

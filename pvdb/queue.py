@@ -22,6 +22,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .names import PVKind, PVSpec, snake_to_pascal
 from .redact import redact_url as redact_url  # re-exported: callers use qn.redact_url
@@ -31,9 +32,9 @@ SERVER = "queue"
 UNREACHABLE_AFTER = 1.8
 """Seconds without any message (push or poll reply) after which the RE Manager is unreachable.
 
-Issue 3 asks for INVALID within 2 s of the manager going away; the manager pushes at least once a
-second (and the IOC polls after 1.2 s without a push), so 1.8 s is above the heartbeat and leaves
-0.2 s for the IOC to post and the client to receive."""
+The queue IOC promises INVALID within 2 s of the manager going away; the manager pushes at least
+once a second (and the IOC polls after 1.2 s without a push), so 1.8 s is above the heartbeat and
+leaves 0.2 s for the IOC to post and the client to receive."""
 
 MANAGER_STATES: tuple[str, ...] = (
     "unknown",
@@ -128,11 +129,11 @@ HISTORY_ROWS = 100
 """Newest history items shown in ``Queue:History`` and the flat history arrays."""
 
 
-def _q(suffix: str, kind: PVKind, description: str, **kws) -> PVSpec:
+def _q(suffix: str, kind: PVKind, description: str, **kws: Any) -> PVSpec:
     return PVSpec(SERVER, "Queue:" + suffix, kind, description, **kws)
 
 
-def _status(key: str, kind: PVKind, description: str, **kws) -> PVSpec:
+def _status(key: str, kind: PVKind, description: str, **kws: Any) -> PVSpec:
     return _q(snake_to_pascal(key), kind, f"RE Manager status '{key}': {description}", **kws)
 
 

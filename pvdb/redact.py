@@ -117,7 +117,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - logging.Filter API
         try:
             msg = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string: keep the record as it is
+        except Exception:
             return True
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

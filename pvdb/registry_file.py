@@ -38,7 +38,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from pydantic import ValidationError
@@ -94,7 +94,8 @@ def _where(source: str, line: int | None) -> str:
 def _entry_lines(text: str) -> tuple[list[int], list[dict[str, int]]]:
     """Line numbers (1-based) of each device entry and of each of its keys, from the YAML nodes."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root: Any = yaml.compose(  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+            text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return [], []
     entries: list[int] = []
@@ -157,25 +158,27 @@ def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
             f"{source}: expected a mapping with a 'devices' list at the top level, got "
             f"{type(data).__name__}", "structure"
         )
-    extra = sorted(set(map(str, data)) - _TOP_KEYS)
+    top = cast(dict[Any, Any], data)
+    extra = sorted({str(k) for k in top} - _TOP_KEYS)
     if extra:
         raise RegistryFileError(
             f"{source}: unknown top-level key(s) {', '.join(extra)}; allowed: version, devices",
             "structure",
         )
-    version = data.get("version", FORMAT_VERSION)
+    version: Any = top.get("version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise RegistryFileError(
             f"{source}: version {version!r} is not supported (this pvcoord reads "
             f"{FORMAT_VERSION})", "version",
         )
-    entries = data.get("devices")
-    if entries is None:
-        entries = []
-    if not isinstance(entries, list):
+    raw: Any = top.get("devices")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
         raise RegistryFileError(
             f"{source}: 'devices' must be a list of device entries", "structure"
         )
+    entries = cast(list[Any], raw)
     entry_lines, key_lines = _entry_lines(text)
 
     devices: list[Device] = []
@@ -184,15 +187,16 @@ def parse_registry(text: str, source: str = "<registry>") -> list[Device]:
         line = entry_lines[i] if i < len(entry_lines) else None
         keys = key_lines[i] if i < len(key_lines) else {}
         label = f"device #{i + 1}"
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-            label = f"device #{i + 1} ({entry['name']!r})"
         if not isinstance(entry, dict):
             raise RegistryFileError(
                 f"{_where(source, line)}: {label}: expected a mapping of fields, got "
                 f"{type(entry).__name__}", "structure"
             )
+        fields = cast(dict[Any, Any], entry)
+        if isinstance(fields.get("name"), str):
+            label = f"device #{i + 1} ({fields['name']!r})"
         try:
-            dev = Device.model_validate(_normalise(entry))
+            dev = Device.model_validate(_normalise(fields))
         except ValidationError as e:
             field, msg = _pydantic_message(e)
             base = field.split("[")[0]

@@ -204,7 +204,7 @@ def _wait_for(out: io.StringIO, text: str, timeout: float = 10) -> bool:
 
 
 def test_registry_import_writes_a_loadable_registry_file(tmp_path, capsys):
-    from pvdb.registry_file import load_registry  # noqa: PLC0415
+    from pvdb.registry_file import load_registry
 
     target = tmp_path / "registry.yaml"
     out = io.StringIO()

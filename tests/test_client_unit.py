@@ -74,7 +74,7 @@ def test_nturi_is_what_p4p_cli_sends():
 
 
 def _reply(**fields) -> Value:
-    from p4p import Type  # noqa: PLC0415
+    from p4p import Type
 
     t = Type([("granted", "?"), ("key", "s"), ("devices", "as"), ("preempted", "as"),
               ("expires", "d"), ("message", "s")])
@@ -89,8 +89,9 @@ def test_parse_grant_and_key_not_in_repr():
     assert g.devices == ("m1", "m2") and g.preempted == ("m2",) and g.expires == 12.5
     assert g.key == "secret-key"
     assert "secret-key" not in repr(g)
-    with pytest.raises(cl.RefusedError, match="held by"):
+    with pytest.raises(cl.RefusedError) as e:
         cl.parse_grant("P:Coord:Acquire", _reply(granted=False, message="held by x"))
+    assert e.value.message == "held by x" and e.value.code is None  # a server without codes
 
 
 def _table(columns, rows) -> Value:
@@ -140,3 +141,12 @@ def test_client_rejects_bad_prefix_and_timeout():
         cl.Client("NOCOLON")
     with pytest.raises(cl.BadRequestError, match="call timeout"):
         cl.Client("P:", timeout=0)
+
+
+def test_refused_error_carries_the_code_and_holder_of_the_server_text():
+    e = cl.RefusedError("P:Coord:Acquire", "[holder-conflict holder=bob@h] m2 is held by bob@h")
+    assert (e.code, e.holder, e.message) == (cl.ErrorCode.HOLDER_CONFLICT, "bob@h",
+                                             "m2 is held by bob@h")
+    assert str(e) == e.message and e.text.startswith("[holder-conflict")
+    plain = cl.RefusedError("P:m1", "Put permission denied by gateway")
+    assert (plain.code, plain.holder, plain.message) == (None, "", plain.text)

@@ -1,4 +1,4 @@
-"""The real coordination IOC process: every rule of DESIGN section 3, over the wire.
+"""The real coordination IOC process: every rule of docs/locks.md, over the wire.
 
 Clients: p4p in this process (account root), ``python -m p4p.client.cli`` under OS account
 ``nobody`` (a second identity), and pvapy (another PVA implementation).
@@ -395,7 +395,7 @@ def test_redis_store_down_refuses_changes_and_health_says_so(tmp_path):
     try:
         proc = start_coordination(env, tmp_path, store=f"redis://127.0.0.1:{port}/0")
         # Health gets its own context: p4p may hand a context that has seen an NTTable later
-        # scalar updates as raw Values (see docs of p4p 4.3.0 quirks in shared/reference)
+        # scalar updates as raw Values (a p4p 4.3.0 quirk)
         with Context("pva", conf=client_conf(env), useenv=False) as c, \
                 Context("pva", conf=client_conf(env), useenv=False) as h:
             health = pvn.COORD_HEALTH.name(PREFIX)

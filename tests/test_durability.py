@@ -197,8 +197,8 @@ def test_group_commit_every_commit_durable_with_fewer_fsyncs(path, monkeypatch):
                                            owner="a", host="h", actor="a", acquired=now,
                                            expires=now + 60)], [], [])
                 store.durable(token)
-                assert store._synced >= token  # noqa: SLF001 - the property under test
-        except Exception as e:  # noqa: BLE001 - reported below
+                assert store._synced >= token
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
@@ -211,7 +211,7 @@ def test_group_commit_every_commit_durable_with_fewer_fsyncs(path, monkeypatch):
     total = n_threads * per_thread
     print(f"{total} commits, {len(calls)} fsyncs")
     assert 0 < len(calls) <= total
-    assert store._synced == store._written == total  # noqa: SLF001
+    assert store._synced == store._written == total
     store.close()
 
 

@@ -221,7 +221,7 @@ def writes(client: Context, pv: str = SETPOINT) -> bool:
 
 
 def what_if(client: Context, account: str) -> Value:
-    from p4p.nt import NTURI  # noqa: PLC0415
+    from p4p.nt import NTURI
 
     name = GUARD_WHAT_IF.name(P)
     uri = NTURI([("pv", "s"), ("account", "s")]).wrap(name, kws={"pv": SETPOINT,

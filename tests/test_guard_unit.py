@@ -28,11 +28,12 @@ from bridges.guard.decision import (
 from bridges.guard.gateway import service_prefixes
 from pvcoord.demo.guard_part import AgentError, PutAgent
 from pvcoord.procs import loopback_env, python_module, wait_until
-from pvdb import demo
+from pvdb import catalog, demo
 from pvdb.guard import GUARD_WHAT_IF
 from pvdb.models import BEAMLINE, LockType
 from pvdb.names import COORD_ACQUIRE, REGISTRY_LOOKUP
 from pvdb.policy import parse_policy
+from pvdb.queue import QUEUE_START
 from tests.conftest import REPO, other_user_available
 
 P = "TST:"
@@ -259,7 +260,28 @@ def test_service_prefixes_are_never_proxied():
     assert COORD_ACQUIRE.name(P).startswith(banned)
     assert REGISTRY_LOOKUP.name(P).startswith(banned)
     assert GUARD_WHAT_IF.name(P).startswith(banned)
+    assert QUEUE_START.name(P).startswith(banned)
     assert not SP1.startswith(banned)
+
+
+SERVICE_FAMILIES = sorted({(s.server, catalog.family(s)) for s in catalog.service_specs()})
+
+
+@pytest.mark.parametrize(("server", "family"), SERVICE_FAMILIES,
+                         ids=[f"{s}-{f}" for s, f in SERVICE_FAMILIES])
+def test_every_service_family_is_never_proxied(server, family):
+    banned = service_prefixes(P, "R:")
+    specs = [s for s in catalog.service_specs()
+             if s.server == server and catalog.family(s) == family]
+    assert specs
+    for s in specs:
+        for prefix in (P, "R:"):
+            name = s.name(prefix, device="m1") if s.per_device else s.name(prefix)
+            assert name.startswith(banned), name
+
+
+def test_the_four_service_families_are_in_the_catalogue():
+    assert {f for _, f in SERVICE_FAMILIES} >= {"Coord:", "Registry:", "Queue:", "Guard:"}
 
 
 def minimal_config(**guard) -> dict:
@@ -326,6 +348,8 @@ def _processes_with(marker: bytes) -> list[int]:
     return found
 
 
+@pytest.mark.system
+@pytest.mark.identity
 @pytest.mark.skipif(other_user_available() is not None, reason=str(other_user_available()))
 def test_put_agent_whose_first_reply_fails_is_stopped_with_its_runuser_child(monkeypatch):
     marker = f"PVCOORD_AGENT_TEST=guard-{os.getpid()}-{time.monotonic_ns()}"
@@ -342,6 +366,7 @@ def test_put_agent_whose_first_reply_fails_is_stopped_with_its_runuser_child(mon
     wait_until(lambda: not _processes_with(marker.encode()), 10.0, "runuser and agent stopped")
 
 
+@pytest.mark.system
 def test_guard_cli_help_and_bad_config(tmp_path: Path):
     env = {**os.environ}
     r = subprocess.run(python_module("bridges.guard", "--help"), cwd=REPO, env=env,

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from pvcoord.procs import BIN, PYTHON
+from pvdb import catalog
 from pvdb.catalog import all_specs, markdown
+from pvdb.names import PVSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,10 +27,53 @@ def test_pv_list_doc_is_generated_from_pvdb():
         "docs/pvs.md is stale: run python -m pvdb > docs/pvs.md")
 
 
+ENTRIES = sorted(p.parent for p in (*REPO.glob("iocs/*/__main__.py"),
+                                     *REPO.glob("bridges/*/__main__.py")))
+
+
+def test_every_pvdb_spec_is_in_the_catalogue():
+    import importlib
+    import pkgutil
+
+    import pvdb
+
+    known = {(s.server, s.suffix) for s in all_specs()}
+    for info in pkgutil.iter_modules(pvdb.__path__):
+        mod = importlib.import_module(f"pvdb.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, PVSpec) and not name.startswith("_"):
+                assert (obj.server, obj.suffix) in known, (
+                    f"pvdb.{info.name}.{name} is not in pvdb.catalog.SPEC_MODULES")
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("entry", ENTRIES, ids=[f"{p.parent.name}.{p.name}" for p in ENTRIES])
+def test_every_process_has_its_pvs_in_the_catalogue_and_its_help(entry):
+    """Every IOC and bridge serves a PV family of the catalogue (server = its package name), and
+    its --help lists every one of its PVs (generated from the catalogue)."""
+    server = entry.name
+    assert server in catalog.servers(), f"no pvdb spec has server={server!r}"
+    module = f"{entry.parent.name}.{server}"
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for s in all_specs():
+        if s.server == server:
+            assert "P " + s.suffix.replace("{device}", "<dev>") in out.stdout, (module, s.suffix)
+
+
 def test_import_contracts():
     out = subprocess.run([str(BIN / "lint-imports")], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.timeout(600)
+def test_pyright_clean():
+    """pyright as configured in pyproject.toml (standard; strict for pvdb)."""
+    out = subprocess.run([str(BIN / "pyright"), "--pythonpath", sys.executable], cwd=REPO,
+                         capture_output=True, text=True, timeout=570)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr
 
 
 def test_ruff_clean():
@@ -68,6 +113,7 @@ def test_screens_are_generated_and_every_pv_resolves_to_pvdb():
 UNITS = sorted((REPO / "systemd").glob("*.service"))
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
 def test_systemd_unit(unit, tmp_path):
     text = unit.read_text()

@@ -148,7 +148,8 @@ def test_blockers_follow_the_coordination_rules():
     assert model.blockers(["m1"], locks, "queue", LockType.QUEUE_QUEUED)[0].device == "m1"
     bl = {"beamline": _held("beamline", LockType.MAINTENANCE, "max@h")}
     assert model.blockers(["m1"], bl, "queue")[0].device == "beamline"
-    assert "m2 held MAINTENANCE by max@h" in b[0].describe()
+    assert (b[0].holder, b[0].lock_type) == ("max@h", LockType.MAINTENANCE)
+    assert b[0].describe().startswith("m2 is held by max@h (MAINTENANCE")
 
 
 def test_plan_locks():

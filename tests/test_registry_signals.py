@@ -39,7 +39,7 @@ SIM = Path(bluesky_queueserver.__file__).parent / "profile_collection_sim"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(env, devices): the imported sim registry served by a real ``python -m iocs.registry``."""
-    from pvcoord.procs import loopback_env  # noqa: PLC0415
+    from pvcoord.procs import loopback_env
 
     d = tmp_path_factory.mktemp("registry-signals")
     env = loopback_env()

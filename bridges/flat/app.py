@@ -31,7 +31,7 @@ class _OnceBeaconFailure(logging.Filter):
         super().__init__()
         self.seen = False
 
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+    def filter(self, record: logging.LogRecord) -> bool:
         if "Failed to send beacon" not in record.getMessage():
             return True
         if self.seen:

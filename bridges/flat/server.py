@@ -301,7 +301,7 @@ class FlatBridge:
         for t in self._tasks:
             try:
                 await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+            except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
         for m in self._mirrors.values():
@@ -379,7 +379,7 @@ class FlatBridge:
                     try:
                         await vc.send(ca.AccessRightsResponse(cid=chan.cid,
                                                               access_rights=rights))
-                    except Exception:  # noqa: BLE001 - a dead circuit: its channels go too
+                    except Exception:
                         break
                     sent += 1
         self.pushes += sent
@@ -442,7 +442,7 @@ class FlatBridge:
         except TimeoutError:
             raise PutRefusedError(f"{entry.pvname}: the upstream put did not complete in "
                              f"{self.put_timeout:g} s") from None
-        except Exception as e:  # noqa: BLE001 - every failure goes back to the client
+        except Exception as e:
             raise PutRefusedError(f"{entry.pvname}: upstream put failed: {e}") from None
 
     # --- device PVs ---------------------------------------------------------------------------
@@ -766,7 +766,7 @@ class FlatBridge:
             raise CommandError(Code.UNAVAILABLE,
                                f"the coordination IOC ({name}) did not answer in "
                                f"{RPC_TIMEOUT:g} s; nothing changed") from None
-        except Exception as e:  # noqa: BLE001 - RemoteError and friends carry the reason
+        except Exception as e:
             text = str(e) or type(e).__name__
             if "Disconnected" in type(e).__name__ or "imeout" in text:
                 raise CommandError(Code.UNAVAILABLE, f"{name}: {text}") from None
@@ -791,7 +791,7 @@ class _PvaCommand:
     def __init__(self, bridge: FlatBridge, name: str, device: str, action: str) -> None:
         self.bridge, self.name, self.device, self.action = bridge, name, device, action
 
-    async def put(self, pv: SharedPV, op: Any) -> None:  # noqa: D102 - p4p handler
+    async def put(self, pv: SharedPV, op: Any) -> None:
         try:
             v = op.value()
             v = getattr(v, "raw", v)  # the NT wrapper (ntenum, ntstr) of a SharedPV
@@ -803,7 +803,7 @@ class _PvaCommand:
             host = (op.peer() or "").rsplit(":", 1)[0]
             msg = await self.bridge.run_command(self.name, self.device, self.action, user, host,
                                                 values, "PVA")
-        except Exception as e:  # noqa: BLE001 - every failure goes back to the client
+        except Exception as e:
             _log.exception("PVA command %s failed", self.name)
             op.done(error=f"{self.name}: {e}")
             return

@@ -60,11 +60,11 @@ def kind_of(v: Any) -> tuple[str, bool]:
         UnsupportedTypeError: the ``value`` field is missing or a structure other than an enum.
     """
     t = v.type()
-    if "value" not in t.keys():  # noqa: SIM118 - p4p Type
+    if "value" not in t.keys():
         raise UnsupportedTypeError("no value field")
     vt = t["value"]
     if not isinstance(vt, str):
-        if "index" in vt.keys() and "choices" in vt.keys():  # noqa: SIM118
+        if "index" in vt.keys() and "choices" in vt.keys():
             return "enum", False
         raise UnsupportedTypeError(f"value is a structure ({v.getID()})")
     arr = vt.startswith("a")

@@ -23,19 +23,9 @@ process's EPICS_PVA_* environment), ``registry_prefix``, ``stale_after``, ``audi
 Reads (client side):  P Coord:Locks, P Coord:Heartbeat, R Registry:DevicePVs, R Registry:Devices
                       (R = --registry-prefix, default P)
 
-PVs served on the client-facing side (P = --prefix):
-  P Guard:Health          string   'OK' or why device writes are refused
-  P Guard:LockStateOk     int      1 = lock state fresh, 0 = failing closed
-  P Guard:WhatIf          RPC      pv=X [account=A host=H roles=g1,g2] -> allowed, device,
-                                   holder, lockType, expires, reason
-  P Guard:Audit           NTTable  time, action, account, host, pv, device, holder, value,
-                                   message: refused puts and allowed puts to locked devices
-  P Guard:LastAudit       string   newest audit record as text
-  P Guard:Refused         int      refused puts since start
-  P Guard:AllowedLocked   int      allowed puts to locked devices since start
-  P Guard:Channels        int      open client channels being enforced
-  P Guard:ApplyLatency    double   ms from the last lock-table update to permissions applied
-  P Guard:Heartbeat       int      +1 every second
-
 Audit log: logger ``bridges.guard.audit`` (refused: WARNING, allowed to a locked device: INFO).
 """
+
+from pvdb.catalog import help_text as _help_text
+
+__doc__ = f"{__doc__}\n{_help_text('guard')}"  # the PV list, from the one catalogue

@@ -3,8 +3,11 @@
 Inputs are what the guard learns over PVA (the lock table and heartbeat of the coordination IOC,
 the PV -> device table of the registry) and the endstation policy; the output is a
 :class:`Decision` for one (PV, account) pair. The p4p layer (``gateway.py``) only translates.
+The lock rules (rules 2 and 3, and the fail-closed rule for the lock state) are
+:func:`pvdb.lockmodel.may_write`; this module adds what is the guard's own: which device a PV
+belongs to, and whether the lock table it received is fresh.
 
-Rules (DESIGN section 5):
+Rules:
 
 1. Registry not received (both tables) or unreadable, or lock state unknown/stale -> refused
    (fail closed), except for the policy's ``access.emergency`` accounts. A PV the registry does
@@ -18,31 +21,22 @@ Rules (DESIGN section 5):
 
 from __future__ import annotations
 
-import math
 import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from pvdb.models import BEAMLINE
+from pvdb import lockmodel
+from pvdb.lockmodel import Decision, ErrorCode, Verdict
 from pvdb.policy import Policy
+
+__all__ = [
+    "STALE_AFTER", "Decision", "DeviceMap", "ErrorCode", "HeldLock", "LockFeed", "LockState",
+    "Verdict", "decide", "parse_locks", "split_owner",
+]
 
 STALE_AFTER = 2.0
 """Seconds without a ``Coord:Heartbeat`` update after which the lock state is stale (the
 coordination IOC increments it every second; pvdb ``COORD_HEARTBEAT``)."""
-
-
-class Verdict(StrEnum):
-    """Why a decision came out as it did."""
-
-    HOLDER = "holder"
-    UNLOCKED = "unlocked"
-    STRICT = "strict"
-    HELD_BY_OTHER = "held-by-other"
-    UNKNOWN_STATE = "unknown-state"
-    EMERGENCY = "emergency"
-    NOT_A_DEVICE = "not-a-device"
 
 
 def split_owner(owner: str) -> tuple[str, str]:
@@ -69,6 +63,11 @@ class HeldLock:
         """``account@host``, as shown everywhere."""
         return f"{self.account}@{self.host}" if self.host else self.account
 
+    @property
+    def priority(self) -> int:
+        """Priority of the lock type (0 strongest; an unknown type counts as strongest)."""
+        return lockmodel.priority_of(self.lock_type)
+
 
 @dataclass(frozen=True)
 class LockState:
@@ -88,12 +87,7 @@ class LockState:
 
     def locks_on(self, device: str) -> list[HeldLock]:
         """The locks that apply to ``device``: its own and a ``beamline`` lock, if any."""
-        out = []
-        if device in self.locks:
-            out.append(self.locks[device])
-        if device != BEAMLINE and BEAMLINE in self.locks:
-            out.append(self.locks[BEAMLINE])
-        return out
+        return lockmodel.locks_on(self.locks, device)
 
 
 def parse_locks(columns: Mapping[str, Sequence[object]]) -> dict[str, HeldLock]:
@@ -189,37 +183,6 @@ def _record_of(pv: str) -> str:
     return m.group(0) if m else pv
 
 
-@dataclass(frozen=True)
-class Decision:
-    """May this account write (put/RPC) this PV now, and why.
-
-    Attributes:
-        allowed: the answer.
-        verdict: which rule decided.
-        reason: one sentence for people (names the holder when refused).
-        device: the PV's device, '' if none.
-        holder: ``account@host`` of the lock that decided, '' if none.
-        lock_type: type of that lock, '' if none.
-        expires: its expiry (epoch seconds), 0 if none.
-        locked: whether the device is held by anyone (drives the audit of allowed puts).
-    """
-
-    allowed: bool
-    verdict: Verdict
-    reason: str
-    device: str = ""
-    holder: str = ""
-    lock_type: str = ""
-    expires: float = 0.0
-    locked: bool = False
-
-
-def _when(t: float) -> str:
-    if not math.isfinite(t) or t <= 0:
-        return "never"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
 def decide(
     policy: Policy,
     state: LockState,
@@ -228,7 +191,12 @@ def decide(
     account: str,
     roles: Iterable[str] = (),
 ) -> Decision:
-    """Decide whether ``account`` (OS groups ``roles``) may put to / call ``pv`` now."""
+    """Decide whether ``account`` (OS groups ``roles``) may put to / call ``pv`` now.
+
+    The registry part (which device ``pv`` is) is decided here; the device part is
+    :func:`pvdb.lockmodel.may_write`. A refused :class:`Decision` has ``.code`` (an
+    :class:`ErrorCode`) and ``.error()`` (the refusal as an error text).
+    """
     roles = list(roles)
     emergency = policy.is_emergency(account, roles)
     if not devices.known:
@@ -247,36 +215,8 @@ def decide(
         return Decision(False, Verdict.NOT_A_DEVICE,
                         f"{pv} belongs to no registered device and the policy is strict "
                         "(unlocked_writable = false): nobody can hold a lock for it")
-    if not state.known:
-        if emergency:
-            return Decision(True, Verdict.EMERGENCY,
-                            f"lock state unknown ({state.why_unknown}); {account} is an emergency "
-                            "account", device=device)
-        return Decision(False, Verdict.UNKNOWN_STATE,
-                        f"lock state unknown ({state.why_unknown}): writes to device {device} are "
-                        "refused until the coordination IOC is back (fail closed)", device=device)
-    held = state.locks_on(device)
-    if not held:
-        if policy.access.unlocked_writable:
-            return Decision(True, Verdict.UNLOCKED, f"device {device} is not locked", device=device)
-        return Decision(False, Verdict.STRICT,
-                        f"device {device} is not locked and the policy is strict: acquire its lock "
-                        "first", device=device)
-    for lock in held:
-        if lock.account != account:
-            what = "beamline lock" if lock.device == BEAMLINE else "lock"
-            because = f", reason: {lock.reason}" if lock.reason else ""
-            return Decision(
-                False, Verdict.HELD_BY_OTHER,
-                f"device {device} is held by {lock.holder} ({what} {lock.lock_type}{because}, "
-                f"expires {_when(lock.expires)}); only account {lock.account} may write it",
-                device=device, holder=lock.holder, lock_type=lock.lock_type,
-                expires=lock.expires, locked=True,
-            )
-    lock = held[0]
-    return Decision(True, Verdict.HOLDER, f"{account} holds the lock on device {device}",
-                    device=device, holder=lock.holder, lock_type=lock.lock_type,
-                    expires=lock.expires, locked=True)
+    locks = state.locks if state.known else None
+    return lockmodel.may_write(policy, locks, device, account, roles, state.why_unknown)
 
 
 class LockFeed:

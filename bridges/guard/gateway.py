@@ -12,7 +12,7 @@ Built from the same parts as ``pvagw`` (``p4p.gw.GWHandler``, ``p4p._gw.Provider
 * puts the guard must report come back through ``GWHandler.audit`` and are classified by the
   core (``p4p.gw.audit`` still gets the site ACF's TRAPWRITE lines, as with pvagw).
 * lock state comes from monitors of ``Coord:Locks`` / ``Coord:Heartbeat`` and the registry's
-  ``Registry:DevicePVs`` / ``Registry:Devices`` (raw values, see the reference notes on NTTable).
+  ``Registry:DevicePVs`` / ``Registry:Devices`` (raw values: ``nt=False``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from p4p import _gw
+from p4p import _gw  # pyright: ignore[reportAttributeAccessIssue] - compiled, no stubs
 from p4p.asLib import Engine
 from p4p.asLib.pvlist import PVList
 from p4p.asLib.yacc import parse as parse_acf
@@ -36,6 +36,7 @@ from p4p.server.thread import SharedPV
 from p4p.wrapper import Type, Value
 from typing_extensions import override
 
+from pvdb import catalog
 from pvdb.guard import (
     AUDIT_COLUMNS,
     GUARD_ALLOWED_LOCKED,
@@ -46,13 +47,12 @@ from pvdb.guard import (
     GUARD_HEARTBEAT,
     GUARD_LAST_AUDIT,
     GUARD_LOCK_STATE_OK,
-    GUARD_PVS,
     GUARD_REFUSED,
     GUARD_WHAT_IF,
     WHAT_IF_FIELDS,
 )
+from pvdb.lockmodel import ErrorCode, error_text
 from pvdb.names import (
-    ALL_PVS,
     COORD_HEARTBEAT,
     COORD_LOCKS,
     REGISTRY_DEVICE_PVS,
@@ -76,8 +76,11 @@ WHAT_IF_TYPE = Type(list(WHAT_IF_FIELDS), id="pvcoord:guard/WhatIf:1.0")
 
 
 def service_prefixes(*prefixes: str) -> tuple[str, ...]:
-    """Name prefixes of pvcoord's own PVs (``P Coord:``, ``P Registry:``, ``P Guard:``...)."""
-    segments = {spec.suffix.split(":", 1)[0] + ":" for spec in (*ALL_PVS, *GUARD_PVS)}
+    """Name prefixes of pvcoord's own PVs: ``P Coord:``, ``P Registry:``, ``P Queue:``, ...
+
+    One per service family of :func:`pvdb.catalog.service_specs`, under each prefix.
+    """
+    segments = {catalog.family(spec) for spec in catalog.service_specs()}
     return tuple(sorted({p + s for p in prefixes for s in segments}))
 
 
@@ -143,7 +146,7 @@ class GuardEngine(Engine):
         return proxy
 
     def acf_grant(self, pv: str, account: str, host: str,
-                  roles: list[str]) -> tuple[str, str, dict]:
+                  roles: list[str]) -> tuple[str, str | None, dict[str, Any]]:
         """What the site pvlist + ACF give ``account`` at ``host`` (an IP) on client name ``pv``.
 
         Returns ``(upstream name, asg, {put, rpc, uncached, audit})``; the upstream name is ''
@@ -169,7 +172,8 @@ class GuardHandler(GWHandler):
         self.on_audit = on_audit
 
     @override
-    def testChannel(self, pvname, peer):  # noqa: D102 - p4p callback
+    def testChannel(self, pvname, peer):
+        assert self.provider is not None  # set by Guard before the server starts
         if pvname.decode(errors="replace").startswith(self.banned):
             return self.provider.BanPV
         usname = self.pvlist.compute(pvname, peer.split(":", 1)[0])[0]
@@ -178,7 +182,7 @@ class GuardHandler(GWHandler):
         return super().testChannel(pvname, peer)
 
     @override
-    def makeChannel(self, op):  # noqa: D102 - p4p callback
+    def makeChannel(self, op):
         # p4p's GWHandler.makeChannel, except that the guard is told both names: the channel's
         # ``name`` is the upstream one, so the client's name would otherwise be lost (and a
         # pvlist ALIAS applied twice)
@@ -189,6 +193,7 @@ class GuardHandler(GWHandler):
         usname, asg, asl = self.pvlist.compute(op.name, peer)
         if not usname or usname.startswith(self.banned):
             return None
+        assert self.provider is not None
         if self.provider.testChannel(usname.encode()) != self.provider.Claim:
             return None
         chan = op.create(usname.encode())
@@ -362,7 +367,7 @@ class Guard:
                         pname = f"gws.{s.name}_{idx}.{cname}"
                         handler = GuardHandler(engine, pvlist, self.core, self.banned,
                                                self._read_only, self._report)
-                        handler.getholdoff = s.getholdoff
+                        handler.getholdoff = s.getholdoff  # pyright: ignore[reportAttributeAccessIssue] - p4p declares it None
                         handler.provider = _gw.Provider(pname, clients[cname], handler)
                         for name in self._pvs:
                             handler.provider.forceBan(usname=name.encode())
@@ -447,7 +452,7 @@ class Guard:
             return
         try:
             cols = v["value"]
-            locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})  # noqa: SIM118
+            locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})
         except (KeyError, ValueError, TypeError) as e:
             self.core.locks_lost(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
             return
@@ -571,11 +576,11 @@ class Guard:
         try:
             reply = self.what_if(op)
         except WhatIfError as e:
-            op.done(error=str(e))
+            op.done(error=error_text(ErrorCode.BAD_ARGUMENT, str(e)))
             return
         except Exception as e:
             _log.exception("what-if failed")
-            op.done(error=f"what-if failed: {e}")
+            op.done(error=error_text(ErrorCode.INTERNAL, f"what-if failed: {e}"))
             return
         op.done(reply)
 
@@ -648,7 +653,7 @@ def _uri_args(value: Value) -> dict[str, str]:
         query = value["query"]
     except (KeyError, TypeError):
         query = value
-    return {k: str(query[k]) for k in query.keys()}  # noqa: SIM118 - p4p Value
+    return {k: str(query[k]) for k in query.keys()}
 
 
 def _column(x: Any) -> list[Any]:

@@ -15,7 +15,8 @@ import pwd
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from p4p import Type, Value
@@ -25,6 +26,7 @@ from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
 from pvdb import names as pvn
+from pvdb.lockmodel import ErrorCode
 from pvdb.models import BEAMLINE, Lock, LockEvent
 from pvdb.redact import redact
 
@@ -74,16 +76,6 @@ RELEASE_RESULT = Type([("devices", "as"), ("message", "s")], id="pvcoord:Release
 RENEW_RESULT = Type(
     [("devices", "as"), ("expires", "d"), ("message", "s")], id="pvcoord:RenewResult:1.0"
 )
-
-
-def request_args(value: Value) -> dict[str, str]:
-    """The RPC's arguments as strings (see :func:`iocs.pvutil.request_args`).
-
-    Raises:
-        LockError: the request is not a structure of scalar arguments.
-    """
-    return pvutil.request_args(
-        value, LockError, "pvcall P Coord:Acquire device=m1 type=MANUAL_OPERATOR")
 
 
 def roles_of(user: str) -> frozenset[str]:
@@ -147,7 +139,7 @@ class CoordinationIOC:
             (pvn.COORD_ACQUIRE, self._acquire), (pvn.COORD_RELEASE, self._release),
             (pvn.COORD_RENEW, self._renew), (pvn.COORD_FORCE_RELEASE, self._force_release),
         ):
-            self._add(spec, SharedPV(handler=_RPC(self, spec, fn),
+            self._add(spec, SharedPV(handler=_rpc_handler(self, spec, fn),
                                      initial=NTScalar("s").wrap("", timestamp=now)))
         self._add_device(BEAMLINE)
         for e in table.store.recent_events(events_tail):
@@ -371,7 +363,7 @@ class CoordinationIOC:
             trusted = self.table.policy.access.trusted_services
             raise LockError(
                 f"{account} is not a trusted service account: onBehalfOf is refused (policy "
-                f"trusted_services: {', '.join(trusted) or 'none'})"
+                f"trusted_services: {', '.join(trusted) or 'none'})", ErrorCode.NOT_ALLOWED,
             )
         return Identity(user, client_host or host, roles_of(user), actor=account)
 
@@ -417,42 +409,28 @@ class CoordinationIOC:
                                "message": f"force-released {', '.join(devs)}"})
 
 
-class _RPC:
-    """SharedPV handler: parse, call, and always finish the operation."""
+def _rpc_handler(ioc: CoordinationIOC, spec: pvn.PVSpec, fn: Callable[[Any, dict[str, str]], Value]
+                 ) -> pvutil.RPC:
+    """The handler of one coordination RPC: :class:`iocs.pvutil.RPC`, auditing bad requests."""
 
-    def __init__(self, ioc: CoordinationIOC, spec: pvn.PVSpec, fn) -> None:
-        self.ioc, self.spec, self.fn = ioc, spec, fn
+    def audit(op: Any, args: dict[str, str], err: Exception) -> None:
+        if getattr(err, "audited", False):
+            return  # refused by the lock table, which audited it
+        ident = Identity(op.account() or "anonymous", (op.peer() or "unknown").rsplit(":", 1)[0])
+        devices = [d.strip() for d in args.get("device", "?").split(",")]
+        ioc.table.audit_refusal(ident, devices, None, f"{spec.suffix}: {err}")
 
-    def rpc(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        args: dict[str, str] = {}
+    def call(op: Any, args: dict[str, str]) -> Value:
         try:
-            args = request_args(op.value())
-            result = self.fn(op, args)
-            self.ioc.wait_published()  # Coord:Locks shows the change (read-your-writes) ...
-            self.ioc.table.durable()  # ... and the store's fsync (shared by requests in flight)
-            op.done(result)
-        except LockError as e:
-            op.done(error=str(e))
-            if not e.audited:  # bad arguments: refused before the lock table; audit it too
-                self._audit(op, args, str(e))
-        except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
-            log.exception("%s failed", self.spec.suffix)
-            op.done(error=redact(
-                f"internal error in {self.spec.suffix}: {type(e).__name__}: {e}"))
+            result = fn(op, args)
+            ioc.wait_published()  # Coord:Locks shows the change (read-your-writes) ...
+            ioc.table.durable()  # ... and the store's fsync (shared by requests in flight)
+            return result
         finally:
-            self.ioc.wait_published()  # a change made before an error is posted too
+            ioc.wait_published()  # a change made before an error is posted too
 
-    def _audit(self, op, args: dict[str, str], msg: str) -> None:
-        try:
-            ident = Identity(op.account() or "anonymous",
-                             (op.peer() or "unknown").rsplit(":", 1)[0])
-            devices = [d.strip() for d in args.get("device", "?").split(",")]
-            self.ioc.table.audit_refusal(ident, devices, None, f"{self.spec.suffix}: {msg}")
-        except Exception:  # noqa: BLE001 - auditing must never break the reply path
-            log.exception("could not audit a refusal")
-
-    def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        op.done(error=f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put")
+    return pvutil.RPC(spec.suffix, call, (LockError,),
+                      "pvcall P Coord:Acquire device=m1 type=MANUAL_OPERATOR", on_refused=audit)
 
 
 class RegistryFollower:
@@ -470,7 +448,7 @@ class RegistryFollower:
             return
         try:
             names = [str(n) for n in value["value.name"]]
-        except Exception:  # noqa: BLE001 - a registry of another shape
+        except Exception:  # a registry of another shape
             log.exception("unexpected %s value", self.name)
             return
         self.connected = True
@@ -520,7 +498,7 @@ async def serve(
     ctxt = Context("pva", nt=False, **client_kws) if registry_prefix is not None else None
     try:
         with Server(providers=[ioc.provider], **server_kws):
-            if ctxt is not None:
+            if ctxt is not None and registry_prefix is not None:
                 follower = RegistryFollower(ioc, registry_prefix, ctxt)
             log.info("coordination IOC serving %sCoord:* (%d locks loaded)", prefix,
                      len(table.locks()))
@@ -532,7 +510,7 @@ async def serve(
                 second = n % int(1 / TICK) == 0
                 try:
                     ioc.tick(second)
-                except Exception:  # noqa: BLE001 - keep serving; the health PV shows it
+                except Exception:  # keep serving; the health PV shows it
                     log.exception("tick failed")
                 if table.authority_error is not None:
                     ioc.set_health(redact(

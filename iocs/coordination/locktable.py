@@ -1,10 +1,11 @@
-"""The lock table: pvcoord's lock model (DESIGN section 3) as pure Python, no network.
+"""The lock table: the coordination IOC's state of pvcoord's locks, pure Python, no network.
 
-Rules implemented here:
+The rules themselves (priorities, preemption, beamline lock, refusal texts and codes) are in
+:mod:`pvdb.lockmodel`; this module applies them to the table and keeps it durable:
 
-- One active lock per device; lock types have priorities (``pvdb.models.LockType``). A request
-  preempts holders of *strictly* lower priority; an equal or higher holder makes it fail with a
-  message naming holder, type, reason and expiry.
+- One active lock per device; a request preempts holders of *strictly* lower priority; an equal
+  or higher holder makes it fail (``holder-conflict``) with a message naming holder, type, reason
+  and expiry (:func:`pvdb.lockmodel.decide_request`, :func:`pvdb.lockmodel.conflict_text`).
 - The holder is an account (``Identity.account``); its repeated request is idempotent: it renews
   (and may change the type), it never conflicts with itself.
 - Every lock has a lease (``timeout`` s, default and maximum per type from the policy) and expires
@@ -43,11 +44,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from pvcoord.store import AuthorityError, BadRow, Store, StoreError
+from pvdb import lockmodel
+from pvdb.lockmodel import ErrorCode, describe, fmt_time
 from pvdb.models import BEAMLINE, DEVICE_NAME_RE, EventAction, Lock, LockEvent, LockType
 from pvdb.policy import Policy
 from pvdb.redact import MASK, looks_like_key
+
+__all__ = [
+    "AcquireResult", "ErrorCode", "Identity", "LockError", "LockTable", "describe", "fmt_time",
+    "hash_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +82,25 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]{1,255}$")
 class LockError(Exception):
     """A request that was refused or invalid; ``str(e)`` is the message for the client.
 
-    ``audited`` is true once the refusal is recorded as an audit event.
+    Attributes:
+        code: the machine-readable reason (:class:`pvdb.lockmodel.ErrorCode`).
+        holder: ``account@host`` of the lock that caused it, or ''.
+        audited: true once the refusal is recorded as an audit event.
     """
 
     audited: bool = False
+
+    def __init__(
+        self, message: str, code: ErrorCode = ErrorCode.BAD_ARGUMENT, holder: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.holder = holder
+
+    @property
+    def text(self) -> str:
+        """The RPC error text: ``[code holder=...] message`` (:func:`pvdb.lockmodel.error_text`)."""
+        return lockmodel.error_text(self.code, str(self), self.holder)
 
 
 @dataclass(frozen=True)
@@ -114,32 +138,31 @@ class AcquireResult:
     message: str
 
 
+@dataclass(frozen=True)
+class Notice:
+    """What a holder is told on its next release/renew about a lock it lost."""
+
+    code: ErrorCode
+    message: str
+    holder: str = ""
+    """``account@host`` of who took it (preempted, released, force-released), or ''."""
+
+    def error(self, suffix: str = "", holder: str = "") -> LockError:
+        """This notice as a :class:`LockError` (``suffix`` appended to the message)."""
+        return LockError(self.message + suffix, self.code, holder or self.holder)
+
+
 @dataclass
 class _Change:
     upsert: list[Lock] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     events: list[LockEvent] = field(default_factory=list)
-    notices: dict[object, str] = field(default_factory=dict)
+    notices: dict[object, Notice] = field(default_factory=dict)
 
 
 def hash_key(key: str) -> str:
     """SHA-256 hex digest of a key: what locks and the store keep instead of the key."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def fmt_time(t: float) -> str:
-    """ISO-8601 UTC with seconds, for messages."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def describe(lock: Lock, now: float) -> str:
-    """Human description of a lock for refusals: holder, type, reason, expiry."""
-    reason = f", reason {lock.reason!r}" if lock.reason else ""
-    left = max(0.0, lock.expires - now)
-    return (
-        f"{lock.device} is held by {lock.holder} ({lock.lock_type.value}{reason}, "
-        f"expires {fmt_time(lock.expires)}, in {left:.0f} s)"
-    )
 
 
 class LockTable:
@@ -181,7 +204,7 @@ class LockTable:
         self._heap: list[tuple[float, str]] = []  # (deadline, device); stale entries skipped
         self._by_key: dict[str, set[str]] = {}  # key digest -> devices it holds
         self._offset = self.clock() - self.monotonic()
-        self._notices: OrderedDict[object, str] = OrderedDict()
+        self._notices: OrderedDict[object, Notice] = OrderedDict()
         self._store_error: str | None = None
         self._store_error_logged = 0.0
         self._tls = threading.local()
@@ -263,15 +286,9 @@ class LockTable:
             return [self._locks[d] for d in sorted(self._locks)]
 
     def effective(self, device: str) -> Lock | None:
-        """The lock that governs ``device``: its own, or a stronger ``beamline`` lock."""
+        """The lock that governs ``device`` (:func:`pvdb.lockmodel.effective`)."""
         with self._mutex:
-            own = self._locks.get(device)
-            bl = self._locks.get(BEAMLINE) if device != BEAMLINE else None
-            if own is None:
-                return bl
-            if bl is not None and bl.priority < own.priority:
-                return bl
-            return own
+            return lockmodel.effective(self._locks, device)
 
     def next_expiry(self) -> float | None:
         """Earliest expiry (epoch s) of any lock, or None."""
@@ -386,14 +403,15 @@ class LockTable:
         if self._devices is None:
             raise LockError(
                 "the device list is not known yet (registry not connected): no lock can be "
-                "granted until it is"
+                "granted until it is", ErrorCode.NOT_READY,
             )
         unknown = [d for d in devs if d != BEAMLINE and d not in self._devices]
         if unknown:
             shown = ", ".join(repr(d[:64]) for d in unknown[:5])
             raise LockError(
                 f"unknown device {shown}: not in the registry (known: "
-                f"{', '.join(sorted(self._devices)[:20]) or 'none'}, or '{BEAMLINE}')"
+                f"{', '.join(sorted(self._devices)[:20]) or 'none'}, or '{BEAMLINE}')",
+                ErrorCode.UNKNOWN_DEVICE,
             )
         return devs
 
@@ -468,7 +486,9 @@ class LockTable:
                 log.error("store failed, nothing changed: %s", e)
                 self._store_error_logged = now
             self._store_error = str(e)
-            raise LockError(f"the lock store failed, nothing changed: {e}") from None
+            raise LockError(
+                f"the lock store failed, nothing changed: {e}", ErrorCode.STORE_UNAVAILABLE
+            ) from None
         if self._store_error is not None:
             log.warning("store works again")
             self._store_error = None
@@ -558,10 +578,13 @@ class LockTable:
             except LockError:
                 pass
 
-    def _refuse(self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str):
-        """Audit a refusal and raise it."""
+    def _refuse(
+        self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str,
+        code: ErrorCode = ErrorCode.BAD_ARGUMENT, holder: str = "",
+    ) -> NoReturn:
+        """Audit a refusal and raise it (as a :class:`LockError` with ``code`` and ``holder``)."""
         self.audit_refusal(ident, devices, lt, msg)
-        err = LockError(msg)
+        err = LockError(msg, code, holder)
         err.audited = True
         raise err
 
@@ -600,30 +623,22 @@ class LockTable:
                     ident, devs, lock_type,
                     f"{ident.account} may not take {lock_type.value} locks (policy: "
                     f"{', '.join(self.policy.lock_types[lock_type].allow) or 'nobody'})",
+                    ErrorCode.NOT_ALLOWED,
                 )
             now = self.clock()
-            conflicts: dict[str, Lock] = {}
-            for d in devs:
-                if d == BEAMLINE:
-                    conflicts.update(self._locks)
-                else:
-                    for k in (d, BEAMLINE):
-                        if k in self._locks:
-                            conflicts[k] = self._locks[k]
-            others = [lk for lk in conflicts.values() if lk.owner != ident.account]
-            blocking = [lk for lk in others if lk.priority <= lock_type.priority]
-            if blocking:
-                first = min(blocking, key=lambda lk: (lk.priority, lk.device))
+            decision = lockmodel.decide_request(self._locks, devs, ident.account, lock_type)
+            if decision.blocker is not None:
+                first = decision.blocker
                 self._refuse(
-                    ident, devs, lock_type,
-                    f"{describe(first, now)}; a {lock_type.value} request cannot preempt it",
+                    ident, devs, lock_type, lockmodel.conflict_text(first, lock_type, now),
+                    ErrorCode.HOLDER_CONFLICT, first.holder,
                 )
             key = secrets.token_urlsafe(24)
             kh = hash_key(key)
             expires = now + lease
             change = _Change()
             preempted: list[str] = []
-            for old in sorted(others, key=lambda lk: lk.device):
+            for old in decision.preempt:
                 msg = (
                     f"preempted by {ident.holder} ({lock_type.value}"
                     f"{', reason ' + repr(reason) if reason else ''}) at {fmt_time(now)}"
@@ -635,13 +650,14 @@ class LockTable:
                     message=msg,
                 ))
                 for nk in self._notice_keys(old):
-                    change.notices[nk] = f"your lock on {old.device} was {msg}"
+                    change.notices[nk] = Notice(
+                        ErrorCode.PREEMPTED, f"your lock on {old.device} was {msg}", ident.holder)
                 if old.device not in devs:
                     change.delete.append(old.device)
             if BEAMLINE in devs:
                 # the holder's own device locks are absorbed by its beamline lock
-                for own in conflicts.values():
-                    if own.owner == ident.account and own.device != BEAMLINE:
+                for own in decision.own:
+                    if own.device != BEAMLINE:
                         change.delete.append(own.device)
                         change.events.append(LockEvent(
                             time=now, action=EventAction.RELEASED, device=own.device,
@@ -650,15 +666,15 @@ class LockTable:
                         ))
             for d in devs:
                 prev = self._locks.get(d)
-                mine = prev is not None and prev.owner == ident.account
-                hashes = ((*prev.key_hashes, kh) if mine else (kh,))[-KEY_HASHES_KEPT:]
+                mine = prev if prev is not None and prev.owner == ident.account else None
+                hashes = ((*mine.key_hashes, kh) if mine else (kh,))[-KEY_HASHES_KEPT:]
                 lock = Lock(
                     device=d, lock_type=lock_type, owner=ident.account, host=ident.host,
-                    actor=ident.actor_name, acquired=prev.acquired if mine else now,
+                    actor=ident.actor_name, acquired=mine.acquired if mine else now,
                     expires=expires, reason=reason, plan_uid=plan_uid, key_hashes=hashes,
                 )
                 change.upsert.append(lock)
-                renewed = mine and prev.lock_type == lock_type
+                renewed = mine is not None and mine.lock_type == lock_type
                 change.events.append(LockEvent(
                     time=now, action=EventAction.RENEWED if renewed else EventAction.ACQUIRED,
                     device=d, lock_type=lock_type, actor=ident.actor_name, holder=ident.holder,
@@ -683,13 +699,17 @@ class LockTable:
             held = [self._locks[d] for d in self._by_key.get(kh, ())]
             if not held:
                 notice = self._notices.get(kh)
-                raise LockError(notice or f"cannot {verb}: no active lock matches the given key")
+                if notice is not None:
+                    raise notice.error()
+                raise LockError(f"cannot {verb}: no active lock matches the given key",
+                                ErrorCode.UNKNOWN_KEY)
             if devs:
                 by_dev = {lk.device: lk for lk in held}
                 missing = [d for d in devs if d not in by_dev]
                 if missing:
                     raise LockError(
-                        f"cannot {verb}: the given key does not hold {', '.join(missing)}"
+                        f"cannot {verb}: the given key does not hold {', '.join(missing)}",
+                        ErrorCode.NOT_HOLDER,
                     )
                 return [by_dev[d] for d in devs]
             return sorted(held, key=lambda lk: lk.device)
@@ -700,14 +720,17 @@ class LockTable:
             lk = self._locks.get(d)
             if lk is None:
                 notice = self._notices.get((ident.account, d))
-                raise LockError(notice or f"cannot {verb}: {d[:64]!r} is not locked")
+                if notice is not None:
+                    raise notice.error()
+                raise LockError(f"cannot {verb}: {d[:64]!r} is not locked", ErrorCode.NOT_LOCKED)
             if lk.owner != ident.account:
                 notice = self._notices.get((ident.account, d))
-                if notice:
-                    raise LockError(f"{notice}; it is now held by {lk.holder}")
+                if notice is not None:
+                    raise notice.error(f"; it is now held by {lk.holder}", lk.holder)
                 raise LockError(
                     f"cannot {verb} {d}: it is held by {lk.holder} ({lk.lock_type.value}); only "
-                    "the holder's account or the lock's key may " + verb + " it"
+                    "the holder's account or the lock's key may " + verb + " it",
+                    ErrorCode.NOT_HOLDER, lk.holder,
                 )
             out.append(lk)
         return out
@@ -729,7 +752,7 @@ class LockTable:
             try:
                 locks = self._select(ident, devices, key, "release")
             except LockError as e:
-                self._refuse(ident, devices or ("?",), None, str(e))
+                self._refuse(ident, devices or ("?",), None, str(e), e.code, e.holder)
             now = self.clock()
             change = _Change(delete=[lk.device for lk in locks])
             for lk in locks:
@@ -739,9 +762,10 @@ class LockTable:
                     message="released",
                 ))
                 for nk in self._notice_keys(lk):
-                    change.notices[nk] = (
+                    change.notices[nk] = Notice(
+                        ErrorCode.RELEASED,
                         f"your lock on {lk.device} was released by {ident.holder} at "
-                        f"{fmt_time(now)}")
+                        f"{fmt_time(now)}", ident.holder)
             self._apply(change)
             return tuple(lk.device for lk in locks)
 
@@ -766,7 +790,7 @@ class LockTable:
                 locks = self._select(ident, devices, key, "renew")
                 leases = [self._lease(lk.lock_type, timeout) for lk in locks]
             except LockError as e:
-                self._refuse(ident, devices or ("?",), None, str(e))
+                self._refuse(ident, devices or ("?",), None, str(e), e.code, e.holder)
             now = self.clock()
             change = _Change()
             for lk, lease in zip(locks, leases, strict=True):
@@ -799,11 +823,13 @@ class LockTable:
                     ident, devs, None,
                     f"{ident.account} may not force-release locks (policy force_release: "
                     f"{', '.join(self.policy.access.force_release) or 'nobody'})",
+                    ErrorCode.NOT_ALLOWED,
                 )
             missing = [d for d in devs if d not in self._locks]
             if missing:
                 self._refuse(ident, devs, None, f"cannot force-release: "
-                             f"{', '.join(m[:64] for m in missing)} not locked")
+                             f"{', '.join(m[:64] for m in missing)} not locked",
+                             ErrorCode.NOT_LOCKED)
             now = self.clock()
             change = _Change(delete=list(devs))
             for d in devs:
@@ -816,7 +842,8 @@ class LockTable:
                     message=msg,
                 ))
                 for nk in self._notice_keys(lk):
-                    change.notices[nk] = f"your lock on {d} was {msg}"
+                    change.notices[nk] = Notice(
+                        ErrorCode.FORCE_RELEASED, f"your lock on {d} was {msg}", ident.holder)
             self._apply(change)
             return devs
 
@@ -873,7 +900,8 @@ class LockTable:
                     lock_type=lk.lock_type, actor="pvcoord", holder=lk.holder, message=msg,
                 ))
                 for nk in self._notice_keys(lk):
-                    change.notices[nk] = f"your lock on {lk.device} {msg}"
+                    change.notices[nk] = Notice(
+                        ErrorCode.EXPIRED, f"your lock on {lk.device} {msg}")
             try:
                 self._apply(change)
             except LockError:

@@ -19,6 +19,7 @@ from typing import Any
 from p4p.server import Server, StaticProvider
 
 from pvdb import queue as qn
+from pvdb.lockmodel import ErrorCode, parse_error_text
 from pvdb.names import check_prefix
 from pvdb.policy import Policy
 from pvdb.redact import register_url
@@ -156,7 +157,7 @@ class QueueIOC:
             self._fetch_wake.clear()
             try:
                 await self.fetch()
-            except Exception:  # noqa: BLE001 - keep fetching
+            except Exception:  # keep fetching
                 log.exception("fetch failed")
 
     async def _fetch_changed(self, status: Mapping[str, Any]) -> None:
@@ -300,7 +301,8 @@ class QueueIOC:
         item, blocking = self.next_item_blockers()
         if item is None or not blocking:
             return
-        key = (str(item.get("item_uid")), blocking[0].describe())
+        first = blocking[0]
+        key = (str(item.get("item_uid")), f"{first.device} {first.lock_type} {first.holder}")
         if self._acted_next == key:
             return
         self._acted_next = key
@@ -337,27 +339,35 @@ class QueueIOC:
         """Answer one worker-hook request ``{"id", "device", "time"[, "refusing"]}``.
 
         Returns ``{"granted": bool, "coordinated": bool, "planUid": str, "owner": str,
-        "message": str}``: granted when this IOC holds QUEUE_EXECUTING on the device for the
-        running item (acquired now if needed), or when the device is not coordinated.
+        "message": str, "code": str, "holder": str}`` (``code``: the
+        :class:`pvdb.lockmodel.ErrorCode` of a refusal, '' when granted; ``holder``: who holds
+        the device, if that is the reason): granted when this IOC holds QUEUE_EXECUTING on the
+        device for the running item (acquired now if needed), or when the device is not
+        coordinated.
         ``refusing`` (the reason) says the hook refuses the message anyway (it saw a MAINTENANCE
         lock in the store): the request is still made, so the coordination IOC refuses and audits
         it and ``Queue:StopReason`` shows why; the answer is ignored.
         """
         device = str(request.get("device", ""))
-        base = {"granted": False, "coordinated": True, "planUid": "", "owner": self.account}
+        base = {"granted": False, "coordinated": True, "planUid": "", "owner": self.account,
+                "code": "", "holder": ""}
         if self.keeper is None:
-            return {**base, "message": "the queue IOC runs without automatic locks (--no-locks)"}
+            return {**base, "code": ErrorCode.NOT_READY,
+                    "message": "the queue IOC runs without automatic locks (--no-locks)"}
         try:
             await self.link.refresh()  # the worker started the item: make sure we know it
             await self.fetch()
         except ManagerError as e:
-            return {**base, "message": f"the queue IOC cannot reach the RE Manager: {e}"}
+            return {**base, "code": ErrorCode.MANAGER_UNAVAILABLE,
+                    "message": f"the queue IOC cannot reach the RE Manager: {e}"}
         uid = self.running.uid
         if not uid:
-            return {**base, "message": "no queue item is running (the hook guards queue plans)"}
+            return {**base, "code": ErrorCode.NOT_ALLOWED,
+                    "message": "no queue item is running (the hook guards queue plans)"}
         if self.keeper.coordinated is None:
-            return {**base, "message": "the coordination IOC is not connected (device list "
-                                       "unknown): refusing to act on unverified devices"}
+            return {**base, "code": ErrorCode.NOT_READY,
+                    "message": "the coordination IOC is not connected (device list "
+                               "unknown): refusing to act on unverified devices"}
         if device not in self.keeper.coordinated:
             return {**base, "granted": True, "coordinated": False,
                     "message": f"{device} is not a coordinated device"}
@@ -374,8 +384,13 @@ class QueueIOC:
         if self.keeper.holds_executing(device, uid):
             return {**base, "granted": True, "planUid": uid,
                     "message": f"QUEUE_EXECUTING on {device} for {uid}"}
-        refusal = self.keeper.refused_items.get(uid) or self.keeper.health
-        return {**base, "message": f"QUEUE_EXECUTING on {device} not granted: {refusal}"}
+        refused = self.keeper.refused_items.get(uid)
+        if refused is None:
+            return {**base, "code": ErrorCode.NOT_READY,
+                    "message": f"QUEUE_EXECUTING on {device} not granted: {self.keeper.health}"}
+        p = parse_error_text(refused)
+        return {**base, "code": p.code or ErrorCode.HOLDER_CONFLICT, "holder": p.holder,
+                "message": f"QUEUE_EXECUTING on {device} not granted: {p.message}"}
 
     def _hook_channel_ok(self) -> None:
         if self.hook_health:
@@ -411,7 +426,7 @@ class QueueIOC:
                 reply = await self.handle_hook_request(
                     {"id": req.id, "device": req.device, "time": req.time,
                      **({"refusing": req.refusing} if req.refusing is not None else {})})
-            except Exception as e:  # noqa: BLE001 - the hook must get an answer
+            except Exception as e:
                 log.exception("worker-hook request failed")
                 reply = {"granted": False, "coordinated": True,
                          "message": f"queue IOC error: {type(e).__name__}: {e}"}
@@ -419,12 +434,12 @@ class QueueIOC:
         try:
             await r.lpush(rkey, json.dumps(reply))
             await r.expire(rkey, HOOK_REPLY_TTL)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.warning("cannot answer worker-hook request %s: %s", rid, e)
 
     async def serve_hook_requests(self, stop: asyncio.Event) -> None:
         """Answer worker-hook requests on ``redis_url`` until ``stop`` is set (see 0023)."""
-        import redis.asyncio as aioredis  # noqa: PLC0415 - only with --redis
+        import redis.asyncio as aioredis  # only with --redis
 
         assert self.redis_url is not None
         r = aioredis.Redis.from_url(self.redis_url, socket_timeout=5.0)
@@ -433,7 +448,7 @@ class QueueIOC:
             while not stop.is_set():
                 try:
                     got = await r.brpop([key], timeout=1)
-                except Exception as e:  # noqa: BLE001 - redis down: retry, say it in the log
+                except Exception as e:  # redis down: retry, say it in the log
                     why = f"worker-hook channel {qn.redact_url(self.redis_url)}: {e}"
                     log.warning("%s", why)
                     self._hook_channel_down(why)
@@ -444,7 +459,7 @@ class QueueIOC:
                     continue
                 try:
                     await self._answer_hook_message(r, got[1])
-                except Exception:  # noqa: BLE001 - one message never stops the hook server
+                except Exception:  # one message never stops the hook server
                     log.exception("worker-hook request not answered")
         finally:
             await r.aclose()
@@ -456,14 +471,14 @@ class QueueIOC:
             allowed = ", ".join(self.policy.access.queue_control) or "nobody"
             raise BadRequestError(
                 f"{rpc}: account {account!r} may not control the queue (policy queue_control: "
-                f"{allowed}); nothing was changed"
+                f"{allowed}); nothing was changed", ErrorCode.NOT_ALLOWED,
             )
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
             return await self.link.call(method, *args, **kwargs)
         except ManagerUnreachableError as e:
-            raise ControlError(f"{method} not done: {e}") from None
+            raise ControlError(f"{method} not done: {e}", ErrorCode.MANAGER_UNAVAILABLE) from None
         except ManagerError as e:
             raise ControlError(f"RE Manager refused {method}: {e}") from None
 
@@ -500,7 +515,7 @@ class QueueIOC:
                 )
                 log.warning("%s (coordination IOC: %s)", reason, refusal)
                 self.pvs.set(qn.STOP_REASON, reason)
-                raise ControlError(reason)
+                raise ControlError(reason, ErrorCode.HOLDER_CONFLICT, blocking[0].holder)
         await self._call("queue_start")
         log.info("queue_start by %s", account)
         return "queue started", ""
@@ -576,7 +591,7 @@ class QueueIOC:
                     next_beat += 1.0
                     self._heartbeat += 1
                     self.pvs.set(qn.HEARTBEAT, self._heartbeat)
-            except Exception:  # noqa: BLE001 - keep ticking
+            except Exception:  # keep ticking
                 log.exception("tick failed")
 
     async def run(self, stop: asyncio.Event) -> None:

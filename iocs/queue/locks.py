@@ -91,7 +91,8 @@ class LockKeeper:
         """device -> (type, planUid, time granted) of the locks this IOC holds."""
         self.health = "starting"
         self.refused_items: dict[str, str] = {}
-        """item uid -> refusal message of its QUEUE_EXECUTING acquire (tried once per item)."""
+        """item uid -> the coordination IOC's refusal text of its QUEUE_EXECUTING acquire
+        (``[code holder=...] message``; tried once per item)."""
         self.on_change: Callable[[], None] | None = None
         self.manager_reachable = True
         """Set by the queue IOC: while False (the RE Manager unreachable) QUEUE_EXECUTING is
@@ -238,7 +239,7 @@ class LockKeeper:
         except RefusedError as e:
             msg = e.message
             first = uid not in self.refused_items
-            self.refused_items[uid] = str(msg)
+            self.refused_items[uid] = e.text
             if first:
                 log.warning("QUEUE_EXECUTING refused for %s (%s): %s", name, uid, msg)
                 await self.on_conflict(uid, str(msg))
@@ -358,7 +359,7 @@ class LockKeeper:
                 self._wake.clear()
                 try:
                     await self.reconcile()
-                except Exception:  # noqa: BLE001 - keep the queue IOC serving
+                except Exception:  # keep the queue IOC serving
                     log.exception("lock reconcile failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)

@@ -100,7 +100,7 @@ class ManagerLink:
                 f"the RE Manager did not answer {method} within {CONTROL_TIMEOUT:g} s "
                 f"({self.zmq_control})"
             ) from None
-        except Exception as e:  # noqa: BLE001 - 0MQ errors: report, never crash the IOC
+        except Exception as e:  # 0MQ errors: report, never crash the IOC
             raise ManagerUnreachableError(f"{method} failed: {type(e).__name__}: {e}") from None
 
     async def refresh(self) -> dict[str, Any]:
@@ -136,12 +136,12 @@ class ManagerLink:
                 return
             try:
                 await self.on_status(status, mtime, source)
-            except Exception:  # noqa: BLE001 - one bad update must not stop the link
+            except Exception:  # one bad update must not stop the link
                 log.exception("status handler failed")
 
     async def _push_loop(self) -> None:
         assert self.api is not None
-        mon = self.api.system_info_monitor
+        mon: Any = self.api.system_info_monitor  # set because the API has zmq_info_addr
         mon.enable()
         while True:
             try:
@@ -164,8 +164,8 @@ class ManagerLink:
                 continue
             sent = time.monotonic()
             try:
-                status = await self._poll_api.status(reload=True)
-            except Exception as e:  # noqa: BLE001 - unreachable manager: keep polling
+                status: Any = await self._poll_api.status(reload=True)
+            except Exception as e:  # unreachable manager: keep polling
                 log.debug("status poll failed: %s", e)
                 continue
             if time.monotonic() - self.contact.push < POLL_AFTER:
@@ -175,7 +175,7 @@ class ManagerLink:
 
     async def _console_loop(self) -> None:
         assert self.api is not None
-        mon = self.api.console_monitor
+        mon: Any = self.api.console_monitor  # set because the API has zmq_info_addr
         mon.enable()
         while True:
             try:

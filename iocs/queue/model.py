@@ -7,16 +7,28 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pvdb import lockmodel
 from pvdb import queue as qn
+from pvdb.lockmodel import ErrorCode
 from pvdb.models import BEAMLINE, LockType
 
 
 class BadRequestError(ValueError):
-    """Control input that is wrong; ``str(e)`` is the message for the caller. Nothing changed."""
+    """Control input that is wrong (or not allowed); ``str(e)`` is the message for the caller.
+
+    Nothing changed. ``code`` is a :class:`pvdb.lockmodel.ErrorCode` (``bad-argument`` unless
+    given).
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code
+        self.holder = ""
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -75,7 +87,7 @@ def item_devices(item: Mapping[str, Any], devices_allowed: Iterable[str]) -> tup
     (``m1.velocity`` -> ``m1``).
 
     A plan that reaches a device through a module global names none here: the worker hook
-    catches those (DESIGN section 6).
+    catches those (docs/queue.md).
     """
     allowed = set(devices_allowed)
     found: set[str] = set()
@@ -348,10 +360,19 @@ class HeldBy:
     plan_uid: str = ""
     expires: float = 0.0
 
-    def describe(self) -> str:
-        """``m2 held MAINTENANCE by bob@host (reason 'realign')``."""
-        why = f" (reason {self.reason!r})" if self.reason else ""
-        return f"{self.device} held {self.lock_type.value} by {self.owner}{why}"
+    @property
+    def account(self) -> str:
+        """The holder's account."""
+        return owner_account(self.owner)
+
+    @property
+    def holder(self) -> str:
+        """``account@host``."""
+        return self.owner
+
+    def describe(self, now: float | None = None) -> str:
+        """The lock in the one refusal format (:func:`pvdb.lockmodel.describe`)."""
+        return lockmodel.describe(self, time.time() if now is None else now)
 
 
 def owner_account(owner: str) -> str:
@@ -360,14 +381,8 @@ def owner_account(owner: str) -> str:
 
 
 def effective(locks: Mapping[str, HeldBy], device: str) -> HeldBy | None:
-    """The lock governing ``device``: its own, or a stronger ``beamline`` lock."""
-    own = locks.get(device)
-    bl = locks.get(BEAMLINE)
-    if own is None:
-        return bl
-    if bl is not None and bl.lock_type.priority < own.lock_type.priority:
-        return bl
-    return own
+    """The lock governing ``device`` (:func:`pvdb.lockmodel.effective`)."""
+    return lockmodel.effective(locks, device)
 
 
 def blockers(
@@ -376,19 +391,11 @@ def blockers(
 ) -> list[HeldBy]:
     """Locks that a ``lock_type`` request of ``account`` on ``devices`` cannot preempt.
 
-    Same rule as the coordination IOC: another account's lock of equal or higher priority
-    blocks; the account's own locks never do.
+    The coordination IOC's rule (:func:`pvdb.lockmodel.decide_request`): another account's lock
+    of equal or higher priority blocks, the device's own or a ``beamline`` lock; the account's
+    own locks never do. Strongest first.
     """
-    out: dict[str, HeldBy] = {}
-    for d in devices:
-        lk = effective(locks, d)
-        if (
-            lk is not None
-            and owner_account(lk.owner) != account
-            and lk.lock_type.priority <= lock_type.priority
-        ):
-            out[lk.device] = lk
-    return sorted(out.values(), key=lambda h: (h.lock_type.priority, h.device))
+    return list(lockmodel.decide_request(locks, devices, account, lock_type).blocking)
 
 
 @dataclass

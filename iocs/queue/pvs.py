@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from p4p import Type, Value
 from p4p.nt import NTEnum, NTScalar, NTTable
@@ -17,6 +18,7 @@ from p4p.server import StaticProvider
 from p4p.server.asyncio import SharedPV
 
 from pvdb import queue as qn
+from pvdb.lockmodel import ErrorCode
 from pvdb.names import PVKind, PVSpec
 from pvdb.redact import redact
 
@@ -61,7 +63,7 @@ def _stamp(v: Value, ts: float, severity: int, message: str) -> Value:
 class _Served:
     spec: PVSpec
     pv: SharedPV
-    nt: object
+    nt: Any
     value: object
     columns: tuple[tuple[str, str], ...] = ()
 
@@ -186,44 +188,41 @@ ControlFn = Callable[[str, frozenset[str], dict[str, str]], Awaitable[tuple[str,
 
 
 class ControlError(RuntimeError):
-    """A control call the RE Manager (or the policy) refused; the message is for the caller."""
+    """A control call the RE Manager (or the lock state) refused; the message is for the caller.
 
-
-def request_args(value: Value) -> dict[str, str]:
-    """pvcall-style arguments as strings (see :func:`iocs.pvutil.request_args`).
-
-    Raises:
-        BadRequestError: the request is not a structure of scalar fields.
+    Attributes:
+        code: the :class:`pvdb.lockmodel.ErrorCode` (``manager-refused`` unless given).
+        holder: ``account@host`` of the lock that caused it, or ''.
     """
-    return pvutil.request_args(
-        value, BadRequestError, "pvcall P Queue:ItemAdd name=count 'args=[[\"det1\"]]'")
+
+    def __init__(
+        self, message: str, code: ErrorCode = ErrorCode.MANAGER_REFUSED, holder: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.holder = holder
 
 
-class ControlRPC:
-    """SharedPV handler of one control RPC: parse, call ``fn``, always finish the operation."""
+EXAMPLE = "pvcall P Queue:ItemAdd name=count 'args=[[\"det1\"]]'"
+"""A correct call, shown when a request is malformed."""
+
+
+class ControlRPC(pvutil.AsyncRPC):
+    """Handler of one control RPC (:class:`iocs.pvutil.AsyncRPC`).
+
+    The caller's account and OS groups and the arguments go to ``fn``; its
+    ``(message, item_uid)`` is the reply.
+    """
 
     def __init__(self, spec: PVSpec, fn: ControlFn) -> None:
         self.spec, self.fn = spec, fn
+        super().__init__(spec.suffix, self._call, (BadRequestError, ControlError), EXAMPLE)
 
-    async def rpc(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        name = self.spec.suffix
-        try:
-            args = request_args(op.value())
-            account = op.account() or "anonymous"
-            roles = frozenset(op.roles() or ())
-            message, uid = await self.fn(account, roles, args)
-            op.done(RPC_RESULT({"message": redact(message), "itemUid": uid}))
-        except (BadRequestError, ControlError) as e:
-            op.done(error=redact(str(e)))
-        except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
-            log.exception("%s failed", name)
-            op.done(error=redact(f"internal error in {name}: {type(e).__name__}: {e}"))
-        except BaseException:  # cancelled at shutdown: the caller still gets an answer
-            op.done(error=f"{name} not done: queue IOC shutting down")
-            raise
-
-    def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        op.done(error=f"{self.spec.suffix} is an RPC: use pvcall / p4p rpc, not put")
+    async def _call(self, op: Any, args: dict[str, str]) -> Value:
+        account = op.account() or "anonymous"
+        roles = frozenset(op.roles() or ())
+        message, uid = await self.fn(account, roles, args)
+        return RPC_RESULT({"message": redact(message), "itemUid": uid})
 
 
 def add_rpcs(

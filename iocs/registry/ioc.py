@@ -10,8 +10,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
-from p4p import Type, Value
+from p4p import Type
 from p4p.client.asyncio import Context, Disconnected, RemoteError
 from p4p.nt import NTScalar, NTTable
 from p4p.server import Server, StaticProvider
@@ -32,33 +33,13 @@ DEFAULT_CHECK_PERIOD = 2.0
 """Seconds between connectivity checks of every device PV."""
 
 
-def request_args(value: Value) -> dict[str, str]:
-    """The RPC's arguments as strings (see :func:`iocs.pvutil.request_args`).
-
-    Raises:
-        RegistryError: the request is not a structure of scalar arguments.
-    """
-    return pvutil.request_args(value, RegistryError, "pvcall P Registry:Lookup pv=BL01:m1:Setpoint")
-
-
-class _Lookup:
-    """Handler of ``Registry:Lookup``: always finishes the operation."""
-
-    def __init__(self, state: RegistryState) -> None:
-        self.state = state
-
-    def rpc(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        try:
-            name = lookup_pv_arg(request_args(op.value()))
-            op.done(LOOKUP_RESULT(self.state.lookup(name)))
-        except RegistryError as e:
-            op.done(error=str(e))
-        except Exception as e:  # noqa: BLE001 - never leave an RPC unanswered
-            log.exception("Lookup failed")
-            op.done(error=f"internal error in Lookup: {type(e).__name__}: {e}")
-
-    def put(self, pv: SharedPV, op) -> None:  # noqa: D102 - p4p callback
-        op.done(error="Registry:Lookup is an RPC: use pvcall / p4p rpc NAME pv=PVNAME, not put")
+def lookup_handler(state: RegistryState) -> pvutil.RPC:
+    """The handler of ``Registry:Lookup`` (:class:`iocs.pvutil.RPC`)."""
+    return pvutil.RPC(
+        pvn.REGISTRY_LOOKUP.suffix,
+        lambda _op, args: LOOKUP_RESULT(state.lookup(lookup_pv_arg(args))),
+        (RegistryError,), "pvcall P Registry:Lookup pv=BL01:m1:Setpoint",
+    )
 
 
 class RegistryIOC:
@@ -84,7 +65,7 @@ class RegistryIOC:
         self.pv_connected = self._add(pvn.REGISTRY_CONNECTED, self._scalar("i", 0))
         self.pv_heartbeat = self._add(pvn.REGISTRY_HEARTBEAT, self._scalar("i", 0))
         self._add(pvn.REGISTRY_LOOKUP, SharedPV(
-            handler=_Lookup(self.state), initial=NTScalar("s").wrap("", timestamp=now)))
+            handler=lookup_handler(self.state), initial=NTScalar("s").wrap("", timestamp=now)))
         signals_nt = NTTable(list(pvn.SIGNALS_COLUMNS))
         self.pv_signals: dict[str, SharedPV] = {}
         for name in self.state.names():
@@ -131,7 +112,7 @@ async def _answers(ctxt: Context, pv: str, timeout: float) -> bool:
         await asyncio.wait_for(ctxt.get(pv), timeout)
     except (TimeoutError, Disconnected, RemoteError):
         return False
-    except Exception as e:  # noqa: BLE001 - anything else also means "not answering"; say why
+    except Exception as e:  # anything else also means "not answering"; say why
         log.warning("checking %s failed: %s: %s", pv, type(e).__name__, e)
         return False
     return True
@@ -170,7 +151,7 @@ async def serve(
         raise ValueError(f"check_period must be > 0 s, not {check_period}")
     ioc = RegistryIOC(prefix, devices)
     probe_timeout = max(0.2, min(check_period, 2.0))
-    server_kws: dict[str, object] = {}
+    server_kws: dict[str, Any] = {}
     if isolate:
         server_kws["isolate"] = True
     elif server_conf is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pvdb.lockmodel import ErrorCode
 from pvdb.models import Device
 from pvdb.names import REGISTRY_LOOKUP
 from pvdb.registry_file import RegistryIndex
@@ -17,7 +18,14 @@ MAX_PV_ARG = 1024
 
 
 class RegistryError(Exception):
-    """A request the registry refuses; the message is the RPC error text."""
+    """A request the registry refuses; ``str(e)`` is the message for the caller.
+
+    ``code`` is a :class:`pvdb.lockmodel.ErrorCode` (``bad-argument`` unless given).
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 LOOKUP_FIELDS: tuple[tuple[str, str], ...] = (
@@ -133,7 +141,8 @@ class RegistryState:
             n_prefixes = sum(1 for d in self.devices if d.pv_prefix)
             raise RegistryError(
                 f"no registered device has PV {pv!r} (checked {n_pvs} PV names and "
-                f"{n_prefixes} prefixes of {len(self.devices)} devices)"
+                f"{n_prefixes} prefixes of {len(self.devices)} devices)",
+                ErrorCode.UNKNOWN_DEVICE,
             )
         d = m.device
         return {

@@ -79,7 +79,7 @@ def start_flat(
     argv = python_module("bridges.flat", "--prefix", prefix, *upstream_args(device_env), *extra)
     if policy:
         argv += ["--policy", str(policy)]
-    from pvcoord.procs import server_env  # noqa: PLC0415
+    from pvcoord.procs import server_env
 
     proc = ManagedProcess("flat", argv, server_env(env), cwd=REPO, log_dir=log_dir, user=user)
     try:
@@ -197,11 +197,11 @@ class CAAgent:
 
 def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """The agent's loop (pyepics): one JSON request per line on ``stdin``, one reply per line."""
-    import ctypes  # noqa: PLC0415
-    import getpass  # noqa: PLC0415
+    import ctypes
+    import getpass
 
-    import epics  # noqa: PLC0415
-    from epics import ca, dbr  # noqa: PLC0415
+    import epics
+    from epics import ca, dbr
 
     pvs: dict[str, Any] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -308,7 +308,7 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
                 say({"ok": True, "value": int(req["count"])})
             else:
                 say({"ok": False, "error": f"unknown op {op!r}"})
-        except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+        except Exception as e:
             say({"ok": False, "error": str(e) or type(e).__name__})
     return 0
 
@@ -334,7 +334,7 @@ def walkthrough(
     channel and ``other``'s put goes through; 5. ``other`` puts 1 to ``Flat:<motor>:Take`` and
     ``Coord:Locks`` shows it as holder; 6. it releases with ``Flat:<motor>:Release``.
     """
-    from p4p.client.thread import Context  # noqa: PLC0415
+    from p4p.client.thread import Context
 
     setpoint = demo.motor_setpoint(prefix, motor)
     results: list[tuple[str, bool]] = []
@@ -411,7 +411,7 @@ def _start(ctx: Any) -> None:
         wait_for_pv(FLAT_HEALTH.name(ctx.prefix), ctx.env, 60.0, procs=[ctx.procs["flat"]],
                     condition=lambda v: v == "OK")
     except (TimeoutError, RuntimeError) as e:
-        from pvcoord.demo.beamline import DemoError  # noqa: PLC0415
+        from pvcoord.demo.beamline import DemoError
 
         raise DemoError(f"the CA bridge did not get the registry and lock state: {e}") from None
     p, m1 = ctx.prefix, demo.MOTORS[0]
@@ -426,7 +426,7 @@ def _start(ctx: Any) -> None:
 
 
 def _components() -> list[Any]:
-    from pvcoord.demo.beamline import Component  # noqa: PLC0415 - beamline imports us lazily
+    from pvcoord.demo.beamline import Component
 
     return [Component("flat", _start, _prepare)]
 
@@ -443,9 +443,9 @@ def run_flat_walkthrough(ctx: Any, stop: Any = None) -> bool:
     Needs root and ``runuser`` for the second OS account; otherwise it says so and returns
     False.
     """
-    import shutil  # noqa: PLC0415
+    import shutil
 
-    from pvcoord.demo.guard_part import PutAgent  # noqa: PLC0415
+    from pvcoord.demo.guard_part import PutAgent
 
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         ctx.say("[ca] walkthrough needs a second OS account: run the demo as root "

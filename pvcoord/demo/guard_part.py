@@ -7,7 +7,7 @@
   ``runuser``) that keeps its channels open and does puts, gets and RPCs on request. The PVA
   account of a request is the OS account of the client process, so this is how the demo and the
   tests act as a second person.
-- :func:`walkthrough`: the demo steps of the guard (issue 4): while an operator holds ``m1``,
+- :func:`walkthrough`: the demo steps of the guard: while an operator holds ``m1``,
   another account's put to ``m1``'s setpoint through the guard is refused and the holder's
   succeeds; after the release the other account's put succeeds on the same channel.
   :func:`run_guard_walkthrough` runs it on a started demo (root and ``nobody``).
@@ -264,10 +264,10 @@ def _plain(v: Any) -> Any:
 
 def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """The agent's loop: one JSON request per line on ``stdin``, one reply per line."""
-    import getpass  # noqa: PLC0415
+    import getpass
 
-    from p4p.client.thread import Context  # noqa: PLC0415
-    from p4p.nt import NTURI  # noqa: PLC0415
+    from p4p.client.thread import Context
+    from p4p.nt import NTURI
 
     def say(obj: dict[str, Any]) -> None:
         stdout.write(json.dumps(obj) + "\n")
@@ -291,7 +291,7 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
                     say({"ok": True, "value": _plain(v)})
                 else:
                     say({"ok": False, "error": f"unknown op {op!r}: use put, get or rpc"})
-            except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+            except Exception as e:  # every failure goes back to the caller
                 say({"ok": False, "error": str(e) or type(e).__name__})
     return 0
 
@@ -372,7 +372,7 @@ def _wait_decision(
 
 def _prepare(ctx: Any) -> None:
     """Move the softIoc behind the guard and start the guard (``ctx``: beamline DemoContext)."""
-    from pvcoord.procs import loopback_env  # noqa: PLC0415
+    from pvcoord.procs import loopback_env
 
     ctx.device_env = loopback_env(
         pva_server_port=ctx.port("guard-upstream-tcp"),
@@ -400,7 +400,7 @@ def _start(ctx: Any) -> None:
         wait_for_pv(GUARD_HEALTH.name(ctx.prefix), ctx.env, 60.0, procs=[ctx.procs["guard"]],
                     condition=lambda v: v == "OK")
     except (TimeoutError, RuntimeError) as e:
-        from pvcoord.demo.beamline import DemoError  # noqa: PLC0415
+        from pvcoord.demo.beamline import DemoError
 
         raise DemoError(f"the guard did not get the registry and lock state: {e}") from None
     p = ctx.prefix
@@ -418,7 +418,7 @@ def _start(ctx: Any) -> None:
 
 
 def _components() -> list[Any]:
-    from pvcoord.demo.beamline import Component  # noqa: PLC0415 - beamline imports us lazily
+    from pvcoord.demo.beamline import Component  # beamline imports us lazily
 
     return [Component("guard", _start, _prepare)]
 
@@ -435,7 +435,7 @@ def run_guard_walkthrough(ctx: Any, stop: Any = None) -> bool:
     Returns whether every step behaved. Needs root and ``runuser`` for the second OS account;
     otherwise it says so and returns False (PVA's identity is the client's OS account).
     """
-    import shutil  # noqa: PLC0415
+    import shutil
 
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         ctx.say("[guard] walkthrough needs a second OS account: run the demo as root "

@@ -144,7 +144,7 @@ def new_manager_keys(control_port: int) -> tuple[str, str]:
     requests from clients that know the public key, so another local process cannot send it
     ``queue_start`` or ``script_upload`` (the public key is not a secret; the private key is).
     """
-    from bluesky_queueserver import generate_zmq_keys  # noqa: PLC0415 - queue extra only
+    from bluesky_queueserver import generate_zmq_keys
 
     public, private = generate_zmq_keys()
     MANAGER_PUBLIC_KEYS[control_port] = public
@@ -174,7 +174,7 @@ class ManagerClient:
     def __init__(
         self, control_port: int, timeout: float = 5.0, public_key: str | None = None
     ) -> None:
-        import zmq  # noqa: PLC0415 - only the harness needs it
+        import zmq  # only the harness needs it
 
         self._zmq = zmq
         self.addr = zmq_addr(control_port)
@@ -422,9 +422,9 @@ def service_account_problem(
 
     Checks: root, the account exists, it can import pvcoord and reach ``run_dir``.
     """
-    import pwd  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
+    import pwd
+    import shutil
+    import subprocess
 
     if os.geteuid() != 0:
         return "the demo does not run as root"
@@ -519,7 +519,7 @@ def _start(ctx) -> None:
 
 
 def _redis_argv(port: int, data_dir: Path) -> list[str]:
-    from pvcoord.procs import redis_server_path  # noqa: PLC0415
+    from pvcoord.procs import redis_server_path
 
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
@@ -529,7 +529,7 @@ def _redis_argv(port: int, data_dir: Path) -> list[str]:
 
 
 def _redis_ping(port: int) -> bool:
-    import socket  # noqa: PLC0415
+    import socket
 
     try:
         with socket.create_connection((LOOPBACK, port), timeout=0.5) as s:
@@ -540,13 +540,13 @@ def _redis_ping(port: int) -> bool:
 
 
 def _demo_error(text: str) -> Exception:
-    from pvcoord.demo.beamline import DemoError  # noqa: PLC0415
+    from pvcoord.demo.beamline import DemoError
 
     return DemoError(text)
 
 
 def _components() -> list:
-    from pvcoord.demo.beamline import Component  # noqa: PLC0415
+    from pvcoord.demo.beamline import Component
 
     return [Component("queue", _start)]
 
@@ -557,7 +557,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-# --- the walkthrough of issue 3 ------------------------------------------------------------------
+# --- the walkthrough of the queue IOC -------------------------------------------------------------
 
 OPERATOR = "anna"
 """The operator of the walkthrough (a named user through the demo's trusted onBehalfOf path)."""
@@ -567,10 +567,10 @@ class QueueWalkthrough:
     """The queue steps of ``pvcoord demo --walkthrough`` (see :func:`run_queue_walkthrough`)."""
 
     def __init__(self, ctx, say, timeout: float = 60.0) -> None:
-        from p4p.client.thread import Context  # noqa: PLC0415
+        from p4p.client.thread import Context
 
-        from pvcoord.client import Client  # noqa: PLC0415
-        from pvcoord.procs import client_conf  # noqa: PLC0415
+        from pvcoord.client import Client
+        from pvcoord.procs import client_conf
 
         self.ctx, self.say, self.timeout = ctx, say, timeout
         self.prefix = ctx.prefix
@@ -587,7 +587,7 @@ class QueueWalkthrough:
     # helpers
     def get(self, spec, device: str | None = None) -> Any:
         """Value of PV ``spec`` (an enum as its label, an array as a list)."""
-        from pvdb.names import PVKind  # noqa: PLC0415
+        from pvdb.names import PVKind
 
         v = self.pva.get(spec.name(self.prefix, device=device), timeout=10.0)
         if spec.kind is PVKind.NTENUM:
@@ -597,7 +597,7 @@ class QueueWalkthrough:
 
     def rpc(self, spec, **kws: str) -> Any:
         """Call RPC ``spec`` with string arguments, printing the equivalent pvcall."""
-        from p4p.nt import NTURI  # noqa: PLC0415
+        from p4p.nt import NTURI
 
         name = spec.name(self.prefix)
         shown = " ".join(f"'{k}={v}'" if " " in v or '"' in v else f"{k}={v}"
@@ -608,7 +608,7 @@ class QueueWalkthrough:
 
     def show_lock(self, device: str) -> str:
         """Print and return ``Coord:<device>:State`` and ``:Owner``."""
-        from pvdb.names import COORD_DEVICE_OWNER, COORD_DEVICE_STATE  # noqa: PLC0415
+        from pvdb.names import COORD_DEVICE_OWNER, COORD_DEVICE_STATE
 
         text = f"{self.get(COORD_DEVICE_STATE, device)} {self.get(COORD_DEVICE_OWNER, device)}"
         text = text.strip()
@@ -627,8 +627,8 @@ class QueueWalkthrough:
     # steps
     def step_preemption(self) -> bool:
         """A queued scan on m1 preempts the operator's MANUAL_OPERATOR lock when it runs."""
-        from pvcoord.client import RefusedError  # noqa: PLC0415
-        from pvdb.models import LockType  # noqa: PLC0415
+        from pvcoord.client import RefusedError
+        from pvdb.models import LockType
 
         self.say("\nqueue step 1: an operator holds m1; a scan on m1 is queued, then runs")
         manager_call(self.control, "queue_clear")
@@ -668,8 +668,8 @@ class QueueWalkthrough:
 
     def step_maintenance(self) -> bool:
         """MAINTENANCE on m2 stops a plan that uses m2 before it touches it."""
-        from pvdb import demo as demo_pvs  # noqa: PLC0415
-        from pvdb.models import LockType  # noqa: PLC0415
+        from pvdb import demo as demo_pvs
+        from pvdb.models import LockType
 
         self.say("\nqueue step 2: staff take MAINTENANCE on m2; plans that use m2 are stopped")
         manager_call(self.control, "queue_clear")
@@ -687,7 +687,7 @@ class QueueWalkthrough:
                 self.rpc(qn.QUEUE_START)
                 self.say("      started?! (expected: refused)")
                 ok = False
-            except Exception as e:  # noqa: BLE001 - the RPC error is the expected outcome
+            except Exception as e:  # the RPC error is the expected outcome
                 self.say(f"      error: {e}")
                 ok &= "MAINTENANCE" in str(e)
             self.rpc(qn.ITEM_REMOVE, pos="front")
@@ -717,7 +717,7 @@ class QueueWalkthrough:
             for step in (self.step_preemption, self.step_maintenance):
                 try:
                     ok = step()
-                except Exception as e:  # noqa: BLE001 - report and go on with the next step
+                except Exception as e:  # report and go on with the next step
                     self.say(f"      step failed: {type(e).__name__}: {e}")
                     ok = False
                 results.append(ok)

@@ -281,7 +281,7 @@ class Walkthrough:
                     self.say(f"  UNEXPECTED: {e}")
                     self.results.append((title, False))
                     continue
-                except Exception as e:  # noqa: BLE001 - report every failure as a step failure
+                except Exception as e:  # report every failure as a step failure
                     self.say(f"  UNEXPECTED {type(e).__name__}: {e}")
                     self.results.append((title, False))
                     continue
@@ -313,7 +313,7 @@ class Walkthrough:
             self.part_steps += 1
             try:
                 ok = bool(func(self.ctx, self.stop))
-            except Exception as e:  # noqa: BLE001 - a part's failure is a failed step
+            except Exception as e:  # a part's failure is a failed step
                 self.say(f"  UNEXPECTED {type(e).__name__}: {e}")
                 ok = False
             self.say("  ok: as expected" if ok else "  UNEXPECTED: a step of this part failed")

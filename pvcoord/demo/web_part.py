@@ -87,7 +87,7 @@ def web_url(ctx: Any) -> str:
 
 
 def _start(ctx: Any) -> None:
-    from pvcoord.demo.beamline import START_TIMEOUT, DemoError  # noqa: PLC0415 - lazy, no cycle
+    from pvcoord.demo.beamline import START_TIMEOUT, DemoError
 
     try:
         pw, _ = write_users(ctx.run_dir)
@@ -119,7 +119,7 @@ def _start(ctx: Any) -> None:
 
 
 def _components() -> list[Any]:
-    from pvcoord.demo.beamline import Component  # noqa: PLC0415 - beamline imports us lazily
+    from pvcoord.demo.beamline import Component
 
     return [Component("web", _start)]
 
@@ -137,7 +137,7 @@ class _Web:
     """A web user: login cookie, a websocket, the messages received."""
 
     def __init__(self, base: str, user: str, password: str) -> None:
-        from websockets.sync.client import connect  # noqa: PLC0415 - only the walkthrough
+        from websockets.sync.client import connect
 
         self.base, self.user = base, user
         status, body, cookie = _post(base, "/login", {"user": user, "password": password})

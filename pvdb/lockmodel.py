@@ -1,0 +1,450 @@
+"""The lock model: every lock rule of pvcoord, in one pure, typed module (no p4p, no I/O).
+
+The coordination IOC (its lock table), the queue IOC, the worker hook and the guard gateway call
+these functions; so do the bridges. What lives here:
+
+- the lock types and their priorities (:class:`pvdb.models.LockType`, re-exported), and
+  :func:`outranks` / :func:`can_preempt`: a request preempts a holder only with a *strictly*
+  higher priority (a lower number); equal or lower is refused;
+- :func:`locks_on` and :func:`effective`: the locks that govern a device, a ``beamline`` lock
+  included;
+- :func:`decide_request`: what an acquire of some devices by an account meets (the blocking
+  locks, the ones it would preempt, the account's own);
+- :func:`may_write`: whether an account may write a device now (the rule every front enforces);
+- :class:`ErrorCode` and :func:`error_text` / :func:`parse_error_text`: the machine-readable code
+  at the start of every refusal (``[holder-conflict holder=bob@host] m2 is held by ...``);
+- :func:`fmt_time`, :func:`fmt_expiry`, :func:`describe`, :func:`conflict_text`: the one text and
+  time format of refusals (UTC ISO 8601 with ``Z``, plus ``in N s``).
+
+A lock is anything with the attributes of :class:`LockView` (``pvdb.models.Lock``, a row of
+``Coord:Locks`` as the guard or the queue IOC reads it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Generic, Protocol, TypeVar
+
+from .models import BEAMLINE, LockType
+from .policy import Policy
+
+__all__ = [
+    "BEAMLINE",
+    "Decision",
+    "ErrorCode",
+    "LockType",
+    "LockView",
+    "ParsedError",
+    "RequestDecision",
+    "Verdict",
+    "can_preempt",
+    "conflict_text",
+    "decide_request",
+    "describe",
+    "effective",
+    "error_text",
+    "fmt_expiry",
+    "fmt_time",
+    "locks_on",
+    "may_write",
+    "outranks",
+    "parse_error_text",
+    "priority_of",
+]
+
+
+# --- error codes ------------------------------------------------------------------------------
+
+
+class ErrorCode(StrEnum):
+    """Why a request was refused: the code at the start of every refusal text.
+
+    Clients and tests compare codes (and the named holder), never sentences.
+    """
+
+    HOLDER_CONFLICT = "holder-conflict"
+    """Another account holds the device at equal or higher priority (acquire), or holds it at
+    all (a write)."""
+    NOT_ALLOWED = "not-allowed"
+    """The policy does not allow this account this action (lock type, force-release,
+    on-behalf-of, queue control, a write in strict mode)."""
+    BAD_ARGUMENT = "bad-argument"
+    """A missing, unknown, malformed or out-of-range argument."""
+    UNKNOWN_DEVICE = "unknown-device"
+    """A device name the registry does not know."""
+    NOT_READY = "not-ready"
+    """The service cannot decide yet (device list not received from the registry)."""
+    STATE_UNKNOWN = "state-unknown"
+    """The lock state is unknown or stale: writes are refused (fail closed)."""
+    NOT_LOCKED = "not-locked"
+    """Release/renew/force-release of a device that has no lock."""
+    NOT_HOLDER = "not-holder"
+    """Release/renew of a lock someone else holds (neither the account nor the key match)."""
+    UNKNOWN_KEY = "unknown-key"
+    """No active lock matches the given key."""
+    PREEMPTED = "preempted"
+    """The caller's lock was preempted by a stronger one."""
+    EXPIRED = "expired"
+    """The caller's lock's lease ran out."""
+    FORCE_RELEASED = "force-released"
+    """The caller's lock was removed by a force-release."""
+    RELEASED = "released"
+    """The caller's lock was released by someone holding its key."""
+    STORE_UNAVAILABLE = "store-unavailable"
+    """The lock store failed; nothing changed."""
+    MANAGER_UNAVAILABLE = "manager-unavailable"
+    """The RE Manager did not answer."""
+    MANAGER_REFUSED = "manager-refused"
+    """The RE Manager refused the request."""
+    SHUTTING_DOWN = "shutting-down"
+    """The service is stopping; the request was not carried out."""
+    INTERNAL = "internal"
+    """A bug in the service; the text says where."""
+
+
+_ERROR_RE = re.compile(r"^\[(?P<code>[a-z][a-z-]*)(?: holder=(?P<holder>\S+))?\] ?(?P<text>.*)$",
+                       re.DOTALL)
+
+
+def error_text(code: ErrorCode, message: str, holder: str = "") -> str:
+    """The text of an RPC error: ``[code] message`` or ``[code holder=account@host] message``.
+
+    Args:
+        code: why.
+        message: one sentence for people (names the holder when there is one).
+        holder: ``account@host`` of the lock that caused the refusal, or ''.
+    """
+    head = f"{code.value} holder={holder}" if holder else code.value
+    return f"[{head}] {message}"
+
+
+@dataclass(frozen=True)
+class ParsedError:
+    """An RPC error text split by :func:`parse_error_text`.
+
+    Attributes:
+        code: the code, or ``None`` for a text without one (another server, a gateway).
+        holder: ``account@host`` named in the head, or ''.
+        message: the text after the head (the whole text when there is no head).
+    """
+
+    code: ErrorCode | None
+    holder: str
+    message: str
+
+
+def parse_error_text(text: str) -> ParsedError:
+    """Split an RPC error text made by :func:`error_text`; any other text has no code."""
+    m = _ERROR_RE.match(text)
+    if m is None:
+        return ParsedError(None, "", text)
+    try:
+        code = ErrorCode(m.group("code"))
+    except ValueError:
+        return ParsedError(None, "", text)
+    return ParsedError(code, m.group("holder") or "", m.group("text"))
+
+
+# --- times ------------------------------------------------------------------------------------
+
+
+def fmt_time(t: float) -> str:
+    """Epoch seconds as UTC ISO 8601 with seconds: ``2026-11-21T06:22:21Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def fmt_expiry(expires: float, now: float) -> str:
+    """``2026-11-21T06:22:21Z, in 120 s`` (``never`` for 0 or a non-finite time)."""
+    if not math.isfinite(expires) or expires <= 0:
+        return "never"
+    return f"{fmt_time(expires)}, in {max(0.0, expires - now):.0f} s"
+
+
+# --- locks ------------------------------------------------------------------------------------
+
+
+class LockView(Protocol):
+    """What the rules need of a lock (``pvdb.models.Lock`` and every lock row type have it)."""
+
+    @property
+    def device(self) -> str:
+        """The locked device, or ``beamline``."""
+        ...
+
+    @property
+    def account(self) -> str:
+        """Account of the holder."""
+        ...
+
+    @property
+    def holder(self) -> str:
+        """``account@host``, as shown everywhere."""
+        ...
+
+    @property
+    def lock_type(self) -> str:
+        """The lock type's name (a :class:`LockType` value)."""
+        ...
+
+    @property
+    def reason(self) -> str:
+        """Why it is held ('' if not given)."""
+        ...
+
+    @property
+    def expires(self) -> float:
+        """Lease end, epoch seconds."""
+        ...
+
+
+L = TypeVar("L", bound=LockView)
+
+
+def priority_of(lock_type: str) -> int:
+    """Priority of a lock type name (0 strongest); an unknown name counts as the strongest.
+
+    (A lock of a type this version does not know is never preempted: fail safe.)
+    """
+    try:
+        return LockType(lock_type).priority
+    except ValueError:
+        return -1
+
+
+def outranks(a: str, b: str) -> bool:
+    """Whether lock type ``a`` has a strictly higher priority than ``b``."""
+    return priority_of(a) < priority_of(b)
+
+
+def can_preempt(request: str, held: str) -> bool:
+    """The preemption rule: whether a ``request`` preempts another account's ``held`` lock.
+
+    Only a strictly higher priority preempts; equal or lower is refused.
+    """
+    return outranks(request, held)
+
+
+def locks_on(locks: Mapping[str, L], device: str) -> list[L]:
+    """The locks that apply to ``device``: its own, then a ``beamline`` lock, if any."""
+    out: list[L] = []
+    own = locks.get(device)
+    if own is not None:
+        out.append(own)
+    if device != BEAMLINE:
+        bl = locks.get(BEAMLINE)
+        if bl is not None:
+            out.append(bl)
+    return out
+
+
+def effective(locks: Mapping[str, L], device: str) -> L | None:
+    """The lock that governs ``device``: its own, or a strictly stronger ``beamline`` lock."""
+    own = locks.get(device)
+    bl = locks.get(BEAMLINE) if device != BEAMLINE else None
+    if own is None:
+        return bl
+    if bl is not None and outranks(bl.lock_type, own.lock_type):
+        return bl
+    return own
+
+
+@dataclass(frozen=True)
+class RequestDecision(Generic[L]):
+    """What a lock request meets (see :func:`decide_request`).
+
+    Attributes:
+        blocking: other accounts' locks it cannot preempt, strongest first (then by device).
+        preempt: other accounts' locks it preempts if granted, by device.
+        own: the account's own locks it touches (renewed, retyped, or absorbed by ``beamline``).
+    """
+
+    blocking: tuple[L, ...]
+    preempt: tuple[L, ...]
+    own: tuple[L, ...]
+
+    @property
+    def granted(self) -> bool:
+        """True when nothing blocks the request."""
+        return not self.blocking
+
+    @property
+    def blocker(self) -> L | None:
+        """The lock a refusal names: the strongest blocking one."""
+        return self.blocking[0] if self.blocking else None
+
+
+def decide_request(
+    locks: Mapping[str, L], devices: Iterable[str], account: str, lock_type: str
+) -> RequestDecision[L]:
+    """Decide a ``lock_type`` request of ``account`` on ``devices`` (all or none).
+
+    A device conflicts with its own lock and a ``beamline`` lock; ``beamline`` conflicts with
+    every lock. The account's own locks never block (a repeated request renews).
+
+    Args:
+        locks: the active locks, device (or ``beamline``) -> lock.
+        devices: the requested devices.
+        account: the requesting account (the holder-to-be).
+        lock_type: the requested type.
+    """
+    touched: dict[str, L] = {}
+    for d in devices:
+        if d == BEAMLINE:
+            touched.update(locks)
+        else:
+            touched.update({lk.device: lk for lk in locks_on(locks, d)})
+    others = [lk for lk in touched.values() if lk.account != account]
+    blocking = sorted(
+        (lk for lk in others if not can_preempt(lock_type, lk.lock_type)),
+        key=lambda lk: (priority_of(lk.lock_type), lk.device),
+    )
+    preempt = sorted((lk for lk in others if can_preempt(lock_type, lk.lock_type)),
+                     key=lambda lk: lk.device)
+    own = sorted((lk for lk in touched.values() if lk.account == account),
+                 key=lambda lk: lk.device)
+    return RequestDecision(tuple(blocking), tuple(preempt), tuple(own))
+
+
+# --- the refusal texts ------------------------------------------------------------------------
+
+
+def describe(lock: LockView, now: float, device: str | None = None) -> str:
+    """A held lock for people: holder, type, reason, expiry (the one format of every refusal).
+
+    ``m2 is held by bob@host (MANUAL_OPERATOR, reason 'scan', expires 2026-11-21T06:22:21Z, in
+    120 s)``; with ``device`` given and a ``beamline`` lock: ``m2 is held by bob@host with the
+    beamline lock (...)``.
+    """
+    reason = f", reason {lock.reason!r}" if lock.reason else ""
+    what = lock.device
+    via = ""
+    if device is not None and device != lock.device and lock.device == BEAMLINE:
+        what, via = device, " with the beamline lock"
+    return (f"{what} is held by {lock.holder}{via} ({lock.lock_type}{reason}, "
+            f"expires {fmt_expiry(lock.expires, now)})")
+
+
+def conflict_text(lock: LockView, request: str, now: float, device: str | None = None) -> str:
+    """The refusal of a ``request``-type request that meets ``lock``.
+
+    ``<describe(lock)>; a QUEUE_EXECUTING request cannot preempt it``.
+    """
+    return f"{describe(lock, now, device)}; a {request} request cannot preempt it"
+
+
+# --- the may-write decision -------------------------------------------------------------------
+
+
+class Verdict(StrEnum):
+    """Which rule decided a write."""
+
+    HOLDER = "holder"
+    UNLOCKED = "unlocked"
+    STRICT = "strict"
+    HELD_BY_OTHER = "held-by-other"
+    UNKNOWN_STATE = "unknown-state"
+    EMERGENCY = "emergency"
+    NOT_A_DEVICE = "not-a-device"
+
+
+_VERDICT_CODE: dict[Verdict, ErrorCode] = {
+    Verdict.STRICT: ErrorCode.NOT_ALLOWED,
+    Verdict.HELD_BY_OTHER: ErrorCode.HOLDER_CONFLICT,
+    Verdict.UNKNOWN_STATE: ErrorCode.STATE_UNKNOWN,
+    Verdict.NOT_A_DEVICE: ErrorCode.NOT_ALLOWED,
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """May this account write (put/RPC) this PV or device now, and why.
+
+    Attributes:
+        allowed: the answer.
+        verdict: which rule decided.
+        reason: one sentence for people (names the holder when refused).
+        device: the device, '' if none.
+        holder: ``account@host`` of the lock that decided, '' if none.
+        lock_type: type of that lock, '' if none.
+        expires: its expiry (epoch seconds), 0 if none.
+        locked: whether the device is held by anyone (drives the audit of allowed puts).
+    """
+
+    allowed: bool
+    verdict: Verdict
+    reason: str
+    device: str = ""
+    holder: str = ""
+    lock_type: str = ""
+    expires: float = 0.0
+    locked: bool = False
+
+    @property
+    def code(self) -> ErrorCode | None:
+        """The :class:`ErrorCode` of a refusal; ``None`` when allowed."""
+        return None if self.allowed else _VERDICT_CODE[self.verdict]
+
+    def error(self) -> str:
+        """The refusal as an error text (:func:`error_text`); '' when allowed."""
+        code = self.code
+        return "" if code is None else error_text(code, self.reason, self.holder)
+
+
+def may_write(
+    policy: Policy,
+    locks: Mapping[str, LockView] | None,
+    device: str,
+    account: str,
+    roles: Sequence[str] = (),
+    why_unknown: str = "lock state not received yet",
+    now: float | None = None,
+) -> Decision:
+    """Whether ``account`` (OS groups ``roles``) may write ``device`` now.
+
+    Rules: lock state unknown (``locks`` is ``None``) -> refused (fail closed) unless the account
+    is one of the policy's ``access.emergency``; device held (its own lock or a ``beamline``
+    lock) -> only the holder's account (the host is recorded, it does not count); device free ->
+    the policy's ``access.unlocked_writable`` (everyone, or in strict mode nobody).
+
+    Args:
+        policy: the endstation policy.
+        locks: device (or ``beamline``) -> lock, or ``None`` when unknown or stale.
+        device: the device written.
+        account: the writing account.
+        roles: its OS groups.
+        why_unknown: why ``locks`` is ``None`` (shown in the reason).
+        now: epoch seconds for the "in N s" of a refusal (default: now).
+    """
+    if locks is None:
+        if policy.is_emergency(account, roles):
+            return Decision(True, Verdict.EMERGENCY,
+                            f"lock state unknown ({why_unknown}); {account} is an emergency "
+                            "account", device=device)
+        return Decision(False, Verdict.UNKNOWN_STATE,
+                        f"lock state unknown ({why_unknown}): writes to device {device} are "
+                        "refused until the coordination IOC is back (fail closed)", device=device)
+    held = locks_on(locks, device)
+    if not held:
+        if policy.access.unlocked_writable:
+            return Decision(True, Verdict.UNLOCKED, f"device {device} is not locked", device=device)
+        return Decision(False, Verdict.STRICT,
+                        f"device {device} is not locked and the policy is strict: acquire its lock "
+                        "first", device=device)
+    t = time.time() if now is None else now
+    for lock in held:
+        if lock.account != account:
+            return Decision(
+                False, Verdict.HELD_BY_OTHER,
+                f"{describe(lock, t, device)}; only account {lock.account} may write it",
+                device=device, holder=lock.holder, lock_type=lock.lock_type,
+                expires=lock.expires, locked=True,
+            )
+    lock = held[0]
+    return Decision(True, Verdict.HOLDER, f"{account} holds the lock on device {device}",
+                    device=device, holder=lock.holder, lock_type=lock.lock_type,
+                    expires=lock.expires, locked=True)

@@ -254,7 +254,7 @@ def test_help_lists_every_registry_pv():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for spec in pvn.REGISTRY_PVS:
-        suffix = spec.suffix.replace("{device}", "<device>")
+        suffix = spec.suffix.replace("{device}", "<dev>")
         assert suffix in out.stdout, suffix
     assert "--check-period" in out.stdout
 

@@ -345,6 +345,37 @@ def test_bad_input_gives_a_message_and_changes_nothing(bl: Beamline):
     assert bl.message(M1).startswith("granted:")
 
 
+def screen_pvs() -> dict[str, set[str]]:
+    """protocol -> PV names of the CA-bridge and coordination screens, macros expanded."""
+    import xml.etree.ElementTree as ET  # noqa: PLC0415
+
+    out: dict[str, set[str]] = {"ca": set(), "pva": set()}
+    for bob in ("overview.bob", "device.bob", "device_lock.bob", "coordination.bob"):
+        names = [e.text or "" for e in ET.parse(REPO / "opi" / bob).iter("pv_name")]
+        for n in names:
+            proto, _, bare = n.partition("://")
+            bare = bare.replace("$(P)", P)
+            devs = [d.name for d in demo.DEVICES] if "$(DEV)" in bare else [""]
+            for d in devs:
+                out[proto].add(bare.replace("$(DEV)", d))
+    return out
+
+
+def test_every_screen_pv_connects(bl: Beamline):
+    pvs = screen_pvs()
+    assert len(pvs["ca"]) >= 50 and len(pvs["pva"]) >= 20
+    chans = [epics.PV(n, auto_monitor=False) for n in sorted(pvs["ca"])]
+    try:
+        missing = [c.pvname for c in chans if not c.wait_for_connection(TIMEOUT)]
+        assert not missing, missing
+    finally:
+        for c in chans:
+            c.disconnect()
+    got = bl.ctxt.get(sorted(pvs["pva"]), timeout=TIMEOUT, throw=False)
+    bad = [n for n, v in zip(sorted(pvs["pva"]), got, strict=True) if isinstance(v, Exception)]
+    assert not bad, bad
+
+
 def test_walkthrough(bl: Beamline):
     results = walkthrough(P, bl.clients, bl.ca["nobody"], bl.pva["root"].rpc, motor=M4,
                           say=lambda s: None)

@@ -386,27 +386,23 @@ def walkthrough(
 # --- the demo component -----------------------------------------------------------------------
 
 
-def _prepare(ctx: Any) -> None:
-    """Start the CA bridge (after the guard moved the softIoc to the device network)."""
+def _start(ctx: Any) -> None:
+    """Start the CA bridge (the softIoc is on the device network if the guard part moved it).
+
+    The bridge serves CA on the clients' CA port (the printed settings) unless the softIoc's
+    RSRV is there (no guard part); then on a port of its own (``flat-ca``).
+    """
     device_env = getattr(ctx, "device_env", None) or ctx.env
-    env = bridge_env(ctx.env, ctx.port("flat-ca"), ctx.port("flat-ca-repeater"))
+    if "softioc" in ctx.ca_servers:
+        env = bridge_env(ctx.env, ctx.port("flat-ca"), ctx.port("flat-ca-repeater"))
+    else:
+        env = dict(ctx.env)
+        ctx.ca_servers.append("flat")
     ctx.files["flat-env"] = env
     argv = python_module("bridges.flat", "--prefix", ctx.prefix, *upstream_args(device_env))
     if ctx.files.get("policy"):
         argv += ["--policy", str(ctx.files["policy"])]
     ctx.start("flat", argv, ctx.server_env("flat", env), ready_pv=FLAT_HEALTH.name(ctx.prefix))
-
-
-def ca_settings(ctx: Any) -> dict[str, str]:
-    """The ``EPICS_CA_*`` settings a CA client of the demo's bridge needs."""
-    env = ctx.files["flat-env"]
-    return {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-            "EPICS_CA_SERVER_PORT": env["EPICS_CA_SERVER_PORT"],
-            "EPICS_CA_REPEATER_PORT": env["EPICS_CA_REPEATER_PORT"]}
-
-
-def _start(ctx: Any) -> None:
-    """Wait until the bridge has the registry and the lock state; add banner notes."""
     try:
         wait_for_pv(FLAT_HEALTH.name(ctx.prefix), ctx.env, 60.0, procs=[ctx.procs["flat"]],
                     condition=lambda v: v == "OK")
@@ -418,17 +414,30 @@ def _start(ctx: Any) -> None:
     ca = " ".join(f"{k}={v}" for k, v in ca_settings(ctx).items())
     ctx.notes.append(f"CA bridge (Channel Access, Phoebus ca://): {ca}")
     ctx.notes.append(
-        f"CA: {ca} caget {demo.motor_setpoint(p, m1)} {p}Coord:{m1}:State; "
-        f"caput -c {demo.motor_setpoint(p, m1)} 1.5; take: caput {FLAT_TAKE.name(p, m1)} 1, "
-        f"release: caput {FLAT_RELEASE.name(p, m1)} 1 (outcome: caget -S "
-        f"{p}Flat:{m1}:Message.VAL$); screens: opi/overview.bob (docs/ca.md)"
+        f"CA: caget {demo.motor_setpoint(p, m1)} {p}Coord:{m1}:State; "
+        f"caput -c {demo.motor_setpoint(p, m1)} 1.5; take: caput {FLAT_TAKE.name(p, m1)} 1; "
+        f"release: caput {FLAT_RELEASE.name(p, m1)} 1; outcome: caget -S "
+        f"{p}Flat:{m1}:Message.VAL$ (pyepics: {sys.executable} -c \"import epics; "
+        f"print(epics.caget('{demo.motor_setpoint(p, m1)}'))\")"
     )
+    ctx.notes.append(
+        f"screens: phoebus -resource '{REPO / 'opi' / 'overview.bob'}?P={p}' with the CA "
+        "settings above in Phoebus's preferences (docs/ca.md)"
+    )
+
+
+def ca_settings(ctx: Any) -> dict[str, str]:
+    """The ``EPICS_CA_*`` settings a CA client of the demo's bridge needs."""
+    env = ctx.files["flat-env"]
+    return {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+            "EPICS_CA_SERVER_PORT": env["EPICS_CA_SERVER_PORT"],
+            "EPICS_CA_REPEATER_PORT": env["EPICS_CA_REPEATER_PORT"]}
 
 
 def _components() -> list[Any]:
     from pvcoord.demo.beamline import Component  # noqa: PLC0415 - beamline imports us lazily
 
-    return [Component("flat", _start, _prepare)]
+    return [Component("flat", _start)]
 
 
 def __getattr__(name: str) -> Any:

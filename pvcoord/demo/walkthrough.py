@@ -44,6 +44,8 @@ PART_WALKTHROUGHS: dict[str, tuple[str, str, str, bool]] = {
               "the guard gateway refuses another account's put to a locked device", True),
     "queue": ("pvcoord.demo.queue_part", "run_queue_walkthrough",
               "the queue holds its devices while a plan runs", False),
+    "flat": ("pvcoord.demo.flat_part", "run_flat_walkthrough",
+             "over CA, another account's write access follows the lock; Take by PV", True),
 }
 """Walkthroughs of the optional parts, by the process name their component starts: module,
 function ``(ctx, stop) -> bool`` (run if it exists), the step's title, and whether it needs a

@@ -42,19 +42,16 @@ VERSIONS = {"action_button": "3.0.0", "textentry": "3.0.0"}
 WIDGET_SET: dict[str, frozenset[str]] = {
     kind: frozenset({"name", "x", "y", "width", "height", *props})
     for kind, props in {
-        "label": {"text", "font", "foreground_color", "horizontal_alignment"},
-        "textupdate": {"pv_name", "format", "precision", "show_units"},
-        "textentry": {"pv_name", "show_units"},
+        "label": {"text"},
+        "textupdate": {"pv_name", "show_units"},
+        "textentry": {"pv_name"},
         "multi_state_led": {"pv_name", "states", "fallback_label", "fallback_color"},
         "action_button": {"pv_name", "text", "actions", "tooltip"},
-        "embedded": {"file", "macros", "resize"},
+        "embedded": {"file", "macros"},
         "table": {"pv_name"},
     }.items()
 }
 """The widget types and properties the generator may write (checked by tests/test_opi.py)."""
-
-FORMAT_STRING = "6"
-"""``format`` value of Phoebus's ``FormatOption.STRING`` (a CHAR array shown as text)."""
 
 STATE_COLORS = {
     "Free": (0, 160, 0), "Maintenance": (200, 0, 0), "QueueExecuting": (255, 120, 0),

@@ -437,8 +437,8 @@ class FlatBridge:
             body = {"value": value}
         assert self._upstream is not None
         try:
-            await asyncio.wait_for(self._upstream.put(entry.pvname, body, wait=True, get=False),
-                                   self.put_timeout)
+            async with asyncio.timeout(self.put_timeout):
+                await self._upstream.put(entry.pvname, body, wait=True, get=False)
         except TimeoutError:
             raise PutRefusedError(f"{entry.pvname}: the upstream put did not complete in "
                              f"{self.put_timeout:g} s") from None

@@ -359,6 +359,7 @@ class FlatBridge:
         for vc in list(self.ca.circuits):
             if not vc.connected:
                 continue
+            batch = []
             for chan in list(vc.circuit.channels.values()):
                 try:
                     if chan.states[ca.SERVER] is not ca.CONNECTED:
@@ -376,12 +377,13 @@ class FlatBridge:
                     rights = cache[key] = self.device_access(entry, vc.client_hostname,
                                                              vc.client_username)
                 if rights != chan.access_rights:
-                    try:
-                        await vc.send(ca.AccessRightsResponse(cid=chan.cid,
-                                                              access_rights=rights))
-                    except Exception:  # noqa: BLE001 - a dead circuit: its channels go too
-                        break
-                    sent += 1
+                    batch.append(ca.AccessRightsResponse(cid=chan.cid, access_rights=rights))
+            if batch:
+                try:
+                    await vc.send(*batch)  # one TCP write per client
+                except Exception:  # noqa: BLE001 - a dead circuit: its channels go too
+                    continue
+                sent += len(batch)
         self.pushes += sent
         return sent
 

@@ -5,7 +5,9 @@ coordination IOCs, the guard and the CA bridge (both in front of the same softIo
 
 1. put latency with completion to a motor setpoint: direct to the softIoc (p4p, PVA, the floor),
    through the guard (p4p, PVA), through the bridge (pyepics/libca ``put(wait=True)``, i.e. a CA
-   put-callback); interleaved in blocks so machine noise hits all paths alike;
+   put-callback); and, as the floor of any caproto server, the same CA put to a minimal caproto
+   server (one ``pvproperty``, nothing forwarded; ``--floor-server`` mode of this script);
+   interleaved in blocks so machine noise hits all paths alike;
 2. lock change -> ACCESS_RIGHTS at a libca client: this account acquires a lock on behalf of
    another user (so our channels lose WRITE), then releases; time from sending the RPC to the
    access-rights callback of a watched channel, with 1 and with 50 channels open on the circuit.
@@ -90,13 +92,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def put_latencies(pva: dict[str, Context], ca_pv, pv: str, n: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {k: [] for k in [*pva, "CA bridge (put-callback)"]}
+FLOOR_PV = "BENCHFLOOR:x"
+
+
+def floor_server() -> int:
+    """A minimal caproto server (one pvproperty): the floor of a CA put to any caproto server."""
+    from caproto.asyncio.server import Context as CaContext  # noqa: PLC0415
+    from caproto.server import PVGroup, pvproperty  # noqa: PLC0415
+
+    class Floor(PVGroup):
+        x = pvproperty(value=0.0)
+
+    async def run() -> None:
+        await CaContext(Floor(prefix=FLOOR_PV[:-1]).pvdb).run()
+
+    asyncio.run(run())
+    return 0
+
+
+def put_latencies(pva: dict[str, Context], ca_pvs: dict, pv: str, n: int) -> dict[str, list]:
+    out: dict[str, list[float]] = {k: [] for k in [*pva, *ca_pvs]}
     for c in pva.values():
         for i in range(20):
             c.put(pv, float(i % 5), wait=True, get=False, timeout=10)
-    for i in range(20):
-        ca_pv.put(float(i % 5), wait=True, timeout=10)
+    for ca_pv in ca_pvs.values():
+        for i in range(20):
+            ca_pv.put(float(i % 5), wait=True, timeout=10)
     block = 50
     for b in range(max(1, n // block)):
         for k, c in pva.items():
@@ -104,11 +125,12 @@ def put_latencies(pva: dict[str, Context], ca_pv, pv: str, n: int) -> dict[str, 
                 t0 = time.perf_counter()
                 c.put(pv, float((b + i) % 7), wait=True, get=False, timeout=10)
                 out[k].append(time.perf_counter() - t0)
-        for i in range(block):
-            t0 = time.perf_counter()
-            if ca_pv.put(float((b + i) % 7), wait=True, timeout=10) is None:
-                raise RuntimeError("CA put did not complete")
-            out["CA bridge (put-callback)"].append(time.perf_counter() - t0)
+        for k, ca_pv in ca_pvs.items():
+            for i in range(block):
+                t0 = time.perf_counter()
+                if ca_pv.put(float((b + i) % 7), wait=True, timeout=10) is None:
+                    raise RuntimeError("CA put did not complete")
+                out[k].append(time.perf_counter() - t0)
     return out
 
 
@@ -230,12 +252,19 @@ def main() -> int:
     ap.add_argument("--puts", type=int, default=500, help="puts per path (default 500)")
     ap.add_argument("--changes", type=int, default=40, help="lock changes (default 40)")
     ap.add_argument("--seconds", type=float, default=3.0, help="monitor phase length (s)")
+    ap.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.floor_server:
+        return floor_server()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-flat-"))
     clients, devs = loopback_env(), loopback_env()
     ca_env = bridge_env(clients)
+    floor_env = bridge_env(clients)
     os.environ.update({k: v for k, v in ca_env.items() if k.startswith("EPICS_CA")})
+    # this process's libca searches the bridge and the floor server (different names and ports)
+    os.environ["EPICS_CA_ADDR_LIST"] = (f"127.0.0.1:{ca_env['EPICS_CA_SERVER_PORT']} "
+                                        f"127.0.0.1:{floor_env['EPICS_CA_SERVER_PORT']}")
     import epics  # noqa: PLC0415 - after the CA environment is set
 
     devices.write_database(P, tmp / "demo.db")
@@ -256,6 +285,9 @@ def main() -> int:
                 "iocs.coordination", "--prefix", P, "--policy", str(tmp / "policy.toml"),
                 "--store", f"sqlite:///{tmp}/locks.sqlite", "--registry-prefix", P),
             server_env(clients), cwd=REPO, log_dir=tmp))
+        procs.append(ManagedProcess(
+            "floor", [sys.executable, str(Path(__file__).resolve()), "--floor-server"],
+            floor_env, cwd=REPO, log_dir=tmp))
         sp1, sp2, sp3 = (demo.motor_setpoint(P, m) for m in (M1, M2, M3))
         wait_for_pv(sp1, devs, procs=procs)
         wait_for_pv(REGISTRY_DEVICE_PVS.name(P), clients, procs=procs)
@@ -265,6 +297,8 @@ def main() -> int:
         wait_for_pv(GUARD_HEALTH.name(P), clients, procs=procs, condition=lambda v: v == "OK")
         wait_for_pv(FLAT_HEALTH.name(P), clients, procs=procs, condition=lambda v: v == "OK")
         bridge_pid, ioc_pid = procs[-1].pid, procs[0].pid
+        floor_pv = epics.PV(FLOOR_PV, auto_monitor=False)
+        assert floor_pv.wait_for_connection(20), "no CA connection to the floor server"
 
         pva = {"direct softIoc (PVA)": Context("pva", conf=client_conf(devs), useenv=False),
                "guard (PVA)": Context("pva", conf=client_conf(clients), useenv=False)}
@@ -275,7 +309,8 @@ def main() -> int:
         print(f"# CA bridge benchmark, {a.puts} puts per path, {a.changes} lock changes, "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
         print("\n## put latency with completion (sequential, one client)")
-        lat = put_latencies(pva, ca_pv, sp1, a.puts)
+        lat = put_latencies(pva, {"CA bridge (put-callback)": ca_pv,
+                                  "minimal caproto server (CA)": floor_pv}, sp1, a.puts)
         for k, xs in lat.items():
             print(f"{k:28s} {fmt(xs)}")
         ca_m = statistics.median(lat["CA bridge (put-callback)"])
@@ -283,8 +318,10 @@ def main() -> int:
         d_m = statistics.median(lat["direct softIoc (PVA)"])
         print(f"ratio CA bridge / guard: {ca_m / g_m:.2f} (target <= 1.0: "
               f"{'PASS' if ca_m <= g_m else 'FAIL'}); CA bridge / direct: {ca_m / d_m:.2f}; "
-              f"guard / direct: {g_m / d_m:.2f}")
+              f"guard / direct: {g_m / d_m:.2f}; CA bridge / minimal caproto server: "
+              f"{ca_m / statistics.median(lat['minimal caproto server (CA)']):.2f}")
         ca_pv.disconnect()
+        floor_pv.disconnect()
 
         print("\n## lock change -> ACCESS_RIGHTS at a libca client (RPC sent -> callback)")
         ao = ("DESC", "EGU", "PREC", "DRVH", "DRVL", "HOPR", "LOPR", "HIHI", "LOLO", "HIGH",

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import caproto
-import epics
 import pytest
 from caproto import ChannelType
 from caproto.threading.client import Context as CaprotoContext
@@ -127,7 +126,7 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
     tmp = tmp_path_factory.mktemp("flat")
     b = Beamline(tmp, loopback_env(), loopback_env())
     b.ca_env = bridge_env(b.clients)
-    # the in-process CA clients (pyepics, caproto) of this module talk to the bridge
+    # the in-process CA client (caproto's) of this module talks to the bridge
     os.environ.update({k: v for k, v in b.ca_env.items() if k.startswith("EPICS_CA")})
     (tmp / "p.toml").write_text(POLICY)
     devices.write_database(P, tmp / "demo.db")
@@ -187,16 +186,11 @@ def test_device_pvs_pass_through_with_metadata(bl: Beamline):
     ok(root.put(sp(M1), 1.25))
     assert ok(root.get(sp(M1))) == 1.25
     # units, precision, control limits over CA, from the softIoc's record via PVA
-    pv = epics.PV(sp(M2), form="ctrl")
-    try:
-        assert pv.wait_for_connection(TIMEOUT)
-        ctrl = pv.get_ctrlvars(timeout=TIMEOUT)
-        assert ctrl["units"] == demo.MOTOR_SETPOINT.units
-        assert ctrl["precision"] == 3
-        assert ctrl["upper_ctrl_limit"] == demo.MOTOR_LIMIT
-        assert ctrl["lower_ctrl_limit"] == -demo.MOTOR_LIMIT
-    finally:
-        pv.disconnect()
+    ctrl = ok(root.ctrl(sp(M2)))
+    assert ctrl["units"] == demo.MOTOR_SETPOINT.units
+    assert ctrl["precision"] == 3
+    assert ctrl["upper_ctrl_limit"] == demo.MOTOR_LIMIT
+    assert ctrl["lower_ctrl_limit"] == -demo.MOTOR_LIMIT
     # enum labels
     moving = demo.motor_moving(P, M1)
     assert ok(root.get(moving, as_string=True)) in demo.MOVING_CHOICES
@@ -364,13 +358,7 @@ def screen_pvs() -> dict[str, set[str]]:
 def test_every_screen_pv_connects(bl: Beamline):
     pvs = screen_pvs()
     assert len(pvs["ca"]) >= 50 and len(pvs["pva"]) >= 20
-    chans = [epics.PV(n, auto_monitor=False) for n in sorted(pvs["ca"])]
-    try:
-        missing = [c.pvname for c in chans if not c.wait_for_connection(TIMEOUT)]
-        assert not missing, missing
-    finally:
-        for c in chans:
-            c.disconnect()
+    assert ok(bl.ca["root"].connect_many(sorted(pvs["ca"]))) == len(pvs["ca"])
     got = bl.ctxt.get(sorted(pvs["pva"]), timeout=TIMEOUT, throw=False)
     bad = [n for n, v in zip(sorted(pvs["pva"]), got, strict=True) if isinstance(v, Exception)]
     assert not bad, bad

@@ -167,6 +167,14 @@ class CAAgent:
         """
         return self.request(op="put", pv=pv, value=value, wait=wait, timeout=timeout)
 
+    def ctrl(self, pv: str) -> dict[str, Any]:
+        """The channel's DBR_CTRL values (units, precision, limits, enum strings)."""
+        return self.request(op="ctrl", pv=pv)
+
+    def connect_many(self, pvs: list[str], timeout: float = AGENT_TIMEOUT) -> dict[str, Any]:
+        """Connect to each of ``pvs`` (then close them); error lists those that did not."""
+        return self.request(op="connect_many", pvs=pvs, timeout=timeout)
+
     def close(self) -> None:
         """End the agent (closes its stdin; kills it if it does not exit)."""
         if self.proc.poll() is None:
@@ -300,6 +308,19 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
                     ca.flush_io()
                     secs = time.monotonic() - t0
                 say({"ok": True, "value": {"seconds": secs}})
+            elif op == "ctrl":
+                pv = channel(name, timeout)
+                ctrl = pv.get_ctrlvars(timeout=timeout) or {}
+                say({"ok": bool(ctrl), "error": "no control values", "value": {
+                    k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in ctrl.items()
+                    if isinstance(v, str | int | float | list | tuple) or hasattr(v, "tolist")}})
+            elif op == "connect_many":
+                names = [str(n) for n in req["pvs"]]
+                chans = [epics.PV(n, auto_monitor=False) for n in names]
+                missing = [c.pvname for c in chans if not c.wait_for_connection(timeout)]
+                for c in chans:
+                    c.disconnect()
+                say({"ok": not missing, "value": len(names), "error": f"not connected: {missing}"})
             elif op == "burst":
                 pv = channel(name, timeout)
                 for _ in range(int(req["count"])):

@@ -70,6 +70,9 @@ allow = ["*"]
 """
 
 
+STRICT_POLICY = POLICY.replace("unlocked_writable = true", "unlocked_writable = false")
+
+
 def sp(motor: str) -> str:
     return demo.motor_setpoint(P, motor)
 
@@ -80,6 +83,7 @@ class Beamline:
     clients: dict[str, str]
     devices_env: dict[str, str]
     ca_env: dict[str, str] = field(default_factory=dict)
+    strict_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, ManagedProcess] = field(default_factory=dict)
     ca: dict[str, CAAgent] = field(default_factory=dict)
     pva: dict[str, PutAgent] = field(default_factory=dict)
@@ -129,6 +133,7 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
     # the in-process CA client (caproto's) of this module talks to the bridge
     os.environ.update({k: v for k, v in b.ca_env.items() if k.startswith("EPICS_CA")})
     (tmp / "p.toml").write_text(POLICY)
+    (tmp / "strict.toml").write_text(STRICT_POLICY)
     devices.write_database(P, tmp / "demo.db")
     devices.write_registry(P, tmp / "registry.yaml")
     try:
@@ -146,6 +151,12 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
         b.procs["flat"] = start_flat(P, b.ca_env, b.devices_env, tmp / "p.toml", tmp)
         wait_for_pv(fl.FLAT_HEALTH.name(P), b.clients, procs=list(b.procs.values()),
                     condition=lambda v: v == "OK")
+        # a second bridge (strict policy) on networks of its own (CA and PVA), following the
+        # same coordination and registry IOCs
+        b.strict_env = bridge_env(loopback_env())
+        b.procs["strict"] = start_flat(
+            P, b.strict_env, b.devices_env, tmp / "strict.toml", tmp / "strict",
+            extra=tuple(f"--service={k}={v}" for k, v in client_conf(b.clients).items()))
         b.ctxt = Context("pva", conf=client_conf(b.clients), useenv=False)
         b.ca["root"] = CAAgent(b.ca_env)
         b.ca["nobody"] = CAAgent(b.ca_env, user="nobody")
@@ -191,6 +202,16 @@ def test_device_pvs_pass_through_with_metadata(bl: Beamline):
     assert ctrl["precision"] == 3
     assert ctrl["upper_ctrl_limit"] == demo.MOTOR_LIMIT
     assert ctrl["lower_ctrl_limit"] == -demo.MOTOR_LIMIT
+    # alarm status and severity pass through: a HIHI limit set through the bridge (record
+    # fields are served too), then a setpoint above it
+    for field_name, value in ((".HIHI", 50.0), (".HHSV", 2)):
+        ok(root.put(sp(M2) + field_name, value))
+    ok(root.put(sp(M2), 60.0))
+    alarm = ok(root.ctrl(sp(M2)))
+    assert (alarm["severity"], alarm["status"]) == (2, 3), alarm  # MAJOR, HIHI
+    assert abs(alarm["timestamp"] - time.time()) < 30
+    ok(root.put(sp(M2), 0.0))
+    assert ok(root.ctrl(sp(M2)))["severity"] == 0
     # enum labels
     moving = demo.motor_moving(P, M1)
     assert ok(root.get(moving, as_string=True)) in demo.MOVING_CHOICES
@@ -239,6 +260,18 @@ def test_preemption_moves_write_access_and_expiry_returns_it(bl: Beamline):
     # the 2 s MAINTENANCE lease runs out: everyone may write the unlocked device again
     assert ok(nobody.wait_write(sp(M2), True, timeout=6))["write"]
     assert M2 not in bl.holders()
+
+
+def test_strict_policy_unlocked_device_is_not_writable_until_taken(bl: Beamline):
+    with CAAgent(bl.strict_env, user="nobody") as nobody:
+        assert not ok(nobody.wait_write(sp(M1), False))["write"]  # free, but strict
+        r = nobody.put(sp(M1), 4.0)
+        assert not r["ok"] and "denied" in r["error"].lower(), r
+        ok(nobody.put(fl.FLAT_TAKE.name(P, M1), 1))  # through the strict bridge
+        assert ok(nobody.wait_write(sp(M1), True))["write"]
+        ok(nobody.put(sp(M1), 4.0))
+        ok(nobody.put(fl.FLAT_RELEASE.name(P, M1), 1))
+        assert not ok(nobody.wait_write(sp(M1), False))["write"]
 
 
 def test_put_callback_completes_with_the_upstream_put(bl: Beamline):

@@ -168,7 +168,11 @@ class CAAgent:
         return self.request(op="put", pv=pv, value=value, wait=wait, timeout=timeout)
 
     def ctrl(self, pv: str) -> dict[str, Any]:
-        """The channel's DBR_CTRL values (units, precision, limits, enum strings)."""
+        """The channel's DBR_CTRL and DBR_TIME values.
+
+        Keys as pyepics names them: units, precision, limits, enum strings, status, severity,
+        timestamp.
+        """
         return self.request(op="ctrl", pv=pv)
 
     def connect_many(self, pvs: list[str], timeout: float = AGENT_TIMEOUT) -> dict[str, Any]:
@@ -310,7 +314,8 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
                 say({"ok": True, "value": {"seconds": secs}})
             elif op == "ctrl":
                 pv = channel(name, timeout)
-                ctrl = pv.get_ctrlvars(timeout=timeout) or {}
+                ctrl = {**(pv.get_ctrlvars(timeout=timeout) or {}),
+                        **(pv.get_timevars(timeout=timeout) or {})}
                 say({"ok": bool(ctrl), "error": "no control values", "value": {
                     k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in ctrl.items()
                     if isinstance(v, str | int | float | list | tuple) or hasattr(v, "tolist")}})

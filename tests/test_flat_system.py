@@ -43,6 +43,7 @@ from pvdb.names import (
     COORD_FORCE_RELEASE,
     COORD_LOCKS,
     COORD_RELEASE,
+    PVKind,
 )
 from tests.conftest import REPO, TIMEOUT, other_user_available
 
@@ -355,11 +356,15 @@ def test_bad_input_gives_a_message_and_changes_nothing(bl: Beamline):
         refused(fl.FLAT_TAKE_DEVICE.name(P), b"m1,\x01", ChannelType.CHAR, "bad-value", "")
         refused(fl.FLAT_TAKE_DEVICE.name(P), b"y" * 40000, ChannelType.CHAR, "bad-value", "")
         refused(fl.FLAT_TAKE_DEVICE.name(P), [b""], ChannelType.STRING, "bad-value", "")
-    # screen PVs are read-only for every client: libca refuses the put (no write access)
-    for name in (msg_pv, COORD_DEVICE_STATE.name(P, M1), COORD_DEVICE_OWNER.name(P, M1),
-                 fl.FLAT_HEALTH.name(P)):
-        assert not ok(bl.ca["nobody"].connect(name))["write"]
-        r = bl.ca["nobody"].put(name, 1 if "State" in name else "x")
+    # every screen PV is read-only for every client: libca refuses the put (no write access)
+    screens = [(s.name(P, M1), s) for s in (*fl.ca_coord_pvs(), fl.FLAT_MESSAGE,
+                                            fl.FLAT_CONNECTED, fl.FLAT_DESCRIPTION,
+                                            fl.FLAT_DEVICE_CLASS)]
+    screens += [(s.name(P), s) for s in fl.FLAT_GLOBAL_PVS if s not in fl.FLAT_COMMAND_PVS]
+    for name, spec in screens:
+        assert not ok(bl.ca["nobody"].connect(name))["write"], name
+        text = spec.kind in (PVKind.STRING, PVKind.STRING_ARRAY)
+        r = bl.ca["nobody"].put(name, "x" if text else 1)
         assert not r["ok"] and "denied" in r["error"].lower(), (name, r)
     assert bl.holders() == {}
     # a burst of 1,000 Take puts: one lock, for the writer; the bridge keeps serving

@@ -522,6 +522,9 @@ class FlatBridge:
 
     async def _forget_dead_on_demand(self) -> None:
         now = time.monotonic()
+        for name, when in list(self._refused_names.items()):
+            if now - when >= 30.0:
+                del self._refused_names[name]
         for name, started in list(self._on_demand.items()):
             m = self._mirrors.get(name)
             if m is not None and m.entry is None and now - started > MIRROR_GIVE_UP:

@@ -322,7 +322,8 @@ class FlatBridge:
 
     def ca_port(self) -> int | None:
         """The CA server's TCP port (None before it is bound)."""
-        return self.ca.port if self.ca is not None else None
+        port = self.ca.port if self.ca is not None else None
+        return int(port) if port is not None else None
 
     # --- lock view -> loop --------------------------------------------------------------------
 
@@ -424,9 +425,11 @@ class FlatBridge:
             raise PutRefusedError(f"{entry.pvname}: the device IOC is not connected")
         if d.locked:
             _log_audit.info("allowed %s@%s put %s (%s)", user, host, entry.pvname, d.reason)
-        value: Any = values[0] if entry.max_length == 1 and len(values) == 1 else list(values)
-        if hasattr(entry, "enum_strings"):
-            choices = list(entry.enum_strings)
+        max_length = getattr(entry, "max_length", 1)
+        value: Any = values[0] if max_length == 1 and len(values) == 1 else list(values)
+        enum_strings = getattr(entry, "enum_strings", None)
+        if enum_strings is not None:
+            choices = list(enum_strings)
             if isinstance(value, str | bytes):
                 text = value.decode() if isinstance(value, bytes) else value
                 if text not in choices:

@@ -207,6 +207,11 @@ class CAAgent:
         self.close()
 
 
+def _plain(v: Any) -> Any:
+    """A numpy value or array as plain Python (JSON)."""
+    return v.tolist() if hasattr(v, "tolist") else v
+
+
 def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """The agent's loop (pyepics): one JSON request per line on ``stdin``, one reply per line."""
     import ctypes  # noqa: PLC0415
@@ -261,8 +266,8 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
             data[0] = type(data[0])(value) if not isinstance(value, float) else value
         token = len(done) + 1 + int(time.monotonic() * 1e6)
         t0 = time.monotonic()
-        ret = ca.libca.ca_array_put_callback(ftype, 1, chid, data, put_cb,
-                                             ctypes.py_object(token))
+        lib: Any = ca.libca
+        ret = lib.ca_array_put_callback(ftype, 1, chid, data, put_cb, ctypes.py_object(token))
         if ret != dbr.ECA_NORMAL:
             raise RuntimeError(ca.message(ret))
         ca.flush_io()
@@ -314,10 +319,10 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
                 say({"ok": True, "value": {"seconds": secs}})
             elif op == "ctrl":
                 pv = channel(name, timeout)
-                ctrl = {**(pv.get_ctrlvars(timeout=timeout) or {}),
-                        **(pv.get_timevars(timeout=timeout) or {})}
+                ctrl: dict[str, Any] = {**(pv.get_ctrlvars(timeout=timeout) or {}),
+                                        **(pv.get_timevars(timeout=timeout) or {})}
                 say({"ok": bool(ctrl), "error": "no control values", "value": {
-                    k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in ctrl.items()
+                    k: _plain(v) for k, v in ctrl.items()
                     if isinstance(v, str | int | float | list | tuple) or hasattr(v, "tolist")}})
             elif op == "connect_many":
                 names = [str(n) for n in req["pvs"]]
@@ -371,7 +376,8 @@ def walkthrough(
 
     def holders() -> dict[str, str]:
         with Context("pva", conf=client_conf(pva_env), useenv=False) as c:
-            t = c.get(COORD_LOCKS.name(prefix), timeout=5).value
+            t: Any = c.get(COORD_LOCKS.name(prefix), timeout=5)
+            t = t.value
             return dict(zip(t.device, t.owner, strict=True))
 
     r = other.connect(setpoint)

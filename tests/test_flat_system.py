@@ -310,6 +310,9 @@ def test_take_and_release_by_pv_for_the_writing_account(bl: Beamline):
     assert not r["ok"]
     msg = bl.message(M4)
     assert msg.startswith("held:") and "nobody@" in msg, msg
+    # over CA the whole text is NAME.VAL$ (a CHAR array); NAME alone is a 40-byte DBR_STRING
+    assert ok(root.get(fl.FLAT_MESSAGE.name(P, M4) + ".VAL$", as_string=True)) == msg
+    assert msg.startswith(ok(root.get(fl.FLAT_MESSAGE.name(P, M4), as_string=True)))
     assert bl.holders()[M4].startswith("nobody@")
     r = root.put(fl.FLAT_RELEASE.name(P, M4), 1)  # not root's lock
     assert not r["ok"] and bl.holders()[M4].startswith("nobody@")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import caproto
-import epics
 import pytest
 from caproto import ChannelType
 from caproto.threading.client import Context as CaprotoContext
@@ -44,6 +43,7 @@ from pvdb.names import (
     COORD_FORCE_RELEASE,
     COORD_LOCKS,
     COORD_RELEASE,
+    PVKind,
 )
 from tests.conftest import REPO, TIMEOUT, other_user_available
 
@@ -71,6 +71,9 @@ allow = ["*"]
 """
 
 
+STRICT_POLICY = POLICY.replace("unlocked_writable = true", "unlocked_writable = false")
+
+
 def sp(motor: str) -> str:
     return demo.motor_setpoint(P, motor)
 
@@ -81,6 +84,7 @@ class Beamline:
     clients: dict[str, str]
     devices_env: dict[str, str]
     ca_env: dict[str, str] = field(default_factory=dict)
+    strict_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, ManagedProcess] = field(default_factory=dict)
     ca: dict[str, CAAgent] = field(default_factory=dict)
     pva: dict[str, PutAgent] = field(default_factory=dict)
@@ -112,6 +116,11 @@ class Beamline:
         v = self.ctxt.get(name, timeout=TIMEOUT)
         return str(v.raw.value if hasattr(v, "raw") else v.value)
 
+    def stamp(self, name: str) -> float:
+        v = self.ctxt.get(name, timeout=TIMEOUT)
+        v = v.raw if hasattr(v, "raw") else v
+        return v["timeStamp.secondsPastEpoch"] + 1e-9 * v["timeStamp.nanoseconds"]
+
     def message(self, device: str) -> str:
         return self.text(fl.FLAT_MESSAGE.name(P, device) if device
                          else fl.FLAT_MESSAGE_ALL.name(P))
@@ -122,9 +131,10 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
     tmp = tmp_path_factory.mktemp("flat")
     b = Beamline(tmp, loopback_env(), loopback_env())
     b.ca_env = bridge_env(b.clients)
-    # the in-process CA clients (pyepics, caproto) of this module talk to the bridge
+    # the in-process CA client (caproto's) of this module talks to the bridge
     os.environ.update({k: v for k, v in b.ca_env.items() if k.startswith("EPICS_CA")})
     (tmp / "p.toml").write_text(POLICY)
+    (tmp / "strict.toml").write_text(STRICT_POLICY)
     devices.write_database(P, tmp / "demo.db")
     devices.write_registry(P, tmp / "registry.yaml")
     try:
@@ -142,6 +152,12 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
         b.procs["flat"] = start_flat(P, b.ca_env, b.devices_env, tmp / "p.toml", tmp)
         wait_for_pv(fl.FLAT_HEALTH.name(P), b.clients, procs=list(b.procs.values()),
                     condition=lambda v: v == "OK")
+        # a second bridge (strict policy) on networks of its own (CA and PVA), following the
+        # same coordination and registry IOCs
+        b.strict_env = bridge_env(loopback_env())
+        b.procs["strict"] = start_flat(
+            P, b.strict_env, b.devices_env, tmp / "strict.toml", tmp / "strict",
+            extra=tuple(f"--service={k}={v}" for k, v in client_conf(b.clients).items()))
         b.ctxt = Context("pva", conf=client_conf(b.clients), useenv=False)
         b.ca["root"] = CAAgent(b.ca_env)
         b.ca["nobody"] = CAAgent(b.ca_env, user="nobody")
@@ -182,16 +198,21 @@ def test_device_pvs_pass_through_with_metadata(bl: Beamline):
     ok(root.put(sp(M1), 1.25))
     assert ok(root.get(sp(M1))) == 1.25
     # units, precision, control limits over CA, from the softIoc's record via PVA
-    pv = epics.PV(sp(M2), form="ctrl")
-    try:
-        assert pv.wait_for_connection(TIMEOUT)
-        ctrl = pv.get_ctrlvars(timeout=TIMEOUT)
-        assert ctrl["units"] == demo.MOTOR_SETPOINT.units
-        assert ctrl["precision"] == 3
-        assert ctrl["upper_ctrl_limit"] == demo.MOTOR_LIMIT
-        assert ctrl["lower_ctrl_limit"] == -demo.MOTOR_LIMIT
-    finally:
-        pv.disconnect()
+    ctrl = ok(root.ctrl(sp(M2)))
+    assert ctrl["units"] == demo.MOTOR_SETPOINT.units
+    assert ctrl["precision"] == 3
+    assert ctrl["upper_ctrl_limit"] == demo.MOTOR_LIMIT
+    assert ctrl["lower_ctrl_limit"] == -demo.MOTOR_LIMIT
+    # alarm status and severity pass through: a HIHI limit set through the bridge (record
+    # fields are served too), then a setpoint above it
+    for field_name, value in ((".HIHI", 50.0), (".HHSV", 2)):
+        ok(root.put(sp(M2) + field_name, value))
+    ok(root.put(sp(M2), 60.0))
+    alarm = ok(root.ctrl(sp(M2)))
+    assert (alarm["severity"], alarm["status"]) == (2, 3), alarm  # MAJOR, HIHI
+    assert abs(alarm["timestamp"] - time.time()) < 30
+    ok(root.put(sp(M2), 0.0))
+    assert ok(root.ctrl(sp(M2)))["severity"] == 0
     # enum labels
     moving = demo.motor_moving(P, M1)
     assert ok(root.get(moving, as_string=True)) in demo.MOVING_CHOICES
@@ -242,6 +263,18 @@ def test_preemption_moves_write_access_and_expiry_returns_it(bl: Beamline):
     assert M2 not in bl.holders()
 
 
+def test_strict_policy_unlocked_device_is_not_writable_until_taken(bl: Beamline):
+    with CAAgent(bl.strict_env, user="nobody") as nobody:
+        assert not ok(nobody.wait_write(sp(M1), False))["write"]  # free, but strict
+        r = nobody.put(sp(M1), 4.0)
+        assert not r["ok"] and "denied" in r["error"].lower(), r
+        ok(nobody.put(fl.FLAT_TAKE.name(P, M1), 1))  # through the strict bridge
+        assert ok(nobody.wait_write(sp(M1), True))["write"]
+        ok(nobody.put(sp(M1), 4.0))
+        ok(nobody.put(fl.FLAT_RELEASE.name(P, M1), 1))
+        assert not ok(nobody.wait_write(sp(M1), False))["write"]
+
+
 def test_put_callback_completes_with_the_upstream_put(bl: Beamline):
     root = bl.ca["root"]
     acquire_time = demo.det_acquire_time(P, DET)
@@ -277,6 +310,9 @@ def test_take_and_release_by_pv_for_the_writing_account(bl: Beamline):
     assert not r["ok"]
     msg = bl.message(M4)
     assert msg.startswith("held:") and "nobody@" in msg, msg
+    # over CA the whole text is NAME.VAL$ (a CHAR array); NAME alone is a 40-byte DBR_STRING
+    assert ok(root.get(fl.FLAT_MESSAGE.name(P, M4) + ".VAL$", as_string=True)) == msg
+    assert msg.startswith(ok(root.get(fl.FLAT_MESSAGE.name(P, M4), as_string=True)))
     assert bl.holders()[M4].startswith("nobody@")
     r = root.put(fl.FLAT_RELEASE.name(P, M4), 1)  # not root's lock
     assert not r["ok"] and bl.holders()[M4].startswith("nobody@")
@@ -302,8 +338,13 @@ def test_bad_input_gives_a_message_and_changes_nothing(bl: Beamline):
             pv.wait_for_connection(timeout=TIMEOUT)
 
         def refused(pv_name: str, data, data_type, code: str, device: str = M1) -> None:
-            with pytest.raises((Exception,)):
-                pvs[pv_name].write(data, data_type=data_type, wait=True, timeout=3)
+            # caproto's client does not report a put failure (it would time out): watch the
+            # message PV, which every command put sets (a repeated text is a new update)
+            name = fl.FLAT_MESSAGE.name(P, device) if device else fl.FLAT_MESSAGE_ALL.name(P)
+            before = bl.stamp(name)
+            pvs[pv_name].write(data, data_type=data_type, wait=False)
+            wait_until(lambda: bl.stamp(name) > before, 5,
+                       f"message after a bad put to {pv_name}")
             text = bl.message(device)
             assert text.startswith(code + ":"), (pv_name, data_type, text)
 
@@ -313,14 +354,22 @@ def test_bad_input_gives_a_message_and_changes_nothing(bl: Beamline):
         refused(take, [b"nope"], ChannelType.STRING, "bad-value")
         refused(take, b"\xff\xfe" * 4, ChannelType.CHAR, "bad-value")
         refused(take, b"x" * 40000, ChannelType.CHAR, "bad-value")
+        refused(fl.FLAT_RELEASE.name(P, M1), [b"Take"], ChannelType.STRING, "bad-value")
         refused(fl.FLAT_TAKE_DEVICE.name(P), [b"m9"], ChannelType.STRING, "unknown-device", "")
-        refused(fl.FLAT_TAKE_DEVICE.name(P), b"m1,\x01" , ChannelType.CHAR, "bad-value", "")
+        refused(fl.FLAT_TAKE_DEVICE.name(P), b"m1,\x01", ChannelType.CHAR, "bad-value", "")
         refused(fl.FLAT_TAKE_DEVICE.name(P), b"y" * 40000, ChannelType.CHAR, "bad-value", "")
-        # screen PVs are read-only: the write is refused (caproto answers ECA_PUTFAIL)
-        for name in (msg_pv, COORD_DEVICE_STATE.name(P, M1)):
-            with pytest.raises((Exception,)):
-                pvs[name].write([b"x"], data_type=ChannelType.STRING, wait=True, timeout=3)
-        assert bl.holders() == {}
+        refused(fl.FLAT_TAKE_DEVICE.name(P), [b""], ChannelType.STRING, "bad-value", "")
+    # every screen PV is read-only for every client: libca refuses the put (no write access)
+    screens = [(s.name(P, M1), s) for s in (*fl.ca_coord_pvs(), fl.FLAT_MESSAGE,
+                                            fl.FLAT_CONNECTED, fl.FLAT_DESCRIPTION,
+                                            fl.FLAT_DEVICE_CLASS)]
+    screens += [(s.name(P), s) for s in fl.FLAT_GLOBAL_PVS if s not in fl.FLAT_COMMAND_PVS]
+    for name, spec in screens:
+        assert not ok(bl.ca["nobody"].connect(name))["write"], name
+        text = spec.kind in (PVKind.STRING, PVKind.STRING_ARRAY)
+        r = bl.ca["nobody"].put(name, "x" if text else 1)
+        assert not r["ok"] and "denied" in r["error"].lower(), (name, r)
+    assert bl.holders() == {}
     # a burst of 1,000 Take puts: one lock, for the writer; the bridge keeps serving
     nobody = bl.ca["nobody"]
     ok(nobody.request(op="burst", pv=take, value=1, count=1000))
@@ -329,6 +378,31 @@ def test_bad_input_gives_a_message_and_changes_nothing(bl: Beamline):
     assert list(bl.holders()) == [M1]
     assert bl.procs["flat"].alive()
     assert bl.message(M1).startswith("granted:")
+
+
+def screen_pvs() -> dict[str, set[str]]:
+    """protocol -> PV names of the CA-bridge and coordination screens, macros expanded."""
+    import xml.etree.ElementTree as ET  # noqa: PLC0415
+
+    out: dict[str, set[str]] = {"ca": set(), "pva": set()}
+    for bob in ("overview.bob", "device.bob", "device_lock.bob", "coordination.bob"):
+        names = [e.text or "" for e in ET.parse(REPO / "opi" / bob).iter("pv_name")]
+        for n in names:
+            proto, _, bare = n.partition("://")
+            bare = bare.replace("$(P)", P)
+            devs = [d.name for d in demo.DEVICES] if "$(DEV)" in bare else [""]
+            for d in devs:
+                out[proto].add(bare.replace("$(DEV)", d))
+    return out
+
+
+def test_every_screen_pv_connects(bl: Beamline):
+    pvs = screen_pvs()
+    assert len(pvs["ca"]) >= 50 and len(pvs["pva"]) >= 20
+    assert ok(bl.ca["root"].connect_many(sorted(pvs["ca"]))) == len(pvs["ca"])
+    got = bl.ctxt.get(sorted(pvs["pva"]), timeout=TIMEOUT, throw=False)
+    bad = [n for n, v in zip(sorted(pvs["pva"]), got, strict=True) if isinstance(v, Exception)]
+    assert not bad, bad
 
 
 def test_walkthrough(bl: Beamline):
@@ -349,5 +423,8 @@ def test_coordination_killed_no_write_access_within_2s_then_back(bl: Beamline):
     assert time.monotonic() - t0 < 2.0
     bl.procs["coordination"].stop()
     bl.start_coordination()
+    # a fresh client context: the old one's channels reconnect with a search back-off
+    bl.ctxt.close()
+    bl.ctxt = Context("pva", conf=client_conf(bl.clients), useenv=False)
     for a in (root, nobody):
         assert ok(a.wait_write(sp(M4), True, timeout=10))["write"]

@@ -1,15 +1,16 @@
 """CA bridge: device PVs over Channel Access with live per-client write access, and screen PVs.
 
 Usage: python -m bridges.flat --prefix P [--registry-prefix R] [--policy FILE]
-                              [--upstream EPICS_PVA_KEY=VALUE ...] [--stale-after S]
+                              [--upstream EPICS_PVA_KEY=VALUE ...]
+                              [--service EPICS_PVA_KEY=VALUE ...] [--stale-after S]
                               [--put-timeout S]
 
 A caproto CA server (port and interfaces from EPICS_CAS_SERVER_PORT / EPICS_CA_SERVER_PORT and
 EPICS_CAS_INTF_ADDR_LIST) for Phoebus and other CA clients, plus a PVA server (EPICS_PVAS_*) for
-the bridge's own PVs. It reads the coordination and registry IOCs over PVA (this process's
-EPICS_PVA_* environment) and the device IOCs over PVA on the device network (``--upstream``
-settings, e.g. ``--upstream EPICS_PVA_ADDR_LIST=10.0.1.5 --upstream EPICS_PVA_BROADCAST_PORT=5076``;
-default: the same environment).
+the bridge's own PVs. It reads the coordination and registry IOCs over PVA (``--service``
+settings; default: this process's EPICS_PVA_* environment) and the device IOCs over PVA on the
+device network (``--upstream`` settings, e.g. ``--upstream EPICS_PVA_ADDR_LIST=10.0.1.5
+--upstream EPICS_PVA_BROADCAST_PORT=5076``; default: the same environment).
 
 Device PVs: every PV of every registered device (Registry:DevicePVs), under its own name, and on
 first search any other name the registry maps to a device (record fields such as ``.DESC``,

@@ -41,8 +41,10 @@ class _OnceBeaconFailure(logging.Filter):
         return True
 
 
-def parse_upstream(items: Sequence[str]) -> dict[str, str] | None:
-    """``--upstream KEY=VALUE`` items as a p4p client configuration (None if none given).
+def parse_upstream(items: Sequence[str], option: str = "--upstream") -> dict[str, str] | None:
+    """``--upstream`` / ``--service`` ``KEY=VALUE`` items as a p4p client configuration.
+
+    Returns None if none are given.
 
     Raises:
         ValueError: an item is not ``EPICS_PVA_...=VALUE``.
@@ -54,7 +56,7 @@ def parse_upstream(items: Sequence[str]) -> dict[str, str] | None:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key.startswith("EPICS_PVA_"):
-            raise ValueError(f"--upstream {item!r}: give EPICS_PVA_<NAME>=VALUE")
+            raise ValueError(f"{option} {item!r}: give EPICS_PVA_<NAME>=VALUE")
         out[key] = value.strip()
     return out
 
@@ -67,6 +69,7 @@ async def serve(
     upstream: Mapping[str, str] | None = None,
     stale_after: float = STALE_AFTER,
     put_timeout: float = PUT_TIMEOUT,
+    service: Mapping[str, str] | None = None,
 ) -> None:
     """Run the bridge until ``stop`` is set.
 
@@ -78,7 +81,7 @@ async def serve(
         check_prefix(registry_prefix)
     policy = load_policy(policy_path)
     bridge = FlatBridge(prefix, policy, registry_prefix, upstream_conf=upstream,
-                        stale_after=stale_after, put_timeout=put_timeout)
+                        service_conf=service, stale_after=stale_after, put_timeout=put_timeout)
     await bridge.serve(stop)
 
 
@@ -93,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy", help="policy TOML (default: the built-in policy)")
     parser.add_argument("--upstream", action="append", default=[], metavar="EPICS_PVA_X=V",
                         help="p4p client setting of the device network (repeatable)")
+    parser.add_argument("--service", action="append", default=[], metavar="EPICS_PVA_X=V",
+                        help="p4p client setting of the network of the coordination and registry "
+                        "IOCs (repeatable; default: this process's environment)")
     parser.add_argument("--stale-after", type=float, default=STALE_AFTER,
                         help="seconds without Coord:Heartbeat before failing closed")
     parser.add_argument("--put-timeout", type=float, default=PUT_TIMEOUT,
@@ -116,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.registry_prefix:
             check_prefix(args.registry_prefix)
         upstream = parse_upstream(args.upstream)
+        service = parse_upstream(args.service, "--service")
         load_policy(args.policy)
         if not 0 < args.stale_after <= 60 or not 0 < args.put_timeout <= 86400:
             raise ValueError("--stale-after must be in (0, 60] s, --put-timeout in (0, 86400] s")
@@ -129,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
-                    args.stale_after, args.put_timeout)
+                    args.stale_after, args.put_timeout, service)
 
     asyncio.run(run())
     _log.info("CA bridge stopped")

@@ -322,7 +322,8 @@ class FlatBridge:
 
     def ca_port(self) -> int | None:
         """The CA server's TCP port (None before it is bound)."""
-        return self.ca.port if self.ca is not None else None
+        port = self.ca.port if self.ca is not None else None
+        return int(port) if port is not None else None
 
     # --- lock view -> loop --------------------------------------------------------------------
 
@@ -359,6 +360,7 @@ class FlatBridge:
         for vc in list(self.ca.circuits):
             if not vc.connected:
                 continue
+            batch = []
             for chan in list(vc.circuit.channels.values()):
                 try:
                     if chan.states[ca.SERVER] is not ca.CONNECTED:
@@ -376,12 +378,13 @@ class FlatBridge:
                     rights = cache[key] = self.device_access(entry, vc.client_hostname,
                                                              vc.client_username)
                 if rights != chan.access_rights:
-                    try:
-                        await vc.send(ca.AccessRightsResponse(cid=chan.cid,
-                                                              access_rights=rights))
-                    except Exception:
-                        break
-                    sent += 1
+                    batch.append(ca.AccessRightsResponse(cid=chan.cid, access_rights=rights))
+            if batch:
+                try:
+                    await vc.send(*batch)  # one TCP write per client
+                except Exception:  # a dead circuit: its channels go too
+                    continue
+                sent += len(batch)
         self.pushes += sent
         return sent
 
@@ -422,9 +425,11 @@ class FlatBridge:
             raise PutRefusedError(f"{entry.pvname}: the device IOC is not connected")
         if d.locked:
             _log_audit.info("allowed %s@%s put %s (%s)", user, host, entry.pvname, d.reason)
-        value: Any = values[0] if entry.max_length == 1 and len(values) == 1 else list(values)
-        if hasattr(entry, "enum_strings"):
-            choices = list(entry.enum_strings)
+        max_length = getattr(entry, "max_length", 1)
+        value: Any = values[0] if max_length == 1 and len(values) == 1 else list(values)
+        enum_strings = getattr(entry, "enum_strings", None)
+        if enum_strings is not None:
+            choices = list(enum_strings)
             if isinstance(value, str | bytes):
                 text = value.decode() if isinstance(value, bytes) else value
                 if text not in choices:
@@ -437,8 +442,8 @@ class FlatBridge:
             body = {"value": value}
         assert self._upstream is not None
         try:
-            await asyncio.wait_for(self._upstream.put(entry.pvname, body, wait=True, get=False),
-                                   self.put_timeout)
+            async with asyncio.timeout(self.put_timeout):
+                await self._upstream.put(entry.pvname, body, wait=True, get=False)
         except TimeoutError:
             raise PutRefusedError(f"{entry.pvname}: the upstream put did not complete in "
                              f"{self.put_timeout:g} s") from None
@@ -520,6 +525,9 @@ class FlatBridge:
 
     async def _forget_dead_on_demand(self) -> None:
         now = time.monotonic()
+        for name, when in list(self._refused_names.items()):
+            if now - when >= 30.0:
+                del self._refused_names[name]
         for name, started in list(self._on_demand.items()):
             m = self._mirrors.get(name)
             if m is not None and m.entry is None and now - started > MIRROR_GIVE_UP:

@@ -108,6 +108,17 @@ def _metadata(v: Any, kind: str) -> dict[str, Any]:
     return md
 
 
+_METADATA_ROOTS = frozenset({"display", "control", "valueAlarm"})
+
+
+def _changed_roots(v: Any) -> set[str] | None:
+    """Top-level fields marked changed in a monitor update (None if unknown: assume all)."""
+    try:
+        return {f.split(".", 1)[0] for f in v.changedSet()}
+    except (AttributeError, TypeError):
+        return None
+
+
 def value_of(v: Any, kind: str, arr: bool) -> Any:
     """The CA value for an update (an enum gives its label)."""
     if kind == "enum":
@@ -159,14 +170,24 @@ class Mirror:
         self.array = False
         self.sub: Any = None
         self.error = ""
-        self._md: dict[str, Any] = {}
+        self._md: dict[str, Any] | None = None
+        self._alarm: tuple[AlarmStatus, AlarmSeverity] | None = None
         self._choices: list[str] = []
 
     async def update(self, v: Any) -> None:
-        """Write upstream update ``v`` into the entry (created before by :func:`make_entry`)."""
+        """Write upstream update ``v`` into the entry (created before by :func:`make_entry`).
+
+        Alarm and metadata are passed to caproto only when they changed (the per-update cost is
+        what limits the forwarded rate).
+        """
         e = self.entry
-        status, severity = alarm_of(v)
-        kw: dict[str, Any] = {"status": status, "severity": severity}
+        kw: dict[str, Any] = {}
+        changed = _changed_roots(v)
+        if changed is None or "alarm" in changed or not e.connected:
+            alarm = alarm_of(v)
+            if alarm != self._alarm or not e.connected:
+                self._alarm = alarm
+                kw["status"], kw["severity"] = alarm
         ts = stamp_of(v)
         if ts is not None:
             kw["timestamp"] = ts
@@ -175,7 +196,7 @@ class Mirror:
             if choices and choices != self._choices:
                 self._choices = choices
                 await e.write_metadata(enum_strings=choices, publish=False)
-        else:
+        elif self._md is None or changed is None or changed & _METADATA_ROOTS:
             md = _metadata(v, self.kind)
             if md != self._md:
                 self._md = md

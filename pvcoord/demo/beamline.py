@@ -97,7 +97,8 @@ START_TIMEOUT = 60.0
 """Seconds each process may take to serve its first PV (2 loaded cores: p4p import ~1-2 s)."""
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
-OPTIONAL_PARTS = ("pvcoord.demo.queue_part", "pvcoord.demo.guard_part", "pvcoord.demo.web_part")
+OPTIONAL_PARTS = ("pvcoord.demo.queue_part", "pvcoord.demo.guard_part", "pvcoord.demo.flat_part",
+                  "pvcoord.demo.web_part")
 
 
 class DemoError(RuntimeError):

@@ -167,6 +167,18 @@ class CAAgent:
         """
         return self.request(op="put", pv=pv, value=value, wait=wait, timeout=timeout)
 
+    def ctrl(self, pv: str) -> dict[str, Any]:
+        """The channel's DBR_CTRL and DBR_TIME values.
+
+        Keys as pyepics names them: units, precision, limits, enum strings, status, severity,
+        timestamp.
+        """
+        return self.request(op="ctrl", pv=pv)
+
+    def connect_many(self, pvs: list[str], timeout: float = AGENT_TIMEOUT) -> dict[str, Any]:
+        """Connect to each of ``pvs`` (then close them); error lists those that did not."""
+        return self.request(op="connect_many", pvs=pvs, timeout=timeout)
+
     def close(self) -> None:
         """End the agent (closes its stdin; kills it if it does not exit)."""
         if self.proc.poll() is None:
@@ -193,6 +205,11 @@ class CAAgent:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _plain(v: Any) -> Any:
+    """A numpy value or array as plain Python (JSON)."""
+    return v.tolist() if hasattr(v, "tolist") else v
 
 
 def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
@@ -249,8 +266,8 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
             data[0] = type(data[0])(value) if not isinstance(value, float) else value
         token = len(done) + 1 + int(time.monotonic() * 1e6)
         t0 = time.monotonic()
-        ret = ca.libca.ca_array_put_callback(ftype, 1, chid, data, put_cb,
-                                             ctypes.py_object(token))
+        lib: Any = ca.libca
+        ret = lib.ca_array_put_callback(ftype, 1, chid, data, put_cb, ctypes.py_object(token))
         if ret != dbr.ECA_NORMAL:
             raise RuntimeError(ca.message(ret))
         ca.flush_io()
@@ -300,6 +317,20 @@ def run_agent(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
                     ca.flush_io()
                     secs = time.monotonic() - t0
                 say({"ok": True, "value": {"seconds": secs}})
+            elif op == "ctrl":
+                pv = channel(name, timeout)
+                ctrl: dict[str, Any] = {**(pv.get_ctrlvars(timeout=timeout) or {}),
+                                        **(pv.get_timevars(timeout=timeout) or {})}
+                say({"ok": bool(ctrl), "error": "no control values", "value": {
+                    k: _plain(v) for k, v in ctrl.items()
+                    if isinstance(v, str | int | float | list | tuple) or hasattr(v, "tolist")}})
+            elif op == "connect_many":
+                names = [str(n) for n in req["pvs"]]
+                chans = [epics.PV(n, auto_monitor=False) for n in names]
+                missing = [c.pvname for c in chans if not c.wait_for_connection(timeout)]
+                for c in chans:
+                    c.disconnect()
+                say({"ok": not missing, "value": len(names), "error": f"not connected: {missing}"})
             elif op == "burst":
                 pv = channel(name, timeout)
                 for _ in range(int(req["count"])):
@@ -345,7 +376,8 @@ def walkthrough(
 
     def holders() -> dict[str, str]:
         with Context("pva", conf=client_conf(pva_env), useenv=False) as c:
-            t = c.get(COORD_LOCKS.name(prefix), timeout=5).value
+            t: Any = c.get(COORD_LOCKS.name(prefix), timeout=5)
+            t = t.value
             return dict(zip(t.device, t.owner, strict=True))
 
     r = other.connect(setpoint)
@@ -386,27 +418,23 @@ def walkthrough(
 # --- the demo component -----------------------------------------------------------------------
 
 
-def _prepare(ctx: Any) -> None:
-    """Start the CA bridge (after the guard moved the softIoc to the device network)."""
+def _start(ctx: Any) -> None:
+    """Start the CA bridge (the softIoc is on the device network if the guard part moved it).
+
+    The bridge serves CA on the clients' CA port (the printed settings) unless the softIoc's
+    RSRV is there (no guard part); then on a port of its own (``flat-ca``).
+    """
     device_env = getattr(ctx, "device_env", None) or ctx.env
-    env = bridge_env(ctx.env, ctx.port("flat-ca"), ctx.port("flat-ca-repeater"))
+    if "softioc" in ctx.ca_servers:
+        env = bridge_env(ctx.env, ctx.port("flat-ca"), ctx.port("flat-ca-repeater"))
+    else:
+        env = dict(ctx.env)
+        ctx.ca_servers.append("flat")
     ctx.files["flat-env"] = env
     argv = python_module("bridges.flat", "--prefix", ctx.prefix, *upstream_args(device_env))
     if ctx.files.get("policy"):
         argv += ["--policy", str(ctx.files["policy"])]
     ctx.start("flat", argv, ctx.server_env("flat", env), ready_pv=FLAT_HEALTH.name(ctx.prefix))
-
-
-def ca_settings(ctx: Any) -> dict[str, str]:
-    """The ``EPICS_CA_*`` settings a CA client of the demo's bridge needs."""
-    env = ctx.files["flat-env"]
-    return {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-            "EPICS_CA_SERVER_PORT": env["EPICS_CA_SERVER_PORT"],
-            "EPICS_CA_REPEATER_PORT": env["EPICS_CA_REPEATER_PORT"]}
-
-
-def _start(ctx: Any) -> None:
-    """Wait until the bridge has the registry and the lock state; add banner notes."""
     try:
         wait_for_pv(FLAT_HEALTH.name(ctx.prefix), ctx.env, 60.0, procs=[ctx.procs["flat"]],
                     condition=lambda v: v == "OK")
@@ -418,17 +446,30 @@ def _start(ctx: Any) -> None:
     ca = " ".join(f"{k}={v}" for k, v in ca_settings(ctx).items())
     ctx.notes.append(f"CA bridge (Channel Access, Phoebus ca://): {ca}")
     ctx.notes.append(
-        f"CA: {ca} caget {demo.motor_setpoint(p, m1)} {p}Coord:{m1}:State; "
-        f"caput -c {demo.motor_setpoint(p, m1)} 1.5; take: caput {FLAT_TAKE.name(p, m1)} 1, "
-        f"release: caput {FLAT_RELEASE.name(p, m1)} 1 (outcome: caget -S "
-        f"{p}Flat:{m1}:Message.VAL$); screens: opi/overview.bob (docs/ca.md)"
+        f"CA: caget {demo.motor_setpoint(p, m1)} {p}Coord:{m1}:State; "
+        f"caput -c {demo.motor_setpoint(p, m1)} 1.5; take: caput {FLAT_TAKE.name(p, m1)} 1; "
+        f"release: caput {FLAT_RELEASE.name(p, m1)} 1; outcome: caget -S "
+        f"{p}Flat:{m1}:Message.VAL$ (pyepics: {sys.executable} -c \"import epics; "
+        f"print(epics.caget('{demo.motor_setpoint(p, m1)}'))\")"
     )
+    ctx.notes.append(
+        f"screens: phoebus -resource '{REPO / 'opi' / 'overview.bob'}?P={p}' with the CA "
+        "settings above in Phoebus's preferences (docs/ca.md)"
+    )
+
+
+def ca_settings(ctx: Any) -> dict[str, str]:
+    """The ``EPICS_CA_*`` settings a CA client of the demo's bridge needs."""
+    env = ctx.files["flat-env"]
+    return {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+            "EPICS_CA_SERVER_PORT": env["EPICS_CA_SERVER_PORT"],
+            "EPICS_CA_REPEATER_PORT": env["EPICS_CA_REPEATER_PORT"]}
 
 
 def _components() -> list[Any]:
     from pvcoord.demo.beamline import Component
 
-    return [Component("flat", _start, _prepare)]
+    return [Component("flat", _start)]
 
 
 def __getattr__(name: str) -> Any:

@@ -43,6 +43,8 @@ PART_WALKTHROUGHS: dict[str, tuple[str, str, str, bool]] = {
               "the guard gateway refuses another account's put to a locked device", True),
     "queue": ("pvcoord.demo.queue_part", "run_queue_walkthrough",
               "the queue holds its devices while a plan runs", False),
+    "flat": ("pvcoord.demo.flat_part", "run_flat_walkthrough",
+             "over CA, another account's write access follows the lock; Take by PV", True),
     "web": ("pvcoord.demo.web_part", "run_web_walkthrough",
             "two web users: A takes m1, B is read-only within 1 s and refused naming A, A moves "
             "m1, A releases and B writes", False),

@@ -97,8 +97,8 @@ FLOOR_PV = "BENCHFLOOR:x"
 
 def floor_server() -> int:
     """A minimal caproto server (one pvproperty): the floor of a CA put to any caproto server."""
-    from caproto.asyncio.server import Context as CaContext  # noqa: PLC0415
-    from caproto.server import PVGroup, pvproperty  # noqa: PLC0415
+    from caproto.asyncio.server import Context as CaContext
+    from caproto.server import PVGroup, pvproperty
 
     class Floor(PVGroup):
         x = pvproperty(value=0.0)
@@ -265,7 +265,7 @@ def main() -> int:
     # this process's libca searches the bridge and the floor server (different names and ports)
     os.environ["EPICS_CA_ADDR_LIST"] = (f"127.0.0.1:{ca_env['EPICS_CA_SERVER_PORT']} "
                                         f"127.0.0.1:{floor_env['EPICS_CA_SERVER_PORT']}")
-    import epics  # noqa: PLC0415 - after the CA environment is set
+    import epics
 
     devices.write_database(P, tmp / "demo.db")
     devices.write_registry(P, tmp / "registry.yaml")

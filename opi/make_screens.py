@@ -25,10 +25,10 @@ from xml.sax.saxutils import escape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pvdb import demo  # noqa: E402
-from pvdb import flat as fl  # noqa: E402
-from pvdb import names as pvn  # noqa: E402
-from pvdb import queue as qn  # noqa: E402
+from pvdb import demo
+from pvdb import flat as fl
+from pvdb import names as pvn
+from pvdb import queue as qn
 
 HERE = Path(__file__).resolve().parent
 P = "$(P)"

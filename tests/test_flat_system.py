@@ -382,7 +382,7 @@ def test_bad_input_gives_a_message_and_changes_nothing(bl: Beamline):
 
 def screen_pvs() -> dict[str, set[str]]:
     """protocol -> PV names of the CA-bridge and coordination screens, macros expanded."""
-    import xml.etree.ElementTree as ET  # noqa: PLC0415
+    import xml.etree.ElementTree as ET
 
     out: dict[str, set[str]] = {"ca": set(), "pva": set()}
     for bob in ("overview.bob", "device.bob", "device_lock.bob", "coordination.bob"):

@@ -307,6 +307,20 @@ def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_config_show(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord config show FILE``: what installing it involves, as JSON (for the Ansible role)."""
+    from pvdb.endstation import EndstationError, install_facts  # noqa: PLC0415
+
+    try:
+        facts = install_facts(args.file)
+    except EndstationError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    json.dump(facts, out, indent=2)
+    print(file=out)
+    return EXIT_OK
+
+
 def _lock_summary(locks: Sequence[LockInfo]) -> str:
     if not locks:
         return "locks: (none)"
@@ -569,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="validate an endstation file (exit 2 with each error and its line)")
     cc.add_argument("file", help="the endstation TOML file")
     cc.set_defaults(func=cmd_config_check)
+    cs = csub.add_parser("show", parents=[common],
+                         help="what installing an endstation file involves (JSON)")
+    cs.add_argument("file", help="the endstation TOML file")
+    cs.set_defaults(func=cmd_config_show)
 
     wa = sub.add_parser(
         "watch", parents=[common], help="print lock changes and audit events until Ctrl-C",

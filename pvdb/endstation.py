@@ -800,3 +800,44 @@ def to_toml(data: dict[str, Any]) -> str:
 
     table([], data)
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+UNIT_OF = {"coordination": "pvcoord-coordination", "registry": "pvcoord-registry",
+           "queue": "pvcoord-queue", "guard": "pvcoord-guard", "flat": "pvcoord-flat",
+           "pvws": "pvcoord-pvws"}
+"""systemd unit template (``NAME@.service``) of each process."""
+
+
+def install_facts(path: str | Path) -> dict[str, Any]:
+    """What installing the endstation file at ``path`` involves (``pvcoord config show``).
+
+    Returns:
+        ``instance``, ``prefix``, ``processes``, ``units`` (``pvcoord-X@INSTANCE.service``),
+        ``deliver`` (files the file names by a relative path: delivered next to it), ``web``
+        (nginx settings, or ``None`` without ``[web_bridge]``).
+
+    Raises:
+        EndstationError: the file is not valid (as :func:`load_endstation`).
+    """
+    cfg = load_endstation(path, deep=True)
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    rel: list[str] = []
+    for section, keys in (("files", ("policy", "registry")),
+                          ("queue_server", ("public_key_file",)),
+                          ("guard", ("gateway_config", "access", "pvlist"))):
+        for k in keys:
+            v = raw.get(section, {}).get(k)
+            if isinstance(v, str) and v and not Path(v).is_absolute():
+                rel.append(v)
+    web = None
+    if cfg.web_bridge is not None and cfg.tls is not None:
+        w = cfg.web_bridge
+        web = {"upstream": f"{w.listen_host}:{w.listen_port}", "server_name": w.server_name,
+               "https_port": w.https_port, "user_header": w.trusted_proxy_header,
+               "tls_certificate": cfg.tls.certificate, "tls_key": cfg.tls.key}
+    return {
+        "instance": cfg.instance, "prefix": cfg.prefix, "processes": cfg.processes(),
+        "units": [f"{UNIT_OF[p]}@{cfg.instance}.service" for p in cfg.processes()],
+        "templates": [f"{UNIT_OF[p]}@.service" for p in cfg.processes()],
+        "deliver": sorted(set(rel)), "web": web,
+    }

@@ -82,7 +82,7 @@ class Front:
             pvcoord_name="bl-test", pvcoord_server_name="localhost", pvcoord_listen_prefix=
             f"{LOOPBACK}:", pvcoord_https_port=self.https, pvcoord_http_port=self.http,
             pvcoord_tls_certificate=d / "cert.pem", pvcoord_tls_key=d / "key.pem",
-            pvcoord_htpasswd_file=d / "htpasswd", pvcoord_user_header=HEADER,
+            pvcoord_htpasswd=d / "htpasswd", pvcoord_user_header=HEADER,
             pvcoord_web_upstream=f"{LOOPBACK}:{backend_port}",
         )
         (d / f"site-{self.https}.conf").write_text(site)

@@ -28,6 +28,16 @@ if [ "$(id -u)" = 0 ] && ! getent passwd pvcoord-queue >/dev/null; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pvcoord-queue
 fi
 
+# --- deployment tests (issue 7): Debian's nginx (tests/test_deploy_nginx.py) and openssl for the
+# throwaway certificate; systemd-analyze comes with systemd. Installed only when missing.
+if [ "$(id -u)" = 0 ] && { ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; } ; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+fi
+if [ "$(id -u)" = 0 ] && ! command -v openssl >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
+# --- end of deployment test packages
+
 stamp="$venv/.pvcoord-installed"
 want=$(sha1sum pyproject.toml | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then

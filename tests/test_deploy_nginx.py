@@ -36,7 +36,17 @@ STANDIN = REPO / "tests" / "web_standin.py"
 USER, PASSWORD = "alice", "correct horse"
 HEADER = "X-Remote-User"
 TIMEOUT = 20.0
-PAGE = "<!doctype html><title>pvcoord web client</title><p id=marker>beamline page</p>\n"
+PAGE = """<!doctype html><title>pvcoord web client</title><p id=marker>beamline page</p>
+<p id=ws>connecting</p>
+<script>
+const ws = new WebSocket("wss://" + location.host + "/pvws/pv");
+ws.onopen = () => ws.send(JSON.stringify({type: "whoami"}));
+ws.onmessage = (e) => {
+  document.getElementById("ws").textContent = "user " + JSON.parse(e.data).user;
+};
+ws.onerror = () => { document.getElementById("ws").textContent = "error"; };
+</script>
+"""
 
 
 def port_open(port: int) -> bool:
@@ -227,3 +237,36 @@ def test_real_web_bridge_behind_nginx(site_dir):
         if front is not None:
             front.proc.stop()
         backend.stop()
+
+
+def test_browser_loads_the_page_over_https_and_its_websocket_works(standin_front, tmp_path):
+    """Real Chromium (headless): the page loads over https, its own JS opens wss through nginx."""
+    from selenium import webdriver  # noqa: PLC0415 - only this test drives a browser
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
+
+    chromium = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.fail("chromium / chromium-driver not installed (Debian packages)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              f"--user-data-dir={tmp_path / 'profile'}",
+              # the throwaway certificate is not in the browser's store; aiohttp above checks
+              # the chain against it
+              "--ignore-certificate-errors"):
+        opts.add_argument(a)
+    service = webdriver.ChromeService(executable_path=driver_path)
+    driver = webdriver.Chrome(options=opts, service=service)
+    try:
+        driver.set_page_load_timeout(TIMEOUT)
+        login = f"{USER}:{PASSWORD.replace(' ', '%20')}"
+        driver.get(f"https://{login}@localhost:{standin_front.https}/")
+        assert driver.find_element(By.ID, "marker").text == "beamline page"
+        WebDriverWait(driver, TIMEOUT).until(
+            lambda d: d.find_element(By.ID, "ws").text != "connecting")
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert driver.find_element(By.ID, "ws").text == f"user {USER}"
+    finally:
+        driver.quit()

@@ -9,7 +9,8 @@ the page + wss test also runs against ``python -m bridges.pvws`` when that modul
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import http.client
 import importlib.util
 import json
 import os
@@ -21,9 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import aiohttp
 import jinja2
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from pvcoord.procs import LOOPBACK, ManagedProcess, free_port, wait_until
 from pvdb.endstation import to_toml
@@ -161,64 +163,73 @@ def standin_front(site_dir):
         backend.stop()
 
 
-AUTH = {"Authorization": aiohttp.encode_basic_auth(USER, PASSWORD)}
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
 
 
-async def _get(front: Front, path: str, **kw) -> tuple[int, str, dict]:
-    async with aiohttp.ClientSession() as s, s.get(front.url(path), ssl=front.ssl,
-                                                   allow_redirects=False, **kw) as r:
-        return r.status, await r.text(), dict(r.headers)
+AUTH = basic(USER, PASSWORD)
 
 
-async def _ws(front: Front, messages: list[str], **kw) -> list[str]:
+def _get(front: Front, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict]:
+    conn = http.client.HTTPSConnection("localhost", front.https, context=front.ssl,
+                                       timeout=TIMEOUT)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read().decode(), dict(r.getheaders())
+    finally:
+        conn.close()
+
+
+def _ws(front: Front, messages: list[str], headers: dict[str, str] | None = None) -> list[str]:
     out = []
-    async with aiohttp.ClientSession() as s, s.ws_connect(
-            front.url("/pvws/pv", "wss"), ssl=front.ssl, timeout=aiohttp.ClientWSTimeout(
-                ws_close=5), **kw) as ws:
+    with ws_connect(front.url("/pvws/pv", "wss"), ssl=front.ssl, additional_headers=headers,
+                    proxy=None, open_timeout=TIMEOUT, close_timeout=5) as ws:
         for m in messages:
-            await ws.send_str(m)
-            reply = await ws.receive(timeout=TIMEOUT)
-            assert reply.type == aiohttp.WSMsgType.TEXT, reply
-            out.append(reply.data)
+            ws.send(m)
+            out.append(str(ws.recv(timeout=TIMEOUT)))
     return out
 
 
 def test_page_over_https_and_websocket_over_wss(standin_front):
-    status, text, headers = asyncio.run(_get(standin_front, "/", headers=AUTH))
+    status, text, headers = (_get(standin_front, "/", headers=AUTH))
     assert status == 200 and "beamline page" in text
     assert "max-age" in headers.get("Strict-Transport-Security", "")
     echo = json.dumps({"type": "echo", "body": "through nginx"})
-    assert asyncio.run(_ws(standin_front, [echo], headers=AUTH)) == [echo]
+    assert (_ws(standin_front, [echo], headers=AUTH)) == [echo]
 
 
 def test_nothing_reaches_the_bridge_without_authentication(standin_front):
-    before = json.loads(asyncio.run(_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
-    assert asyncio.run(_get(standin_front, "/"))[0] == 401
-    wrong = {"Authorization": aiohttp.encode_basic_auth(USER, "wrong")}
-    assert asyncio.run(_get(standin_front, "/pvws/whoami", headers=wrong))[0] == 401
-    with pytest.raises(aiohttp.WSServerHandshakeError) as e:
-        asyncio.run(_ws(standin_front, []))
-    assert e.value.status == 401
-    after = json.loads(asyncio.run(_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
+    before = json.loads((_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
+    assert (_get(standin_front, "/"))[0] == 401
+    wrong = basic(USER, "wrong")
+    assert (_get(standin_front, "/pvws/whoami", headers=wrong))[0] == 401
+    with pytest.raises(InvalidStatus) as e:
+        _ws(standin_front, [])
+    assert e.value.response.status_code == 401
+    after = json.loads((_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
     assert after["requests"] == before["requests"] + 1, "only the two authenticated whoami"
 
 
 def test_user_name_comes_only_from_nginx(standin_front):
     spoof = {HEADER: "mallory"}
-    _, text, _ = asyncio.run(_get(standin_front, "/pvws/whoami", headers={**AUTH, **spoof}))
+    _, text, _ = (_get(standin_front, "/pvws/whoami", headers={**AUTH, **spoof}))
     got = json.loads(text)
     assert got["user"] == USER and got["peer"] == LOOPBACK
     whoami = json.dumps({"type": "whoami"})
-    [reply] = asyncio.run(_ws(standin_front, [whoami], headers={**AUTH, **spoof}))
+    [reply] = (_ws(standin_front, [whoami], headers={**AUTH, **spoof}))
     assert json.loads(reply)["user"] == USER
 
 
 def test_plain_http_redirects_to_https(standin_front):
-    async def get() -> tuple[int, str]:
-        async with aiohttp.ClientSession() as s, s.get(
-                f"http://localhost:{standin_front.http}/pvws/", allow_redirects=False) as r:
-            return r.status, r.headers.get("Location", "")
-    status, location = asyncio.run(get())
+    conn = http.client.HTTPConnection("localhost", standin_front.http, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/pvws/")
+        r = conn.getresponse()
+        status, location = r.status, r.getheader("Location", "")
+    finally:
+        conn.close()
     assert status == 301 and location.startswith(f"https://localhost:{standin_front.https}/")
 
 
@@ -231,8 +242,8 @@ def test_real_web_bridge_behind_nginx(site_dir):
     try:
         front = Front(site_dir, port)
         echo = json.dumps({"type": "echo", "body": "through nginx"})
-        assert asyncio.run(_ws(front, [echo], headers=AUTH)) == [echo]
-        assert asyncio.run(_get(front, "/pvws/", headers=AUTH))[0] == 200
+        assert (_ws(front, [echo], headers=AUTH)) == [echo]
+        assert (_get(front, "/pvws/", headers=AUTH))[0] == 200
     finally:
         if front is not None:
             front.proc.stop()
@@ -253,7 +264,7 @@ def test_browser_loads_the_page_over_https_and_its_websocket_works(standin_front
     opts.binary_location = chromium
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               f"--user-data-dir={tmp_path / 'profile'}",
-              # the throwaway certificate is not in the browser's store; aiohttp above checks
+              # the throwaway certificate is not in the browser's store; the clients above check
               # the chain against it
               "--ignore-certificate-errors"):
         opts.add_argument(a)

@@ -41,7 +41,7 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, LiteralString
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -100,7 +100,7 @@ class EndstationError(ValueError):
         super().__init__("\n".join(i.format(source) for i in issues))
 
 
-def _err(code: str, message: str, **ctx: Any) -> PydanticCustomError:
+def _err(code: LiteralString, message: LiteralString, **ctx: Any) -> PydanticCustomError:
     return PydanticCustomError(code, message, ctx or None)
 
 
@@ -376,7 +376,7 @@ class EndstationConfig(_Section):
         try:
             return check_prefix(v)
         except ValueError as e:
-            raise _err("bad_prefix", str(e).replace("{", "(").replace("}", ")")) from None
+            raise _err("bad_prefix", "{reason}", reason=str(e)) from None
 
     @field_validator("name")
     @classmethod

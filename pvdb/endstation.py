@@ -298,17 +298,20 @@ class CABridge(_Section):
     lock/registry/queue PVs and device PVs over PVA from ``upstream`` (through the guard).
 
     Attributes:
+        interfaces: addresses the CA server binds (default: ``network.client.interfaces``).
         ca_server_port: CA server port (default: ``network.client.ca_server_port``).
         upstream: which side's PVA the bridge reads (``client``: through the guard).
         writes: forward writes at all (false: read-only screens).
     """
 
+    interfaces: list[str] | None = None
     ca_server_port: Port | None = None
     upstream: Literal["client"] = "client"
     writes: bool = True
     log_level: LogLevel | None = None
 
     _v_port = field_validator("ca_server_port")(lambda v: v if v is None else _port(v))
+    _v_addr = field_validator("interfaces")(lambda v: v if v is None else _addresses(v))
 
 
 class WebBridge(_Section):
@@ -683,7 +686,7 @@ def process_env(cfg: EndstationConfig, process: str) -> dict[str, str]:
             EPICS_CA_ADDR_LIST=" ".join(c.search), EPICS_CA_AUTO_ADDR_LIST=_yes(c.auto_addr_list),
             EPICS_CA_SERVER_PORT=str(cfg.ca_bridge.ca_server_port or c.ca_server_port),
             EPICS_CA_REPEATER_PORT=str(c.ca_repeater_port),
-            EPICS_CAS_INTF_ADDR_LIST=" ".join(c.interfaces),
+            EPICS_CAS_INTF_ADDR_LIST=" ".join(cfg.ca_bridge.interfaces or c.interfaces),
             EPICS_CAS_BEACON_ADDR_LIST=" ".join(c.search),
             EPICS_CAS_AUTO_BEACON_ADDR_LIST=_yes(c.auto_addr_list),
             EPICS_CAS_SERVER_PORT=str(cfg.ca_bridge.ca_server_port or c.ca_server_port),

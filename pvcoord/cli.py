@@ -269,9 +269,9 @@ def cmd_locks(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     """``pvcoord status``: one row per process of the endstation; exit 1 when one is down."""
-    from pvdb.endstation import EndstationError, load_endstation  # noqa: PLC0415
+    from pvdb.endstation import EndstationError, load_endstation
 
-    from . import endstation_status as es  # noqa: PLC0415
+    from . import endstation_status as es  # p4p client: only for this command
 
     conf, processes, prefix = None, list(es.DEFAULT_PROCESSES), args.prefix
     if args.config:
@@ -294,7 +294,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
     """``pvcoord config check FILE``: every error with its line and code; exit 2 if any."""
-    from pvdb.endstation import EndstationError, load_endstation  # noqa: PLC0415
+    from pvdb.endstation import EndstationError, load_endstation
 
     try:
         cfg = load_endstation(args.file, deep=True)
@@ -309,7 +309,7 @@ def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_config_show(args: argparse.Namespace, out: TextIO) -> int:
     """``pvcoord config show FILE``: what installing it involves, as JSON (for the Ansible role)."""
-    from pvdb.endstation import EndstationError, install_facts  # noqa: PLC0415
+    from pvdb.endstation import EndstationError, install_facts
 
     try:
         facts = install_facts(args.file)

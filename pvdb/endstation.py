@@ -47,6 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .names import check_prefix
+from .policy import PolicyError, load_policy
+from .registry_file import RegistryFileError, load_registry
 
 # --- errors -----------------------------------------------------------------------------------
 
@@ -132,6 +134,18 @@ def _zmq(v: str) -> str:
     return v
 
 
+def _opt_addresses(values: list[str] | None) -> list[str] | None:
+    return values if values is None else _addresses(values)
+
+
+def _opt_port(v: int | None) -> int | None:
+    return v if v is None else _port(v)
+
+
+def _address(v: str) -> str:
+    return _addresses([v])[0]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -158,8 +172,7 @@ class Side(_Section):
     ca_server_port: Port = 5064
     ca_repeater_port: Port = 5065
 
-    _v_addr = field_validator("interfaces", "addr_list")(
-        lambda v: v if v is None else _addresses(v))
+    _v_addr = field_validator("interfaces", "addr_list")(_opt_addresses)
     _v_port = field_validator("pva_broadcast_port", "ca_server_port", "ca_repeater_port")(_port)
 
     @property
@@ -310,8 +323,8 @@ class CABridge(_Section):
     writes: bool = True
     log_level: LogLevel | None = None
 
-    _v_port = field_validator("ca_server_port")(lambda v: v if v is None else _port(v))
-    _v_addr = field_validator("interfaces")(lambda v: v if v is None else _addresses(v))
+    _v_port = field_validator("ca_server_port")(_opt_port)
+    _v_addr = field_validator("interfaces")(_opt_addresses)
 
 
 class WebBridge(_Section):
@@ -342,7 +355,7 @@ class WebBridge(_Section):
 
     _v_port = field_validator("listen_port", "https_port")(_port)
     _v_addr = field_validator("trusted_proxies")(_addresses)
-    _v_host = field_validator("listen_host")(lambda v: _addresses([v])[0])
+    _v_host = field_validator("listen_host")(_address)
 
 
 class TLS(_Section):
@@ -499,9 +512,6 @@ def _resolve(base: Path, name: str | None) -> str | None:
 
 def _check_files(cfg: EndstationConfig, base: Path,
                  index: dict[tuple[str, ...], int], deep: bool) -> list[ConfigIssue]:
-    from .policy import PolicyError, load_policy  # noqa: PLC0415 - only when checking
-    from .registry_file import RegistryFileError, load_registry  # noqa: PLC0415
-
     issues: list[ConfigIssue] = []
 
     def issue(path: tuple[str, ...], code: str, msg: str) -> None:
@@ -787,14 +797,15 @@ def to_toml(data: dict[str, Any]) -> str:
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, list | tuple):
-            return "[" + ", ".join(val(x) for x in v) + "]"
+            items: list[Any] = list(v)  # pyright: ignore[reportUnknownArgumentType]
+            return "[" + ", ".join(val(x) for x in items) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
     lines: list[str] = []
 
     def table(path: list[str], d: dict[str, Any]) -> None:
         scalars = {k: v for k, v in d.items() if v is not None and not isinstance(v, dict)}
-        subs = {k: v for k, v in d.items() if isinstance(v, dict)}
+        subs: dict[str, dict[str, Any]] = {k: v for k, v in d.items() if isinstance(v, dict)}
         if path and (scalars or not subs):
             lines.extend(["", f"[{'.'.join(path)}]"])
         lines.extend(f"{k} = {val(v)}" for k, v in scalars.items())

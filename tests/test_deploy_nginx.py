@@ -252,9 +252,9 @@ def test_real_web_bridge_behind_nginx(site_dir):
 
 def test_browser_loads_the_page_over_https_and_its_websocket_works(standin_front, tmp_path):
     """Real Chromium (headless): the page loads over https, its own JS opens wss through nginx."""
-    from selenium import webdriver  # noqa: PLC0415 - only this test drives a browser
-    from selenium.webdriver.common.by import By  # noqa: PLC0415
-    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
+    from selenium import webdriver  # only this test drives a browser
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     chromium = shutil.which("chromium")
     driver_path = shutil.which("chromedriver")

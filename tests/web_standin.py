@@ -20,7 +20,7 @@ OPTS = web.AppKey("opts", argparse.Namespace)
 
 
 @web.middleware
-async def count(request: web.Request, handler):  # noqa: ANN001 - aiohttp middleware signature
+async def count(request: web.Request, handler):
     request.app[SEEN].append(request.path)
     return await handler(request)
 

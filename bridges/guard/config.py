@@ -272,7 +272,7 @@ def load_guard_config(path: str | Path) -> GuardConfig:
     """
     if not str(path).endswith(".toml"):
         return load_config(path)
-    from pvdb.endstation import EndstationError, guard_gateway, load_endstation  # noqa: PLC0415
+    from pvdb.endstation import EndstationError, guard_gateway, load_endstation
 
     try:
         cfg = load_endstation(path)

@@ -314,13 +314,11 @@ class CABridge(_Section):
         interfaces: addresses the CA server binds (default: ``network.client.interfaces``).
         ca_server_port: CA server port (default: ``network.client.ca_server_port``).
         upstream: which side's PVA the bridge reads (``client``: through the guard).
-        writes: forward writes at all (false: read-only screens).
     """
 
     interfaces: list[str] | None = None
     ca_server_port: Port | None = None
     upstream: Literal["client"] = "client"
-    writes: bool = True
     log_level: LogLevel | None = None
 
     _v_port = field_validator("ca_server_port")(_opt_port)
@@ -335,7 +333,11 @@ class WebBridge(_Section):
         listen_port: its HTTP/websocket port.
         upstream: which side's PVA the bridge reads (``client``: through the guard).
         writes: allow writes at all (false: read-only web clients).
-        password_file: argon2 user file (when the bridge logs users in itself).
+        auth: ``header`` (nginx authenticates, the bridge reads ``trusted_proxy_header`` from
+            ``trusted_proxies``), ``password`` (the bridge logs users in against
+            ``password_file``) or ``none`` (read-only, anonymous).
+        password_file: argon2 user file for ``auth = "password"`` (systemd: the credential
+            ``$PVCOORD_WEB_PASSWORD_FILE`` wins).
         trusted_proxy_header: header carrying the user name nginx authenticated.
         trusted_proxies: peers whose ``trusted_proxy_header`` is believed (nginx's address).
         server_name: public host name nginx serves (``server_name``).
@@ -346,6 +348,7 @@ class WebBridge(_Section):
     listen_port: Port = 8080
     upstream: Literal["client"] = "client"
     writes: bool = True
+    auth: Literal["header", "password", "none"] = "header"
     password_file: str | None = None
     trusted_proxy_header: str = Field(default="X-Remote-User", pattern=r"^[A-Za-z0-9-]{1,64}$")
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
@@ -709,8 +712,9 @@ def process_env(cfg: EndstationConfig, process: str) -> dict[str, str]:
 def process_args(cfg: EndstationConfig, process: str) -> list[str]:
     """Command-line options of ``process`` as the endstation file sets them.
 
-    For the IOCs and the guard (the bridges read their sections with :func:`load_endstation`).
-    Options given on the command line after these override them.
+    The options are those of each process's ``--help`` (coordination, registry, queue, guard,
+    ``bridges.flat`` and ``bridges.pvws``). Options given on the command line after these
+    override them.
 
     Raises:
         ValueError: unknown process, or its section is missing.
@@ -741,6 +745,33 @@ def process_args(cfg: EndstationConfig, process: str) -> list[str]:
         if cfg.guard is None:
             raise ValueError("the endstation file has no [guard] section")
         return [*p, *pol]
+    if process == "flat":
+        if cfg.ca_bridge is None:
+            raise ValueError("the endstation file has no [ca_bridge] section")
+        client = [f"{k}={v}" for k, v in process_env(cfg, "flat").items()
+                  if k.startswith("EPICS_PVA_") and k != "EPICS_PVA_SERVER_PORT"]
+        out = [*p, "--registry-prefix", cfg.prefix, *pol]
+        for kv in client:  # device PVs through the guard, and pvcoord's services: client side
+            out += ["--upstream", kv, "--service", kv]
+        if (cfg.ca_bridge.log_level or cfg.log_level) == "DEBUG":
+            out.append("-v")
+        return out
+    if process == "pvws":
+        w = cfg.web_bridge
+        if w is None:
+            raise ValueError("the endstation file has no [web_bridge] section")
+        out = [*p, "--registry-prefix", cfg.prefix, *pol, "--host", w.listen_host,
+               "--port", str(w.listen_port), "--auth", w.auth, "--user-header",
+               w.trusted_proxy_header, "--log-level", w.log_level or cfg.log_level]
+        for proxy in w.trusted_proxies:
+            out += ["--trusted-proxy", proxy]
+        if w.writes:
+            out.append("--writes")
+        if w.password_file:
+            out += ["--password-file", w.password_file]
+        if cfg.tls is not None:
+            out.append("--secure-cookies")  # users reach it through nginx's https
+        return out
     raise ValueError(f"no command-line options for process {process!r}")
 
 

@@ -226,3 +226,19 @@ def test_every_process_parses_its_options_from_the_file(station, monkeypatch):
     with pytest.raises(GuardConfigError) as e:
         load_guard_config(station)
     assert "guard.stale_after" in str(e.value)
+
+
+def test_bridge_options_from_the_file(station):
+    cfg = load_endstation(station)
+    flat = process_args(cfg, "flat")
+    assert flat[:4] == ["--prefix", "BL01:", "--registry-prefix", "BL01:"]
+    assert "EPICS_PVA_ADDR_LIST=10.0.1.255" in flat and "EPICS_PVA_BROADCAST_PORT=5076" in flat
+    assert flat.count("--upstream") == flat.count("--service") >= 3
+    web = process_args(cfg, "pvws")
+    pairs = dict(zip(web[::2], web[1::2], strict=False))
+    assert pairs["--host"] == "127.0.0.1" and pairs["--port"] == "8080"
+    assert pairs["--auth"] == "header" and pairs["--user-header"] == "X-Remote-User"
+    assert "--writes" in web and "--secure-cookies" in web and "--trusted-proxy" in web
+    env = {"PVCOORD_WEB_PASSWORD_FILE": "/run/credentials/x/web-users"}
+    argv = config_argv("pvws", ["--config", str(station)], env)
+    assert argv[argv.index("--password-file") + 1] == "/run/credentials/x/web-users"

@@ -211,7 +211,7 @@ def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, object
 
 
 def run_as_service(
-    serve: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, None]], status: str = ""
+    serve: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, object]], status: str = ""
 ) -> None:
     """Like :func:`run_until_signal`, and tell systemd: ``serve(stop, ready)`` sets ``ready``.
 

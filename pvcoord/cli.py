@@ -294,9 +294,9 @@ def cmd_locks(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     """``pvcoord status``: one row per process of the endstation; exit 1 when one is down."""
-    from pvdb.endstation import EndstationError, load_endstation  # noqa: PLC0415
+    from pvdb.endstation import EndstationError, load_endstation
 
-    from . import endstation_status as es  # noqa: PLC0415
+    from . import endstation_status as es  # p4p client: only for this command
 
     conf, processes, prefix = None, list(es.DEFAULT_PROCESSES), args.prefix
     if args.config:
@@ -319,7 +319,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
     """``pvcoord config check FILE``: every error with its line and code; exit 2 if any."""
-    from pvdb.endstation import EndstationError, load_endstation  # noqa: PLC0415
+    from pvdb.endstation import EndstationError, load_endstation
 
     try:
         cfg = load_endstation(args.file, deep=True)
@@ -329,6 +329,20 @@ def cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_BAD_INPUT
     print(f"{args.file}: OK: endstation {cfg.instance} (prefix {cfg.prefix}), processes "
           f"{', '.join(cfg.processes())}", file=out)
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace, out: TextIO) -> int:
+    """``pvcoord config show FILE``: what installing it involves, as JSON (for the Ansible role)."""
+    from pvdb.endstation import EndstationError, install_facts
+
+    try:
+        facts = install_facts(args.file)
+    except EndstationError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    json.dump(facts, out, indent=2)
+    print(file=out)
     return EXIT_OK
 
 
@@ -623,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="validate an endstation file (exit 2 with each error and its line)")
     cc.add_argument("file", help="the endstation TOML file")
     cc.set_defaults(func=cmd_config_check)
+    cs = csub.add_parser("show", parents=[common],
+                         help="what installing an endstation file involves (JSON)")
+    cs.add_argument("file", help="the endstation TOML file")
+    cs.set_defaults(func=cmd_config_show)
 
     wa = sub.add_parser(
         "watch", parents=[common], help="print lock changes and audit events until Ctrl-C",

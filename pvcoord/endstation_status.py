@@ -91,10 +91,13 @@ def read_status(
             if spec is not None:
                 names.append(spec.name(prefix))
     kws: dict[str, Any] = {"conf": dict(conf), "useenv": False} if conf is not None else {}
+    if not names:
+        return [ProcessRow(p, None, note="no status PVs (not served by this version)")
+                for p in processes]
     asked = time.time()  # ages are from when we asked: a dead process delays the whole get
     with Context("pva", nt=False, **kws) as ctxt:
-        values = ctxt.get(names, timeout=timeout, throw=False) if names else []
-    got = dict(zip(names, values, strict=True))
+        values: list[Any] = list(ctxt.get(names, timeout=timeout, throw=False) or [])
+    got: dict[str, Any] = dict(zip(names, values, strict=True))
     now = time.time()
     rows = []
     for p in processes:

@@ -30,6 +30,8 @@ REDIS_URL_ENV = "PVCOORD_REDIS_URL"
 """The worker-hook redis URL with its password (the queue IOC's ``--redis`` default)."""
 ZMQ_KEY_ENV = "QSERVER_ZMQ_PUBLIC_KEY"
 """bluesky-queueserver-api reads the RE Manager's public key from here."""
+WEB_PASSWORD_ENV = "PVCOORD_WEB_PASSWORD_FILE"
+"""The web bridge's password file as a systemd credential (``%d/web-users``): wins over the file."""
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -57,7 +59,7 @@ def config_argv(
     guard with a pvagw JSON file) ``argv`` is returned unchanged.
 
     Args:
-        process: ``coordination``, ``registry``, ``queue`` or ``guard``.
+        process: ``coordination``, ``registry``, ``queue``, ``guard``, ``flat`` or ``pvws``.
         argv: the command line without the program name (default ``sys.argv[1:]``).
         environ: environment to update.
 
@@ -81,6 +83,8 @@ def config_argv(
         print(f"{process}: {path}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     env.update(epics)
+    if process == "pvws" and env.get(WEB_PASSWORD_ENV):
+        opts += ["--password-file", env[WEB_PASSWORD_ENV]]
     if process == "coordination" and env.get(STORE_URL_ENV):
         opts[opts.index("--store") + 1] = env[STORE_URL_ENV]
     if process == "queue" and cfg.queue_server is not None:

@@ -41,12 +41,14 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, LiteralString
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from .names import check_prefix
+from .policy import PolicyError, load_policy
+from .registry_file import RegistryFileError, load_registry
 
 # --- errors -----------------------------------------------------------------------------------
 
@@ -100,7 +102,7 @@ class EndstationError(ValueError):
         super().__init__("\n".join(i.format(source) for i in issues))
 
 
-def _err(code: str, message: str, **ctx: Any) -> PydanticCustomError:
+def _err(code: LiteralString, message: LiteralString, **ctx: Any) -> PydanticCustomError:
     return PydanticCustomError(code, message, ctx or None)
 
 
@@ -132,6 +134,18 @@ def _zmq(v: str) -> str:
     return v
 
 
+def _opt_addresses(values: list[str] | None) -> list[str] | None:
+    return values if values is None else _addresses(values)
+
+
+def _opt_port(v: int | None) -> int | None:
+    return v if v is None else _port(v)
+
+
+def _address(v: str) -> str:
+    return _addresses([v])[0]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -158,8 +172,7 @@ class Side(_Section):
     ca_server_port: Port = 5064
     ca_repeater_port: Port = 5065
 
-    _v_addr = field_validator("interfaces", "addr_list")(
-        lambda v: v if v is None else _addresses(v))
+    _v_addr = field_validator("interfaces", "addr_list")(_opt_addresses)
     _v_port = field_validator("pva_broadcast_port", "ca_server_port", "ca_repeater_port")(_port)
 
     @property
@@ -298,17 +311,18 @@ class CABridge(_Section):
     lock/registry/queue PVs and device PVs over PVA from ``upstream`` (through the guard).
 
     Attributes:
+        interfaces: addresses the CA server binds (default: ``network.client.interfaces``).
         ca_server_port: CA server port (default: ``network.client.ca_server_port``).
         upstream: which side's PVA the bridge reads (``client``: through the guard).
-        writes: forward writes at all (false: read-only screens).
     """
 
+    interfaces: list[str] | None = None
     ca_server_port: Port | None = None
     upstream: Literal["client"] = "client"
-    writes: bool = True
     log_level: LogLevel | None = None
 
-    _v_port = field_validator("ca_server_port")(lambda v: v if v is None else _port(v))
+    _v_port = field_validator("ca_server_port")(_opt_port)
+    _v_addr = field_validator("interfaces")(_opt_addresses)
 
 
 class WebBridge(_Section):
@@ -319,7 +333,11 @@ class WebBridge(_Section):
         listen_port: its HTTP/websocket port.
         upstream: which side's PVA the bridge reads (``client``: through the guard).
         writes: allow writes at all (false: read-only web clients).
-        password_file: argon2 user file (when the bridge logs users in itself).
+        auth: ``header`` (nginx authenticates, the bridge reads ``trusted_proxy_header`` from
+            ``trusted_proxies``), ``password`` (the bridge logs users in against
+            ``password_file``) or ``none`` (read-only, anonymous).
+        password_file: argon2 user file for ``auth = "password"`` (systemd: the credential
+            ``$PVCOORD_WEB_PASSWORD_FILE`` wins).
         trusted_proxy_header: header carrying the user name nginx authenticated.
         trusted_proxies: peers whose ``trusted_proxy_header`` is believed (nginx's address).
         server_name: public host name nginx serves (``server_name``).
@@ -330,6 +348,7 @@ class WebBridge(_Section):
     listen_port: Port = 8080
     upstream: Literal["client"] = "client"
     writes: bool = True
+    auth: Literal["header", "password", "none"] = "header"
     password_file: str | None = None
     trusted_proxy_header: str = Field(default="X-Remote-User", pattern=r"^[A-Za-z0-9-]{1,64}$")
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
@@ -339,7 +358,7 @@ class WebBridge(_Section):
 
     _v_port = field_validator("listen_port", "https_port")(_port)
     _v_addr = field_validator("trusted_proxies")(_addresses)
-    _v_host = field_validator("listen_host")(lambda v: _addresses([v])[0])
+    _v_host = field_validator("listen_host")(_address)
 
 
 class TLS(_Section):
@@ -376,7 +395,7 @@ class EndstationConfig(_Section):
         try:
             return check_prefix(v)
         except ValueError as e:
-            raise _err("bad_prefix", str(e).replace("{", "(").replace("}", ")")) from None
+            raise _err("bad_prefix", "{reason}", reason=str(e)) from None
 
     @field_validator("name")
     @classmethod
@@ -496,9 +515,6 @@ def _resolve(base: Path, name: str | None) -> str | None:
 
 def _check_files(cfg: EndstationConfig, base: Path,
                  index: dict[tuple[str, ...], int], deep: bool) -> list[ConfigIssue]:
-    from .policy import PolicyError, load_policy
-    from .registry_file import RegistryFileError, load_registry
-
     issues: list[ConfigIssue] = []
 
     def issue(path: tuple[str, ...], code: str, msg: str) -> None:
@@ -683,7 +699,7 @@ def process_env(cfg: EndstationConfig, process: str) -> dict[str, str]:
             EPICS_CA_ADDR_LIST=" ".join(c.search), EPICS_CA_AUTO_ADDR_LIST=_yes(c.auto_addr_list),
             EPICS_CA_SERVER_PORT=str(cfg.ca_bridge.ca_server_port or c.ca_server_port),
             EPICS_CA_REPEATER_PORT=str(c.ca_repeater_port),
-            EPICS_CAS_INTF_ADDR_LIST=" ".join(c.interfaces),
+            EPICS_CAS_INTF_ADDR_LIST=" ".join(cfg.ca_bridge.interfaces or c.interfaces),
             EPICS_CAS_BEACON_ADDR_LIST=" ".join(c.search),
             EPICS_CAS_AUTO_BEACON_ADDR_LIST=_yes(c.auto_addr_list),
             EPICS_CAS_SERVER_PORT=str(cfg.ca_bridge.ca_server_port or c.ca_server_port),
@@ -696,8 +712,9 @@ def process_env(cfg: EndstationConfig, process: str) -> dict[str, str]:
 def process_args(cfg: EndstationConfig, process: str) -> list[str]:
     """Command-line options of ``process`` as the endstation file sets them.
 
-    For the IOCs and the guard (the bridges read their sections with :func:`load_endstation`).
-    Options given on the command line after these override them.
+    The options are those of each process's ``--help`` (coordination, registry, queue, guard,
+    ``bridges.flat`` and ``bridges.pvws``). Options given on the command line after these
+    override them.
 
     Raises:
         ValueError: unknown process, or its section is missing.
@@ -728,6 +745,33 @@ def process_args(cfg: EndstationConfig, process: str) -> list[str]:
         if cfg.guard is None:
             raise ValueError("the endstation file has no [guard] section")
         return [*p, *pol]
+    if process == "flat":
+        if cfg.ca_bridge is None:
+            raise ValueError("the endstation file has no [ca_bridge] section")
+        client = [f"{k}={v}" for k, v in process_env(cfg, "flat").items()
+                  if k.startswith("EPICS_PVA_") and k != "EPICS_PVA_SERVER_PORT"]
+        out = [*p, "--registry-prefix", cfg.prefix, *pol]
+        for kv in client:  # device PVs through the guard, and pvcoord's services: client side
+            out += ["--upstream", kv, "--service", kv]
+        if (cfg.ca_bridge.log_level or cfg.log_level) == "DEBUG":
+            out.append("-v")
+        return out
+    if process == "pvws":
+        w = cfg.web_bridge
+        if w is None:
+            raise ValueError("the endstation file has no [web_bridge] section")
+        out = [*p, "--registry-prefix", cfg.prefix, *pol, "--host", w.listen_host,
+               "--port", str(w.listen_port), "--auth", w.auth, "--user-header",
+               w.trusted_proxy_header, "--log-level", w.log_level or cfg.log_level]
+        for proxy in w.trusted_proxies:
+            out += ["--trusted-proxy", proxy]
+        if w.writes:
+            out.append("--writes")
+        if w.password_file:
+            out += ["--password-file", w.password_file]
+        if cfg.tls is not None:
+            out.append("--secure-cookies")  # users reach it through nginx's https
+        return out
     raise ValueError(f"no command-line options for process {process!r}")
 
 
@@ -784,14 +828,15 @@ def to_toml(data: dict[str, Any]) -> str:
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, list | tuple):
-            return "[" + ", ".join(val(x) for x in v) + "]"
+            items: list[Any] = list(v)  # pyright: ignore[reportUnknownArgumentType]
+            return "[" + ", ".join(val(x) for x in items) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
     lines: list[str] = []
 
     def table(path: list[str], d: dict[str, Any]) -> None:
         scalars = {k: v for k, v in d.items() if v is not None and not isinstance(v, dict)}
-        subs = {k: v for k, v in d.items() if isinstance(v, dict)}
+        subs: dict[str, dict[str, Any]] = {k: v for k, v in d.items() if isinstance(v, dict)}
         if path and (scalars or not subs):
             lines.extend(["", f"[{'.'.join(path)}]"])
         lines.extend(f"{k} = {val(v)}" for k, v in scalars.items())
@@ -800,3 +845,44 @@ def to_toml(data: dict[str, Any]) -> str:
 
     table([], data)
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+UNIT_OF = {"coordination": "pvcoord-coordination", "registry": "pvcoord-registry",
+           "queue": "pvcoord-queue", "guard": "pvcoord-guard", "flat": "pvcoord-flat",
+           "pvws": "pvcoord-pvws"}
+"""systemd unit template (``NAME@.service``) of each process."""
+
+
+def install_facts(path: str | Path) -> dict[str, Any]:
+    """What installing the endstation file at ``path`` involves (``pvcoord config show``).
+
+    Returns:
+        ``instance``, ``prefix``, ``processes``, ``units`` (``pvcoord-X@INSTANCE.service``),
+        ``deliver`` (files the file names by a relative path: delivered next to it), ``web``
+        (nginx settings, or ``None`` without ``[web_bridge]``).
+
+    Raises:
+        EndstationError: the file is not valid (as :func:`load_endstation`).
+    """
+    cfg = load_endstation(path, deep=True)
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    rel: list[str] = []
+    for section, keys in (("files", ("policy", "registry")),
+                          ("queue_server", ("public_key_file",)),
+                          ("guard", ("gateway_config", "access", "pvlist"))):
+        for k in keys:
+            v = raw.get(section, {}).get(k)
+            if isinstance(v, str) and v and not Path(v).is_absolute():
+                rel.append(v)
+    web = None
+    if cfg.web_bridge is not None and cfg.tls is not None:
+        w = cfg.web_bridge
+        web = {"upstream": f"{w.listen_host}:{w.listen_port}", "server_name": w.server_name,
+               "https_port": w.https_port, "user_header": w.trusted_proxy_header,
+               "tls_certificate": cfg.tls.certificate, "tls_key": cfg.tls.key}
+    return {
+        "instance": cfg.instance, "prefix": cfg.prefix, "processes": cfg.processes(),
+        "units": [f"{UNIT_OF[p]}@{cfg.instance}.service" for p in cfg.processes()],
+        "templates": [f"{UNIT_OF[p]}@.service" for p in cfg.processes()],
+        "deliver": sorted(set(rel)), "web": web,
+    }

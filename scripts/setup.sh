@@ -19,10 +19,13 @@ if ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
 fi
 
-# Debian packages the tests use: Chromium and its WebDriver (browser tests of the web client).
+# Debian packages the tests use: Chromium and its WebDriver (browser tests of the web client) ...
 debs=()
 [ -x /usr/bin/chromium ] || debs+=(chromium)
 [ -x /usr/bin/chromedriver ] || debs+=(chromium-driver)
+# ... and Debian's nginx with openssl for a throwaway certificate (tests/test_deploy_nginx.py)
+[ -x /usr/sbin/nginx ] || debs+=(nginx-light)
+command -v openssl >/dev/null || debs+=(openssl)
 if [ "${#debs[@]}" -gt 0 ] && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}" >/dev/null
 fi

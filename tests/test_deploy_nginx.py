@@ -9,7 +9,8 @@ the page + wss test also runs against ``python -m bridges.pvws`` when that modul
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import http.client
 import importlib.util
 import json
 import os
@@ -21,10 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import aiohttp
 import jinja2
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
+from pvcoord.demo.devices import write_registry
 from pvcoord.procs import LOOPBACK, ManagedProcess, free_port, wait_until
 from pvdb.endstation import to_toml
 
@@ -36,7 +39,17 @@ STANDIN = REPO / "tests" / "web_standin.py"
 USER, PASSWORD = "alice", "correct horse"
 HEADER = "X-Remote-User"
 TIMEOUT = 20.0
-PAGE = "<!doctype html><title>pvcoord web client</title><p id=marker>beamline page</p>\n"
+PAGE = """<!doctype html><title>pvcoord web client</title><p id=marker>beamline page</p>
+<p id=ws>connecting</p>
+<script>
+const ws = new WebSocket("wss://" + location.host + "/pvws/pv");
+ws.onopen = () => ws.send(JSON.stringify({type: "whoami"}));
+ws.onmessage = (e) => {
+  document.getElementById("ws").textContent = "user " + JSON.parse(e.data).user;
+};
+ws.onerror = () => { document.getElementById("ws").textContent = "error"; };
+</script>
+"""
 
 
 def port_open(port: int) -> bool:
@@ -54,11 +67,13 @@ def start_backend(kind: str, d: Path, port: int) -> ManagedProcess:
     if kind == "standin":
         argv = [sys.executable, str(STANDIN), "--port", str(port), "--static", str(d / "www"),
                 "--user-header", HEADER]
-    else:
+    else:  # the real web bridge, configured by an endstation file as its unit does
+        write_registry("TWEB:", d / "registry.yaml")
         cfg = d / "endstation.toml"
         cfg.write_text(to_toml({
             "prefix": "TWEB:", "files": {"registry": "registry.yaml"},
-            "web_bridge": {"listen_host": LOOPBACK, "listen_port": port},
+            "web_bridge": {"listen_host": LOOPBACK, "listen_port": port, "auth": "header",
+                           "trusted_proxies": [LOOPBACK]},
             "tls": {"certificate": str(d / "cert.pem"), "key": str(d / "key.pem")},
         }))
         argv = [sys.executable, "-m", "bridges.pvws", "--config", str(cfg)]
@@ -82,7 +97,7 @@ class Front:
             pvcoord_name="bl-test", pvcoord_server_name="localhost", pvcoord_listen_prefix=
             f"{LOOPBACK}:", pvcoord_https_port=self.https, pvcoord_http_port=self.http,
             pvcoord_tls_certificate=d / "cert.pem", pvcoord_tls_key=d / "key.pem",
-            pvcoord_htpasswd_file=d / "htpasswd", pvcoord_user_header=HEADER,
+            pvcoord_htpasswd=d / "htpasswd", pvcoord_user_header=HEADER,
             pvcoord_web_upstream=f"{LOOPBACK}:{backend_port}",
         )
         (d / f"site-{self.https}.conf").write_text(site)
@@ -151,69 +166,82 @@ def standin_front(site_dir):
         backend.stop()
 
 
-AUTH = {"Authorization": aiohttp.encode_basic_auth(USER, PASSWORD)}
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
 
 
-async def _get(front: Front, path: str, **kw) -> tuple[int, str, dict]:
-    async with aiohttp.ClientSession() as s, s.get(front.url(path), ssl=front.ssl,
-                                                   allow_redirects=False, **kw) as r:
-        return r.status, await r.text(), dict(r.headers)
+AUTH = basic(USER, PASSWORD)
 
 
-async def _ws(front: Front, messages: list[str], **kw) -> list[str]:
+def _get(front: Front, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict]:
+    conn = http.client.HTTPSConnection("localhost", front.https, context=front.ssl,
+                                       timeout=TIMEOUT)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read().decode(), dict(r.getheaders())
+    finally:
+        conn.close()
+
+
+def _ws(front: Front, messages: list[str], headers: dict[str, str] | None = None) -> list[str]:
     out = []
-    async with aiohttp.ClientSession() as s, s.ws_connect(
-            front.url("/pvws/pv", "wss"), ssl=front.ssl, timeout=aiohttp.ClientWSTimeout(
-                ws_close=5), **kw) as ws:
+    with ws_connect(front.url("/pvws/pv", "wss"), ssl=front.ssl, additional_headers=headers,
+                    proxy=None, open_timeout=TIMEOUT, close_timeout=5) as ws:
         for m in messages:
-            await ws.send_str(m)
-            reply = await ws.receive(timeout=TIMEOUT)
-            assert reply.type == aiohttp.WSMsgType.TEXT, reply
-            out.append(reply.data)
+            ws.send(m)
+            out.append(str(ws.recv(timeout=TIMEOUT)))
     return out
 
 
 def test_page_over_https_and_websocket_over_wss(standin_front):
-    status, text, headers = asyncio.run(_get(standin_front, "/", headers=AUTH))
+    status, text, headers = (_get(standin_front, "/", headers=AUTH))
     assert status == 200 and "beamline page" in text
     assert "max-age" in headers.get("Strict-Transport-Security", "")
     echo = json.dumps({"type": "echo", "body": "through nginx"})
-    assert asyncio.run(_ws(standin_front, [echo], headers=AUTH)) == [echo]
+    assert (_ws(standin_front, [echo], headers=AUTH)) == [echo]
 
 
 def test_nothing_reaches_the_bridge_without_authentication(standin_front):
-    before = json.loads(asyncio.run(_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
-    assert asyncio.run(_get(standin_front, "/"))[0] == 401
-    wrong = {"Authorization": aiohttp.encode_basic_auth(USER, "wrong")}
-    assert asyncio.run(_get(standin_front, "/pvws/whoami", headers=wrong))[0] == 401
-    with pytest.raises(aiohttp.WSServerHandshakeError) as e:
-        asyncio.run(_ws(standin_front, []))
-    assert e.value.status == 401
-    after = json.loads(asyncio.run(_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
+    before = json.loads((_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
+    assert (_get(standin_front, "/"))[0] == 401
+    wrong = basic(USER, "wrong")
+    assert (_get(standin_front, "/pvws/whoami", headers=wrong))[0] == 401
+    with pytest.raises(InvalidStatus) as e:
+        _ws(standin_front, [])
+    assert e.value.response.status_code == 401
+    after = json.loads((_get(standin_front, "/pvws/whoami", headers=AUTH))[1])
     assert after["requests"] == before["requests"] + 1, "only the two authenticated whoami"
 
 
 def test_user_name_comes_only_from_nginx(standin_front):
     spoof = {HEADER: "mallory"}
-    _, text, _ = asyncio.run(_get(standin_front, "/pvws/whoami", headers={**AUTH, **spoof}))
+    _, text, _ = (_get(standin_front, "/pvws/whoami", headers={**AUTH, **spoof}))
     got = json.loads(text)
     assert got["user"] == USER and got["peer"] == LOOPBACK
     whoami = json.dumps({"type": "whoami"})
-    [reply] = asyncio.run(_ws(standin_front, [whoami], headers={**AUTH, **spoof}))
+    [reply] = (_ws(standin_front, [whoami], headers={**AUTH, **spoof}))
     assert json.loads(reply)["user"] == USER
 
 
 def test_plain_http_redirects_to_https(standin_front):
-    async def get() -> tuple[int, str]:
-        async with aiohttp.ClientSession() as s, s.get(
-                f"http://localhost:{standin_front.http}/pvws/", allow_redirects=False) as r:
-            return r.status, r.headers.get("Location", "")
-    status, location = asyncio.run(get())
+    conn = http.client.HTTPConnection("localhost", standin_front.http, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/pvws/")
+        r = conn.getresponse()
+        status, location = r.status, r.getheader("Location", "")
+    finally:
+        conn.close()
     assert status == 301 and location.startswith(f"https://localhost:{standin_front.https}/")
 
 
 def test_real_web_bridge_behind_nginx(site_dir):
-    if importlib.util.find_spec("bridges.pvws") is None:
+    try:
+        runnable = importlib.util.find_spec("bridges.pvws.__main__") is not None
+    except ModuleNotFoundError:
+        runnable = False
+    if not runnable:
         pytest.skip("bridges.pvws is not in this tree yet (built on another branch)")
     port = free_port()
     backend = start_backend("pvws", site_dir, port)
@@ -221,9 +249,42 @@ def test_real_web_bridge_behind_nginx(site_dir):
     try:
         front = Front(site_dir, port)
         echo = json.dumps({"type": "echo", "body": "through nginx"})
-        assert asyncio.run(_ws(front, [echo], headers=AUTH)) == [echo]
-        assert asyncio.run(_get(front, "/pvws/", headers=AUTH))[0] == 200
+        assert (_ws(front, [echo], headers=AUTH)) == [echo]
+        assert _get(front, "/", headers=AUTH)[0] == 200
     finally:
         if front is not None:
             front.proc.stop()
         backend.stop()
+
+
+def test_browser_loads_the_page_over_https_and_its_websocket_works(standin_front, tmp_path):
+    """Real Chromium (headless): the page loads over https, its own JS opens wss through nginx."""
+    from selenium import webdriver  # only this test drives a browser
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.fail("chromium / chromium-driver not installed (Debian packages)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              f"--user-data-dir={tmp_path / 'profile'}",
+              # the throwaway certificate is not in the browser's store; the clients above check
+              # the chain against it
+              "--ignore-certificate-errors"):
+        opts.add_argument(a)
+    service = webdriver.ChromeService(executable_path=driver_path)
+    driver = webdriver.Chrome(options=opts, service=service)
+    try:
+        driver.set_page_load_timeout(TIMEOUT)
+        login = f"{USER}:{PASSWORD.replace(' ', '%20')}"
+        driver.get(f"https://{login}@localhost:{standin_front.https}/")
+        assert driver.find_element(By.ID, "marker").text == "beamline page"
+        WebDriverWait(driver, TIMEOUT).until(
+            lambda d: d.find_element(By.ID, "ws").text != "connecting")
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert driver.find_element(By.ID, "ws").text == f"user {USER}"
+    finally:
+        driver.quit()

@@ -4,6 +4,7 @@ error), and what each process gets from it (``--config``). Pure: no processes.""
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 from pathlib import Path
@@ -201,3 +202,43 @@ def test_config_argv_bad_file_exits_2_with_the_errors(station, capsys):
         config_argv("coordination", ["--config", str(station)], {})
     assert e.value.code == 2
     assert "coordination.events_tail" in capsys.readouterr().err
+
+
+def test_every_process_parses_its_options_from_the_file(station, monkeypatch):
+    from bridges.guard.config import GuardConfigError, load_guard_config
+    from iocs.coordination.__main__ import parse_args as coordination_args
+    from iocs.queue.__main__ import parse_args as queue_args
+    from iocs.registry.__main__ import parse_args as registry_args
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # config_argv sets EPICS_* here
+    a = coordination_args(["--config", str(station)])
+    assert (a.prefix, a.events_tail) == ("BL01:", 50) and a.store.startswith("sqlite:////var")
+    a = registry_args(["--config", str(station), "--check-period", "2"])
+    assert a.registry == str(station.parent / "registry.yaml") and a.check_period == 2.0
+    a = queue_args(["--config", str(station)])
+    assert a.zmq_info == "tcp://127.0.0.1:60625" and a.redis == "redis://127.0.0.1:6379/0"
+    assert os.environ["EPICS_PVAS_SERVER_PORT"] == "5078"
+    gw = load_guard_config(station)
+    assert [s.interface for s in gw.servers] == [["10.0.1.5"]]
+    assert gw.guard.coordination is not None and gw.guard.coordination.addrlist == "10.0.1.255"
+    assert gw.guard.policy == str(station.parent / "policy.toml")
+    station.write_text(station.read_text().replace("stale_after = 2.0", "stale_after = -1"))
+    with pytest.raises(GuardConfigError) as e:
+        load_guard_config(station)
+    assert "guard.stale_after" in str(e.value)
+
+
+def test_bridge_options_from_the_file(station):
+    cfg = load_endstation(station)
+    flat = process_args(cfg, "flat")
+    assert flat[:4] == ["--prefix", "BL01:", "--registry-prefix", "BL01:"]
+    assert "EPICS_PVA_ADDR_LIST=10.0.1.255" in flat and "EPICS_PVA_BROADCAST_PORT=5076" in flat
+    assert flat.count("--upstream") == flat.count("--service") >= 3
+    web = process_args(cfg, "pvws")
+    pairs = dict(zip(web[::2], web[1::2], strict=False))
+    assert pairs["--host"] == "127.0.0.1" and pairs["--port"] == "8080"
+    assert pairs["--auth"] == "header" and pairs["--user-header"] == "X-Remote-User"
+    assert "--writes" in web and "--secure-cookies" in web and "--trusted-proxy" in web
+    env = {"PVCOORD_WEB_PASSWORD_FILE": "/run/credentials/x/web-users"}
+    argv = config_argv("pvws", ["--config", str(station)], env)
+    assert argv[argv.index("--password-file") + 1] == "/run/credentials/x/web-users"

@@ -255,7 +255,7 @@ def write_files(ctx: DemoContext) -> None:
     ctx.files["registry"] = devices.write_registry(ctx.prefix, ctx.run_dir / "registry.yaml")
     ctx.files["policy"] = write_policy(ctx.run_dir / "policy.toml")
     ctx.files["store"] = _store_dir(ctx.run_dir / "store") / "locks.sqlite"
-    from pvcoord.demo.endstation_file import write_endstation  # noqa: PLC0415
+    from pvcoord.demo.endstation_file import write_endstation
 
     ctx.files["endstation"] = write_endstation(ctx, ctx.run_dir / "endstation.toml")
 

@@ -155,7 +155,7 @@ class Walkthrough:
         g = self.me.acquire(m1, LockType.MANUAL_OPERATOR, 120, "align")
         self.keys[m1] = g.key
         self.result(f"granted {','.join(g.devices)}: {g.message}")
-        self.cmd("identity 1", self.me_shown("status"))
+        self.cmd("identity 1", self.me_shown("locks"))
         locks = self.me.locks()
         self.result(locks_table(locks))
         row = self.lock_row(m1)
@@ -210,7 +210,7 @@ class Walkthrough:
         except TimeoutError as e:
             raise StepFailedError(str(e)) from None
         ev = [e for e in self.me.events() if e.device == m3 and e.action is EventAction.EXPIRED]
-        self.cmd("identity 1", self.me_shown("status", "--events", "1"))
+        self.cmd("identity 1", self.me_shown("locks", "--events", "1"))
         self.result(f"{m3} left Coord:Locks {time.time() - t0:.1f} s after the grant "
                     f"(lease end + {max(0.0, time.time() - g.expires):.1f} s)")
         if not ev:
@@ -239,7 +239,7 @@ class Walkthrough:
         self.cmd("demo", f"kill -9 {proc.pid}   # the coordination IOC; then start it again")
         new = self.ctx.restart("coordination", kill=True)
         self.result(f"coordination IOC restarted as pid {new.pid}")
-        self.cmd("identity 1", self.me_shown("status"))
+        self.cmd("identity 1", self.me_shown("locks"))
         after = self.lock_row(m4)
         self.result(locks_table(self.me.locks()))
         if before is None or after is None:

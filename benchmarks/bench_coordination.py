@@ -13,7 +13,7 @@ Prints, for each size N in ``--sizes`` (N devices, all but the five measured one
   appendfsync always), and the ratios: each RPC to one echo, the pair to two echos;
 - sustained acquire+release rate with 1 and 4 client threads (4 shows the group commit);
 - time from a lock change (RPC sent) to its arrival at each count of ``--subscribers`` of
-  ``Coord:m0:State`` (processes of at most 100 PVA contexts each) and at one subscriber of
+  ``Coord:m0:State`` (processes of at most 50 PVA contexts each) and at one subscriber of
   ``Coord:Locks``, p50 / p99 / max;
 - the op cost at the largest size against the smallest.
 
@@ -53,6 +53,8 @@ from pvdb import names as pvn  # noqa: E402
 
 PREFIX = "BENCH:"
 ECHO = "BENCH:Echo"
+PER_PROCESS = 50
+"""Subscriber contexts per fan-out process."""
 POLICY = '[access]\nforce_release = ["root"]\n[lock_types.MANUAL_OPERATOR]\nallow = ["*"]\n'
 
 
@@ -120,11 +122,11 @@ def fanout(env, tmp: Path, procs: list, pv: str, n: int, changes: int, acq: str,
            tag: str) -> list[float]:
     """Latencies (s) from sending a lock change of m0 to its arrival at ``n`` subscribers."""
     outs, subs = [], []
-    for j in range(0, n, 100):
+    for j in range(0, n, PER_PROCESS):
         out = tmp / f"fan-{tag}-{n}-{j}.json"
         sub = ManagedProcess(f"subs-{tag}-{n}-{j}", [
             sys.executable, str(REPO / "benchmarks/fanout_subscribers.py"), pv,
-            str(min(100, n - j)), str(out)], env, log_dir=tmp)
+            str(min(PER_PROCESS, n - j)), str(out)], env, log_dir=tmp)
         procs.append(sub)
         outs.append(out)
         subs.append(sub)

@@ -210,7 +210,7 @@ def test_group_commit_every_commit_durable_with_fewer_fsyncs(path, monkeypatch):
     assert errors == []
     total = n_threads * per_thread
     print(f"{total} commits, {len(calls)} fsyncs")
-    assert 0 < len(calls) <= total
+    assert 0 < len(calls) < total  # requests in flight shared fsyncs
     assert store._synced == store._written == total  # noqa: SLF001
     store.close()
 

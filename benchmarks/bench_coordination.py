@@ -74,6 +74,23 @@ def uri(name: str, **kws: str):
     return NTURI([(k, "s") for k in kws]).wrap(name, kws=kws)
 
 
+def fsync_floor(directory: Path, n: int = 200) -> list[float]:
+    """Seconds of one 4 KiB append + fsync in ``directory`` (the store's disk), ``n`` times."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    out = []
+    try:
+        for _ in range(n):
+            os.write(fd, b"\0" * 4096)
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            out.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return out
+
+
 def rpc_pairs(env, acq: str, rel: str, pairs: int) -> tuple[list, list, list, list]:
     """Interleaved echo, acquire, release of m0: (echo, acquire, release, pair) times in s."""
     echo_t, pair_t, acq_t, rel_t = [], [], [], []
@@ -183,6 +200,7 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
                            timeout="3600"), timeout=30)
         held = len(c.get(pvn.COORD_LOCKS.name(PREFIX), timeout=10).value.device)
     echo_t, acq_t, rel_t, pair_t = rpc_pairs(env, acq, rel, a.pairs)
+    fs = fsync_floor(tmp)
     r1, r4 = rate(env, acq, rel, 1), rate(env, acq, rel, 4)
     fan = {n: fanout(env, tmp, procs, pvn.COORD_DEVICE_STATE.name(PREFIX, "m0"), n, a.changes,
                      acq, rel, f"{n_dev}") for n in a.subscribers}
@@ -190,8 +208,8 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
                        f"{n_dev}-locks")
     coord.stop()
     return {"n": n_dev, "held": held, "t_locks": t_locks, "t_last": t_last, "echo": echo_t,
-            "acq": acq_t, "rel": rel_t, "pair": pair_t, "rate1": r1, "rate4": r4, "fan": fan,
-            "fan_locks": fan_locks}
+            "acq": acq_t, "rel": rel_t, "pair": pair_t, "fsync": fs, "rate1": r1, "rate4": r4,
+            "fan": fan, "fan_locks": fan_locks}
 
 
 def main() -> None:  # noqa: D103
@@ -252,6 +270,11 @@ def main() -> None:  # noqa: D103
         print(f"ratio acquire / echo:    {statistics.median(acq_t) / e_med:.2f}x")
         print(f"ratio release / echo:    {statistics.median(rel_t) / e_med:.2f}x")
         print(f"ratio pair / two echos:  {p_med / (2 * e_med):.2f}x   (target <= 1.3x)")
+        f_med = statistics.median(res["fsync"])
+        print(f"fsync floor (4 KiB append + fsync on the store's disk): median {ms(f_med)}  "
+              f"p99 {ms(pct(res['fsync'], .99))}")
+        if a.store == "sqlite":
+            print(f"ratio pair / (two echos + two fsyncs): {p_med / (2 * e_med + 2 * f_med):.2f}x")
         print(f"sustained pairs/s:       1 client {res['rate1']:.0f}/s, "
               f"4 clients {res['rate4']:.0f}/s")
         for n, lat in res["fan"].items():

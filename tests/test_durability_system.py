@@ -29,6 +29,7 @@ from pvcoord.procs import (
     redis_server_path,
     server_env,
     start_redis,
+    wait_for_pv,
     wait_until,
 )
 from pvcoord.store import RedisStore, SQLiteStore
@@ -431,7 +432,7 @@ def _fuzz_request(rnd: random.Random):
 
 
 PUT_VALUES = {
-    pvn.PVKind.NTTABLE: {"value.device": ["m9"]}, pvn.PVKind.NTENUM: {"value.index": 2},
+    pvn.PVKind.NTTABLE: {"labels": ["x"]}, pvn.PVKind.NTENUM: {"value.index": 2},
     pvn.PVKind.STRING: "x", pvn.PVKind.DOUBLE: 1.5, pvn.PVKind.INT: 7,
     pvn.PVKind.STRING_ARRAY: ["m9"], pvn.PVKind.DOUBLE_ARRAY: [1.0],
 }
@@ -496,6 +497,48 @@ def test_fuzz_every_rpc_and_pv_no_crash_no_change(tmp_path):
         assert "Traceback" not in proc.output()
     finally:
         proc.stop()
+
+
+def test_fuzz_registry_lookup_and_pvs_no_crash_no_change(tmp_path):
+    """The registry IOC's RPC and PVs get the same malformed requests and refused puts."""
+    from pvcoord.demo.devices import write_registry
+
+    env = loopback_env()
+    reg = ManagedProcess("registry", python_module(
+        "iocs.registry", "--prefix", PREFIX, "--registry",
+        str(write_registry(PREFIX, tmp_path / "registry.yaml"))), server_env(env), cwd=REPO,
+        log_dir=tmp_path)
+    lookup = pvn.REGISTRY_LOOKUP.name(PREFIX)
+    others = [x for x in pvn.REGISTRY_PVS if x.kind != pvn.PVKind.RPC]
+    wrong: list[str] = []
+    try:
+        before = wait_for_pv(pvn.REGISTRY_DEVICES.name(PREFIX), env, procs=[reg])
+        base_rss, base_fds = _rss_fds(reg.pid)
+        rnd = random.Random(5)
+        n = FUZZ_PER_THREAD * 2
+        with Context("pva", conf=client_conf(env), useenv=False) as c:
+            for _ in range(n):
+                req = _fuzz_request(rnd)
+                r = c.rpc(lookup, req, timeout=CLIENT_TIMEOUT, throw=False)
+                if not isinstance(r, RemoteError):
+                    wrong.append(f"Lookup {req} -> {r!r}")
+                target = rnd.choice(others)
+                try:
+                    c.put(target.name(PREFIX), PUT_VALUES[target.kind], timeout=CLIENT_TIMEOUT)
+                    wrong.append(f"put {target.suffix} accepted")
+                except RemoteError:
+                    pass
+            after = c.get(pvn.REGISTRY_DEVICES.name(PREFIX), timeout=CLIENT_TIMEOUT)
+        assert reg.alive(), reg.output()[-3000:]
+        assert wrong == []
+        assert list(after.value.name) == list(before.value.name)
+        rss, fds = _rss_fds(reg.pid)
+        print(f"registry fuzz: {n} requests + puts; RSS {base_rss} -> {rss} kB, fds {base_fds}"
+              f" -> {fds}")
+        assert rss - base_rss < 30_000 and fds <= base_fds + 8
+        assert "Traceback" not in reg.output()
+    finally:
+        reg.stop()
 
 
 # --- soak -----------------------------------------------------------------------------------------

@@ -347,8 +347,8 @@ class CoordinationIOC:
     def tick(self, second: bool) -> None:
         """Periodic work: expiry, flushing the store; once a second heartbeat, remaining times."""
         self.table.expire()
+        self.wait_published()  # Coord:Locks right after the per-device PVs, then the fsync
         self.table.flush()
-        self.wait_published()
         self.flush_events()
         if second:
             self.table.check_store()

@@ -13,7 +13,7 @@ Prints, for each size N in ``--sizes`` (N devices, all but the five measured one
   appendfsync always), and the ratios: each RPC to one echo, the pair to two echos;
 - sustained acquire+release rate with 1 and 4 client threads (4 shows the group commit);
 - time from a lock change (RPC sent) to its arrival at each count of ``--subscribers`` of
-  ``Coord:m0:State`` (processes of at most 100 PVA contexts each) and at one subscriber of
+  ``Coord:m0:State`` (processes of at most 50 PVA contexts each) and at one subscriber of
   ``Coord:Locks``, p50 / p99 / max;
 - the op cost at the largest size against the smallest.
 
@@ -54,6 +54,8 @@ from pvdb import names as pvn  # noqa: E402
 
 PREFIX = "BENCH:"
 ECHO = "BENCH:Echo"
+PER_PROCESS = 50
+"""Subscriber contexts per fan-out process."""
 POLICY = '[access]\nforce_release = ["root"]\n[lock_types.MANUAL_OPERATOR]\nallow = ["*"]\n'
 
 
@@ -71,6 +73,23 @@ def ms(x: float) -> str:
 def uri(name: str, **kws: str):
     """NTURI with string args, as pvcall sends."""
     return NTURI([(k, "s") for k in kws]).wrap(name, kws=kws)
+
+
+def fsync_floor(directory: Path, n: int = 200) -> list[float]:
+    """Seconds of one 4 KiB append + fsync in ``directory`` (the store's disk), ``n`` times."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    out = []
+    try:
+        for _ in range(n):
+            os.write(fd, b"\0" * 4096)
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            out.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return out
 
 
 def rpc_pairs(env, acq: str, rel: str, pairs: int) -> tuple[list, list, list, list]:
@@ -121,11 +140,11 @@ def fanout(env, tmp: Path, procs: list, pv: str, n: int, changes: int, acq: str,
            tag: str) -> list[float]:
     """Latencies (s) from sending a lock change of m0 to its arrival at ``n`` subscribers."""
     outs, subs = [], []
-    for j in range(0, n, 100):
+    for j in range(0, n, PER_PROCESS):
         out = tmp / f"fan-{tag}-{n}-{j}.json"
         sub = ManagedProcess(f"subs-{tag}-{n}-{j}", [
             PYTHON, str(REPO / "benchmarks/fanout_subscribers.py"), pv,
-            str(min(100, n - j)), str(out)], env, log_dir=tmp)
+            str(min(PER_PROCESS, n - j)), str(out)], env, log_dir=tmp)
         procs.append(sub)
         outs.append(out)
         subs.append(sub)
@@ -182,6 +201,7 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
                            timeout="3600"), timeout=30)
         held = len(c.get(pvn.COORD_LOCKS.name(PREFIX), timeout=10).value.device)
     echo_t, acq_t, rel_t, pair_t = rpc_pairs(env, acq, rel, a.pairs)
+    fs = fsync_floor(tmp)
     r1, r4 = rate(env, acq, rel, 1), rate(env, acq, rel, 4)
     fan = {n: fanout(env, tmp, procs, pvn.COORD_DEVICE_STATE.name(PREFIX, "m0"), n, a.changes,
                      acq, rel, f"{n_dev}") for n in a.subscribers}
@@ -189,8 +209,8 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
                        f"{n_dev}-locks")
     coord.stop()
     return {"n": n_dev, "held": held, "t_locks": t_locks, "t_last": t_last, "echo": echo_t,
-            "acq": acq_t, "rel": rel_t, "pair": pair_t, "rate1": r1, "rate4": r4, "fan": fan,
-            "fan_locks": fan_locks}
+            "acq": acq_t, "rel": rel_t, "pair": pair_t, "fsync": fs, "rate1": r1, "rate4": r4,
+            "fan": fan, "fan_locks": fan_locks}
 
 
 def main() -> None:
@@ -251,6 +271,11 @@ def main() -> None:
         print(f"ratio acquire / echo:    {statistics.median(acq_t) / e_med:.2f}x")
         print(f"ratio release / echo:    {statistics.median(rel_t) / e_med:.2f}x")
         print(f"ratio pair / two echos:  {p_med / (2 * e_med):.2f}x   (target <= 1.3x)")
+        f_med = statistics.median(res["fsync"])
+        print(f"fsync floor (4 KiB append + fsync on the store's disk): median {ms(f_med)}  "
+              f"p99 {ms(pct(res['fsync'], .99))}")
+        if a.store == "sqlite":
+            print(f"ratio pair / (two echos + two fsyncs): {p_med / (2 * e_med + 2 * f_med):.2f}x")
         print(f"sustained pairs/s:       1 client {res['rate1']:.0f}/s, "
               f"4 clients {res['rate4']:.0f}/s")
         for n, lat in res["fan"].items():

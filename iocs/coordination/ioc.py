@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import grp
 import logging
 import os
@@ -42,6 +43,12 @@ NAME_CHECK_TIMEOUT = 0.5
 """Seconds the IOC looks for another server of its ``Coord:Authority`` before it serves."""
 _LOCK_ROW_FIELDS = tuple(name for name, _ in pvn.LOCKS_COLUMNS)
 _NUMERIC = {"i": np.int32, "d": np.float64}
+
+
+@functools.cache
+def _nt_scalar(code: str, display: bool) -> NTScalar:
+    """One NTScalar per (type code, display): building its Type is the costly part of a PV."""
+    return NTScalar(code, display=display)
 
 
 class AuthorityClashError(RuntimeError):
@@ -164,7 +171,7 @@ class CoordinationIOC:
 
     @staticmethod
     def _scalar(code: str, initial: object, units: str = "") -> SharedPV:
-        nt = NTScalar(code, display=bool(units))
+        nt = _nt_scalar(code, bool(units))
         v = nt.wrap(initial, timestamp=time.time())
         if units:
             v["display.units"] = units
@@ -187,6 +194,9 @@ class CoordinationIOC:
                 pvn.COORD_DEVICE_EXPIRES, self._scalar("d", 0.0, units="s"), device),
         }
         self._device_pvs[device] = pvs
+        for field, v in zip(("state", "owner", "reason", "expires", "remaining"),
+                            (0, "", "", 0.0, 0.0), strict=True):
+            self._last_posted[(device, field)] = v  # the initial values: no post needed
 
     def set_devices(self, devices: Iterable[str]) -> None:
         """Accept locks for ``devices`` (from the registry) and serve their per-device PVs."""
@@ -331,8 +341,8 @@ class CoordinationIOC:
     def tick(self, second: bool) -> None:
         """Periodic work: expiry, flushing the store; once a second heartbeat, remaining times."""
         self.table.expire()
+        self.wait_published()  # Coord:Locks right after the per-device PVs, then the fsync
         self.table.flush()
-        self.wait_published()
         self.flush_events()
         if second:
             self.table.check_store()

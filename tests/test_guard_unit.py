@@ -121,9 +121,10 @@ def test_device_map_exact_record_and_prefix():
     assert only_pvs.device_of(SP2) is None
     assert m.device_of(demo.MOTOR_SIM_MOVING.name(P, device=M2)) == M2  # by pvPrefix
     assert m.device_of(SHUTTER_CMD) is None
-    # a prefix claimed by two devices is ambiguous and ignored
+    # a prefix claimed by two devices is a registry error: the map is not known (fail closed)
     amb = DeviceMap([], [(M1, P), (M2, P)], known=True)
     assert amb.device_of(SP1) is None
+    assert not amb.known and "prefix_claimed_twice" in amb.why_unknown
 
 
 def test_parse_locks_columns():

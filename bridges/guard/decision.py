@@ -19,12 +19,13 @@ Rules (DESIGN section 5):
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from pvdb.devicemap import DeviceMap as PvdbDeviceMap
+from pvdb.devicemap import DeviceMapError
 from pvdb.models import BEAMLINE
 from pvdb.policy import Policy
 
@@ -124,15 +125,15 @@ def parse_locks(columns: Mapping[str, Sequence[object]]) -> dict[str, HeldLock]:
 
 
 class DeviceMap:
-    """PV name -> device, from ``Registry:DevicePVs`` (and ``pvPrefix`` of ``Registry:Devices``).
+    """PV name -> device for the guard: :class:`pvdb.devicemap.DeviceMap` plus ``known``.
 
-    Lookup order for a channel name ``N``: ``N`` itself; its record name (``N`` up to the first
-    ``.``, ``$``, ``[`` or ``{``, so ``m1.VAL``, ``m1.VAL[0]``, ``m1.VAL{"ts":{}}`` and ``m1`` are
-    the same device); the longest device
-    ``pvPrefix`` that ``N`` starts with (prefixes shared by several devices are ignored).
+    Built from ``Registry:DevicePVs`` rows ``(pv, device)`` and ``Registry:Devices`` rows
+    ``(device, pvPrefix)``; the lookup rules (exact PV, its record name, longest prefix; braces
+    inside names are ordinary characters) are pvdb's, the same as the registry's Lookup.
 
     ``known`` is False until both registry tables were received and readable; ``why_unknown``
-    then says what is missing or wrong (writes are refused meanwhile: fail closed).
+    then says what is missing or wrong (writes are refused meanwhile: fail closed). A registry
+    that gives one PV or prefix to two devices is not known either (``why_unknown`` names them).
     """
 
     def __init__(
@@ -142,51 +143,20 @@ class DeviceMap:
         known: bool = False,
         why_unknown: str = "registry PV list not received",
     ) -> None:
+        try:
+            self._map = PvdbDeviceMap(pv_rows, prefixes)
+        except DeviceMapError as e:
+            self._map = PvdbDeviceMap()
+            known, why_unknown = False, f"registry rejected: {e}"
         self.known = known
         self.why_unknown = "" if known else why_unknown
-        self._exact: dict[str, str] = {}
-        self._record: dict[str, str] = {}
-        for pv, device in pv_rows:
-            if not pv or not device:
-                continue
-            self._exact[pv] = device
-            self._record.setdefault(_record_of(pv), device)
-        by_prefix: dict[str, set[str]] = {}
-        for device, prefix in prefixes:
-            if prefix and device:
-                by_prefix.setdefault(prefix, set()).add(device)
-        self._prefixes = sorted(
-            ((p, next(iter(d))) for p, d in by_prefix.items() if len(d) == 1),
-            key=lambda pd: -len(pd[0]),
-        )
 
     def device_of(self, pv: str) -> str | None:
         """The device ``pv`` belongs to, or None."""
-        dev = self._exact.get(pv) or self._record.get(_record_of(pv))
-        if dev:
-            return dev
-        for prefix, device in self._prefixes:
-            if pv.startswith(prefix):
-                return device
-        return None
+        return self._map.device_of(pv)
 
     def __len__(self) -> int:
-        return len(self._exact)
-
-
-_RECORD = re.compile(r"[^.$\[{]+")
-
-
-def _record_of(pv: str) -> str:
-    """The record part of a channel name: everything before the first ``.``, ``$``, ``[``, ``{``.
-
-    QSRV2 accepts ``rec.FIELD``, ``rec.FIELD$`` / ``rec$`` (long string), ``rec.VAL[0]``
-    (array slice) and ``rec.VAL{"ts":{}}`` / ``rec{...}`` (JSON channel filters) for the same
-    record: all of them must map to the record's device, or a locked device could be written
-    under a decorated name (fail open).
-    """
-    m = _RECORD.match(pv)
-    return m.group(0) if m else pv
+        return len(self._map)
 
 
 @dataclass(frozen=True)

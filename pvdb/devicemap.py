@@ -124,6 +124,24 @@ class DeviceMap:
                 raise DeviceMapError("prefix_claimed_twice", prefix, (other, device))
         self._prefixes = sorted(owner.items(), key=lambda pd: -len(pd[0]))
 
+    def devices(self) -> set[str]:
+        """Every device that has an explicit PV or a prefix in this map."""
+        return set(self._pvs.values()) | {d for _, d in self._prefixes}
+
+    def restricted(self, devices: Iterable[str]) -> DeviceMap:
+        """A map of only ``devices``' PVs and prefixes (what a shrunken registry lost)."""
+        keep = set(devices)
+        return DeviceMap(
+            ((pv, d) for pv, d in self._pvs.items() if d in keep),
+            ((d, p) for p, d in self._prefixes if d in keep),
+        )
+
+    def merged(self, other: DeviceMap) -> DeviceMap:
+        """This map plus ``other``'s entries (``other`` wins for a PV or prefix in both)."""
+        pvs = {**self._pvs, **other._pvs}  # noqa: SLF001 - same class
+        prefixes = {**dict(self._prefixes), **dict(other._prefixes)}  # noqa: SLF001
+        return DeviceMap(pvs.items(), ((d, p) for p, d in prefixes.items()))
+
     def lookup(self, name: str) -> DeviceMatch | None:
         """The device channel ``name`` belongs to, or None when no device claims it."""
         ch = parse_channel(name)

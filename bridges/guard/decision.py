@@ -7,8 +7,10 @@ the PV -> device table of the registry) and the endstation policy; the output is
 Rules (DESIGN section 5):
 
 1. Registry not received (both tables) or unreadable, or lock state unknown/stale -> refused
-   (fail closed), except for the policy's ``access.emergency`` accounts. A PV the registry does
-   not map to a device does not depend on the locks: it gets the policy default
+   (fail closed), except for the policy's ``access.emergency`` accounts, and for them only
+   when no lock of another account is known (the current table, or the last one received
+   while the state is unknown): an emergency account never overrides a known lock. A PV the
+   registry does not map to a device does not depend on the locks: it gets the policy default
    (``access.unlocked_writable``) even then, but only once the registry has been received (before
    that the guard cannot tell it is not a device).
 2. Device held (by its own lock or a ``beamline`` lock) -> only the holder's account; the host
@@ -80,12 +82,22 @@ class LockState:
         known: False when the table is unknown or stale (then the guard fails closed).
         why_unknown: the reason when ``known`` is False.
         stamp: epoch seconds of the coordination IOC's update this state came from (0: none).
+        last_locks: the last table received, kept while the state is unknown (an emergency
+            account never overrides a lock the guard knew of).
     """
 
     locks: Mapping[str, HeldLock] = field(default_factory=dict)
     known: bool = False
     why_unknown: str = "lock state not received yet"
     stamp: float = 0.0
+    last_locks: Mapping[str, HeldLock] = field(default_factory=dict)
+    """The last table received (also while ``known`` is False): locks the guard knew of."""
+
+    def known_locks_on(self, device: str) -> list[HeldLock]:
+        """:meth:`locks_on` in the current table, or in the last one while unknown."""
+        if self.known:
+            return self.locks_on(device)
+        return LockState(self.last_locks, True).locks_on(device)
 
     def locks_on(self, device: str) -> list[HeldLock]:
         """The locks that apply to ``device``: its own and a ``beamline`` lock, if any."""
@@ -155,6 +167,11 @@ class DeviceMap:
         """The device ``pv`` belongs to, or None."""
         return self._map.device_of(pv)
 
+    @property
+    def pvdb_map(self) -> PvdbDeviceMap:
+        """The underlying :class:`pvdb.devicemap.DeviceMap` (empty while not known)."""
+        return self._map
+
     def __len__(self) -> int:
         return len(self._map)
 
@@ -204,6 +221,17 @@ def decide(
     if not devices.known:
         why = devices.why_unknown or "registry PV list not received"
         if emergency:
+            # which device pv is cannot be told: any known lock of another account may be it
+            others = [lk for lk in (state.locks if state.known else state.last_locks).values()
+                      if lk.account != account]
+            if others:
+                first = min(others, key=lambda lk: lk.device)
+                return Decision(
+                    False, Verdict.UNKNOWN_STATE,
+                    f"{why}; {account} is an emergency account, but {first.device} is held by "
+                    f"{first.holder} and {pv} may belong to it: an emergency account does not "
+                    "override a known lock (fail closed)", holder=first.holder,
+                    lock_type=first.lock_type, expires=first.expires, locked=True)
             return Decision(True, Verdict.EMERGENCY, f"{why}; {account} is an emergency account")
         return Decision(False, Verdict.UNKNOWN_STATE,
                         f"{why}: the guard cannot tell which device {pv} belongs to, so writes "
@@ -218,6 +246,16 @@ def decide(
                         f"{pv} belongs to no registered device and the policy is strict "
                         "(unlocked_writable = false): nobody can hold a lock for it")
     if not state.known:
+        known = [lk for lk in state.known_locks_on(device) if lk.account != account]
+        if emergency and known:
+            lk = known[0]
+            return Decision(
+                False, Verdict.UNKNOWN_STATE,
+                f"lock state unknown ({state.why_unknown}); {account} is an emergency account, "
+                f"but the last lock table received has device {device} held by {lk.holder} "
+                f"({lk.lock_type}): an emergency account does not override a known lock",
+                device=device, holder=lk.holder, lock_type=lk.lock_type, expires=lk.expires,
+                locked=True)
         if emergency:
             return Decision(True, Verdict.EMERGENCY,
                             f"lock state unknown ({state.why_unknown}); {account} is an emergency "
@@ -258,6 +296,8 @@ class LockFeed:
     def __init__(self, stale_after: float = STALE_AFTER) -> None:
         self.stale_after = stale_after
         self.locks: dict[str, HeldLock] | None = None
+        self.last_locks: dict[str, HeldLock] = {}
+        """The last table received; kept across a disconnect (never a reason to allow)."""
         self.stamp = 0.0
         self._locks_connected = False
         self._beat_connected = False
@@ -270,6 +310,7 @@ class LockFeed:
         self._locks_connected = True
         self._locks_problem = ""
         self.locks, self.stamp = locks, stamp
+        self.last_locks = dict(locks)
 
     def locks_lost(self, problem: str = "") -> None:
         """The ``Coord:Locks`` monitor disconnected, or sent something unusable (``problem``)."""
@@ -310,5 +351,5 @@ class LockFeed:
         """The :class:`LockState` to decide with at monotonic time ``now``."""
         why = self.why_unknown(now)
         if why:
-            return LockState({}, False, why, self.stamp)
-        return LockState(dict(self.locks or {}), True, "", self.stamp)
+            return LockState({}, False, why, self.stamp, dict(self.last_locks))
+        return LockState(dict(self.locks or {}), True, "", self.stamp, dict(self.last_locks))

@@ -42,6 +42,7 @@ from pvdb.guard import (
     GUARD_APPLY_LATENCY,
     GUARD_AUDIT,
     GUARD_CHANNELS,
+    GUARD_CONFIRM_REGISTRY,
     GUARD_HEALTH,
     GUARD_HEARTBEAT,
     GUARD_LAST_AUDIT,
@@ -69,6 +70,7 @@ _log_audit = logging.getLogger("bridges.guard.audit")
 _log_gw_audit = logging.getLogger("p4p.gw.audit")
 
 WHAT_IF_TYPE = Type(list(WHAT_IF_FIELDS), id="pvcoord:guard/WhatIf:1.0")
+CONFIRM_TYPE = Type([("message", "s")], id="pvcoord:guard/ConfirmRegistry:1.0")
 
 
 def service_prefixes(*prefixes: str) -> tuple[str, ...]:
@@ -299,6 +301,8 @@ class Guard:
         self.pv_audit = SharedPV(nt=self._audit_nt, initial=[], timestamp=now)
         self.pv_what_if = SharedPV(nt=NTScalar("s"), initial="RPC only", timestamp=now)
         self.pv_what_if.rpc(self._what_if)
+        self.pv_confirm = SharedPV(nt=NTScalar("s"), initial="RPC only", timestamp=now)
+        self.pv_confirm.rpc(self._confirm_registry)
         self.refused = _Counter(self.pv_refused)
         self.allowed_locked = _Counter(self.pv_allowed_locked)
         self._pvs = {
@@ -312,6 +316,7 @@ class Guard:
             GUARD_HEARTBEAT.name(p): self.pv_heartbeat,
             GUARD_AUDIT.name(p): self.pv_audit,
             GUARD_WHAT_IF.name(p): self.pv_what_if,
+            GUARD_CONFIRM_REGISTRY.name(p): self.pv_confirm,
         }
 
     # --- start / stop -------------------------------------------------------------------------
@@ -526,12 +531,17 @@ class Guard:
         state = self.core.state
         problems = []
         if not self.core.devices.known:
-            problems.append(f"{self.registry_problem() or 'registry not received'}: "
-                            "device writes refused")
+            why = self.registry_problem() or self.core.devices.why_unknown
+            problems.append(f"{why or 'registry not received'}: device writes refused")
+        withheld = self.core.withheld_devices()
+        if withheld:
+            problems.append(
+                f"locked device(s) {', '.join(withheld)} left the registry: their PVs are "
+                f"refused until confirmed ({GUARD_CONFIRM_REGISTRY.name(self.prefix)})")
         if not state.known:
             problems.append(f"lock state unknown ({state.why_unknown}): device writes refused")
         text = "; ".join(problems) or "OK"
-        ok = int(state.known and self.core.devices.known)
+        ok = int(state.known and self.core.devices.known and not withheld)
         if self.pv_health.current().raw.value != text:
             self.pv_health.post(text, timestamp=now)
         if self.pv_ok.current().raw.value != ok:
@@ -557,6 +567,26 @@ class Guard:
         return {"time": r.time, "action": r.action, "account": r.account, "host": r.host,
                 "pv": r.pv, "device": r.device, "holder": r.holder, "value": r.value[:200],
                 "message": r.message}
+
+    # --- registry confirmation ---------------------------------------------------------------
+
+    def _confirm_registry(self, pv: SharedPV, op: Any) -> None:
+        try:
+            args = _uri_args(op.value())
+            unknown = sorted(set(args) - set(GUARD_CONFIRM_REGISTRY.args))
+            if unknown:
+                raise ValueError(f"unknown argument(s) {', '.join(unknown)}; use device=d1,d2")
+            done = self.core.confirm_registry(
+                op.account(), list(op.roles()), _split(args.get("device", "")) or None)
+        except (PermissionError, ValueError, WhatIfError) as e:
+            op.done(error=str(e))
+            return
+        except Exception as e:
+            _log.exception("confirm-registry failed")
+            op.done(error=f"confirm-registry failed: {e}")
+            return
+        self._post_health()
+        op.done(CONFIRM_TYPE({"message": f"confirmed: {', '.join(done) or 'nothing withheld'}"}))
 
     # --- what-if ------------------------------------------------------------------------------
 

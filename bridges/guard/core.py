@@ -24,7 +24,7 @@ from typing import Protocol
 
 from pvdb.devicemap import DeviceMap as PvdbDeviceMap
 from pvdb.models import BEAMLINE
-from pvdb.policy import Policy
+from pvdb.policy import Policy, host_roles
 
 from .decision import (
     STALE_AFTER,
@@ -333,7 +333,9 @@ class GuardCore:
             self._apply_all()
         return sorted(names)
 
-    def _decide(self, pv: str, account: str, roles: Iterable[str] = ()) -> Decision:
+    def _decide(
+        self, pv: str, account: str, roles: Iterable[str] = (), host: str | None = None
+    ) -> Decision:
         """:func:`decide`, after the withheld devices of a shrunken registry (caller locks)."""
         if len(self._withheld.devices()) and self.devices.device_of(pv) is None:
             gone = self._withheld.device_of(pv)
@@ -343,7 +345,7 @@ class GuardCore:
                     f"device {gone} left the registry while it was locked: writes to its PVs are "
                     f"refused until an operator confirms (Guard:ConfirmRegistry device={gone})",
                     device=gone, locked=True)
-        return decide(self.policy, self._state, self.devices, pv, account, roles)
+        return decide(self.policy, self._state, self.devices, pv, account, roles, host)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -377,10 +379,12 @@ class GuardCore:
                 _log.exception("state listener failed")
         return True
 
-    def decide(self, pv: str, account: str, roles: Iterable[str] = ()) -> Decision:
-        """The lock part of the decision for ``account`` writing ``pv`` now."""
+    def decide(
+        self, pv: str, account: str, roles: Iterable[str] = (), host: str | None = None
+    ) -> Decision:
+        """The lock part of the decision for ``account`` (at ``host``) writing ``pv`` now."""
         with self._lock:
-            return self._decide(pv, account, roles)
+            return self._decide(pv, account, roles, host)
 
     # --- channels -----------------------------------------------------------------------------
 
@@ -395,6 +399,9 @@ class GuardCore:
         roles: Sequence[str],
     ) -> GuardedChannel:
         """Start enforcing on a new client channel; returns its stand-in for the ACF engine."""
+        # roles from this host's group database only: a client's claimed account that does not
+        # exist here has none (PVA would give it a group of its own name)
+        roles = sorted(host_roles(account))
         gc = GuardedChannel(self, chan, dsname, usname, account, host, peer, roles)
         with self._lock:
             self._channels[id(gc)] = gc
@@ -426,15 +433,15 @@ class GuardCore:
         for gc in list(self._channels.values()):
             if gc.acf is None:
                 continue  # the ACF engine has not decided yet; it will call access()
-            key = (gc.usname, gc.account, tuple(gc.roles))
+            key = (gc.usname, gc.account, tuple(gc.roles), gc.host)
             d = cache.get(key)
             if d is None:
-                d = cache[key] = self._decide(gc.usname, gc.account, gc.roles)
+                d = cache[key] = self._decide(gc.usname, gc.account, gc.roles, gc.host)
             self._apply(gc, d)
 
     def _apply(self, gc: GuardedChannel, d: Decision | None) -> None:
         if d is None:
-            d = self._decide(gc.usname, gc.account, gc.roles)
+            d = self._decide(gc.usname, gc.account, gc.roles, gc.host)
         acf = gc.acf or NO_GRANT
         put = acf.put and d.allowed
         grant = Grant(
@@ -471,7 +478,7 @@ class GuardCore:
             found = gc.at(line.time) if gc is not None else None
             trap = bool(gc and gc.acf and gc.acf.audit)
             if found is None:
-                d = self._decide(line.usname, line.account)
+                d = self._decide(line.usname, line.account, host_roles(line.account), line.host)
                 put, note = d.allowed, " (channel already closed: decided with the current state)"
             else:
                 (put, d), note = found, ""

@@ -13,8 +13,8 @@ Rules (DESIGN section 5):
    registry does not map to a device does not depend on the locks: it gets the policy default
    (``access.unlocked_writable``) even then, but only once the registry has been received (before
    that the guard cannot tell it is not a device).
-2. Device held (by its own lock or a ``beamline`` lock) -> only the holder's account; the host
-   part of ``account@host`` is recorded but does not count.
+2. Device held (by its own lock or a ``beamline`` lock) -> only the holder's account from the
+   holder's host (the peer address the guard saw; the account alone is only a claim).
 3. Device free -> ``access.unlocked_writable`` (everyone; or, in strict mode, nobody).
 """
 
@@ -214,10 +214,15 @@ def decide(
     pv: str,
     account: str,
     roles: Iterable[str] = (),
+    host: str | None = None,
 ) -> Decision:
-    """Decide whether ``account`` (OS groups ``roles``) may put to / call ``pv`` now."""
+    """Decide whether ``account`` (OS groups ``roles``, peer address ``host``) may write ``pv``.
+
+    ``host`` is the client's address as the guard saw it: a lock taken from another host is not
+    this client's, even with the same claimed account (None: the host is not checked).
+    """
     roles = list(roles)
-    emergency = policy.is_emergency(account, roles)
+    emergency = policy.is_emergency(account, roles, host)
     if not devices.known:
         why = devices.why_unknown or "registry PV list not received"
         if emergency:
@@ -271,13 +276,15 @@ def decide(
                         f"device {device} is not locked and the policy is strict: acquire its lock "
                         "first", device=device)
     for lock in held:
-        if lock.account != account:
+        other_host = host is not None and bool(lock.host) and lock.host != host
+        if lock.account != account or other_host:
             what = "beamline lock" if lock.device == BEAMLINE else "lock"
             because = f", reason: {lock.reason}" if lock.reason else ""
             return Decision(
                 False, Verdict.HELD_BY_OTHER,
                 f"device {device} is held by {lock.holder} ({what} {lock.lock_type}{because}, "
-                f"expires {_when(lock.expires)}); only account {lock.account} may write it",
+                f"expires {_when(lock.expires)}); only account {lock.account}"
+                + (f" from {lock.host}" if lock.host else "") + " may write it",
                 device=device, holder=lock.holder, lock_type=lock.lock_type,
                 expires=lock.expires, locked=True,
             )

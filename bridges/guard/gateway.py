@@ -59,7 +59,7 @@ from pvdb.names import (
     REGISTRY_DEVICE_PVS,
     REGISTRY_DEVICES,
 )
-from pvdb.policy import Policy
+from pvdb.policy import Policy, host_roles
 
 from .config import GuardConfig, GuardConfigError, read_site_file
 from .core import AuditRecord, GuardCore, GuardedChannel, parse_audit_line
@@ -577,7 +577,8 @@ class Guard:
             if unknown:
                 raise ValueError(f"unknown argument(s) {', '.join(unknown)}; use device=d1,d2")
             done = self.core.confirm_registry(
-                op.account(), list(op.roles()), _split(args.get("device", "")) or None)
+                op.account(), sorted(host_roles(op.account())),
+                _split(args.get("device", "")) or None)
         except (PermissionError, ValueError, WhatIfError) as e:
             op.done(error=str(e))
             return
@@ -622,7 +623,7 @@ class Guard:
             roles = _split(args.get("roles", ""))
         else:
             account = op.account()
-            roles = _split(args["roles"]) if "roles" in args else list(op.roles())
+            roles = _split(args["roles"]) if "roles" in args else sorted(host_roles(account))
         host = args.get("host", "").strip() or op.peer().rsplit(":", 1)[0]
         try:
             ip = socket.gethostbyname(host)
@@ -647,7 +648,7 @@ class Guard:
         if usname.startswith(self.banned):
             return {**base, "allowed": False,
                     "reason": f"{usname} is a pvcoord service PV: never proxied by the guard"}
-        d = self.core.decide(usname, account, roles)
+        d = self.core.decide(usname, account, roles, ip)
         base.update(device=d.device, holder=d.holder, lockType=d.lock_type, expires=d.expires)
         alias = f" ({pv} is {usname} on the IOC)" if usname != pv else ""
         if not perm.get("put"):

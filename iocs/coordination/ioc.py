@@ -7,10 +7,7 @@ Everything untyped (p4p ``Value``, ``ServerOperation``) stays in this module; th
 from __future__ import annotations
 
 import asyncio
-import grp
 import logging
-import os
-import pwd
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -23,6 +20,7 @@ from p4p.server.thread import SharedPV
 
 from pvdb import names as pvn
 from pvdb.models import BEAMLINE, Lock, LockEvent
+from pvdb.policy import ACCOUNT_RE, ANONYMOUS, host_roles
 from pvdb.redact import redact
 
 from .. import pvutil
@@ -53,15 +51,6 @@ def request_args(value: Value) -> dict[str, str]:
     """
     return pvutil.request_args(
         value, LockError, "pvcall P Coord:Acquire device=m1 type=MANUAL_OPERATOR")
-
-
-def roles_of(user: str) -> frozenset[str]:
-    """OS groups of ``user`` on this host (empty if the account does not exist here)."""
-    try:
-        pw = pwd.getpwnam(user)
-        return frozenset(grp.getgrgid(g).gr_name for g in os.getgrouplist(user, pw.pw_gid))
-    except (KeyError, OSError):
-        return frozenset()
 
 
 class CoordinationIOC:
@@ -231,20 +220,27 @@ class CoordinationIOC:
     # --- RPC handlers (called by _RPC, which finishes the operation) -------------------------
 
     def identity(self, op, args: dict[str, str]) -> Identity:
-        """Who asks: the PVA account and peer host, or the user a trusted service names."""
-        account = op.account() or "anonymous"
+        """Who asks: the PVA account and peer host, or the user a trusted service names.
+
+        The account is what the client claims (PVA ``ca`` authentication); the host is the peer
+        address TCP proves; roles come only from this host's group database for accounts that
+        exist here (never from the client). onBehalfOf is limited per service by the policy.
+        """
+        account = op.account() or ANONYMOUS
         host = (op.peer() or "unknown").rsplit(":", 1)[0]
-        roles = frozenset(op.roles() or ())
+        if not ACCOUNT_RE.match(account):
+            raise LockError(
+                "the client's account name is not accepted (1-64 letters, digits, '.', '_', '-'; "
+                "no '@', spaces or control characters)")
+        roles = host_roles(account)
         user, client_host = rpcargs.on_behalf_arg(args)
         if user is None:
             return Identity(account, host, roles)
-        if not self.table.policy.is_trusted_service(account, roles):
-            trusted = self.table.policy.access.trusted_services
-            raise LockError(
-                f"{account} is not a trusted service account: onBehalfOf is refused (policy "
-                f"trusted_services: {', '.join(trusted) or 'none'})"
-            )
-        return Identity(user, client_host or host, roles_of(user), actor=account)
+        user_roles = host_roles(user)
+        why = self.table.policy.may_act_for(account, roles, host, user, user_roles)
+        if why:
+            raise LockError(why)
+        return Identity(user, client_host or host, user_roles, actor=account)
 
     def _acquire(self, op, args: dict[str, str]) -> Value:
         rpcargs.check_names(args, pvn.ACQUIRE_ARGS, "Acquire")

@@ -105,6 +105,15 @@ class _Change:
     notices: dict[object, str] = field(default_factory=dict)
 
 
+def _same_holder(lock: Lock, ident: Identity) -> bool:
+    """Whether ``ident`` is the lock's holder: the same account from the same host.
+
+    The account is what the client claimed; the host is the peer address the server saw, so a
+    client claiming ``alice`` from another host is not alice's holder (it needs the key).
+    """
+    return lock.owner == ident.account and (not lock.host or lock.host == ident.host)
+
+
 def hash_key(key: str) -> str:
     """SHA-256 hex digest of a key: what locks and the store keep instead of the key."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -380,7 +389,7 @@ class LockTable:
             lease = self._lease(lock_type, timeout)
             reason = self._check_text("reason", reason, MAX_REASON)
             plan_uid = self._check_text("planUid", plan_uid, MAX_PLAN_UID)
-            if not self.policy.may_take(lock_type, ident.account, ident.roles):
+            if not self.policy.may_take(lock_type, ident.account, ident.roles, ident.host):
                 self._refuse(
                     ident, devs, lock_type,
                     f"{ident.account} may not take {lock_type.value} locks (policy: "
@@ -395,7 +404,7 @@ class LockTable:
                     for k in (d, BEAMLINE):
                         if k in self._locks:
                             conflicts[k] = self._locks[k]
-            others = [lk for lk in conflicts.values() if lk.owner != ident.account]
+            others = [lk for lk in conflicts.values() if not _same_holder(lk, ident)]
             blocking = [lk for lk in others if lk.priority <= lock_type.priority]
             if blocking:
                 first = min(blocking, key=lambda lk: (lk.priority, lk.device))
@@ -426,7 +435,7 @@ class LockTable:
             if BEAMLINE in devs:
                 # the holder's own device locks are absorbed by its beamline lock
                 for own in conflicts.values():
-                    if own.owner == ident.account and own.device != BEAMLINE:
+                    if _same_holder(own, ident) and own.device != BEAMLINE:
                         change.delete.append(own.device)
                         change.events.append(LockEvent(
                             time=now, action=EventAction.RELEASED, device=own.device,
@@ -435,7 +444,7 @@ class LockTable:
                         ))
             for d in devs:
                 prev = self._locks.get(d)
-                mine = prev is not None and prev.owner == ident.account
+                mine = prev is not None and _same_holder(prev, ident)
                 hashes = ((*prev.key_hashes, kh) if mine else (kh,))[-KEY_HASHES_KEPT:]
                 lock = Lock(
                     device=d, lock_type=lock_type, owner=ident.account, host=ident.host,
@@ -486,13 +495,14 @@ class LockTable:
             if lk is None:
                 notice = self._notices.get((ident.account, d))
                 raise LockError(notice or f"cannot {verb}: {d[:64]!r} is not locked")
-            if lk.owner != ident.account:
+            if not _same_holder(lk, ident):
                 notice = self._notices.get((ident.account, d))
                 if notice:
                     raise LockError(f"{notice}; it is now held by {lk.holder}")
                 raise LockError(
                     f"cannot {verb} {d}: it is held by {lk.holder} ({lk.lock_type.value}); only "
-                    "the holder's account or the lock's key may " + verb + " it"
+                    "the holder's account from the holder's host, or the lock's key, may "
+                    + verb + " it"
                 )
             out.append(lk)
         return out
@@ -579,7 +589,7 @@ class LockTable:
             if not devs:
                 self._refuse(ident, ("?",), None, "no device given: device=NAME[,NAME...]")
             reason = self._check_text("reason", reason, MAX_REASON)
-            if not self.policy.may_force_release(ident.account, ident.roles):
+            if not self.policy.may_force_release(ident.account, ident.roles, ident.host):
                 self._refuse(
                     ident, devs, None,
                     f"{ident.account} may not force-release locks (policy force_release: "

@@ -18,6 +18,7 @@ from p4p.server.asyncio import SharedPV
 
 from pvdb import queue as qn
 from pvdb.names import PVKind, PVSpec
+from pvdb.policy import ANONYMOUS, host_roles
 from pvdb.redact import redact
 
 from .. import pvutil
@@ -209,8 +210,8 @@ class ControlRPC:
         name = self.spec.suffix
         try:
             args = request_args(op.value())
-            account = op.account() or "anonymous"
-            roles = frozenset(op.roles() or ())
+            account = op.account() or ANONYMOUS
+            roles = host_roles(account)  # this host's group database, never the client's claim
             message, uid = await self.fn(account, roles, args)
             op.done(RPC_RESULT({"message": redact(message), "itemUid": uid}))
         except (BadRequestError, ControlError) as e:

@@ -136,6 +136,15 @@ class DeviceMap:
             ((d, p) for p, d in self._prefixes if d in keep),
         )
 
+    def without(self, other: DeviceMap) -> DeviceMap:
+        """The entries (PVs and prefixes) of this map that ``other`` lacks for the same device."""
+        mine = dict(self._prefixes)
+        theirs = dict(other._prefixes)  # noqa: SLF001 - same class
+        return DeviceMap(
+            ((pv, d) for pv, d in self._pvs.items() if other._pvs.get(pv) != d),  # noqa: SLF001
+            ((d, p) for p, d in mine.items() if theirs.get(p) != d),
+        )
+
     def merged(self, other: DeviceMap) -> DeviceMap:
         """This map plus ``other``'s entries (``other`` wins for a PV or prefix in both)."""
         pvs = {**self._pvs, **other._pvs}  # noqa: SLF001 - same class

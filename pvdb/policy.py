@@ -207,6 +207,70 @@ class AccessPolicy(BaseModel):
         return v
 
 
+LINK_FIELDS: frozenset[str] = frozenset({
+    "OUT", "INP", "DOL", "FLNK", "SDIS", "SELL", "TSEL", "SIML", "SIOL", "SIMS", "NVL", "OCAL",
+    "CALC", "RDBL", "RLNK", "DOLN", "OMSL", "DISV", "DISS", "ASG",
+})
+"""Fields that redirect a record (links, their modes and expressions, disable and security
+settings): staff only, on every device class. ``INPA``..``INPU``, ``OUTA``.., ``LNK0``..,
+``DOL0``.. and ``DLY0``.. are links too (:func:`is_link_field`)."""
+_LINK_FIELD_RE = re.compile(r"^(?:INP|OUT|LNK|DOL|DLY)[0-9A-Z]$")
+
+
+def is_link_field(field: str) -> bool:
+    """Whether record field ``field`` (upper case) redirects where a record reads or writes."""
+    return field in LINK_FIELDS or bool(_LINK_FIELD_RE.match(field))
+
+
+class FieldRules(BaseModel):
+    """Who may write which record fields (like EPICS access security levels ASL0/ASL1).
+
+    Operators (anyone the lock decision lets write a device) may write the value fields of the
+    device's class; every other field and every link field only ``staff``. PVs of no registered
+    device behind the guard follow ``unregistered``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    staff: list[str] = Field(default_factory=lambda: ["root", "role/staff"])
+    operator_fields: list[str] = Field(default_factory=lambda: ["VAL"])
+    """Fields operators may write on any device class (no field named means VAL)."""
+    classes: dict[str, list[str]] = Field(default_factory=dict)
+    """Device class -> the fields operators may write on it (replaces ``operator_fields``)."""
+    unregistered: str = "staff"
+    """PVs of no device behind the guard: ``staff`` (default), ``everyone`` or ``nobody``."""
+
+    _v_staff = field_validator("staff")(_check_principals)
+
+    @field_validator("operator_fields")
+    @classmethod
+    def _v_fields(cls, v: list[str]) -> list[str]:
+        return _check_fields(v)
+
+    @field_validator("classes")
+    @classmethod
+    def _v_classes(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for fields in v.values():
+            _check_fields(fields)
+        return v
+
+    @field_validator("unregistered")
+    @classmethod
+    def _v_unregistered(cls, v: str) -> str:
+        if v not in ("staff", "everyone", "nobody"):
+            raise ValueError(f"{v!r}: use 'staff', 'everyone' or 'nobody'")
+        return v
+
+
+def _check_fields(fields: list[str]) -> list[str]:
+    for f in fields:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]{0,7}", f):
+            raise ValueError(f"{f!r} is not a record field name (upper case, e.g. VAL)")
+        if is_link_field(f):
+            raise ValueError(f"{f} is a link field: only staff may write it, never operators")
+    return fields
+
+
 class Policy(BaseModel):
     """A whole policy file. Lock types missing from the file get the built-in defaults."""
 
@@ -214,6 +278,7 @@ class Policy(BaseModel):
 
     access: AccessPolicy = Field(default_factory=AccessPolicy)
     lock_types: dict[LockType, LockTypePolicy] = Field(default_factory=_default_lock_types)
+    fields: FieldRules = Field(default_factory=FieldRules)
     hosts: dict[str, list[str]] = Field(default_factory=dict)
     """Host groups (like ACF ``HAG``): name -> addresses and subnets, used as ``@hag/<name>``."""
 
@@ -326,6 +391,30 @@ class Policy(BaseModel):
     def is_emergency(self, account: str, roles: Iterable[str], host: str | None = None) -> bool:
         """Whether ``account`` may write through the guard while the lock state is unknown."""
         return self._m(self.access.emergency, account, roles, host)
+
+    def is_staff(self, account: str, roles: Iterable[str], host: str | None = None) -> bool:
+        """Whether ``account`` may write every field (``fields.staff``)."""
+        return account != ANONYMOUS and self._m(self.fields.staff, account, roles, host)
+
+    def field_refusal(
+        self, device_class: str, field: str, account: str, roles: Iterable[str],
+        host: str | None = None,
+    ) -> str:
+        """Why ``account`` may not write ``field`` of a device of ``device_class``, or ``""``.
+
+        ``field`` ``""`` (none named) is ``VAL``. Operators: the class's fields (``fields.classes``)
+        or ``fields.operator_fields``; staff: every field.
+        """
+        f = field or "VAL"
+        allowed = self.fields.classes.get(device_class, self.fields.operator_fields)
+        if f in allowed and not is_link_field(f):
+            return ""
+        if self.is_staff(account, roles, host):
+            return ""
+        kind = "a link field" if is_link_field(f) else "not a value field"
+        of = f" of class {device_class}" if device_class else ""
+        return (f"field {f} is {kind}{of}: only staff ({', '.join(self.fields.staff)}) may "
+                f"write it; operators may write {', '.join(allowed) or 'no field'}")
 
     def may_control_queue(
         self, account: str, roles: Iterable[str], host: str | None = None

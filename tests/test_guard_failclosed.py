@@ -75,7 +75,8 @@ def test_a_shrinking_registry_keeps_locked_devices_refused_until_confirmed(core,
         core.confirm_registry("carol", ["staff"], ["m9"])
     assert core.confirm_registry("carol", ["staff"]) == ["m1"]
     assert core.withheld_devices() == []
-    assert core.decide(SP1, "bob").allowed  # now really no device (policy default)
+    d = core.decide(SP1, "bob")  # now really no device: the policy default (staff only)
+    assert not d.allowed and d.verdict == "not-a-device" and core.decide(SP1, "root").allowed
 
 
 def test_shrink_across_an_unknown_registry_and_a_device_coming_back(core):

@@ -96,9 +96,10 @@ def test_unknown_state_fails_closed_except_emergency():
     assert not d.allowed and d.verdict is Verdict.UNKNOWN_STATE and "IOC gone" in d.reason
     assert decide(DEFAULT, s, devmap(), SP1, "root").verdict is Verdict.EMERGENCY
     assert decide(STRICT, s, devmap(), SP1, "bob", roles=["ops"]).allowed
-    # a PV of no device keeps the policy default: it does not depend on the locks
-    assert decide(DEFAULT, s, devmap(), SHUTTER_CMD, "bob").allowed
-    assert not decide(STRICT, s, devmap(), SHUTTER_CMD, "bob").allowed
+    # a PV of no device keeps the policy default (staff only, issue 11): not the locks
+    assert decide(DEFAULT, s, devmap(), SHUTTER_CMD, "root").allowed
+    assert not decide(DEFAULT, s, devmap(), SHUTTER_CMD, "bob").allowed
+    assert not decide(STRICT, s, devmap(), SHUTTER_CMD, "root").allowed
 
 
 def test_registry_not_received_fails_closed_even_for_unknown_pvs():

@@ -283,17 +283,18 @@ class GuardCore:
             old = self._last_known  # the last known map, also across an unknown spell
             if old is not None and devices.known:
                 locks = self._state.locks if self._state.known else self._state.last_locks
-                gone = old.pvdb_map.devices() - devices.pvdb_map.devices()
-                held = gone if BEAMLINE in locks else gone & set(locks)
-                if held:
-                    _log.warning("registry lost locked device(s) %s: their PVs stay refused "
-                                 "until an operator confirms", ", ".join(sorted(held)))
-                    self._withheld = self._withheld.merged(old.pvdb_map.restricted(held))
-            if devices.known:
-                back = self._withheld.devices() & devices.pvdb_map.devices()
-                if back:
-                    keep = self._withheld.devices() - back
-                    self._withheld = self._withheld.restricted(keep)
+                held = old.pvdb_map.devices() if BEAMLINE in locks else set(locks)
+                # entries (PVs, prefixes) of locked devices that the new map lacks, also when
+                # the device itself is still there by another entry (a registry that shrinks in
+                # steps: Registry:DevicePVs and Registry:Devices arrive one after the other)
+                lost = old.pvdb_map.restricted(held).without(devices.pvdb_map)
+                if len(lost.devices()):
+                    _log.warning("registry lost PVs of locked device(s) %s: they stay refused "
+                                 "until an operator confirms", ", ".join(sorted(lost.devices())))
+                    self._withheld = self._withheld.merged(lost)
+            if devices.known and len(self._withheld.devices()):
+                # entries that are back in the registry follow the normal rules again
+                self._withheld = self._withheld.without(devices.pvdb_map)
             self.devices = devices
             if devices.known:
                 self._last_known = devices

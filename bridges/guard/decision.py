@@ -16,6 +16,10 @@ Rules (DESIGN section 5):
 2. Device held (by its own lock or a ``beamline`` lock) -> only the holder's account from the
    holder's host (the peer address the guard saw; the account alone is only a claim).
 3. Device free -> ``access.unlocked_writable`` (everyone; or, in strict mode, nobody).
+4. Field rules (``[fields]``, like ACF access security levels): where 2 or 3 allow, operators
+   write only the value fields of the device's class; other fields and every link field (OUT,
+   INP*, DOL, FLNK, OCAL, SDIS, ...) only ``fields.staff``. A PV of no registered device follows
+   ``fields.unregistered`` (default ``staff``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pvdb.devicemap import DeviceMap as PvdbDeviceMap
-from pvdb.devicemap import DeviceMapError
+from pvdb.devicemap import DeviceMapError, parse_channel
 from pvdb.models import BEAMLINE
 from pvdb.policy import Policy
 
@@ -46,6 +50,7 @@ class Verdict(StrEnum):
     UNKNOWN_STATE = "unknown-state"
     EMERGENCY = "emergency"
     NOT_A_DEVICE = "not-a-device"
+    FIELD_RULE = "field-rule"
 
 
 def split_owner(owner: str) -> tuple[str, str]:
@@ -154,7 +159,10 @@ class DeviceMap:
         prefixes: Iterable[tuple[str, str]] = (),
         known: bool = False,
         why_unknown: str = "registry PV list not received",
+        classes: Mapping[str, str] | None = None,
     ) -> None:
+        self.classes: dict[str, str] = dict(classes or {})
+        """Device -> device class (``Registry:Devices`` ``deviceClass``; '' when unknown)."""
         try:
             self._map = PvdbDeviceMap(pv_rows, prefixes)
         except DeviceMapError as e:
@@ -243,13 +251,39 @@ def decide(
                         "are refused (fail closed)")
     device = devices.device_of(pv) or ""
     if not device:
-        if policy.access.unlocked_writable:
+        rule = policy.fields.unregistered if policy.access.unlocked_writable else "nobody"
+        if rule == "staff" and policy.is_staff(account, roles, host):
+            return Decision(True, Verdict.NOT_A_DEVICE,
+                            f"{pv} belongs to no registered device: staff may write it")
+        if rule == "staff":
+            return Decision(False, Verdict.NOT_A_DEVICE,
+                            f"{pv} belongs to no registered device: only staff "
+                            f"({', '.join(policy.fields.staff)}) may write it (policy "
+                            "fields.unregistered = 'staff')")
+        if rule == "everyone":
             return Decision(True, Verdict.NOT_A_DEVICE,
                             f"{pv} belongs to no registered device: the policy lets anyone "
                             "write it")
         return Decision(False, Verdict.NOT_A_DEVICE,
-                        f"{pv} belongs to no registered device and the policy is strict "
-                        "(unlocked_writable = false): nobody can hold a lock for it")
+                        f"{pv} belongs to no registered device and the policy lets nobody write "
+                        "it (fields.unregistered, or strict: unlocked_writable = false)")
+    d = _lock_decision(policy, state, devices, pv, account, roles, host, emergency, device)
+    if not d.allowed:
+        return d
+    field = parse_channel(pv).field
+    why = policy.field_refusal(devices.classes.get(device, ""), field, account, roles, host)
+    if why:
+        return Decision(False, Verdict.FIELD_RULE, f"{pv}: {why}", device=device,
+                        holder=d.holder, lock_type=d.lock_type, expires=d.expires,
+                        locked=d.locked)
+    return d
+
+
+def _lock_decision(
+    policy: Policy, state: LockState, devices: DeviceMap, pv: str, account: str,
+    roles: list[str], host: str | None, emergency: bool, device: str,
+) -> Decision:
+    """The lock part of :func:`decide` for a PV of ``device``."""
     if not state.known:
         known = [lk for lk in state.known_locks_on(device) if lk.account != account]
         if emergency and known:

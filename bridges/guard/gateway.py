@@ -261,6 +261,7 @@ class Guard:
         # registry tables: None until received; a table that cannot be read is in _registry_bad
         self._devices_rows: list[tuple[str, str]] | None = None
         self._prefix_rows: list[tuple[str, str]] | None = None
+        self._classes: dict[str, str] = {}
         self._registry_bad: dict[str, str] = {}
         self._read_only = config.read_only
         self._site: list[tuple[str, str, str]] = []
@@ -487,10 +488,14 @@ class Guard:
         try:
             cols = v["value"]
             rows = list(zip(_column(cols["name"]), _column(cols["pvPrefix"]), strict=True))
+            names = [r[0] for r in rows]
+            classes = (dict(zip(names, _column(cols["deviceClass"]), strict=True))
+                       if "deviceClass" in cols else {})
         except (KeyError, ValueError, TypeError) as e:
             self._table_unreadable(name, e)
             return
         self._prefix_rows = rows
+        self._classes = classes
         self._registry_bad.pop(name, None)
         self._remap()
 
@@ -519,7 +524,8 @@ class Guard:
                 self.core.set_devices(DeviceMap(known=False, why_unknown=why))
         else:
             self.core.set_devices(
-                DeviceMap(self._devices_rows or [], self._prefix_rows or [], known=True)
+                DeviceMap(self._devices_rows or [], self._prefix_rows or [], known=True,
+                          classes=self._classes)
             )
         self._post_health()
 

@@ -73,6 +73,16 @@ class Store(Protocol):
         """The last ``n`` audit events, oldest first."""
         ...
 
+    def prune_events(self, before: float, keep: int) -> int:
+        """Delete audit events older than ``before`` (epoch s) and all but the newest ``keep``.
+
+        Returns how many were deleted.
+
+        Raises:
+            StoreError: nothing was deleted.
+        """
+        ...
+
     def close(self) -> None:
         """Release the connection."""
         ...
@@ -201,6 +211,18 @@ class SQLiteStore:
                 raise StoreError(f"cannot read events from {self.path}: {e}") from None
         return [_event_from_row(r) for r in reversed(rows)]
 
+    def prune_events(self, before: float, keep: int) -> int:  # noqa: D102 - see Store
+        with self._mutex:
+            try:
+                with self._db:
+                    n = self._db.execute("DELETE FROM events WHERE time < ?", (before,)).rowcount
+                    n += self._db.execute(
+                        "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC"
+                        " LIMIT 1 OFFSET ?)", (max(0, keep),)).rowcount
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot prune events in {self.path}: {e}") from None
+        return n
+
     def close(self) -> None:  # noqa: D102 - see Store
         with self._mutex:
             self._db.close()
@@ -262,6 +284,21 @@ class RedisStore:
         except self._redis_error as e:
             raise StoreError(redact(f"cannot read events from {self.url}: {e}")) from None
         return [_event_from_row(tuple(json.loads(r))) for r in rows]
+
+    def prune_events(self, before: float, keep: int) -> int:  # noqa: D102 - see Store
+        try:
+            n = max(0, int(self._r.llen(self._events_key)) - max(0, keep))
+            if n:
+                self._r.ltrim(self._events_key, n, -1)
+            for _ in range(100_000):  # events are appended in time order: drop from the left
+                first = self._r.lindex(self._events_key, 0)
+                if first is None or float(json.loads(first)[0]) >= before:
+                    break
+                self._r.lpop(self._events_key)
+                n += 1
+        except self._redis_error as e:
+            raise StoreError(redact(f"cannot prune events in {self.url}: {e}")) from None
+        return n
 
     def close(self) -> None:  # noqa: D102 - see Store
         self._r.close()

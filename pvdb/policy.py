@@ -192,6 +192,9 @@ class AccessPolicy(BaseModel):
     """Trusted service account -> the users it may act for (principals)."""
     anonymous_locks: bool = False
     """Whether an anonymous client (no identity) may take locks; default: read only."""
+    refusal_audit_per_minute: int = Field(default=120, ge=1, le=100_000)
+    """Refused requests of one client (account and host) stored as audit events per minute; the
+    rest are counted, and the next stored one says how many."""
 
     _v = field_validator(
         "trusted_services", "force_release", "emergency", "queue_control"

@@ -18,6 +18,7 @@ from p4p.nt import NTEnum, NTScalar, NTTable
 from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
+from pvcoord.store import StoreError
 from pvdb import names as pvn
 from pvdb.models import BEAMLINE, Lock, LockEvent
 from pvdb.policy import ACCOUNT_RE, ANONYMOUS, host_roles
@@ -343,6 +344,19 @@ class RegistryFollower:
         self._sub.close()
 
 
+def _prune(table: LockTable, retention: tuple[float, int]) -> None:
+    """Apply the audit retention (age, count) to the store; a failure is logged, not fatal."""
+    max_age, keep = retention
+    try:
+        n = table.store.prune_events(time.time() - max_age, keep)
+    except StoreError as e:
+        log.warning("audit retention: %s", e)
+        return
+    if n:
+        log.info("audit retention: %d events older than %.0f days or beyond %d removed", n,
+                 max_age / 86400, keep)
+
+
 async def serve(
     prefix: str,
     table: LockTable,
@@ -352,6 +366,7 @@ async def serve(
     client_conf: dict[str, str] | None = None,
     ready: asyncio.Event | None = None,
     events_tail: int = 50,
+    retention: tuple[float, int] = (365 * 86400.0, 1_000_000),
 ) -> None:
     """Serve the coordination PVs until ``stop`` is set.
 
@@ -365,6 +380,8 @@ async def serve(
         client_conf: p4p client configuration for the registry monitor (``None``: environment).
         ready: set once the PVs are served.
         events_tail: rows of ``Coord:Events``.
+        retention: audit events kept in the store: (maximum age in s, maximum count); pruned at
+            start and every minute.
     """
     ioc = CoordinationIOC(prefix, table, events_tail=events_tail)
     server_kws = {"conf": server_conf, "useenv": False} if server_conf is not None else {}
@@ -381,6 +398,8 @@ async def serve(
                 ready.set()
             n = 0
             while not stop.is_set():
+                if n % int(60 / TICK) == 0:
+                    _prune(table, retention)
                 n += 1
                 second = n % int(1 / TICK) == 0
                 try:

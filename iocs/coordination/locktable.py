@@ -30,7 +30,7 @@ import math
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -49,6 +49,8 @@ MAX_DEVICES = 256
 """Most devices accepted in one request."""
 KEY_HASHES_KEPT = 8
 """Keys (as digests) that stay valid for one lock when its holder re-requests it."""
+REFUSAL_WINDOW = 60.0
+"""Seconds of the refusal rate limit."""
 NOTICES_KEPT = 4096
 """How many 'your lock was preempted/expired' notices are remembered for their holders."""
 
@@ -164,6 +166,10 @@ class LockTable:
         self._notices: OrderedDict[object, str] = OrderedDict()
         self._store_error: str | None = None
         self._store_error_logged = 0.0
+        self._refusal_times: dict[tuple[str, str], deque[float]] = {}
+        self._refusals_missed: dict[tuple[str, str], int] = {}
+        self.refusals_not_stored = 0
+        """Refusals not stored as audit events because of the per-client rate limit."""
         self.startup_events: list[LockEvent] = self.expire(reason="while the IOC was down")
 
     # --- queries ----------------------------------------------------------------------------
@@ -205,6 +211,27 @@ class LockTable:
             return min((lk.expires for lk in self._locks.values()), default=None)
 
     # --- validation -------------------------------------------------------------------------
+
+    def _refusal_allowed(self, ident: Identity) -> bool:
+        """Rate limit of stored refusals per client (account and host), counting the rest.
+
+        At most ``access.refusal_audit_per_minute`` per :data:`REFUSAL_WINDOW` are stored.
+        """
+        key = (ident.actor_name, ident.host)
+        now = self.clock()
+        with self._mutex:
+            times = self._refusal_times.setdefault(key, deque())
+            while times and now - times[0] > REFUSAL_WINDOW:
+                times.popleft()
+            if len(times) >= self.policy.access.refusal_audit_per_minute:
+                self._refusals_missed[key] = self._refusals_missed.get(key, 0) + 1
+                self.refusals_not_stored += 1
+                return False
+            times.append(now)
+            if len(self._refusal_times) > 4096:  # forget idle clients (bounded memory)
+                for k in [k for k, t in self._refusal_times.items() if not t][:1024]:
+                    del self._refusal_times[k]
+            return True
 
     def _key_shaped(self, device: str) -> bool:
         """A device argument that is no known device but has the shape of a lock key."""
@@ -258,8 +285,10 @@ class LockTable:
     def _check_text(name: str, value: str, limit: int) -> str:
         if len(value) > limit:
             raise LockError(f"{name} is {len(value)} characters long; the limit is {limit}")
-        if any(ord(c) < 32 for c in value):
-            raise LockError(f"{name} contains control characters")
+        if not value.isprintable():
+            raise LockError(
+                f"{name} contains control or format characters (e.g. bidi overrides); only "
+                "printable text is accepted")
         return value
 
     # --- the store-then-memory step ---------------------------------------------------------
@@ -337,9 +366,14 @@ class LockTable:
         A key-shaped device argument (a key typed where a device belongs) is recorded as ``***``.
         """
         devices = list(devices)
+        if not self._refusal_allowed(ident):
+            return
         for d in devices:
             if self._key_shaped(d):
                 msg = msg.replace(d, MASK)
+        missed = self._refusals_missed.pop((ident.actor_name, ident.host), 0)
+        if missed:
+            msg = f"{msg} [{missed} more refusals of this client not stored]"
         devices = [MASK if self._key_shaped(d) else d for d in devices]
         ev = LockEvent(
             time=self.clock(), action=EventAction.REFUSED,

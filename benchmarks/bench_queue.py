@@ -68,6 +68,8 @@ POLICY = f"""
 trusted_services = ["root"]
 force_release = ["root"]
 queue_control = ["*"]
+[access.on_behalf_of]
+root = ["*", "{QUEUE_LOCK_OWNER}"]  # the queue IOC holds its locks for the service account
 [lock_types.MAINTENANCE]
 allow = ["*"]
 [lock_types.QUEUE_EXECUTING]

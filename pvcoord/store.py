@@ -137,6 +137,16 @@ class Store(Protocol):
         """
         ...
 
+    def prune_events(self, before: float, keep: int) -> int:
+        """Delete audit events older than ``before`` (epoch s) and all but the newest ``keep``.
+
+        Returns how many were deleted.
+
+        Raises:
+            StoreError: nothing was deleted.
+        """
+        ...
+
     def close(self) -> None:
         """Release the authority and the connection."""
         ...
@@ -374,6 +384,18 @@ class SQLiteStore:
     def keep_authority(self) -> None:  # noqa: D102 - see Store
         return  # the flock lasts as long as the process
 
+    def prune_events(self, before: float, keep: int) -> int:  # noqa: D102 - see Store
+        with self._mutex:
+            try:
+                with self._db:
+                    n = self._db.execute("DELETE FROM events WHERE time < ?", (before,)).rowcount
+                    n += self._db.execute(
+                        "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC"
+                        " LIMIT 1 OFFSET ?)", (max(0, keep),)).rowcount
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot prune events in {self.path}: {e}") from None
+        return n
+
     def close(self) -> None:  # noqa: D102 - see Store
         with self._mutex:
             self._db.close()
@@ -536,6 +558,21 @@ class RedisStore:
             first = (self._r.get(self._authority_key) or b"").decode("utf-8", "replace")
             raise AuthorityError(f"lost the claim on the Redis store {self._shown} to "
                                  f"{first or 'nobody'}")
+
+    def prune_events(self, before: float, keep: int) -> int:  # noqa: D102 - see Store
+        try:
+            n = max(0, int(self._r.llen(self._events_key)) - max(0, keep))
+            if n:
+                self._r.ltrim(self._events_key, n, -1)
+            for _ in range(100_000):  # events are appended in time order: drop from the left
+                first = self._r.lindex(self._events_key, 0)
+                if first is None or float(json.loads(first)[0]) >= before:
+                    break
+                self._r.lpop(self._events_key)
+                n += 1
+        except self._redis_error as e:
+            raise StoreError(redact(f"cannot prune events in {self.url}: {e}")) from None
+        return n
 
     def close(self) -> None:  # noqa: D102 - see Store
         if self._who is not None:

@@ -19,8 +19,11 @@ How it works (no EPICS traffic through the RE worker: docs/architecture.md):
 
 1. For every *acting* message (:data:`ACTING`: ``set``, ``trigger``, ``stage``, ``kickoff``,
    ``complete``, ``prepare``, ``configure``) it finds the root device (following ``.parent``).
-   Cleanup messages (:data:`EXEMPT`: ``unstage``, ``stop``) and everything else pass unchecked,
-   so a refusal is never hidden by a second error during cleanup.
+   Cleanup messages (:data:`EXEMPT`: ``unstage``, ``stop``) pass for devices this plan itself
+   staged or moved (an acting message on them passed), so a refusal is never hidden by a second
+   error during cleanup. A cleanup message on a device the plan never acted on is not a way
+   around the locks: when the store shows a lock on that device (or there is no store) it is
+   replaced by a ``null`` message (the device is not touched, the cleanup goes on).
 2. It reads the locks from the store. A device (or the ``beamline``) held at a priority stronger
    than ``QUEUE_EXECUTING`` (``MAINTENANCE``) raises :class:`DeviceLockedError`, after telling
    the queue IOC (a request marked ``refusing``), which asks for the lock anyway so that the
@@ -49,6 +52,7 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 from bluesky.preprocessors import msg_mutator
+from bluesky.utils import Msg
 
 from pvdb import lockmodel
 from pvdb import queue as qn
@@ -61,7 +65,11 @@ ACTING: frozenset[str] = frozenset(
 )
 """Msg commands that act on a device and are checked."""
 EXEMPT: frozenset[str] = frozenset({"unstage", "stop"})
-"""Cleanup commands that are never refused (they run after a failure and must not hide it)."""
+"""Cleanup commands: never refused for a device the plan acted on (they run after a failure and
+must not hide it); dropped for a held device it never acted on."""
+
+UNCOORDINATED_RECHECK = 1.0
+"""Seconds a queue IOC's "not a coordinated device" answer is trusted before asking again."""
 
 DEFAULT_TIMEOUT = 3.0
 """Seconds to wait for the queue IOC's answer to a lock request."""
@@ -245,18 +253,36 @@ class PlanCheck:
         self.guard = guard
         self.confirmed: dict[str, str] = {}
         """device -> planUid of the QUEUE_EXECUTING lock the queue IOC confirmed."""
-        self.uncoordinated: set[str] = set()
+        self.uncoordinated: dict[str, float] = {}
+        """device -> monotonic time of the queue IOC's "not coordinated" answer."""
+        self.acted: set[str] = set()
+        """Devices an acting message of this plan passed for (their cleanup is exempt)."""
+        self.dropped: list[str] = []
+        """``"unstage m2"``: cleanup replaced by ``null`` (a held device never acted on)."""
         self.checked = 0
 
     def __call__(self, msg: Any) -> Any:
-        """Check one message; return it unchanged or raise :class:`DeviceLockedError`."""
-        if msg.command not in ACTING or msg.command in EXEMPT or msg.obj is None:
+        """Check one message; return it (or a ``null`` message) or raise DeviceLockedError."""
+        if msg.obj is None or (msg.command not in ACTING and msg.command not in EXEMPT):
             return msg
         name = getattr(root_device(msg.obj), "name", None)
-        if not isinstance(name, str) or not name or name in self.uncoordinated:
+        if not isinstance(name, str) or not name:
             return msg
+        if msg.command in EXEMPT:
+            if name in self.acted:
+                return msg
+            if self.guard.store is not None:
+                try:
+                    held = effective(self.guard.snapshot(), name) is not None
+                except DeviceLockedError:
+                    held = True
+                if not held:
+                    return msg
+            self.dropped.append(f"{msg.command} {name}")
+            return Msg("null")
         self.checked += 1
         self.check(msg.command, name)
+        self.acted.add(name)
         return msg
 
     def check(self, command: str, device: str) -> None:
@@ -268,6 +294,9 @@ class PlanCheck:
             why = lockmodel.conflict_text(lk, EXEC, time.time(), device)
             self.guard.report_refusal(device, why)
             raise DeviceLockedError(f"{refusal}: {why}", ErrorCode.HOLDER_CONFLICT, lk.holder)
+        seen = self.uncoordinated.get(device)
+        if seen is not None and time.monotonic() - seen < UNCOORDINATED_RECHECK:
+            return  # the queue IOC said so a moment ago; the store check above still ran
         uid = self.confirmed.get(device)
         if uid is not None:
             if self.guard.store is None:
@@ -282,9 +311,10 @@ class PlanCheck:
         if not answer.get("granted"):
             raise DeviceLockedError(f"{refusal}: {answer.get('message', 'refused')}",
                                     _code(answer.get("code")), str(answer.get("holder") or ""))
-        if not answer.get("coordinated", True):
-            self.uncoordinated.add(device)
+        if answer.get("coordinated", True) is False:
+            self.uncoordinated[device] = time.monotonic()
             return
+        self.uncoordinated.pop(device, None)
         self.confirmed[device] = str(answer.get("planUid", ""))
 
 

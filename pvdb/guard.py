@@ -47,7 +47,8 @@ WHAT_IF_FIELDS = (
 GUARD_HEALTH = PVSpec(
     "guard", "Guard:Health", PVKind.STRING,
     "'OK', or why device writes are being refused: lock state unknown or stale (coordination IOC "
-    "disconnected, heartbeat stopped), or the registry's PV list never received.",
+    "disconnected, heartbeat stopped), the registry's PV list never received, or locked devices "
+    "that left the registry (until Guard:ConfirmRegistry).",
 )
 GUARD_LOCK_STATE_OK = PVSpec(
     "guard", "Guard:LockStateOk", PVKind.INT,
@@ -60,6 +61,16 @@ GUARD_WHAT_IF = PVSpec(
     "Returns allowed, pv, account, host, device, holder, lockType, expires and reason (the holder "
     "and lock when the answer is no). Includes the site's pvlist and ACF.",
     args=WHAT_IF_ARGS,
+)
+CONFIRM_REGISTRY_ARGS = ("device",)
+"""Arguments of ``Guard:ConfirmRegistry``: ``device`` (comma list; default every withheld one)."""
+
+GUARD_CONFIRM_REGISTRY = PVSpec(
+    "guard", "Guard:ConfirmRegistry", PVKind.RPC,
+    "An operator (policy force_release) confirms that locked devices which left the registry are "
+    "gone: [device=d1,d2]. Until then the guard refuses writes to their PVs (by the previous "
+    "registry) and Guard:Health names them. Returns message.",
+    args=CONFIRM_REGISTRY_ARGS,
 )
 GUARD_AUDIT = PVSpec(
     "guard", "Guard:Audit", PVKind.NTTABLE,
@@ -92,6 +103,7 @@ GUARD_HEARTBEAT = PVSpec(
 )
 
 GUARD_PVS = (
-    GUARD_HEALTH, GUARD_LOCK_STATE_OK, GUARD_WHAT_IF, GUARD_AUDIT, GUARD_LAST_AUDIT,
+    GUARD_HEALTH, GUARD_LOCK_STATE_OK, GUARD_WHAT_IF, GUARD_CONFIRM_REGISTRY, GUARD_AUDIT,
+    GUARD_LAST_AUDIT,
     GUARD_REFUSED, GUARD_ALLOWED_LOCKED, GUARD_CHANNELS, GUARD_APPLY_LATENCY, GUARD_HEARTBEAT,
 )

@@ -278,19 +278,35 @@ class RequestDecision(Generic[L]):
         return self.blocking[0] if self.blocking else None
 
 
+def same_holder(lock: LockView, account: str, host: str | None = None) -> bool:
+    """Whether ``account`` (seen from peer ``host``) is ``lock``'s holder.
+
+    The account is what the client claimed; the host is the peer address the server saw, so a
+    client claiming ``alice`` from another host is not alice's holder (it needs the key). ``host``
+    None: the host is not compared (a reader that does not know it). A lock recorded without a
+    host (``holder`` equal to the account) matches the account from any host.
+    """
+    if lock.account != account:
+        return False
+    return host is None or lock.holder in (account, f"{account}@{host}")
+
+
 def decide_request(
-    locks: Mapping[str, L], devices: Iterable[str], account: str, lock_type: str
+    locks: Mapping[str, L], devices: Iterable[str], account: str, lock_type: str,
+    host: str | None = None,
 ) -> RequestDecision[L]:
     """Decide a ``lock_type`` request of ``account`` on ``devices`` (all or none).
 
     A device conflicts with its own lock and a ``beamline`` lock; ``beamline`` conflicts with
-    every lock. The account's own locks never block (a repeated request renews).
+    every lock. The requester's own locks (:func:`same_holder`) never block (a repeated request
+    renews).
 
     Args:
         locks: the active locks, device (or ``beamline``) -> lock.
         devices: the requested devices.
         account: the requesting account (the holder-to-be).
         lock_type: the requested type.
+        host: the requester's peer host (None: not compared).
     """
     touched: dict[str, L] = {}
     for d in devices:
@@ -298,14 +314,14 @@ def decide_request(
             touched.update(locks)
         else:
             touched.update({lk.device: lk for lk in locks_on(locks, d)})
-    others = [lk for lk in touched.values() if lk.account != account]
+    others = [lk for lk in touched.values() if not same_holder(lk, account, host)]
     blocking = sorted(
         (lk for lk in others if not can_preempt(lock_type, lk.lock_type)),
         key=lambda lk: (priority_of(lk.lock_type), lk.device),
     )
     preempt = sorted((lk for lk in others if can_preempt(lock_type, lk.lock_type)),
                      key=lambda lk: lk.device)
-    own = sorted((lk for lk in touched.values() if lk.account == account),
+    own = sorted((lk for lk in touched.values() if same_holder(lk, account, host)),
                  key=lambda lk: lk.device)
     return RequestDecision(tuple(blocking), tuple(preempt), tuple(own))
 
@@ -350,10 +366,12 @@ class Verdict(StrEnum):
     UNKNOWN_STATE = "unknown-state"
     EMERGENCY = "emergency"
     NOT_A_DEVICE = "not-a-device"
+    FIELD_RULE = "field-rule"
 
 
 _VERDICT_CODE: dict[Verdict, ErrorCode] = {
     Verdict.STRICT: ErrorCode.NOT_ALLOWED,
+    Verdict.FIELD_RULE: ErrorCode.NOT_ALLOWED,
     Verdict.HELD_BY_OTHER: ErrorCode.HOLDER_CONFLICT,
     Verdict.UNKNOWN_STATE: ErrorCode.STATE_UNKNOWN,
     Verdict.NOT_A_DEVICE: ErrorCode.NOT_ALLOWED,
@@ -403,25 +421,43 @@ def may_write(
     roles: Sequence[str] = (),
     why_unknown: str = "lock state not received yet",
     now: float | None = None,
+    host: str | None = None,
+    last_locks: Mapping[str, LockView] | None = None,
 ) -> Decision:
-    """Whether ``account`` (OS groups ``roles``) may write ``device`` now.
+    """Whether ``account`` (OS groups ``roles``, seen from peer ``host``) may write ``device`` now.
 
     Rules: lock state unknown (``locks`` is ``None``) -> refused (fail closed) unless the account
-    is one of the policy's ``access.emergency``; device held (its own lock or a ``beamline``
-    lock) -> only the holder's account (the host is recorded, it does not count); device free ->
-    the policy's ``access.unlocked_writable`` (everyone, or in strict mode nobody).
+    is one of the policy's ``access.emergency``, and even then not while the last lock table
+    received (``last_locks``) has the device held by someone else (an emergency account does not
+    override a known lock); device held (its own lock or a ``beamline`` lock) -> only its holder
+    (:func:`same_holder`: the account, from the holder's host when ``host`` is given); device
+    free -> the policy's ``access.unlocked_writable`` (everyone, or in strict mode nobody).
 
     Args:
         policy: the endstation policy.
         locks: device (or ``beamline``) -> lock, or ``None`` when unknown or stale.
         device: the device written.
-        account: the writing account.
-        roles: its OS groups.
+        account: the writing account (as the client claimed it).
+        roles: its OS groups (from the host's group database).
         why_unknown: why ``locks`` is ``None`` (shown in the reason).
         now: epoch seconds for the "in N s" of a refusal (default: now).
+        host: the writer's peer address (None: not compared).
+        last_locks: the last lock table received while ``locks`` is ``None``.
     """
+    t = time.time() if now is None else now
     if locks is None:
-        if policy.is_emergency(account, roles):
+        if policy.is_emergency(account, roles, host):
+            known = [lk for lk in locks_on(last_locks or {}, device)
+                     if not same_holder(lk, account, host)]
+            if known:
+                lk = known[0]
+                return Decision(
+                    False, Verdict.UNKNOWN_STATE,
+                    f"lock state unknown ({why_unknown}); {account} is an emergency account, but "
+                    f"the last lock table received says {describe(lk, t, device)}: an emergency "
+                    "account does not override a known lock",
+                    device=device, holder=lk.holder, lock_type=lk.lock_type,
+                    expires=lk.expires, locked=True)
             return Decision(True, Verdict.EMERGENCY,
                             f"lock state unknown ({why_unknown}); {account} is an emergency "
                             "account", device=device)
@@ -435,12 +471,13 @@ def may_write(
         return Decision(False, Verdict.STRICT,
                         f"device {device} is not locked and the policy is strict: acquire its lock "
                         "first", device=device)
-    t = time.time() if now is None else now
     for lock in held:
-        if lock.account != account:
+        if not same_holder(lock, account, host):
+            _, at, lock_host = lock.holder.rpartition("@")
+            where = f" from {lock_host}" if at and lock_host else ""
             return Decision(
                 False, Verdict.HELD_BY_OTHER,
-                f"{describe(lock, t, device)}; only account {lock.account} may write it",
+                f"{describe(lock, t, device)}; only account {lock.account}{where} may write it",
                 device=device, holder=lock.holder, lock_type=lock.lock_type,
                 expires=lock.expires, locked=True,
             )

@@ -19,10 +19,11 @@ One TOML file per endstation (format in ``docs/policy.md``)::
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,7 +32,15 @@ from .models import LockType
 
 ANYONE = "*"
 ROLE_PREFIX = "role/"
-_PRINCIPAL_RE = re.compile(r"^(\*|role/[A-Za-z0-9_.\-]+|[A-Za-z0-9_.\-@]+)$")
+HAG_PREFIX = "hag/"
+ANONYMOUS = "anonymous"
+"""The account of a client that sent no identity (PVA ``anonymous`` authentication)."""
+_NAME = r"[A-Za-z0-9_.\-]+"
+_HOSTSPEC = r"[A-Za-z0-9_.:/\-\[\]]+"
+_PRINCIPAL_RE = re.compile(
+    r"^(?P<who>\*|role/" + _NAME + r"|" + _NAME + r")(?:@(?P<host>" + _HOSTSPEC + r"))?$")
+ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+"""An account name pvcoord accepts from a client (no ``@``, no control or bidi characters)."""
 
 
 DEFAULT_QUEUE_CONTROL = ("root", "role/staff", "role/users")
@@ -44,25 +53,94 @@ class PolicyError(ValueError):
     """A policy file that cannot be used; the message starts with ``FILE:LINE:``."""
 
 
+def _check_hostspec(spec: str) -> None:
+    if spec.startswith(HAG_PREFIX):
+        if not re.fullmatch(_NAME, spec[len(HAG_PREFIX):]):
+            raise ValueError(f"{spec!r} is not a host group name")
+        return
+    try:
+        ipaddress.ip_network(spec.strip("[]"), strict=False)
+    except ValueError:
+        raise ValueError(
+            f"host {spec!r} is not an IP address, a subnet (10.2.0.0/24) or hag/<group>"
+        ) from None
+
+
 def _check_principals(values: list[str]) -> list[str]:
     for v in values:
-        if not _PRINCIPAL_RE.match(v):
-            raise ValueError(f"{v!r} is not an account name, 'role/<group>' or '*'")
+        m = _PRINCIPAL_RE.match(v)
+        if not m:
+            raise ValueError(
+                f"{v!r} is not an account name, 'role/<group>' or '*' (optionally @HOST, "
+                "@SUBNET or @hag/<group>)")
+        if m.group("host"):
+            _check_hostspec(m.group("host"))
     return values
 
 
-def matches(principals: Iterable[str], account: str, roles: Iterable[str]) -> bool:
-    """Whether ``account`` (with OS groups ``roles``) is named by ``principals``.
+def _host_in(spec: str, host: str, hosts: Mapping[str, Sequence[str]]) -> bool:
+    """Whether peer address ``host`` is in ``spec`` (address, subnet or ``hag/<group>``)."""
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # not an address (an unknown peer): a host-bound principal never matches
+    specs = hosts.get(spec[len(HAG_PREFIX):], ()) if spec.startswith(HAG_PREFIX) else (spec,)
+    for sp in specs:
+        try:
+            if addr in ipaddress.ip_network(sp.strip("[]"), strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
 
-    A principal is ``*`` (anyone), an account name, or ``role/<group>``.
+
+def matches(
+    principals: Iterable[str],
+    account: str,
+    roles: Iterable[str],
+    host: str | None = None,
+    hosts: Mapping[str, Sequence[str]] | None = None,
+) -> bool:
+    """Whether ``account`` (with OS groups ``roles``, at peer address ``host``) is named.
+
+    A principal is ``*`` (anyone), an account name, or ``role/<group>``, optionally bound to
+    hosts like an ACF ``UAG`` + ``HAG`` rule: ``alice@10.2.0.31``, ``role/staff@10.2.0.0/24``,
+    ``*@hag/consoles`` (``hosts`` maps group names to addresses and subnets). A host-bound
+    principal matches only when ``host`` (the peer address the server saw, never a name the client
+    sent) is given and inside it.
     """
     roles = set(roles)
     for p in principals:
-        if p == ANYONE or p == account:
+        m = _PRINCIPAL_RE.match(p)
+        if m is None:
+            continue
+        who, where = m.group("who"), m.group("host")
+        if where is not None and (host is None or not _host_in(where, host, hosts or {})):
+            continue
+        if who == ANYONE or who == account:
             return True
-        if p.startswith(ROLE_PREFIX) and p[len(ROLE_PREFIX):] in roles:
+        if who.startswith(ROLE_PREFIX) and who[len(ROLE_PREFIX):] in roles:
             return True
     return False
+
+
+def host_roles(account: str) -> frozenset[str]:
+    """OS groups of ``account`` in this host's group database; empty if the account is unknown.
+
+    What a client claims (PVA ``op.roles()`` gives an unknown account a group of its own name,
+    so a client claiming ``staff`` would satisfy ``role/staff``) is never used for roles.
+    """
+    import grp
+    import os
+    import pwd
+
+    if not ACCOUNT_RE.match(account) or account == ANONYMOUS:
+        return frozenset()
+    try:
+        pw = pwd.getpwnam(account)
+        return frozenset(grp.getgrgid(g).gr_name for g in os.getgrouplist(account, pw.pw_gid))
+    except (KeyError, OSError):
+        return frozenset()
 
 
 class LockTypePolicy(BaseModel):
@@ -110,10 +188,90 @@ class AccessPolicy(BaseModel):
     force_release: list[str] = Field(default_factory=lambda: ["root"])
     emergency: list[str] = Field(default_factory=list)
     queue_control: list[str] = Field(default_factory=lambda: list(DEFAULT_QUEUE_CONTROL))
+    on_behalf_of: dict[str, list[str]] = Field(default_factory=dict)
+    """Trusted service account -> the users it may act for (principals)."""
+    anonymous_locks: bool = False
+    """Whether an anonymous client (no identity) may take locks; default: read only."""
+    refusal_audit_per_minute: int = Field(default=120, ge=1, le=100_000)
+    """Refused requests of one client (account and host) stored as audit events per minute; the
+    rest are counted, and the next stored one says how many."""
 
     _v = field_validator(
         "trusted_services", "force_release", "emergency", "queue_control"
     )(_check_principals)
+
+    @field_validator("on_behalf_of")
+    @classmethod
+    def _v_obo(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for service, users in v.items():
+            if not ACCOUNT_RE.match(service):
+                raise ValueError(f"{service!r} is not a service account name")
+            _check_principals(users)
+        return v
+
+
+LINK_FIELDS: frozenset[str] = frozenset({
+    "OUT", "INP", "DOL", "FLNK", "SDIS", "SELL", "TSEL", "SIML", "SIOL", "SIMS", "NVL", "OCAL",
+    "CALC", "RDBL", "RLNK", "DOLN", "OMSL", "DISV", "DISS", "ASG",
+})
+"""Fields that redirect a record (links, their modes and expressions, disable and security
+settings): staff only, on every device class. ``INPA``..``INPU``, ``OUTA``.., ``LNK0``..,
+``DOL0``.. and ``DLY0``.. are links too (:func:`is_link_field`)."""
+_LINK_FIELD_RE = re.compile(r"^(?:INP|OUT|LNK|DOL|DLY)[0-9A-Z]$")
+
+
+def is_link_field(field: str) -> bool:
+    """Whether record field ``field`` (upper case) redirects where a record reads or writes."""
+    return field in LINK_FIELDS or bool(_LINK_FIELD_RE.match(field))
+
+
+class FieldRules(BaseModel):
+    """Who may write which record fields (like EPICS access security levels ASL0/ASL1).
+
+    Operators (anyone the lock decision lets write a device) may write the value fields of the
+    device's class; every other field and every link field only ``staff``. PVs of no registered
+    device behind the guard follow ``unregistered``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    staff: list[str] = Field(default_factory=lambda: ["root", "role/staff"])
+    operator_fields: list[str] = Field(default_factory=lambda: ["VAL"])
+    """Fields operators may write on any device class (no field named means VAL)."""
+    classes: dict[str, list[str]] = Field(default_factory=dict)
+    """Device class -> the fields operators may write on it (replaces ``operator_fields``)."""
+    unregistered: str = "staff"
+    """PVs of no device behind the guard: ``staff`` (default), ``everyone`` or ``nobody``."""
+
+    _v_staff = field_validator("staff")(_check_principals)
+
+    @field_validator("operator_fields")
+    @classmethod
+    def _v_fields(cls, v: list[str]) -> list[str]:
+        return _check_fields(v)
+
+    @field_validator("classes")
+    @classmethod
+    def _v_classes(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for fields in v.values():
+            _check_fields(fields)
+        return v
+
+    @field_validator("unregistered")
+    @classmethod
+    def _v_unregistered(cls, v: str) -> str:
+        if v not in ("staff", "everyone", "nobody"):
+            raise ValueError(f"{v!r}: use 'staff', 'everyone' or 'nobody'")
+        return v
+
+
+def _check_fields(fields: list[str]) -> list[str]:
+    for f in fields:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]{0,7}", f):
+            raise ValueError(f"{f!r} is not a record field name (upper case, e.g. VAL)")
+        if is_link_field(f):
+            raise ValueError(f"{f} is a link field: only staff may write it, never operators")
+    return fields
 
 
 class Policy(BaseModel):
@@ -123,6 +281,25 @@ class Policy(BaseModel):
 
     access: AccessPolicy = Field(default_factory=AccessPolicy)
     lock_types: dict[LockType, LockTypePolicy] = Field(default_factory=_default_lock_types)
+    fields: FieldRules = Field(default_factory=FieldRules)
+    hosts: dict[str, list[str]] = Field(default_factory=dict)
+    """Host groups (like ACF ``HAG``): name -> addresses and subnets, used as ``@hag/<name>``."""
+
+    @field_validator("hosts")
+    @classmethod
+    def _v_hosts(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, specs in v.items():
+            if not re.fullmatch(_NAME, name):
+                raise ValueError(f"{name!r} is not a host group name")
+            for spec in specs:
+                if spec.startswith(HAG_PREFIX):
+                    raise ValueError(f"hosts.{name}: {spec!r}: a group cannot name a group")
+                _check_hostspec(spec)
+        return v
+
+    def _m(self, principals: Iterable[str], account: str, roles: Iterable[str],
+           host: str | None) -> bool:
+        return matches(principals, account, roles, host, self.hosts)
 
     @model_validator(mode="after")
     def _fill_types(self) -> Policy:
@@ -131,25 +308,124 @@ class Policy(BaseModel):
             self.lock_types.setdefault(lt, defaults[lt])
         return self
 
-    def may_take(self, lock_type: LockType, account: str, roles: Iterable[str]) -> bool:
-        """Whether ``account`` may request ``lock_type``."""
-        return matches(self.lock_types[lock_type].allow, account, roles)
+    def may_take(
+        self, lock_type: LockType, account: str, roles: Iterable[str], host: str | None = None
+    ) -> bool:
+        """Whether ``account`` (at peer ``host``) may request ``lock_type``.
 
-    def is_trusted_service(self, account: str, roles: Iterable[str]) -> bool:
+        An anonymous client takes no lock unless ``access.anonymous_locks`` says so.
+        """
+        if account == ANONYMOUS and not self.access.anonymous_locks:
+            return False
+        return self._m(self.lock_types[lock_type].allow, account, roles, host)
+
+    def is_trusted_service(
+        self, account: str, roles: Iterable[str], host: str | None = None
+    ) -> bool:
         """Whether ``account`` may act on behalf of a named user."""
-        return matches(self.access.trusted_services, account, roles)
+        return self._m(self.access.trusted_services, account, roles, host)
 
-    def may_force_release(self, account: str, roles: Iterable[str]) -> bool:
+    def is_privileged(self, account: str, roles: Iterable[str]) -> bool:
+        """Whether ``account`` is root, a service, emergency, force-release or staff account.
+
+        Staff: named by a non-``*`` principal of MAINTENANCE or a queue lock type. Host parts
+        are ignored here: a privilege anywhere is a privilege.
+        """
+        if account == "root":
+            return True
+        lists = [self.access.trusted_services, self.access.emergency, self.access.force_release,
+                 *(self.lock_types[lt].allow for lt in (
+                     LockType.MAINTENANCE, LockType.QUEUE_EXECUTING, LockType.QUEUE_QUEUED))]
+        roles = set(roles)
+        for principals in lists:
+            for p in principals:
+                m = _PRINCIPAL_RE.match(p)
+                who = m.group("who") if m else p
+                if who == ANYONE:
+                    continue
+                if who == account or (
+                        who.startswith(ROLE_PREFIX) and who[len(ROLE_PREFIX):] in roles):
+                    return True
+        return False
+
+    def may_act_for(
+        self,
+        service: str,
+        service_roles: Iterable[str],
+        service_host: str | None,
+        user: str,
+        user_roles: Iterable[str],
+    ) -> str:
+        """Why ``service`` may not act on behalf of ``user``, or ``""`` if it may.
+
+        The service must be a trusted service (from its peer host, when the principal is
+        host-bound). ``access.on_behalf_of[service]`` lists the users it may act for; without an
+        entry it may act for any user who is not privileged (:meth:`is_privileged`). A
+        privileged user (root, staff, a service or emergency account) is allowed only when
+        named by account in that service's entry.
+        """
+        if not self.is_trusted_service(service, service_roles, service_host):
+            trusted = ", ".join(self.access.trusted_services) or "none"
+            return (f"{service} is not a trusted service account: onBehalfOf is refused "
+                    f"(policy trusted_services: {trusted})")
+        allowed = self.access.on_behalf_of.get(service)
+        privileged = self.is_privileged(user, user_roles) or user == ANONYMOUS
+        if allowed is not None:
+            named = user in {m.group("who") for p in allowed
+                             if (m := _PRINCIPAL_RE.match(p)) and not m.group("host")}
+            if privileged and not named:
+                return (f"{service} may not act on behalf of {user}: a privileged account "
+                        "must be named by account in access.on_behalf_of")
+            if not matches(allowed, user, user_roles, None, self.hosts) and not named:
+                return (f"{service} may not act on behalf of {user} (policy "
+                        f"on_behalf_of.{service}: {', '.join(allowed) or 'nobody'})")
+            return ""
+        if privileged:
+            return (f"{service} may not act on behalf of {user}: root, staff, service and "
+                    "emergency accounts only when access.on_behalf_of names them")
+        return ""
+
+    def may_force_release(
+        self, account: str, roles: Iterable[str], host: str | None = None
+    ) -> bool:
         """Whether ``account`` may remove another holder's lock."""
-        return matches(self.access.force_release, account, roles)
+        return self._m(self.access.force_release, account, roles, host)
 
-    def is_emergency(self, account: str, roles: Iterable[str]) -> bool:
+    def is_emergency(self, account: str, roles: Iterable[str], host: str | None = None) -> bool:
         """Whether ``account`` may write through the guard while the lock state is unknown."""
-        return matches(self.access.emergency, account, roles)
+        return self._m(self.access.emergency, account, roles, host)
 
-    def may_control_queue(self, account: str, roles: Iterable[str]) -> bool:
+    def is_staff(self, account: str, roles: Iterable[str], host: str | None = None) -> bool:
+        """Whether ``account`` may write every field (``fields.staff``)."""
+        return account != ANONYMOUS and self._m(self.fields.staff, account, roles, host)
+
+    def field_refusal(
+        self, device_class: str, field: str, account: str, roles: Iterable[str],
+        host: str | None = None,
+    ) -> str:
+        """Why ``account`` may not write ``field`` of a device of ``device_class``, or ``""``.
+
+        ``field`` ``""`` (none named) is ``VAL``. Operators: the class's fields (``fields.classes``)
+        or ``fields.operator_fields``; staff: every field.
+        """
+        f = field or "VAL"
+        allowed = self.fields.classes.get(device_class, self.fields.operator_fields)
+        if f in allowed and not is_link_field(f):
+            return ""
+        if self.is_staff(account, roles, host):
+            return ""
+        kind = "a link field" if is_link_field(f) else "not a value field"
+        of = f" of class {device_class}" if device_class else ""
+        return (f"field {f} is {kind}{of}: only staff ({', '.join(self.fields.staff)}) may "
+                f"write it; operators may write {', '.join(allowed) or 'no field'}")
+
+    def may_control_queue(
+        self, account: str, roles: Iterable[str], host: str | None = None
+    ) -> bool:
         """Whether ``account`` may use the queue IOC's control RPCs."""
-        return matches(self.access.queue_control, account, roles)
+        if account == ANONYMOUS:
+            return False
+        return self._m(self.access.queue_control, account, roles, host)
 
 
 def _line_of(text: str, loc: tuple[object, ...]) -> int:

@@ -43,6 +43,8 @@ from typing import Any, cast
 import yaml
 from pydantic import ValidationError
 
+from .devicemap import DeviceMap, parse_channel
+from .devicemap import DeviceMapError as DeviceMapError  # raised by RegistryIndex
 from .models import Device, DeviceSignal
 
 FORMAT_VERSION = 1
@@ -50,10 +52,6 @@ FORMAT_VERSION = 1
 
 PV_NAME_RE = re.compile(r"^[A-Za-z0-9_\-:.;<>\[\]{}$]+$")
 """Characters allowed in a registered PV name or prefix (EPICS record-name characters)."""
-
-FIELD_SUFFIX_RE = re.compile(r"\.(?:[A-Z][A-Z0-9_]*\$?|\{.*\}|\[.*\])$")
-"""A field or channel-filter suffix a client may add to a record name: ``.VAL``, ``.DESC$``,
-``.{"dbnd":{"abs":1}}``, ``.[0:2]``."""
 
 _TOP_KEYS = {"version", "devices"}
 _DEVICE_KEYS = "name, class, capabilities, pv_prefix, pvs, ioc, description, signals"
@@ -453,9 +451,10 @@ def save_registry(devices: Iterable[Device], path: str | Path, comment: str = ""
 def record_name(pv: str) -> str:
     """``pv`` without a field or channel-filter suffix: ``DEMO:m1:Setpoint.VAL`` -> ``...Setpoint``.
 
-    Only a trailing ``.FIELD`` (upper case), ``.FIELD$``, ``.{json}`` or ``.[a:b]`` is removed.
+    The rule is :func:`pvdb.devicemap.parse_channel`'s (a trailing ``.FIELD``, ``$``, array slice
+    or JSON filter is removed; braces inside a name are kept).
     """
-    return FIELD_SUFFIX_RE.sub("", pv, count=1)
+    return parse_channel(pv).record
 
 
 @dataclass(frozen=True)
@@ -471,33 +470,29 @@ class Match:
 
 
 class RegistryIndex:
-    """PV name -> device, for the lookup RPC and the guard.
+    """PV name -> device, for the lookup RPC: a :class:`pvdb.devicemap.DeviceMap` of the devices.
 
-    Order: the exact PV among explicit ``pvs``; then the record name without a field suffix;
-    then the longest ``pv_prefix`` the PV starts with.
+    Order: the exact PV among explicit ``pvs``; then its record name (field, ``$``, array slice
+    and JSON filter removed; ``{`` ``}`` ``[`` ``]`` ``-`` ``.`` inside names are ordinary); then
+    the longest ``pv_prefix`` the record name starts with.
+
+    Raises:
+        DeviceMapError: a PV or prefix claimed by two devices.
     """
 
     def __init__(self, devices: Iterable[Device]) -> None:
         self.devices: list[Device] = list(devices)
         self.by_name: dict[str, Device] = {d.name: d for d in self.devices}
-        self._pvs: dict[str, Device] = {pv: d for d in self.devices for pv in d.pvs}
-        self._prefixes: list[tuple[str, Device]] = sorted(
-            ((d.pv_prefix, d) for d in self.devices if d.pv_prefix),
-            key=lambda item: len(item[0]), reverse=True,
+        self._map = DeviceMap(
+            ((pv, d.name) for d in self.devices for pv in d.pvs),
+            ((d.name, d.pv_prefix) for d in self.devices),
         )
+        self._pvs: dict[str, Device] = {pv: d for d in self.devices for pv in d.pvs}
 
     def lookup(self, pv: str) -> Match | None:
         """The device ``pv`` belongs to, or None if no device claims it."""
-        dev = self._pvs.get(pv)
-        if dev is not None:
-            return Match(dev, "pv")
-        base = record_name(pv)
-        if base != pv and base in self._pvs:
-            return Match(self._pvs[base], "field")
-        for prefix, dev in self._prefixes:
-            if pv.startswith(prefix):
-                return Match(dev, "prefix")
-        return None
+        m = self._map.lookup(pv)
+        return None if m is None else Match(self.by_name[m.device], m.how)
 
     def pv_rows(self) -> list[tuple[str, str]]:
         """(pv, device) for every explicit PV, sorted by PV name."""

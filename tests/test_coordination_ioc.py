@@ -122,7 +122,17 @@ def test_on_behalf_of_by_trusted_service(ctxt):
     # root itself is another holder now
     r2 = rpc(ctxt, pvn.COORD_ACQUIRE, device="m3", type="MANUAL_OPERATOR", timeout="60")
     assert "held by alice@webclient1" in str(r2)
-    assert rpc(ctxt, pvn.COORD_RELEASE, device="m3", onBehalfOf="alice").devices == ["m3"]
+    # issue 11, finding 1: the holder is alice *at webclient1*; alice claimed from another host
+    # is not that holder
+    other = rpc(ctxt, pvn.COORD_RELEASE, device="m3", onBehalfOf="alice")
+    assert isinstance(other, Exception) and "held by alice@webclient1" in str(other)
+    assert rpc(ctxt, pvn.COORD_RELEASE, device="m3", onBehalfOf="alice",
+               clientHost="webclient1").devices == ["m3"]
+    # onBehalfOf may not name a privileged account (root, a service or emergency account)
+    for user in ("root",):
+        bad = rpc(ctxt, pvn.COORD_ACQUIRE, device="m3", type="MANUAL_OPERATOR", timeout="60",
+                  onBehalfOf=user)
+        assert isinstance(bad, Exception) and "may not act on behalf of" in str(bad), user
 
 
 def test_expiry_enforced_and_published_within_1s(ioc, ctxt):

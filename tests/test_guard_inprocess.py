@@ -317,3 +317,46 @@ def test_unreadable_registry_table_fails_closed_and_shows_in_health(setup):
     coord.open_devices()
     wait_until(lambda: health(client) == "OK", 5.0, "guard health OK again")
     assert writes(client)
+
+
+def _post_empty(pv: SharedPV, columns: tuple[str, ...]) -> None:
+    """Post an empty table of the PV's own type (every column marked changed)."""
+    v = pv._wrap([], timestamp=time.time())
+    for col in columns:  # NTTable.wrap([]) leaves columns unmarked: mark them
+        v["value." + col] = []
+    pv.post(v)
+
+
+def confirm_registry(client: Context, **kws: str):
+    from p4p.nt import NTURI
+
+    from pvdb.guard import GUARD_CONFIRM_REGISTRY
+
+    name = GUARD_CONFIRM_REGISTRY.name(P)
+    uri = NTURI([(k, "s") for k in kws]).wrap(name, kws=kws)
+    return client.rpc(name, uri, timeout=TIMEOUT, throw=False)
+
+
+def test_registry_that_empties_while_locked_keeps_refusing_until_confirmed(setup):
+    """Issue 11, finding 7: an emptied registry made a locked m1 'no device', writable by all,
+    while Guard:Health said OK."""
+    _up, coord, _guard, client = setup
+    coord.hold("someone-else@10.9.9.9")
+    wait_until(lambda: not writes(client), 5.0, "refused while someone else holds m1")
+    _post_empty(coord.pvs, ("pv", "device"))
+    _post_empty(coord.devices, ("name", "pvPrefix"))
+    wait_until(lambda: f"{M1} left the registry" in health(client), 5.0, "health names m1")
+    assert "ConfirmRegistry" in health(client)
+    assert not writes(client) and not writes(client, INTERNAL)
+    assert "left the registry" in what_if(client, "anyone").reason
+    r = confirm_registry(client, device="nosuch")
+    assert isinstance(r, Exception) and "not withheld: nosuch" in str(r)
+    r = confirm_registry(client)  # this process's account is root: force_release by default
+    assert not isinstance(r, Exception) and M1 in r.message, r
+    wait_until(lambda: health(client) == "OK", 5.0, "health OK after the confirmation")
+    wait_until(lambda: writes(client), 5.0, "m1's PV is no device now: the policy default")
+    # restore the registry and the lock table for the other tests
+    coord.pvs.post([{"pv": SETPOINT, "device": M1}], timestamp=time.time())
+    coord.devices.post([{"name": M1, "pvPrefix": f"{P}{M1}:"}], timestamp=time.time())
+    coord.hold(None)
+    wait_until(lambda: writes(client, INTERNAL), 5.0, "m1 by its prefix again, free")

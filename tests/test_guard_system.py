@@ -322,11 +322,13 @@ def test_beamline_lock_holds_every_device_but_not_unregistered_pvs(bl: Beamline)
     bl.settle(sp(M4), "nobody", allowed=False)
     assert not put_ok(nobody, sp(M4), 1.0)
     assert put_ok(bl.agents["root"], sp(M4), 1.0)
-    # the shutter is not in the registry: policy default (writable by all), locks or not
-    assert put_ok(nobody, demo.shutter_command(P), 1)
+    # the shutter is not in the registry: policy default (issue 11: staff only, fields
+    # .unregistered), locks or not; root is staff
+    assert not put_ok(nobody, demo.shutter_command(P), 1)
+    assert put_ok(bl.agents["root"], demo.shutter_command(P), 1)
     answer = bl.what_if(demo.shutter_command(P), "nobody")
-    assert answer["allowed"] and answer["device"] == ""
-    assert "no registered device" in answer["reason"]
+    assert not answer["allowed"] and answer["device"] == ""
+    assert "no registered device" in answer["reason"] and "only staff" in answer["reason"]
 
 
 def test_strict_policy_and_the_site_acf_apply_on_top(bl: Beamline):
@@ -425,7 +427,8 @@ def test_coordination_down_refuses_writes_within_2_s_and_they_return(bl: Beamlin
     bl.procs["coordination"].stop()  # reaped already; closes its log
     assert nobody.get(sp(M2))["ok"]  # reads still pass
     assert put_ok(root, sp(M2), 2.0)  # root is an emergency account in the policy
-    assert put_ok(nobody, demo.shutter_command(P), 0)  # not a device: policy default
+    assert put_ok(root, demo.shutter_command(P), 0)  # not a device: policy default (staff)
+    assert not put_ok(nobody, demo.shutter_command(P), 0)
     health = scalar(bl.ctxt.get(GUARD_HEALTH.name(P), timeout=TIMEOUT))
     assert "lock state unknown" in health
     bl.start_coordination()

@@ -97,9 +97,10 @@ def test_unknown_state_fails_closed_except_emergency():
     assert not d.allowed and d.verdict is Verdict.UNKNOWN_STATE and "IOC gone" in d.reason
     assert decide(DEFAULT, s, devmap(), SP1, "root").verdict is Verdict.EMERGENCY
     assert decide(STRICT, s, devmap(), SP1, "bob", roles=["ops"]).allowed
-    # a PV of no device keeps the policy default: it does not depend on the locks
-    assert decide(DEFAULT, s, devmap(), SHUTTER_CMD, "bob").allowed
-    assert not decide(STRICT, s, devmap(), SHUTTER_CMD, "bob").allowed
+    # a PV of no device keeps the policy default (staff only, issue 11): not the locks
+    assert decide(DEFAULT, s, devmap(), SHUTTER_CMD, "root").allowed
+    assert not decide(DEFAULT, s, devmap(), SHUTTER_CMD, "bob").allowed
+    assert not decide(STRICT, s, devmap(), SHUTTER_CMD, "root").allowed
 
 
 def test_registry_not_received_fails_closed_even_for_unknown_pvs():
@@ -122,9 +123,10 @@ def test_device_map_exact_record_and_prefix():
     assert only_pvs.device_of(SP2) is None
     assert m.device_of(demo.MOTOR_SIM_MOVING.name(P, device=M2)) == M2  # by pvPrefix
     assert m.device_of(SHUTTER_CMD) is None
-    # a prefix claimed by two devices is ambiguous and ignored
+    # a prefix claimed by two devices is a registry error: the map is not known (fail closed)
     amb = DeviceMap([], [(M1, P), (M2, P)], known=True)
     assert amb.device_of(SP1) is None
+    assert not amb.known and "prefix_claimed_twice" in amb.why_unknown
 
 
 def test_parse_locks_columns():

@@ -62,6 +62,8 @@ POLICY = f"""
 trusted_services = ["root"]
 force_release = ["root"]
 queue_control = ["root"]
+[access.on_behalf_of]
+root = ["*", "{QUEUE_LOCK_OWNER}"]  # the queue IOC holds its locks for the service account
 
 [lock_types.MAINTENANCE]
 allow = ["*"]

@@ -31,6 +31,7 @@ from pvcoord.store import SQLiteStore
 from pvcoord.worker_hook import (
     ACTING,
     EXEMPT,
+    UNCOORDINATED_RECHECK,
     DeviceLockedError,
     HookConfigError,
     LockGuard,
@@ -144,10 +145,14 @@ def test_maintenance_refuses_and_tells_the_queue_ioc(redis_port, store):
                 for r in resp.requests] == [("m2", True)]
     assert (e.value.code, e.value.holder) == (ErrorCode.HOLDER_CONFLICT, "max@h")
     assert "'realign'" in str(e.value) and "MAINTENANCE" in str(e.value)
-    # cleanup and non-acting messages pass
-    for cmd in (*EXEMPT, "read", "describe"):
+    # non-acting messages pass; cleanup of a held device the plan never acted on does not
+    # reach it (stop/unstage used to be exempt anywhere in a plan)
+    for cmd in ("read", "describe"):
         m = Msg(cmd, Dev("m2"))
         assert check(m) is m
+    for cmd in EXEMPT:
+        assert check(Msg(cmd, Dev("m2"))).command == "null"
+    assert check.dropped == [f"{cmd} m2" for cmd in EXEMPT]
     assert "set" in ACTING and "unstage" not in ACTING
 
 
@@ -200,6 +205,39 @@ def test_uncoordinated_devices_are_asked_once(redis_port, store):
         for _ in range(3):
             check(Msg("set", Dev("sim_thing"), 1))
     assert len(resp.requests) == 1
+
+
+def test_cleanup_is_exempt_only_for_devices_the_plan_acted_on(redis_port, store):
+    """Issue 11, finding 6: ``stop`` / ``unstage`` anywhere in a plan bypassed the locks."""
+    put_lock(store, "m3", LockType.MANUAL_OPERATOR, owner="alice", reason="aligning")
+    check = PlanCheck(guard(redis_port, store))
+    with responder(redis_port, grant):
+        check(Msg("set", Dev("m1"), 1))  # acted on m1: its cleanup passes
+    for cmd in EXEMPT:
+        m = Msg(cmd, Dev("m1"))
+        assert check(m) is m
+        assert check(Msg(cmd, Dev("m3"))).command == "null"  # held by alice, never acted on
+        free = Msg(cmd, Dev("m4"))
+        assert check(free) is free  # free in the store: a cleanup message is harmless
+
+
+def test_not_coordinated_is_not_sticky(redis_port, store):
+    """Issue 11, finding 6: one "not coordinated" answer turned checks off for the plan."""
+    def unknown(req):
+        return {"granted": True, "coordinated": False, "message": "not coordinated"}
+
+    check = PlanCheck(guard(redis_port, store))
+    with responder(redis_port, unknown) as resp:
+        check(Msg("set", Dev("m5"), 1))
+        # a MAINTENANCE lock appears: the store check runs for every acting message
+        put_lock(store, "m5", LockType.MAINTENANCE, owner="max")
+        with pytest.raises(DeviceLockedError, match="held MAINTENANCE by max@h"):
+            check(Msg("set", Dev("m5"), 2))
+        # and the answer is asked again once it is older than UNCOORDINATED_RECHECK
+        store.commit([], ["m5"], [])
+        check.uncoordinated["m5"] -= UNCOORDINATED_RECHECK
+        check(Msg("set", Dev("m5"), 3))
+        assert len([r for r in resp.requests if "refusing" not in r]) == 2
 
 
 def test_in_a_real_runengine_the_scan_fails_before_any_set(redis_port, store):

@@ -22,9 +22,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from pvdb.policy import Policy
+from pvdb.devicemap import DeviceMap as PvdbDeviceMap
+from pvdb.models import BEAMLINE
+from pvdb.policy import Policy, host_roles
 
-from .decision import STALE_AFTER, Decision, DeviceMap, HeldLock, LockFeed, LockState, decide
+from .decision import (
+    STALE_AFTER,
+    Decision,
+    DeviceMap,
+    HeldLock,
+    LockFeed,
+    LockState,
+    Verdict,
+    decide,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -221,6 +232,9 @@ class GuardCore:
         self.policy = policy
         self.feed = LockFeed(stale_after)
         self.devices = DeviceMap()
+        self._withheld = PvdbDeviceMap()
+        self._last_known: DeviceMap | None = None
+        """PVs of devices that left the registry while locked (refused until confirmed)."""
         self._monotonic = monotonic
         self._lock = threading.RLock()
         self._state = LockState()
@@ -258,10 +272,81 @@ class GuardCore:
         self.refresh()
 
     def set_devices(self, devices: DeviceMap) -> None:
-        """A new registry map: every open channel's device is looked up again and re-applied."""
+        """A new registry map: every open channel's device is looked up again and re-applied.
+
+        Devices that leave the registry while they are locked (in the current lock table or, while
+        it is unknown, the last one received; a ``beamline`` lock holds them all) keep their PVs
+        refused, by the previous map, until :meth:`confirm_registry`: a registry that shrinks or
+        empties never silently unprotects a locked device.
+        """
         with self._lock:
+            old = self._last_known  # the last known map, also across an unknown spell
+            if old is not None and devices.known:
+                locks = self._state.locks if self._state.known else self._state.last_locks
+                held = old.pvdb_map.devices() if BEAMLINE in locks else set(locks)
+                # entries (PVs, prefixes) of locked devices that the new map lacks, also when
+                # the device itself is still there by another entry (a registry that shrinks in
+                # steps: Registry:DevicePVs and Registry:Devices arrive one after the other)
+                lost = old.pvdb_map.restricted(held).without(devices.pvdb_map)
+                if len(lost.devices()):
+                    _log.warning("registry lost PVs of locked device(s) %s: they stay refused "
+                                 "until an operator confirms", ", ".join(sorted(lost.devices())))
+                    self._withheld = self._withheld.merged(lost)
+            if devices.known and len(self._withheld.devices()):
+                # entries that are back in the registry follow the normal rules again
+                self._withheld = self._withheld.without(devices.pvdb_map)
             self.devices = devices
+            if devices.known:
+                self._last_known = devices
             self._apply_all()
+
+    def withheld_devices(self) -> list[str]:
+        """Devices that left the registry while locked and are still refused, sorted."""
+        with self._lock:
+            return sorted(self._withheld.devices())
+
+    def confirm_registry(
+        self, account: str, roles: Iterable[str], devices: Iterable[str] | None = None
+    ) -> list[str]:
+        """An operator confirms that ``devices`` (default: all withheld) left the registry.
+
+        Allowed to the policy's ``force_release`` accounts. Returns the devices released.
+
+        Raises:
+            PermissionError: the account may not confirm.
+            ValueError: a named device is not withheld.
+        """
+        roles = list(roles)
+        if not self.policy.may_force_release(account, roles):
+            raise PermissionError(
+                f"{account} may not confirm registry changes (policy force_release: "
+                f"{', '.join(self.policy.access.force_release) or 'nobody'})")
+        with self._lock:
+            held = self._withheld.devices()
+            names = set(devices) if devices else set(held)
+            unknown = sorted(names - held)
+            if unknown:
+                raise ValueError(f"not withheld: {', '.join(unknown)} (withheld: "
+                                 f"{', '.join(sorted(held)) or 'none'})")
+            self._withheld = self._withheld.restricted(held - names)
+            _log.warning("%s confirmed the registry change for %s", account,
+                         ", ".join(sorted(names)))
+            self._apply_all()
+        return sorted(names)
+
+    def _decide(
+        self, pv: str, account: str, roles: Iterable[str] = (), host: str | None = None
+    ) -> Decision:
+        """:func:`decide`, after the withheld devices of a shrunken registry (caller locks)."""
+        if len(self._withheld.devices()) and self.devices.device_of(pv) is None:
+            gone = self._withheld.device_of(pv)
+            if gone is not None:
+                return Decision(
+                    False, Verdict.UNKNOWN_STATE,
+                    f"device {gone} left the registry while it was locked: writes to its PVs are "
+                    f"refused until an operator confirms (Guard:ConfirmRegistry device={gone})",
+                    device=gone, locked=True)
+        return decide(self.policy, self._state, self.devices, pv, account, roles, host)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -295,10 +380,12 @@ class GuardCore:
                 _log.exception("state listener failed")
         return True
 
-    def decide(self, pv: str, account: str, roles: Iterable[str] = ()) -> Decision:
-        """The lock part of the decision for ``account`` writing ``pv`` now."""
+    def decide(
+        self, pv: str, account: str, roles: Iterable[str] = (), host: str | None = None
+    ) -> Decision:
+        """The lock part of the decision for ``account`` (at ``host``) writing ``pv`` now."""
         with self._lock:
-            return decide(self.policy, self._state, self.devices, pv, account, roles)
+            return self._decide(pv, account, roles, host)
 
     # --- channels -----------------------------------------------------------------------------
 
@@ -313,6 +400,9 @@ class GuardCore:
         roles: Sequence[str],
     ) -> GuardedChannel:
         """Start enforcing on a new client channel; returns its stand-in for the ACF engine."""
+        # roles from this host's group database only: a client's claimed account that does not
+        # exist here has none (PVA would give it a group of its own name)
+        roles = sorted(host_roles(account))
         gc = GuardedChannel(self, chan, dsname, usname, account, host, peer, roles)
         with self._lock:
             self._channels[id(gc)] = gc
@@ -344,17 +434,15 @@ class GuardCore:
         for gc in list(self._channels.values()):
             if gc.acf is None:
                 continue  # the ACF engine has not decided yet; it will call access()
-            key = (gc.usname, gc.account, tuple(gc.roles))
+            key = (gc.usname, gc.account, tuple(gc.roles), gc.host)
             d = cache.get(key)
             if d is None:
-                d = cache[key] = decide(
-                    self.policy, self._state, self.devices, gc.usname, gc.account, gc.roles
-                )
+                d = cache[key] = self._decide(gc.usname, gc.account, gc.roles, gc.host)
             self._apply(gc, d)
 
     def _apply(self, gc: GuardedChannel, d: Decision | None) -> None:
         if d is None:
-            d = decide(self.policy, self._state, self.devices, gc.usname, gc.account, gc.roles)
+            d = self._decide(gc.usname, gc.account, gc.roles, gc.host)
         acf = gc.acf or NO_GRANT
         put = acf.put and d.allowed
         grant = Grant(
@@ -391,7 +479,7 @@ class GuardCore:
             found = gc.at(line.time) if gc is not None else None
             trap = bool(gc and gc.acf and gc.acf.audit)
             if found is None:
-                d = decide(self.policy, self._state, self.devices, line.usname, line.account)
+                d = self._decide(line.usname, line.account, host_roles(line.account), line.host)
                 put, note = d.allowed, " (channel already closed: decided with the current state)"
             else:
                 (put, d), note = found, ""

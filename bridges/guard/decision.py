@@ -10,22 +10,29 @@ belongs to, and whether the lock table it received is fresh.
 Rules:
 
 1. Registry not received (both tables) or unreadable, or lock state unknown/stale -> refused
-   (fail closed), except for the policy's ``access.emergency`` accounts. A PV the registry does
-   not map to a device does not depend on the locks: it gets the policy default
+   (fail closed), except for the policy's ``access.emergency`` accounts, and for them only
+   when no lock of another account is known (the current table, or the last one received
+   while the state is unknown): an emergency account never overrides a known lock. A PV the
+   registry does not map to a device does not depend on the locks: it gets the policy default
    (``access.unlocked_writable``) even then, but only once the registry has been received (before
    that the guard cannot tell it is not a device).
-2. Device held (by its own lock or a ``beamline`` lock) -> only the holder's account; the host
-   part of ``account@host`` is recorded but does not count.
+2. Device held (by its own lock or a ``beamline`` lock) -> only the holder's account from the
+   holder's host (the peer address the guard saw; the account alone is only a claim).
 3. Device free -> ``access.unlocked_writable`` (everyone; or, in strict mode, nobody).
+4. Field rules (``[fields]``, like ACF access security levels): where 2 or 3 allow, operators
+   write only the value fields of the device's class; other fields and every link field (OUT,
+   INP*, DOL, FLNK, OCAL, SDIS, ...) only ``fields.staff``. A PV of no registered device follows
+   ``fields.unregistered`` (default ``staff``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pvdb import lockmodel
+from pvdb.devicemap import DeviceMap as PvdbDeviceMap
+from pvdb.devicemap import DeviceMapError, parse_channel
 from pvdb.lockmodel import Decision, ErrorCode, Verdict
 from pvdb.policy import Policy
 
@@ -78,12 +85,22 @@ class LockState:
         known: False when the table is unknown or stale (then the guard fails closed).
         why_unknown: the reason when ``known`` is False.
         stamp: epoch seconds of the coordination IOC's update this state came from (0: none).
+        last_locks: the last table received, kept while the state is unknown (an emergency
+            account never overrides a lock the guard knew of).
     """
 
     locks: Mapping[str, HeldLock] = field(default_factory=dict)
     known: bool = False
     why_unknown: str = "lock state not received yet"
     stamp: float = 0.0
+    last_locks: Mapping[str, HeldLock] = field(default_factory=dict)
+    """The last table received (also while ``known`` is False): locks the guard knew of."""
+
+    def known_locks_on(self, device: str) -> list[HeldLock]:
+        """:meth:`locks_on` in the current table, or in the last one while unknown."""
+        if self.known:
+            return self.locks_on(device)
+        return LockState(self.last_locks, True).locks_on(device)
 
     def locks_on(self, device: str) -> list[HeldLock]:
         """The locks that apply to ``device``: its own and a ``beamline`` lock, if any."""
@@ -118,15 +135,15 @@ def parse_locks(columns: Mapping[str, Sequence[object]]) -> dict[str, HeldLock]:
 
 
 class DeviceMap:
-    """PV name -> device, from ``Registry:DevicePVs`` (and ``pvPrefix`` of ``Registry:Devices``).
+    """PV name -> device for the guard: :class:`pvdb.devicemap.DeviceMap` plus ``known``.
 
-    Lookup order for a channel name ``N``: ``N`` itself; its record name (``N`` up to the first
-    ``.``, ``$``, ``[`` or ``{``, so ``m1.VAL``, ``m1.VAL[0]``, ``m1.VAL{"ts":{}}`` and ``m1`` are
-    the same device); the longest device
-    ``pvPrefix`` that ``N`` starts with (prefixes shared by several devices are ignored).
+    Built from ``Registry:DevicePVs`` rows ``(pv, device)`` and ``Registry:Devices`` rows
+    ``(device, pvPrefix)``; the lookup rules (exact PV, its record name, longest prefix; braces
+    inside names are ordinary characters) are pvdb's, the same as the registry's Lookup.
 
     ``known`` is False until both registry tables were received and readable; ``why_unknown``
-    then says what is missing or wrong (writes are refused meanwhile: fail closed).
+    then says what is missing or wrong (writes are refused meanwhile: fail closed). A registry
+    that gives one PV or prefix to two devices is not known either (``why_unknown`` names them).
     """
 
     def __init__(
@@ -135,52 +152,29 @@ class DeviceMap:
         prefixes: Iterable[tuple[str, str]] = (),
         known: bool = False,
         why_unknown: str = "registry PV list not received",
+        classes: Mapping[str, str] | None = None,
     ) -> None:
+        self.classes: dict[str, str] = dict(classes or {})
+        """Device -> device class (``Registry:Devices`` ``deviceClass``; '' when unknown)."""
+        try:
+            self._map = PvdbDeviceMap(pv_rows, prefixes)
+        except DeviceMapError as e:
+            self._map = PvdbDeviceMap()
+            known, why_unknown = False, f"registry rejected: {e}"
         self.known = known
         self.why_unknown = "" if known else why_unknown
-        self._exact: dict[str, str] = {}
-        self._record: dict[str, str] = {}
-        for pv, device in pv_rows:
-            if not pv or not device:
-                continue
-            self._exact[pv] = device
-            self._record.setdefault(_record_of(pv), device)
-        by_prefix: dict[str, set[str]] = {}
-        for device, prefix in prefixes:
-            if prefix and device:
-                by_prefix.setdefault(prefix, set()).add(device)
-        self._prefixes = sorted(
-            ((p, next(iter(d))) for p, d in by_prefix.items() if len(d) == 1),
-            key=lambda pd: -len(pd[0]),
-        )
 
     def device_of(self, pv: str) -> str | None:
         """The device ``pv`` belongs to, or None."""
-        dev = self._exact.get(pv) or self._record.get(_record_of(pv))
-        if dev:
-            return dev
-        for prefix, device in self._prefixes:
-            if pv.startswith(prefix):
-                return device
-        return None
+        return self._map.device_of(pv)
+
+    @property
+    def pvdb_map(self) -> PvdbDeviceMap:
+        """The underlying :class:`pvdb.devicemap.DeviceMap` (empty while not known)."""
+        return self._map
 
     def __len__(self) -> int:
-        return len(self._exact)
-
-
-_RECORD = re.compile(r"[^.$\[{]+")
-
-
-def _record_of(pv: str) -> str:
-    """The record part of a channel name: everything before the first ``.``, ``$``, ``[``, ``{``.
-
-    QSRV2 accepts ``rec.FIELD``, ``rec.FIELD$`` / ``rec$`` (long string), ``rec.VAL[0]``
-    (array slice) and ``rec.VAL{"ts":{}}`` / ``rec{...}`` (JSON channel filters) for the same
-    record: all of them must map to the record's device, or a locked device could be written
-    under a decorated name (fail open).
-    """
-    m = _RECORD.match(pv)
-    return m.group(0) if m else pv
+        return len(self._map)
 
 
 def decide(
@@ -190,33 +184,65 @@ def decide(
     pv: str,
     account: str,
     roles: Iterable[str] = (),
+    host: str | None = None,
 ) -> Decision:
-    """Decide whether ``account`` (OS groups ``roles``) may put to / call ``pv`` now.
+    """Decide whether ``account`` (OS groups ``roles``, peer address ``host``) may write ``pv``.
 
-    The registry part (which device ``pv`` is) is decided here; the device part is
-    :func:`pvdb.lockmodel.may_write`. A refused :class:`Decision` has ``.code`` (an
+    The registry part (which device ``pv`` is) and the field rules are decided here; the device
+    part is :func:`pvdb.lockmodel.may_write`. ``host`` is the client's address as the guard saw
+    it: a lock taken from another host is not this client's, even with the same claimed account
+    (None: the host is not checked). A refused :class:`Decision` has ``.code`` (an
     :class:`ErrorCode`) and ``.error()`` (the refusal as an error text).
     """
     roles = list(roles)
-    emergency = policy.is_emergency(account, roles)
+    emergency = policy.is_emergency(account, roles, host)
     if not devices.known:
         why = devices.why_unknown or "registry PV list not received"
         if emergency:
+            # which device pv is cannot be told: any known lock of another account may be it
+            others = [lk for lk in (state.locks if state.known else state.last_locks).values()
+                      if lk.account != account]
+            if others:
+                first = min(others, key=lambda lk: lk.device)
+                return Decision(
+                    False, Verdict.UNKNOWN_STATE,
+                    f"{why}; {account} is an emergency account, but {first.device} is held by "
+                    f"{first.holder} and {pv} may belong to it: an emergency account does not "
+                    "override a known lock (fail closed)", holder=first.holder,
+                    lock_type=first.lock_type, expires=first.expires, locked=True)
             return Decision(True, Verdict.EMERGENCY, f"{why}; {account} is an emergency account")
         return Decision(False, Verdict.UNKNOWN_STATE,
                         f"{why}: the guard cannot tell which device {pv} belongs to, so writes "
                         "are refused (fail closed)")
     device = devices.device_of(pv) or ""
     if not device:
-        if policy.access.unlocked_writable:
+        rule = policy.fields.unregistered if policy.access.unlocked_writable else "nobody"
+        if rule == "staff" and policy.is_staff(account, roles, host):
+            return Decision(True, Verdict.NOT_A_DEVICE,
+                            f"{pv} belongs to no registered device: staff may write it")
+        if rule == "staff":
+            return Decision(False, Verdict.NOT_A_DEVICE,
+                            f"{pv} belongs to no registered device: only staff "
+                            f"({', '.join(policy.fields.staff)}) may write it (policy "
+                            "fields.unregistered = 'staff')")
+        if rule == "everyone":
             return Decision(True, Verdict.NOT_A_DEVICE,
                             f"{pv} belongs to no registered device: the policy lets anyone "
                             "write it")
         return Decision(False, Verdict.NOT_A_DEVICE,
-                        f"{pv} belongs to no registered device and the policy is strict "
-                        "(unlocked_writable = false): nobody can hold a lock for it")
-    locks = state.locks if state.known else None
-    return lockmodel.may_write(policy, locks, device, account, roles, state.why_unknown)
+                        f"{pv} belongs to no registered device and the policy lets nobody write "
+                        "it (fields.unregistered, or strict: unlocked_writable = false)")
+    d = lockmodel.may_write(policy, state.locks if state.known else None, device, account,
+                            roles, state.why_unknown, host=host, last_locks=state.last_locks)
+    if not d.allowed:
+        return d
+    field = parse_channel(pv).field
+    why = policy.field_refusal(devices.classes.get(device, ""), field, account, roles, host)
+    if why:
+        return Decision(False, Verdict.FIELD_RULE, f"{pv}: {why}", device=device,
+                        holder=d.holder, lock_type=d.lock_type, expires=d.expires,
+                        locked=d.locked)
+    return d
 
 
 class LockFeed:
@@ -228,6 +254,8 @@ class LockFeed:
     def __init__(self, stale_after: float = STALE_AFTER) -> None:
         self.stale_after = stale_after
         self.locks: dict[str, HeldLock] | None = None
+        self.last_locks: dict[str, HeldLock] = {}
+        """The last table received; kept across a disconnect (never a reason to allow)."""
         self.stamp = 0.0
         self._locks_connected = False
         self._beat_connected = False
@@ -240,6 +268,7 @@ class LockFeed:
         self._locks_connected = True
         self._locks_problem = ""
         self.locks, self.stamp = locks, stamp
+        self.last_locks = dict(locks)
 
     def locks_lost(self, problem: str = "") -> None:
         """The ``Coord:Locks`` monitor disconnected, or sent something unusable (``problem``)."""
@@ -280,5 +309,5 @@ class LockFeed:
         """The :class:`LockState` to decide with at monotonic time ``now``."""
         why = self.why_unknown(now)
         if why:
-            return LockState({}, False, why, self.stamp)
-        return LockState(dict(self.locks or {}), True, "", self.stamp)
+            return LockState({}, False, why, self.stamp, dict(self.last_locks))
+        return LockState(dict(self.locks or {}), True, "", self.stamp, dict(self.last_locks))

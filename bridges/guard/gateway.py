@@ -43,6 +43,7 @@ from pvdb.guard import (
     GUARD_APPLY_LATENCY,
     GUARD_AUDIT,
     GUARD_CHANNELS,
+    GUARD_CONFIRM_REGISTRY,
     GUARD_HEALTH,
     GUARD_HEARTBEAT,
     GUARD_LAST_AUDIT,
@@ -58,7 +59,7 @@ from pvdb.names import (
     REGISTRY_DEVICE_PVS,
     REGISTRY_DEVICES,
 )
-from pvdb.policy import Policy
+from pvdb.policy import Policy, host_roles
 from pvdb.process import GUARD_START_TIME, GUARD_VERSION, pvcoord_version
 
 from .config import GuardConfig, GuardConfigError, read_site_file
@@ -73,6 +74,7 @@ STARTED = time.time()
 """When the guard process imported this module (its start, for ``Guard:StartTime``)."""
 
 WHAT_IF_TYPE = Type(list(WHAT_IF_FIELDS), id="pvcoord:guard/WhatIf:1.0")
+CONFIRM_TYPE = Type([("message", "s")], id="pvcoord:guard/ConfirmRegistry:1.0")
 
 
 def service_prefixes(*prefixes: str) -> tuple[str, ...]:
@@ -268,6 +270,7 @@ class Guard:
         # registry tables: None until received; a table that cannot be read is in _registry_bad
         self._devices_rows: list[tuple[str, str]] | None = None
         self._prefix_rows: list[tuple[str, str]] | None = None
+        self._classes: dict[str, str] = {}
         self._registry_bad: dict[str, str] = {}
         self._read_only = config.read_only
         self._site: list[tuple[str, str, str]] = []
@@ -308,6 +311,8 @@ class Guard:
         self.pv_audit = SharedPV(nt=self._audit_nt, initial=[], timestamp=now)
         self.pv_what_if = SharedPV(nt=NTScalar("s"), initial="RPC only", timestamp=now)
         self.pv_what_if.rpc(self._what_if)
+        self.pv_confirm = SharedPV(nt=NTScalar("s"), initial="RPC only", timestamp=now)
+        self.pv_confirm.rpc(self._confirm_registry)
         self.refused = _Counter(self.pv_refused)
         self.allowed_locked = _Counter(self.pv_allowed_locked)
         self._pvs = {
@@ -324,6 +329,7 @@ class Guard:
             GUARD_VERSION.name(p): SharedPV(nt=NTScalar("s"), initial=pvcoord_version(),
                                             timestamp=now),
             GUARD_START_TIME.name(p): SharedPV(nt=NTScalar("d"), initial=STARTED, timestamp=now),
+            GUARD_CONFIRM_REGISTRY.name(p): self.pv_confirm,
         }
 
     # --- start / stop -------------------------------------------------------------------------
@@ -494,10 +500,14 @@ class Guard:
         try:
             cols = v["value"]
             rows = list(zip(_column(cols["name"]), _column(cols["pvPrefix"]), strict=True))
+            names = [r[0] for r in rows]
+            classes = (dict(zip(names, _column(cols["deviceClass"]), strict=True))
+                       if "deviceClass" in cols else {})
         except (KeyError, ValueError, TypeError) as e:
             self._table_unreadable(name, e)
             return
         self._prefix_rows = rows
+        self._classes = classes
         self._registry_bad.pop(name, None)
         self._remap()
 
@@ -526,7 +536,8 @@ class Guard:
                 self.core.set_devices(DeviceMap(known=False, why_unknown=why))
         else:
             self.core.set_devices(
-                DeviceMap(self._devices_rows or [], self._prefix_rows or [], known=True)
+                DeviceMap(self._devices_rows or [], self._prefix_rows or [], known=True,
+                          classes=self._classes)
             )
         self._post_health()
 
@@ -538,12 +549,17 @@ class Guard:
         state = self.core.state
         problems = []
         if not self.core.devices.known:
-            problems.append(f"{self.registry_problem() or 'registry not received'}: "
-                            "device writes refused")
+            why = self.registry_problem() or self.core.devices.why_unknown
+            problems.append(f"{why or 'registry not received'}: device writes refused")
+        withheld = self.core.withheld_devices()
+        if withheld:
+            problems.append(
+                f"locked device(s) {', '.join(withheld)} left the registry: their PVs are "
+                f"refused until confirmed ({GUARD_CONFIRM_REGISTRY.name(self.prefix)})")
         if not state.known:
             problems.append(f"lock state unknown ({state.why_unknown}): device writes refused")
         text = "; ".join(problems) or "OK"
-        ok = int(state.known and self.core.devices.known)
+        ok = int(state.known and self.core.devices.known and not withheld)
         if self.pv_health.current().raw.value != text:
             self.pv_health.post(text, timestamp=now)
         if self.pv_ok.current().raw.value != ok:
@@ -569,6 +585,27 @@ class Guard:
         return {"time": r.time, "action": r.action, "account": r.account, "host": r.host,
                 "pv": r.pv, "device": r.device, "holder": r.holder, "value": r.value[:200],
                 "message": r.message}
+
+    # --- registry confirmation ---------------------------------------------------------------
+
+    def _confirm_registry(self, pv: SharedPV, op: Any) -> None:
+        try:
+            args = _uri_args(op.value())
+            unknown = sorted(set(args) - set(GUARD_CONFIRM_REGISTRY.args))
+            if unknown:
+                raise ValueError(f"unknown argument(s) {', '.join(unknown)}; use device=d1,d2")
+            done = self.core.confirm_registry(
+                op.account(), sorted(host_roles(op.account())),
+                _split(args.get("device", "")) or None)
+        except (PermissionError, ValueError, WhatIfError) as e:
+            op.done(error=str(e))
+            return
+        except Exception as e:
+            _log.exception("confirm-registry failed")
+            op.done(error=f"confirm-registry failed: {e}")
+            return
+        self._post_health()
+        op.done(CONFIRM_TYPE({"message": f"confirmed: {', '.join(done) or 'nothing withheld'}"}))
 
     # --- what-if ------------------------------------------------------------------------------
 
@@ -604,7 +641,7 @@ class Guard:
             roles = _split(args.get("roles", ""))
         else:
             account = op.account()
-            roles = _split(args["roles"]) if "roles" in args else list(op.roles())
+            roles = _split(args["roles"]) if "roles" in args else sorted(host_roles(account))
         host = args.get("host", "").strip() or op.peer().rsplit(":", 1)[0]
         try:
             ip = socket.gethostbyname(host)
@@ -629,7 +666,7 @@ class Guard:
         if usname.startswith(self.banned):
             return {**base, "allowed": False,
                     "reason": f"{usname} is a pvcoord service PV: never proxied by the guard"}
-        d = self.core.decide(usname, account, roles)
+        d = self.core.decide(usname, account, roles, ip)
         base.update(device=d.device, holder=d.holder, lockType=d.lock_type, expires=d.expires)
         alias = f" ({pv} is {usname} on the IOC)" if usname != pv else ""
         if not perm.get("put"):

@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds to look for another IOC serving P Coord:* before serving "
                    f"(default {NAME_CHECK_TIMEOUT}; 0 skips the check)")
     p.add_argument("--events-tail", type=int, default=50, help="rows of Coord:Events (1-1000)")
+    p.add_argument("--events-keep-days", type=float, default=365.0,
+                   help="audit retention: events older than this are removed from the store")
+    p.add_argument("--events-keep", type=int, default=1_000_000,
+                   help="audit retention: at most this many events are kept in the store")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
     try:
@@ -59,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if not 1 <= a.events_tail <= 1000:
         p.error("--events-tail must be between 1 and 1000")
+    if not a.events_keep_days > 0 or a.events_keep < a.events_tail:
+        p.error("--events-keep-days must be positive and --events-keep at least --events-tail")
     return a
 
 
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         registry_prefix = None if devices is not None else (a.registry_prefix or a.prefix)
         run_as_service(lambda stop, ready: serve(
             a.prefix, table, stop, registry_prefix=registry_prefix, events_tail=a.events_tail,
-            authority=who, name_check=a.name_check_timeout, ready=ready))
+            authority=who, name_check=a.name_check_timeout, ready=ready,
+            retention=(a.events_keep_days * 86400.0, a.events_keep)))
     except AuthorityClashError as e:
         print(f"refusing to start: {e}", file=sys.stderr)
         return 2

@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
-import grp
 import logging
-import os
-import pwd
 import threading
 import time
 from collections import deque
@@ -26,9 +23,11 @@ from p4p.nt import NTEnum, NTScalar, NTTable
 from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
+from pvcoord.store import StoreError
 from pvdb import names as pvn
 from pvdb.lockmodel import ErrorCode
 from pvdb.models import BEAMLINE, Lock, LockEvent
+from pvdb.policy import ACCOUNT_RE, ANONYMOUS, host_roles
 from pvdb.redact import redact
 
 from .. import pvutil
@@ -85,13 +84,8 @@ RENEW_RESULT = Type(
 )
 
 
-def roles_of(user: str) -> frozenset[str]:
-    """OS groups of ``user`` on this host (empty if the account does not exist here)."""
-    try:
-        pw = pwd.getpwnam(user)
-        return frozenset(grp.getgrgid(g).gr_name for g in os.getgrouplist(user, pw.pw_gid))
-    except (KeyError, OSError):
-        return frozenset()
+roles_of = host_roles
+"""OS groups of an account on this host (empty if it does not exist here): for stored locks."""
 
 
 class CoordinationIOC:
@@ -362,20 +356,27 @@ class CoordinationIOC:
     # --- RPC handlers (called by _RPC, which finishes the operation) -------------------------
 
     def identity(self, op, args: dict[str, str]) -> Identity:
-        """Who asks: the PVA account and peer host, or the user a trusted service names."""
-        account = op.account() or "anonymous"
+        """Who asks: the PVA account and peer host, or the user a trusted service names.
+
+        The account is what the client claims (PVA ``ca`` authentication); the host is the peer
+        address TCP proves; roles come only from this host's group database for accounts that
+        exist here (never from the client). onBehalfOf is limited per service by the policy.
+        """
+        account = op.account() or ANONYMOUS
         host = (op.peer() or "unknown").rsplit(":", 1)[0]
-        roles = frozenset(op.roles() or ())
+        if not ACCOUNT_RE.match(account):
+            raise LockError(
+                "the client's account name is not accepted (1-64 letters, digits, '.', '_', '-'; "
+                "no '@', spaces or control characters)")
+        roles = host_roles(account)
         user, client_host = rpcargs.on_behalf_arg(args)
         if user is None:
             return Identity(account, host, roles)
-        if not self.table.policy.is_trusted_service(account, roles):
-            trusted = self.table.policy.access.trusted_services
-            raise LockError(
-                f"{account} is not a trusted service account: onBehalfOf is refused (policy "
-                f"trusted_services: {', '.join(trusted) or 'none'})", ErrorCode.NOT_ALLOWED,
-            )
-        return Identity(user, client_host or host, roles_of(user), actor=account)
+        user_roles = host_roles(user)
+        why = self.table.policy.may_act_for(account, roles, host, user, user_roles)
+        if why:
+            raise LockError(why, ErrorCode.NOT_ALLOWED)
+        return Identity(user, client_host or host, user_roles, actor=account)
 
     def _acquire(self, op, args: dict[str, str]) -> Value:
         rpcargs.check_names(args, pvn.ACQUIRE_ARGS, "Acquire")
@@ -469,6 +470,19 @@ class RegistryFollower:
         self._sub.close()
 
 
+def _prune(table: LockTable, retention: tuple[float, int]) -> None:
+    """Apply the audit retention (age, count) to the store; a failure is logged, not fatal."""
+    max_age, keep = retention
+    try:
+        n = table.store.prune_events(time.time() - max_age, keep)
+    except StoreError as e:
+        log.warning("audit retention: %s", e)
+        return
+    if n:
+        log.info("audit retention: %d events older than %.0f days or beyond %d removed", n,
+                 max_age / 86400, keep)
+
+
 async def serve(
     prefix: str,
     table: LockTable,
@@ -480,6 +494,7 @@ async def serve(
     events_tail: int = 50,
     authority: str = "",
     name_check: float = NAME_CHECK_TIMEOUT,
+    retention: tuple[float, int] = (365 * 86400.0, 1_000_000),
 ) -> None:
     """Serve the coordination PVs until ``stop`` is set.
 
@@ -493,6 +508,8 @@ async def serve(
         client_conf: p4p client configuration for the registry monitor (``None``: environment).
         ready: set once the PVs are served.
         events_tail: rows of ``Coord:Events``.
+        retention: audit events kept in the store: (maximum age in s, maximum count); pruned at
+            start and every minute.
         authority: this IOC's description for ``Coord:Authority``.
         name_check: seconds to look for another IOC serving the prefix first (0: skip).
 
@@ -516,6 +533,8 @@ async def serve(
                 ready.set()
             n = 0
             while not stop.is_set():
+                if n % int(60 / TICK) == 0:
+                    _prune(table, retention)
                 n += 1
                 second = n % int(1 / TICK) == 0
                 try:

@@ -41,7 +41,7 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -68,6 +68,8 @@ MAX_DEVICES = 256
 """Most devices accepted in one request."""
 KEY_HASHES_KEPT = 8
 """Keys (as digests) that stay valid for one lock when its holder re-requests it."""
+REFUSAL_WINDOW = 60.0
+"""Seconds of the refusal rate limit."""
 NOTICES_KEPT = 4096
 """How many 'your lock was preempted/expired' notices are remembered for their holders."""
 CLOCK_STEP = 1.0
@@ -160,6 +162,11 @@ class _Change:
     notices: dict[object, Notice] = field(default_factory=dict)
 
 
+def _same_holder(lock: Lock, ident: Identity) -> bool:
+    """Whether ``ident`` is the lock's holder (:func:`pvdb.lockmodel.same_holder`)."""
+    return lockmodel.same_holder(lock, ident.account, ident.host)
+
+
 def hash_key(key: str) -> str:
     """SHA-256 hex digest of a key: what locks and the store keep instead of the key."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -213,6 +220,10 @@ class LockTable:
         self._unverified: set[str] = set()  # loaded before the device list was known
         self.load_problems: list[str] = []
         """One line per stored row rejected at start (shown in ``Coord:Health``)."""
+        self._refusal_times: dict[tuple[str, str], deque[float]] = {}
+        self._refusals_missed: dict[tuple[str, str], int] = {}
+        self.refusals_not_stored = 0
+        """Refusals not stored as audit events because of the per-client rate limit."""
         rejected = self._load()
         self.startup_events: list[LockEvent] = rejected + self.expire(
             reason="while the IOC was down")
@@ -379,6 +390,27 @@ class LockTable:
 
     # --- validation -------------------------------------------------------------------------
 
+    def _refusal_allowed(self, ident: Identity) -> bool:
+        """Rate limit of stored refusals per client (account and host), counting the rest.
+
+        At most ``access.refusal_audit_per_minute`` per :data:`REFUSAL_WINDOW` are stored.
+        """
+        key = (ident.actor_name, ident.host)
+        now = self.clock()
+        with self._mutex:
+            times = self._refusal_times.setdefault(key, deque())
+            while times and now - times[0] > REFUSAL_WINDOW:
+                times.popleft()
+            if len(times) >= self.policy.access.refusal_audit_per_minute:
+                self._refusals_missed[key] = self._refusals_missed.get(key, 0) + 1
+                self.refusals_not_stored += 1
+                return False
+            times.append(now)
+            if len(self._refusal_times) > 4096:  # forget idle clients (bounded memory)
+                for k in [k for k, t in self._refusal_times.items() if not t][:1024]:
+                    del self._refusal_times[k]
+            return True
+
     def _key_shaped(self, device: str) -> bool:
         """A device argument that is no known device but has the shape of a lock key."""
         return looks_like_key(device) and (self._devices is None or device not in self._devices)
@@ -432,8 +464,10 @@ class LockTable:
     def _check_text(name: str, value: str, limit: int) -> str:
         if len(value) > limit:
             raise LockError(f"{name} is {len(value)} characters long; the limit is {limit}")
-        if any(ord(c) < 32 for c in value):
-            raise LockError(f"{name} contains control characters")
+        if not value.isprintable():
+            raise LockError(
+                f"{name} contains control or format characters (e.g. bidi overrides); only "
+                "printable text is accepted")
         return value
 
     # --- the store-then-memory step ---------------------------------------------------------
@@ -563,9 +597,14 @@ class LockTable:
         A key-shaped device argument (a key typed where a device belongs) is recorded as ``***``.
         """
         devices = list(devices)
+        if not self._refusal_allowed(ident):
+            return
         for d in devices:
             if self._key_shaped(d):
                 msg = msg.replace(d, MASK)
+        missed = self._refusals_missed.pop((ident.actor_name, ident.host), 0)
+        if missed:
+            msg = f"{msg} [{missed} more refusals of this client not stored]"
         devices = [MASK if self._key_shaped(d) else d for d in devices]
         ev = LockEvent(
             time=self.clock(), action=EventAction.REFUSED,
@@ -618,7 +657,7 @@ class LockTable:
             lease = self._lease(lock_type, timeout)
             reason = self._check_text("reason", reason, MAX_REASON)
             plan_uid = self._check_text("planUid", plan_uid, MAX_PLAN_UID)
-            if not self.policy.may_take(lock_type, ident.account, ident.roles):
+            if not self.policy.may_take(lock_type, ident.account, ident.roles, ident.host):
                 self._refuse(
                     ident, devs, lock_type,
                     f"{ident.account} may not take {lock_type.value} locks (policy: "
@@ -626,7 +665,8 @@ class LockTable:
                     ErrorCode.NOT_ALLOWED,
                 )
             now = self.clock()
-            decision = lockmodel.decide_request(self._locks, devs, ident.account, lock_type)
+            decision = lockmodel.decide_request(self._locks, devs, ident.account, lock_type,
+                                               ident.host)
             if decision.blocker is not None:
                 first = decision.blocker
                 self._refuse(
@@ -666,7 +706,7 @@ class LockTable:
                         ))
             for d in devs:
                 prev = self._locks.get(d)
-                mine = prev if prev is not None and prev.owner == ident.account else None
+                mine = prev if prev is not None and _same_holder(prev, ident) else None
                 hashes = ((*mine.key_hashes, kh) if mine else (kh,))[-KEY_HASHES_KEPT:]
                 lock = Lock(
                     device=d, lock_type=lock_type, owner=ident.account, host=ident.host,
@@ -723,13 +763,14 @@ class LockTable:
                 if notice is not None:
                     raise notice.error()
                 raise LockError(f"cannot {verb}: {d[:64]!r} is not locked", ErrorCode.NOT_LOCKED)
-            if lk.owner != ident.account:
+            if not _same_holder(lk, ident):
                 notice = self._notices.get((ident.account, d))
                 if notice is not None:
                     raise notice.error(f"; it is now held by {lk.holder}", lk.holder)
                 raise LockError(
                     f"cannot {verb} {d}: it is held by {lk.holder} ({lk.lock_type.value}); only "
-                    "the holder's account or the lock's key may " + verb + " it",
+                    "the holder's account from the holder's host, or the lock's key, may "
+                    + verb + " it",
                     ErrorCode.NOT_HOLDER, lk.holder,
                 )
             out.append(lk)
@@ -818,7 +859,7 @@ class LockTable:
             if not devs:
                 self._refuse(ident, ("?",), None, "no device given: device=NAME[,NAME...]")
             reason = self._check_text("reason", reason, MAX_REASON)
-            if not self.policy.may_force_release(ident.account, ident.roles):
+            if not self.policy.may_force_release(ident.account, ident.roles, ident.host):
                 self._refuse(
                     ident, devs, None,
                     f"{ident.account} may not force-release locks (policy force_release: "

@@ -20,6 +20,7 @@ from p4p.server.asyncio import SharedPV
 from pvdb import queue as qn
 from pvdb.lockmodel import ErrorCode
 from pvdb.names import PVKind, PVSpec
+from pvdb.policy import ANONYMOUS, host_roles
 from pvdb.redact import redact
 
 from .. import pvutil
@@ -219,8 +220,8 @@ class ControlRPC(pvutil.AsyncRPC):
         super().__init__(spec.suffix, self._call, (BadRequestError, ControlError), EXAMPLE)
 
     async def _call(self, op: Any, args: dict[str, str]) -> Value:
-        account = op.account() or "anonymous"
-        roles = frozenset(op.roles() or ())
+        account = op.account() or ANONYMOUS
+        roles = host_roles(account)  # this host's group database, never the client's claim
         message, uid = await self.fn(account, roles, args)
         return RPC_RESULT({"message": redact(message), "itemUid": uid})
 

@@ -243,6 +243,8 @@ def write_policy(path: Path, account: str | None = None) -> Path:
     text = POLICY_FILE.read_text()
     if account != "root":
         text = re.sub(r'"root"', f'"root", "{account}"', text)
+        # the last table is [access.on_behalf_of]: the demo's account acts for the same users
+        text += f'"{account}" = ["*", "pvcoord-queue"]\n'
     path.write_text(text)
     return path
 

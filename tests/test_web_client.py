@@ -218,6 +218,8 @@ def test_two_users_lock_move_release(site, pages):
     print(f"bob's m1 input disabled {disabled_after * 1000:.0f} ms after alice's take reply")
     a.until(lambda d: a.row("m1", ".lock").text == "ManualOperator", "m1 ManualOperator")
     assert a.row("m1", ".setpoint").is_enabled(), "the holder's own input must stay enabled"
+    a.until(lambda d: a.row("m1", ".renew").is_displayed(), "the holder's Renew button")
+    assert not b.row("m1", ".renew").is_displayed()
     assert "alice@" in b.row("m1", ".reason").text, b.row("m1", ".reason").text
     b.until(lambda d: b.row("m1", ".owner").text.startswith("alice@"), "alice as m1's owner")
     assert not b.row("m1", ".release").is_enabled()
@@ -247,9 +249,11 @@ def test_two_users_lock_move_release(site, pages):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     b.driver.save_screenshot(str(SCREENSHOTS / "web-client-locked.png"))  # bob's view
 
-    # alice releases; bob may write again
+    # alice renews her lease, then releases; bob may write again
+    a.row("m1", ".renew").click()
+    a.until(lambda d: a.result("m1")[2].startswith("renewed"), "reply to alice's renew")
     a.row("m1", ".release").click()
-    a.until(lambda d: a.result("m1")[0] == "ok", "reply to alice's release")
+    a.until(lambda d: a.result("m1")[2].startswith("released"), "reply to alice's release")
     b.until(lambda d: b.row("m1", ".setpoint").is_enabled(), "m1 setpoint enabled for bob")
     assert b.row("m1", ".lock").text == "Free" and b.row("m1", ".reason").text == ""
     sp = b.row("m1", ".setpoint")

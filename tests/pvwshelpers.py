@@ -91,9 +91,11 @@ class Bridge:
     def ws_url(self) -> str:
         return f"ws://{LOOPBACK}:{self.port}/pvws/pv"
 
-    def get(self, path: str, cookie: str = "") -> Any:
-        req = urllib.request.Request(self.http + path, headers={"Cookie": cookie} if cookie
-                                     else {})
+    def get(self, path: str, cookie: str = "", headers: dict[str, str] | None = None) -> Any:
+        h = dict(headers or {})
+        if cookie:
+            h["Cookie"] = cookie
+        req = urllib.request.Request(self.http + path, headers=h)
         with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
             return json.loads(r.read())
 
@@ -136,6 +138,7 @@ class Beamline:
     passwords: dict[str, str] = field(default_factory=dict)
     bridge: Bridge | None = None
     readonly_bridge: Bridge | None = None
+    header_bridge: Bridge | None = None
 
     def outputs(self) -> str:
         return "\n".join(f"--- {n} ---\n{p.output()[-4000:]}" for n, p in self.procs.items())
@@ -209,7 +212,10 @@ def beamline(tmp: Path) -> Iterator[Beamline]:
                     condition=lambda v: v == "OK")
         b.bridge = b.start_bridge("bridge", "--writes", "--auth", "password",
                                   "--password-file", str(pw))
-        b.readonly_bridge = b.start_bridge("bridge-ro")
+        # writes off; a proxy header from an address that is not a trusted proxy is ignored
+        b.readonly_bridge = b.start_bridge("bridge-ro", "--auth", "header",
+                                           "--trusted-proxy", "192.0.2.1")
+        b.header_bridge = b.start_bridge("bridge-hdr", "--writes", "--auth", "header")
         yield b
     except BaseException:
         print(b.outputs())
@@ -222,8 +228,11 @@ def beamline(tmp: Path) -> Iterator[Beamline]:
 class WS:
     """A blocking PVWS websocket client that keeps every message it received."""
 
-    def __init__(self, url: str, cookie: str = "", max_queue: int | None = 16) -> None:
-        headers = {"Cookie": cookie} if cookie else {}
+    def __init__(self, url: str, cookie: str = "", max_queue: int | None = 16,
+                 headers: dict[str, str] | None = None) -> None:
+        headers = dict(headers or {})
+        if cookie:
+            headers["Cookie"] = cookie
         self._cm = connect(url, additional_headers=headers, max_size=None, max_queue=max_queue,
                            open_timeout=TIMEOUT)
         self.conn: ClientConnection = self._cm.__enter__()

@@ -409,3 +409,17 @@ def test_socket_from_another_origin_gets_no_identity(bl):
         conn.send(json.dumps({"type": "subscribe", "pvs": [f"pva://{SP}"]}))
         first = json.loads(conn.recv(timeout=TIMEOUT))
         assert first["readonly"] is True and first["readonly_reason"] == "log in to write"
+
+
+def test_user_from_a_trusted_proxy_header_only(bl):
+    hdr = {"X-Remote-User": "carol"}
+    who = bl.header_bridge.get("/whoami", headers=hdr)
+    assert who["user"] == "carol" and who["auth"] == "header" and who["writes"] is True
+    assert bl.header_bridge.get("/whoami")["user"] is None
+    assert bl.readonly_bridge.get("/whoami", headers=hdr)["user"] is None  # untrusted peer
+    with WS(bl.header_bridge.ws_url, headers=hdr) as ws:
+        ws.subscribe(f"pva://{SP}")
+        assert _sp_update(ws)["readonly"] is False
+        ws.send({"type": "write", "pv": f"pva://{SP}", "value": 0.5})
+        _sp_update(ws, lambda m: m.get("value") == 0.5)
+    assert any(r["user"] == "carol" and r["allowed"] for r in bl.header_bridge.get("/pvws/audit"))

@@ -307,7 +307,7 @@ def test_queue_panel_add_move_remove_start_history(site, pages):
     a.click('button[data-rpc="start"]')
     a.until(lambda d: a.find("#running").get_attribute("data-uid") == first[0],
             "the running item", timeout=WAIT)
-    assert a.text("#running").startswith("count(")
+    a.until(lambda d: a.text("#running").startswith("count(["), "the running item's name")
     a.until(lambda d: "running for" in a.text("#running"), "the running item's elapsed time")
     a.until(lambda d: a.text("#manager-state") == "executing_queue", "executing_queue")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -367,3 +367,40 @@ def test_queue_endpoint_refuses_bad_calls_with_codes(site):
         assert (status, reply["error"]["code"]) == (code, want), (key, body, reply)
     status, reply, _ = _http(url + "api/queue/remove", {"uid": "no-such-uid"}, cookie)
     assert "not in the queue" in reply["error"]["message"]  # the RE Manager's words, verbatim
+
+
+def test_pvws_js_keeps_the_pvws_client_interface(site, pages):
+    """Our ``pvws.js`` as a PVWS page uses it: merged updates, ``b64*`` arrays decoded."""
+    page = pages["bob"]
+    seen = page.driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const url = location.origin.replace(/^http/, "ws") + "/pvws/pv";
+        const seen = [];
+        const ws = new PVWS(url, (up) => { if (up) ws.subscribe(["sim://sine"]); }, (m) => {
+          if (m.type !== "update") return;
+          seen.push(Object.assign({}, m));
+          if (seen.length === 3) { ws.close(); done(seen); }
+        });
+        ws.open();
+        setTimeout(() => { ws.close(); done(seen); }, 8000);
+    """)
+    assert len(seen) == 3, seen
+    first, later = seen[0], seen[2]
+    assert first["pv"] == "sim://sine" and "vtype" in first and first["readonly"] is True
+    assert later["vtype"] == first["vtype"], "fields sent once stay in the merged state"
+    assert isinstance(later["value"], int | float) and later["seconds"] >= first["seconds"]
+    decoded = page.driver.execute_script("""
+        const out = {};
+        for (const [field, b64] of [["b64dbl", "AAAAAAAA+D8="], ["b64srt", "AQD+/w=="],
+                                    ["b64int", "AQAAAP////8="], ["b64flt", "AADAPw=="],
+                                    ["b64byt", "Af8="]]) {
+          const m = {type: "update", pv: "x", [field]: b64};
+          PVWS.decodeArray(m);
+          out[field] = [Array.from(m.value), field in m];
+        }
+        return out;
+    """)
+    assert decoded == {
+        "b64dbl": [[1.5], False], "b64srt": [[1, -2], False], "b64int": [[1, -1], False],
+        "b64flt": [[1.5], False], "b64byt": [[1, 255], False],
+    }

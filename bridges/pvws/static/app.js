@@ -196,8 +196,8 @@ async function loadWho() {
   const who = state.who;
   $("whoami").textContent = who.user
     ? `${who.user}${who.writes ? "" : " (read only: bridge writes off)"}`
-    : "not logged in";
-  $("login-form").hidden = Boolean(who.user) || who.auth === "header";
+    : who.auth === "password" ? "not logged in" : "read only (no login on this bridge)";
+  $("login-form").hidden = Boolean(who.user) || who.auth !== "password";
   $("logout-button").hidden = !who.user || who.auth !== "password";
   for (const row of state.devices.values()) renderDevice(row);
   renderQueueControls();

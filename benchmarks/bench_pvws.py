@@ -176,7 +176,7 @@ def run_load(url: str, clients: int, pvs: int, seconds: float, bridge_pid: int,
 class Ticker:
     """A SharedPV posting time.time() at ``hz``, and a direct p4p monitor measuring the floor.
 
-    ``hz`` stays below 1 / throttle (20 Hz at the default 50 ms), so the websocket figure is the
+    ``hz`` stays below 1 / throttle (50 Hz at the default 20 ms), so the websocket figure is the
     bridge's delay, not its coalescing period.
     """
 

@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device-conf", action="append", default=[],
                    help="EPICS_PVA_NAME=VALUE of the device network for writes (repeatable; "
                         "default: the environment's)")
-    p.add_argument("--max-pvs", type=int, default=20.0, help="most PVs per socket")
+    p.add_argument("--max-pvs", type=int, default=5000, help="most PVs per socket")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
 

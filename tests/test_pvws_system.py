@@ -210,17 +210,40 @@ def test_throttling_never_drops_the_last_state(bl, ctx):
         assert seen == sorted(seen)  # in order
 
 
-def test_disconnect_and_reconnect_of_the_ioc(bl):
-    pv = f"pva://{P}t:str"
+def test_ca_names_read_with_channel_access(bl, ctx):
+    ctx.put(f"{P}t:ai", 8.5, timeout=TIMEOUT)
+    ctx.put(f"{P}t:DOUBLE", np.array([1.0, 2.5]), timeout=TIMEOUT)
+    ai, enum, arr = f"ca://{P}t:ai", f"ca://{P}t:enum", f"ca://{P}t:DOUBLE"
     with WS(bl.bridge.ws_url) as ws:
-        ws.subscribe(pv)
-        ws.update(pv, lambda m: "vtype" in m)
+        ws.subscribe(ai, enum, arr)
+        m = ws.update(ai, lambda m: m.get("value") == 8.5)
+        assert m["vtype"] == "VDouble" and m["units"] == "mm" and m["precision"] == 3
+        assert (m["min"], m["max"], m["alarm_high"]) == (-10, 10, 9)
+        assert m["severity"] == "MINOR" and m["seconds"] > 1.7e9
+        e = ws.update(enum)
+        assert e["vtype"] == "VEnum" and e["labels"] == ["Zero", "One", "Two"]
+        a = ws.update(arr, lambda m: "b64dbl" in m)
+        assert a["vtype"] == "VDoubleArray"
+        assert np.frombuffer(base64.b64decode(a["b64dbl"]), "<f8")[:2].tolist() == [1.0, 2.5]
+        ctx.put(f"{P}t:ai", 1.0, timeout=TIMEOUT)
+        nxt = ws.update(ai, lambda m: m.get("value") == 1.0)
+        assert "vtype" not in nxt and nxt["severity"] == "NONE"
+
+
+def test_disconnect_and_reconnect_of_the_ioc(bl):
+    pvs = [f"pva://{P}t:str", f"ca://{P}t:str"]
+    with WS(bl.bridge.ws_url) as ws:
+        ws.subscribe(*pvs)
+        for pv in pvs:
+            ws.update(pv, lambda m: "vtype" in m)
         bl.procs["types"].stop()
-        down = ws.update(pv, lambda m: m.get("severity") == "INVALID", timeout=20)
-        assert down["value"] == "NaN"
+        for pv in pvs:
+            down = ws.update(pv, lambda m: m.get("severity") == "INVALID", timeout=20)
+            assert down["value"] == "NaN"
         bl.start_types_ioc()
-        up = ws.update(pv, lambda m: m.get("text") == "hello", timeout=20)
-        assert up["vtype"] == "VString" and up["severity"] == "NONE"
+        for pv in pvs:
+            up = ws.update(pv, lambda m: m.get("text") == "hello", timeout=30)
+            assert up["vtype"] == "VString" and up["severity"] == "NONE"
 
 
 def _sp_update(ws, pred=lambda m: True, timeout=TIMEOUT):

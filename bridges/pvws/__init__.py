@@ -3,10 +3,11 @@
 ``python -m bridges.pvws --prefix P [options]`` serves on one HTTP port (127.0.0.1 by default):
 
 - ``/pvws/pv``: the PVWS websocket (``subscribe``/``monitor``, ``clear``, ``list``, ``write``,
-  ``ping``, ``echo``; plus ``device``), names ``pva://X``, ``ca://X``, bare ``X`` (default scheme
-  ``--default-type``), ``loc://x(init)``, ``sim://sine``, ``sim://flipflop(N)``, ``sim://ramp``,
-  ``sim://noise``; ``/pvws/info``, ``/pvws/summary``, ``/pvws/socket[/ID]``, ``/pvws/pool``,
-  ``/pvws/audit`` (web writes);
+  ``ping``, ``echo``; plus ``device``). Names: ``pva://X``, ``ca://X`` (Channel Access), bare
+  ``X`` (default scheme ``--default-type``), ``loc://x(init)``, ``sim://sine``,
+  ``sim://flipflop(N)``, ``sim://ramp``, ``sim://noise``;
+- ``/pvws/info``, ``/pvws/summary``, ``/pvws/socket[/ID]``, ``/pvws/pool``, ``/pvws/audit``
+  (web writes);
 - ``/login``, ``/logout``, ``/whoami``, ``/api/lock`` (take/release/renew a MANUAL_OPERATOR
   lock on behalf of the web user through ``P Coord:Acquire``/``Release``/``Renew``);
 - the beamline web client (``bridges/pvws/static``) at ``/``.

@@ -87,6 +87,7 @@ class BridgeState:
     read_ctx: Context | None = None
     device_ctx: Context | None = None
     view: LockView | None = None
+    ca_ctx: Any = None
     snapshot: Snapshot | None = None
     decisions: dict[tuple[str, str], Decision] = field(default_factory=dict)
     audit: deque[AuditRecord] = field(default_factory=lambda: deque(maxlen=AUDIT_TAIL))
@@ -690,7 +691,15 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
     app[PVA] = svc
     st.device_ctx = _ctx(cfg.device_conf if cfg.device_conf is not None else cfg.client_conf,
                          nt=True)
-    st.pool = Pool(lambda: st.read_ctx)  # type: ignore[arg-type,return-value]
+    def ca_ctx() -> Any:
+        if st.ca_ctx is None:
+            from caproto.asyncio.client import Context as CaContext  # noqa: PLC0415 - lazy
+
+            st.ca_ctx = CaContext()
+        return st.ca_ctx
+
+    st.pool = Pool(lambda: st.read_ctx,  # type: ignore[arg-type,return-value]
+                   ca_ctx if cfg.ca_via == "ca" else None)
     view = LockView(cfg.prefix, cfg.registry_prefix, conf=cfg.client_conf)
 
     def on_change(snap: Snapshot) -> None:
@@ -707,6 +716,10 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(Exception):
                 await sock.ws.close()
         st.pool.close()
+        if st.ca_ctx is not None:
+            from .ca import close_context  # noqa: PLC0415
+
+            await close_context(st.ca_ctx)
         await loop.run_in_executor(None, view.close)
         for c in (st.read_ctx, svc, st.device_ctx):
             c.close()

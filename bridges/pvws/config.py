@@ -119,6 +119,8 @@ class BridgeConfig:
             1009, as the websocket protocol says).
         static_dir: the web client's files (served at ``/``).
         put_timeout: seconds a device write may take.
+        ca_via: how ``ca://`` names are read: ``ca`` (Channel Access, caproto's asyncio client,
+            environment ``EPICS_CA_*``) or ``pva`` (PVA under the same name).
     """
 
     prefix: str
@@ -143,12 +145,15 @@ class BridgeConfig:
     max_message: int = 4 * 1024 * 1024
     static_dir: Path = field(default_factory=lambda: Path(__file__).parent / "static")
     put_timeout: float = 5.0
+    ca_via: str = "ca"
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, not {self.auth!r}")
         if self.default_scheme not in ("pva", "ca"):
             raise ValueError(f"default scheme must be pva or ca, not {self.default_scheme!r}")
+        if self.ca_via not in ("ca", "pva"):
+            raise ValueError(f"ca:// names are read via ca or pva, not {self.ca_via!r}")
         if self.auth == "password" and self.password_file is None:
             raise ValueError("auth 'password' needs a password file (--password-file)")
         if not (0 <= self.throttle <= 10):

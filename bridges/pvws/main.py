@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device-conf", action="append", default=[],
                    help="EPICS_PVA_NAME=VALUE of the device network for writes (repeatable; "
                         "default: the environment's)")
+    p.add_argument("--ca-via", default="ca", choices=("ca", "pva"),
+                   help="read ca:// names with Channel Access (default) or over PVA")
     p.add_argument("--max-pvs", type=int, default=5000, help="most PVs per socket")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
@@ -145,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth=a.auth, password_file=a.password_file, user_header=a.user_header,
             trusted_proxies=tuple(a.trusted_proxy) or ("127.0.0.1",),
             secure_cookies=a.secure_cookies, admins=tuple(a.admin), policy=a.policy,
-            device_conf=_conf(a.device_conf, p), max_pvs=a.max_pvs,
+            device_conf=_conf(a.device_conf, p), max_pvs=a.max_pvs, ca_via=a.ca_via,
         )
     except (ValueError, PasswordFileError) as e:
         print(f"bridges.pvws: {e}", file=sys.stderr)

@@ -182,10 +182,17 @@ class SimUpstream(Upstream):
 
 
 class Pool:
-    """Name key -> :class:`Upstream`, shared by all sockets of the bridge."""
+    """Name key -> :class:`Upstream`, shared by all sockets of the bridge.
 
-    def __init__(self, ctx_for: Callable[[], Context]) -> None:
+    Args:
+        ctx_for: the p4p client context for ``pva://`` names.
+        ca_for: the caproto client context for ``ca://`` names; None: read them over PVA.
+    """
+
+    def __init__(self, ctx_for: Callable[[], Context],
+                 ca_for: Callable[[], Any] | None = None) -> None:
         self._ctx_for = ctx_for
+        self._ca_for = ca_for
         self.channels: dict[str, Upstream] = {}
 
     def acquire(self, pvname: PVName, sub: Sub) -> Upstream:
@@ -196,6 +203,10 @@ class Pool:
                 up = LocUpstream(pvname)
             elif pvname.scheme == "sim":
                 up = SimUpstream(pvname)
+            elif pvname.scheme == "ca" and self._ca_for is not None:
+                from .ca import CaUpstream  # noqa: PLC0415 - caproto only when ca:// is used
+
+                up = CaUpstream(pvname, self._ca_for())
             else:
                 up = PvaUpstream(pvname, self._ctx_for())
             self.channels[pvname.key] = up

@@ -215,7 +215,8 @@ def beamline(tmp: Path) -> Iterator[Beamline]:
         # writes off; a proxy header from an address that is not a trusted proxy is ignored
         b.readonly_bridge = b.start_bridge("bridge-ro", "--auth", "header",
                                            "--trusted-proxy", "192.0.2.1")
-        b.header_bridge = b.start_bridge("bridge-hdr", "--writes", "--auth", "header")
+        b.header_bridge = b.start_bridge("bridge-hdr", "--writes", "--auth", "header",
+                                         "--max-channels", "40", "--max-sockets", "6")
         yield b
     except BaseException:
         print(b.outputs())

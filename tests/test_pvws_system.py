@@ -446,3 +446,24 @@ def test_user_from_a_trusted_proxy_header_only(bl):
         ws.send({"type": "write", "pv": f"pva://{SP}", "value": 0.5})
         _sp_update(ws, lambda m: m.get("value") == 0.5)
     assert any(r["user"] == "carol" and r["allowed"] for r in bl.header_bridge.get("/pvws/audit"))
+
+
+def test_channel_and_socket_limits_of_the_bridge(bl):
+    from websockets.exceptions import InvalidStatus
+
+    url = bl.header_bridge.ws_url
+    with WS(url) as ws:
+        ws.subscribe(*[f"loc://lim{i}(1)" for i in range(45)])
+        err = ws.error("too-many-channels")
+        assert err["pv"].startswith("loc://lim")
+        ws.send({"type": "list"})
+        assert len(ws.wait(lambda m: m.get("type") == "list")["pvs"]) == 40
+        others = [WS(url) for _ in range(5)]  # 6 sockets in all: the limit
+        try:
+            with pytest.raises(InvalidStatus) as e:
+                WS(url)
+            assert e.value.response.status_code == 503
+        finally:
+            for o in others:
+                o.close()
+        assert ws.alive()

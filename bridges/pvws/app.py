@@ -478,6 +478,12 @@ class Protocol:
                 sock.error("too-many-pvs", f"this socket has {len(sock.subs)} PVs, the most one "
                            f"socket may subscribe is {st.config.max_pvs}", pv=text)
                 return
+            if (pvname.key not in st.pool.channels
+                    and len(st.pool.channels) >= st.config.max_channels):
+                sock.error("too-many-channels", f"the bridge holds {len(st.pool.channels)} "
+                           "channels, its limit: only PVs already open can be subscribed now",
+                           pv=text)
+                continue
             sub = Sub(sock, text)
             sock.subs[text] = sub
             up = st.pool.acquire(pvname, sub)
@@ -632,6 +638,9 @@ async def pv_socket(request: web.Request) -> web.StreamResponse:
     """``/pvws/pv``: the PVWS websocket."""
     st = request.app[STATE]
     cfg = st.config
+    if len(st.sockets) >= cfg.max_sockets:
+        return _error(503, "too-many-sockets",
+                      f"the bridge has {len(st.sockets)} websockets open, its limit")
     ws = web.WebSocketResponse(max_msg_size=cfg.max_message)
     await ws.prepare(request)
     user = await web_user(request)

@@ -113,6 +113,8 @@ class BridgeConfig:
         device_conf: p4p client config for writes to device IOCs (the device network, as the
             guard reaches it); None: same as ``client_conf``.
         max_pvs: most PVs one socket may subscribe.
+        max_channels: most distinct channels the bridge holds open for all sockets together.
+        max_sockets: most websockets open at once (more are refused with HTTP 503).
         queue_size: bounded per-socket queue of non-update messages (updates are coalesced per
             PV, so they never exceed one pending message per subscribed PV).
         max_message: largest accepted websocket frame in bytes (larger: the socket is closed with
@@ -141,6 +143,8 @@ class BridgeConfig:
     client_conf: dict[str, str] | None = None
     device_conf: dict[str, str] | None = None
     max_pvs: int = 5000
+    max_channels: int = 20000
+    max_sockets: int = 1000
     queue_size: int = 2048
     max_message: int = 4 * 1024 * 1024
     static_dir: Path = field(default_factory=lambda: Path(__file__).parent / "static")

@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-via", default="ca", choices=("ca", "pva"),
                    help="read ca:// names with Channel Access (default) or over PVA")
     p.add_argument("--max-pvs", type=int, default=5000, help="most PVs per socket")
+    p.add_argument("--max-channels", type=int, default=20000,
+                   help="most distinct channels for all sockets together")
+    p.add_argument("--max-sockets", type=int, default=1000, help="most open websockets")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
 
@@ -148,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trusted_proxies=tuple(a.trusted_proxy) or ("127.0.0.1",),
             secure_cookies=a.secure_cookies, admins=tuple(a.admin), policy=a.policy,
             device_conf=_conf(a.device_conf, p), max_pvs=a.max_pvs, ca_via=a.ca_via,
+            max_channels=a.max_channels, max_sockets=a.max_sockets,
         )
     except (ValueError, PasswordFileError) as e:
         print(f"bridges.pvws: {e}", file=sys.stderr)

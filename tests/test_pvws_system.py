@@ -467,3 +467,34 @@ def test_channel_and_socket_limits_of_the_bridge(bl):
             for o in others:
                 o.close()
         assert ws.alive()
+
+
+def test_monitor_alias_socket_endpoints_and_admin_close(bl):
+    import urllib.error
+    import urllib.request
+
+    alice = bl.bridge.login("alice", bl.passwords["alice"])
+    bob = bl.bridge.login("bob", bl.passwords["bob"])
+    with WS(bl.bridge.ws_url, bob) as ws:
+        ws.send({"type": "monitor", "pvs": ["loc://mon(2)"]})
+        assert ws.update("loc://mon(2)")["value"] == 2
+        sock = next(s for s in bl.bridge.get("/pvws/summary")["sockets"] if s["user"] == "bob")
+        assert bl.bridge.get(f"/pvws/socket/{sock['id']}")["pvs"] == ["loc://mon(2)"]
+        assert {"refs": 1, "pv": "loc://mon"} in bl.bridge.get("/pvws/pool")  # shared by name
+
+        def delete(cookie: str) -> int:
+            req = urllib.request.Request(f"{bl.bridge.http}/pvws/socket/{sock['id']}",
+                                         method="DELETE", headers={"Cookie": cookie})
+            try:
+                with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert delete(bob) == 403  # bob is no administrator (alice is: --admin alice)
+        assert ws.alive()
+        assert delete(alice) == 200
+        with pytest.raises(Exception, match="(?i)close|1000"):
+            ws.wait(lambda m: False, timeout=5)
+    with urllib.request.urlopen(f"{bl.bridge.http}/pvws/js/pvws.js", timeout=TIMEOUT) as r:
+        assert r.headers["Content-Type"].startswith("text/javascript")

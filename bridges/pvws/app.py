@@ -55,6 +55,10 @@ RPC_TIMEOUT = 10.0
 """Seconds a coordination RPC (``/api/lock``) may take."""
 MAX_BODY = 64 * 1024
 """Largest accepted HTTP request body, bytes."""
+LOGIN_SLOTS = 2
+"""Password checks (argon2, ~50 ms of CPU each) that may run at the same time."""
+LOGIN_PENALTY = 1.0
+"""Seconds a refused login waits before its answer (slows password guessing)."""
 
 
 @dataclass
@@ -92,6 +96,7 @@ class BridgeState:
     decisions: dict[tuple[str, str], Decision] = field(default_factory=dict)
     audit: deque[AuditRecord] = field(default_factory=lambda: deque(maxlen=AUDIT_TAIL))
     lock_changes: int = 0
+    login_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LOGIN_SLOTS))
 
     # --- the may-write decision for one web user --------------------------------------------
 
@@ -224,13 +229,15 @@ async def login(request: web.Request) -> web.Response:
         return _error(400, "bad-request", "give user and password as strings")
     assert cfg.password_file is not None
     try:
-        ok = USER_RE.match(user) is not None and await asyncio.get_running_loop().run_in_executor(
-            None, check_password, cfg.password_file, user, password)
+        async with st.login_slots:  # argon2 costs CPU: at most LOGIN_SLOTS checks at once
+            ok = USER_RE.match(user) is not None and await asyncio.get_running_loop(
+                ).run_in_executor(None, check_password, cfg.password_file, user, password)
     except PasswordFileError as e:
         log.error("password file: %s", e)
         return _error(502, "password-file", "the bridge's password file is unusable")
     if not ok:
         log.info("login refused for %r from %s", user[:64], _peer_host(request))
+        await asyncio.sleep(LOGIN_PENALTY)  # a penalty for guessing, not a readiness wait
         return _error(401, "bad-login", "unknown user or wrong password")
     token = st.sessions.create(user, _peer_host(request))
     log.info("login %s from %s", user, _peer_host(request))
@@ -766,9 +773,9 @@ def make_app(config: BridgeConfig) -> web.Application:
         return _serve_file(root, request.match_info.get("path", ""))
 
     async def pvws_js(request: web.Request) -> web.StreamResponse:
-        return _serve_file(root, "pvws.js")
+        return _serve_file(root, request.match_info["name"])
 
-    r.add_get("/pvws/js/pvws.js", pvws_js)
+    r.add_get("/pvws/js/{name}", pvws_js)  # DBWR loads pvws.js (and base64.js) from here
     for mod in EXTENSIONS:
         try:
             ext = importlib.import_module(mod)

@@ -216,7 +216,8 @@ def beamline(tmp: Path) -> Iterator[Beamline]:
         b.readonly_bridge = b.start_bridge("bridge-ro", "--auth", "header",
                                            "--trusted-proxy", "192.0.2.1")
         b.header_bridge = b.start_bridge("bridge-hdr", "--writes", "--auth", "header",
-                                         "--max-channels", "40", "--max-sockets", "6")
+                                         "--max-channels", "40", "--max-sockets", "6",
+                                         "--throttle-ms", "200")
         yield b
     except BaseException:
         print(b.outputs())

@@ -149,6 +149,16 @@ class Beamline:
             server_env(self.clients), log_dir=self.tmp)
         wait_for_pv(f"{P}t:ai", self.clients, procs=[self.procs["types"]])
 
+    def start_coordination(self) -> None:
+        self.procs["coordination"] = proc = ManagedProcess(
+            "coordination", python_module(
+                "iocs.coordination", "--prefix", P, "--policy", str(self.tmp / "p.toml"),
+                "--store", f"sqlite:///{self.tmp}/locks.sqlite", "--registry-prefix", P),
+            server_env(self.clients), cwd=REPO, log_dir=self.tmp)
+        wait_for_pv(COORD_LOCKS.name(P), self.clients, procs=[proc])
+        wait_for_pv(COORD_HEALTH.name(P), self.clients, procs=[proc],
+                    condition=lambda v: v == "OK")
+
     def start_bridge(self, name: str, *args: str) -> Bridge:
         port = free_port()
         d = self.devices_env
@@ -199,14 +209,7 @@ def beamline(tmp: Path) -> Iterator[Beamline]:
                                       str(tmp / "registry.yaml")),
             server_env(b.clients), cwd=REPO, log_dir=tmp)
         wait_for_pv(REGISTRY_DEVICE_PVS.name(P), b.clients, procs=[b.procs["registry"]])
-        b.procs["coordination"] = ManagedProcess(
-            "coordination", python_module(
-                "iocs.coordination", "--prefix", P, "--policy", str(tmp / "p.toml"),
-                "--store", f"sqlite:///{tmp}/locks.sqlite", "--registry-prefix", P),
-            server_env(b.clients), cwd=REPO, log_dir=tmp)
-        wait_for_pv(COORD_LOCKS.name(P), b.clients, procs=[b.procs["coordination"]])
-        wait_for_pv(COORD_HEALTH.name(P), b.clients, procs=[b.procs["coordination"]],
-                    condition=lambda v: v == "OK")
+        b.start_coordination()
         b.procs["guard"] = start_guard(P, b.clients, b.devices_env, tmp / "p.toml", tmp / "g")
         wait_for_pv(GUARD_HEALTH.name(P), b.clients, procs=[b.procs["guard"]],
                     condition=lambda v: v == "OK")

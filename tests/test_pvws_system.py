@@ -40,7 +40,7 @@ def ctx(bl):
 
 def test_info_and_whoami(bl):
     info = bl.bridge.get("/pvws/info")
-    assert info["writes"] is True and "start_time" in info
+    assert info["writes"] is True and "start_time" in info and info["lock_state"] == "OK"
     assert not any("EPICS" in str(v) or "PATH" in str(v) for v in info.values())
     who = bl.bridge.get("/whoami")
     assert who["user"] is None and who["auth"] == "password" and who["writes"] is False
@@ -500,3 +500,21 @@ def test_monitor_alias_socket_endpoints_and_admin_close(bl):
             ws.wait(lambda m: False, timeout=5)
     with urllib.request.urlopen(f"{bl.bridge.http}/pvws/js/pvws.js", timeout=TIMEOUT) as r:
         assert r.headers["Content-Type"].startswith("text/javascript")
+
+
+def test_coordination_ioc_down_fails_closed_and_recovers(bl):
+    """Last in the module: it restarts the coordination IOC."""
+    bob = bl.bridge.login("bob", bl.passwords["bob"])
+    with WS(bl.bridge.ws_url, bob) as ws:
+        ws.subscribe(f"pva://{SP}")
+        assert _sp_update(ws)["readonly"] is False
+        bl.procs["coordination"].kill9()
+        down = _sp_update(ws, lambda m: m.get("readonly") is True, timeout=10)
+        assert "unknown" in down["readonly_reason"] or "Heartbeat" in down["readonly_reason"]
+        ws.send({"type": "write", "pv": f"pva://{SP}", "value": 9})
+        ws.error("lock-state-unknown")
+        assert bl.bridge.get("/pvws/info")["lock_state"] != "OK"
+        bl.procs["coordination"].stop()
+        bl.start_coordination()
+        _sp_update(ws, lambda m: m.get("readonly") is False, timeout=60)
+    assert bl.bridge.get("/pvws/info")["lock_state"] == "OK"

@@ -344,7 +344,20 @@ async def info(request: web.Request) -> web.Response:
         "server": "pvcoord PVWS bridge", "python": sys.version.split()[0],
         "throttle_ms": round(st.config.throttle * 1000), "writes": st.config.writes,
         "auth": st.config.auth, "default_type": st.config.default_scheme,
+        "lock_state": _lock_state(st),
     })
+
+
+def _lock_state(st: BridgeState) -> str:
+    """'OK' when the bridge has fresh lock state and the registry map, else why not."""
+    snap = st.snapshot
+    if snap is None:
+        return "lock state not received yet"
+    if not snap.state.known:
+        return snap.state.why_unknown
+    if not snap.devices.known:
+        return snap.devices.why_unknown
+    return "OK"
 
 
 async def summary(request: web.Request) -> web.Response:

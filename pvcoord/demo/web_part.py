@@ -209,15 +209,15 @@ def run_web_walkthrough(ctx: Any, stop: Any = None) -> bool:
             # coordination IOC's restart in an earlier step, PVA may take seconds to reconnect)
             w.wait(lambda m: m.get("pv") == sp and m.get("readonly") is False, STATE_WITHIN)
         ctx.say(f"[web] {a_name} takes {m1} (POST /api/lock)")
+        t0 = time.monotonic()
         status, body = a.lock("take", m1)
         if status != 200:
             ctx.say(f"[web] FAILED: {a_name} could not take {m1}: {body}")
             return False
-        t0 = time.monotonic()
         flip = b.wait(lambda m: m.get("pv") == sp and m.get("readonly") is True,
                       READONLY_WITHIN + 1.0)
         dt = time.monotonic() - t0
-        ctx.say(f"[web] {b_name}'s {m1} setpoint read-only after {dt * 1000:.0f} ms: "
+        ctx.say(f"[web] {b_name}'s {m1} setpoint read-only {dt * 1000:.0f} ms after the take: "
                 f"{flip.get('readonly_reason', '')}")
         ok = dt <= READONLY_WITHIN
         b.send({"type": "write", "pv": sp, "value": 3.0})

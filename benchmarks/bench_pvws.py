@@ -12,8 +12,8 @@ counting at ``--hz`` (SCAN), the registry and coordination IOCs, and ``python -m
    issue's 100 x 100 x 10 Hz = 100,000 offered/s) and every client on a tenth of them
    (10,000 offered/s);
 2. latency during the 10,000/s load: this process serves a PV (p4p ``SharedPV``) posting its own
-   ``time.time()`` at 10 Hz; receipt - value at one websocket client through the bridge and at a
-   direct p4p monitor (the floor), p50 / p99;
+   ``time.time()`` at 10 Hz for twice ``--seconds``; receipt - value at one websocket client
+   through the bridge and at a direct p4p monitor (the floor), p50 / p99;
 3. lock change -> readonly: web user bob watches ``m1``'s setpoint; this process (a trusted
    service) acquires / releases ``m1`` for alice via ``Coord:Acquire onBehalfOf``; the time from
    the call to bob's ``readonly`` flip, next to a direct p4p monitor of ``Coord:Locks`` (the floor).
@@ -176,7 +176,7 @@ def run_load(url: str, clients: int, pvs: int, seconds: float, bridge_pid: int,
 class Ticker:
     """A SharedPV posting time.time() at ``hz``, and a direct p4p monitor measuring the floor.
 
-    ``hz`` stays below 1 / throttle (20 Hz at the default 50 ms), so the websocket figure is the
+    ``hz`` stays below 1 / throttle (50 Hz at the default 20 ms), so the websocket figure is the
     bridge's delay, not its coalescing period.
     """
 
@@ -375,13 +375,13 @@ def main() -> int:
             holder: dict = {}
 
             def bg() -> None:
-                holder["r"] = run_load(ws_url, a.clients, npv10, a.seconds + 2, bridge.pid,
+                holder["r"] = run_load(ws_url, a.clients, npv10, 2 * a.seconds + 2, bridge.pid,
                                        lat_env)
 
             t = threading.Thread(target=bg)
             t.start()
             time.sleep(1.5)  # let the background load warm up before measuring latency
-            ws_lat = asyncio.run(ws_latency(ws_url, a.seconds, ticker))
+            ws_lat = asyncio.run(ws_latency(ws_url, 2 * a.seconds, ticker))
             t.join()
             direct = list(ticker.direct)
         finally:
@@ -399,9 +399,9 @@ def main() -> int:
               f"p99 {pct(ws_t, .99) * 1e3:.2f} ms (n={len(ws_t)}); Coord:Locks on a direct "
               f"monitor p50 {pct(direct_t, .5) * 1e3:.2f} ms p99 {pct(direct_t, .99) * 1e3:.2f} "
               f"ms")
-        best = results[-1][3]
+        rate_ok = any(r["rate"] >= 10000 and r["cores"] < 1 for *_, r in results)
         print("targets: >= 10,000 updates/s under one core: "
-              f"{'met' if best['rate'] >= 10000 and best['cores'] < 1 else 'NOT met'}; "
+              f"{'met' if rate_ok else 'NOT met'}; "
               f"post -> websocket p99 < 20 ms: {'met' if pct(ws_lat, .99) < 0.02 else 'NOT met'}"
               f"; lock -> readonly p99 < 100 ms: {'met' if pct(ws_t, .99) < 0.1 else 'NOT met'}")
         ok = True

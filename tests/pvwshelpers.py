@@ -91,9 +91,11 @@ class Bridge:
     def ws_url(self) -> str:
         return f"ws://{LOOPBACK}:{self.port}/pvws/pv"
 
-    def get(self, path: str, cookie: str = "") -> Any:
-        req = urllib.request.Request(self.http + path, headers={"Cookie": cookie} if cookie
-                                     else {})
+    def get(self, path: str, cookie: str = "", headers: dict[str, str] | None = None) -> Any:
+        h = dict(headers or {})
+        if cookie:
+            h["Cookie"] = cookie
+        req = urllib.request.Request(self.http + path, headers=h)
         with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
             return json.loads(r.read())
 
@@ -136,6 +138,7 @@ class Beamline:
     passwords: dict[str, str] = field(default_factory=dict)
     bridge: Bridge | None = None
     readonly_bridge: Bridge | None = None
+    header_bridge: Bridge | None = None
 
     def outputs(self) -> str:
         return "\n".join(f"--- {n} ---\n{p.output()[-4000:]}" for n, p in self.procs.items())
@@ -145,6 +148,16 @@ class Beamline:
             "types", python_module("pvxslibs.ioc", "-d", str(self.tmp / "types.db")),
             server_env(self.clients), log_dir=self.tmp)
         wait_for_pv(f"{P}t:ai", self.clients, procs=[self.procs["types"]])
+
+    def start_coordination(self) -> None:
+        self.procs["coordination"] = proc = ManagedProcess(
+            "coordination", python_module(
+                "iocs.coordination", "--prefix", P, "--policy", str(self.tmp / "p.toml"),
+                "--store", f"sqlite:///{self.tmp}/locks.sqlite", "--registry-prefix", P),
+            server_env(self.clients), cwd=REPO, log_dir=self.tmp)
+        wait_for_pv(COORD_LOCKS.name(P), self.clients, procs=[proc])
+        wait_for_pv(COORD_HEALTH.name(P), self.clients, procs=[proc],
+                    condition=lambda v: v == "OK")
 
     def start_bridge(self, name: str, *args: str) -> Bridge:
         port = free_port()
@@ -196,20 +209,18 @@ def beamline(tmp: Path) -> Iterator[Beamline]:
                                       str(tmp / "registry.yaml")),
             server_env(b.clients), cwd=REPO, log_dir=tmp)
         wait_for_pv(REGISTRY_DEVICE_PVS.name(P), b.clients, procs=[b.procs["registry"]])
-        b.procs["coordination"] = ManagedProcess(
-            "coordination", python_module(
-                "iocs.coordination", "--prefix", P, "--policy", str(tmp / "p.toml"),
-                "--store", f"sqlite:///{tmp}/locks.sqlite", "--registry-prefix", P),
-            server_env(b.clients), cwd=REPO, log_dir=tmp)
-        wait_for_pv(COORD_LOCKS.name(P), b.clients, procs=[b.procs["coordination"]])
-        wait_for_pv(COORD_HEALTH.name(P), b.clients, procs=[b.procs["coordination"]],
-                    condition=lambda v: v == "OK")
+        b.start_coordination()
         b.procs["guard"] = start_guard(P, b.clients, b.devices_env, tmp / "p.toml", tmp / "g")
         wait_for_pv(GUARD_HEALTH.name(P), b.clients, procs=[b.procs["guard"]],
                     condition=lambda v: v == "OK")
         b.bridge = b.start_bridge("bridge", "--writes", "--auth", "password",
                                   "--password-file", str(pw))
-        b.readonly_bridge = b.start_bridge("bridge-ro")
+        # writes off; a proxy header from an address that is not a trusted proxy is ignored
+        b.readonly_bridge = b.start_bridge("bridge-ro", "--auth", "header",
+                                           "--trusted-proxy", "192.0.2.1")
+        b.header_bridge = b.start_bridge("bridge-hdr", "--writes", "--auth", "header",
+                                         "--max-channels", "40", "--max-sockets", "6",
+                                         "--throttle-ms", "200")
         yield b
     except BaseException:
         print(b.outputs())
@@ -222,8 +233,11 @@ def beamline(tmp: Path) -> Iterator[Beamline]:
 class WS:
     """A blocking PVWS websocket client that keeps every message it received."""
 
-    def __init__(self, url: str, cookie: str = "", max_queue: int | None = 16) -> None:
-        headers = {"Cookie": cookie} if cookie else {}
+    def __init__(self, url: str, cookie: str = "", max_queue: int | None = 16,
+                 headers: dict[str, str] | None = None) -> None:
+        headers = dict(headers or {})
+        if cookie:
+            headers["Cookie"] = cookie
         self._cm = connect(url, additional_headers=headers, max_size=None, max_queue=max_queue,
                            open_timeout=TIMEOUT)
         self.conn: ClientConnection = self._cm.__enter__()

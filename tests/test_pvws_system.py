@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from p4p.client.thread import Context
 
-from pvcoord.procs import client_conf
+from pvcoord.procs import client_conf, wait_until
 from pvdb import demo
 
 from .pvwshelpers import ARRAYS, MANY, TIMEOUT, WS, P, beamline
@@ -40,7 +40,7 @@ def ctx(bl):
 
 def test_info_and_whoami(bl):
     info = bl.bridge.get("/pvws/info")
-    assert info["writes"] is True and "start_time" in info
+    assert info["writes"] is True and "start_time" in info and info["lock_state"] == "OK"
     assert not any("EPICS" in str(v) or "PATH" in str(v) for v in info.values())
     who = bl.bridge.get("/whoami")
     assert who["user"] is None and who["auth"] == "password" and who["writes"] is False
@@ -196,7 +196,7 @@ def test_thousand_pvs_in_one_message(bl):
 def test_throttling_never_drops_the_last_state(bl, ctx):
     pv = f"pva://{P}t:fast"
     puts = 100
-    with WS(bl.bridge.ws_url) as ws:
+    with WS(bl.header_bridge.ws_url) as ws:  # 200 ms period: coalescing however slow the puts
         ws.subscribe(pv)
         ws.update(pv)
         for i in range(puts):
@@ -206,21 +206,44 @@ def test_throttling_never_drops_the_last_state(bl, ctx):
         ws.msgs.clear()
         after = [m for m in ws.drain(0.3) if m.get("pv") == pv]
         assert after == []  # nothing after the last state
-        assert len(seen) + 1 < puts  # coalesced (the 50 ms period), yet the last one arrived
+        assert len(seen) + 1 < puts  # coalesced, yet the last one arrived
         assert seen == sorted(seen)  # in order
 
 
-def test_disconnect_and_reconnect_of_the_ioc(bl):
-    pv = f"pva://{P}t:str"
+def test_ca_names_read_with_channel_access(bl, ctx):
+    ctx.put(f"{P}t:ai", 8.5, timeout=TIMEOUT)
+    ctx.put(f"{P}t:DOUBLE", np.array([1.0, 2.5]), timeout=TIMEOUT)
+    ai, enum, arr = f"ca://{P}t:ai", f"ca://{P}t:enum", f"ca://{P}t:DOUBLE"
     with WS(bl.bridge.ws_url) as ws:
-        ws.subscribe(pv)
-        ws.update(pv, lambda m: "vtype" in m)
+        ws.subscribe(ai, enum, arr)
+        m = ws.update(ai, lambda m: m.get("value") == 8.5)
+        assert m["vtype"] == "VDouble" and m["units"] == "mm" and m["precision"] == 3
+        assert (m["min"], m["max"], m["alarm_high"]) == (-10, 10, 9)
+        assert m["severity"] == "MINOR" and m["seconds"] > 1.7e9
+        e = ws.update(enum)
+        assert e["vtype"] == "VEnum" and e["labels"] == ["Zero", "One", "Two"]
+        a = ws.update(arr, lambda m: "b64dbl" in m)
+        assert a["vtype"] == "VDoubleArray"
+        assert np.frombuffer(base64.b64decode(a["b64dbl"]), "<f8")[:2].tolist() == [1.0, 2.5]
+        ctx.put(f"{P}t:ai", 1.0, timeout=TIMEOUT)
+        nxt = ws.update(ai, lambda m: m.get("value") == 1.0)
+        assert "vtype" not in nxt and nxt["severity"] == "NONE"
+
+
+def test_disconnect_and_reconnect_of_the_ioc(bl):
+    pvs = [f"pva://{P}t:str", f"ca://{P}t:str"]
+    with WS(bl.bridge.ws_url) as ws:
+        ws.subscribe(*pvs)
+        for pv in pvs:
+            ws.update(pv, lambda m: "vtype" in m)
         bl.procs["types"].stop()
-        down = ws.update(pv, lambda m: m.get("severity") == "INVALID", timeout=20)
-        assert down["value"] == "NaN"
+        for pv in pvs:
+            down = ws.update(pv, lambda m: m.get("severity") == "INVALID", timeout=20)
+            assert down["value"] == "NaN"
         bl.start_types_ioc()
-        up = ws.update(pv, lambda m: m.get("text") == "hello", timeout=20)
-        assert up["vtype"] == "VString" and up["severity"] == "NONE"
+        for pv in pvs:
+            up = ws.update(pv, lambda m: m.get("text") == "hello", timeout=30)
+            assert up["vtype"] == "VString" and up["severity"] == "NONE"
 
 
 def _sp_update(ws, pred=lambda m: True, timeout=TIMEOUT):
@@ -409,3 +432,89 @@ def test_socket_from_another_origin_gets_no_identity(bl):
         conn.send(json.dumps({"type": "subscribe", "pvs": [f"pva://{SP}"]}))
         first = json.loads(conn.recv(timeout=TIMEOUT))
         assert first["readonly"] is True and first["readonly_reason"] == "log in to write"
+
+
+def test_user_from_a_trusted_proxy_header_only(bl):
+    hdr = {"X-Remote-User": "carol"}
+    who = bl.header_bridge.get("/whoami", headers=hdr)
+    assert who["user"] == "carol" and who["auth"] == "header" and who["writes"] is True
+    assert bl.header_bridge.get("/whoami")["user"] is None
+    assert bl.readonly_bridge.get("/whoami", headers=hdr)["user"] is None  # untrusted peer
+    with WS(bl.header_bridge.ws_url, headers=hdr) as ws:
+        ws.subscribe(f"pva://{SP}")
+        assert _sp_update(ws)["readonly"] is False
+        ws.send({"type": "write", "pv": f"pva://{SP}", "value": 0.5})
+        _sp_update(ws, lambda m: m.get("value") == 0.5)
+    assert any(r["user"] == "carol" and r["allowed"] for r in bl.header_bridge.get("/pvws/audit"))
+
+
+def test_channel_and_socket_limits_of_the_bridge(bl):
+    from websockets.exceptions import InvalidStatus
+
+    url = bl.header_bridge.ws_url
+    with WS(url) as ws:
+        ws.subscribe(*[f"loc://lim{i}(1)" for i in range(45)])
+        err = ws.error("too-many-channels")
+        assert err["pv"].startswith("loc://lim")
+        ws.send({"type": "list"})
+        assert len(ws.wait(lambda m: m.get("type") == "list")["pvs"]) == 40
+        wait_until(lambda: len(bl.header_bridge.get("/pvws/summary")["sockets"]) == 1, TIMEOUT,
+                   "earlier sockets of this bridge closed")
+        others = [WS(url) for _ in range(5)]  # 6 sockets in all: the limit
+        try:
+            with pytest.raises(InvalidStatus) as e:
+                WS(url)
+            assert e.value.response.status_code == 503
+        finally:
+            for o in others:
+                o.close()
+        assert ws.alive()
+
+
+def test_monitor_alias_socket_endpoints_and_admin_close(bl):
+    import urllib.error
+    import urllib.request
+
+    alice = bl.bridge.login("alice", bl.passwords["alice"])
+    bob = bl.bridge.login("bob", bl.passwords["bob"])
+    with WS(bl.bridge.ws_url, bob) as ws:
+        ws.send({"type": "monitor", "pvs": ["loc://mon(2)"]})
+        assert ws.update("loc://mon(2)")["value"] == 2
+        sock = next(s for s in bl.bridge.get("/pvws/summary")["sockets"] if s["user"] == "bob")
+        assert bl.bridge.get(f"/pvws/socket/{sock['id']}")["pvs"] == ["loc://mon(2)"]
+        assert {"refs": 1, "pv": "loc://mon"} in bl.bridge.get("/pvws/pool")  # shared by name
+
+        def delete(cookie: str) -> int:
+            req = urllib.request.Request(f"{bl.bridge.http}/pvws/socket/{sock['id']}",
+                                         method="DELETE", headers={"Cookie": cookie})
+            try:
+                with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert delete(bob) == 403  # bob is no administrator (alice is: --admin alice)
+        assert ws.alive()
+        assert delete(alice) == 200
+        with pytest.raises(Exception, match="(?i)close|1000"):
+            ws.wait(lambda m: False, timeout=5)
+    with urllib.request.urlopen(f"{bl.bridge.http}/pvws/js/pvws.js", timeout=TIMEOUT) as r:
+        assert r.headers["Content-Type"].startswith("text/javascript")
+
+
+def test_coordination_ioc_down_fails_closed_and_recovers(bl):
+    """Last in the module: it restarts the coordination IOC."""
+    bob = bl.bridge.login("bob", bl.passwords["bob"])
+    with WS(bl.bridge.ws_url, bob) as ws:
+        ws.subscribe(f"pva://{SP}")
+        assert _sp_update(ws)["readonly"] is False
+        bl.procs["coordination"].kill9()
+        down = _sp_update(ws, lambda m: m.get("readonly") is True, timeout=10)
+        assert "unknown" in down["readonly_reason"] or "Heartbeat" in down["readonly_reason"]
+        ws.send({"type": "write", "pv": f"pva://{SP}", "value": 9})
+        ws.error("lock-state-unknown")
+        assert bl.bridge.get("/pvws/info")["lock_state"] != "OK"
+        bl.procs["coordination"].stop()
+        bl.start_coordination()
+        _sp_update(ws, lambda m: m.get("readonly") is False, timeout=60)
+    assert bl.bridge.get("/pvws/info")["lock_state"] == "OK"

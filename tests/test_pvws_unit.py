@@ -116,3 +116,12 @@ def test_password_file_and_sessions(tmp_path):
     assert s.user(tok) == "alice" and s.user("nope") is None
     s.drop(tok)
     assert s.user(tok) is None
+
+
+def test_command_line_defaults_are_the_config_defaults():
+    from bridges.pvws.main import _parser
+
+    a = _parser().parse_args(["--prefix", "P:"])
+    cfg = BridgeConfig(prefix="P:")
+    assert a.max_pvs == cfg.max_pvs and a.throttle_ms / 1000 == cfg.throttle
+    assert a.host == cfg.host and a.auth == cfg.auth and a.writes is cfg.writes

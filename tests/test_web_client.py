@@ -218,6 +218,8 @@ def test_two_users_lock_move_release(site, pages):
     print(f"bob's m1 input disabled {disabled_after * 1000:.0f} ms after alice's take reply")
     a.until(lambda d: a.row("m1", ".lock").text == "ManualOperator", "m1 ManualOperator")
     assert a.row("m1", ".setpoint").is_enabled(), "the holder's own input must stay enabled"
+    a.until(lambda d: a.row("m1", ".renew").is_displayed(), "the holder's Renew button")
+    assert not b.row("m1", ".renew").is_displayed()
     assert "alice@" in b.row("m1", ".reason").text, b.row("m1", ".reason").text
     b.until(lambda d: b.row("m1", ".owner").text.startswith("alice@"), "alice as m1's owner")
     assert not b.row("m1", ".release").is_enabled()
@@ -247,9 +249,11 @@ def test_two_users_lock_move_release(site, pages):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     b.driver.save_screenshot(str(SCREENSHOTS / "web-client-locked.png"))  # bob's view
 
-    # alice releases; bob may write again
+    # alice renews her lease, then releases; bob may write again
+    a.row("m1", ".renew").click()
+    a.until(lambda d: a.result("m1")[2].startswith("renewed"), "reply to alice's renew")
     a.row("m1", ".release").click()
-    a.until(lambda d: a.result("m1")[0] == "ok", "reply to alice's release")
+    a.until(lambda d: a.result("m1")[2].startswith("released"), "reply to alice's release")
     b.until(lambda d: b.row("m1", ".setpoint").is_enabled(), "m1 setpoint enabled for bob")
     assert b.row("m1", ".lock").text == "Free" and b.row("m1", ".reason").text == ""
     sp = b.row("m1", ".setpoint")
@@ -303,7 +307,7 @@ def test_queue_panel_add_move_remove_start_history(site, pages):
     a.click('button[data-rpc="start"]')
     a.until(lambda d: a.find("#running").get_attribute("data-uid") == first[0],
             "the running item", timeout=WAIT)
-    assert a.text("#running").startswith("count(")
+    a.until(lambda d: a.text("#running").startswith("count(["), "the running item's name")
     a.until(lambda d: "running for" in a.text("#running"), "the running item's elapsed time")
     a.until(lambda d: a.text("#manager-state") == "executing_queue", "executing_queue")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -363,3 +367,40 @@ def test_queue_endpoint_refuses_bad_calls_with_codes(site):
         assert (status, reply["error"]["code"]) == (code, want), (key, body, reply)
     status, reply, _ = _http(url + "api/queue/remove", {"uid": "no-such-uid"}, cookie)
     assert "not in the queue" in reply["error"]["message"]  # the RE Manager's words, verbatim
+
+
+def test_pvws_js_keeps_the_pvws_client_interface(site, pages):
+    """Our ``pvws.js`` as a PVWS page uses it: merged updates, ``b64*`` arrays decoded."""
+    page = pages["bob"]
+    seen = page.driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const url = location.origin.replace(/^http/, "ws") + "/pvws/pv";
+        const seen = [];
+        const ws = new PVWS(url, (up) => { if (up) ws.subscribe(["sim://sine"]); }, (m) => {
+          if (m.type !== "update") return;
+          seen.push(Object.assign({}, m));
+          if (seen.length === 3) { ws.close(); done(seen); }
+        });
+        ws.open();
+        setTimeout(() => { ws.close(); done(seen); }, 8000);
+    """)
+    assert len(seen) == 3, seen
+    first, later = seen[0], seen[2]
+    assert first["pv"] == "sim://sine" and "vtype" in first and first["readonly"] is True
+    assert later["vtype"] == first["vtype"], "fields sent once stay in the merged state"
+    assert isinstance(later["value"], int | float) and later["seconds"] >= first["seconds"]
+    decoded = page.driver.execute_script("""
+        const out = {};
+        for (const [field, b64] of [["b64dbl", "AAAAAAAA+D8="], ["b64srt", "AQD+/w=="],
+                                    ["b64int", "AQAAAP////8="], ["b64flt", "AADAPw=="],
+                                    ["b64byt", "Af8="]]) {
+          const m = {type: "update", pv: "x", [field]: b64};
+          PVWS.decodeArray(m);
+          out[field] = [Array.from(m.value), field in m];
+        }
+        return out;
+    """)
+    assert decoded == {
+        "b64dbl": [[1.5], False], "b64srt": [[1, -2], False], "b64int": [[1, -1], False],
+        "b64flt": [[1.5], False], "b64byt": [[1, 255], False],
+    }

@@ -55,6 +55,10 @@ RPC_TIMEOUT = 10.0
 """Seconds a coordination RPC (``/api/lock``) may take."""
 MAX_BODY = 64 * 1024
 """Largest accepted HTTP request body, bytes."""
+LOGIN_SLOTS = 2
+"""Password checks (argon2, ~50 ms of CPU each) that may run at the same time."""
+LOGIN_PENALTY = 1.0
+"""Seconds a refused login waits before its answer (slows password guessing)."""
 
 
 @dataclass
@@ -87,10 +91,12 @@ class BridgeState:
     read_ctx: Context | None = None
     device_ctx: Context | None = None
     view: LockView | None = None
+    ca_ctx: Any = None
     snapshot: Snapshot | None = None
     decisions: dict[tuple[str, str], Decision] = field(default_factory=dict)
     audit: deque[AuditRecord] = field(default_factory=lambda: deque(maxlen=AUDIT_TAIL))
     lock_changes: int = 0
+    login_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LOGIN_SLOTS))
 
     # --- the may-write decision for one web user --------------------------------------------
 
@@ -223,13 +229,15 @@ async def login(request: web.Request) -> web.Response:
         return _error(400, "bad-request", "give user and password as strings")
     assert cfg.password_file is not None
     try:
-        ok = USER_RE.match(user) is not None and await asyncio.get_running_loop().run_in_executor(
-            None, check_password, cfg.password_file, user, password)
+        async with st.login_slots:  # argon2 costs CPU: at most LOGIN_SLOTS checks at once
+            ok = USER_RE.match(user) is not None and await asyncio.get_running_loop(
+                ).run_in_executor(None, check_password, cfg.password_file, user, password)
     except PasswordFileError as e:
         log.error("password file: %s", e)
         return _error(502, "password-file", "the bridge's password file is unusable")
     if not ok:
         log.info("login refused for %r from %s", user[:64], _peer_host(request))
+        await asyncio.sleep(LOGIN_PENALTY)  # a penalty for guessing, not a readiness wait
         return _error(401, "bad-login", "unknown user or wrong password")
     token = st.sessions.create(user, _peer_host(request))
     log.info("login %s from %s", user, _peer_host(request))
@@ -336,7 +344,20 @@ async def info(request: web.Request) -> web.Response:
         "server": "pvcoord PVWS bridge", "python": sys.version.split()[0],
         "throttle_ms": round(st.config.throttle * 1000), "writes": st.config.writes,
         "auth": st.config.auth, "default_type": st.config.default_scheme,
+        "lock_state": _lock_state(st),
     })
+
+
+def _lock_state(st: BridgeState) -> str:
+    """'OK' when the bridge has fresh lock state and the registry map, else why not."""
+    snap = st.snapshot
+    if snap is None:
+        return "lock state not received yet"
+    if not snap.state.known:
+        return snap.state.why_unknown
+    if not snap.devices.known:
+        return snap.devices.why_unknown
+    return "OK"
 
 
 async def summary(request: web.Request) -> web.Response:
@@ -477,6 +498,12 @@ class Protocol:
                 sock.error("too-many-pvs", f"this socket has {len(sock.subs)} PVs, the most one "
                            f"socket may subscribe is {st.config.max_pvs}", pv=text)
                 return
+            if (pvname.key not in st.pool.channels
+                    and len(st.pool.channels) >= st.config.max_channels):
+                sock.error("too-many-channels", f"the bridge holds {len(st.pool.channels)} "
+                           "channels, its limit: only PVs already open can be subscribed now",
+                           pv=text)
+                continue
             sub = Sub(sock, text)
             sock.subs[text] = sub
             up = st.pool.acquire(pvname, sub)
@@ -631,6 +658,9 @@ async def pv_socket(request: web.Request) -> web.StreamResponse:
     """``/pvws/pv``: the PVWS websocket."""
     st = request.app[STATE]
     cfg = st.config
+    if len(st.sockets) >= cfg.max_sockets:
+        return _error(503, "too-many-sockets",
+                      f"the bridge has {len(st.sockets)} websockets open, its limit")
     ws = web.WebSocketResponse(max_msg_size=cfg.max_message)
     await ws.prepare(request)
     user = await web_user(request)
@@ -690,7 +720,15 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
     app[PVA] = svc
     st.device_ctx = _ctx(cfg.device_conf if cfg.device_conf is not None else cfg.client_conf,
                          nt=True)
-    st.pool = Pool(lambda: st.read_ctx)  # type: ignore[arg-type,return-value]
+    def ca_ctx() -> Any:
+        if st.ca_ctx is None:
+            from caproto.asyncio.client import Context as CaContext  # noqa: PLC0415 - lazy
+
+            st.ca_ctx = CaContext()
+        return st.ca_ctx
+
+    st.pool = Pool(lambda: st.read_ctx,  # type: ignore[arg-type,return-value]
+                   ca_ctx if cfg.ca_via == "ca" else None)
     view = LockView(cfg.prefix, cfg.registry_prefix, conf=cfg.client_conf)
 
     def on_change(snap: Snapshot) -> None:
@@ -707,6 +745,10 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(Exception):
                 await sock.ws.close()
         st.pool.close()
+        if st.ca_ctx is not None:
+            from .ca import close_context  # noqa: PLC0415
+
+            await close_context(st.ca_ctx)
         await loop.run_in_executor(None, view.close)
         for c in (st.read_ctx, svc, st.device_ctx):
             c.close()
@@ -744,9 +786,9 @@ def make_app(config: BridgeConfig) -> web.Application:
         return _serve_file(root, request.match_info.get("path", ""))
 
     async def pvws_js(request: web.Request) -> web.StreamResponse:
-        return _serve_file(root, "pvws.js")
+        return _serve_file(root, request.match_info["name"])
 
-    r.add_get("/pvws/js/pvws.js", pvws_js)
+    r.add_get("/pvws/js/{name}", pvws_js)  # DBWR loads pvws.js (and base64.js) from here
     for mod in EXTENSIONS:
         try:
             ext = importlib.import_module(mod)

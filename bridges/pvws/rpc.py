@@ -112,6 +112,8 @@ def setup(app: web.Application) -> None:
         if request.content_length is not None and request.content_length > MAX_BODY:
             return _error(400, "bad-request", f"body larger than {MAX_BODY} bytes")
         text = await request.text()
+        if len(text) > MAX_BODY:
+            return _error(400, "bad-request", f"body larger than {MAX_BODY} bytes")
         try:
             args = parse_args(key, json.loads(text) if text.strip() else {})
         except (ValueError, RecursionError) as e:

@@ -34,12 +34,13 @@ ReadonlyFn = Callable[[str | None, Upstream], tuple[bool, str]]
 class Sub:
     """One PV subscribed on one socket, under the exact name the client used."""
 
-    __slots__ = ("socket", "pv", "up", "sent_gen", "sent_sev", "sent_ro", "sent_reason",
+    __slots__ = ("socket", "pv", "head", "up", "sent_gen", "sent_sev", "sent_ro", "sent_reason",
                  "last_sent", "timer")
 
     def __init__(self, socket: Socket, pv: str) -> None:
         self.socket = socket
         self.pv = pv
+        self.head = '{"type":"update","pv":' + json.dumps(pv)
         self.up: Upstream | None = None
         self.sent_gen = -1
         self.sent_sev: str | None = None
@@ -159,7 +160,7 @@ class Socket:
         if up is None or up.conv is None:
             return None
         conv = up.conv
-        parts = ['{"type":"update","pv":', json.dumps(sub.pv)]
+        parts = [sub.head]
         first = sub.sent_gen != up.gen
         if first:
             parts.append("," + conv.meta)

@@ -30,6 +30,8 @@ USERS = ("alice", "bob")
 HTTP_TIMEOUT = 10.0
 READONLY_WITHIN = 1.0
 """Seconds within which B's setpoint must turn read-only after A's lock (the issue's 1 s)."""
+STATE_WITHIN = 60.0
+"""Seconds the bridge may need to have fresh lock state at the start of the walkthrough."""
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
@@ -203,17 +205,19 @@ def run_web_walkthrough(ctx: Any, stop: Any = None) -> bool:
         a, b = _Web(base, a_name, users[a_name]), _Web(base, b_name, users[b_name])
         for w in (a, b):
             w.send({"type": "subscribe", "pvs": [sp]})
-            w.wait(lambda m: m.get("pv") == sp and "readonly" in m, HTTP_TIMEOUT)
+            # m1 is free: writable for both once the bridge has fresh lock state (after the
+            # coordination IOC's restart in an earlier step, PVA may take seconds to reconnect)
+            w.wait(lambda m: m.get("pv") == sp and m.get("readonly") is False, STATE_WITHIN)
         ctx.say(f"[web] {a_name} takes {m1} (POST /api/lock)")
+        t0 = time.monotonic()
         status, body = a.lock("take", m1)
         if status != 200:
             ctx.say(f"[web] FAILED: {a_name} could not take {m1}: {body}")
             return False
-        t0 = time.monotonic()
         flip = b.wait(lambda m: m.get("pv") == sp and m.get("readonly") is True,
                       READONLY_WITHIN + 1.0)
         dt = time.monotonic() - t0
-        ctx.say(f"[web] {b_name}'s {m1} setpoint read-only after {dt * 1000:.0f} ms: "
+        ctx.say(f"[web] {b_name}'s {m1} setpoint read-only {dt * 1000:.0f} ms after the take: "
                 f"{flip.get('readonly_reason', '')}")
         ok = dt <= READONLY_WITHIN
         b.send({"type": "write", "pv": sp, "value": 3.0})

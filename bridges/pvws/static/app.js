@@ -196,8 +196,8 @@ async function loadWho() {
   const who = state.who;
   $("whoami").textContent = who.user
     ? `${who.user}${who.writes ? "" : " (read only: bridge writes off)"}`
-    : "not logged in";
-  $("login-form").hidden = Boolean(who.user) || who.auth === "header";
+    : who.auth === "password" ? "not logged in" : "read only (no login on this bridge)";
+  $("login-form").hidden = Boolean(who.user) || who.auth !== "password";
   $("logout-button").hidden = !who.user || who.auth !== "password";
   for (const row of state.devices.values()) renderDevice(row);
   renderQueueControls();
@@ -240,6 +240,7 @@ function addDevice(name, deviceClass, description) {
     lease: el("td", { class: "num lease" }),
     take: el("button", { type: "button", class: "take", text: "Take" }),
     release: el("button", { type: "button", class: "release", text: "Release" }),
+    renew: el("button", { type: "button", class: "renew", text: "Renew", title: "extend the lease" }),
     reason: el("div", { class: "reason" }),
     result: el("div", { class: "result" }),
     setpointUpdate: null, readbackUpdate: null, stateText: "", ownerText: "",
@@ -251,7 +252,7 @@ function addDevice(name, deviceClass, description) {
     el("td", {}, row.setpoint, row.setButton),
     el("td", {}, row.lock),
     row.owner, row.lease,
-    el("td", {}, row.take, row.release),
+    el("td", {}, row.take, row.release, row.renew),
     el("td", {}, row.reason, row.result),
   );
   const rows = [...$("devices").tBodies[0].rows];
@@ -269,6 +270,7 @@ function addDevice(name, deviceClass, description) {
   row.setButton.addEventListener("click", () => writeSetpoint(name, row.setpoint.value));
   row.take.addEventListener("click", () => lockAction(name, "take"));
   row.release.addEventListener("click", () => lockAction(name, "release"));
+  row.renew.addEventListener("click", () => lockAction(name, "renew"));
 
   const d = state.names.device;
   watch(fill(d.state, name), (u) => { row.stateText = u.text || ""; renderDevice(row); });
@@ -359,6 +361,7 @@ function renderDevice(row) {
   const canLock = Boolean(me && state.who.writes);
   row.take.disabled = !canLock;
   row.release.disabled = !canLock || !row.ownerText.startsWith(`${me}@`);
+  row.renew.hidden = row.release.disabled;
   const why = !me ? "log in to take locks" : !state.who.writes ? "the bridge runs with writes off" : "";
   row.take.title = why;
   row.release.title = why || (row.release.disabled ? "you do not hold this device" : "");

@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 from p4p.client.thread import Context  # noqa: E402
 from p4p.nt import NTURI  # noqa: E402
 
+from pvcoord.launch import coordination_argv  # noqa: E402
 from pvcoord.procs import (  # noqa: E402
     ManagedProcess,
     client_conf,
     loopback_env,
-    python_module,
     server_env,
     start_redis,
     wait_for_pv,
@@ -95,9 +95,8 @@ def main() -> None:
         procs.append(echo)
         coord = ManagedProcess(
             "coordination",
-            python_module("iocs.coordination", "--prefix", PREFIX, "--policy",
-                          str(tmp / "policy.toml"), "--store", store, "--devices",
-                          ",".join(DEVICES), "--log-level", "WARNING"),
+            coordination_argv(PREFIX, store, tmp / "policy.toml", devices=DEVICES,
+                              log_level="WARNING"),
             server_env(env), cwd=REPO, log_dir=tmp)
         procs.append(coord)
         wait_for_pv(pvn.COORD_LOCKS.name(PREFIX), env, procs=[coord])

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from pvcoord.launch import coordination_argv
 from pvcoord.procs import (
     LOOPBACK,
     ManagedProcess,
@@ -297,10 +298,8 @@ def start_coordination(ctx: DemoContext) -> None:
     """The coordination IOC (SQLite store in the run dir), following the registry's devices."""
     ctx.start(
         "coordination",
-        python_module(
-            "iocs.coordination", "--prefix", ctx.prefix, "--policy", str(ctx.files["policy"]),
-            "--store", f"sqlite:///{ctx.files['store']}", "--registry-prefix", ctx.prefix,
-        ),
+        coordination_argv(ctx.prefix, f"sqlite:///{ctx.files['store']}", ctx.files["policy"],
+                          registry_prefix=ctx.prefix),
         ctx.server_env("coordination"),
         ready_pv=COORD_DEVICES.name(ctx.prefix),
         condition=_has_all_devices,

@@ -1,7 +1,7 @@
 """Client of the coordination IOC: acquire, renew and release device locks over PVAccess.
 
-Two flavours with the same methods: :class:`Client` (blocking, ``p4p.client.thread``) and
-:class:`AsyncClient` (``async``, ``p4p.client.asyncio``)::
+Two flavours with the same methods: :class:`AsyncClient` (``async``, ``p4p.client.asyncio``) and
+:class:`Client`, its blocking face (each call runs on the client's own event loop thread)::
 
     from pvcoord.client import Client
 
@@ -35,12 +35,13 @@ pydantic models (:class:`Grant`, :class:`Reply`, :class:`LockInfo`, :class:`pvdb
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, Self, TypeVar
 
 from p4p import Value
 from p4p.client.thread import Context as ThreadContext
@@ -49,14 +50,9 @@ from pvdb.lockmodel import ErrorCode, error_text
 from pvdb.models import LockEvent, LockType
 from pvdb.names import (
     COORD_ACQUIRE,
-    COORD_DEVICES,
-    COORD_EVENTS,
     COORD_FORCE_RELEASE,
-    COORD_HEARTBEAT,
-    COORD_LOCKS,
     COORD_RELEASE,
     COORD_RENEW,
-    REGISTRY_DEVICES,
     PVSpec,
 )
 
@@ -131,6 +127,12 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+LOOP_MARGIN = 5.0
+"""Seconds a blocking call waits for its result beyond the call timeout (which the asyncio call
+enforces itself) before it gives up on the loop."""
+
 RENEW_FRACTION = 1.0 / 3.0
 """A held lock is renewed every ``lease * RENEW_FRACTION`` seconds, so two renewals can fail
 (IOC restarting, network hiccup) before the lease runs out."""
@@ -150,8 +152,12 @@ def _lost_error(err: RefusedError) -> LockLostError:
 # --- blocking client --------------------------------------------------------------------------
 
 
-class Client(CallerBase):
+class Client:
     """Blocking client of one endstation's coordination (and registry) IOC.
+
+    A thin layer over :class:`pvcoord.rpc.AsyncCaller`: every call runs on the client's own event
+    loop thread and waits for its result, so both flavours share one implementation (arguments,
+    replies, errors, renewals).
 
     Args:
         prefix: endstation prefix with its trailing colon (``"BL01:"``).
@@ -162,6 +168,7 @@ class Client(CallerBase):
 
     Raises:
         ValueError: for a prefix that does not end in ``:``.
+        BadRequestError: for a timeout that is not a positive number.
     """
 
     def __init__(
@@ -171,22 +178,113 @@ class Client(CallerBase):
         timeout: float = DEFAULT_CALL_TIMEOUT,
         registry_prefix: str | None = None,
     ) -> None:
-        super().__init__(prefix, timeout, registry_prefix)
-        self._ctxt = ThreadContext("pva", nt=False, **context_conf(conf))
+        CallerBase(prefix, timeout, registry_prefix)  # validate before starting anything
+        self._conf = conf
+        self._monitor_ctxt: ThreadContext | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pvcoord-client",
+                                        daemon=True)
+        self._thread.start()
+
+        async def make() -> AsyncCaller:
+            return AsyncCaller(prefix, conf, timeout, registry_prefix)
+
+        try:
+            self._caller: AsyncCaller = self._wait(make(), timeout)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._closed = False
+
+    # the loop thread
+
+    def _wait(self, coro: Coroutine[Any, Any, T], seconds: float, pv: str = "") -> T:
+        """Run ``coro`` on the client's loop; wait for it (the call enforces its own timeout)."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a pvcoord Client cannot be called from its own callbacks "
+                               "(on_lost): hand the work to another thread")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout=seconds + LOOP_MARGIN)
+        except concurrent.futures.TimeoutError:
+            if fut.done():  # the call's own NoAnswerError (a TimeoutError)
+                raise
+            fut.cancel()
+            raise NoAnswerError(pv or self.prefix, seconds, "no result from the client loop") \
+                from None
+
+    def call_on_loop(
+        self, coro: Coroutine[Any, Any, T], call_timeout: float | None, pv: str = ""
+    ) -> T:
+        """Run ``coro`` (a call of :class:`pvcoord.rpc.AsyncCaller`) on the client's loop.
+
+        Returns its result; its errors are raised here.
+
+        Raises:
+            NoAnswerError: no result within the call timeout (plus a margin).
+            RuntimeError: called from the loop thread itself (an ``on_lost`` callback).
+        """
+        return self._wait(coro, self.call_timeout(call_timeout), pv)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    # the caller's state
+
+    @property
+    def prefix(self) -> str:
+        """The endstation prefix."""
+        return self._caller.prefix
+
+    @property
+    def registry_prefix(self) -> str:
+        """The registry IOC's prefix."""
+        return self._caller.registry_prefix
+
+    @property
+    def timeout(self) -> float:
+        """Default seconds a call waits."""
+        return self._caller.timeout
+
+    def pv(self, spec: PVSpec, device: str | None = None) -> str:
+        """Full name of ``spec`` (from :mod:`pvdb.names`) under this client's prefix."""
+        return self._caller.pv(spec, device)
+
+    def call_timeout(self, call_timeout: float | None = None) -> float:
+        """Seconds a call waits: ``call_timeout`` if given, else the client's ``timeout``."""
+        return self._caller.call_timeout(call_timeout)
+
+    def close(self) -> None:
+        """Close the PVA contexts and stop the loop thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._monitor_ctxt is not None:
+            self._monitor_ctxt.close()
+
+        async def close_caller() -> None:
+            self._caller.close()
+
+        try:
+            self._wait(close_caller(), 5.0)
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # raw operations
 
-    def _rpc(self, spec: PVSpec, args: Mapping[str, str], call_timeout: float | None) -> Any:
-        pv = self.pv(spec)
-        t = self.call_timeout(call_timeout)
-        with p4p_errors(pv, t):
-            return self._ctxt.rpc(pv, nturi(pv, args), timeout=t)
-
     def get(self, pv: str, call_timeout: float | None = None) -> Value:
         """GET any PV as a raw p4p ``Value`` (a :class:`NoAnswerError` after the call timeout)."""
-        t = self.call_timeout(call_timeout)
-        with p4p_errors(pv, t):
-            return self._ctxt.get(pv, timeout=t)
+        return self.call_on_loop(self._caller.get(pv, call_timeout), call_timeout, pv)
 
     # lock operations
 
@@ -208,15 +306,15 @@ class Client(CallerBase):
         ``access.trusted_services``); ``client_host`` that user's host.
 
         Raises:
-            RefusedError: held by someone of equal or higher priority (the message names holder,
-                type, reason and expiry), unknown device, type not allowed for this account, ...
+            RefusedError: held by someone of equal or higher priority (``code``
+                ``holder-conflict``, ``holder`` names it), unknown device, type not allowed for
+                this account, ...
             NoAnswerError: no answer within ``call_timeout`` (default: the client's timeout).
             BadRequestError: bad arguments, nothing sent.
         """
-        args = acquire_args(
-            devices, lock_type, timeout, reason, plan_uid, on_behalf_of, client_host
-        )
-        return parse_grant(self.pv(COORD_ACQUIRE), self._rpc(COORD_ACQUIRE, args, call_timeout))
+        return self.call_on_loop(self._caller.acquire(
+            devices, lock_type, timeout, reason, plan_uid, on_behalf_of, client_host,
+            call_timeout=call_timeout), call_timeout, self.pv(COORD_ACQUIRE))
 
     def release(
         self,
@@ -233,8 +331,9 @@ class Client(CallerBase):
             RefusedError: wrong key, not the holder, or the lock was preempted/expired meanwhile.
             NoAnswerError: no answer within the call timeout.
         """
-        args = release_args(devices, key, on_behalf_of, client_host)
-        return parse_reply(self._rpc(COORD_RELEASE, args, call_timeout))
+        return self.call_on_loop(self._caller.release(
+            devices, key, on_behalf_of, client_host, call_timeout=call_timeout),
+            call_timeout, self.pv(COORD_RELEASE))
 
     def renew(
         self,
@@ -249,11 +348,12 @@ class Client(CallerBase):
         """Extend the lease to ``timeout`` s from now (``Reply.expires`` is the new end).
 
         Raises:
-            RefusedError: not held by the caller any more (preempted, expired: the message says).
+            RefusedError: not held by the caller any more (preempted, expired: the code says).
             NoAnswerError: no answer within the call timeout.
         """
-        args = renew_args(devices, key, timeout, on_behalf_of, client_host)
-        return parse_reply(self._rpc(COORD_RENEW, args, call_timeout))
+        return self.call_on_loop(self._caller.renew(
+            devices, key, timeout, on_behalf_of, client_host, call_timeout=call_timeout),
+            call_timeout, self.pv(COORD_RENEW))
 
     def force_release(
         self, devices: str | Iterable[str], reason: str = "", *, call_timeout: float | None = None
@@ -263,30 +363,32 @@ class Client(CallerBase):
         Raises:
             RefusedError: the caller may not force-release, or a device is unknown.
         """
-        args = force_release_args(devices, reason)
-        return parse_reply(self._rpc(COORD_FORCE_RELEASE, args, call_timeout))
+        return self.call_on_loop(
+            self._caller.force_release(devices, reason, call_timeout=call_timeout),
+            call_timeout, self.pv(COORD_FORCE_RELEASE))
 
     # state
 
     def locks(self, *, call_timeout: float | None = None) -> list[LockInfo]:
         """The active locks (``Coord:Locks``), sorted by device."""
-        return parse_locks(self.get(self.pv(COORD_LOCKS), call_timeout))
+        return self.call_on_loop(self._caller.locks(call_timeout=call_timeout), call_timeout)
 
     def events(self, *, call_timeout: float | None = None) -> list[LockEvent]:
         """The audit tail (``Coord:Events``), oldest first."""
-        return parse_events(self.get(self.pv(COORD_EVENTS), call_timeout))
+        return self.call_on_loop(self._caller.events(call_timeout=call_timeout), call_timeout)
 
     def devices(self, *, call_timeout: float | None = None) -> list[str]:
         """Device names the coordination IOC accepts (``Coord:Devices``, includes ``beamline``)."""
-        return [str(d) for d in scalar(self.get(self.pv(COORD_DEVICES), call_timeout))]
+        return self.call_on_loop(self._caller.devices(call_timeout=call_timeout), call_timeout)
 
     def heartbeat(self, *, call_timeout: float | None = None) -> int:
         """Current ``Coord:Heartbeat`` counter (+1 per second while the IOC runs)."""
-        return int(scalar(self.get(self.pv(COORD_HEARTBEAT), call_timeout)))
+        return self.call_on_loop(self._caller.heartbeat(call_timeout=call_timeout), call_timeout)
 
     def registry_devices(self, *, call_timeout: float | None = None) -> list[RegistryDevice]:
         """The registered devices (``Registry:Devices``)."""
-        return parse_registry(self.get(self.pv(REGISTRY_DEVICES), call_timeout))
+        return self.call_on_loop(
+            self._caller.registry_devices(call_timeout=call_timeout), call_timeout)
 
     def monitor(
         self, spec: PVSpec, callback: Callable[[Value | Exception], None]
@@ -296,7 +398,9 @@ class Client(CallerBase):
         Returns the p4p subscription; call ``.close()`` on it to stop. The callback runs on a
         p4p worker thread and must not block.
         """
-        return self._ctxt.monitor(self.pv(spec), callback, notify_disconnect=True)
+        if self._monitor_ctxt is None:
+            self._monitor_ctxt = ThreadContext("pva", nt=False, **context_conf(self._conf))
+        return self._monitor_ctxt.monitor(self.pv(spec), callback, notify_disconnect=True)
 
     # the context manager
 
@@ -317,18 +421,20 @@ class Client(CallerBase):
 
         The lease (``timeout`` s) is renewed every ``renew_every`` s (default ``timeout / 3``).
         If a renew is refused (preempted, expired, force-released) or the lease runs out while
-        the IOC does not answer, the lock is *lost*: ``on_lost(error)`` is called from the renew
-        thread, :meth:`HeldLock.check` raises it, and leaving the block raises it (unless the
-        block itself raised). On exit the lock is released by its key, also on an exception.
+        the IOC does not answer, the lock is *lost*: ``on_lost(error)`` is called from the
+        client's loop thread (it must not call this client), :meth:`HeldLock.check` raises it, and
+        leaving the block raises it (unless the block itself raised). On exit the lock is released
+        by its key, also on an exception.
 
         Raises:
             RefusedError, NoAnswerError, BadRequestError: from the acquire, on entry.
             LockLostError: on exit, if the lock was lost while held.
         """
-        return HeldLock(
-            self, device_list(devices), lock_type_of(lock_type), timeout, reason, plan_uid,
-            on_behalf_of, on_lost, renew_every, call_timeout,
+        held = AsyncHeldLock(
+            self._caller, device_list(devices), lock_type_of(lock_type), timeout, reason,
+            plan_uid, on_behalf_of, on_lost, renew_every, call_timeout, False,
         )
+        return HeldLock(self, held)
 
 
 def _renew_interval(lease: float, renew_every: float | None) -> float:
@@ -340,6 +446,8 @@ def _renew_interval(lease: float, renew_every: float | None) -> float:
 class HeldLock:
     """A lock held by :meth:`Client.lock` (use it as a context manager).
 
+    The blocking face of an :class:`AsyncHeldLock` whose renewals run on the client's loop.
+
     Attributes:
         grant: the :class:`Grant` of the acquire (``None`` before entry).
         expires: current lease end in epoch seconds (updated by every renew).
@@ -347,103 +455,48 @@ class HeldLock:
         lost: the :class:`LockLostError` error once the lock is lost, else ``None``.
     """
 
-    def __init__(
-        self,
-        client: Client,
-        devices: list[str],
-        lock_type: LockType,
-        lease: float,
-        reason: str,
-        plan_uid: str,
-        on_behalf_of: str | None,
-        on_lost: Callable[[LockLostError], None] | None,
-        renew_every: float | None,
-        call_timeout: float | None,
-    ) -> None:
-        seconds_arg("timeout", lease)
+    def __init__(self, client: Client, held: AsyncHeldLock) -> None:
         self._client = client
-        self._args = (devices, lock_type, lease, reason, plan_uid, on_behalf_of)
-        self._lease = float(lease)
-        self._interval = _renew_interval(self._lease, renew_every)
-        self._on_lost = on_lost
-        self._call_timeout = call_timeout
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.grant: Grant | None = None
-        self.expires = 0.0
-        self.renewals = 0
-        self.lost: LockLostError | None = None
+        self._held = held
+
+    @property
+    def grant(self) -> Grant | None:
+        """The acquire's grant (``None`` before entry)."""
+        return self._held.grant
+
+    @property
+    def expires(self) -> float:
+        """Current lease end (epoch s)."""
+        return self._held.expires
+
+    @property
+    def renewals(self) -> int:
+        """Successful renews so far."""
+        return self._held.renewals
+
+    @property
+    def lost(self) -> LockLostError | None:
+        """The error once the lock is lost."""
+        return self._held.lost
 
     @property
     def devices(self) -> tuple[str, ...]:
         """Devices held (as granted)."""
-        return self.grant.devices if self.grant else ()
+        return self._held.devices
 
     def check(self) -> None:
         """Raise :class:`LockLostError` if the lock was lost; otherwise return."""
-        if self.lost is not None:
-            raise self.lost
+        self._held.check()
 
     def __enter__(self) -> HeldLock:
-        devices, lock_type, lease, reason, plan_uid, on_behalf_of = self._args
-        self.grant = self._client.acquire(
-            devices, lock_type, lease, reason, plan_uid, on_behalf_of,
-            call_timeout=self._call_timeout,
-        )
-        self.expires = self.grant.expires
-        self._thread = threading.Thread(
-            target=self._renew_loop, name=f"pvcoord-renew-{','.join(devices)}", daemon=True
-        )
-        self._thread.start()
+        c = self._client
+        c.call_on_loop(self._held.__aenter__(), self._held.call_timeout, c.pv(COORD_ACQUIRE))
         return self
 
-    def _lose(self, err: LockLostError) -> None:
-        self.lost = err
-        if self._on_lost is not None:
-            try:
-                self._on_lost(err)
-            except Exception:  # a broken callback must not kill the renew thread silently
-                _log.exception("on_lost callback failed")
-
-    def _renew_loop(self) -> None:
-        assert self.grant is not None
-        pv = self._client.pv(COORD_RENEW)
-        wait = self._interval
-        while not self._stop.wait(wait):
-            try:
-                reply = self._client.renew(
-                    key=self.grant.key, timeout=self._lease, call_timeout=self._call_timeout
-                )
-            except RefusedError as e:
-                self._lose(_lost_error(e))
-                return
-            except NoAnswerError as e:
-                if time.time() >= self.expires:
-                    self._lose(LockLostError(pv, error_text(
-                        ErrorCode.EXPIRED, f"lease ran out while renewing failed: {e}")))
-                    return
-                wait = max(MIN_RENEW_INTERVAL, min(self._interval, self.expires - time.time()) / 2)
-                continue
-            self.renewals += 1
-            self.expires = reply.expires or (time.time() + self._lease)
-            wait = self._interval
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self._client.call_timeout(self._call_timeout) + 1.0)
-        if self.lost is None and self.grant is not None:
-            try:
-                self._client.release(key=self.grant.key, call_timeout=self._call_timeout)
-            except RefusedError as e:
-                self.lost = _lost_error(e)
-            except NoAnswerError:
-                if exc_type is None:
-                    raise
-                _log.warning("could not release %s after an error", ",".join(self.devices))
-                return
-        if self.lost is not None and exc_type is None:
-            raise self.lost
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        c = self._client
+        c.call_on_loop(self._held.__aexit__(exc_type, exc, tb), self._held.call_timeout,
+                       c.pv(COORD_RELEASE))
 
 
 # --- asyncio client ---------------------------------------------------------------------------
@@ -487,7 +540,7 @@ class AsyncHeldLock:
 
     def __init__(
         self,
-        client: AsyncClient,
+        client: AsyncCaller,
         devices: list[str],
         lock_type: LockType,
         lease: float,
@@ -519,6 +572,11 @@ class AsyncHeldLock:
     def devices(self) -> tuple[str, ...]:
         """Devices held (as granted)."""
         return self.grant.devices if self.grant else ()
+
+    @property
+    def call_timeout(self) -> float | None:
+        """Seconds each of its calls waits (``None``: the client's timeout)."""
+        return self._call_timeout
 
     def check(self) -> None:
         """Raise :class:`LockLostError` if the lock was lost; otherwise return."""

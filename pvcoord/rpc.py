@@ -62,7 +62,13 @@ class CoordError(Exception):
 
 
 class BadRequestError(CoordError, ValueError):
-    """The request was rejected by the client before anything was sent."""
+    """The request was rejected by the client before anything was sent.
+
+    ``code`` is ``bad-argument``, as the server would say.
+    """
+
+    code: ErrorCode = ErrorCode.BAD_ARGUMENT
+    holder: str = ""
 
 
 class RefusedError(CoordError):

@@ -74,6 +74,8 @@ class CoordinationIOC:
         self._last_posted: dict[tuple[str, str], object] = {}
         self._heartbeat = 0
         self._health = ""
+        self.server_conf: dict[str, str] = {}
+        """The p4p server's configuration once serving (what a client needs to reach it)."""
 
         now = time.time()
         self._locks_nt = NTTable(pvn.LOCKS_COLUMNS)
@@ -326,7 +328,7 @@ async def serve(
     registry_prefix: str | None = None,
     server_conf: dict[str, str] | None = None,
     client_conf: dict[str, str] | None = None,
-    ready: asyncio.Event | None = None,
+    ready: Callable[[CoordinationIOC], None] | None = None,
     events_tail: int = 50,
 ) -> None:
     """Serve the coordination PVs until ``stop`` is set.
@@ -339,7 +341,8 @@ async def serve(
             static device list is used).
         server_conf: p4p server configuration (``None``: from the environment).
         client_conf: p4p client configuration for the registry monitor (``None``: environment).
-        ready: set once the PVs are served.
+        ready: called with the running IOC once its PVs are served (``ioc.server_conf`` is the
+            server's client configuration); every IOC's ``serve`` has this form.
         events_tail: rows of ``Coord:Events``.
     """
     ioc = CoordinationIOC(prefix, table, events_tail=events_tail)
@@ -348,13 +351,14 @@ async def serve(
     follower = None
     ctxt = Context("pva", nt=False, **client_kws) if registry_prefix is not None else None
     try:
-        with Server(providers=[ioc.provider], **server_kws):
+        with Server(providers=[ioc.provider], **server_kws) as server:
+            ioc.server_conf = server.conf()
             if ctxt is not None and registry_prefix is not None:
                 follower = RegistryFollower(ioc, registry_prefix, ctxt)
             log.info("coordination IOC serving %sCoord:* (%d locks loaded)", prefix,
                      len(table.locks()))
             if ready is not None:
-                ready.set()
+                ready(ioc)
             n = 0
             while not stop.is_set():
                 n += 1

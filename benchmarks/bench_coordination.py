@@ -39,12 +39,12 @@ sys.path.insert(0, str(REPO))
 from p4p.client.thread import Context  # noqa: E402
 from p4p.nt import NTURI  # noqa: E402
 
+from pvcoord.launch import coordination_argv  # noqa: E402
 from pvcoord.procs import (  # noqa: E402
     PYTHON,
     ManagedProcess,
     client_conf,
     loopback_env,
-    python_module,
     server_env,
     start_redis,
     wait_for_pv,
@@ -184,9 +184,8 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
     t_start = time.monotonic()
     coord = ManagedProcess(
         f"coordination-{n_dev}",
-        python_module("iocs.coordination", "--prefix", PREFIX, "--policy",
-                      str(tmp / "policy.toml"), "--store", store, "--devices",
-                      ",".join(devices), "--log-level", "WARNING"),
+        coordination_argv(PREFIX, store, tmp / "policy.toml", devices=devices,
+                          log_level="WARNING"),
         server_env(env), cwd=REPO, log_dir=tmp)
     procs.append(coord)
     wait_for_pv(pvn.COORD_LOCKS.name(PREFIX), env, procs=[coord], timeout=60)

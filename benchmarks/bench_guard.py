@@ -38,6 +38,7 @@ from p4p.nt import NTURI
 
 from pvcoord.demo import devices
 from pvcoord.demo.guard_part import guard_config, start_guard
+from pvcoord.launch import coordination_argv
 from pvcoord.procs import (
     ManagedProcess,
     client_conf,
@@ -151,9 +152,8 @@ def main() -> int:
                                       str(tmp / "registry.yaml")),
             server_env(clients), cwd=REPO, log_dir=tmp))
         procs.append(ManagedProcess(
-            "coordination", python_module(
-                "iocs.coordination", "--prefix", P, "--policy", str(tmp / "policy.toml"),
-                "--store", f"sqlite:///{tmp}/locks.sqlite", "--registry-prefix", P),
+            "coordination", coordination_argv(
+                P, f"sqlite:///{tmp}/locks.sqlite", tmp / "policy.toml", registry_prefix=P),
             server_env(clients), cwd=REPO, log_dir=tmp))
         procs.append(ManagedProcess(
             "pvagw", python_module("p4p.gw", str(tmp / "pvagw.json")), clients_gw, log_dir=tmp))

@@ -49,6 +49,7 @@ from pvcoord.demo.queue_part import (  # noqa: E402
     start_queue_stack,
     zmq_addr,
 )
+from pvcoord.launch import coordination_argv  # noqa: E402
 from pvcoord.procs import (  # noqa: E402
     ManagedProcess,
     client_conf,
@@ -140,8 +141,7 @@ def main() -> int:
                           server_env(env), log_dir=d)
     coord = ManagedProcess(
         "coordination",
-        python_module("iocs.coordination", "--prefix", PREFIX, "--policy", str(d / "policy.toml"),
-                      "--store", store, "--devices", ",".join(demo_pvs.DEVICE_NAMES)),
+        coordination_argv(PREFIX, store, d / "policy.toml", devices=demo_pvs.DEVICE_NAMES),
         server_env(env), log_dir=d,
     )
     print(f"bench_queue: {platform.node()} {platform.machine()} python {platform.python_version()}"

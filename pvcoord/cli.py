@@ -46,77 +46,30 @@ from .client import (
     LockInfo,
     NoAnswerError,
     RefusedError,
-    RegistryDevice,
     call_rpc,
     get_pv,
     parse_events,
     parse_locks,
     put_pv,
 )
+from .display import (  # re-exported: the CLI's exit codes and tables
+    EXIT_BAD_INPUT,
+    EXIT_NO_ANSWER,
+    EXIT_OK,
+    EXIT_REFUSED,
+    fmt_remaining,
+    fmt_time,
+    locks_table,
+    registry_table,
+    table,
+)
 
 PREFIX_ENV = "PVCOORD_PREFIX"
 DEFAULT_PREFIX = "DEMO:"
 
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_BAD_INPUT = 2
-EXIT_NO_ANSWER = 3
-
 
 class UsageError(Exception):
     """Bad command-line input, reported as ``pvcoord: error: ...`` with exit code 2."""
-
-
-# --- formatting -------------------------------------------------------------------------------
-
-
-def fmt_time(t: float) -> str:
-    """Epoch seconds as local ``YYYY-mm-dd HH:MM:SS`` (``-`` for 0)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
-
-
-def fmt_remaining(seconds: float) -> str:
-    """``42 s``, ``5 min 3 s``, ``2 h 10 min`` (seconds rounded down)."""
-    s = int(max(0.0, seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {(s % 3600) // 60} min"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table with left-aligned columns separated by two spaces."""
-    widths = [len(h) for h in headers]
-    for r in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [headers, *rows]]
-    return "\n".join(lines)
-
-
-def locks_table(locks: Sequence[LockInfo], now: float | None = None) -> str:
-    """The ``status`` table of ``locks``."""
-    now = time.time() if now is None else now
-    rows = [
-        [
-            lk.device, lk.lock_type.value, lk.owner, fmt_remaining(lk.remaining(now)),
-            fmt_time(lk.expires), lk.reason, lk.plan_uid,
-        ]
-        for lk in locks
-    ]
-    return table(["DEVICE", "TYPE", "OWNER", "REMAINING", "EXPIRES", "REASON", "PLAN"], rows)
-
-
-def registry_table(devices: Sequence[RegistryDevice]) -> str:
-    """The ``registry show`` table."""
-    rows = [
-        [d.name, d.device_class, ",".join(d.capabilities), d.pv_prefix, d.ioc,
-         "yes" if d.connected else "no", d.description]
-        for d in devices
-    ]
-    return table(["NAME", "CLASS", "CAPABILITIES", "PV PREFIX", "IOC", "CONNECTED",
-                  "DESCRIPTION"], rows)
 
 
 # --- commands ---------------------------------------------------------------------------------

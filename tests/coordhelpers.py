@@ -9,7 +9,8 @@ from pathlib import Path
 from p4p.client.thread import Context
 from p4p.nt import NTURI
 
-from pvcoord.procs import PYTHON, ManagedProcess, python_module, server_env, wait_for_pv
+from pvcoord.launch import coordination_argv
+from pvcoord.procs import PYTHON, ManagedProcess, server_env, wait_for_pv
 from pvdb import names as pvn
 
 PREFIX = "TST:"
@@ -52,12 +53,8 @@ def start_coordination(
     policy = tmp / "policy.toml"
     if not policy.exists():
         policy.write_text(TEST_POLICY)
-    argv = python_module(
-        "iocs.coordination", "--prefix", PREFIX, "--policy", str(policy),
-        "--store", store or f"sqlite:///{tmp}/locks.sqlite", *extra,
-    )
-    if devices is not None:
-        argv += ["--devices", ",".join(devices)]
+    argv = coordination_argv(PREFIX, store or f"sqlite:///{tmp}/locks.sqlite", policy,
+                             devices=devices, extra=extra)
     proc = ManagedProcess(name, argv, server_env(env), cwd=REPO, log_dir=tmp)
     try:
         wait_for_pv(pvn.COORD_LOCKS.name(PREFIX), env, procs=[proc])

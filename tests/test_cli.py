@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from pvcoord import cli
-from pvcoord.procs import BIN, PYTHON, ManagedProcess, python_module, server_env, wait_for_pv
+from pvcoord.launch import coordination_argv
+from pvcoord.procs import BIN, PYTHON, ManagedProcess, server_env, wait_for_pv
 from pvdb.names import COORD_EVENTS, COORD_LOCKS
 
 pytestmark = pytest.mark.system
@@ -35,10 +36,7 @@ def ioc(tmp_path_factory):
     d = tmp_path_factory.mktemp("coord-cli")
     proc = ManagedProcess(
         "coordination",
-        python_module(
-            "iocs.coordination", "--prefix", PREFIX, "--devices", ",".join(DEVICES),
-            "--policy", str(POLICY), "--store", f"sqlite:///{d}/locks.sqlite",
-        ),
+        coordination_argv(PREFIX, f"sqlite:///{d}/locks.sqlite", POLICY, devices=DEVICES),
         server_env(os.environ), log_dir=d,
     )
     try:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from pvcoord import client as cl
-from pvcoord.procs import ManagedProcess, python_module, server_env, wait_for_pv, wait_until
+from pvcoord.launch import coordination_argv
+from pvcoord.procs import ManagedProcess, server_env, wait_for_pv, wait_until
 from pvdb.lockmodel import ErrorCode
 from pvdb.names import COORD_LOCKS
 
@@ -36,10 +37,7 @@ def ioc(tmp_path_factory):
     d = tmp_path_factory.mktemp("coord")
     proc = ManagedProcess(
         "coordination",
-        python_module(
-            "iocs.coordination", "--prefix", PREFIX, "--devices", ",".join(DEVICES),
-            "--policy", str(POLICY), "--store", f"sqlite:///{d}/locks.sqlite",
-        ),
+        coordination_argv(PREFIX, f"sqlite:///{d}/locks.sqlite", POLICY, devices=DEVICES),
         server_env(os.environ), log_dir=d,
     )
     try:
@@ -191,8 +189,7 @@ def test_lease_runs_out_while_the_ioc_is_gone(tmp_path):
     env = dict(os.environ)
     proc = ManagedProcess(
         "coordination-short",
-        python_module("iocs.coordination", "--prefix", "TCL2:", "--devices", "x1",
-                      "--policy", str(POLICY), "--store", f"sqlite:///{tmp_path}/s.sqlite"),
+        coordination_argv("TCL2:", f"sqlite:///{tmp_path}/s.sqlite", POLICY, devices=["x1"]),
         server_env(env), log_dir=tmp_path,
     )
     try:

@@ -27,6 +27,7 @@ from p4p.nt import NTURI
 
 from pvcoord.demo import devices
 from pvcoord.demo.guard_part import PutAgent, start_guard, walkthrough
+from pvcoord.launch import coordination_argv
 from pvcoord.procs import (
     PYTHON,
     ManagedProcess,
@@ -109,8 +110,8 @@ class Beamline:
     def start_coordination(self) -> None:
         proc = ManagedProcess(
             "coordination",
-            python_module("iocs.coordination", "--prefix", P, "--policy", str(self.tmp / "p.toml"),
-                          "--store", f"sqlite:///{self.tmp}/locks.sqlite", "--registry-prefix", P),
+            coordination_argv(P, f"sqlite:///{self.tmp}/locks.sqlite", self.tmp / "p.toml",
+                              registry_prefix=P),
             server_env(self.clients), cwd=REPO, log_dir=self.tmp,
         )
         self.procs["coordination"] = proc

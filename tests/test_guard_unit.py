@@ -17,6 +17,7 @@ from bridges.guard.config import GuardConfigError, parse_config
 from bridges.guard.core import GuardCore, parse_audit_line
 from bridges.guard.decision import (
     DeviceMap,
+    ErrorCode,
     HeldLock,
     LockFeed,
     LockState,
@@ -64,7 +65,7 @@ def test_unlocked_device_follows_the_policy():
     d = decide(DEFAULT, state(), devmap(), SP1, "bob")
     assert d.allowed and d.verdict is Verdict.UNLOCKED and d.device == M1 and not d.locked
     d = decide(STRICT, state(), devmap(), SP1, "bob")
-    assert not d.allowed and d.verdict is Verdict.STRICT and "strict" in d.reason
+    assert not d.allowed and d.verdict is Verdict.STRICT and d.code is ErrorCode.NOT_ALLOWED
 
 
 def test_locked_device_only_for_the_holders_account():
@@ -73,7 +74,8 @@ def test_locked_device_only_for_the_holders_account():
     assert d.allowed and d.verdict is Verdict.HOLDER and d.locked
     d = decide(DEFAULT, s, devmap(), SP1, "bob")
     assert not d.allowed and d.verdict is Verdict.HELD_BY_OTHER
-    assert d.holder == "alice@10.0.0.5" and "alice@10.0.0.5" in d.reason and "scan" in d.reason
+    assert (d.code, d.holder) == (ErrorCode.HOLDER_CONFLICT, "alice@10.0.0.5")
+    assert d.error().startswith("[holder-conflict holder=alice@10.0.0.5] ") and "scan" in d.reason
     # the host does not count: alice from another host is still the holder
     assert decide(STRICT, s, devmap(), SP1, "alice").allowed
     # another device is unaffected
@@ -95,6 +97,7 @@ def test_unknown_state_fails_closed_except_emergency():
     s = state(known=False)
     d = decide(DEFAULT, s, devmap(), SP1, "bob")
     assert not d.allowed and d.verdict is Verdict.UNKNOWN_STATE and "IOC gone" in d.reason
+    assert d.code is ErrorCode.STATE_UNKNOWN
     assert decide(DEFAULT, s, devmap(), SP1, "root").verdict is Verdict.EMERGENCY
     assert decide(STRICT, s, devmap(), SP1, "bob", roles=["ops"]).allowed
     # a PV of no device keeps the policy default (staff only, issue 11): not the locks
@@ -105,7 +108,7 @@ def test_unknown_state_fails_closed_except_emergency():
 
 def test_registry_not_received_fails_closed_even_for_unknown_pvs():
     d = decide(DEFAULT, state(), devmap(known=False), SHUTTER_CMD, "bob")
-    assert not d.allowed and "registry" in d.reason
+    assert not d.allowed and d.code is ErrorCode.STATE_UNKNOWN and "registry" in d.reason
     assert decide(DEFAULT, state(), devmap(known=False), SP1, "root").allowed
 
 

@@ -11,6 +11,9 @@ import math
 
 import numpy as np
 import pytest
+from p4p.nt import NTEnum, NTScalar, NTTable
+
+from bridges.pvws.app import _put_value
 from bridges.pvws.auth import (
     PasswordFileError,
     Sessions,
@@ -20,9 +23,6 @@ from bridges.pvws.auth import (
 )
 from bridges.pvws.config import BridgeConfig, PVNameError, parse_name
 from bridges.pvws.values import convert
-from p4p.nt import NTEnum, NTScalar, NTTable
-
-from bridges.pvws.app import _put_value
 
 
 def fields(c) -> tuple[dict, dict]:

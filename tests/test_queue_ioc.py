@@ -33,6 +33,7 @@ from pvcoord.demo.queue_part import (
     wait_manager,
     zmq_addr,
 )
+from pvcoord.launch import coordination_argv
 from pvcoord.procs import (
     PYTHON,
     ManagedProcess,
@@ -107,8 +108,7 @@ def _start_base(d: Path, env: dict[str, str]) -> tuple[list[ManagedProcess], str
                           server_env(env), log_dir=d)
     coord = ManagedProcess(
         "coordination",
-        python_module("iocs.coordination", "--prefix", P, "--policy", str(policy), "--store",
-                      store, "--devices", ",".join(demo_pvs.DEVICE_NAMES)),
+        coordination_argv(P, store, policy, devices=demo_pvs.DEVICE_NAMES),
         server_env(env), log_dir=d,
     )
     procs = [soft, coord]

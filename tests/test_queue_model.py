@@ -8,8 +8,11 @@ import iocs.queue as queue_pkg
 from iocs.queue import model
 from iocs.queue.model import BadRequestError, HeldBy
 from pvdb import queue as qn
+from pvdb.lockmodel import ErrorCode
 from pvdb.models import LockType
 from pvdb.names import PVKind, snake_to_pascal
+
+from .codes import raises_code
 
 DEVICES = ["det1", "det2", "m1", "m2", "shutter"]
 
@@ -104,8 +107,9 @@ def test_running_item_and_table_rows():
     ],
 )
 def test_item_add_rejects_bad_input(args, match):
-    with pytest.raises(BadRequestError, match=match):
+    with raises_code(BadRequestError, ErrorCode.BAD_ARGUMENT) as e:
         model.parse_item_add(args, ["count", "scan"])
+    assert match in str(e.value)  # names what was wrong
 
 
 def test_item_add_accepts_good_input():
@@ -123,12 +127,12 @@ def test_item_add_accepts_good_input():
 def test_item_remove_and_pause_arguments():
     assert model.parse_item_remove({"uid": "abc"}) == {"uid": "abc"}
     assert model.parse_item_remove({"pos": "2"}) == {"pos": 2}
-    with pytest.raises(BadRequestError, match="exactly one"):
+    with raises_code(BadRequestError, ErrorCode.BAD_ARGUMENT):
         model.parse_item_remove({})
-    with pytest.raises(BadRequestError, match="exactly one"):
+    with raises_code(BadRequestError, ErrorCode.BAD_ARGUMENT):
         model.parse_item_remove({"uid": "a", "pos": "1"})
     assert model.parse_pause({}) == "deferred"
-    with pytest.raises(BadRequestError, match="option must be"):
+    with raises_code(BadRequestError, ErrorCode.BAD_ARGUMENT):
         model.parse_pause({"option": "now"})
 
 

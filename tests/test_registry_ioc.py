@@ -14,7 +14,7 @@ from p4p.nt import NTURI, NTScalar
 from p4p.server import Server
 from p4p.server.thread import SharedPV
 
-from iocs.registry.ioc import serve
+from iocs.registry.ioc import RegistryIOC, serve
 from iocs.registry.model import RegistryError, RegistryState, lookup_pv_arg
 from pvcoord.demo.devices import registry_devices, write_database, write_registry
 from pvcoord.procs import (
@@ -133,8 +133,8 @@ def serving(devices: list[Device], device_conf: dict[str, str], check_period: fl
     async def main() -> None:
         box["stop"] = asyncio.Event()
 
-        def on_ready(conf: dict[str, str]) -> None:
-            box["conf"] = conf
+        def on_ready(ioc: RegistryIOC) -> None:
+            box["conf"] = ioc.server_conf
             ready.set()
 
         await serve(P, devices, box["stop"], check_period=check_period, client_conf=device_conf,

@@ -722,7 +722,7 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
                          nt=True)
     def ca_ctx() -> Any:
         if st.ca_ctx is None:
-            from caproto.asyncio.client import Context as CaContext  # noqa: PLC0415 - lazy
+            from caproto.asyncio.client import Context as CaContext
 
             st.ca_ctx = CaContext()
         return st.ca_ctx
@@ -746,7 +746,7 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
                 await sock.ws.close()
         st.pool.close()
         if st.ca_ctx is not None:
-            from .ca import close_context  # noqa: PLC0415
+            from .ca import close_context
 
             await close_context(st.ca_ctx)
         await loop.run_in_executor(None, view.close)

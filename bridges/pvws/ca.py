@@ -123,7 +123,7 @@ class CaUpstream(Upstream):
                 self._count = int(pv.channel.native_data_count)
                 ctrl = await pv.read(data_type="control", timeout=5.0)
                 self._meta = ca_meta(self._native, self._count, ctrl)
-            except Exception:  # noqa: BLE001 - a failed read: wait for the next connect
+            except Exception:
                 return
             self._new_meta = True
             if self._sub is None:

@@ -204,7 +204,7 @@ class Pool:
             elif pvname.scheme == "sim":
                 up = SimUpstream(pvname)
             elif pvname.scheme == "ca" and self._ca_for is not None:
-                from .ca import CaUpstream  # noqa: PLC0415 - caproto only when ca:// is used
+                from .ca import CaUpstream
 
                 up = CaUpstream(pvname, self._ca_for())
             else:

@@ -121,6 +121,8 @@ class CoordinationIOC:
         self._tls = threading.local()
         self._post_lock = threading.Lock()
         self._posted = 0
+        self.server_conf: dict[str, str] = {}
+        """The p4p server's configuration once serving (what a client needs to reach it)."""
 
         now = time.time()
         self._locks_nt = NTTable(pvn.LOCKS_COLUMNS)
@@ -490,7 +492,7 @@ async def serve(
     registry_prefix: str | None = None,
     server_conf: dict[str, str] | None = None,
     client_conf: dict[str, str] | None = None,
-    ready: asyncio.Event | None = None,
+    ready: Callable[[CoordinationIOC], None] | None = None,
     events_tail: int = 50,
     authority: str = "",
     name_check: float = NAME_CHECK_TIMEOUT,
@@ -506,7 +508,8 @@ async def serve(
             static device list is used).
         server_conf: p4p server configuration (``None``: from the environment).
         client_conf: p4p client configuration for the registry monitor (``None``: environment).
-        ready: set once the PVs are served.
+        ready: called with the running IOC once its PVs are served (``ioc.server_conf`` is the
+            server's client configuration); every IOC's ``serve`` has this form.
         events_tail: rows of ``Coord:Events``.
         retention: audit events kept in the store: (maximum age in s, maximum count); pruned at
             start and every minute.
@@ -524,13 +527,14 @@ async def serve(
     follower = None
     ctxt = Context("pva", nt=False, **client_kws) if registry_prefix is not None else None
     try:
-        with Server(providers=[ioc.provider], **server_kws):
+        with Server(providers=[ioc.provider], **server_kws) as server:
+            ioc.server_conf = server.conf()
             if ctxt is not None and registry_prefix is not None:
                 follower = RegistryFollower(ioc, registry_prefix, ctxt)
             log.info("coordination IOC serving %sCoord:* (%d locks loaded)", prefix,
                      len(table.locks()))
             if ready is not None:
-                ready.set()
+                ready(ioc)
             n = 0
             while not stop.is_set():
                 if n % int(60 / TICK) == 0:

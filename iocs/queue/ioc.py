@@ -13,7 +13,7 @@ import os
 import pwd
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from p4p.server import Server, StaticProvider
@@ -93,6 +93,8 @@ class QueueIOC:
         register_url(redis_url)  # its password is hidden in every PV, message and log line
         self.provider = StaticProvider("pvcoord-queue")
         pvutil.add_process_info(self.provider, self.prefix, "queue")
+        self.server_conf: dict[str, str] = {}
+        """The p4p server's configuration once serving (what a client needs to reach it)."""
         self.pvs = QueuePVs(self.prefix, self.provider)
         self.rpcs = add_rpcs(self.prefix, self.provider, self._handlers())
         self.link = ManagerLink(zmq_control, zmq_info, self.on_status, self.on_console)
@@ -624,7 +626,7 @@ async def serve(
     redis_url: str | None = None,
     server_conf: Mapping[str, str] | None = None,
     client_conf: Mapping[str, str] | None = None,
-    ready: asyncio.Event | None = None,
+    ready: Callable[[QueueIOC], None] | None = None,
     coord_prefix: str | None = None,
     exec_lease: float = 60.0,
     queued_lease: float = 600.0,
@@ -642,7 +644,8 @@ async def serve(
         redis_url: serve worker-hook lock requests from this redis (``None``: none).
         server_conf: p4p server configuration (``None``: from the environment).
         client_conf: p4p client configuration for the coordination IOC.
-        ready: set once the PVs are served.
+        ready: called with the running IOC once its PVs are served (``ioc.server_conf`` is the
+            server's client configuration); every IOC's ``serve`` has this form.
         coord_prefix: prefix of the coordination IOC (default: ``prefix``).
         exec_lease: QUEUE_EXECUTING lease in s.
         queued_lease: QUEUE_QUEUED lease in s.
@@ -656,9 +659,10 @@ async def serve(
     server_kws: dict[str, Any] = (
         {"conf": dict(server_conf), "useenv": False} if server_conf is not None else {}
     )
-    with Server(providers=[ioc.provider], **server_kws):
+    with Server(providers=[ioc.provider], **server_kws) as server:
+        ioc.server_conf = server.conf()
         log.info("queue IOC serving %sQueue:* for RE Manager %s", prefix, zmq_control)
         if ready is not None:
-            ready.set()
+            ready(ioc)
         await ioc.run(stop)
     return ioc

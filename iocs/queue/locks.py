@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from p4p.client.asyncio import Context
 
-from pvcoord.client import AsyncClient, CoordError, RefusedError, parse_locks, scalar
+from pvcoord.rpc import AsyncCaller, CoordError, RefusedError, parse_locks, scalar
 from pvdb.models import BEAMLINE, LockType
 from pvdb.names import COORD_DEVICES, COORD_LOCKS
 
@@ -98,7 +98,7 @@ class LockKeeper:
         """Set by the queue IOC: while False (the RE Manager unreachable) QUEUE_EXECUTING is
         neither renewed nor acquired, so the running item's locks run out with their lease
         instead of outliving a dead manager."""
-        self._client: AsyncClient | None = None
+        self._client: AsyncCaller | None = None
         self._ctxt: Context | None = None
         self._subs: list = []
         self._lock = asyncio.Lock()
@@ -347,7 +347,7 @@ class LockKeeper:
         """Monitor the coordination IOC and reconcile on every change (and every second)."""
         kws = {"conf": dict(self.conf), "useenv": False} if self.conf is not None else {}
         self._ctxt = Context("pva", nt=False, **kws)
-        self._client = AsyncClient(self.prefix, conf=self.conf, timeout=3.0)
+        self._client = AsyncCaller(self.prefix, conf=self.conf, timeout=3.0)
         self._subs = [
             self._ctxt.monitor(COORD_LOCKS.name(self.prefix), self._on_locks_async,
                                notify_disconnect=True),

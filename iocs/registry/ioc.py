@@ -53,6 +53,8 @@ class RegistryIOC:
         self.state = RegistryState(devices)
         self.provider = StaticProvider("pvcoord-registry")
         pvutil.add_process_info(self.provider, self.prefix, "registry")
+        self.server_conf: dict[str, str] = {}
+        """The p4p server's configuration once serving (what a client needs to reach it)."""
         self.heartbeat = 0
         now = time.time()
         self._devices_nt = NTTable(list(pvn.DEVICES_COLUMNS))
@@ -132,7 +134,7 @@ async def serve(
     server_conf: dict[str, str] | None = None,
     client_conf: dict[str, str] | None = None,
     isolate: bool = False,
-    ready: Callable[[dict[str, str]], None] | None = None,
+    ready: Callable[[RegistryIOC], None] | None = None,
 ) -> None:
     """Serve the registry PVs until ``stop`` is set.
 
@@ -145,7 +147,8 @@ async def serve(
         server_conf: p4p server configuration (``None``: from the environment).
         client_conf: p4p client configuration for the checks (``None``: from the environment).
         isolate: serve on a private loopback port (in-process tests).
-        ready: called with the server's client configuration once the PVs are served.
+        ready: called with the running IOC once its PVs are served (``ioc.server_conf`` is the
+            server's client configuration); every IOC's ``serve`` has this form.
     """
     if check_period <= 0:
         raise ValueError(f"check_period must be > 0 s, not {check_period}")
@@ -182,8 +185,9 @@ async def serve(
             Context("pva", **client_kws) as ctxt:
         log.info("registry IOC serving %sRegistry:* with %d devices (%d PVs checked every %g s)",
                  prefix, len(devices), len(probes), check_period)
+        ioc.server_conf = server.conf()
         if ready is not None:
-            ready(server.conf())
+            ready(ioc)
         tasks = [asyncio.create_task(heartbeat()), asyncio.create_task(checker(ctxt))]
         try:
             await stop.wait()

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pvcoord.cli import EXIT_OK, EXIT_REFUSED, locks_table
 from pvcoord.client import Client, LockInfo, RefusedError
+from pvcoord.display import EXIT_OK, EXIT_REFUSED, locks_table
 from pvcoord.procs import PYTHON, client_conf, wait_until
 from pvdb import demo as demo_pvs
 from pvdb.models import EventAction, LockType

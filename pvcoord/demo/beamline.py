@@ -97,6 +97,13 @@ START_TIMEOUT = 60.0
 """Seconds each process may take to serve its first PV (2 loaded cores: p4p import ~1-2 s)."""
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
+QUEUE_LOCK_OWNER = "pvcoord-queue"
+"""The demo's queue service account: the RE Manager and the queue IOC run as this OS account
+(created by scripts/setup.sh), so it holds the QUEUE_* locks and the RE worker's puts through the
+guard come from the holder. Without the account (or without root), the queue IOC runs as the demo's
+account and holds its locks on behalf of this user (``--lock-owner``), and the RE worker talks to
+the device network directly."""
+
 OPTIONAL_PARTS = ("pvcoord.demo.queue_part", "pvcoord.demo.guard_part", "pvcoord.demo.flat_part",
                   "pvcoord.demo.web_part")
 
@@ -268,8 +275,6 @@ def _store_dir(path: Path) -> Path:
     The worker hook (under that account) reads the store; nobody else may (the audit names every
     holder, the locks keep key digests).
     """
-    from pvcoord.demo.queue_part import QUEUE_LOCK_OWNER  # noqa: PLC0415 - avoids a cycle
-
     path.mkdir(mode=0o700, exist_ok=True)
     if os.geteuid() == 0:
         try:

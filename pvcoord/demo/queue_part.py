@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pvcoord.demo.beamline import QUEUE_LOCK_OWNER
 from pvcoord.procs import (
     BIN,
     LOOPBACK,
@@ -40,12 +41,7 @@ from pvdb import queue as qn
 STARTUP_DIR = Path(__file__).with_name("startup")
 """The demo profile collection (startup dir) of the RE Manager."""
 
-QUEUE_LOCK_OWNER = "pvcoord-queue"
-"""The demo's queue service account: the RE Manager and the queue IOC run as this OS account
-(created by scripts/setup.sh), so it holds the QUEUE_* locks and the RE worker's puts through the
-guard come from the holder. Without the account (or without root), the queue IOC runs as the demo's
-account and holds its locks on behalf of this user (``--lock-owner``), and the RE worker talks to
-the device network directly."""
+
 
 MANAGER_START_TIMEOUT = 60.0
 """Seconds the RE Manager may take to answer its first status (2 loaded cores)."""

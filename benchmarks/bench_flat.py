@@ -44,6 +44,7 @@ from pvcoord.demo import devices
 from pvcoord.demo.flat_part import bridge_env, start_flat
 from pvcoord.demo.guard_part import start_guard
 from pvcoord.procs import (
+    PYTHON,
     ManagedProcess,
     client_conf,
     loopback_env,
@@ -286,7 +287,7 @@ def main() -> int:
                 "--store", f"sqlite:///{tmp}/locks.sqlite", "--registry-prefix", P),
             server_env(clients), cwd=REPO, log_dir=tmp))
         procs.append(ManagedProcess(
-            "floor", [sys.executable, str(Path(__file__).resolve()), "--floor-server"],
+            "floor", [PYTHON, str(Path(__file__).resolve()), "--floor-server"],
             floor_env, cwd=REPO, log_dir=tmp))
         sp1, sp2, sp3 = (demo.motor_setpoint(P, m) for m in (M1, M2, M3))
         wait_for_pv(sp1, devs, procs=procs)

@@ -49,6 +49,7 @@ from p4p.server.thread import SharedPV
 from pvcoord.demo import devices
 from pvcoord.procs import (
     LOOPBACK,
+    PYTHON,
     ManagedProcess,
     client_conf,
     free_port,
@@ -148,7 +149,7 @@ def run_load(url: str, clients: int, pvs: int, seconds: float, bridge_pid: int,
     children = []
     try:
         for n in share:
-            argv = [sys.executable, str(Path(__file__).resolve()), "--load", url, "--clients",
+            argv = [PYTHON, str(Path(__file__).resolve()), "--load", url, "--clients",
                     str(n), "--pvs", str(pvs), "--seconds", str(seconds)]
             children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env,
                                              cwd=REPO))

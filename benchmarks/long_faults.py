@@ -16,13 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pvcoord.procs import PYTHON
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
     env = {**os.environ, "PVCOORD_FAULT_SCALE": "long",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    argv = [sys.executable, "-m", "pytest", "-s", "-q", "--timeout", "7200",
+    argv = [PYTHON, "-m", "pytest", "-s", "-q", "--timeout", "7200",
             "tests/test_durability_system.py", *sys.argv[1:]]
     return subprocess.run(argv, cwd=REPO, env=env, check=False).returncode
 

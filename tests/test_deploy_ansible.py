@@ -9,12 +9,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pvcoord.demo.devices import write_registry
+from pvcoord.procs import PYTHON
 
 pytestmark = pytest.mark.system
 
@@ -33,17 +33,17 @@ def tree(root: Path) -> set[str]:
 
 
 def playbook(tmp: Path, staging: Path, station: Path, *extra: str) -> str:
-    ansible = Path(sys.executable).with_name("ansible-playbook")
+    ansible = Path(PYTHON).with_name("ansible-playbook")
     if not ansible.exists():
         pytest.fail("ansible-playbook not installed (ansible-core, pyproject dev extra)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
     env.update(ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-local"), ANSIBLE_HOME=str(tmp / "ansible"),
                ANSIBLE_NOCOLOR="1", ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_PIPELINING="1",
-               ANSIBLE_PYTHON_INTERPRETER=sys.executable)
+               ANSIBLE_PYTHON_INTERPRETER=PYTHON)
     p = subprocess.run(
         [str(ansible), "-i", "localhost,", "-c", "local", str(PLAYBOOK),
          "-e", f"pvcoord_root={staging}", "-e", f"pvcoord_endstation_file={station}",
-         "-e", f"pvcoord_python={sys.executable}", "-e", f"pvcoord_repo={REPO}",
+         "-e", f"pvcoord_python={PYTHON}", "-e", f"pvcoord_repo={REPO}",
          "-e", "pvcoord_htpasswd_file=/etc/pvcoord/bl01/htpasswd", *extra],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
@@ -116,14 +116,14 @@ def test_install_into_a_staging_root(run, tmp_path):
     assert "server_name bl01.example.org;" in site and "server 127.0.0.1:8080;" in site
     assert "auth_basic_user_file /etc/pvcoord/bl01/htpasswd;" in site
     assert (run.staging / "usr/lib/sysusers.d/pvcoord.conf").is_file()
-    check = subprocess.run([sys.executable, "-m", "pvcoord.cli", "config", "check",
+    check = subprocess.run([PYTHON, "-m", "pvcoord.cli", "config", "check",
                             str(etc / "endstation.toml")], capture_output=True, text=True,
                            timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze not installed (Debian package systemd)")
     for u in (run.staging / "etc/systemd/system").glob("pvcoord*@.*"):
-        text = u.read_text().replace("/opt/pvcoord/.venv/bin/python", sys.executable)
+        text = u.read_text().replace("/opt/pvcoord/.venv/bin/python", PYTHON)
         (tmp_path / u.name).write_text(text)
         (tmp_path / u.name.replace("@.", "@bl01.")).write_text(text)
     res = subprocess.run(["systemd-analyze", "verify", *map(str, tmp_path.glob("*@bl01.*"))],

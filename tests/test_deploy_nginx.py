@@ -18,7 +18,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from pvcoord.demo.devices import write_registry
-from pvcoord.procs import LOOPBACK, ManagedProcess, free_port, wait_until
+from pvcoord.procs import LOOPBACK, PYTHON, ManagedProcess, free_port, wait_until
 from pvdb.endstation import to_toml
 
 pytestmark = pytest.mark.system
@@ -65,7 +64,7 @@ def render_site(**values: object) -> str:
 
 def start_backend(kind: str, d: Path, port: int) -> ManagedProcess:
     if kind == "standin":
-        argv = [sys.executable, str(STANDIN), "--port", str(port), "--static", str(d / "www"),
+        argv = [PYTHON, str(STANDIN), "--port", str(port), "--static", str(d / "www"),
                 "--user-header", HEADER]
     else:  # the real web bridge, configured by an endstation file as its unit does
         write_registry("TWEB:", d / "registry.yaml")
@@ -76,7 +75,7 @@ def start_backend(kind: str, d: Path, port: int) -> ManagedProcess:
                            "trusted_proxies": [LOOPBACK]},
             "tls": {"certificate": str(d / "cert.pem"), "key": str(d / "key.pem")},
         }))
-        argv = [sys.executable, "-m", "bridges.pvws", "--config", str(cfg)]
+        argv = [PYTHON, "-m", "bridges.pvws", "--config", str(cfg)]
     proc = ManagedProcess(f"web-{kind}", argv, dict(os.environ), cwd=d, log_dir=d)
     try:
         wait_until(lambda: port_open(port) or not proc.alive(), TIMEOUT, f"{kind} on {port}")

@@ -7,13 +7,13 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from pvcoord.demo import beamline
+from pvcoord.procs import PYTHON
 from tests.test_demo_beamline import free_block
 
 pytestmark = pytest.mark.system
@@ -38,7 +38,7 @@ def demo():
 def status(ctx, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in ctx.env.items() if not k.startswith("EPICS_")}  # all from the file
     return subprocess.run(
-        [sys.executable, "-m", "pvcoord.cli", "status", "--config",
+        [PYTHON, "-m", "pvcoord.cli", "status", "--config",
          str(ctx.files["endstation"]), *extra],
         capture_output=True, text=True, timeout=60, env=env)
 

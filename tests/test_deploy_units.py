@@ -11,14 +11,20 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pvcoord.demo.devices import write_registry
-from pvcoord.procs import ManagedProcess, free_port, loopback_env, python_module, wait_for_pv
+from pvcoord.procs import (
+    PYTHON,
+    ManagedProcess,
+    free_port,
+    loopback_env,
+    python_module,
+    wait_for_pv,
+)
 from pvdb.endstation import PROCESS_NAMES, to_toml
 from pvdb.process import GUARD_VERSION, REGISTRY_START_TIME, REGISTRY_VERSION, pvcoord_version
 
@@ -81,7 +87,7 @@ def test_systemd_analyze_verify_all_units_together(tmp_path):
         pytest.fail("systemd-analyze not installed (Debian package systemd)")
     files = []
     for unit in [*SERVICES, UNITS / "pvcoord@.target"]:
-        text = unit.read_text().replace(VENV_PYTHON, sys.executable)
+        text = unit.read_text().replace(VENV_PYTHON, PYTHON)
         (tmp_path / unit.name).write_text(text)
         inst = tmp_path / unit.name.replace("@.", "@bl01.")
         inst.write_text(text)

@@ -10,7 +10,6 @@ import os
 import random
 import sqlite3
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -21,6 +20,7 @@ from p4p import Type
 from p4p.client.thread import Context, RemoteError
 
 from pvcoord.procs import (
+    PYTHON,
     ManagedProcess,
     client_conf,
     free_port,
@@ -213,7 +213,7 @@ def test_twenty_accounts_never_two_holders(tmp_path, twenty_accounts):
     devices = "m1,m2,m3"
     try:
         clients = [subprocess.Popen(
-            ["runuser", "-u", a, "--", sys.executable, "-c", CONTENDER, PREFIX, devices,
+            ["runuser", "-u", a, "--", PYTHON, "-c", CONTENDER, PREFIX, devices,
              str(CONTENDER_OPS), json.dumps(client_conf(env))], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, cwd="/", env=dict(env)) for a in twenty_accounts]
         results = {}

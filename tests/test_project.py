@@ -54,7 +54,7 @@ def test_every_process_has_its_pvs_in_the_catalogue_and_its_help(entry):
     server = entry.name
     assert server in catalog.servers(), f"no pvdb spec has server={server!r}"
     module = f"{entry.parent.name}.{server}"
-    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+    out = subprocess.run([PYTHON, "-m", module, "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for s in all_specs():
@@ -71,7 +71,7 @@ def test_import_contracts():
 @pytest.mark.timeout(600)
 def test_pyright_clean():
     """pyright as configured in pyproject.toml (standard; strict for pvdb)."""
-    out = subprocess.run([str(BIN / "pyright"), "--pythonpath", sys.executable], cwd=REPO,
+    out = subprocess.run([str(BIN / "pyright"), "--pythonpath", PYTHON], cwd=REPO,
                          capture_output=True, text=True, timeout=570)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr
 
@@ -153,3 +153,20 @@ def test_other_accounts_run_the_installed_pvcoord(account):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "site-packages" in out.stdout or out.stdout.startswith(str(REPO)), out.stdout
+
+
+def test_children_start_with_the_shared_interpreter():
+    """Every child process uses ``pvcoord.procs.PYTHON``, never ``sys.executable``.
+
+    From a private checkout ``sys.executable`` goes through the ``.venv`` symlink in root's home,
+    which other accounts (``runuser``) cannot follow (docs/decisions/0045-install-anywhere.md).
+    """
+    hits = []
+    for top in ("pvdb", "iocs", "bridges", "pvcoord", "tests", "benchmarks", "opi", "scripts"):
+        for path in (REPO / top).rglob("*.py"):
+            rel = path.relative_to(REPO).as_posix()
+            if rel in ("pvcoord/procs.py", "tests/test_project.py"):
+                continue
+            hits += [f"{rel}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
+                     if "sys.executable" in line]
+    assert not hits, f"use pvcoord.procs.PYTHON: {hits}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 
 import pytest
 from p4p.client.thread import Context
@@ -20,7 +19,7 @@ from pvcoord.demo.queue_part import (
     run_queue_walkthrough,
     zmq_addr,
 )
-from pvcoord.procs import client_conf
+from pvcoord.procs import PYTHON, client_conf
 from pvdb import demo as demo_pvs
 from pvdb import queue as qn
 from pvdb.catalog import all_specs
@@ -118,7 +117,7 @@ def _queue_start_by_an_unnamed_account_is_refused(ctx) -> None:
     """Issue 11, finding 4: ``nobody`` (not in the demo policy's queue_control) cannot start the
     queue, so cannot preempt a manual lock through it; the manager's state is unchanged."""
     name = qn.QUEUE_START.name("QD:")
-    argv = ["runuser", "-u", "nobody", "--", sys.executable, "-m", "p4p.client.cli", "-w", "10",
+    argv = ["runuser", "-u", "nobody", "--", PYTHON, "-m", "p4p.client.cli", "-w", "10",
             "rpc", name]
     p = subprocess.run(argv, env=dict(ctx.env), capture_output=True, text=True, timeout=60,
                        cwd="/")

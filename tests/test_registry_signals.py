@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import bluesky_queueserver
@@ -17,6 +16,7 @@ from p4p.client.thread import Context
 from pvcoord import cli
 from pvcoord.client import Client
 from pvcoord.procs import (
+    PYTHON,
     ManagedProcess,
     client_conf,
     python_module,
@@ -87,7 +87,7 @@ def test_registry_ioc_publishes_every_device_and_its_signals(served):
 
 def _show(env, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pvcoord.cli", "--prefix", P, "registry", "show", *argv],
+        [PYTHON, "-m", "pvcoord.cli", "--prefix", P, "registry", "show", *argv],
         capture_output=True, text=True, timeout=60, env=env,
     )
 

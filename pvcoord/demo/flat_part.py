@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from pvcoord.procs import ManagedProcess, client_conf, free_port, python_module, wait_for_pv
+from pvcoord.procs import PYTHON, ManagedProcess, client_conf, free_port, python_module, wait_for_pv
 from pvdb import demo
 from pvdb.flat import FLAT_HEALTH, FLAT_RELEASE, FLAT_TAKE
 from pvdb.names import COORD_ACQUIRE, COORD_LOCKS, COORD_RELEASE
@@ -109,7 +109,7 @@ class CAAgent:
     """
 
     def __init__(self, env: Mapping[str, str], user: str | None = None) -> None:
-        argv = [sys.executable, "-m", "pvcoord.demo.flat_part", "agent"]
+        argv = [PYTHON, "-m", "pvcoord.demo.flat_part", "agent"]
         if user is not None:
             argv = ["runuser", "-u", user, "--", *argv]
         self.user = user
@@ -449,7 +449,7 @@ def _start(ctx: Any) -> None:
         f"CA: caget {demo.motor_setpoint(p, m1)} {p}Coord:{m1}:State; "
         f"caput -c {demo.motor_setpoint(p, m1)} 1.5; take: caput {FLAT_TAKE.name(p, m1)} 1; "
         f"release: caput {FLAT_RELEASE.name(p, m1)} 1; outcome: caget -S "
-        f"{p}Flat:{m1}:Message.VAL$ (pyepics: {sys.executable} -c \"import epics; "
+        f"{p}Flat:{m1}:Message.VAL$ (pyepics: {PYTHON} -c \"import epics; "
         f"print(epics.caget('{demo.motor_setpoint(p, m1)}'))\")"
     )
     ctx.notes.append(

@@ -8,7 +8,8 @@ not import each other (docs/decisions/0091-service-helpers-in-pvcoord.md):
   command line win.
 - :class:`ServiceNotifier`: ``READY=1`` once the process serves, ``WATCHDOG=1`` every half
   ``WatchdogSec`` while its event loop runs, ``STOPPING=1`` at the end, through the ``sdnotify``
-  library; a no-op outside systemd (no ``$NOTIFY_SOCKET``).
+  library; a no-op outside systemd (no ``$NOTIFY_SOCKET``). :func:`serve_notified` does it for a
+  server without a readiness hook (ready = its port accepts connections).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 import sdnotify
@@ -161,3 +162,47 @@ class ServiceNotifier:
                     await asyncio.wait_for(stop.wait(), self.watchdog_interval or 3600.0)
         finally:
             self.notify("STOPPING=1")
+
+
+async def serve_notified(
+    serving: Awaitable[object],
+    stop: asyncio.Event,
+    listening: tuple[str, int] | None,
+    status: str = "",
+) -> None:
+    """Await ``serving`` (a server's ``serve(...)``) and tell systemd when it accepts connections.
+
+    For servers without a readiness hook (the bridges): ``READY=1`` once a TCP connection to
+    ``listening`` (host, port) succeeds, then the watchdog as in :meth:`ServiceNotifier.run`.
+    Outside systemd nothing is probed. ``listening=None`` (or port 0) means ready at once.
+    """
+    notifier = ServiceNotifier()
+    ready = asyncio.Event()
+
+    async def probe() -> None:
+        if listening is None or not listening[1]:
+            ready.set()
+            return
+        host = "127.0.0.1" if listening[0] in ("", "0.0.0.0") else listening[0]
+        while not stop.is_set():
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, listening[1]), 2)
+            except (OSError, TimeoutError):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.1)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            ready.set()
+            return
+
+    tasks = [asyncio.create_task(notifier.run(ready, stop, status))]
+    if notifier.active:
+        tasks.append(asyncio.create_task(probe()))
+    try:
+        await serving
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        notifier.close()

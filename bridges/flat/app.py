@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from pvcoord.service import config_argv, serve_notified
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
@@ -91,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bridges.flat", description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="endstation TOML file: sets the options below and the EPICS network "
+                        "(options given here win); docs/deploy.md")
     parser.add_argument("--prefix", required=True, help="endstation prefix P, e.g. BL01:")
     parser.add_argument("--registry-prefix", help="prefix of the registry IOC (default: P)")
     parser.add_argument("--policy", help="policy TOML (default: the built-in policy)")
@@ -104,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--put-timeout", type=float, default=PUT_TIMEOUT,
                         help="seconds a forwarded put may take upstream")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(config_argv("flat", argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -135,8 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
-                    args.stale_after, args.put_timeout, service)
+        ca_host = (os.environ.get("EPICS_CAS_INTF_ADDR_LIST") or "127.0.0.1").split()[0]
+        ca_port = int(os.environ.get("EPICS_CAS_SERVER_PORT") or 5064)
+        await serve_notified(serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
+                                   args.stale_after, args.put_timeout, service),
+                             stop, (ca_host, ca_port), f"CA bridge {args.prefix}")
 
     asyncio.run(run())
     _log.info("CA bridge stopped")

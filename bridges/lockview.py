@@ -36,6 +36,13 @@ _log = logging.getLogger(__name__)
 
 TICK = 0.1
 """Seconds between staleness checks of the ticker thread."""
+HURRY = 1.0
+"""Seconds between prompt searches (p4p ``hurryUp``) while a followed PV is disconnected, so a
+restarted IOC is found at once instead of after the client's search back-off."""
+RENEW = 3.0
+"""Seconds a followed PV may stay disconnected before the client context is replaced by a new
+one (observed: a context whose server was killed did not find the restarted IOC on a new port
+for over 10 s on loopback, while a new context found it at once)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,12 @@ class LockView:
         self._subs: list[Any] = []
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        self._down: set[str] = {"locks", "beat", "pvs", "devices"}
+        self._last_hurry = 0.0
+        self._down_since: float | None = None
+        self._outage_renewals = 0
+        self.renewals = 0
+        """Client contexts replaced after a long disconnect (for logs and tests)."""
         self._snapshot = Snapshot(self._state, self._devices, (), {})
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -127,22 +140,40 @@ class LockView:
         """Open the client context and the four monitors; start the ticker thread."""
         if self._ctxt is not None:
             return
+        self._open()
+        if self.tick > 0:
+            self._ticker = threading.Thread(target=self._tick_loop, name="lockview-tick",
+                                            daemon=True)
+            self._ticker.start()
+
+    def _open(self) -> None:
         if self.conf is not None:
-            self._ctxt = Context("pva", conf=self.conf, useenv=False, nt=False)
+            ctxt = Context("pva", conf=self.conf, useenv=False, nt=False)
         else:
-            self._ctxt = Context("pva", nt=False)
+            ctxt = Context("pva", nt=False)
+        subs = []
         for spec, prefix, cb in (
             (COORD_LOCKS, self.prefix, self._on_locks),
             (COORD_HEARTBEAT, self.prefix, self._on_beat),
             (REGISTRY_DEVICE_PVS, self.registry_prefix, self._on_device_pvs),
             (REGISTRY_DEVICES, self.registry_prefix, self._on_devices),
         ):
-            self._subs.append(self._ctxt.monitor(spec.name(prefix), self._safe(spec.suffix, cb),
-                                                 notify_disconnect=True))
-        if self.tick > 0:
-            self._ticker = threading.Thread(target=self._tick_loop, name="lockview-tick",
-                                            daemon=True)
-            self._ticker.start()
+            subs.append(ctxt.monitor(spec.name(prefix), self._safe(spec.suffix, cb),
+                                     notify_disconnect=True))
+        self._ctxt, self._subs = ctxt, subs
+
+    def _renew(self, quiet: bool = False) -> None:
+        """Replace the client context (a followed PV stayed disconnected for RENEW s)."""
+        old_ctxt, old_subs = self._ctxt, self._subs
+        self.renewals += 1
+        (_log.debug if quiet else _log.warning)(
+            "%s still disconnected after %.0f s: new client context",
+            ", ".join(sorted(self._down)), RENEW)
+        self._open()
+        for sub in old_subs:
+            sub.close()
+        if old_ctxt is not None:
+            old_ctxt.close()
 
     def close(self) -> None:
         """Stop the ticker, the monitors and the context (idempotent)."""
@@ -168,8 +199,30 @@ class LockView:
         while not self._stop.wait(self.tick):
             try:
                 self.refresh()
+                self.hurry()
             except Exception:
                 _log.exception("lock view refresh failed")
+
+    def hurry(self) -> None:
+        """While a followed PV is disconnected, search again promptly.
+
+        A prompt search (``hurryUp``) every HURRY s, and a new client context every RENEW s.
+        """
+        now = self._monotonic()
+        ctxt = self._ctxt
+        if not self._down or ctxt is None or self._stop.is_set():
+            self._down_since = None
+            self._outage_renewals = 0
+            return
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_since >= RENEW:
+            self._down_since = now
+            self._outage_renewals += 1
+            self._renew(quiet=self._outage_renewals > 1)
+        elif now - self._last_hurry >= HURRY:
+            self._last_hurry = now
+            ctxt.hurryUp()
 
     @staticmethod
     def _safe(name: str, cb: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -211,7 +264,14 @@ class LockView:
 
     # --- inputs (p4p callback thread) ---------------------------------------------------------
 
+    def _track(self, which: str, v: Any) -> None:
+        if isinstance(v, Disconnected):
+            self._down.add(which)
+        elif not isinstance(v, Exception):
+            self._down.discard(which)
+
     def _on_locks(self, v: Any) -> None:
+        self._track("locks", v)
         if isinstance(v, Exception):
             why = "" if isinstance(v, Disconnected) else f"{v!r}"
             with self._lock:
@@ -230,6 +290,7 @@ class LockView:
         self.refresh()
 
     def _on_beat(self, v: Any) -> None:
+        self._track("beat", v)
         with self._lock:
             if isinstance(v, Exception):
                 self._feed.beat_lost()
@@ -239,6 +300,7 @@ class LockView:
 
     def _on_device_pvs(self, v: Any) -> None:
         name = REGISTRY_DEVICE_PVS.name(self.registry_prefix)
+        self._track("pvs", v)
         if isinstance(v, Exception):
             return  # keep the last map: membership does not go stale like locks do
         try:
@@ -255,6 +317,7 @@ class LockView:
 
     def _on_devices(self, v: Any) -> None:
         name = REGISTRY_DEVICES.name(self.registry_prefix)
+        self._track("devices", v)
         if isinstance(v, Exception):
             return
         try:

@@ -686,6 +686,10 @@ class FlatBridge:
                 await self._set(fl.FLAT_HEARTBEAT.name(self.prefix), self._beat)
                 await self._update_screens(self.snap)
                 await self._forget_dead_on_demand()
+                if self._upstream is not None and any(
+                        m.entry is not None and not m.entry.connected
+                        for m in self._mirrors.values()):
+                    self._upstream.hurryUp()  # a restarted device IOC: search now
             except Exception:
                 _log.exception("periodic update failed")
 

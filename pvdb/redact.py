@@ -31,8 +31,12 @@ KEY_LENGTH = 32
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{" + str(KEY_LENGTH) + "}$")
 # scheme://[user][:password]@host : the password part is hidden (the user name is kept).
 _URL_CRED_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<auth>[^\s/@]*)@")
-_PW_OPTION_RE = re.compile(r"(?P<opt>(?:--)?(?:requirepass|password|pass|masterauth)[ =])\S+",
-                           re.IGNORECASE)
+# ``--requirepass X``, ``requirepass X`` (redis config), ``password=X``, ``passwd: X``; not the
+# word "pass" in ordinary text ("puts pass the guard", "bypass").
+_PW_OPTION_RE = re.compile(
+    r"(?P<opt>(?<![A-Za-z0-9_])(?:--?(?:requirepass|masterauth|password|passwd)[ =]|"
+    r"(?:requirepass|masterauth) |(?:password|passwd|requirepass|masterauth)\s*[=:]\s*))\S+",
+    re.IGNORECASE)
 
 _registered: set[str] = set()
 _registered_mutex = threading.Lock()

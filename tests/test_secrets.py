@@ -26,6 +26,9 @@ def test_redact_helper():
     out = redact(text)
     assert PASSWORD not in out and "redis://app:***@h:1/0" in out and "rediss://***@h2" in out
     assert PASSWORD not in redact(f"redis-server --requirepass {PASSWORD}")
+    assert PASSWORD not in redact(f"password={PASSWORD}") + redact(f"requirepass {PASSWORD}")
+    for plain in ("puts pass the guard", "a bypass", "m1 passed"):
+        assert redact(plain) == plain  # ordinary words are left alone
     register_secret("Other-Secret-Value")
     assert redact("got Other-Secret-Value back") == "got *** back"
     assert looks_like_key("A" * 32) and not looks_like_key("m1") and not looks_like_key("A" * 31)

@@ -306,18 +306,23 @@ class GuardCore:
             return sorted(self._withheld.devices())
 
     def confirm_registry(
-        self, account: str, roles: Iterable[str], devices: Iterable[str] | None = None
+        self,
+        account: str,
+        roles: Iterable[str],
+        devices: Iterable[str] | None = None,
+        host: str | None = None,
     ) -> list[str]:
         """An operator confirms that ``devices`` (default: all withheld) left the registry.
 
-        Allowed to the policy's ``force_release`` accounts. Returns the devices released.
+        Allowed to the policy's ``force_release`` accounts (``host``: the caller's peer address,
+        for host-bound principals). Returns the devices released.
 
         Raises:
             PermissionError: the account may not confirm.
             ValueError: a named device is not withheld.
         """
         roles = list(roles)
-        if not self.policy.may_force_release(account, roles):
+        if not self.policy.may_force_release(account, roles, host):
             raise PermissionError(
                 f"{account} may not confirm registry changes (policy force_release: "
                 f"{', '.join(self.policy.access.force_release) or 'nobody'})")

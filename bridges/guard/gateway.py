@@ -596,7 +596,7 @@ class Guard:
                 raise ValueError(f"unknown argument(s) {', '.join(unknown)}; use device=d1,d2")
             done = self.core.confirm_registry(
                 op.account(), sorted(host_roles(op.account())),
-                _split(args.get("device", "")) or None)
+                _split(args.get("device", "")) or None, op.peer().rsplit(":", 1)[0])
         except (PermissionError, ValueError, WhatIfError) as e:
             op.done(error=str(e))
             return

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -250,6 +251,7 @@ def main() -> None:
     finally:
         for p in reversed(procs):
             p.stop()
+    shutil.rmtree(tmp, ignore_errors=True)  # kept (with the logs) only when the run failed
 
     print(f"# pvcoord coordination benchmark ({time.strftime('%Y-%m-%d %H:%M')})")
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "

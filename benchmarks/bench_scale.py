@@ -14,6 +14,7 @@ serving, not connecting. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -89,6 +90,7 @@ def main() -> None:
         print(f"{n:5d} devices / {n * a.pvs_per_device:6d} PVs: Registry:Devices complete "
               f"{t_reg:.2f} s, Coord:Devices complete {t_coord:.2f} s, last Coord:<dev>:State "
               f"{t_last:.2f} s   (target < 3 s at 1000 / 10000)")
+    shutil.rmtree(tmp, ignore_errors=True)  # kept (with the logs) only when the run failed
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ BAD_ROWS = {
     "x y": json.dumps(_lock("x y")),  # not a device name
 }
 BAD_FIELDS = [
-    {"key_hashes": ["not-a-digest"]}, {"expires": "Infinity"}, {"owner": "a b"},
+    {"key_hashes": ["not-a-digest"]}, {"expires": "Infinity"}, {"owner": "a\nb"},
     {"reason": "x" * 300}, {"lock_type": "BOSS"}, {"acquired": T0 + 1e6},
 ]
 
@@ -420,3 +420,15 @@ def test_incremental_lock_table_equals_a_full_rebuild(path, clocks):
             assert int(ioc.pv_lock_count.current()) == len(want)
     finally:
         ioc.close()
+
+
+def test_every_lock_a_request_can_make_survives_validation_on_reload(path, clocks):
+    """Validation rejects nothing that acquire accepts (PVA accounts are claimed freely)."""
+    t = table_on(path, clocks)
+    odd = Identity("Jöhn Smith", "[fe80::1%eth0]")
+    t.acquire(odd, ["m1"], LockType.MANUAL_OPERATOR, 3600, reason="x" * 256, plan_uid="p" * 128)
+    t.acquire(Identity("root", "h"), ["m2"], LockType.MAINTENANCE, 3600)
+    t.store.close()
+    t2 = table_on(path, clocks)
+    assert t2.load_problems == []
+    assert [(lk.device, lk.owner) for lk in t2.locks()] == [("m1", "Jöhn Smith"), ("m2", "root")]

@@ -93,7 +93,7 @@ def test_second_ioc_on_the_same_store_or_prefix_refuses_naming_the_first(tmp_pat
         # same prefix, another store: the PVA name check names the first
         d2 = tmp_path / "b"
         d2.mkdir()
-        rc, out = run_to_exit(env, d2, "second-same-prefix")
+        rc, out = run_to_exit(env, d2, "second-same-prefix", "--name-check-timeout", "3")
         assert rc == 2, out
         assert f"another coordination IOC already serves {PREFIX}Coord:*" in out
         assert f"pid {first.pid} on" in out

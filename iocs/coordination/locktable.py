@@ -77,8 +77,8 @@ CLOCK_STEP = 1.0
 LOAD_SLACK = 5.0
 """Seconds of clock difference tolerated when checking a stored lease against the policy."""
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
-_ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]{1,255}$")
+_NAME_MAX = 255
+"""Longest stored owner, actor or host accepted on load (PVA accounts are claimed freely)."""
 
 
 class LockError(Exception):
@@ -335,10 +335,9 @@ class LockTable:
                     f"maximum of {lp.max_lease:g} s")
         if lk.acquired > now + LOAD_SLACK or lk.acquired > lk.expires:
             return "acquired lies in the future or after its expiry"
-        if not _ACCOUNT_RE.match(lk.owner) or not _ACCOUNT_RE.match(lk.actor):
-            return "owner or actor is not a valid account name"
-        if not _HOST_RE.match(lk.host):
-            return "host is not a valid host name"
+        for name, value in (("owner", lk.owner), ("actor", lk.actor), ("host", lk.host)):
+            if not value or len(value) > _NAME_MAX or any(ord(c) < 32 for c in value):
+                return f"{name} is empty, too long or has control characters"
         if len(lk.reason) > MAX_REASON or len(lk.plan_uid) > MAX_PLAN_UID or any(
                 ord(c) < 32 for c in lk.reason + lk.plan_uid):
             return "reason or planUid is too long or has control characters"

@@ -208,9 +208,11 @@ def _plain(v: Any) -> Any:
     """A p4p-unwrapped value without its time stamp decoration (enum -> its label)."""
     if hasattr(v, "choice"):
         return v.choice
-    for t in (bool, int, float, str):
+    if isinstance(v, str):
+        return str.__str__(v)  # a plain str, not p4p's str subclass with a time stamp
+    for t in (bool, int, float):
         if isinstance(v, t):
-            return t.__str__(v) if t is str else t(v)
+            return t(v)
     return v
 
 
@@ -642,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run ``pvcoord`` with ``argv``; return the exit code (see the module docstring)."""
-    out = out or sys.stdout
+    stream: TextIO = out or sys.stdout  # typeshed's sys.stdout may be None
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.prefix is None:
@@ -652,7 +654,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             parser.error(f"${PREFIX_ENV}: {e}")
     func: Callable[[argparse.Namespace, TextIO], int] = args.func
     try:
-        return func(args, out)
+        return func(args, stream)
     except (UsageError, BadRequestError) as e:
         print(f"pvcoord: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -440,10 +440,10 @@ def devices_from_objects(
         text += _count(len(mine), "PV")
         if others:
             text += f" (and {_count(len(pvs) - len(mine), 'PV')} of {', '.join(others)})"
-        dev = Device(
-            name=name, device_class=class_name(obj), capabilities=capabilities(obj),
-            pv_prefix=prefix, pvs=mine, ioc=ioc, description=text, signals=signals,
-        )
+        dev = Device.model_validate({  # by its alias: a type checker knows no "device_class"
+            "name": name, "class": class_name(obj), "capabilities": capabilities(obj),
+            "pv_prefix": prefix, "pvs": mine, "ioc": ioc, "description": text, "signals": signals,
+        })
         check_device(dev)
         out.devices.append(dev)
     check_devices(out.devices)

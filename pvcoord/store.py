@@ -47,13 +47,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from pydantic import ValidationError
 
 from pvdb.models import Lock, LockEvent
 from pvdb.redact import redact, redact_url, register_url
+
+if TYPE_CHECKING:  # redis is imported only by the Redis store
+    from redis.typing import EncodableT, FieldT
 
 log = logging.getLogger("pvcoord.store")
 
@@ -175,6 +178,13 @@ def _event_from_row(row: tuple) -> LockEvent:
         time=t, action=action, device=device, lock_type=lock_type, actor=actor, holder=holder,
         message=message,
     )
+
+
+def _text(raw: bytes | str | None) -> str:
+    """A Redis reply as text (bytes decoded, a bad byte replaced; ``None`` is ``""``)."""
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "replace")
+    return raw or ""
 
 
 def _parse_rows(rows: Iterable[tuple[str, str | bytes]]) -> tuple[list[Lock], list[BadRow]]:
@@ -494,7 +504,7 @@ class RedisStore:
     def commit(  # noqa: D102 - see Store
         self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
     ) -> int:
-        ups = {lk.device: lk.model_dump_json() for lk in upsert}
+        ups: dict[FieldT, EncodableT] = {lk.device: lk.model_dump_json() for lk in upsert}
         dels = list(delete)
         evs = [json.dumps(_event_row(e)) for e in events]
         try:
@@ -530,7 +540,7 @@ class RedisStore:
         ttl = int(AUTHORITY_LEASE * 1000)
         try:
             if not self._r.set(self._authority_key, who, nx=True, px=ttl):
-                first = (self._r.get(self._authority_key) or b"").decode("utf-8", "replace")
+                first = _text(self._r.get(self._authority_key))
                 pid, host = _pid_of(first)
                 if host == socket.gethostname() and pid is not None and not _alive(pid):
                     # the previous writer on this host is gone (kill -9): take over at once
@@ -555,7 +565,7 @@ class RedisStore:
         except self._redis_error as e:
             raise StoreError(redact(f"cannot renew the claim on {self._shown}: {e}")) from None
         if not ok:
-            first = (self._r.get(self._authority_key) or b"").decode("utf-8", "replace")
+            first = _text(self._r.get(self._authority_key))
             raise AuthorityError(f"lost the claim on the Redis store {self._shown} to "
                                  f"{first or 'nobody'}")
 

@@ -189,7 +189,8 @@ class Device(BaseModel):
     ioc: str = ""
     description: str = ""
     signals: list[DeviceSignal] = Field(
-        default_factory=list, description="the device's signals (component hierarchy), by name"
+        default_factory=list[DeviceSignal],
+        description="the device's signals (component hierarchy), by name",
     )
 
     @field_validator("name")

@@ -22,7 +22,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .names import PVKind, PVSpec, snake_to_pascal
 from .redact import redact_url as redact_url  # re-exported: callers use qn.redact_url
@@ -440,11 +440,12 @@ def parse_hook_request(raw: bytes | str) -> HookRequest:
     if len(raw) > HOOK_MAX_BYTES:
         raise HookRequestError("too_large", f"{len(raw)} bytes; the limit is {HOOK_MAX_BYTES}")
     try:
-        data = json.loads(raw)
+        parsed: object = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise HookRequestError("not_json", f"not JSON ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise HookRequestError("not_object", f"a JSON {type(data).__name__}, not an object")
+    if not isinstance(parsed, dict):
+        raise HookRequestError("not_object", f"a JSON {type(parsed).__name__}, not an object")
+    data = cast(dict[str, object], parsed)  # JSON object keys are always text
     rid = data.get("id")
     rid = rid if isinstance(rid, str) and HOOK_ID_RE.match(rid) else None
     if rid is None:

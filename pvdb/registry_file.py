@@ -237,7 +237,7 @@ def _normalise(entry: dict[Any, Any]) -> dict[str, Any]:
 def _normalise_signal(entry: Any) -> Any:
     if not isinstance(entry, dict):
         return entry
-    out = {str(k): v for k, v in entry.items()}
+    out = {str(k): v for k, v in cast(dict[Any, Any], entry).items()}
     for key in ("kind", "read_pv", "write_pv"):
         if key in out and out[key] is None:
             out[key] = ""
@@ -264,7 +264,7 @@ def check_device(dev: Device) -> None:
         )
     seen: set[str] = set()
     for pv in dev.pvs:
-        if not isinstance(pv, str) or not pv or not PV_NAME_RE.match(pv):
+        if not pv or not PV_NAME_RE.match(pv):  # a str: the model validated it
             raise _FieldError("pvs", f"{pv!r} is not a valid PV name", "pv-name")
         if pv in seen:
             raise _FieldError("pvs", f"{pv!r} is listed twice", "duplicate")

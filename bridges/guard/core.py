@@ -435,7 +435,7 @@ class GuardCore:
             self._apply(gc, None)
 
     def _apply_all(self) -> None:
-        cache: dict[tuple[str, str, tuple[str, ...]], Decision] = {}
+        cache: dict[tuple[str, str, tuple[str, ...], str], Decision] = {}
         for gc in list(self._channels.values()):
             if gc.acf is None:
                 continue  # the ACF engine has not decided yet; it will call access()

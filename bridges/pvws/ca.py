@@ -114,7 +114,8 @@ class CaUpstream(Upstream):
 
     async def _open(self) -> None:
         (self._pv,) = await self._ctx.get_pvs(
-            self.pvname.name, connection_state_callback=self._on_state, timeout=None)
+            self.pvname.name, connection_state_callback=self._on_state,
+            timeout=None)  # pyright: ignore[reportArgumentType] - caproto untyped; None: no timeout (its doc)
 
     async def _on_state(self, pv: Any, state: str) -> None:
         if state == "connected":

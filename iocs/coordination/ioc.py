@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from p4p import Type, Value
@@ -65,7 +65,8 @@ def check_no_other_authority(prefix: str, client_conf: dict[str, str] | None,
     kws = {"conf": client_conf, "useenv": False} if client_conf is not None else {}
     with Context("pva", nt=False, **kws) as c:
         names = [pvn.COORD_AUTHORITY.name(prefix), pvn.COORD_HEARTBEAT.name(prefix)]
-        got = c.get(names, timeout=timeout, throw=False)
+        # p4p is untyped: a list of names gives a list of a Value or an Exception per name
+        got = cast(list[Value | Exception], c.get(names, timeout=timeout, throw=False))
     for name, v in zip(names, got, strict=True):
         if not isinstance(v, Exception):
             who = str(v["value"]) if name.endswith("Authority") else "an older IOC without it"

@@ -404,7 +404,7 @@ class QueueIOC:
             self.hook_health = why
             self._locks_changed()
 
-    async def _answer_hook_message(self, r, raw: bytes) -> None:
+    async def _answer_hook_message(self, r, raw: bytes | str) -> None:
         """Validate one message of the request list; answer it (a bad one with its code)."""
         try:
             req = qn.parse_hook_request(raw)

@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 from pvcoord.procs import (
     LOOPBACK,
@@ -141,9 +141,10 @@ class DemoContext:
     notes: list[str] = field(default_factory=list)
     ca_servers: list[str] = field(default_factory=list)
     _extra_ports: dict[str, int] = field(default_factory=dict)
-    _argv: dict[str, tuple[list[str], dict[str, str], str | None, Callable | None]] = field(
-        default_factory=dict
-    )
+    _argv: dict[
+        str,
+        tuple[list[str], dict[str, str], str | None, Callable[[object], bool] | None, str | None],
+    ] = field(default_factory=dict)
 
     def port(self, name: str) -> int:
         """The fixed port called ``name`` (table in the module docstring)."""
@@ -320,7 +321,8 @@ def start_registry(ctx: DemoContext) -> None:
 
 
 def _has_all_devices(value: object) -> bool:
-    names = value if isinstance(value, list) else value["value"]  # unwrapped or raw Value
+    # unwrapped or a raw p4p Value (untyped)
+    names = value if isinstance(value, list) else cast(Any, value)["value"]
     return set(demo_pvs.DEVICE_NAMES) <= {str(n) for n in (names or [])}
 
 
@@ -460,13 +462,13 @@ def start_beamline(
     On failure, or when ``stop`` is set between two components (Ctrl-C while starting),
     everything already started is stopped before :class:`DemoError` is raised.
     """
-    out = out or sys.stdout
+    stream: TextIO = out or sys.stdout  # typeshed's sys.stdout may be None
     check_prefix(prefix)
     ports_from = DEFAULT_PORTS_FROM if ports_from is None else ports_from
     rd = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="pvcoord-demo-"))
     rd.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(prefix=prefix, run_dir=rd.resolve(), ports_from=ports_from,
-                      env=demo_env(ports_from), out=out)
+                      env=demo_env(ports_from), out=stream)
     ctx.device_env = dict(ctx.env)
     check_ports(ctx)
     comps = list(BASE_COMPONENTS) + optional_components(ctx.say) if components is None else list(

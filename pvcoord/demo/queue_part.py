@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pvcoord.demo.beamline import QUEUE_LOCK_OWNER
 from pvcoord.procs import (
@@ -207,7 +207,7 @@ class ManagerClient:
         reply = self._sock.recv_json()
         if isinstance(reply, dict) and reply.get("success") is False:
             raise ManagerRequestError(str(reply.get("msg", "")))
-        return reply
+        return cast(dict[str, Any], reply)  # RE Manager answers a JSON object
 
     def close(self) -> None:
         """Close the socket and terminate the context."""
@@ -585,7 +585,7 @@ class QueueWalkthrough:
         """Value of PV ``spec`` (an enum as its label, an array as a list)."""
         from pvdb.names import PVKind
 
-        v = self.pva.get(spec.name(self.prefix, device=device), timeout=10.0)
+        v: Any = self.pva.get(spec.name(self.prefix, device=device), timeout=10.0)  # p4p: untyped
         if spec.kind is PVKind.NTENUM:
             return v["value.choices"][v["value.index"]]
         x = v["value"]
@@ -673,7 +673,7 @@ class QueueWalkthrough:
         self.coord.acquire(["m2"], LockType.MAINTENANCE, 600, "realign m2")
         self.show_lock("m2")
         setpoint = demo_pvs.motor_setpoint(self.prefix, "m2")
-        before = float(self.pva.get(setpoint, timeout=10.0)["value"])
+        before = float(cast(Any, self.pva.get(setpoint, timeout=10.0))["value"])  # p4p: untyped
         ok = True
         try:
             # a scan that names m2: the queue IOC refuses to start it
@@ -695,7 +695,7 @@ class QueueWalkthrough:
                       "park_m2 stopped")
             msg = self.get(qn.LAST_ITEM_MSG)
             self.say(f"      Queue:LastExitStatus = failed; Queue:LastItemMsg = {msg}")
-            after = float(self.pva.get(setpoint, timeout=10.0)["value"])
+            after = float(cast(Any, self.pva.get(setpoint, timeout=10.0))["value"])  # p4p: untyped
             self.say(f"      {setpoint} = {after} (before: {before}); the item is back in the "
                      f"queue: Queue:ItemNames = {self.get(qn.ITEM_NAMES)}")
             ok &= after == before and "refused 'set' on m2" in msg

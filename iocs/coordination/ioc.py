@@ -526,7 +526,7 @@ async def serve(
     def look() -> None:
         try:
             check_no_other_authority(prefix, client_conf, name_check)
-        except BaseException as e:  # noqa: BLE001 - handed to the serving thread below
+        except BaseException as e:
             clash.append(e)
 
     looker = threading.Thread(target=look, name="pvcoord-name-check", daemon=True)

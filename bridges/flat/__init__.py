@@ -32,23 +32,14 @@ Screen PVs over CA (names of the coordination IOC, computed from Coord:Locks):
   P Coord:<device>:Reason     string  the holder's reason (NAME$ for the full text)
   P Coord:<device>:Remaining  double  seconds of lease left
 
-The bridge's own PVs (CA and PVA; pvdb.flat):
-  P Flat:<device>:Take        enum    put 1 -> MANUAL_OPERATOR lock for the writing account
-  P Flat:<device>:Release     enum    put 1 -> release the writing account's lock
-  P Flat:<device>:Message     string  'granted: ...', 'released: ...', 'held: ... held by ...',
-                                      'bad-value: ...' (code first)
-  P Flat:<device>:Connected   enum    No/Yes (registry connectivity)
-  P Flat:<device>:Description string  from the registry
-  P Flat:<device>:DeviceClass string  from the registry
-  P Flat:Take / P Flat:Release string put device name(s): take / release for the writer
-  P Flat:Message              string  outcome of the last Flat:Take / Flat:Release
-  P Flat:Devices              string[] registered device names
-  P Flat:LockCount            int     active locks
-  P Flat:Health               string  'OK' or why device writes are refused
-  P Flat:Heartbeat            int     +1 every second
-
 Take/Release act through the coordination IOC's Coord:Acquire / Coord:Release with
 onBehalfOf=<writer> clientHost=<peer IP>: this process's account must be a trusted service in
 the policy (access.trusted_services). CA identity is claimed by the client: see docs/ca.md.
 Audit log: logger ``bridges.flat.audit``.
 """
+
+from pvdb.catalog import help_text as _help_text
+
+# the bridge's own PVs (CA and PVA), from the one catalogue
+__doc__ = f"{__doc__}\nThe bridge's own PVs (CA and PVA):\n{_help_text('flat')}"
+

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from pvcoord.service import ServiceNotifier, config_argv
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
@@ -70,8 +71,9 @@ async def serve(
     stale_after: float = STALE_AFTER,
     put_timeout: float = PUT_TIMEOUT,
     service: Mapping[str, str] | None = None,
+    ready: asyncio.Event | None = None,
 ) -> None:
-    """Run the bridge until ``stop`` is set.
+    """Run the bridge until ``stop`` is set; ``ready`` is set once the CA server listens.
 
     Raises:
         ValueError: bad prefix. PolicyError: bad policy file.
@@ -82,7 +84,7 @@ async def serve(
     policy = load_policy(policy_path)
     bridge = FlatBridge(prefix, policy, registry_prefix, upstream_conf=upstream,
                         service_conf=service, stale_after=stale_after, put_timeout=put_timeout)
-    await bridge.serve(stop)
+    await bridge.serve(stop, ready)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bridges.flat", description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--config", metavar="ENDSTATION.toml",
+                        help="endstation file: [ca_bridge] and the shared part set the options "
+                        "and the EPICS_* environment (options given here win; docs/deploy.md)")
     parser.add_argument("--prefix", required=True, help="endstation prefix P, e.g. BL01:")
     parser.add_argument("--registry-prefix", help="prefix of the registry IOC (default: P)")
     parser.add_argument("--policy", help="policy TOML (default: the built-in policy)")
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--put-timeout", type=float, default=PUT_TIMEOUT,
                         help="seconds a forwarded put may take upstream")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(config_argv("flat", argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -135,8 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
-                    args.stale_after, args.put_timeout, service)
+        ready = asyncio.Event()
+        notifier = ServiceNotifier()
+        task = asyncio.create_task(notifier.run(ready, stop, f"CA bridge {args.prefix}"))
+        try:
+            await serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
+                        args.stale_after, args.put_timeout, service, ready)
+        finally:
+            stop.set()
+            await task
+            notifier.close()
 
     asyncio.run(run())
     _log.info("CA bridge stopped")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from pvcoord.service import ServiceNotifier, config_argv
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError
 
@@ -69,6 +70,9 @@ def _conf(items: Sequence[str], p: argparse.ArgumentParser) -> dict[str, str] | 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bridges.pvws", description=HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="ENDSTATION.toml",
+                   help="endstation file: [web_bridge] and the shared part set the options and "
+                        "the EPICS_* environment (options given here win; docs/deploy.md)")
     p.add_argument("--prefix", required=True, help="endstation prefix P, ending in ':'")
     p.add_argument("--registry-prefix", default="", help="registry IOC prefix (default: P)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
@@ -132,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["passwd"]:
         return passwd_main(args[1:])
     p = _parser()
-    a = p.parse_args(args)
+    a = p.parse_args(config_argv("pvws", args))
     try:
         check_prefix(a.prefix)
         if a.registry_prefix:
@@ -162,7 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+        serving = asyncio.Event()
+        notifier = ServiceNotifier()
+        task = asyncio.create_task(notifier.run(serving, stop, f"web bridge {a.prefix}"))
+        try:
+            await serve(config, stop, lambda _port: serving.set())
+        finally:
+            stop.set()
+            await task
+            notifier.close()
 
     try:
         asyncio.run(run())

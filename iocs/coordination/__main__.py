@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         registry_prefix = None if devices is not None else (a.registry_prefix or a.prefix)
         run_as_service(lambda stop, ready: serve(
             a.prefix, table, stop, registry_prefix=registry_prefix, events_tail=a.events_tail,
-            authority=who, name_check=a.name_check_timeout, ready=ready,
+            authority=who, name_check=a.name_check_timeout, ready=lambda _ioc: ready.set(),
             retention=(a.events_keep_days * 86400.0, a.events_keep)))
     except AuthorityClashError as e:
         print(f"refusing to start: {e}", file=sys.stderr)

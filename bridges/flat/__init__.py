@@ -1,6 +1,7 @@
 """CA bridge: device PVs over Channel Access with live per-client write access, and screen PVs.
 
-Usage: python -m bridges.flat --prefix P [--registry-prefix R] [--policy FILE]
+Usage: python -m bridges.flat --config ENDSTATION.toml   (systemd: [ca_bridge], docs/deploy.md)
+       python -m bridges.flat --prefix P [--registry-prefix R] [--policy FILE]
                               [--upstream EPICS_PVA_KEY=VALUE ...]
                               [--service EPICS_PVA_KEY=VALUE ...] [--stale-after S]
                               [--put-timeout S]
@@ -26,20 +27,20 @@ or stale (coordination IOC gone, heartbeat stopped for 2 s): no WRITE (except th
 emergency accounts), exactly as the guard.
 
 Screen PVs over CA (names of the coordination IOC, computed from Coord:Locks):
-  P Coord:<device>:State      enum    Free, Maintenance, QueueExecuting, ManualOperator,
+  P Coord:<dev>:State         enum    Free, Maintenance, QueueExecuting, ManualOperator,
                                       QueueQueued (INVALID while the lock state is unknown)
-  P Coord:<device>:Owner      string  account@host or '' (NAME$ for more than 39 characters)
-  P Coord:<device>:Reason     string  the holder's reason (NAME$ for the full text)
-  P Coord:<device>:Remaining  double  seconds of lease left
+  P Coord:<dev>:Owner         string  account@host or '' (NAME$ for more than 39 characters)
+  P Coord:<dev>:Reason        string  the holder's reason (NAME$ for the full text)
+  P Coord:<dev>:Remaining     double  seconds of lease left
 
 The bridge's own PVs (CA and PVA; pvdb.flat):
-  P Flat:<device>:Take        enum    put 1 -> MANUAL_OPERATOR lock for the writing account
-  P Flat:<device>:Release     enum    put 1 -> release the writing account's lock
-  P Flat:<device>:Message     string  'granted: ...', 'released: ...', 'held: ... held by ...',
+  P Flat:<dev>:Take           enum    put 1 -> MANUAL_OPERATOR lock for the writing account
+  P Flat:<dev>:Release        enum    put 1 -> release the writing account's lock
+  P Flat:<dev>:Message        string  'granted: ...', 'released: ...', 'held: ... held by ...',
                                       'bad-value: ...' (code first)
-  P Flat:<device>:Connected   enum    No/Yes (registry connectivity)
-  P Flat:<device>:Description string  from the registry
-  P Flat:<device>:DeviceClass string  from the registry
+  P Flat:<dev>:Connected      enum    No/Yes (registry connectivity)
+  P Flat:<dev>:Description    string  from the registry
+  P Flat:<dev>:DeviceClass    string  from the registry
   P Flat:Take / P Flat:Release string put device name(s): take / release for the writer
   P Flat:Message              string  outcome of the last Flat:Take / Flat:Release
   P Flat:Devices              string[] registered device names

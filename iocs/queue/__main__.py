@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     run_as_service(lambda stop, ready: serve(
         a.prefix, a.zmq_control, a.zmq_info, stop, policy=policy, locks=not a.no_locks,
         redis_url=a.redis, coord_prefix=a.coord_prefix, exec_lease=a.exec_lease,
-        queued_lease=a.queued_lease, lock_owner=a.lock_owner, ready=ready,
+        queued_lease=a.queued_lease, lock_owner=a.lock_owner,
+        ready=lambda _ioc: ready.set(),
     ))
     logging.getLogger("iocs.queue").info("stopped")
     return 0

@@ -113,8 +113,11 @@ class CaUpstream(Upstream):
         self._task = asyncio.get_running_loop().create_task(self._open())
 
     async def _open(self) -> None:
+        # timeout=None: search until found (caproto accepts None; its default is a sentinel,
+        # which is what pyright infers as the parameter's type)
         (self._pv,) = await self._ctx.get_pvs(
-            self.pvname.name, connection_state_callback=self._on_state, timeout=None)
+            self.pvname.name, connection_state_callback=self._on_state,
+            timeout=None)  # pyright: ignore[reportArgumentType]
 
     async def _on_state(self, pv: Any, state: str) -> None:
         if state == "connected":

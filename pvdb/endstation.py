@@ -314,14 +314,21 @@ class CABridge(_Section):
         interfaces: addresses the CA server binds (default: ``network.client.interfaces``).
         ca_server_port: CA server port (default: ``network.client.ca_server_port``).
         upstream: which side's PVA the bridge reads (``client``: through the guard).
+        pva_server_port: TCP port of the bridge's own PVA server (``Flat:*`` PVs), client side.
+        stale_after: seconds without ``Coord:Heartbeat`` before device writes are refused.
+        put_timeout: seconds a forwarded put may take upstream.
     """
 
     interfaces: list[str] | None = None
     ca_server_port: Port | None = None
     upstream: Literal["client"] = "client"
+    pva_server_port: Port = 5080
+    stale_after: float = Field(default=2.0, gt=0, le=60)
+    put_timeout: float = Field(default=300.0, gt=0, le=86400)
     log_level: LogLevel | None = None
 
     _v_port = field_validator("ca_server_port")(_opt_port)
+    _v_pva_port = field_validator("pva_server_port")(_port)
     _v_addr = field_validator("interfaces")(_opt_addresses)
 
 
@@ -342,6 +349,15 @@ class WebBridge(_Section):
         trusted_proxies: peers whose ``trusted_proxy_header`` is believed (nginx's address).
         server_name: public host name nginx serves (``server_name``).
         https_port: nginx's TLS port.
+        admins: web users who may close other users' sockets.
+        throttle_ms: per-PV coalescing period of updates to one socket, ms (the last state is
+            always sent).
+        default_type: scheme of PV names without one (``pva``; PVWS clients expect ``ca``).
+        ca_via: how ``ca://`` names are read: ``ca`` (Channel Access on the client side, e.g.
+            the CA bridge) or ``pva`` (PVA under the same name).
+        max_pvs: most PVs one socket may subscribe.
+        max_channels: most distinct channels open for all sockets together.
+        max_sockets: most websockets open at once.
     """
 
     listen_host: str = "127.0.0.1"
@@ -354,6 +370,13 @@ class WebBridge(_Section):
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     server_name: str = "localhost"
     https_port: Port = 443
+    admins: list[str] = Field(default_factory=list[str])
+    throttle_ms: float = Field(default=20.0, ge=0, le=10000)
+    default_type: Literal["pva", "ca"] = "pva"
+    ca_via: Literal["ca", "pva"] = "ca"
+    max_pvs: int = Field(default=5000, ge=1, le=1_000_000)
+    max_channels: int = Field(default=20000, ge=1, le=10_000_000)
+    max_sockets: int = Field(default=1000, ge=1, le=100_000)
     log_level: LogLevel | None = None
 
     _v_port = field_validator("listen_port", "https_port")(_port)
@@ -578,6 +601,7 @@ def _check_consistency(cfg: EndstationConfig,
     if cfg.ca_bridge is not None:
         tcp.append((("ca_bridge", "ca_server_port"), cfg.ca_bridge.ca_server_port
                     or c.ca_server_port))
+        tcp.append((("ca_bridge", "pva_server_port"), cfg.ca_bridge.pva_server_port))
     if cfg.web_bridge is not None and cfg.web_bridge.listen_host in c.interfaces + ["0.0.0.0"]:
         tcp.append((("web_bridge", "listen_port"), cfg.web_bridge.listen_port))
     seen: dict[int, tuple[str, ...]] = {}
@@ -689,7 +713,7 @@ def process_env(cfg: EndstationConfig, process: str) -> dict[str, str]:
                "guard": cfg.guard}.get(process)
     if process in ("queue", "guard") and section is None:
         raise ValueError(f"the endstation file has no [{process}] section")
-    port = getattr(section, "pva_server_port", None)
+    port = getattr(section if process != "flat" else cfg.ca_bridge, "pva_server_port", None)
     if port is not None:
         env["EPICS_PVA_SERVER_PORT"] = env["EPICS_PVAS_SERVER_PORT"] = str(port)
     if process == "flat":
@@ -704,8 +728,16 @@ def process_env(cfg: EndstationConfig, process: str) -> dict[str, str]:
             EPICS_CAS_AUTO_BEACON_ADDR_LIST=_yes(c.auto_addr_list),
             EPICS_CAS_SERVER_PORT=str(cfg.ca_bridge.ca_server_port or c.ca_server_port),
         )
-    if process == "pvws" and cfg.web_bridge is None:
-        raise ValueError("the endstation file has no [web_bridge] section")
+    if process == "pvws":
+        if cfg.web_bridge is None:
+            raise ValueError("the endstation file has no [web_bridge] section")
+        # ca:// names are read with Channel Access on the client side (where the CA bridge is)
+        ca_port = (cfg.ca_bridge.ca_server_port if cfg.ca_bridge is not None else None)
+        env.update(
+            EPICS_CA_ADDR_LIST=" ".join(c.search), EPICS_CA_AUTO_ADDR_LIST=_yes(c.auto_addr_list),
+            EPICS_CA_SERVER_PORT=str(ca_port or c.ca_server_port),
+            EPICS_CA_REPEATER_PORT=str(c.ca_repeater_port),
+        )
     return env
 
 
@@ -750,7 +782,9 @@ def process_args(cfg: EndstationConfig, process: str) -> list[str]:
             raise ValueError("the endstation file has no [ca_bridge] section")
         client = [f"{k}={v}" for k, v in process_env(cfg, "flat").items()
                   if k.startswith("EPICS_PVA_") and k != "EPICS_PVA_SERVER_PORT"]
-        out = [*p, "--registry-prefix", cfg.prefix, *pol]
+        b = cfg.ca_bridge
+        out = [*p, "--registry-prefix", cfg.prefix, *pol, "--stale-after", repr(b.stale_after),
+               "--put-timeout", repr(b.put_timeout)]
         for kv in client:  # device PVs through the guard, and pvcoord's services: client side
             out += ["--upstream", kv, "--service", kv]
         if (cfg.ca_bridge.log_level or cfg.log_level) == "DEBUG":
@@ -762,9 +796,14 @@ def process_args(cfg: EndstationConfig, process: str) -> list[str]:
             raise ValueError("the endstation file has no [web_bridge] section")
         out = [*p, "--registry-prefix", cfg.prefix, *pol, "--host", w.listen_host,
                "--port", str(w.listen_port), "--auth", w.auth, "--user-header",
-               w.trusted_proxy_header, "--log-level", w.log_level or cfg.log_level]
+               w.trusted_proxy_header, "--log-level", w.log_level or cfg.log_level,
+               "--throttle-ms", repr(w.throttle_ms), "--default-type", w.default_type,
+               "--ca-via", w.ca_via, "--max-pvs", str(w.max_pvs),
+               "--max-channels", str(w.max_channels), "--max-sockets", str(w.max_sockets)]
         for proxy in w.trusted_proxies:
             out += ["--trusted-proxy", proxy]
+        for admin in w.admins:
+            out += ["--admin", admin]
         if w.writes:
             out.append("--writes")
         if w.password_file:

@@ -74,7 +74,7 @@ class Run:
             (tls / Path(m.group(1)).name).write_text("throwaway\n")
             text = text.replace(m.group(1), str(tls / Path(m.group(1)).name))
         # this endstation runs no CA bridge (an earlier version of the file did: see below)
-        text = re.sub(r"\n\[ca_bridge\][^\n]*\nca_server_port = 5064\n", "\n", text)
+        text = re.sub(r"\n\[ca_bridge\][^\n]*\n(?:[^\n\[][^\n]*\n)*", "\n", text)
         assert "[ca_bridge]" not in text
         self.station = src / "endstation.toml"
         self.station.write_text(text)

@@ -242,3 +242,40 @@ def test_bridge_options_from_the_file(station):
     env = {"PVCOORD_WEB_PASSWORD_FILE": "/run/credentials/x/web-users"}
     argv = config_argv("pvws", ["--config", str(station)], env)
     assert argv[argv.index("--password-file") + 1] == "/run/credentials/x/web-users"
+
+
+def test_every_bridge_option_has_a_key(station):
+    text = re.sub(r"^\[ca_bridge\].*$", "[ca_bridge]\nstale_after = 3.5", station.read_text(),
+                  flags=re.M)
+    text = re.sub(r"^\[web_bridge\].*$", '[web_bridge]\nthrottle_ms = 50\nca_via = "pva"\n'
+                  "max_sockets = 7", text, flags=re.M)
+    text = text.replace("admins = []", 'admins = ["alice", "bob"]')
+    station.write_text(text)
+    cfg = load_endstation(station)
+    flat = process_args(cfg, "flat")
+    assert flat[flat.index("--stale-after") + 1] == "3.5"
+    assert flat[flat.index("--put-timeout") + 1] == "300.0"
+    assert process_env(cfg, "flat")["EPICS_PVAS_SERVER_PORT"] == "5080"
+    web = process_args(cfg, "pvws")
+    assert [web[i + 1] for i, a in enumerate(web) if a == "--admin"] == ["alice", "bob"]
+    pairs = dict(zip(web[::2], web[1::2], strict=False))
+    assert (pairs["--throttle-ms"], pairs["--ca-via"], pairs["--max-sockets"]) == (
+        "50.0", "pva", "7")
+    # ca:// names of the web bridge: Channel Access on the client side, at the CA bridge's port
+    env = process_env(cfg, "pvws")
+    assert env["EPICS_CA_ADDR_LIST"] == "10.0.1.255" and env["EPICS_CA_SERVER_PORT"] == "5064"
+
+
+@pytest.mark.parametrize(("old", "new", "path", "code"), [
+    ("pva_server_port = 5080", "pva_server_port = 5079", "ca_bridge.pva_server_port",
+     "port_clash"),
+    ('default_type = "pva"', 'default_type = "dev"', "web_bridge.default_type", "bad_value"),
+    ("put_timeout = 300.0", "put_timeout = 0", "ca_bridge.put_timeout", "bad_value"),
+])
+def test_bad_bridge_values_are_named(station, old, new, path, code):
+    text = station.read_text()
+    assert old in text
+    station.write_text(text.replace(old, new))
+    with pytest.raises(EndstationError) as e:
+        load_endstation(station)
+    assert [(i.path, i.code) for i in e.value.issues] == [(path, code)], e.value

@@ -1,6 +1,7 @@
 """CA bridge: device PVs over Channel Access with live per-client write access, and screen PVs.
 
-Usage: python -m bridges.flat --prefix P [--registry-prefix R] [--policy FILE]
+Usage: python -m bridges.flat --config ENDSTATION.toml   (systemd: [ca_bridge], docs/deploy.md)
+       python -m bridges.flat --prefix P [--registry-prefix R] [--policy FILE]
                               [--upstream EPICS_PVA_KEY=VALUE ...]
                               [--service EPICS_PVA_KEY=VALUE ...] [--stale-after S]
                               [--put-timeout S]
@@ -26,11 +27,11 @@ or stale (coordination IOC gone, heartbeat stopped for 2 s): no WRITE (except th
 emergency accounts), exactly as the guard.
 
 Screen PVs over CA (names of the coordination IOC, computed from Coord:Locks):
-  P Coord:<device>:State      enum    Free, Maintenance, QueueExecuting, ManualOperator,
+  P Coord:<dev>:State         enum    Free, Maintenance, QueueExecuting, ManualOperator,
                                       QueueQueued (INVALID while the lock state is unknown)
-  P Coord:<device>:Owner      string  account@host or '' (NAME$ for more than 39 characters)
-  P Coord:<device>:Reason     string  the holder's reason (NAME$ for the full text)
-  P Coord:<device>:Remaining  double  seconds of lease left
+  P Coord:<dev>:Owner         string  account@host or '' (NAME$ for more than 39 characters)
+  P Coord:<dev>:Reason        string  the holder's reason (NAME$ for the full text)
+  P Coord:<dev>:Remaining     double  seconds of lease left
 
 Take/Release act through the coordination IOC's Coord:Acquire / Coord:Release with
 onBehalfOf=<writer> clientHost=<peer IP>: this process's account must be a trusted service in

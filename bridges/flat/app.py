@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from pvcoord.service import config_argv, serve_notified
+from pvcoord.service import ServiceNotifier, config_argv
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
@@ -71,8 +71,9 @@ async def serve(
     stale_after: float = STALE_AFTER,
     put_timeout: float = PUT_TIMEOUT,
     service: Mapping[str, str] | None = None,
+    ready: asyncio.Event | None = None,
 ) -> None:
-    """Run the bridge until ``stop`` is set.
+    """Run the bridge until ``stop`` is set; ``ready`` is set once the CA server listens.
 
     Raises:
         ValueError: bad prefix. PolicyError: bad policy file.
@@ -83,7 +84,7 @@ async def serve(
     policy = load_policy(policy_path)
     bridge = FlatBridge(prefix, policy, registry_prefix, upstream_conf=upstream,
                         service_conf=service, stale_after=stale_after, put_timeout=put_timeout)
-    await bridge.serve(stop)
+    await bridge.serve(stop, ready)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,9 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bridges.flat", description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="endstation TOML file: sets the options below and the EPICS network "
-                        "(options given here win); docs/deploy.md")
+    parser.add_argument("--config", metavar="ENDSTATION.toml",
+                        help="endstation file: [ca_bridge] and the shared part set the options "
+                        "and the EPICS_* environment (options given here win; docs/deploy.md)")
     parser.add_argument("--prefix", required=True, help="endstation prefix P, e.g. BL01:")
     parser.add_argument("--registry-prefix", help="prefix of the registry IOC (default: P)")
     parser.add_argument("--policy", help="policy TOML (default: the built-in policy)")
@@ -139,11 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        ca_host = (os.environ.get("EPICS_CAS_INTF_ADDR_LIST") or "127.0.0.1").split()[0]
-        ca_port = int(os.environ.get("EPICS_CAS_SERVER_PORT") or 5064)
-        await serve_notified(serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
-                                   args.stale_after, args.put_timeout, service),
-                             stop, (ca_host, ca_port), f"CA bridge {args.prefix}")
+        ready = asyncio.Event()
+        notifier = ServiceNotifier()
+        task = asyncio.create_task(notifier.run(ready, stop, f"CA bridge {args.prefix}"))
+        try:
+            await serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
+                        args.stale_after, args.put_timeout, service, ready)
+        finally:
+            stop.set()
+            await task
+            notifier.close()
 
     asyncio.run(run())
     _log.info("CA bridge stopped")

@@ -26,4 +26,9 @@ naming the holder, audited with the web user, and put to the device IOC on the d
 
 Passwords: ``python -m bridges.pvws passwd FILE USER`` (password on stdin, or ``--generate``).
 Reads/writes the PVA client configuration from the environment (``EPICS_PVA_*``).
+
+Under systemd: ``python -m bridges.pvws --config ENDSTATION.toml`` (``[web_bridge]`` and the
+shared part set the options and ``EPICS_*``; the password file comes from
+``$PVCOORD_WEB_PASSWORD_FILE``, the unit's credential, when set; docs/deploy.md).
+The web bridge serves websockets and HTTP, no PVs of its own.
 """

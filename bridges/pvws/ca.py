@@ -113,6 +113,8 @@ class CaUpstream(Upstream):
         self._task = asyncio.get_running_loop().create_task(self._open())
 
     async def _open(self) -> None:
+        # timeout=None: search until found (caproto accepts None; its default is a sentinel,
+        # which is what pyright infers as the parameter's type)
         (self._pv,) = await self._ctx.get_pvs(
             self.pvname.name, connection_state_callback=self._on_state,
             timeout=None)  # pyright: ignore[reportArgumentType] - caproto untyped; None: no timeout (its doc)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from pvcoord.service import config_argv, serve_notified
+from pvcoord.service import ServiceNotifier, config_argv
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError
 
@@ -70,9 +70,9 @@ def _conf(items: Sequence[str], p: argparse.ArgumentParser) -> dict[str, str] | 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bridges.pvws", description=HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="endstation TOML file: sets the options below and the EPICS network "
-                   "(options given here win); docs/deploy.md")
+    p.add_argument("--config", metavar="ENDSTATION.toml",
+                   help="endstation file: [web_bridge] and the shared part set the options and "
+                        "the EPICS_* environment (options given here win; docs/deploy.md)")
     p.add_argument("--prefix", required=True, help="endstation prefix P, ending in ':'")
     p.add_argument("--registry-prefix", default="", help="registry IOC prefix (default: P)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
@@ -166,7 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve_notified(serve(config, stop), stop, (a.host, a.port), f"web bridge {a.prefix}")
+        serving = asyncio.Event()
+        notifier = ServiceNotifier()
+        task = asyncio.create_task(notifier.run(serving, stop, f"web bridge {a.prefix}"))
+        try:
+            await serve(config, stop, lambda _port: serving.set())
+        finally:
+            stop.set()
+            await task
+            notifier.close()
 
     try:
         asyncio.run(run())

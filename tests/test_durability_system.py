@@ -34,6 +34,7 @@ from pvcoord.procs import (
 )
 from pvcoord.store import RedisStore, SQLiteStore
 from pvdb import names as pvn
+from pvdb.registry_file import load_registry
 
 from .conftest import other_user_available
 from .coordhelpers import CLIENT_TIMEOUT, DEVICES, PREFIX, REPO, TEST_POLICY, locks, rpc
@@ -510,6 +511,7 @@ def test_fuzz_registry_lookup_and_pvs_no_crash_no_change(tmp_path):
         log_dir=tmp_path)
     lookup = pvn.REGISTRY_LOOKUP.name(PREFIX)
     others = [x for x in pvn.REGISTRY_PVS if x.kind != pvn.PVKind.RPC]
+    devices = [d.name for d in load_registry(tmp_path / "registry.yaml")]
     wrong: list[str] = []
     try:
         before = wait_for_pv(pvn.REGISTRY_DEVICES.name(PREFIX), env, procs=[reg])
@@ -524,7 +526,9 @@ def test_fuzz_registry_lookup_and_pvs_no_crash_no_change(tmp_path):
                     wrong.append(f"Lookup {req} -> {r!r}")
                 target = rnd.choice(others)
                 try:
-                    c.put(target.name(PREFIX), PUT_VALUES[target.kind], timeout=CLIENT_TIMEOUT)
+                    name = (target.name(PREFIX, rnd.choice(devices)) if "{device}" in target.suffix
+                            else target.name(PREFIX))
+                    c.put(name, PUT_VALUES[target.kind], timeout=CLIENT_TIMEOUT)
                     wrong.append(f"put {target.suffix} accepted")
                 except RemoteError:
                     pass

@@ -239,6 +239,10 @@ class Walkthrough:
         self.cmd("demo", f"kill -9 {proc.pid}   # the coordination IOC; then start it again")
         new = self.ctx.restart("coordination", kill=True)
         self.result(f"coordination IOC restarted as pid {new.pid}")
+        # identity 1's next commands are new processes, as an operator's are: a fresh client (a
+        # client context open across the kill may wait out its search backoff for the new IOC)
+        self.me.close()
+        self.me = Client(self.prefix, conf=self.conf, timeout=CALL_TIMEOUT)
         self.cmd("identity 1", self.me_shown("locks"))
         after = self.lock_row(m4)
         self.result(locks_table(self.me.locks()))

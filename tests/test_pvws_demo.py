@@ -28,7 +28,7 @@ def test_demo_web_part_banner_and_walkthrough(shared_run_dir):
         assert "$argon2id$" in ctx.files["web-passwd"].read_text()
         assert web_part.run_web_walkthrough(ctx), out.getvalue()
         said = out.getvalue()
-        assert re.search(r"bob's write refused: \[holder-conflict\] device m1 is held by alice@",
+        assert re.search(r"bob's write refused: \[holder-conflict\] m1 is held by alice@",
                          said), said
     finally:
         ctx.stop_all()

@@ -33,6 +33,7 @@ from p4p.nt import NTURI
 
 from pvdb.catalog import all_specs
 from pvdb.demo import SERVER as DEMO_SERVER
+from pvdb.lockmodel import parse_error_text
 from pvdb.models import BEAMLINE, LockType
 from pvdb.names import COORD_ACQUIRE, COORD_RELEASE, COORD_RENEW
 from pvdb.policy import Policy, load_policy
@@ -269,11 +270,13 @@ async def whoami(request: web.Request) -> web.Response:
 _LOCK_ACTIONS = {"take": COORD_ACQUIRE, "release": COORD_RELEASE, "renew": COORD_RENEW}
 
 
-def _code_of(message: str) -> str:
-    """A leading ``[code]`` of a coordination IOC error, else ``refused``."""
-    if message.startswith("[") and "]" in message[:40]:
-        return message[1:message.index("]")]
-    return "refused"
+def _code_of(message: str) -> tuple[str, str, str]:
+    """(code, holder, sentence) of a coordination IOC error (``[code holder=...] sentence``).
+
+    The code is ``refused`` for a text without a head (:func:`pvdb.lockmodel.parse_error_text`).
+    """
+    parsed = parse_error_text(message)
+    return (parsed.code.value if parsed.code else "refused"), parsed.holder, parsed.message
 
 
 async def lock(request: web.Request) -> web.Response:
@@ -315,13 +318,11 @@ async def lock(request: web.Request) -> web.Response:
     try:
         reply = await asyncio.wait_for(request.app[PVA].rpc(pv, uri), RPC_TIMEOUT)
     except RemoteError as e:
-        msg = str(e)
-        holder = ""
-        if st.snapshot is not None:
+        code, holder, msg = _code_of(str(e))
+        if not holder and st.snapshot is not None:
             held = st.snapshot.state.locks_on(device)
             holder = held[0].holder if held else ""
-        log.info("web user %s: %s %s refused: %s", user, action, device, msg)
-        code = _code_of(msg)
+        log.info("web user %s: %s %s refused: %s", user, action, device, str(e))
         if code == "refused" and holder:
             code = "holder-conflict"
         return _error(409, code, msg, holder)

@@ -119,9 +119,13 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(shared_run_d
     base = free_block()
     proc = subprocess.Popen(
         demo_argv("--ports-from", str(base), "--run-dir", str(shared_run_dir)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
-        cwd=shared_run_dir, bufsize=1,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(),
+        cwd=shared_run_dir, bufsize=0,
     )
+    assert proc.stdout is not None
+    # raw reads of the pipe: a buffered reader may hold the banner's last lines where select()
+    # cannot see them
+    got = b""
     lines: list[str] = []
     try:
         deadline = time.monotonic() + DEMO_TIMEOUT
@@ -130,9 +134,8 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(shared_run_d
             assert left > 0 and proc.poll() is None, "demo did not come up:\n" + "".join(lines)
             ready, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
             if ready:
-                line = proc.stdout.readline()
-                if line:
-                    lines.append(line)
+                got += os.read(proc.stdout.fileno(), 65536)
+                lines = got.decode(errors="replace").splitlines(keepends=True)
         text = "".join(lines)
         pids = [int(m) for m in re.findall(r"^\s+\S+\s+pid (\d+)\s", text, re.M)]
         assert len(pids) >= 3, text
@@ -160,11 +163,13 @@ def test_demo_serves_with_the_printed_settings_and_stops_on_sigterm(shared_run_d
         using_before = [pid for pid, cmd in cmdlines().items() if str(shared_run_dir) in cmd]
         assert len(set(using_before) & set(pids)) >= 3, "the run-dir check below would be void"
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
+        out_rest, _ = proc.communicate(timeout=30)
+        rest = out_rest.decode(errors="replace")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=10)
+            rest = ""
     assert proc.returncode == 0, "".join(lines) + rest
     assert "stopping the demo beamline" in rest and rest.rstrip().endswith("stopped")
     left = [pid for pid in pids if alive(pid)]

@@ -297,7 +297,7 @@ def test_rename_after_connect_keeps_the_first_identity(bl: Beamline):
     bl.rpc(COORD_ACQUIRE, device=M3, type="MANUAL_OPERATOR", timeout="60", reason="rename")
     with CaprotoContext(client_name="someone", host_name="elsewhere") as ctx:
         (pv,) = ctx.get_pvs(sp(M3), timeout=TIMEOUT)
-        pv.wait_for_connection(timeout=TIMEOUT)
+        pv.wait_for_connection(timeout=3 * TIMEOUT)  # CA search on a busy loopback
         assert pv.channel.access_rights == caproto.AccessRights.READ
         pv.circuit_manager.send(caproto.ClientNameRequest("root"))
         pv.circuit_manager.send(caproto.HostNameRequest("localhost"))
@@ -341,7 +341,7 @@ def test_bad_input_gives_a_message_and_changes_nothing(bl: Beamline):
             strict=True,
         ))
         for pv in pvs.values():
-            pv.wait_for_connection(timeout=TIMEOUT)
+            pv.wait_for_connection(timeout=3 * TIMEOUT)  # CA search on a busy loopback
 
         def refused(pv_name: str, data, data_type, code: str, device: str = M1) -> None:
             # caproto's client does not report a put failure (it would time out): watch the

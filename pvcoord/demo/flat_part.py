@@ -150,7 +150,7 @@ class CAAgent:
         """Rights of the open channel: ``{read, write, connects, changes}``."""
         return self.request(op="access", pv=pv)
 
-    def wait_write(self, pv: str, write: bool, timeout: float = 5.0) -> dict[str, Any]:
+    def wait_write(self, pv: str, write: bool, timeout: float = 15.0) -> dict[str, Any]:
         """Wait until the channel's write access is ``write``; value: ``{..., waited}``."""
         return self.request(op="wait_write", pv=pv, write=write, timeout=timeout)
 

@@ -366,8 +366,10 @@ class LockView:
             if why:
                 self._devices = DeviceMap(known=False, why_unknown=why)
             else:
-                prefixes = [(r.name, r.pv_prefix) for r in self._rows or []]
-                self._devices = DeviceMap(self._pv_rows or [], prefixes, known=True)
+                rows = self._rows or []
+                self._devices = DeviceMap(
+                    self._pv_rows or [], [(r.name, r.pv_prefix) for r in rows], known=True,
+                    classes={r.name: r.device_class for r in rows})
         self.refresh(registry_changed=True)
 
     # --- change detection ---------------------------------------------------------------------

@@ -433,5 +433,17 @@ def test_coordination_down_refuses_writes_within_2_s_and_they_return(bl: Beamlin
     health = scalar(bl.ctxt.get(GUARD_HEALTH.name(P), timeout=TIMEOUT))
     assert "lock state unknown" in health
     bl.start_coordination()
-    wait_until(lambda: put_ok(nobody, sp(M2), 3.0), 20.0, "nobody may write again")
+    # the guard's lock view searches again every 1 s and renews its client context after 3 s
+    wait_until(lambda: put_ok(nobody, sp(M2), 3.0), 8.0, "nobody may write again")
+    # and it follows the restarted IOC's locks (an emergency account's put would pass even while
+    # the lock state is unknown, so the holder's lock must be what refuses nobody now)
+    with PutAgent(bl.clients) as fresh:  # a new client, as a new command would be
+        r = fresh.rpc(COORD_ACQUIRE.name(P), device=M2, type="MANUAL_OPERATOR", timeout="60")
+        assert r["ok"], r
+        wait_until(lambda: not put_ok(nobody, sp(M2), 3.5), 2.0, "nobody refused by the lock")
+        assert bl.what_if(sp(M2), "nobody")["holder"].startswith("root@")
+        assert put_ok(root, sp(M2), 4.0)
+        r = fresh.rpc(COORD_RELEASE.name(P), device=M2)
+        assert r["ok"], r
+        wait_until(lambda: put_ok(nobody, sp(M2), 4.5), 2.0, "nobody may write after the release")
 

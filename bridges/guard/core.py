@@ -365,8 +365,19 @@ class GuardCore:
 
         Returns whether it changed. Call it periodically so a stopped heartbeat is noticed.
         """
+        return self.set_state(lambda: self.feed.state(self._monotonic()))
+
+    def set_state(self, source: Callable[[], LockState]) -> bool:
+        """Decide with the state ``source()`` gives from now on; re-apply channels if it changed.
+
+        ``source`` is called under the core's lock, so of two callers the later one always applies
+        the newer state (e.g. ``lambda: view.state`` of a :class:`bridges.lockview.LockView`, read
+        by its listener and by a ticker). A caller that follows the PVs itself uses this instead of
+        the ``locks_*``/``beat*`` inputs and :meth:`refresh` (which read :attr:`feed`). Returns
+        whether the known flag or the locks changed.
+        """
         with self._lock:
-            new = self.feed.state(self._monotonic())
+            new = source()
             old = self._state
             if new.known == old.known and new.locks == old.locks:
                 if new.stamp != old.stamp or new.why_unknown != old.why_unknown:

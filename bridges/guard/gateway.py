@@ -11,8 +11,8 @@ Built from the same parts as ``pvagw`` (``p4p.gw.GWHandler``, ``p4p._gw.Provider
   guard would act as the guard's account.
 * puts the guard must report come back through ``GWHandler.audit`` and are classified by the
   core (``p4p.gw.audit`` still gets the site ACF's TRAPWRITE lines, as with pvagw).
-* lock state comes from monitors of ``Coord:Locks`` / ``Coord:Heartbeat`` and the registry's
-  ``Registry:DevicePVs`` / ``Registry:Devices`` (raw values: ``nt=False``).
+* lock state and the registry map come from :class:`bridges.lockview.LockView` (``Coord:Locks``,
+  ``Coord:Heartbeat``, ``Registry:DevicePVs``, ``Registry:Devices``), as in the other bridges.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from p4p import _gw  # pyright: ignore[reportAttributeAccessIssue] - compiled, n
 from p4p.asLib import Engine
 from p4p.asLib.pvlist import PVList
 from p4p.asLib.yacc import parse as parse_acf
-from p4p.client.thread import Context, Disconnected
+from p4p.client.thread import Context
 from p4p.gw import GWHandler, GWStats
 from p4p.nt import NTScalar, NTTable
 from p4p.server import Server, StaticProvider, removeProvider
@@ -53,18 +53,13 @@ from pvdb.guard import (
     WHAT_IF_FIELDS,
 )
 from pvdb.lockmodel import ErrorCode, error_text
-from pvdb.names import (
-    COORD_HEARTBEAT,
-    COORD_LOCKS,
-    REGISTRY_DEVICE_PVS,
-    REGISTRY_DEVICES,
-)
 from pvdb.policy import Policy, host_roles
 from pvdb.process import GUARD_START_TIME, GUARD_VERSION, pvcoord_version
 
+from ..lockview import LockView, Snapshot
 from .config import GuardConfig, GuardConfigError, read_site_file
 from .core import AuditRecord, GuardCore, GuardedChannel, parse_audit_line
-from .decision import DeviceMap, LockState, parse_locks
+from .decision import DeviceMap, LockState
 
 _log = logging.getLogger(__name__)
 _log_audit = logging.getLogger("bridges.guard.audit")
@@ -262,16 +257,14 @@ class Guard:
         self.banned = service_prefixes(prefix, self.registry_prefix)
         self._servers: list[Server] = []
         self._contexts: list[Context] = []
-        self._subs: list[Any] = []
         self._handlers: list[GuardHandler] = []
         self._engines: list[GuardEngine] = []
         self._audit_rows: deque[AuditRecord] = deque(maxlen=config.guard.audit_tail)
         self._beat = 0
-        # registry tables: None until received; a table that cannot be read is in _registry_bad
-        self._devices_rows: list[tuple[str, str]] | None = None
-        self._prefix_rows: list[tuple[str, str]] | None = None
-        self._classes: dict[str, str] = {}
-        self._registry_bad: dict[str, str] = {}
+        self.view: LockView | None = None
+        """Follows Coord:Locks/Heartbeat and the registry tables (set by :meth:`start`)."""
+        self._devices_seen: DeviceMap | None = None
+        self._stamp_seen = 0.0
         self._read_only = config.read_only
         self._site: list[tuple[str, str, str]] = []
         self._pvlists: dict[str, PVList] = {}
@@ -339,15 +332,13 @@ class Guard:
         conf = self.config
         self.core.on_state.append(self._state_changed)
         g = conf.guard
-        if g.coordination is not None:
-            cctx = Context("pva", conf=g.coordination.p4p_conf(), useenv=False, nt=False)
-        else:
-            cctx = Context("pva", nt=False)
-        self._contexts.append(cctx)
-        self._monitor(cctx, COORD_LOCKS.name(self.prefix), self._on_locks)
-        self._monitor(cctx, COORD_HEARTBEAT.name(self.prefix), self._on_beat)
-        self._monitor(cctx, REGISTRY_DEVICE_PVS.name(self.registry_prefix), self._on_device_pvs)
-        self._monitor(cctx, REGISTRY_DEVICES.name(self.registry_prefix), self._on_devices)
+        # one follower of locks, heartbeat and registry for every front (bridges.lockview): it
+        # searches again promptly and renews its client context when a followed IOC restarts
+        self.view = LockView(self.prefix, self.registry_prefix,
+                             conf=g.coordination.p4p_conf() if g.coordination is not None else None,
+                             stale_after=g.stale_after)
+        self.view.listeners.append(self._on_view)
+        self.view.start()
 
         clients = {}
         for c in conf.clients:
@@ -402,20 +393,10 @@ class Guard:
         """The effective ``EPICS_PVA*`` settings of each client-facing server (ports included)."""
         return [srv.conf() for srv in self._servers]
 
-    def _monitor(self, ctx: Context, name: str, cb: Callable[[Any], None]) -> None:
-        def safe(v: Any) -> None:
-            try:
-                cb(v)
-            except Exception:
-                _log.exception("handling %s update", name)
-
-        self._subs.append(ctx.monitor(name, safe, notify_disconnect=True))
-
     def close(self) -> None:
         """Stop servers, monitors and clients (idempotent)."""
-        for sub in self._subs:
-            sub.close()
-        self._subs.clear()
+        if self.view is not None:
+            self.view.close()
         for srv in self._servers:
             srv.stop()
         self._servers.clear()
@@ -426,8 +407,9 @@ class Guard:
     # --- periodic -----------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Notice a stopped heartbeat (call every ~0.1 s)."""
-        self.core.refresh()
+        """Keep the decision state current (a stopped heartbeat, a new reason; every ~0.1 s)."""
+        if self.view is not None:
+            self.core.set_state(self._view_state)
 
     def every_second(self) -> None:
         """Forget closed channels; post the guard's heartbeat and channel count."""
@@ -452,94 +434,25 @@ class Guard:
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def _on_locks(self, v: Any) -> None:
-        if isinstance(v, Exception):
-            self.core.locks_lost("" if isinstance(v, Disconnected) else f"{v!r}")
-            return
-        try:
-            cols = v["value"]
-            locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})
-        except (KeyError, ValueError, TypeError) as e:
-            self.core.locks_lost(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
-            return
-        stamp = _stamp(v)
-        self.core.locks_update(locks, stamp)
-        if stamp:
-            ms = (time.time() - stamp) * 1e3
-            self.pv_latency.post(ms, timestamp=time.time())
+    def _on_view(self, snap: Snapshot) -> None:
+        """The lock view changed (lock state or registry): apply it, post latency and health."""
+        if snap.devices is not self._devices_seen:
+            self._devices_seen = snap.devices
+            self.core.set_devices(snap.devices)
+        self.core.set_state(self._view_state)
+        stamp = snap.state.stamp
+        if snap.state.known and stamp and stamp != self._stamp_seen:
+            self._stamp_seen = stamp
+            now = time.time()
+            self.pv_latency.post((now - stamp) * 1e3, timestamp=now)
+        self._post_health()
 
-    def _on_beat(self, v: Any) -> None:
-        if isinstance(v, Exception):
-            self.core.beat_lost()
-            return
-        self.core.beat(v["value"])
-
-    def _on_device_pvs(self, v: Any) -> None:
-        name = REGISTRY_DEVICE_PVS.name(self.registry_prefix)
-        if isinstance(v, Exception):
-            # keep the last map: device membership does not go stale like locks do
-            if self._devices_rows is not None:
-                _log.warning("%s: %r (keeping the last registry map)", name, v)
-            return
-        try:
-            cols = v["value"]
-            rows = list(zip(_column(cols["pv"]), _column(cols["device"]), strict=True))
-        except (KeyError, ValueError, TypeError) as e:
-            self._table_unreadable(name, e)
-            return
-        self._devices_rows = rows
-        self._registry_bad.pop(name, None)
-        self._remap()
-
-    def _on_devices(self, v: Any) -> None:
-        name = REGISTRY_DEVICES.name(self.registry_prefix)
-        if isinstance(v, Exception):
-            if self._prefix_rows is not None:
-                _log.warning("%s: %r (keeping the last registry map)", name, v)
-            return
-        try:
-            cols = v["value"]
-            rows = list(zip(_column(cols["name"]), _column(cols["pvPrefix"]), strict=True))
-            names = [r[0] for r in rows]
-            classes = (dict(zip(names, _column(cols["deviceClass"]), strict=True))
-                       if "deviceClass" in cols else {})
-        except (KeyError, ValueError, TypeError) as e:
-            self._table_unreadable(name, e)
-            return
-        self._prefix_rows = rows
-        self._classes = classes
-        self._registry_bad.pop(name, None)
-        self._remap()
-
-    def _table_unreadable(self, name: str, e: Exception) -> None:
-        """A registry table arrived that cannot be read: forget the map (fail closed)."""
-        what = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        self._registry_bad[name] = f"{name} unreadable ({what})"
-        _log.error("%s: cannot read the registry table: %s; device writes refused", name, what)
-        self._remap()
+    def _view_state(self) -> LockState:
+        return self.view.state if self.view is not None else LockState()
 
     def registry_problem(self) -> str:
         """'' when the registry map is known, else why not (tables missing or unreadable)."""
-        problems = list(self._registry_bad.values())
-        for name, rows in ((REGISTRY_DEVICE_PVS, self._devices_rows),
-                           (REGISTRY_DEVICES, self._prefix_rows)):
-            full = name.name(self.registry_prefix)
-            if rows is None and full not in self._registry_bad:
-                problems.append(f"{full} not received")
-        return "; ".join(problems)
-
-    def _remap(self) -> None:
-        why = self.registry_problem()
-        if why:
-            # both tables are needed: PV rows alone would leave prefix-only PVs "not a device"
-            if self.core.devices.known or self.core.devices.why_unknown != why:
-                self.core.set_devices(DeviceMap(known=False, why_unknown=why))
-        else:
-            self.core.set_devices(
-                DeviceMap(self._devices_rows or [], self._prefix_rows or [], known=True,
-                          classes=self._classes)
-            )
-        self._post_health()
+        return self.view.registry_problem() if self.view is not None else "registry not followed"
 
     def _state_changed(self, state: LockState) -> None:
         self._post_health()
@@ -691,16 +604,3 @@ def _uri_args(value: Value) -> dict[str, str]:
     except (KeyError, TypeError):
         query = value
     return {k: str(query[k]) for k in query.keys()}
-
-
-def _column(x: Any) -> list[Any]:
-    """An NTTable column as a list (p4p gives None for a column that was never set)."""
-    return [] if x is None else list(x)
-
-
-def _stamp(v: Value) -> float:
-    try:
-        return float(v["timeStamp.secondsPastEpoch"]) + 1e-9 * float(v["timeStamp.nanoseconds"])
-    except (KeyError, TypeError):
-        return 0.0
-

@@ -6,11 +6,9 @@ every IOC is pure Python in its own package.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from p4p import Value
@@ -18,7 +16,6 @@ from p4p.nt import NTScalar, NTTable
 from p4p.server.raw import Handler
 from p4p.server.thread import SharedPV
 
-from pvcoord.service import ServiceNotifier
 from pvdb.lockmodel import ErrorCode, error_text
 from pvdb.process import PROCESSES, pvcoord_version
 from pvdb.redact import install_log_redaction, redact
@@ -195,45 +192,6 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()
-
-
-def run_until_signal(serve: Callable[[asyncio.Event], Coroutine[Any, Any, object]]) -> None:
-    """Run ``serve(stop)`` in a new event loop; SIGTERM and SIGINT set ``stop`` (systemctl stop)."""
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(stop)
-
-    asyncio.run(run())
-
-
-def run_as_service(
-    serve: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, object]], status: str = ""
-) -> None:
-    """Like :func:`run_until_signal`, and tell systemd: ``serve(stop, ready)`` sets ``ready``.
-
-    ``READY=1`` goes out when ``ready`` is set, ``WATCHDOG=1`` while the loop runs, ``STOPPING=1``
-    at the end (:class:`pvcoord.service.ServiceNotifier`; nothing outside systemd).
-    """
-    async def run() -> None:
-        stop = asyncio.Event()
-        ready = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        notifier = ServiceNotifier()
-        task = asyncio.create_task(notifier.run(ready, stop, status))
-        try:
-            await serve(stop, ready)
-        finally:
-            stop.set()
-            await task
-            notifier.close()
-
-    asyncio.run(run())
 
 
 STARTED = time.time()

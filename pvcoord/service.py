@@ -8,8 +8,8 @@ not import each other (docs/decisions/0091-service-helpers-in-pvcoord.md):
   command line win.
 - :class:`ServiceNotifier`: ``READY=1`` once the process serves, ``WATCHDOG=1`` every half
   ``WatchdogSec`` while its event loop runs, ``STOPPING=1`` at the end, through the ``sdnotify``
-  library; a no-op outside systemd (no ``$NOTIFY_SOCKET``). :func:`serve_notified` does it for a
-  server without a readiness hook (ready = its port accepts connections).
+  library; a no-op outside systemd (no ``$NOTIFY_SOCKET``).
+- :func:`run_as_service`: a process's event loop with signal handling and the notifier.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Awaitable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, MutableMapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import sdnotify
 
@@ -164,45 +166,31 @@ class ServiceNotifier:
             self.notify("STOPPING=1")
 
 
-async def serve_notified(
-    serving: Awaitable[object],
-    stop: asyncio.Event,
-    listening: tuple[str, int] | None,
-    status: str = "",
+def run_as_service(
+    serve: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, object]], status: str = ""
 ) -> None:
-    """Await ``serving`` (a server's ``serve(...)``) and tell systemd when it accepts connections.
+    """Run ``serve(stop, ready)`` in a new event loop as a systemd service.
 
-    For servers without a readiness hook (the bridges): ``READY=1`` once a TCP connection to
-    ``listening`` (host, port) succeeds, then the watchdog as in :meth:`ServiceNotifier.run`.
-    Outside systemd nothing is probed. ``listening=None`` (or port 0) means ready at once.
+    SIGTERM and SIGINT (``systemctl stop``, Ctrl-C) set ``stop``; ``serve`` sets ``ready`` once it
+    serves. ``READY=1`` (with ``STATUS=status``) goes out when ``ready`` is set, ``WATCHDOG=1``
+    while the loop runs, ``STOPPING=1`` at the end (:class:`ServiceNotifier`; nothing outside
+    systemd). Exceptions of ``serve`` propagate after the notifier stopped. Every IOC and bridge
+    ``main()`` runs through this.
     """
-    notifier = ServiceNotifier()
-    ready = asyncio.Event()
 
-    async def probe() -> None:
-        if listening is None or not listening[1]:
-            ready.set()
-            return
-        host = "127.0.0.1" if listening[0] in ("", "0.0.0.0") else listening[0]
-        while not stop.is_set():
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, listening[1]), 2)
-            except (OSError, TimeoutError):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.1)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            ready.set()
-            return
+    async def run() -> None:
+        stop = asyncio.Event()
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        notifier = ServiceNotifier()
+        task = asyncio.create_task(notifier.run(ready, stop, status))
+        try:
+            await serve(stop, ready)
+        finally:
+            stop.set()
+            await task
+            notifier.close()
 
-    tasks = [asyncio.create_task(notifier.run(ready, stop, status))]
-    if notifier.active:
-        tasks.append(asyncio.create_task(probe()))
-    try:
-        await serving
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        notifier.close()
+    asyncio.run(run())

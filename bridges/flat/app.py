@@ -6,12 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from pvcoord.service import ServiceNotifier, config_argv
+from pvcoord.service import config_argv, run_as_service
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
@@ -135,22 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flat: {e}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        ready = asyncio.Event()
-        notifier = ServiceNotifier()
-        task = asyncio.create_task(notifier.run(ready, stop, f"CA bridge {args.prefix}"))
-        try:
-            await serve(args.prefix, stop, args.policy, args.registry_prefix, upstream,
-                        args.stale_after, args.put_timeout, service, ready)
-        finally:
-            stop.set()
-            await task
-            notifier.close()
-
-    asyncio.run(run())
+    run_as_service(lambda stop, ready: serve(
+        args.prefix, stop, args.policy, args.registry_prefix, upstream, args.stale_after,
+        args.put_timeout, service, ready), f"CA bridge {args.prefix}")
     _log.info("CA bridge stopped")
     return 0

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-from pvcoord.service import ServiceNotifier, config_argv
+from pvcoord.service import config_argv, run_as_service
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 from pvdb.redact import install_log_redaction
@@ -110,28 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"guard: {e}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        serving = asyncio.Event()
-        notifier = ServiceNotifier()
-        task = asyncio.create_task(notifier.run(serving, stop, f"guard {args.prefix}"))
-
+    async def run(stop: asyncio.Event, serving: asyncio.Event) -> None:
         def ready(guard: Guard) -> None:
             _log.info("guard ready: prefix %s, %d server(s)", args.prefix, len(config.servers))
             serving.set()
 
-        try:
-            await serve(args.prefix, config, stop, args.policy, args.registry_prefix, ready)
-        finally:
-            stop.set()
-            await task
-            notifier.close()
+        await serve(args.prefix, config, stop, args.policy, args.registry_prefix, ready)
 
     try:
-        asyncio.run(run())
+        run_as_service(run, f"guard {args.prefix}")
     except GuardConfigError as e:
         print(f"guard: {e}", file=sys.stderr)
         return 2

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
-from pvcoord.service import ServiceNotifier, config_argv
+from pvcoord.service import config_argv, run_as_service
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError
 
@@ -161,23 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bridges.pvws: {e}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        serving = asyncio.Event()
-        notifier = ServiceNotifier()
-        task = asyncio.create_task(notifier.run(serving, stop, f"web bridge {a.prefix}"))
-        try:
-            await serve(config, stop, lambda _port: serving.set())
-        finally:
-            stop.set()
-            await task
-            notifier.close()
-
     try:
-        asyncio.run(run())
+        run_as_service(lambda stop, serving: serve(config, stop, lambda _port: serving.set()),
+                       f"web bridge {a.prefix}")
     except PolicyError as e:
         print(f"policy rejected: {e}", file=sys.stderr)
         return 2

@@ -7,13 +7,13 @@ import logging
 import os
 import sys
 
-from pvcoord.service import config_argv
+from pvcoord.service import config_argv, run_as_service
 from pvcoord.store import StoreError, authority_text, open_store
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 from pvdb.redact import redact_url
 
-from ..pvutil import run_as_service, setup_logging
+from ..pvutil import setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
 from .ioc import NAME_CHECK_TIMEOUT, AuthorityClashError, roles_of, serve
 from .locktable import LockTable

@@ -7,11 +7,11 @@ import logging
 import os
 import sys
 
-from pvcoord.service import config_argv
+from pvcoord.service import config_argv, run_as_service
 from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
-from ..pvutil import run_as_service, setup_logging
+from ..pvutil import setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the package docstring is the help text
 from .ioc import serve
 

@@ -7,11 +7,11 @@ import logging
 import math
 import sys
 
-from pvcoord.service import config_argv
+from pvcoord.service import config_argv, run_as_service
 from pvdb.names import check_prefix
 from pvdb.registry_file import RegistryFileError, load_registry
 
-from ..pvutil import run_as_service, setup_logging
+from ..pvutil import setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
 from .ioc import DEFAULT_CHECK_PERIOD, serve
 

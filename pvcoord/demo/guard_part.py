@@ -342,11 +342,19 @@ def walkthrough(
     finally:
         r = operator.rpc(release, device=motor)
         step(f"{operator.account} releases {motor}", r["ok"], r.get("error", ""))
-    _wait_decision(operator, prefix, setpoint, other.account, allowed=True)
+    w = _wait_decision(operator, prefix, setpoint, other.account, allowed=True)
     r = other.put(setpoint, 0.0)
-    step(f"{other.account} puts {setpoint} again on the same channel: allowed", r["ok"],
-         r.get("error", ""))
+    why = "" if r["ok"] else f"{r.get('error', '')} (Guard:WhatIf: {_what_if_text(w)})"
+    step(f"{other.account} puts {setpoint} again on the same channel: allowed", r["ok"], why)
     return results
+
+
+def _what_if_text(answer: dict[str, Any]) -> str:
+    """A ``Guard:WhatIf`` reply (or the agent's error) as one line, for a failed step."""
+    if not answer.get("ok"):
+        return f"no answer: {answer.get('error', 'not asked')}"
+    v = answer["value"]
+    return f"allowed={v.get('allowed')} {v.get('reason', '')}"
 
 
 def _wait_decision(

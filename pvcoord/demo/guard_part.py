@@ -41,7 +41,7 @@ from pvcoord.procs import (
     wait_for_pv,
 )
 from pvdb import demo
-from pvdb.guard import GUARD_AUDIT, GUARD_HEALTH, GUARD_WHAT_IF
+from pvdb.guard import GUARD_AUDIT, GUARD_HEALTH, GUARD_LOCK_STATE_OK, GUARD_WHAT_IF
 from pvdb.names import COORD_ACQUIRE, COORD_RELEASE
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -327,6 +327,11 @@ def walkthrough(
 
     if operator.account == other.account:
         raise ValueError(f"both agents run as {operator.account!r}: use two OS accounts")
+    # the guard is a client of the coordination IOC: after an IOC restart (the walkthrough's step
+    # before) it may need a few seconds to follow the new one, and fails closed meanwhile
+    if not _wait_lock_state(operator, prefix):
+        say(f"[guard] note: {GUARD_LOCK_STATE_OK.name(prefix)} still 0 after "
+            f"{LOCK_STATE_WAIT:.0f} s (the guard fails closed)")
     r = operator.rpc(acquire, device=motor, type="MANUAL_OPERATOR", timeout="120",
                      reason="guard walkthrough")
     step(f"{operator.account} acquires {motor}", r["ok"], r.get("error", ""))
@@ -347,6 +352,26 @@ def walkthrough(
     why = "" if r["ok"] else f"{r.get('error', '')} (Guard:WhatIf: {_what_if_text(w)})"
     step(f"{other.account} puts {setpoint} again on the same channel: allowed", r["ok"], why)
     return results
+
+
+LOCK_STATE_WAIT = 15.0
+"""Seconds the guard's walkthrough waits for ``Guard:LockStateOk`` before its first step."""
+
+
+def _wait_lock_state(agent: PutAgent, prefix: str, timeout: float = LOCK_STATE_WAIT) -> bool:
+    """Wait until the guard has fresh lock state (``Guard:LockStateOk`` 1); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = agent.get(GUARD_LOCK_STATE_OK.name(prefix))
+        if r.get("ok") and _scalar(r["value"]) == 1:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _scalar(v: Any) -> Any:
+    """The ``value`` of an NTScalar the agent returned as a dict (or the plain value)."""
+    return v.get("value") if isinstance(v, dict) else v
 
 
 def _what_if_text(answer: dict[str, Any]) -> str:

@@ -367,6 +367,7 @@ class Verdict(StrEnum):
     EMERGENCY = "emergency"
     NOT_A_DEVICE = "not-a-device"
     FIELD_RULE = "field-rule"
+    DELEGATE = "delegate"
 
 
 _VERDICT_CODE: dict[Verdict, ErrorCode] = {
@@ -430,7 +431,8 @@ def may_write(
     is one of the policy's ``access.emergency``, and even then not while the last lock table
     received (``last_locks``) has the device held by someone else (an emergency account does not
     override a known lock); device held (its own lock or a ``beamline`` lock) -> only its holder
-    (:func:`same_holder`: the account, from the holder's host when ``host`` is given); device
+    (:func:`same_holder`: the account, from the holder's host when ``host`` is given), or a
+    delegate service for a holder it may act for (:meth:`Policy.may_delegate_write`); device
     free -> the policy's ``access.unlocked_writable`` (everyone, or in strict mode nobody).
 
     Args:
@@ -471,17 +473,30 @@ def may_write(
         return Decision(False, Verdict.STRICT,
                         f"device {device} is not locked and the policy is strict: acquire its lock "
                         "first", device=device)
+    delegated: list[LockView] = []
     for lock in held:
-        if not same_holder(lock, account, host):
-            _, at, lock_host = lock.holder.rpartition("@")
-            where = f" from {lock_host}" if at and lock_host else ""
-            return Decision(
-                False, Verdict.HELD_BY_OTHER,
-                f"{describe(lock, t, device)}; only account {lock.account}{where} may write it",
-                device=device, holder=lock.holder, lock_type=lock.lock_type,
-                expires=lock.expires, locked=True,
-            )
+        if same_holder(lock, account, host):
+            continue
+        if policy.access.delegates and not policy.may_delegate_write(
+                account, roles, host, lock.account):
+            delegated.append(lock)
+            continue
+        _, at, lock_host = lock.holder.rpartition("@")
+        where = f" from {lock_host}" if at and lock_host else ""
+        return Decision(
+            False, Verdict.HELD_BY_OTHER,
+            f"{describe(lock, t, device)}; only account {lock.account}{where} may write it",
+            device=device, holder=lock.holder, lock_type=lock.lock_type,
+            expires=lock.expires, locked=True,
+        )
     lock = held[0]
+    if delegated:
+        return Decision(
+            True, Verdict.DELEGATE,
+            f"{describe(delegated[0], t, device)}; {account} writes as a delegate of "
+            f"{delegated[0].account} (policy access.delegates)",
+            device=device, holder=lock.holder, lock_type=lock.lock_type,
+            expires=lock.expires, locked=True)
     return Decision(True, Verdict.HOLDER, f"{account} holds the lock on device {device}",
                     device=device, holder=lock.holder, lock_type=lock.lock_type,
                     expires=lock.expires, locked=True)

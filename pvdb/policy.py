@@ -192,13 +192,31 @@ class AccessPolicy(BaseModel):
     """Trusted service account -> the users it may act for (principals)."""
     anonymous_locks: bool = False
     """Whether an anonymous client (no identity) may take locks; default: read only."""
+    delegates: list[str] = Field(default_factory=list)
+    """Trusted services whose *device writes* the guard lets through for a device held by a user
+    they may act for (:meth:`Policy.may_delegate_write`): e.g. the web bridge, whose puts reach
+    the guard under the bridge's account. Each must also match ``trusted_services``."""
     refusal_audit_per_minute: int = Field(default=120, ge=1, le=100_000)
     """Refused requests of one client (account and host) stored as audit events per minute; the
     rest are counted, and the next stored one says how many."""
 
     _v = field_validator(
-        "trusted_services", "force_release", "emergency", "queue_control"
+        "trusted_services", "force_release", "emergency", "queue_control", "delegates"
     )(_check_principals)
+
+    @model_validator(mode="after")
+    def _delegates_are_trusted(self) -> AccessPolicy:
+        def who(principal: str) -> str:
+            m = _PRINCIPAL_RE.match(principal)
+            return m.group("who") if m else principal
+
+        trusted = {who(t) for t in self.trusted_services}
+        untrusted = [d for d in self.delegates if who(d) not in trusted]
+        if untrusted:
+            raise ValueError(
+                f"delegates {', '.join(untrusted)} must also be listed in trusted_services (a "
+                "delegate writes for the users it may act for, which only a trusted service may)")
+        return self
 
     @field_validator("on_behalf_of")
     @classmethod
@@ -384,6 +402,24 @@ class Policy(BaseModel):
             return (f"{service} may not act on behalf of {user}: root, staff, service and "
                     "emergency accounts only when access.on_behalf_of names them")
         return ""
+
+    def may_delegate_write(
+        self, service: str, service_roles: Iterable[str], service_host: str | None, holder: str
+    ) -> str:
+        """Why ``service`` may not write a device ``holder`` holds as its delegate, or ``""``.
+
+        Allowed when ``service`` (from ``service_host``) is one of ``access.delegates`` and may act
+        on behalf of ``holder`` (:meth:`may_act_for`, with the holder's roles from this host's group
+        database). The trust this adds is none beyond ``onBehalfOf``: such a service could
+        already release ``holder``'s lock on its behalf and then write the free device. What it
+        keeps: locks of users the service may not act for (root, staff, the queue's service
+        account unless named) stay closed to it at the guard.
+        """
+        if not self._m(self.access.delegates, service, service_roles, service_host):
+            return (f"{service} is not a delegate (policy access.delegates: "
+                    f"{', '.join(self.access.delegates) or 'none'})")
+        return self.may_act_for(service, service_roles, service_host, holder,
+                                host_roles(holder))
 
     def may_force_release(
         self, account: str, roles: Iterable[str], host: str | None = None

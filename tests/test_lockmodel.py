@@ -134,3 +134,44 @@ def test_may_write():
     bl = table(Row(BEAMLINE, "max", LockType.MAINTENANCE))
     assert lm.may_write(POLICY, bl, "m7", "bob").holder == "max@h"
     assert lm.may_write(POLICY, bl, "m7", "max").allowed
+
+
+DELEGATING = parse_policy("""
+[access]
+trusted_services = ["webbridge@10.0.0.5", "queuesvc"]
+delegates = ["webbridge@10.0.0.5"]
+on_behalf_of = { webbridge = ["alice", "bob"] }
+""")
+
+
+def test_a_delegate_writes_for_the_users_it_may_act_for_and_only_there():
+    alice = table(Row("m1", "alice", LockType.MANUAL_OPERATOR, host="192.168.1.9"))
+    d = lm.may_write(DELEGATING, alice, "m1", "webbridge", host="10.0.0.5", now=NOW)
+    assert d.allowed and d.verdict is Verdict.DELEGATE and d.holder == "alice@192.168.1.9"
+    # from another host the same claimed account is no delegate
+    d = lm.may_write(DELEGATING, alice, "m1", "webbridge", host="10.0.0.6", now=NOW)
+    assert not d.allowed and d.code is ErrorCode.HOLDER_CONFLICT and d.holder.startswith("alice@")
+    # a holder it may not act for (not in on_behalf_of, or privileged) stays closed to it
+    for holder in ("carol", "root", "queuesvc"):
+        locks = table(Row("m1", holder, LockType.MANUAL_OPERATOR))
+        d = lm.may_write(DELEGATING, locks, "m1", "webbridge", host="10.0.0.5", now=NOW)
+        assert not d.allowed and d.code is ErrorCode.HOLDER_CONFLICT, holder
+        assert d.holder == f"{holder}@h"
+    # a trusted service that is not a delegate is refused as before
+    d = lm.may_write(DELEGATING, alice, "m1", "queuesvc", now=NOW)
+    assert not d.allowed and d.code is ErrorCode.HOLDER_CONFLICT
+    # a beamline lock of a holder it may not act for closes the device too
+    both = table(Row("m1", "alice", LockType.MANUAL_OPERATOR),
+                 Row(BEAMLINE, "root", LockType.MAINTENANCE))
+    d = lm.may_write(DELEGATING, both, "m1", "webbridge", host="10.0.0.5", now=NOW)
+    assert not d.allowed and d.holder == "root@h"
+    # without delegates in the policy nothing changes
+    d = lm.may_write(POLICY, alice, "m1", "webbridge", host="10.0.0.5", now=NOW)
+    assert not d.allowed and d.code is ErrorCode.HOLDER_CONFLICT
+
+
+def test_a_delegate_must_be_a_trusted_service():
+    from pvdb.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="delegates"):
+        parse_policy('[access]\ndelegates = ["webbridge"]\n')

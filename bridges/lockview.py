@@ -122,6 +122,7 @@ class LockView:
         self._pv_rows: list[tuple[str, str]] | None = None
         self._rows: list[DeviceRow] | None = None
         self._bad: dict[str, str] = {}
+        self._map_key: tuple[Any, ...] | None = None
         self._ctxt: Context | None = None
         self._subs: list[Any] = []
         self._stop = threading.Event()
@@ -363,11 +364,14 @@ class LockView:
     def _remap(self) -> None:
         why = self.registry_problem()
         with self._lock:
-            if why:
-                self._devices = DeviceMap(known=False, why_unknown=why)
-            else:
-                rows = self._rows or []
-                self._devices = DeviceMap(
+            rows = self._rows or []
+            # the map's inputs only: a repost of Registry:Devices for a connectivity flag (or a
+            # description) keeps the map object, so followers need not re-decide every channel
+            key = (why, tuple(self._pv_rows or ()),
+                   tuple((r.name, r.pv_prefix, r.device_class) for r in rows))
+            if key != self._map_key:
+                self._map_key = key
+                self._devices = DeviceMap(known=False, why_unknown=why) if why else DeviceMap(
                     self._pv_rows or [], [(r.name, r.pv_prefix) for r in rows], known=True,
                     classes={r.name: r.device_class for r in rows})
         self.refresh(registry_changed=True)

@@ -637,8 +637,8 @@ class LockTable:
         held.
         """
         adds = change.notices
-        pops = list({k for k in ((lk.owner, lk.device) for lk in change.upsert)
-                     if k in self._notices and k not in adds})
+        pops: list[object] = list({k for k in ((lk.owner, lk.device) for lk in change.upsert)
+                                   if k in self._notices and k not in adds})
         if not adds and not pops:
             return [], [], {}
         size = len(self._notices) - len(pops) + sum(1 for k in adds if k not in self._notices)

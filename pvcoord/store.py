@@ -79,6 +79,13 @@ class AuthorityError(StoreError):
     """Another writer holds the store's authority; ``str(e)`` names it."""
 
 
+class OutcomeUnknownError(StoreError):
+    """A commit failed after it may have reached the store, which cannot be asked: it may stand.
+
+    A plain :class:`StoreError` from :meth:`Store.commit` means nothing was written.
+    """
+
+
 @dataclass(frozen=True)
 class BadRow:
     """A stored lock row that does not parse: its key, the start of its data, and why."""
@@ -118,6 +125,8 @@ class Store(Protocol):
             A token for :meth:`durable`: the change is durable once ``durable(token)`` returned.
 
         Raises:
+            OutcomeUnknownError: the connection broke after the change may have been applied,
+                and the store cannot tell whether it was (Redis).
             StoreError: nothing was written.
         """
         ...
@@ -491,6 +500,8 @@ class RedisStore:
         self._locks_key = f"pvcoord:{namespace}:locks"
         self._events_key = f"pvcoord:{namespace}:events"
         self._notices_key = f"pvcoord:{namespace}:notices"
+        self._commit_key = f"pvcoord:{namespace}:commit"
+        self._commits = 0
         self._authority_key = f"pvcoord:{namespace}:authority"
         self._who: str | None = None
         self._redis_error = redis.RedisError
@@ -557,6 +568,8 @@ class RedisStore:
         note_ups: dict[FieldT, EncodableT] = {
             k: v for k, v in (notices or {}).items() if v is not None}
         note_dels = [k for k, v in (notices or {}).items() if v is None]
+        self._commits += 1
+        marker = f"{os.getpid()} {time.time():.6f} {self._commits}"
         try:
             pipe = self._r.pipeline(transaction=True)
             if dels:
@@ -569,8 +582,20 @@ class RedisStore:
                 pipe.hdel(self._notices_key, *note_dels)
             if note_ups:
                 pipe.hset(self._notices_key, mapping=note_ups)
+            pipe.set(self._commit_key, marker)  # tells whether this transaction was applied
             pipe.execute()
         except self._redis_error as e:
+            # A MULTI/EXEC whose reply was lost may have been applied (and fsync'ed): ask
+            try:
+                applied = _text(self._r.get(self._commit_key)) == marker
+            except self._redis_error:
+                raise OutcomeUnknownError(redact(
+                    f"cannot write to Redis store {self._shown}: {e}; the change may or may not "
+                    "have been applied (the store cannot be asked)")) from None
+            if applied:
+                log.warning("Redis store %s: the reply to a commit was lost (%s), but it was "
+                            "applied", self._shown, redact(str(e)))
+                return 0
             raise StoreError(redact(f"cannot write to Redis store {self._shown}: {e}")) from None
         return 0
 

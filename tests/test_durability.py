@@ -208,6 +208,51 @@ def test_a_retried_release_after_a_restart_is_told_what_happened_redis(tmp_path,
         proc.stop()
 
 
+@pytest.mark.system
+def test_redis_commit_whose_reply_is_lost_is_asked_or_unknown(tmp_path, clocks, monkeypatch):
+    """A MULTI/EXEC reply lost with the connection: applied, not applied or unknown (no Redis)."""
+    import redis
+
+    from pvcoord.store import OutcomeUnknownError
+
+    proc, port = start_redis(data_dir=tmp_path / "r")
+    url = f"redis://127.0.0.1:{port}/0"
+    real = redis.client.Pipeline.execute
+    try:
+        store = open_store(url, namespace="L:")
+        t = LockTable(POLICY, store, devices=DEVICES, clock=clocks.time,
+                      monotonic=clocks.monotonic)
+        k = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60).key
+
+        def applied_then_lost(self, *a, **kw):
+            real(self, *a, **kw)
+            raise redis.ConnectionError("Connection closed by server.")
+
+        monkeypatch.setattr(redis.client.Pipeline, "execute", applied_then_lost)
+        assert t.release(ALICE, key=k) == ("m1",)  # asked: it was applied, so it is a release
+        assert store.load_locks() == [] and t.locks() == []
+
+        def lost_before(self, *a, **kw):
+            raise redis.ConnectionError("Connection closed by server.")
+
+        monkeypatch.setattr(redis.client.Pipeline, "execute", lost_before)
+        with raises_code(LockError, ErrorCode.STORE_UNAVAILABLE):  # asked: nothing changed
+            t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60)
+        monkeypatch.setattr(redis.client.Pipeline, "execute", real)
+        t.check_store()
+        k2 = t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60).key
+        proc.stop()  # the real thing: Redis gone, nobody can say
+        with pytest.raises(OutcomeUnknownError):
+            store.commit([], [], [])
+        with raises_code(LockError, ErrorCode.OUTCOME_UNKNOWN):
+            t.release(ALICE, key=k2)
+        assert [lk.device for lk in t.locks()] == ["m2"]  # memory unchanged
+        store.close()
+    finally:
+        monkeypatch.setattr(redis.client.Pipeline, "execute", real)
+        proc.stop()
+
+
 # --- untrusted rows -----------------------------------------------------------------------------
 
 def _lock(device="m1", lock_type="MANUAL_OPERATOR", owner="alice", expires=T0 + 60, **kw) -> dict:

@@ -279,7 +279,9 @@ class Worker(threading.Thread):
         gone" code) means the lock is gone, any other code that the IOC still has it. A request
         in flight at the kill is re-sent by the PVA client to the restarted IOC (pvxs retries an
         RPC whose reply was lost with the connection), so a release the first IOC made gets
-        ``released`` from the second one: that is its own release, the lock is gone.
+        ``released`` from the second one: that is its own release, the lock is gone. A Redis
+        that dies between a transaction and its reply makes the outcome unknown
+        (``outcome-unknown``): a release may then be either.
         """
         user = f"user{self.i}"
         d = rnd.choice(DEVICES)
@@ -291,8 +293,9 @@ class Worker(threading.Thread):
                 self.held[d] = (r.key, r.expires)
         elif rnd.random() < 0.5:
             r = rpc(c, pvn.COORD_RELEASE, key=mine[0], onBehalfOf=user)
-            if not isinstance(r, RemoteError) or code_of(str(r)) in GONE:
-                self.held.pop(d, None)  # released, or no reply (then it may be either)
+            if not isinstance(r, RemoteError) or code_of(str(r)) in GONE | {
+                    ErrorCode.OUTCOME_UNKNOWN}:
+                self.held.pop(d, None)  # released, or no reply / unknown (may be either)
         else:
             r = rpc(c, pvn.COORD_RENEW, key=mine[0], timeout="600", onBehalfOf=user)
             if not isinstance(r, Exception):

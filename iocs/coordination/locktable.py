@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NoReturn, cast
 
-from pvcoord.store import AuthorityError, BadRow, Store, StoreError
+from pvcoord.store import AuthorityError, BadRow, OutcomeUnknownError, Store, StoreError
 from pvdb import lockmodel
 from pvdb.lockmodel import ErrorCode, describe, fmt_time
 from pvdb.models import BEAMLINE, DEVICE_NAME_RE, EventAction, Lock, LockEvent, LockType
@@ -601,6 +601,13 @@ class LockTable:
                 log.error("store failed, nothing changed: %s", e)
                 self._store_error_logged = now
             self._store_error = str(e)
+            if isinstance(e, OutcomeUnknownError):
+                # memory is unchanged; when the store answers, _resync makes it equal to memory
+                # (the change undone) unless this IOC stops first (then the store's state stands)
+                raise LockError(
+                    f"the lock store failed after the change may have reached it: {e}; it may "
+                    "or may not stand: check with Renew or Coord:Locks once the store answers",
+                    ErrorCode.OUTCOME_UNKNOWN) from None
             raise LockError(
                 f"the lock store failed, nothing changed: {e}", ErrorCode.STORE_UNAVAILABLE
             ) from None

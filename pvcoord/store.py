@@ -132,7 +132,7 @@ class Store(Protocol):
         ...
 
     def load_notices(self) -> list[tuple[str, str]]:
-        """Every stored notice as ``(id, JSON text)``, oldest write first where the store knows.
+        """Every stored notice as ``(id, JSON text)``, in no particular order (the JSON has a time).
 
         The rows are untrusted: the caller parses and validates them.
         """
@@ -188,7 +188,7 @@ CREATE TABLE IF NOT EXISTS events (
     time REAL NOT NULL, action TEXT NOT NULL, device TEXT NOT NULL, lock_type TEXT,
     actor TEXT NOT NULL, holder TEXT NOT NULL, message TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS notices (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS notices (id TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -340,8 +340,8 @@ class SQLiteStore:
     def load_notices(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
         with self._mutex:
             try:
-                # INSERT OR REPLACE gives a replaced row a new rowid: rowid order is write order
-                rows = self._db.execute("SELECT id, data FROM notices ORDER BY rowid").fetchall()
+                # one b-tree keyed by id (no rowid): the caller orders them by their time
+                rows = self._db.execute("SELECT id, data FROM notices").fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read notices from {self.path}: {e}") from None
         return [(str(k), str(v)) for k, v in rows]

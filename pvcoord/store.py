@@ -24,6 +24,13 @@ refused with a message naming the first (pid, host, prefix, since when).
 Rows are not trusted: :meth:`Store.load_rows` returns the locks that parse and the rows that do not
 (the caller reports and drops them); :meth:`Store.load_locks` returns only the ones that parse.
 
+Notices (what a holder is told on its next release/renew about a lock it lost: preempted,
+expired, released, force-released) are stored too, as opaque ``(id, JSON)`` rows written in the
+same transaction as the change that made them (:meth:`Store.commit`'s ``notices``), so a request
+retried after a restart (a PVA client re-sends an RPC whose reply was lost with the connection)
+gets the answer it would have got without the restart. See
+docs/decisions/0120-notices-are-durable-retried-rpcs.md.
+
 SQLite files: ``?mode=0600`` (default: only the service account that runs the IOC reads the
 file) or ``?mode=0640`` (its group too, e.g. a queue service account whose worker hook reads the
 store). A new file and its folder are created with that mode (the folder 0700 / 0750); an
@@ -44,7 +51,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -72,6 +79,13 @@ class AuthorityError(StoreError):
     """Another writer holds the store's authority; ``str(e)`` names it."""
 
 
+class OutcomeUnknownError(StoreError):
+    """A commit failed after it may have reached the store, which cannot be asked: it may stand.
+
+    A plain :class:`StoreError` from :meth:`Store.commit` means nothing was written.
+    """
+
+
 @dataclass(frozen=True)
 class BadRow:
     """A stored lock row that does not parse: its key, the start of its data, and why."""
@@ -95,7 +109,8 @@ class Store(Protocol):
         ...
 
     def commit(
-        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
+        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
+        notices: Mapping[str, str | None] | None = None,
     ) -> int:
         """Apply one change atomically: all of it or nothing.
 
@@ -103,12 +118,23 @@ class Store(Protocol):
             upsert: locks to insert or replace (keyed by device).
             delete: devices (store keys) whose lock row is removed.
             events: audit events to append.
+            notices: notice id -> JSON text to insert or replace (it becomes the newest), or
+                ``None`` to delete that id.
 
         Returns:
             A token for :meth:`durable`: the change is durable once ``durable(token)`` returned.
 
         Raises:
+            OutcomeUnknownError: the connection broke after the change may have been applied,
+                and the store cannot tell whether it was (Redis).
             StoreError: nothing was written.
+        """
+        ...
+
+    def load_notices(self) -> list[tuple[str, str]]:
+        """Every stored notice as ``(id, JSON text)``, in no particular order (the JSON has a time).
+
+        The rows are untrusted: the caller parses and validates them.
         """
         ...
 
@@ -162,6 +188,7 @@ CREATE TABLE IF NOT EXISTS events (
     time REAL NOT NULL, action TEXT NOT NULL, device TEXT NOT NULL, lock_type TEXT,
     actor TEXT NOT NULL, holder TEXT NOT NULL, message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS notices (id TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -310,12 +337,24 @@ class SQLiteStore:
     def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
         return self.load_rows()[0]
 
+    def load_notices(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
+        with self._mutex:
+            try:
+                # one b-tree keyed by id (no rowid): the caller orders them by their time
+                rows = self._db.execute("SELECT id, data FROM notices").fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read notices from {self.path}: {e}") from None
+        return [(str(k), str(v)) for k, v in rows]
+
     def commit(  # noqa: D102 - see Store
-        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
+        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
+        notices: Mapping[str, str | None] | None = None,
     ) -> int:
         ups = [(lk.device, lk.model_dump_json()) for lk in upsert]
         dels = [(d,) for d in delete]
         evs = [_event_row(e) for e in events]
+        note_ups = [(k, v) for k, v in (notices or {}).items() if v is not None]
+        note_dels = [(k,) for k, v in (notices or {}).items() if v is None]
         with self._mutex:
             try:
                 with self._db:  # one transaction: commit on success, rollback on error
@@ -331,6 +370,11 @@ class SQLiteStore:
                             " message) VALUES (?, ?, ?, ?, ?, ?, ?)",
                             evs,
                         )
+                    if note_dels:
+                        self._db.executemany("DELETE FROM notices WHERE id=?", note_dels)
+                    if note_ups:
+                        self._db.executemany(
+                            "INSERT OR REPLACE INTO notices(id, data) VALUES (?, ?)", note_ups)
             except sqlite3.Error as e:
                 raise StoreError(f"cannot write to SQLite store {self.path}: {e}") from None
             self._written += 1
@@ -425,7 +469,10 @@ return 0
 
 
 class RedisStore:
-    """Redis: a hash ``pvcoord:<ns>:locks`` (device -> JSON lock) and a list ``...:events``.
+    """Redis: hashes ``pvcoord:<ns>:locks`` and ``...:notices``, and a list ``...:events``.
+
+    Locks are device -> JSON lock; notices id -> JSON notice (a hash keeps no order: the caller
+    orders them by their time).
 
     Each commit is one MULTI/EXEC transaction; with ``appendfsync always`` Redis fsyncs it before
     it answers, and Redis itself groups the fsyncs of concurrent clients.
@@ -452,6 +499,9 @@ class RedisStore:
         self._shown = self.url
         self._locks_key = f"pvcoord:{namespace}:locks"
         self._events_key = f"pvcoord:{namespace}:events"
+        self._notices_key = f"pvcoord:{namespace}:notices"
+        self._commit_key = f"pvcoord:{namespace}:commit"
+        self._commits = 0
         self._authority_key = f"pvcoord:{namespace}:authority"
         self._who: str | None = None
         self._redis_error = redis.RedisError
@@ -501,12 +551,25 @@ class RedisStore:
     def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
         return self.load_rows()[0]
 
+    def load_notices(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
+        try:
+            data = self._r.hgetall(self._notices_key)
+        except self._redis_error as e:
+            raise StoreError(redact(f"cannot read notices from {self._shown}: {e}")) from None
+        return [(_text(k), _text(v)) for k, v in data.items()]
+
     def commit(  # noqa: D102 - see Store
-        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent]
+        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
+        notices: Mapping[str, str | None] | None = None,
     ) -> int:
         ups: dict[FieldT, EncodableT] = {lk.device: lk.model_dump_json() for lk in upsert}
         dels = list(delete)
         evs = [json.dumps(_event_row(e)) for e in events]
+        note_ups: dict[FieldT, EncodableT] = {
+            k: v for k, v in (notices or {}).items() if v is not None}
+        note_dels = [k for k, v in (notices or {}).items() if v is None]
+        self._commits += 1
+        marker = f"{os.getpid()} {time.time():.6f} {self._commits}"
         try:
             pipe = self._r.pipeline(transaction=True)
             if dels:
@@ -515,8 +578,24 @@ class RedisStore:
                 pipe.hset(self._locks_key, mapping=ups)
             if evs:
                 pipe.rpush(self._events_key, *evs)
+            if note_dels:
+                pipe.hdel(self._notices_key, *note_dels)
+            if note_ups:
+                pipe.hset(self._notices_key, mapping=note_ups)
+            pipe.set(self._commit_key, marker)  # tells whether this transaction was applied
             pipe.execute()
         except self._redis_error as e:
+            # A MULTI/EXEC whose reply was lost may have been applied (and fsync'ed): ask
+            try:
+                applied = _text(self._r.get(self._commit_key)) == marker
+            except self._redis_error:
+                raise OutcomeUnknownError(redact(
+                    f"cannot write to Redis store {self._shown}: {e}; the change may or may not "
+                    "have been applied (the store cannot be asked)")) from None
+            if applied:
+                log.warning("Redis store %s: the reply to a commit was lost (%s), but it was "
+                            "applied", self._shown, redact(str(e)))
+                return 0
             raise StoreError(redact(f"cannot write to Redis store {self._shown}: {e}")) from None
         return 0
 

@@ -97,6 +97,9 @@ class ErrorCode(StrEnum):
     """The caller's lock was released by someone holding its key."""
     STORE_UNAVAILABLE = "store-unavailable"
     """The lock store failed; nothing changed."""
+    OUTCOME_UNKNOWN = "outcome-unknown"
+    """The lock store's connection broke after the change may have reached it, and the store
+    cannot be asked: the change may or may not stand (check with Renew or ``Coord:Locks``)."""
     MANAGER_UNAVAILABLE = "manager-unavailable"
     """The RE Manager did not answer."""
     MANAGER_REFUSED = "manager-refused"

@@ -425,8 +425,9 @@ def test_redis_store_down_refuses_changes_and_health_says_so(tmp_path):
             redis.stop()
             err = rpc(c, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR")
             assert isinstance(err, RemoteError)
-            assert "the lock store failed, nothing changed" in str(err)
-            assert [x[0] for x in locks(c)] == ["m1"]
+            # a stopped Redis cannot say whether the transaction reached it (decision 0121)
+            assert code_of(str(err)) in (ErrorCode.STORE_UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN)
+            assert [x[0] for x in locks(c)] == ["m1"]  # not granted while this IOC runs
             wait_until(lambda: "store failing" in h.get(health, timeout=CLIENT_TIMEOUT), 10,
                        "health shows the store failure")
             redis, _ = start_redis(port=port, data_dir=tmp_path / "redis")

@@ -16,8 +16,11 @@ import pytest
 from iocs.coordination.locktable import Identity, LockError, LockTable, hash_key
 from pvcoord.procs import start_redis
 from pvcoord.store import AuthorityError, RedisStore, SQLiteStore, StoreError, open_store
+from pvdb.lockmodel import ErrorCode
 from pvdb.models import EventAction, Lock, LockType
 from pvdb.policy import parse_policy
+
+from .codes import raises_code
 
 POLICY = parse_policy(
     """
@@ -104,6 +107,150 @@ def test_restart_takes_the_stored_wall_clock_expiry(path, clocks):
     assert [lk.device for lk in t2.locks()] == ["m1"]
     assert t2.remaining(t2.locks()[0]) == pytest.approx(30)
     assert [(e.action, e.device) for e in t2.startup_events] == [(EventAction.EXPIRED, "m2")]
+
+
+# --- notices across a restart (decision 0120) ----------------------------------------------------
+
+ROOT = Identity("root", "10.0.0.9")
+
+
+def _lose_locks_every_way(t: LockTable, clocks: Clocks) -> dict[str, str]:
+    """Release m1, let root preempt m2, let m3 expire: the keys each holder was given."""
+    k1 = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60).key
+    t.release(ALICE, key=k1)  # its reply is what a kill -9 may lose
+    k2 = t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60).key
+    t.acquire(ROOT, ["m2"], LockType.MAINTENANCE, 60)
+    k3 = t.acquire(ALICE, ["m3"], LockType.MANUAL_OPERATOR, 5).key
+    clocks.advance(6)
+    assert [e.device for e in t.expire()] == ["m3"]
+    return {"m1": k1, "m2": k2, "m3": k3}
+
+
+def _told_the_same(t: LockTable, keys: dict[str, str]) -> None:
+    """A retried release/renew with each key, or by device, gets the code of what happened."""
+    with raises_code(LockError, ErrorCode.RELEASED, ALICE.holder):  # not unknown-key
+        t.release(ALICE, key=keys["m1"])
+    with raises_code(LockError, ErrorCode.RELEASED, ALICE.holder):
+        t.release(ALICE, ["m1"])
+    with raises_code(LockError, ErrorCode.PREEMPTED, ROOT.holder):
+        t.renew(ALICE, key=keys["m2"], timeout=60)
+    with raises_code(LockError, ErrorCode.PREEMPTED, ROOT.holder):
+        t.release(ALICE, ["m2"])
+    with raises_code(LockError, ErrorCode.EXPIRED):
+        t.release(ALICE, key=keys["m3"])
+
+
+def test_a_retried_release_after_a_restart_is_told_what_happened(path, clocks):
+    """A PVA client re-sends an RPC whose reply the kill took: the answer is not unknown-key."""
+    t = table_on(path, clocks)
+    keys = _lose_locks_every_way(t, clocks)
+    _told_the_same(t, keys)
+    t.store.close()  # a restart: memory is gone, the store stays
+    t2 = table_on(path, clocks)
+    _told_the_same(t2, keys)
+    # a new lock of the same holder makes its old news stale, in the store too
+    t2.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+    ids = {nid for nid, _ in t2.store.load_notices()}
+    assert 'holder:["alice", "m1"]' not in ids and 'holder:["alice", "m3"]' in ids
+    t2.store.close()
+    t3 = table_on(path, clocks)
+    assert t3.release(ALICE, ["m1"]) == ("m1",)
+    with raises_code(LockError, ErrorCode.EXPIRED):
+        t3.release(ALICE, ["m3"])
+
+
+def test_stored_notices_are_bounded_like_memory_and_untrusted(path, clocks, monkeypatch):
+    from iocs.coordination import locktable
+
+    monkeypatch.setattr(locktable, "NOTICES_KEPT", 5)
+    t = table_on(path, clocks)
+    keys = []
+    for _ in range(6):  # each release leaves two notices (its key, its holder and device)
+        k = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60).key
+        t.release(ALICE, key=k)
+        keys.append(k)
+        clocks.advance(1)
+    stored = {nid for nid, _ in t.store.load_notices()}
+    # the newest five: the holder's notice on m1 and the last four keys; the first two evicted
+    # from memory and from the store
+    assert stored == {'holder:["alice", "m1"]', *(f"key:{hash_key(k)}" for k in keys[2:])}
+    t.store.close()
+    with sqlite3.connect(path) as db:  # rows another account wrote into the store
+        db.executemany("INSERT INTO notices(id, data) VALUES (?, ?)", [
+            ("key:" + "0" * 64, json.dumps({"code": "holder-conflict", "message": "x",
+                                           "holder": "", "time": T0})),
+            ("nonsense", json.dumps({"code": "released", "message": "x", "holder": "",
+                                     "time": T0})),
+            ("key:" + "1" * 64, "]]garbage"),
+        ])
+    t2 = table_on(path, clocks)
+    assert {nid for nid, _ in t2.store.load_notices()} == stored  # bad rows deleted
+    with raises_code(LockError, ErrorCode.RELEASED, ALICE.holder):
+        t2.release(ALICE, key=keys[-1])
+    with raises_code(LockError, ErrorCode.UNKNOWN_KEY):
+        t2.release(ALICE, key=keys[0])
+
+
+@pytest.mark.system
+def test_a_retried_release_after_a_restart_is_told_what_happened_redis(tmp_path, clocks):
+    proc, port = start_redis(data_dir=tmp_path / "r")
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        t = LockTable(POLICY, open_store(url, namespace="N:"), devices=DEVICES,
+                      clock=clocks.time, monotonic=clocks.monotonic)
+        keys = _lose_locks_every_way(t, clocks)
+        t.store.close()
+        t2 = LockTable(POLICY, open_store(url, namespace="N:"), devices=DEVICES,
+                       clock=clocks.time, monotonic=clocks.monotonic)
+        _told_the_same(t2, keys)
+        t2.store.close()
+    finally:
+        proc.stop()
+
+
+@pytest.mark.system
+def test_redis_commit_whose_reply_is_lost_is_asked_or_unknown(tmp_path, clocks, monkeypatch):
+    """A MULTI/EXEC reply lost with the connection: applied, not applied or unknown (no Redis)."""
+    import redis
+
+    from pvcoord.store import OutcomeUnknownError
+
+    proc, port = start_redis(data_dir=tmp_path / "r")
+    url = f"redis://127.0.0.1:{port}/0"
+    real = redis.client.Pipeline.execute
+    try:
+        store = open_store(url, namespace="L:")
+        t = LockTable(POLICY, store, devices=DEVICES, clock=clocks.time,
+                      monotonic=clocks.monotonic)
+        k = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60).key
+
+        def applied_then_lost(self, *a, **kw):
+            real(self, *a, **kw)
+            raise redis.ConnectionError("Connection closed by server.")
+
+        monkeypatch.setattr(redis.client.Pipeline, "execute", applied_then_lost)
+        assert t.release(ALICE, key=k) == ("m1",)  # asked: it was applied, so it is a release
+        assert store.load_locks() == [] and t.locks() == []
+
+        def lost_before(self, *a, **kw):
+            raise redis.ConnectionError("Connection closed by server.")
+
+        monkeypatch.setattr(redis.client.Pipeline, "execute", lost_before)
+        with raises_code(LockError, ErrorCode.STORE_UNAVAILABLE):  # asked: nothing changed
+            t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60)
+        monkeypatch.setattr(redis.client.Pipeline, "execute", real)
+        t.check_store()
+        k2 = t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60).key
+        proc.stop()  # the real thing: Redis gone, nobody can say
+        with pytest.raises(OutcomeUnknownError):
+            store.commit([], [], [])
+        with raises_code(LockError, ErrorCode.OUTCOME_UNKNOWN):
+            t.release(ALICE, key=k2)
+        assert [lk.device for lk in t.locks()] == ["m2"]  # memory unchanged
+        store.close()
+    finally:
+        monkeypatch.setattr(redis.client.Pipeline, "execute", real)
+        proc.stop()
 
 
 # --- untrusted rows -----------------------------------------------------------------------------

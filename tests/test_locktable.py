@@ -292,8 +292,11 @@ class FlakyStore:
     def recent_events(self, n):
         return self.inner.recent_events(n)
 
-    def commit(self, upsert, delete, events):
-        token = self.inner.commit(upsert, delete, events)
+    def load_notices(self):
+        return self.inner.load_notices()
+
+    def commit(self, upsert, delete, events, notices=None):
+        token = self.inner.commit(upsert, delete, events, notices)
         if self.lose_next_reply:
             self.lose_next_reply = False
             from pvcoord.store import StoreError

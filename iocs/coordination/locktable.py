@@ -17,7 +17,10 @@ The rules themselves (priorities, preemption, beamline lock, refusal texts and c
   the holder's own account.
 - Several devices in one request are granted all or none (try-lock, no waiting).
 - ``beamline`` locks every device: it conflicts with every device lock and vice versa.
-- A preempted, expired or force-released holder is told on its next release/renew.
+- A preempted, expired, released or force-released holder is told on its next release/renew.
+  These notices are stored with the change that makes them (same transaction) and reloaded on
+  start, so a request retried after a restart (a PVA client re-sends an RPC whose reply was lost
+  with the connection) gets the same answer as without the restart (decision 0120).
 - Every change is committed to the store before it is applied in memory; the caller replies only
   after :meth:`LockTable.durable` (the store's fsync, shared by the requests in flight); if the
   store fails nothing changes.
@@ -35,6 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
+import json
 import logging
 import math
 import re
@@ -44,9 +49,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, cast
 
-from pvcoord.store import AuthorityError, BadRow, Store, StoreError
+from pvcoord.store import AuthorityError, BadRow, OutcomeUnknownError, Store, StoreError
 from pvdb import lockmodel
 from pvdb.lockmodel import ErrorCode, describe, fmt_time
 from pvdb.models import BEAMLINE, DEVICE_NAME_RE, EventAction, Lock, LockEvent, LockType
@@ -71,7 +76,12 @@ KEY_HASHES_KEPT = 8
 REFUSAL_WINDOW = 60.0
 """Seconds of the refusal rate limit."""
 NOTICES_KEPT = 4096
-"""How many 'your lock was preempted/expired' notices are remembered for their holders."""
+"""How many 'your lock was preempted/expired' notices are remembered for their holders (in memory
+and in the store: the store keeps exactly the ones memory keeps)."""
+MAX_NOTICE = 2048
+"""Longest notice message accepted when loading it from the store (characters)."""
+_NOTICE_CODES = frozenset({ErrorCode.PREEMPTED, ErrorCode.EXPIRED, ErrorCode.RELEASED,
+                           ErrorCode.FORCE_RELEASED})
 CLOCK_STEP = 1.0
 """Seconds by which the wall clock must jump against the monotonic clock to count as a step."""
 LOAD_SLACK = 5.0
@@ -152,6 +162,49 @@ class Notice:
     def error(self, suffix: str = "", holder: str = "") -> LockError:
         """This notice as a :class:`LockError` (``suffix`` appended to the message)."""
         return LockError(self.message + suffix, self.code, holder or self.holder)
+
+    def to_json(self, t: float) -> str:
+        """The stored form: JSON with ``code``, ``message``, ``holder`` and ``time`` (epoch s)."""
+        return json.dumps({"code": self.code.value, "message": self.message,
+                           "holder": self.holder, "time": t})
+
+    @staticmethod
+    def from_json(text: str) -> tuple[float, Notice] | None:
+        """(time, notice) from :meth:`to_json`'s text, or ``None`` if it is not one (untrusted)."""
+        try:
+            d = json.loads(text)
+            code = ErrorCode(d["code"])
+            message, holder, t = d["message"], d["holder"], float(d["time"])
+        except (ValueError, TypeError, KeyError):
+            return None
+        if (code not in _NOTICE_CODES or not isinstance(message, str)
+                or not isinstance(holder, str) or not math.isfinite(t)
+                or len(message) > MAX_NOTICE or len(holder) > 2 * _NAME_MAX + 1
+                or not (message + holder).isprintable()):
+            return None
+        return t, Notice(code, message, holder)
+
+
+def _notice_id(k: object) -> str:
+    """The store id of a notice key: ``key:<digest>`` or ``holder:["account", "device"]``."""
+    if isinstance(k, str):
+        return "key:" + k
+    owner, device = cast(tuple[str, str], k)
+    return "holder:" + json.dumps([owner, device])
+
+
+def _notice_key(nid: str) -> object | None:
+    """The notice key of a store id (:func:`_notice_id`), or ``None`` if it is not one."""
+    if nid.startswith("key:") and _HASH_RE.match(nid[4:]):
+        return nid[4:]
+    if nid.startswith("holder:"):
+        try:
+            v = json.loads(nid[7:])
+        except ValueError:
+            return None
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v):
+            return (v[0], v[1])
+    return None
 
 
 @dataclass
@@ -348,8 +401,35 @@ class LockTable:
             return f"{lk.owner} may not take {lk.lock_type.value} locks (policy)"
         return None
 
+    def _load_notices(self) -> None:
+        """Reload the stored notices (newest :data:`NOTICES_KEPT`); bad rows are logged, deleted."""
+        loaded: list[tuple[float, object, Notice]] = []
+        bad: list[str] = []
+        for nid, data in self.store.load_notices():
+            k = _notice_key(nid)
+            got = Notice.from_json(data) if k is not None else None
+            if got is None:
+                bad.append(nid)
+                continue
+            loaded.append((got[0], k, got[1]))
+        loaded.sort(key=lambda x: x[0])  # stable: a store's write order stays for equal times
+        cut = max(0, len(loaded) - NOTICES_KEPT)
+        for _, k, n in loaded[cut:]:
+            self._notices[k] = n
+        drop = bad + [_notice_id(k) for _, k, _ in loaded[:cut]]
+        if bad:
+            log.error("%d stored notice row(s) rejected at start and deleted (e.g. %r)", len(bad),
+                      bad[0][:80])
+        if drop:
+            try:
+                self._last_token = max(self._last_token, self.store.commit(
+                    [], [], [], notices=dict.fromkeys(drop)))
+            except StoreError as e:
+                log.error("could not delete the rejected notice rows: %s", e)
+
     def _load(self) -> list[LockEvent]:
         """Load the store's locks, validating each; report, delete and skip the bad rows."""
+        self._load_notices()
         good, bad = self.store.load_rows()
         now = self.clock()
         for lk in good:
@@ -512,13 +592,22 @@ class LockTable:
         try:
             if self._store_error is not None:
                 self._resync()
-            token = self.store.commit(change.upsert, change.delete, change.events)
+            pops, evict, writes = self._notice_plan(change)
+            token = self.store.commit(change.upsert, change.delete, change.events,
+                                      notices=writes)
         except StoreError as e:
             now = time.monotonic()
             if self._store_error is None or now - self._store_error_logged > 10:
                 log.error("store failed, nothing changed: %s", e)
                 self._store_error_logged = now
             self._store_error = str(e)
+            if isinstance(e, OutcomeUnknownError):
+                # memory is unchanged; when the store answers, _resync makes it equal to memory
+                # (the change undone) unless this IOC stops first (then the store's state stands)
+                raise LockError(
+                    f"the lock store failed after the change may have reached it: {e}; it may "
+                    "or may not stand: check with Renew or Coord:Locks once the store answers",
+                    ErrorCode.OUTCOME_UNKNOWN) from None
             raise LockError(
                 f"the lock store failed, nothing changed: {e}", ErrorCode.STORE_UNAVAILABLE
             ) from None
@@ -531,17 +620,46 @@ class LockTable:
             self._drop(d)
         for lk in change.upsert:
             self._put(lk)
-            self._notices.pop((lk.owner, lk.device), None)  # a new lock: old news is stale
+        for k in pops:
+            del self._notices[k]
         for k, msg in change.notices.items():
             self._notices[k] = msg
             self._notices.move_to_end(k)
-        while len(self._notices) > NOTICES_KEPT:
-            self._notices.popitem(last=False)
+        for k in evict:
+            self._notices.pop(k, None)
         for e in change.events:
             log.info("%s", e.line())
         if self.listener is not None:
             changed = {lk.device for lk in change.upsert} | set(change.delete)
             self.listener(changed, change.events)
+
+    def _notice_plan(
+        self, change: _Change
+    ) -> tuple[list[object], list[object], dict[str, str | None]]:
+        """How ``change`` changes the notices: (popped, evicted, the store's writes).
+
+        A new lock makes its holder's old notice on that device stale (popped); the change's
+        notices become the newest; the oldest beyond :data:`NOTICES_KEPT` are evicted. The store
+        gets the same edits in the change's transaction, so after a restart it holds what memory
+        held.
+        """
+        adds = change.notices
+        pops: list[object] = list({k for k in ((lk.owner, lk.device) for lk in change.upsert)
+                                   if k in self._notices and k not in adds})
+        if not adds and not pops:
+            return [], [], {}
+        size = len(self._notices) - len(pops) + sum(1 for k in adds if k not in self._notices)
+        evict: list[object] = []
+        if size > NOTICES_KEPT:
+            popped = set(pops)
+            order = itertools.chain(
+                (k for k in self._notices if k not in adds and k not in popped), adds)
+            evict = list(itertools.islice(order, size - NOTICES_KEPT))
+        now = self.clock()
+        writes: dict[str, str | None] = {_notice_id(k): n.to_json(now) for k, n in adds.items()}
+        for k in (*pops, *evict):
+            writes[_notice_id(k)] = None
+        return pops, evict, writes
 
     def durable(self) -> None:
         """Wait until this thread's changes are on stable storage; call it before replying.

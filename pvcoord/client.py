@@ -649,7 +649,10 @@ class AsyncHeldLock:
             try:
                 await self._client.release(key=self.grant.key, call_timeout=self._call_timeout)
             except RefusedError as e:
-                self.lost = _lost_error(e)
+                # ``released``: this release reached the IOC before (p4p re-sends an RPC whose
+                # reply a crash of the IOC lost, and the restarted IOC says it was released)
+                if e.code is not ErrorCode.RELEASED:
+                    self.lost = _lost_error(e)
             except NoAnswerError:
                 if exc_type is None:
                     raise

@@ -153,3 +153,49 @@ def test_refused_error_carries_the_code_and_holder_of_the_server_text():
     assert str(e) == e.message and e.text.startswith("[holder-conflict")
     plain = cl.RefusedError("P:m1", "Put permission denied by gateway")
     assert (plain.code, plain.holder, plain.message) == (None, "", plain.text)
+
+
+class _ReleasedTwice:
+    """A coordination caller whose release is answered as a retried one after a restart (the
+    IOC side of this is tests/test_durability_system.py's kill -9 run)."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def pv(self, spec):
+        return spec.name("UT:")
+
+    async def acquire(self, *args, **kws):
+        from pvcoord.rpc import Grant
+
+        return Grant(granted=True, key="k" * 32, devices=("m1",), preempted=(), expires=9e9,
+                     message="granted")
+
+    async def renew(self, *args, **kws):
+        raise AssertionError("not renewed in this test")
+
+    async def release(self, *args, **kws):
+        from pvcoord.rpc import RefusedError
+
+        raise RefusedError("UT:Coord:Release", f"[{self.code} holder=u@h] m1: as told")
+
+
+@pytest.mark.parametrize(("code", "lost"), [("released", False), ("preempted", True)])
+def test_leaving_a_lock_block_whose_release_was_retried_is_not_a_loss(code, lost):
+    import asyncio
+
+    from pvcoord.client import AsyncHeldLock, LockLostError
+    from pvdb.lockmodel import LockType
+
+    async def main() -> None:
+        held = AsyncHeldLock(_ReleasedTwice(code), ["m1"], LockType.MANUAL_OPERATOR,  # type: ignore[arg-type]
+                             60.0, "", "", None, None, 30.0, None, False)
+        async with held:
+            pass
+
+    if lost:
+        with pytest.raises(LockLostError) as e:
+            asyncio.run(main())
+        assert e.value.code.value == code
+    else:
+        asyncio.run(main())

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pvcoord.service import shared_python
+
 log = logging.getLogger("bridges.pvws.cawrite")
 
 WORKERS = 4
@@ -91,7 +93,7 @@ class CaWriter:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridges.pvws.cawrite", "--timeout", str(self.timeout),
+                shared_python(), "-m", "bridges.pvws.cawrite", "--timeout", str(self.timeout),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env)
             log.info("CA writer started (pid %d)", self._proc.pid)
             self._reader = asyncio.get_running_loop().create_task(self._read(self._proc))

@@ -40,7 +40,7 @@ HOOK_REPLY_TTL = 30
 
 
 def _who(caller: Caller) -> str:
-    """``alice@host`` or ``alice@host (for pvcoord-web)`` for the log."""
+    """``alice@host``, or ``alice@host (by pvcoord-web)`` on behalf of a user, for the log."""
     return f"{caller.account}@{caller.host}" + (f" (by {caller.actor})" if caller.actor else "")
 
 

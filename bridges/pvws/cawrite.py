@@ -123,7 +123,10 @@ class CaWriter:
         Raises:
             CaWriteError: no server answered, the IOC refused the put, or the child failed.
         """
-        proc = await self._ensure()
+        try:
+            proc = await self._ensure()
+        except OSError as e:
+            raise CaWriteError(f"the CA writer cannot start: {e}") from None
         assert proc.stdin is not None
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

@@ -11,30 +11,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from .service import shared_python
+
 LOOPBACK = "127.0.0.1"
 
 
-def _shared_python() -> str:
-    """This interpreter by a path every OS account can follow.
-
-    In a venv, ``sys.executable`` may go through ``.venv``, a symlink in a private checkout (root's
-    home, mode 700) to the shared venv ``scripts/setup.sh`` made; ``runuser`` children cannot
-    execute that path. The venv's own directory, resolved, they can.
-    """
-    if sys.prefix == sys.base_prefix:
-        return sys.executable
-    exe = Path(os.path.realpath(sys.prefix)) / "bin" / "python"
-    return str(exe) if exe.exists() else sys.executable
-
-
-PYTHON = _shared_python()
+PYTHON = shared_python()
 """The interpreter for every process pvcoord starts (a path other accounts can execute)."""
 BIN = Path(PYTHON).parent
 """The venv's ``bin`` folder (``start-re-manager``, ``pvcoord``), by the same shareable path."""

@@ -6,6 +6,7 @@ not import each other (docs/decisions/0091-service-helpers-in-pvcoord.md):
 - :func:`config_argv`: expand ``--config ENDSTATION.toml`` into the process's options and EPICS
   environment (the file's section for the process plus the shared part); options given on the
   command line win.
+- :func:`shared_python`: the interpreter for a child process, by a path every account can follow;
 - :class:`ServiceNotifier`: ``READY=1`` once the process serves, ``WATCHDOG=1`` every half
   ``WatchdogSec`` while its event loop runs, ``STOPPING=1`` at the end, through the ``sdnotify``
   library; a no-op outside systemd (no ``$NOTIFY_SOCKET``).
@@ -35,6 +36,19 @@ ZMQ_KEY_ENV = "QSERVER_ZMQ_PUBLIC_KEY"
 """bluesky-queueserver-api reads the RE Manager's public key from here."""
 WEB_PASSWORD_ENV = "PVCOORD_WEB_PASSWORD_FILE"
 """The web bridge's password file as a systemd credential (``%d/web-users``): wins over the file."""
+
+
+def shared_python() -> str:
+    """This interpreter by a path every OS account can follow (for child processes).
+
+    In a venv, ``sys.executable`` may go through ``.venv``, a symlink in a private checkout (root's
+    home, mode 700) to the shared venv ``scripts/setup.sh`` made; ``runuser`` children cannot
+    execute that path. The venv's own directory, resolved, they can.
+    """
+    if sys.prefix == sys.base_prefix:
+        return sys.executable
+    exe = Path(os.path.realpath(sys.prefix)) / "bin" / "python"
+    return str(exe) if exe.exists() else sys.executable
 
 
 def _config_path(argv: Sequence[str]) -> str | None:

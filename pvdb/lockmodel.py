@@ -11,6 +11,8 @@ these functions; so do the bridges. What lives here:
 - :func:`decide_request`: what an acquire of some devices by an account meets (the blocking
   locks, the ones it would preempt, the account's own);
 - :func:`may_write`: whether an account may write a device now (the rule every front enforces);
+- :func:`resolve_caller`: who a request is from: the claimed account at its peer host, or the
+  user a trusted service names with ``onBehalfOf`` (every IOC that takes ``onBehalfOf`` calls it);
 - :class:`ErrorCode` and :func:`error_text` / :func:`parse_error_text`: the machine-readable code
   at the start of every refusal (``[holder-conflict holder=bob@host] m2 is held by ...``);
 - :func:`fmt_time`, :func:`fmt_expiry`, :func:`describe`, :func:`conflict_text`: the one text and
@@ -25,16 +27,19 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
 from .models import BEAMLINE, LockType
-from .policy import Policy
+from .policy import ACCOUNT_RE, Policy
 
 __all__ = [
     "BEAMLINE",
+    "ON_BEHALF_ARGS",
+    "Caller",
+    "CallerError",
     "Decision",
     "ErrorCode",
     "LockType",
@@ -55,6 +60,7 @@ __all__ = [
     "outranks",
     "parse_error_text",
     "priority_of",
+    "resolve_caller",
 ]
 
 
@@ -503,3 +509,91 @@ def may_write(
     return Decision(True, Verdict.HOLDER, f"{account} holds the lock on device {device}",
                     device=device, holder=lock.holder, lock_type=lock.lock_type,
                     expires=lock.expires, locked=True)
+
+
+# --- who asks ---------------------------------------------------------------------------------
+
+ON_BEHALF_ARGS = ("onBehalfOf", "clientHost")
+"""The RPC arguments of a trusted service acting for a user: ``onBehalfOf=USER`` and, optionally,
+``clientHost=HOST`` (the user's own host, e.g. the browser's address seen by a web bridge)."""
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+
+
+class CallerError(ValueError):
+    """A request whose identity is refused; ``str(e)`` is the message, nothing was done.
+
+    Attributes:
+        code: ``bad-argument`` (a malformed account, ``onBehalfOf`` or ``clientHost``) or
+            ``not-allowed`` (the caller is no trusted service, or may not act for that user).
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is from, as :func:`resolve_caller` decided.
+
+    Attributes:
+        account: the account the request acts as (the named user for on-behalf-of requests).
+        host: its host: the peer address, or the ``clientHost`` a trusted service gave.
+        roles: OS groups of ``account`` on this host (never the client's claim).
+        actor: the trusted service account that made an on-behalf-of request, else ``None``.
+    """
+
+    account: str
+    host: str
+    roles: frozenset[str] = frozenset()
+    actor: str | None = None
+
+
+def resolve_caller(
+    policy: Policy,
+    account: str,
+    host: str,
+    on_behalf_of: str | None,
+    client_host: str | None,
+    roles_of: Callable[[str], frozenset[str]],
+) -> Caller:
+    """Who a request is from: the one identity rule of every pvcoord RPC that takes ``onBehalfOf``.
+
+    The claimed ``account`` must be a plain account name. Without ``on_behalf_of`` the caller is
+    ``account`` at peer ``host``. With it, ``account`` (from ``host``) must be a trusted service
+    that may act for that user (:meth:`pvdb.policy.Policy.may_act_for`: ``trusted_services``,
+    ``access.on_behalf_of``, privileged users only when named); the caller is then the user, at
+    ``client_host`` if given (else ``host``), with ``actor`` = the service.
+
+    Args:
+        policy: the endstation policy.
+        account: the PVA account the client claimed (``anonymous`` when none).
+        host: the peer address the server saw (without the port).
+        on_behalf_of: the ``onBehalfOf`` argument, ``None`` or '' when absent.
+        client_host: the ``clientHost`` argument, ``None`` or '' when absent.
+        roles_of: OS groups of an account on this host (:func:`pvdb.policy.host_roles`).
+
+    Raises:
+        CallerError: ``bad-argument`` for a malformed account, user or host (or ``clientHost``
+            without ``onBehalfOf``); ``not-allowed`` when the policy refuses the delegation.
+    """
+    if not ACCOUNT_RE.match(account):
+        raise CallerError(
+            "the client's account name is not accepted (1-64 letters, digits, '.', '_', '-'; "
+            "no '@', spaces or control characters)")
+    user = on_behalf_of or None
+    client = client_host or None
+    if user is None and client is not None:
+        raise CallerError("clientHost is only accepted together with onBehalfOf")
+    if user is not None and not ACCOUNT_RE.match(user):
+        raise CallerError(f"onBehalfOf {user[:40]!r} is not a valid account name")
+    if client is not None and not _HOST_RE.match(client):
+        raise CallerError(f"clientHost {client[:40]!r} is not a valid host name")
+    roles = roles_of(account)
+    if user is None:
+        return Caller(account, host, roles)
+    user_roles = roles_of(user)
+    why = policy.may_act_for(account, roles, host, user, user_roles)
+    if why:
+        raise CallerError(why, ErrorCode.NOT_ALLOWED)
+    return Caller(user, client or host, user_roles, actor=account)

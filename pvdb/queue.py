@@ -14,6 +14,9 @@ Every PV except the RPCs and ``Queue:Heartbeat`` carries alarm severity INVALID 
 RE Manager is unreachable (no message for :data:`UNREACHABLE_AFTER` seconds).
 Control RPCs are named after the RE Manager API call they make (``queue_start`` ->
 ``Queue:QueueStart``); their arguments are pvcall-style strings (:data:`ITEM_ADD_ARGS`, ...).
+Every control RPC also takes ``onBehalfOf=USER [clientHost=HOST]``
+(:data:`pvdb.lockmodel.ON_BEHALF_ARGS`): a trusted service (a web bridge) acts for a user, under
+the coordination IOC's rule (:func:`pvdb.lockmodel.resolve_caller`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, cast
 
+from .lockmodel import ON_BEHALF_ARGS
 from .names import PVKind, PVSpec, snake_to_pascal
 from .redact import redact_url as redact_url  # re-exported: callers use qn.redact_url
 
@@ -307,7 +311,8 @@ LOCK_HEALTH = _q(
 
 
 def _rpc(method: str, description: str, args: tuple[str, ...] = NO_ARGS) -> PVSpec:
-    return _q(snake_to_pascal(method), PVKind.RPC, description, args=args)
+    # every control RPC may be called on behalf of a user by a trusted service
+    return _q(snake_to_pascal(method), PVKind.RPC, description, args=(*args, *ON_BEHALF_ARGS))
 
 
 QUEUE_START = _rpc(
@@ -332,7 +337,8 @@ ENVIRONMENT_CLOSE = _rpc("environment_close", "Close the RE worker environment."
 ITEM_ADD = _rpc(
     "item_add",
     "Add a plan: name=PLAN, args=JSON list, kwargs=JSON object, pos=front|back|N (default back). "
-    "The item's user is the caller's account. Returns the new itemUid.",
+    "The item's user is the caller's account, or the onBehalfOf user of a trusted service. "
+    "Returns the new itemUid.",
     ITEM_ADD_ARGS,
 )
 ITEM_REMOVE = _rpc(

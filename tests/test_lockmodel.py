@@ -136,7 +136,7 @@ def test_may_write():
     assert lm.may_write(POLICY, bl, "m7", "max").allowed
 
 
-DELEGATING = parse_policy("""
+GUARD_DELEGATES = parse_policy("""
 [access]
 trusted_services = ["webbridge@10.0.0.5", "queuesvc"]
 delegates = ["webbridge@10.0.0.5"]
@@ -146,24 +146,24 @@ on_behalf_of = { webbridge = ["alice", "bob"] }
 
 def test_a_delegate_writes_for_the_users_it_may_act_for_and_only_there():
     alice = table(Row("m1", "alice", LockType.MANUAL_OPERATOR, host="192.168.1.9"))
-    d = lm.may_write(DELEGATING, alice, "m1", "webbridge", host="10.0.0.5", now=NOW)
+    d = lm.may_write(GUARD_DELEGATES, alice, "m1", "webbridge", host="10.0.0.5", now=NOW)
     assert d.allowed and d.verdict is Verdict.DELEGATE and d.holder == "alice@192.168.1.9"
     # from another host the same claimed account is no delegate
-    d = lm.may_write(DELEGATING, alice, "m1", "webbridge", host="10.0.0.6", now=NOW)
+    d = lm.may_write(GUARD_DELEGATES, alice, "m1", "webbridge", host="10.0.0.6", now=NOW)
     assert not d.allowed and d.code is ErrorCode.HOLDER_CONFLICT and d.holder.startswith("alice@")
     # a holder it may not act for (not in on_behalf_of, or privileged) stays closed to it
     for holder in ("carol", "root", "queuesvc"):
         locks = table(Row("m1", holder, LockType.MANUAL_OPERATOR))
-        d = lm.may_write(DELEGATING, locks, "m1", "webbridge", host="10.0.0.5", now=NOW)
+        d = lm.may_write(GUARD_DELEGATES, locks, "m1", "webbridge", host="10.0.0.5", now=NOW)
         assert not d.allowed and d.code is ErrorCode.HOLDER_CONFLICT, holder
         assert d.holder == f"{holder}@h"
     # a trusted service that is not a delegate is refused as before
-    d = lm.may_write(DELEGATING, alice, "m1", "queuesvc", now=NOW)
+    d = lm.may_write(GUARD_DELEGATES, alice, "m1", "queuesvc", now=NOW)
     assert not d.allowed and d.code is ErrorCode.HOLDER_CONFLICT
     # a beamline lock of a holder it may not act for closes the device too
     both = table(Row("m1", "alice", LockType.MANUAL_OPERATOR),
                  Row(BEAMLINE, "root", LockType.MAINTENANCE))
-    d = lm.may_write(DELEGATING, both, "m1", "webbridge", host="10.0.0.5", now=NOW)
+    d = lm.may_write(GUARD_DELEGATES, both, "m1", "webbridge", host="10.0.0.5", now=NOW)
     assert not d.allowed and d.holder == "root@h"
     # without delegates in the policy nothing changes
     d = lm.may_write(POLICY, alice, "m1", "webbridge", host="10.0.0.5", now=NOW)
@@ -175,3 +175,54 @@ def test_a_delegate_must_be_a_trusted_service():
 
     with pytest.raises(PolicyError, match="delegates"):
         parse_policy('[access]\ndelegates = ["webbridge"]\n')
+
+
+# --- who asks: resolve_caller (the coordination IOC and the queue IOC call it) ------------------
+
+DELEGATING = parse_policy("""
+[access]
+trusted_services = ["websvc@127.0.0.1"]
+force_release = ["root"]
+
+[access.on_behalf_of]
+websvc = ["role/users", "alice"]
+""")
+ROLES = {"websvc": frozenset({"svc"}), "dave": frozenset({"users"}), "root": frozenset()}
+
+
+def roles_of(account: str) -> frozenset[str]:
+    return ROLES.get(account, frozenset())
+
+
+def _resolve(account: str, host: str = "127.0.0.1", user: str | None = None,
+             client: str | None = None) -> lm.Caller:
+    return lm.resolve_caller(DELEGATING, account, host, user, client, roles_of)
+
+
+def test_resolve_caller_without_on_behalf_is_the_account_at_its_peer():
+    c = _resolve("bob", "10.0.0.7")
+    assert (c.account, c.host, c.actor, c.roles) == ("bob", "10.0.0.7", None, frozenset())
+    assert _resolve("dave").roles == {"users"}  # roles from roles_of, never from the client
+
+
+def test_resolve_caller_on_behalf_names_the_user_and_the_service_as_actor():
+    c = _resolve("websvc", user="alice", client="192.168.1.9")
+    assert (c.account, c.host, c.actor) == ("alice", "192.168.1.9", "websvc")
+    c = _resolve("websvc", user="dave")  # by role/users; no clientHost: the service's peer
+    assert (c.account, c.host, c.actor, c.roles) == ("dave", "127.0.0.1", "websvc", {"users"})
+
+
+@pytest.mark.parametrize(("account", "host", "user", "client", "code"), [
+    ("bob", "127.0.0.1", "alice", None, ErrorCode.NOT_ALLOWED),  # not a trusted service
+    ("websvc", "10.9.9.9", "alice", None, ErrorCode.NOT_ALLOWED),  # trusted from 127.0.0.1 only
+    ("websvc", "127.0.0.1", "erin", None, ErrorCode.NOT_ALLOWED),  # not in on_behalf_of
+    ("websvc", "127.0.0.1", "root", None, ErrorCode.NOT_ALLOWED),  # privileged, not named
+    ("websvc", "127.0.0.1", "al ice", None, ErrorCode.BAD_ARGUMENT),
+    ("websvc", "127.0.0.1", "alice", "host\nx", ErrorCode.BAD_ARGUMENT),
+    ("websvc", "127.0.0.1", None, "192.168.1.9", ErrorCode.BAD_ARGUMENT),  # clientHost alone
+    ("bad@account", "127.0.0.1", None, None, ErrorCode.BAD_ARGUMENT),
+])
+def test_resolve_caller_refuses_with_a_code(account, host, user, client, code):
+    with pytest.raises(lm.CallerError) as e:
+        _resolve(account, host, user, client)
+    assert e.value.code is code, e.value

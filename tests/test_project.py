@@ -171,7 +171,8 @@ def test_other_accounts_run_the_installed_pvcoord(account):
 
 
 def test_children_start_with_the_shared_interpreter():
-    """Every child process uses ``pvcoord.procs.PYTHON``, never ``sys.executable``.
+    """Every child process uses ``pvcoord.procs.PYTHON`` (``pvcoord.service.shared_python()``,
+    for the bridges, which may not import the harness), never ``sys.executable``.
 
     From a private checkout ``sys.executable`` goes through the ``.venv`` symlink in root's home,
     which other accounts (``runuser``) cannot follow (docs/decisions/0045-install-anywhere.md).
@@ -180,8 +181,8 @@ def test_children_start_with_the_shared_interpreter():
     for top in ("pvdb", "iocs", "bridges", "pvcoord", "tests", "benchmarks", "opi", "scripts"):
         for path in (REPO / top).rglob("*.py"):
             rel = path.relative_to(REPO).as_posix()
-            if rel in ("pvcoord/procs.py", "tests/test_project.py"):
+            if rel in ("pvcoord/service.py", "tests/test_project.py"):
                 continue
             hits += [f"{rel}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
                      if "sys.executable" in line]
-    assert not hits, f"use pvcoord.procs.PYTHON: {hits}"
+    assert not hits, f"use pvcoord.procs.PYTHON or pvcoord.service.shared_python(): {hits}"

@@ -125,3 +125,18 @@ def test_command_line_defaults_are_the_config_defaults():
     cfg = BridgeConfig(prefix="P:")
     assert a.max_pvs == cfg.max_pvs and a.throttle_ms / 1000 == cfg.throttle
     assert a.host == cfg.host and a.auth == cfg.auth and a.writes is cfg.writes
+
+
+def test_device_ca_configuration_takes_ca_keys_only():
+    from bridges.pvws.cawrite import device_ca_env
+    from bridges.pvws.main import main
+
+    base = {"EPICS_CA_ADDR_LIST": "10.0.0.255", "EPICS_CA_SERVER_PORT": "5064", "PATH": "/bin"}
+    env = device_ca_env({"EPICS_CA_ADDR_LIST": "127.0.0.1"}, base)
+    assert env == {"EPICS_CA_ADDR_LIST": "127.0.0.1", "PATH": "/bin"}  # none of the bridge's
+    with pytest.raises(ValueError, match="EPICS_CA_"):
+        device_ca_env({"EPICS_PVA_ADDR_LIST": "127.0.0.1"}, base)
+    with pytest.raises(ValueError, match="EPICS_CA_"):
+        BridgeConfig(prefix="P:", device_ca_conf={"EPICS_PVA_ADDR_LIST": "127.0.0.1"})
+    with pytest.raises(SystemExit):
+        main(["--prefix", "P:", "--device-ca-conf", "EPICS_PVA_ADDR_LIST=127.0.0.1"])

@@ -35,6 +35,7 @@ from pvcoord.demo.queue_part import (
 )
 from pvcoord.launch import coordination_argv
 from pvcoord.procs import (
+    LOOPBACK,
     PYTHON,
     ManagedProcess,
     client_conf,
@@ -52,7 +53,7 @@ from pvdb import queue as qn
 from pvdb.lockmodel import ErrorCode
 from pvdb.models import EventAction, LockType
 
-from .codes import holder_of, raises_code
+from .codes import code_of, holder_of, raises_code
 from .conftest import TIMEOUT, other_user_available
 
 pytestmark = pytest.mark.system
@@ -62,7 +63,7 @@ POLICY = f"""
 [access]
 trusted_services = ["root"]
 force_release = ["root"]
-queue_control = ["root"]
+queue_control = ["root", "alice@127.0.0.1"]  # alice: a web user, through the bridge
 [access.on_behalf_of]
 root = ["*", "{QUEUE_LOCK_OWNER}"]  # the queue IOC holds its locks for the service account
 
@@ -425,6 +426,120 @@ def test_an_account_the_policy_does_not_name_is_refused(clean):
     assert "account 'nobody' may not control the queue" in out, out
     assert "queue_control: root" in out
     assert b.stack.call("queue_get")["plan_queue_uid"] == before
+
+
+WEB_USERS = ("alice", "carol", "root")
+"""Web users of the bridge: alice may control the queue; carol is a user the bridge may act
+for but queue_control does not name; root is privileged and not named in on_behalf_of."""
+
+
+def _web_post(base: str, path: str, body: object, cookie: str = "") -> tuple[int, dict, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Cookie": cookie} if cookie else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            got = r.headers.get("Set-Cookie", "") or ""
+            return r.status, json.loads(r.read()), got.split(";", 1)[0]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), ""
+
+
+@contextlib.contextmanager
+def _web_bridge(b: Bench):
+    """The real PVWS bridge (``python -m bridges.pvws``, writes on, password login, running as
+    this account, which the module's policy names as a trusted service); yields
+    ``(base URL, user -> session cookie)``; stopped on exit."""
+    import urllib.request
+
+    from bridges.pvws.auth import generate_password, set_password
+
+    pw = b.dir / "web-passwd"
+    passwords = {u: generate_password() for u in WEB_USERS}
+    for user, password in passwords.items():
+        set_password(pw, user, password)
+    port = free_port()
+    proc = ManagedProcess("web", python_module(
+        "bridges.pvws", "--prefix", P, "--host", LOOPBACK, "--port", str(port), "--writes",
+        "--auth", "password", "--password-file", str(pw), "--policy", str(b.dir / "policy.toml"),
+    ), b.env, log_dir=b.dir)
+    b.procs.append(proc)  # its log is printed on failure
+    base = f"http://{LOOPBACK}:{port}"
+
+    def up() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"the bridge exited:\n{proc.output()}")
+        try:
+            with urllib.request.urlopen(base + "/pvws/info", timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, WAIT, "the bridge answering")
+        cookies = {}
+        for user, password in passwords.items():
+            status, reply, cookie = _web_post(base, "/login", {"user": user,
+                                                              "password": password})
+            assert status == 200 and cookie, reply
+            cookies[user] = cookie
+        yield base, cookies
+    finally:
+        proc.stop()
+        b.procs.remove(proc)
+
+
+@pytest.mark.identity
+def test_web_user_adds_items_through_the_bridge_on_behalf_of_herself(clean):
+    """Issue 10: an item alice adds in the web client is alice's in the RE Manager and in
+    Queue:Items (the bridge passes onBehalfOf); whoever the policy does not allow is refused with
+    not-allowed and the queue is unchanged."""
+    why = other_user_available()
+    if why:
+        pytest.skip(why)
+    b = clean
+    with _web_bridge(b) as (base, cookies):
+        status, reply, _ = _web_post(base, "/api/queue/add",
+                                     {"name": "count", "args": '[["det1"]]'}, cookies["alice"])
+        assert status == 200, reply
+        uid = reply["itemUid"]
+        assert [(i["item_uid"], i["user"]) for i in b.stack.call("queue_get")["items"]] == [
+            (uid, "alice")]
+        wait_val(b, qn.ITEMS, lambda rows: [r["itemUid"] for r in rows] == [uid], "alice's item")
+        assert [r["user"] for r in val(b, qn.ITEMS)] == ["alice"]
+        before = b.stack.call("queue_get")["plan_queue_uid"]
+
+        # a web client cannot name another user: the bridge sets onBehalfOf itself
+        status, reply, _ = _web_post(base, "/api/queue/add",
+                                     {"name": "count", "onBehalfOf": "root"}, cookies["alice"])
+        assert (status, reply["error"]["code"]) == (400, "bad-request"), reply
+        # carol: the bridge may act for her, but queue_control does not name her
+        status, reply, _ = _web_post(base, "/api/queue/add", {"name": "count"}, cookies["carol"])
+        assert (status, reply["error"]["code"], reply["error"]["reason"]) == (
+            409, "queue-refused", ErrorCode.NOT_ALLOWED), reply
+        assert "'carol'" in reply["error"]["message"]
+        # root: a privileged user the bridge's entry in access.on_behalf_of does not name
+        status, reply, _ = _web_post(base, "/api/queue/start", {}, cookies["root"])
+        assert (status, reply["error"]["code"], reply["error"]["reason"]) == (
+            409, "queue-refused", ErrorCode.NOT_ALLOWED), reply
+        # an account the policy does not name as a trusted service: its onBehalfOf is refused
+        argv = ["runuser", "-u", "nobody", "--", PYTHON, "-m", "p4p.client.cli", "-w",
+                str(TIMEOUT), "rpc", qn.ITEM_ADD.name(P), "name=count", "onBehalfOf=alice"]
+        p = subprocess.run(argv, env=b.env, capture_output=True, text=True, timeout=60, cwd="/")
+        out = p.stdout + p.stderr
+        assert "[" in out, out
+        assert code_of(out[out.index("["):]) is ErrorCode.NOT_ALLOWED, out
+        assert "nobody is not a trusted service" in out
+        assert b.stack.call("queue_get")["plan_queue_uid"] == before
+        assert b.stack.call("status")["manager_state"] == "idle"
+
+        # alice removes her item through the bridge
+        status, reply, _ = _web_post(base, "/api/queue/remove", {"uid": uid}, cookies["alice"])
+        assert status == 200 and reply["itemUid"] == uid, reply
+        wait_val(b, qn.ITEMS, lambda rows: rows == [], "the queue empty again")
 
 
 # --- automatic locks --------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """In-process tier: the queue IOC's p4p boundary on an isolated server (no RE Manager).
 
 Posting only changes, empty tables, enum indices, the common INVALID alarm (Heartbeat and the RPCs
-excepted), and RPC handlers that always finish: results, BadRequest and internal errors.
+excepted), and RPC handlers that always finish: results, BadRequest and internal errors; the
+caller an RPC handler gets (the PVA account, or the onBehalfOf user of a trusted service under the
+coordination IOC's rule, refused with its codes).
 """
 
 from __future__ import annotations
@@ -14,17 +16,28 @@ from p4p.client.thread import Context, RemoteError
 from p4p.nt import NTURI
 from p4p.server import Server, StaticProvider
 
+from iocs.queue.ioc import this_account
 from iocs.queue.model import BadRequestError
 from iocs.queue.pvs import INVALID, ControlError, QueuePVs, add_rpcs
 from pvcoord.procs import wait_until
 from pvdb import queue as qn
 from pvdb.lockmodel import ErrorCode
 from pvdb.names import PVKind
+from pvdb.policy import Policy, parse_policy
 
 from .codes import code_of, raises_code
 from .conftest import TIMEOUT
 
 P = "TIP:"
+UNTRUSTED = "TIU:"
+"""The same RPCs under a policy that names no trusted service."""
+ME = this_account()
+DELEGATING = parse_policy(f"""
+[access]
+trusted_services = ["{ME}@127.0.0.1"]
+[access.on_behalf_of]
+"{ME}" = ["alice"]
+""")
 
 
 @pytest.fixture
@@ -36,16 +49,17 @@ def served():
     provider = StaticProvider("test-queue")
     pending: list[asyncio.Task] = []
 
-    async def ok(account, roles, args):
-        return f"hello {account} {args.get('name', '')}", "uid-1"
+    async def ok(caller, args):
+        return (f"hello {caller.account} actor={caller.actor} host={caller.host} "
+                f"args={sorted(args)} {args.get('name', '')}"), "uid-1"
 
-    async def bad(account, roles, args):
+    async def bad(caller, args):
         raise BadRequestError("ItemAdd: unknown plan 'x'")
 
-    async def boom(account, roles, args):
+    async def boom(caller, args):
         raise KeyError("oops")
 
-    async def forever(account, roles, args):
+    async def forever(caller, args):
         pending.append(asyncio.current_task())
         await asyncio.Event().wait()
         return "never", ""
@@ -53,7 +67,8 @@ def served():
     async def build():
         pvs = QueuePVs(P, provider)
         add_rpcs(P, provider, {qn.ITEM_ADD: ok, qn.ITEM_REMOVE: bad, qn.QUEUE_START: boom,
-                               qn.QUEUE_STOP: forever})
+                               qn.QUEUE_STOP: forever}, DELEGATING)
+        add_rpcs(UNTRUSTED, provider, {qn.ITEM_ADD: ok}, Policy())
         return pvs
 
     pvs = asyncio.run_coroutine_threadsafe(build(), loop).result(TIMEOUT)
@@ -107,8 +122,8 @@ def test_set_posts_changes_and_set_alarm_reposts(served):
     assert ctxt.get(qn.HEARTBEAT.name(P), timeout=TIMEOUT)["alarm.severity"] == 0
 
 
-def _rpc(ctxt, spec, **kws):
-    name = spec.name(P)
+def _rpc(ctxt, spec, prefix=P, **kws):
+    name = spec.name(prefix)
     return ctxt.rpc(name, NTURI([(k, "s") for k in kws]).wrap(name, kws=kws), timeout=TIMEOUT)
 
 
@@ -146,3 +161,28 @@ def test_an_rpc_cancelled_at_shutdown_is_answered(served):
     assert len(out) == 1 and isinstance(out[0], RemoteError), out
     assert code_of(str(out[0])) is ErrorCode.SHUTTING_DOWN, out[0]
     assert "Queue:QueueStop not done" in str(out[0])
+
+
+def test_on_behalf_of_resolves_the_caller_with_the_coordination_rule(served):
+    """The handler gets the user a trusted service names (the service as actor, the clientHost
+    as host), without the onBehalfOf/clientHost arguments; otherwise the PVA account."""
+    _pvs, ctxt, _loop, _pending = served
+    r = _rpc(ctxt, qn.ITEM_ADD, name="count")
+    assert r["message"] == f"hello {ME} actor=None host=127.0.0.1 args=['name'] count"
+    r = _rpc(ctxt, qn.ITEM_ADD, name="count", onBehalfOf="alice", clientHost="10.1.2.3")
+    assert r["message"] == f"hello alice actor={ME} host=10.1.2.3 args=['name'] count"
+    r = _rpc(ctxt, qn.ITEM_ADD, name="count", onBehalfOf="alice")
+    assert r["message"] == f"hello alice actor={ME} host=127.0.0.1 args=['name'] count"
+
+
+@pytest.mark.parametrize(("prefix", "kws", "code"), [
+    (UNTRUSTED, {"onBehalfOf": "alice"}, ErrorCode.NOT_ALLOWED),  # no trusted service at all
+    (P, {"onBehalfOf": "bob"}, ErrorCode.NOT_ALLOWED),  # a user it may not act for
+    (P, {"onBehalfOf": "root"}, ErrorCode.NOT_ALLOWED),  # privileged: only when named
+    (P, {"onBehalfOf": "al ice"}, ErrorCode.BAD_ARGUMENT),
+    (P, {"clientHost": "10.1.2.3"}, ErrorCode.BAD_ARGUMENT),  # clientHost without onBehalfOf
+])
+def test_on_behalf_of_refusals_carry_the_coordination_codes(served, prefix, kws, code):
+    _pvs, ctxt, _loop, _pending = served
+    with raises_code(RemoteError, code):
+        _rpc(ctxt, qn.ITEM_ADD, prefix, name="count", **kws)

@@ -297,6 +297,11 @@ def test_queue_panel_add_move_remove_start_history(site, pages):
     a.until(lambda d: len(_queue_rows(a)) == 2, "the second item in the queue")
     first, second = _queue_rows(a)
     assert "det1" in first[1] and "det2" in second[1]
+    # added on behalf of the web user: the RE Manager's item (Queue:Items.user) names alice
+    users = a.driver.execute_script(
+        "return [...document.querySelectorAll('#queue-items tbody tr')]"
+        ".map(r => r.cells[3].textContent);")
+    assert users == ["alice", "alice"], users
 
     # move the det2 item up, then remove it
     a.click(f'#queue-items tr[data-uid="{second[0]}"] .up')

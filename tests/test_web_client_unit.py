@@ -89,6 +89,14 @@ def test_queue_rpc_args_are_checked_before_anything_is_sent():
         rpc.parse_args("add", ["count"])
     with pytest.raises(ValueError, match="'args' must be a string or number"):
         rpc.parse_args("add", {"name": "count", "args": [["det1"]]})
+    # the web user is who the bridge logged in: a body cannot name another one
+    for key in ("add", "start", "remove"):
+        for arg in ("onBehalfOf", "clientHost"):
+            with pytest.raises(ValueError, match=f"not: {arg}"):
+                rpc.parse_args(key, {arg: "root"})
+    doc = names.names_document("BL01:")
+    assert all(not {"onBehalfOf", "clientHost"} & set(r["args"])
+               for r in doc["queueRpc"].values())
 
 
 def test_item_move_arguments():

@@ -22,7 +22,9 @@ user named by a trusted reverse proxy in ``--user-header``) by the guard's may-w
 (``bridges.guard.decision.decide``, inputs followed over PVA: ``P Coord:Locks``,
 ``P Coord:Heartbeat``, ``Registry:DevicePVs``, ``Registry:Devices``), refused with an ``error``
 naming the holder, audited with the web user, and put to the device IOC on the device network
-(``--device-conf``). ``readonly`` in updates is per user and flips live when locks change.
+(``--device-conf``; ``ca://`` names over Channel Access when ``--device-ca-conf`` gives the device
+network's ``EPICS_CA_*``, else over PVA). ``readonly`` in updates is per user and flips live when
+locks change. Queue calls (``/api/queue/{key}``) go to the queue IOC on behalf of the web user.
 
 Passwords: ``python -m bridges.pvws passwd FILE USER`` (password on stdin, or ``--generate``).
 Reads/writes the PVA client configuration from the environment (``EPICS_PVA_*``).

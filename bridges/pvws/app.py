@@ -41,6 +41,7 @@ from pvdb.policy import Policy, load_policy
 from ..guard.decision import Decision, Verdict, decide
 from ..lockview import LockView, Snapshot
 from .auth import COOKIE, USER_RE, PasswordFileError, Sessions, check_password
+from .cawrite import CaWriteError, CaWriter, device_ca_env
 from .config import BridgeConfig, PVNameError, parse_name
 from .pool import LocUpstream, Pool, SimUpstream, Upstream
 from .session import Socket, Sub
@@ -93,6 +94,7 @@ class BridgeState:
     device_ctx: Context | None = None
     view: LockView | None = None
     ca_ctx: Any = None
+    ca_writer: CaWriter | None = None
     snapshot: Snapshot | None = None
     decisions: dict[tuple[str, str], Decision] = field(default_factory=dict)
     audit: deque[AuditRecord] = field(default_factory=lambda: deque(maxlen=AUDIT_TAIL))
@@ -608,16 +610,31 @@ class Protocol:
             st.record(rec)
             sock.error("bad-value", f"{pv}: {e}", pv=pv)
             return
-        task = asyncio.get_running_loop().create_task(self._put(pv, name, put_value, rec))
+        task = asyncio.get_running_loop().create_task(
+            self._put(pv, name, put_value, rec, ca=up.pvname.scheme == "ca"))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _put(self, pv: str, name: str, value: Any, rec: AuditRecord) -> None:
+    async def _put(self, pv: str, name: str, value: Any, rec: AuditRecord, ca: bool = False
+                   ) -> None:
+        """Carry out a decided write on the device network.
+
+        A ``ca://`` name over Channel Access when the bridge has ``device_ca_conf``, everything
+        else over PVA.
+        """
         st = self.st
         assert st.device_ctx is not None
         try:
-            await asyncio.wait_for(st.device_ctx.put(name, value, get=False),
-                                   st.config.put_timeout)
+            if ca and st.ca_writer is not None:
+                await st.ca_writer.put(name, value)
+            else:
+                await asyncio.wait_for(st.device_ctx.put(name, value, get=False),
+                                       st.config.put_timeout)
+        except CaWriteError as e:
+            rec.message = f"put failed: {e}"
+            st.record(rec)
+            self.sock.error("put-failed", f"{name}: {e}", pv=pv)
+            return
         except (RemoteError, TimeoutError, ValueError, TypeError) as e:
             rec.message = f"put failed: {e or type(e).__name__}"
             st.record(rec)
@@ -721,6 +738,9 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
     app[PVA] = svc
     st.device_ctx = _ctx(cfg.device_conf if cfg.device_conf is not None else cfg.client_conf,
                          nt=True)
+    if cfg.device_ca_conf is not None:
+        st.ca_writer = CaWriter(device_ca_env(cfg.device_ca_conf), cfg.put_timeout)
+
     def ca_ctx() -> Any:
         if st.ca_ctx is None:
             from caproto.asyncio.client import Context as CaContext
@@ -750,6 +770,8 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
             from .ca import close_context
 
             await close_context(st.ca_ctx)
+        if st.ca_writer is not None:
+            await st.ca_writer.close()
         await loop.run_in_executor(None, view.close)
         for c in (st.read_ctx, svc, st.device_ctx):
             c.close()

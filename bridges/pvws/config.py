@@ -112,6 +112,9 @@ class BridgeConfig:
             None: this process's environment.
         device_conf: p4p client config for writes to device IOCs (the device network, as the
             guard reaches it); None: same as ``client_conf``.
+        device_ca_conf: ``EPICS_CA_*`` of the device network: writes to ``ca://`` names go over
+            Channel Access there (:mod:`bridges.pvws.cawrite`, a child process); None: they go
+            over PVA (``device_conf``) under the same record name (decision 0136).
         max_pvs: most PVs one socket may subscribe.
         max_channels: most distinct channels the bridge holds open for all sockets together.
         max_sockets: most websockets open at once (more are refused with HTTP 503).
@@ -142,6 +145,7 @@ class BridgeConfig:
     policy: Path | None = None
     client_conf: dict[str, str] | None = None
     device_conf: dict[str, str] | None = None
+    device_ca_conf: dict[str, str] | None = None
     max_pvs: int = 5000
     max_channels: int = 20000
     max_sockets: int = 1000
@@ -158,6 +162,9 @@ class BridgeConfig:
             raise ValueError(f"default scheme must be pva or ca, not {self.default_scheme!r}")
         if self.ca_via not in ("ca", "pva"):
             raise ValueError(f"ca:// names are read via ca or pva, not {self.ca_via!r}")
+        bad = [k for k in self.device_ca_conf or {} if not k.startswith("EPICS_CA_")]
+        if bad:
+            raise ValueError(f"device CA configuration takes EPICS_CA_* keys only, not {bad}")
         if self.auth == "password" and self.password_file is None:
             raise ValueError("auth 'password' needs a password file (--password-file)")
         if not (0 <= self.throttle <= 10):

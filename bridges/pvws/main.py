@@ -54,14 +54,15 @@ async def serve(config: BridgeConfig, stop: asyncio.Event,
         await runner.cleanup()
 
 
-def _conf(items: Sequence[str], p: argparse.ArgumentParser) -> dict[str, str] | None:
+def _conf(items: Sequence[str], p: argparse.ArgumentParser, family: str = "PVA",
+          option: str = "--device-conf") -> dict[str, str] | None:
     if not items:
         return None
     out: dict[str, str] = {}
     for it in items:
         k, sep, v = it.partition("=")
-        if not sep or not k.startswith("EPICS_PVA_"):
-            p.error(f"--device-conf {it!r}: use EPICS_PVA_NAME=VALUE")
+        if not sep or not k.startswith(f"EPICS_{family}_"):
+            p.error(f"{option} {it!r}: use EPICS_{family}_NAME=VALUE")
         out[k] = v
     return out
 
@@ -95,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device-conf", action="append", default=[],
                    help="EPICS_PVA_NAME=VALUE of the device network for writes (repeatable; "
                         "default: the environment's)")
+    p.add_argument("--device-ca-conf", action="append", default=[],
+                   help="EPICS_CA_NAME=VALUE of the device network (repeatable): writes to "
+                        "ca:// names go over Channel Access there; without it they go over "
+                        "PVA under the same record name")
     p.add_argument("--ca-via", default="ca", choices=("ca", "pva"),
                    help="read ca:// names with Channel Access (default) or over PVA")
     p.add_argument("--max-pvs", type=int, default=5000, help="most PVs per socket")
@@ -154,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trusted_proxies=tuple(a.trusted_proxy) or ("127.0.0.1",),
             secure_cookies=a.secure_cookies, admins=tuple(a.admin), policy=a.policy,
             device_conf=_conf(a.device_conf, p), max_pvs=a.max_pvs, ca_via=a.ca_via,
+            device_ca_conf=_conf(a.device_ca_conf, p, "CA", "--device-ca-conf"),
             max_channels=a.max_channels, max_sockets=a.max_sockets,
         )
     except (ValueError, PasswordFileError) as e:

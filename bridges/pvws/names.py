@@ -34,6 +34,7 @@ from pvdb import catalog
 from pvdb import demo as demo_pvs
 from pvdb import names as pvn
 from pvdb import queue as qn
+from pvdb.lockmodel import ON_BEHALF_ARGS
 from pvdb.models import BEAMLINE, LockType
 from pvdb.names import PVKind, PVSpec
 
@@ -104,6 +105,15 @@ if hasattr(qn, "ITEM_MOVE"):  # the queue IOC's move RPC, where this pvdb has it
     QUEUE_RPCS["move"] = qn.ITEM_MOVE
 
 
+def web_args(spec: PVSpec) -> tuple[str, ...]:
+    """The arguments a web client may give a queue RPC.
+
+    The RPC's own arguments, without ``onBehalfOf`` / ``clientHost``: the bridge sets those to
+    the logged-in web user and the browser's address (:mod:`bridges.pvws.rpc`).
+    """
+    return tuple(a for a in spec.args if a not in ON_BEHALF_ARGS)
+
+
 def _template(spec: PVSpec, prefix: str) -> str:
     return spec.name(prefix, device=DEVICE_TEMPLATE)
 
@@ -158,7 +168,7 @@ def names_document(prefix: str, registry_prefix: str = "") -> dict[str, Any]:
         },
         "health": health_entries(prefix),
         "queueRpc": {
-            key: {"pv": spec.name(prefix), "args": list(spec.args)}
+            key: {"pv": spec.name(prefix), "args": list(web_args(spec))}
             for key, spec in QUEUE_RPCS.items()
         },
         "lockTypes": [t.value for t in LockType],

@@ -9,8 +9,15 @@ are sent as their text)::
     -> 200 {"ok": true, "rpc": "DEMO:Queue:ItemAdd", "message": "added count (...)",
             "itemUid": "..."}
 
-Errors (``{"error": {"code", "message", "holder"}}``, nothing was sent to the IOC unless the code
-is ``queue-refused`` or ``queue-unavailable``):
+Every call is made **on behalf of the logged-in web user**: the bridge adds ``onBehalfOf=USER``
+and ``clientHost=`` the browser's address (a body may not set them), so the queue IOC decides
+``queue_control`` for that user and an added item's ``user`` in the RE Manager (and
+``Queue:Items``) is the web user. The bridge's account must be a trusted service allowed to act
+for the user (policy ``trusted_services`` and ``access.on_behalf_of``: the coordination IOC's rule,
+:func:`pvdb.lockmodel.resolve_caller`); otherwise the IOC refuses with ``not-allowed``.
+
+Errors (``{"error": {"code", "message", "holder", "reason"}}``, nothing was sent to the IOC unless
+the code is ``queue-refused`` or ``queue-unavailable``):
 
 ============================  ======  ==========================================================
 code                          status  when
@@ -18,16 +25,21 @@ code                          status  when
 ``not-logged-in``             401     no web user on this request (login first)
 ``writes-disabled``           403     the bridge runs without write support
 ``unknown-rpc``               404     ``key`` is not in :data:`QUEUE_RPCS`
-``bad-request``               400     body not a JSON object, an argument the RPC does not take,
-                                      or a value that is not a string, number or boolean
+``bad-request``               400     body not a JSON object, an argument the RPC does not take
+                                      (``onBehalfOf``/``clientHost`` included: the bridge sets
+                                      them), or a value that is not a string, number or boolean
 ``queue-refused``             409     the queue IOC (or the RE Manager behind it) refused; the
-                                      message is the IOC's, verbatim
+                                      message is the IOC's, verbatim; ``reason`` is the IOC's
+                                      code (``not-allowed``, ``bad-argument``,
+                                      ``manager-refused``...) and ``holder`` the holder it names
 ``queue-unavailable``         502     the queue IOC did not answer within :data:`RPC_TIMEOUT`
 ============================  ======  ==========================================================
 
-What it is worth: the queue IOC sees the bridge's PVA account, so its ``queue_control`` policy
-applies to the bridge, and items added from the web carry the bridge's account as ``user``. The
-bridge lets only logged-in web users call, and logs each call with the web user.
+What it is worth: the web user is who the bridge says it is (its login or its trusted proxy);
+the queue IOC believes the bridge because the policy names its account, from its host, as a
+trusted service for those users. Anyone who can run code as the bridge's account on its host can
+act for those users; nobody else can. The bridge logs each call with the web user, and the queue
+IOC logs the user with the bridge as actor.
 """
 
 from __future__ import annotations
@@ -41,7 +53,9 @@ from aiohttp import web
 from p4p.client.asyncio import RemoteError
 from p4p.nt import NTURI
 
-from .names import QUEUE_RPCS
+from pvdb.lockmodel import parse_error_text
+
+from .names import QUEUE_RPCS, web_args
 
 log = logging.getLogger("bridges.pvws.rpc")
 
@@ -51,9 +65,12 @@ MAX_BODY = 64 * 1024
 """Largest accepted request body in bytes."""
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
+def _error(
+    status: int, code: str, message: str, holder: str = "", reason: str = ""
+) -> web.Response:
     return web.json_response(
-        {"error": {"code": code, "message": message, "holder": ""}}, status=status
+        {"error": {"code": code, "message": message, "holder": holder, "reason": reason}},
+        status=status,
     )
 
 
@@ -68,9 +85,10 @@ def parse_args(key: str, body: Any) -> dict[str, str]:
         body = {}
     if not isinstance(body, dict):
         raise ValueError(f"body must be a JSON object of arguments, not {type(body).__name__}")
-    unknown = sorted(set(body) - set(spec.args))
+    own = web_args(spec)
+    unknown = sorted(set(body) - set(own))
     if unknown:
-        takes = ", ".join(spec.args) or "no arguments"
+        takes = ", ".join(own) or "no arguments"
         raise ValueError(f"{spec.suffix} takes {takes}; not: {', '.join(unknown)}")
     out: dict[str, str] = {}
     for name, value in body.items():
@@ -120,13 +138,17 @@ def setup(app: web.Application) -> None:
             return _error(400, "bad-request", str(e))
         cfg = request.app[bridge.CONFIG]
         pv = QUEUE_RPCS[key].name(cfg.prefix)
+        args["onBehalfOf"] = user
+        args["clientHost"] = request.remote or "web"
         uri = NTURI([(k, "s") for k in args]).wrap(pv, kws=args)
         log.info("web user %s calls %s %s", user, pv, args)
         try:
             reply = await asyncio.wait_for(request.app[bridge.PVA].rpc(pv, uri), RPC_TIMEOUT)
         except RemoteError as e:
             log.info("%s refused for web user %s: %s", pv, user, e)
-            return _error(409, "queue-refused", str(e))
+            parsed = parse_error_text(str(e))
+            return _error(409, "queue-refused", str(e), parsed.holder,
+                          parsed.code.value if parsed.code else "")
         except TimeoutError:
             return _error(502, "queue-unavailable", f"{pv} did not answer within {RPC_TIMEOUT} s")
         return web.json_response({"ok": True, "rpc": pv, **_reply_dict(reply)})

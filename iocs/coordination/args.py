@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 
 from pvdb.models import LockType
 
@@ -11,8 +10,6 @@ from .locktable import LockError
 
 MAX_ARG = 4096
 """Longest accepted argument value (characters); longer is refused before any parsing."""
-USER_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
 
 
 def check_names(args: dict[str, str], allowed: tuple[str, ...], rpc: str) -> None:
@@ -64,16 +61,3 @@ def timeout_arg(value: str | None) -> float | None:
     if not math.isfinite(t) or t <= 0:
         raise LockError(f"timeout must be a positive, finite number of seconds, not {value[:40]}")
     return t
-
-
-def on_behalf_arg(args: dict[str, str]) -> tuple[str | None, str | None]:
-    """``onBehalfOf`` user and ``clientHost``, validated; ``(None, None)`` when absent."""
-    user = args.get("onBehalfOf") or None
-    host = args.get("clientHost") or None
-    if user is None and host is not None:
-        raise LockError("clientHost is only accepted together with onBehalfOf")
-    if user is not None and not USER_RE.match(user):
-        raise LockError(f"onBehalfOf {user[:40]!r} is not a valid account name")
-    if host is not None and not HOST_RE.match(host):
-        raise LockError(f"clientHost {host[:40]!r} is not a valid host name")
-    return user, host

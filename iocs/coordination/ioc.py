@@ -25,9 +25,9 @@ from p4p.server.thread import SharedPV
 
 from pvcoord.store import StoreError
 from pvdb import names as pvn
-from pvdb.lockmodel import ErrorCode
+from pvdb.lockmodel import CallerError, resolve_caller
 from pvdb.models import BEAMLINE, Lock, LockEvent
-from pvdb.policy import ACCOUNT_RE, ANONYMOUS, host_roles
+from pvdb.policy import ANONYMOUS, host_roles
 from pvdb.redact import redact
 
 from .. import pvutil
@@ -366,21 +366,13 @@ class CoordinationIOC:
         address TCP proves; roles come only from this host's group database for accounts that
         exist here (never from the client). onBehalfOf is limited per service by the policy.
         """
-        account = op.account() or ANONYMOUS
         host = (op.peer() or "unknown").rsplit(":", 1)[0]
-        if not ACCOUNT_RE.match(account):
-            raise LockError(
-                "the client's account name is not accepted (1-64 letters, digits, '.', '_', '-'; "
-                "no '@', spaces or control characters)")
-        roles = host_roles(account)
-        user, client_host = rpcargs.on_behalf_arg(args)
-        if user is None:
-            return Identity(account, host, roles)
-        user_roles = host_roles(user)
-        why = self.table.policy.may_act_for(account, roles, host, user, user_roles)
-        if why:
-            raise LockError(why, ErrorCode.NOT_ALLOWED)
-        return Identity(user, client_host or host, user_roles, actor=account)
+        try:
+            c = resolve_caller(self.table.policy, op.account() or ANONYMOUS, host,
+                               args.get("onBehalfOf"), args.get("clientHost"), host_roles)
+        except CallerError as e:
+            raise LockError(str(e), e.code) from None
+        return Identity(c.account, c.host, c.roles, actor=c.actor)
 
     def _acquire(self, op, args: dict[str, str]) -> Value:
         rpcargs.check_names(args, pvn.ACQUIRE_ARGS, "Acquire")

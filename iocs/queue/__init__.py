@@ -13,7 +13,10 @@ When nothing is heard for 1.8 s every PV below except Heartbeat and the RPCs has
 INVALID, until the manager answers again.
 
 Control RPCs take pvcall-style string arguments, are allowed to the policy's
-access.queue_control, return RE Manager refusals verbatim and change nothing on bad input.
+access.queue_control (from the caller's host), return RE Manager refusals verbatim and change
+nothing on bad input. A trusted service (the web bridge) may add onBehalfOf=USER [clientHost=HOST]
+to act for a user, under the coordination IOC's rule (trusted_services, access.on_behalf_of):
+the user is then checked against queue_control and is the user of an added item.
 
 Automatic locks (through P Coord:Acquire/Release/Renew, as this process's account, or on behalf of
 --lock-owner when this account is a trusted service): queued items

@@ -19,7 +19,7 @@ from typing import Any
 from p4p.server import Server, StaticProvider
 
 from pvdb import queue as qn
-from pvdb.lockmodel import ErrorCode, parse_error_text
+from pvdb.lockmodel import Caller, ErrorCode, parse_error_text
 from pvdb.names import check_prefix
 from pvdb.policy import Policy
 from pvdb.redact import register_url
@@ -37,6 +37,11 @@ HOOK_REQUEST_MAX_AGE = 10.0
 """Seconds after which a worker-hook request is stale (the hook gave up long ago) and dropped."""
 HOOK_REPLY_TTL = 30
 """Seconds a reply stays in redis for the hook to pick up."""
+
+
+def _who(caller: Caller) -> str:
+    """``alice@host``, or ``alice@host (by pvcoord-web)`` on behalf of a user, for the log."""
+    return f"{caller.account}@{caller.host}" + (f" (by {caller.actor})" if caller.actor else "")
 
 
 def this_account() -> str:
@@ -96,7 +101,7 @@ class QueueIOC:
         self.server_conf: dict[str, str] = {}
         """The p4p server's configuration once serving (what a client needs to reach it)."""
         self.pvs = QueuePVs(self.prefix, self.provider)
-        self.rpcs = add_rpcs(self.prefix, self.provider, self._handlers())
+        self.rpcs = add_rpcs(self.prefix, self.provider, self._handlers(), policy)
         self.link = ManagerLink(zmq_control, zmq_info, self.on_status, self.on_console)
         self.account = lock_owner or this_account()
         self.keeper: LockKeeper | None = None
@@ -468,12 +473,17 @@ class QueueIOC:
 
     # --- control --------------------------------------------------------------------------------
 
-    def _allow(self, account: str, roles: frozenset[str], rpc: str) -> None:
-        if not self.policy.may_control_queue(account, roles):
+    def _allow(self, caller: Caller, rpc: str) -> None:
+        """Refuse ``caller`` unless ``queue_control`` names it (from its host).
+
+        For an on-behalf-of call the caller is the user (from its ``clientHost``), not the
+        service.
+        """
+        if not self.policy.may_control_queue(caller.account, caller.roles, caller.host):
             allowed = ", ".join(self.policy.access.queue_control) or "nobody"
             raise BadRequestError(
-                f"{rpc}: account {account!r} may not control the queue (policy queue_control: "
-                f"{allowed}); nothing was changed", ErrorCode.NOT_ALLOWED,
+                f"{rpc}: account {caller.account!r} may not control the queue (policy "
+                f"queue_control: {allowed}); nothing was changed", ErrorCode.NOT_ALLOWED,
             )
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -485,17 +495,17 @@ class QueueIOC:
             raise ControlError(f"RE Manager refused {method}: {e}") from None
 
     def _simple(self, spec, method: str, done: str):
-        async def fn(account: str, roles: frozenset[str], args: dict[str, str]):
-            self._allow(account, roles, spec.suffix)
+        async def fn(caller: Caller, args: dict[str, str]):
+            self._allow(caller, spec.suffix)
             model.check_args(args, spec.args, spec.suffix)
             await self._call(method)
-            log.info("%s by %s", method, account)
+            log.info("%s by %s", method, _who(caller))
             return done, ""
         return fn
 
-    async def _queue_start(self, account: str, roles: frozenset[str], args: dict[str, str]):
+    async def _queue_start(self, caller: Caller, args: dict[str, str]):
         spec = qn.QUEUE_START
-        self._allow(account, roles, spec.suffix)
+        self._allow(caller, spec.suffix)
         model.check_args(args, spec.args, spec.suffix)
         items = (await self._call("queue_get", reload=True)).get("items") or []
         item = items[0] if items else None
@@ -509,7 +519,7 @@ class QueueIOC:
             uid = str(item.get("item_uid", ""))
             devs = [d for d in self.item_devices(item) if d in (self.keeper.coordinated or ())]
             refusal = await self.keeper.try_executing(
-                devs, uid, f"queue: start of {item.get('name')} requested by {account}")
+                devs, uid, f"queue: start of {item.get('name')} requested by {_who(caller)}")
             if refusal is not None:
                 reason = (
                     f"queue not started: the next item {item.get('name')} ({uid}) needs a device "
@@ -519,40 +529,42 @@ class QueueIOC:
                 self.pvs.set(qn.STOP_REASON, reason)
                 raise ControlError(reason, ErrorCode.HOLDER_CONFLICT, blocking[0].holder)
         await self._call("queue_start")
-        log.info("queue_start by %s", account)
+        log.info("queue_start by %s", _who(caller))
         return "queue started", ""
 
-    async def _re_pause(self, account: str, roles: frozenset[str], args: dict[str, str]):
-        self._allow(account, roles, qn.RE_PAUSE.suffix)
+    async def _re_pause(self, caller: Caller, args: dict[str, str]):
+        self._allow(caller, qn.RE_PAUSE.suffix)
         option = model.parse_pause(args)
         await self._call("re_pause", option)
         return f"pause ({option}) requested", ""
 
-    async def _item_add(self, account: str, roles: frozenset[str], args: dict[str, str]):
-        self._allow(account, roles, qn.ITEM_ADD.suffix)
+    async def _item_add(self, caller: Caller, args: dict[str, str]):
+        self._allow(caller, qn.ITEM_ADD.suffix)
         new = model.parse_item_add(args, self.plans_allowed or None)
-        kwargs: dict[str, Any] = {"user": account, "user_group": self.user_group}
+        # the item's user: the caller, or the user a trusted service acts for
+        kwargs: dict[str, Any] = {"user": caller.account, "user_group": self.user_group}
         if new.pos is not None:
             kwargs["pos"] = new.pos
         reply = await self._call("item_add", new.item, **kwargs)
         uid = str((reply.get("item") or {}).get("item_uid", ""))
-        log.info("item_add %s by %s -> %s", new.item.get("name"), account, uid)
+        log.info("item_add %s by %s -> %s", new.item.get("name"), _who(caller), uid)
         return f"added {new.item['name']} ({uid}); queue size {reply.get('qsize')}", uid
 
-    async def _item_remove(self, account: str, roles: frozenset[str], args: dict[str, str]):
-        self._allow(account, roles, qn.ITEM_REMOVE.suffix)
+    async def _item_remove(self, caller: Caller, args: dict[str, str]):
+        self._allow(caller, qn.ITEM_REMOVE.suffix)
         which = model.parse_item_remove(args)
         reply = await self._call("item_remove", **which)
         uid = str((reply.get("item") or {}).get("item_uid", ""))
+        log.info("item_remove %s by %s", which, _who(caller))
         return f"removed {(reply.get('item') or {}).get('name', 'item')} ({uid})", uid
 
-    async def _item_move(self, account: str, roles: frozenset[str], args: dict[str, str]):
-        self._allow(account, roles, qn.ITEM_MOVE.suffix)
+    async def _item_move(self, caller: Caller, args: dict[str, str]):
+        self._allow(caller, qn.ITEM_MOVE.suffix)
         which = model.parse_item_move(args)
         reply = await self._call("item_move", **which)
         item = reply.get("item") or {}
         uid = str(item.get("item_uid", ""))
-        log.info("item_move %s by %s", which, account)
+        log.info("item_move %s by %s", which, _who(caller))
         return f"moved {item.get('name', 'item')} ({uid}); queue size {reply.get('qsize')}", uid
 
     def _handlers(self):

@@ -18,9 +18,9 @@ from p4p.server import StaticProvider
 from p4p.server.asyncio import SharedPV
 
 from pvdb import queue as qn
-from pvdb.lockmodel import ErrorCode
+from pvdb.lockmodel import Caller, CallerError, ErrorCode, resolve_caller
 from pvdb.names import PVKind, PVSpec
-from pvdb.policy import ANONYMOUS, host_roles
+from pvdb.policy import ANONYMOUS, Policy, host_roles
 from pvdb.redact import redact
 
 from .. import pvutil
@@ -183,9 +183,10 @@ def _redacted(value: object) -> object:
     return value
 
 
-ControlFn = Callable[[str, frozenset[str], dict[str, str]], Awaitable[tuple[str, str]]]
-"""``async fn(account, roles, args) -> (message, item_uid)``; raises :class:`BadRequestError` or
-:class:`ControlError` with the message for the caller."""
+ControlFn = Callable[[Caller, dict[str, str]], Awaitable[tuple[str, str]]]
+"""``async fn(caller, args) -> (message, item_uid)``; raises :class:`BadRequestError` or
+:class:`ControlError` with the message for the caller. ``args`` has no ``onBehalfOf`` /
+``clientHost`` (they are resolved into ``caller``)."""
 
 
 class ControlError(RuntimeError):
@@ -211,29 +212,38 @@ EXAMPLE = "pvcall P Queue:ItemAdd name=count 'args=[[\"det1\"]]'"
 class ControlRPC(pvutil.AsyncRPC):
     """Handler of one control RPC (:class:`iocs.pvutil.AsyncRPC`).
 
-    The caller's account and OS groups and the arguments go to ``fn``; its
+    Who calls is :func:`pvdb.lockmodel.resolve_caller` of the PVA account, the peer host and the
+    optional ``onBehalfOf`` / ``clientHost`` arguments (the coordination IOC's rule and codes:
+    ``not-allowed`` for a caller that is no trusted service or may not act for that user);
+    that :class:`~pvdb.lockmodel.Caller` and the other arguments go to ``fn``; its
     ``(message, item_uid)`` is the reply.
     """
 
-    def __init__(self, spec: PVSpec, fn: ControlFn) -> None:
-        self.spec, self.fn = spec, fn
-        super().__init__(spec.suffix, self._call, (BadRequestError, ControlError), EXAMPLE)
+    def __init__(self, spec: PVSpec, fn: ControlFn, policy: Policy) -> None:
+        self.spec, self.fn, self.policy = spec, fn, policy
+        super().__init__(spec.suffix, self._call, (BadRequestError, ControlError, CallerError),
+                         EXAMPLE)
 
     async def _call(self, op: Any, args: dict[str, str]) -> Value:
-        account = op.account() or ANONYMOUS
-        roles = host_roles(account)  # this host's group database, never the client's claim
-        message, uid = await self.fn(account, roles, args)
+        args = dict(args)
+        on_behalf_of, client_host = args.pop("onBehalfOf", None), args.pop("clientHost", None)
+        host = (op.peer() or "unknown").rsplit(":", 1)[0]
+        # roles only from this host's group database, never the client's claim
+        caller = resolve_caller(self.policy, op.account() or ANONYMOUS, host, on_behalf_of,
+                                client_host, host_roles)
+        message, uid = await self.fn(caller, args)
         return RPC_RESULT({"message": redact(message), "itemUid": uid})
 
 
 def add_rpcs(
-    prefix: str, provider: StaticProvider, handlers: Mapping[PVSpec, ControlFn]
+    prefix: str, provider: StaticProvider, handlers: Mapping[PVSpec, ControlFn], policy: Policy
 ) -> list[SharedPV]:
-    """Serve one RPC PV per entry of ``handlers``; returns the SharedPVs."""
+    """Serve one RPC PV per entry of ``handlers`` (callers resolved under ``policy``)."""
     out = []
     now = time.time()
     for spec, fn in handlers.items():
-        pv = SharedPV(handler=ControlRPC(spec, fn), initial=NTScalar("s").wrap("", timestamp=now))
+        pv = SharedPV(handler=ControlRPC(spec, fn, policy),
+                      initial=NTScalar("s").wrap("", timestamp=now))
         provider.add(spec.name(prefix), pv)
         out.append(pv)
     return out

@@ -288,6 +288,7 @@ def test_hook_with_the_real_re_manager_and_queue_ioc(tmp_path):
             with Context("pva", conf=client_conf(env), useenv=False) as ctxt:
                 _maintenance_on_a_global_device(st, coord, ctxt, P, WAIT)
                 _a_global_device_shows_as_executing(st, coord, WAIT)
+                _a_renamed_ophyd_object_is_matched_by_pv(st, coord, ctxt, P, WAIT)
     except BaseException:
         for p in procs:
             print(f"--- {p.name} ---\n{p.output()[-3000:]}")
@@ -358,6 +359,69 @@ def _a_global_device_shows_as_executing(st, coord, wait) -> None:
     with contextlib.suppress(RefusedError):
         coord.force_release(["shutter"], reason="cleanup")
 
+
+RENAMED_SCRIPT = """
+import bluesky.plan_stubs as bps
+from ophyd import Component, Device, EpicsSignal, EpicsSignalRO
+
+
+class RenamedAxis(Device):
+    setpoint = Component(EpicsSignal, {setpoint!r})
+    readback = Component(EpicsSignalRO, {readback!r})
+
+
+sample_x = RenamedAxis({prefix!r}, name="sample_x")  # ophyd (CA) over m1's records
+
+
+def move_sample_x(position: float):
+    yield from bps.mv(sample_x.setpoint, position)  # a global, under another name than m1
+"""
+
+
+def _a_renamed_ophyd_object_is_matched_by_pv(st, coord, ctxt, prefix, wait) -> None:
+    """Issue 11, finding 6: an ophyd object named ``sample_x`` over m1's PVs is device m1."""
+    setpoint, readback = demo_pvs.motor_setpoint(prefix, "m1"), demo_pvs.motor_readback(
+        prefix, "m1")
+    dev_prefix = f"{prefix}m1:"
+    assert setpoint.startswith(dev_prefix) and readback.startswith(dev_prefix)
+    script = RENAMED_SCRIPT.format(prefix=dev_prefix, setpoint=setpoint[len(dev_prefix):],
+                                   readback=readback[len(dev_prefix):])
+    task = st.call("script_upload", script=script)
+    assert task["success"], task
+    wait_until(lambda: st.call("task_result", task_uid=task["task_uid"])["status"] == "completed",
+               wait, "script with sample_x uploaded")
+    result = st.call("task_result", task_uid=task["task_uid"])["result"]
+    assert result["success"], result
+    before = float(ctxt.get(setpoint, timeout=TIMEOUT))
+    target = before + 3.0
+    coord.acquire(["m1"], LockType.MAINTENANCE, 300, "realign m1", on_behalf_of="max")
+    t0 = time.time()
+    uid = _add(st, "move_sample_x", target)
+    st.call("queue_start")
+    _idle(st, wait)
+    last = st.call("history_get")["items"][-1]
+    assert last["item_uid"] == uid and last["result"]["exit_status"] == "failed"
+    msg = last["result"]["msg"]
+    assert "refused 'set' on m1 (ophyd object 'sample_x') before it reached the device" in msg
+    assert "held by max@" in msg, msg  # the holder is named
+    assert float(ctxt.get(setpoint, timeout=TIMEOUT)) == before  # the write never happened
+    # the coordination IOC audited the refusal on the registry device, not on "sample_x"
+    wait_until(lambda: [
+        e for e in coord.events() if e.time >= t0 - 1 and e.action is EventAction.REFUSED
+        and e.device == "m1" and e.lock_type is LockType.QUEUE_EXECUTING],
+        5.0, "the refusal of m1 (named sample_x in the plan) in Coord:Events")
+    st.call("queue_clear")
+    # released: the same object moves, and its device shows QUEUE_EXECUTING for the item
+    coord.force_release(["m1"], reason="test done")
+    uid = _add(st, "move_sample_x", target)
+    st.call("queue_start")
+    _idle(st, wait)
+    last = st.call("history_get")["items"][-1]
+    assert last["item_uid"] == uid and last["result"]["exit_status"] == "completed", last
+    assert float(ctxt.get(setpoint, timeout=TIMEOUT)) == pytest.approx(target)
+    executing = [e for e in coord.events() if e.time >= t0 and e.device == "m1"
+                 and e.action is EventAction.ACQUIRED and e.lock_type is LockType.QUEUE_EXECUTING]
+    assert executing, "m1 was held QUEUE_EXECUTING for the item that moved sample_x"
 
 
 def test_a_password_protected_redis_between_hook_and_queue_ioc(tmp_path):

@@ -34,6 +34,7 @@ from pvcoord.procs import start_redis
 from pvcoord.store import SQLiteStore
 from pvcoord.worker_hook import EXEMPT, DeviceLockedError, LockGuard, PlanCheck
 from pvdb import demo
+from pvdb import queue as qn
 from pvdb.devicemap import DeviceMap
 from pvdb.lockmodel import ErrorCode
 from pvdb.models import Lock, LockType
@@ -178,6 +179,8 @@ def test_the_registry_map_resolves_objects_whatever_their_ophyd_name(channel):
     shutter = demo.shutter_command(P)
     assert guard.resolve([_m1("setpoint"), shutter]) == {"m1": [_m1("setpoint")],
                                                          "shutter": [shutter]}
+    many = [f"{P}m1:Extra{i}" for i in range(qn.HOOK_MAX_PVS + 20)]  # sent in two parts
+    assert guard.resolve(many) == {"m1": many}  # by the longest prefix
     # a PV of no device: fields.unregistered = staff (default), the queue's account is not staff
     with raises_code(DeviceLockedError, ErrorCode.NOT_ALLOWED) as e:
         guard.resolve([_m1("setpoint"), "TR:nobody:Setpoint"], "stray")

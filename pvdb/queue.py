@@ -300,7 +300,7 @@ STOP_REASON = _q(
 LOCK_HEALTH = _q(
     "LockHealth", PVKind.STRING,
     "'OK', 'disabled', or what keeps the automatic locks from working (coordination IOC not "
-    "reachable, refused reservations).",
+    "reachable, refused reservations, the worker hook's channel or PV lookups failing).",
 )
 
 # --- control RPCs -----------------------------------------------------------------------------

@@ -127,6 +127,7 @@ def channel(tmp_path_factory):
     stop = asyncio.Event()
     url = f"redis://127.0.0.1:{port}/0"
     started: list[asyncio.Future] = []
+    iocs: dict[str, QueueIOC] = {}
 
     async def start():
         ready = asyncio.get_running_loop().create_future()
@@ -138,11 +139,12 @@ def channel(tmp_path_factory):
             ioc = QueueIOC(prefix, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", Policy(),
                            locks=False, redis_url=url, client_conf=conf,
                            lock_owner=QUEUE_LOCK_OWNER)
+            iocs[prefix] = ioc
             started.append(asyncio.ensure_future(ioc.serve_hook_requests(stop)))
 
     try:
         asyncio.run_coroutine_threadsafe(start(), loop).result(TIMEOUT)
-        yield url
+        yield url, iocs
     finally:
         loop.call_soon_threadsafe(stop.set)
         with contextlib.suppress(Exception):
@@ -172,7 +174,8 @@ def _hold(store, device, lock_type=LockType.MAINTENANCE, owner="max"):
 
 @pytest.mark.system
 def test_the_registry_map_resolves_objects_whatever_their_ophyd_name(channel):
-    guard = LockGuard(P, channel, timeout=5.0)
+    url, iocs = channel
+    guard = LockGuard(P, url, timeout=5.0)
     motor_pvs, _ = written_pvs(EpicsMotor(f"{P}m1", name="sample_x"))
     assert guard.resolve(motor_pvs) == {"m1": motor_pvs}  # by record name (motor fields)
     assert guard.resolve([_m1("setpoint")]) == {"m1": [_m1("setpoint")]}  # explicit PV
@@ -185,20 +188,23 @@ def test_the_registry_map_resolves_objects_whatever_their_ophyd_name(channel):
     with raises_code(DeviceLockedError, ErrorCode.NOT_ALLOWED) as e:
         guard.resolve([_m1("setpoint"), "TR:nobody:Setpoint"], "stray")
     assert "TR:nobody:Setpoint" in str(e.value) and QUEUE_LOCK_OWNER in str(e.value)
+    assert iocs[P].resolve_health == ""
 
 
 @pytest.mark.system
 def test_a_registry_that_does_not_answer_fails_closed(channel):
+    url, iocs = channel
     with raises_code(DeviceLockedError, ErrorCode.NOT_READY) as e:
-        LockGuard(NOREG, channel, timeout=8.0).resolve([_m1("setpoint")])
+        LockGuard(NOREG, url, timeout=8.0).resolve([_m1("setpoint")])
     assert "Registry:DevicePVs" in str(e.value)
+    assert f"{NOREG}Registry:DevicePVs" in iocs[NOREG].resolve_health  # LockHealth says so
 
 
 @pytest.mark.system
 def test_a_renamed_object_of_a_held_device_is_refused(channel, store):
     """``EpicsMotor('P m1', name='sample_x')`` while m1 is held: refused, the holder named."""
     _hold(store, "m1")
-    check = PlanCheck(LockGuard(P, channel, timeout=5.0, store=store))
+    check = PlanCheck(LockGuard(P, channel[0], timeout=5.0, store=store))
     renamed = [EpicsMotor(f"{P}m1", name="sample_x"), Axis(f"{P}m1:", name="sample_x"),
                AsyncAxis("m1", name="sample_x")]
     for obj in renamed:

@@ -95,6 +95,8 @@ class QueueIOC:
         self.redis_url = redis_url
         self.hook_health = ""
         """Why the worker-hook channel does not work ('' when it does)."""
+        self.resolve_health = ""
+        """Why the hook's resolve requests fail (the registry unreachable), '' when they work."""
         self.bad_hook_requests = 0
         """Malformed worker-hook requests received (answered when they had a valid id)."""
         self._bad_hook_logged = -1e9
@@ -291,8 +293,9 @@ class QueueIOC:
         self.pvs.set(qn.EXECUTING_DEVICES, self.keeper.executing(), now)
         self.pvs.set(qn.QUEUED_DEVICES, self.keeper.queued(), now)
         health = self.keeper.health
-        if self.hook_health:
-            health = self.hook_health if health == "OK" else f"{health}; {self.hook_health}"
+        for extra in (self.hook_health, self.resolve_health):
+            if extra:
+                health = extra if health == "OK" else f"{health}; {extra}"
         self.pvs.set(qn.LOCK_HEALTH, health, now)
 
     def next_item_blockers(self) -> tuple[dict[str, Any] | None, list[model.HeldBy]]:
@@ -424,9 +427,11 @@ class QueueIOC:
                                              timeout=3.0)
             dmap = await self._registry.device_map()
         except (CoordError, DeviceMapError) as e:
+            self._set_resolve_health(f"worker-hook PV lookups fail: {registry}: {e}")
             return {**base, "code": ErrorCode.NOT_READY,
                     "message": f"cannot tell which devices {len(pvs)} PV(s) belong to "
                                f"({registry}: {e}): refusing (fail closed)"}
+        self._set_resolve_health("")
         devices, unregistered = dmap.group(pvs)
         reply = {**base, "devices": devices, "unregistered": unregistered}
         if unregistered:
@@ -438,6 +443,11 @@ class QueueIOC:
         return {**reply, "granted": True,
                 "message": f"{len(pvs)} PV(s): devices {sorted(devices) or 'none'}, "
                            f"{len(unregistered)} unregistered"}
+
+    def _set_resolve_health(self, why: str) -> None:
+        if self.resolve_health != why:
+            self.resolve_health = why
+            self._locks_changed()
 
     def _hook_channel_ok(self) -> None:
         if self.hook_health:

@@ -265,10 +265,11 @@ class LockGuard:
                     _code(answer.get("code") or answer.get("error")),
                     str(answer.get("holder") or ""))
             got = answer.get("devices")
-            if not isinstance(got, dict):
+            if not isinstance(got, dict) or not all(
+                    isinstance(names, list) for names in got.values()):
                 raise DeviceLockedError(
-                    f"pvcoord: the queue IOC's answer for {what} names no devices: {answer!r:.200}",
-                    ErrorCode.STATE_UNKNOWN)
+                    f"pvcoord: the queue IOC's answer for {what} is not a device map: "
+                    f"{str(answer)[:200]}", ErrorCode.STATE_UNKNOWN)
             for device, names in got.items():
                 devices.setdefault(str(device), []).extend(str(n) for n in names)
         return devices
@@ -294,7 +295,15 @@ class LockGuard:
                 f"running with --prefix {self.prefix} --redis ...?); refusing to act on {subject}",
                 ErrorCode.STATE_UNKNOWN,
             )
-        return json.loads(got[1])
+        try:
+            answer = json.loads(got[1])
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise DeviceLockedError(
+                f"pvcoord: the queue IOC's answer to {what} is not a JSON object "
+                f"({got[1][:80]!r}); refusing to act on {subject}", ErrorCode.STATE_UNKNOWN)
+        return answer
 
 
 class PlanCheck:

@@ -240,6 +240,22 @@ def test_not_coordinated_is_not_sticky(redis_port, store):
         assert len([r for r in resp.requests if "refusing" not in r]) == 2
 
 
+def test_malformed_resolve_answers_fail_closed(redis_port, store):
+    """A forged or broken answer to a resolve request refuses the message, with a code."""
+    from ophyd import EpicsSignal
+
+    sig = EpicsSignal(demo_pvs.motor_setpoint(PREFIX, "m1"), name="sample_x")  # not connected
+    for answer in ([1, 2], {"granted": True}, {"granted": True, "devices": {"m1": "x"}}):
+        with responder(redis_port, lambda req, a=answer: a), \
+                raises_code(DeviceLockedError, ErrorCode.STATE_UNKNOWN):
+            PlanCheck(guard(redis_port, store))(Msg("set", sig, 1.0))
+    refused = {"granted": False, "code": "not-allowed", "message": "no"}
+    with responder(redis_port, lambda req: refused) as resp, \
+            raises_code(DeviceLockedError, ErrorCode.NOT_ALLOWED):
+        PlanCheck(guard(redis_port, store))(Msg("set", sig, 1.0))
+    assert resp.requests[0]["pvs"] == [demo_pvs.motor_setpoint(PREFIX, "m1")]
+
+
 def test_in_a_real_runengine_the_scan_fails_before_any_set(redis_port, store):
     put_lock(store, "m2", LockType.MAINTENANCE, owner="max")
     m2 = SynAxis(name="m2")

@@ -144,11 +144,18 @@ def main() -> int:
         coordination_argv(PREFIX, store, d / "policy.toml", devices=demo_pvs.DEVICE_NAMES),
         server_env(env), log_dir=d,
     )
+    # the worker hook resolves the devices' PVs through the registry's map (decision 0125)
+    registry = ManagedProcess(
+        "registry", python_module("iocs.registry", "--prefix", PREFIX, "--registry",
+                                  str(devices.write_registry(PREFIX, d / "registry.yaml"))),
+        server_env(env), log_dir=d,
+    )
     print(f"bench_queue: {platform.node()} {platform.machine()} python {platform.python_version()}"
           f", logs in {d}")
     try:
         wait_for_pv(demo_pvs.motor_readback(PREFIX, "m1"), env, 30, procs=[soft])
         wait_for_pv(pvn.COORD_DEVICES.name(PREFIX), env, 30, procs=[coord])
+        wait_for_pv(pvn.REGISTRY_DEVICE_PVS.name(PREFIX), env, 30, procs=[registry])
         with start_queue_stack(PREFIX, env, d, store_url=store, policy=d / "policy.toml") as st, \
                 Context("pva", conf=client_conf(env), useenv=False, nt=False) as ctxt, \
                 Client(PREFIX, conf=client_conf(env)) as coord_client:
@@ -161,6 +168,7 @@ def main() -> int:
             finally:
                 tap.close()
     finally:
+        registry.stop()
         coord.stop()
         soft.stop()
     return 0

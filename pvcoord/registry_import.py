@@ -49,6 +49,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pvcoord.devicewalk import async_signal, ophyd_access
+from pvcoord.devicewalk import async_tree as _async_tree
+from pvcoord.devicewalk import is_ophyd as _is_ophyd
+from pvcoord.devicewalk import is_ophyd_async as _is_ophyd_async
+from pvcoord.devicewalk import ophyd_signals as _ophyd_signals
 from pvcoord.procs import PYTHON
 from pvdb.models import DEVICE_NAME_RE, Capability, Device, DeviceSignal
 from pvdb.registry_file import PV_NAME_RE, check_device, check_devices
@@ -58,59 +63,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 120.0
 """Seconds the profile collection may take to load before the import is abandoned."""
 
-PV_SCHEMES = ("ca://", "pva://")
-"""Signal source schemes that name an EPICS PV."""
-
 
 class RegistryImportError(RuntimeError):
     """The profile collection could not be loaded or walked; the message says why."""
 
 
 # --- walking devices (runs in the process that loaded the profile) ----------------------------
-
-
-def pv_from_source(source: str) -> str | None:
-    """``ca://X`` / ``pva://X`` / ``mock+ca://X`` -> ``X``; None for sources that are not PVs."""
-    src = source.strip()
-    src = src.removeprefix("mock+")
-    for scheme in PV_SCHEMES:
-        if src.startswith(scheme):
-            pv = src[len(scheme):]
-            return pv if pv and PV_NAME_RE.match(pv) else None
-    return None
-
-
-def _is_ophyd(obj: object) -> bool:
-    try:
-        from ophyd.ophydobj import OphydObject  # noqa: PLC0415 - optional dependency
-    except ImportError:
-        return False
-    return isinstance(obj, OphydObject)
-
-
-def _is_ophyd_async(obj: object) -> bool:
-    try:
-        from ophyd_async.core import Device as AsyncDevice  # noqa: PLC0415 - optional
-    except ImportError:
-        return False
-    return isinstance(obj, AsyncDevice)
-
-
-def _ophyd_signals(dev: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """``(dotted name, signal)`` of every signal of an ophyd device, lazy ones included.
-
-    Lazy components are instantiated without waiting for a connection.
-    """
-    from ophyd import Device as OphydDevice  # noqa: PLC0415
-    from ophyd.device import do_not_wait_for_lazy_connection  # noqa: PLC0415
-
-    with do_not_wait_for_lazy_connection(dev):
-        for attr in dev.component_names:
-            child = getattr(dev, attr)
-            if isinstance(child, OphydDevice):
-                yield from _ophyd_signals(child, f"{path}.{attr}")
-            else:
-                yield f"{path}.{attr}", child
 
 
 def _ophyd_kind(sig: Any) -> str:
@@ -129,29 +87,11 @@ def _ophyd_kind(sig: Any) -> str:
     return "omitted"
 
 
-def _pv_attr(sig: Any, attr: str) -> str:
-    pv = getattr(sig, attr, None)
-    return pv if isinstance(pv, str) and pv and PV_NAME_RE.match(pv) else ""
-
-
 def _ophyd_signal(name: str, sig: Any) -> DeviceSignal:
     """One ophyd signal: access from its class (EPICS) or its ``write_access`` (soft/sim)."""
-    from ophyd.signal import EpicsSignalBase, EpicsSignalRO, SignalRO  # noqa: PLC0415
-
-    if isinstance(sig, EpicsSignalBase):
-        writable = not isinstance(sig, EpicsSignalRO) and hasattr(sig, "setpoint_pvname")
-    elif isinstance(sig, SignalRO):
-        writable = False
-    else:
-        try:
-            writable = bool(sig.write_access)
-        except Exception:  # noqa: BLE001 - a signal that cannot say is taken as writable
-            writable = True
-    return DeviceSignal(
-        name=name, kind=_ophyd_kind(sig), access="rw" if writable else "r",
-        read_pv=_pv_attr(sig, "pvname"),
-        write_pv=_pv_attr(sig, "setpoint_pvname") if writable else "",
-    )
+    access, read_pv, write_pv = ophyd_access(sig)
+    return DeviceSignal(name=name, kind=_ophyd_kind(sig), access=access, read_pv=read_pv,
+                        write_pv=write_pv)
 
 
 def _ophyd_device_signals(name: str, obj: Any) -> list[DeviceSignal]:
@@ -161,54 +101,6 @@ def _ophyd_device_signals(name: str, obj: Any) -> list[DeviceSignal]:
     if isinstance(obj, OphydDevice):
         return [_ophyd_signal(path, sig) for path, sig in _ophyd_signals(obj, name)]
     return [_ophyd_signal(name, obj)]
-
-
-def _async_write_source(sig: Any) -> str:
-    """The write source of an ophyd-async signal, without connecting.
-
-    ophyd-async has no public accessor for it, so it is asked from the signal's backend
-    (``SignalBackend.source(name, read=False)``); ``Signal.source`` if that fails.
-    """
-    connector = getattr(sig, "_connector", None)  # no public accessor (see docstring)
-    backend = getattr(connector, "backend", None)
-    if backend is not None:
-        with contextlib.suppress(Exception):
-            src = backend.source(sig.name, read=False)
-            if isinstance(src, str):
-                return src
-    return sig.source
-
-
-def _async_access(sig: Any) -> str:
-    from ophyd_async.core import SignalR, SignalRW, SignalW, SignalX  # noqa: PLC0415
-
-    if isinstance(sig, SignalRW):
-        return "rw"
-    if isinstance(sig, SignalX):
-        return "x"
-    if isinstance(sig, SignalW):
-        return "w"
-    if isinstance(sig, SignalR):
-        return "r"
-    return "rw"
-
-
-def _async_tree(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """``(dotted name, signal)`` of every signal in an ophyd-async device tree."""
-    from ophyd_async.core import Signal  # noqa: PLC0415
-
-    stack = [(path, obj)]
-    seen: set[int] = set()
-    while stack:
-        here, dev = stack.pop()
-        if id(dev) in seen:
-            continue
-        seen.add(id(dev))
-        if isinstance(dev, Signal):
-            yield here, dev
-            continue
-        children = list(dev.children())
-        stack.extend((f"{here}.{child_name}", child) for child_name, child in reversed(children))
 
 
 def _async_kinds(
@@ -255,12 +147,8 @@ def _ophyd_async_device_signals(
     kinds = _async_kinds(obj, mock_connect, timeout, notes)
     out = []
     for path, sig in _async_tree(obj, name):
-        access = _async_access(sig)
-        read_pv = pv_from_source(sig.source) if "r" in access else None
-        write_pv = pv_from_source(_async_write_source(sig)) if access != "r" else None
         kind = kinds.get(sig.name, "omitted") if kinds else ""
-        out.append(DeviceSignal(name=path, kind=kind, access=access, read_pv=read_pv or "",
-                                write_pv=write_pv or ""))
+        out.append(async_signal(path, sig, kind))
     return out
 
 

@@ -29,6 +29,7 @@ from p4p.client.thread import Disconnected, RemoteError
 from p4p.nt import NTURI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pvdb.devicemap import DeviceMap
 from pvdb.lockmodel import ErrorCode, parse_error_text
 from pvdb.models import DeviceSignal, LockEvent, LockType
 from pvdb.names import (
@@ -42,6 +43,7 @@ from pvdb.names import (
     COORD_RELEASE,
     COORD_RENEW,
     FORCE_RELEASE_ARGS,
+    REGISTRY_DEVICE_PVS,
     REGISTRY_DEVICE_SIGNALS,
     REGISTRY_DEVICES,
     RELEASE_ARGS,
@@ -453,6 +455,25 @@ def parse_registry(value: Any) -> list[RegistryDevice]:
     return out
 
 
+def parse_device_map(device_pvs: Any, devices: Any) -> DeviceMap:
+    """The one PV -> device map (:class:`pvdb.devicemap.DeviceMap`) from the registry's tables.
+
+    Args:
+        device_pvs: a ``Registry:DevicePVs`` value (columns ``pv``, ``device``).
+        devices: a ``Registry:Devices`` value (its ``pvPrefix`` column).
+
+    Raises:
+        CoordError: a table of another shape.
+        pvdb.devicemap.DeviceMapError: one PV or prefix claimed by two devices.
+    """
+    try:
+        pvs = [(str(r["pv"]), str(r["device"])) for r in table_rows(device_pvs)]
+        prefixes = [(d.name, d.pv_prefix) for d in parse_registry(devices)]
+    except (KeyError, ValidationError) as e:
+        raise CoordError(f"a registry table of another shape (no column {e})") from None
+    return DeviceMap(pvs, prefixes)
+
+
 def parse_signals(value: Any) -> list[DeviceSignal]:
     """Rows of ``Registry:<device>:Signals`` as :class:`pvdb.models.DeviceSignal`.
 
@@ -648,6 +669,19 @@ class AsyncCaller(CallerBase):
     ) -> list[RegistryDevice]:
         """See :meth:`pvcoord.client.Client.registry_devices`."""
         return parse_registry(await self.get(self.pv(REGISTRY_DEVICES), call_timeout))
+
+    async def device_map(self, *, call_timeout: float | None = None) -> DeviceMap:
+        """The registry's PV -> device map now (two GETs; see :func:`parse_device_map`).
+
+        Raises:
+            NoAnswerError: the registry IOC did not answer.
+            CoordError: a table of another shape.
+            pvdb.devicemap.DeviceMapError: the registry gives a PV or prefix to two devices.
+        """
+        pvs, devices = await asyncio.gather(
+            self.get(self.pv(REGISTRY_DEVICE_PVS), call_timeout),
+            self.get(self.pv(REGISTRY_DEVICES), call_timeout))
+        return parse_device_map(pvs, devices)
 
     async def registry_signals(
         self, device: str, *, call_timeout: float | None = None

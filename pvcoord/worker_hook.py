@@ -18,12 +18,29 @@ and start the RE Manager with these environment variables (the worker inherits t
 How it works (no EPICS traffic through the RE worker: docs/architecture.md):
 
 1. For every *acting* message (:data:`ACTING`: ``set``, ``trigger``, ``stage``, ``kickoff``,
-   ``complete``, ``prepare``, ``configure``) it finds the root device (following ``.parent``).
+   ``complete``, ``prepare``, ``configure``) it finds the registry devices the message's object
+   writes, once per object and plan (:meth:`PlanCheck.devices_of`):
+
+   - **by PV**: the write PVs of the object's writable signals (ophyd ``EpicsSignal``
+     ``setpoint_pvname``, every component of an ``EpicsMotor`` or ``Device``, ophyd-async write
+     sources: :func:`pvcoord.devicewalk.written_pvs`; the root device's, following
+     ``.parent``, when the object itself has none) go to the queue IOC in a *resolve request*;
+     it answers from the registry's one PV -> device map (:class:`pvdb.devicemap.DeviceMap`
+     from ``Registry:DevicePVs`` and ``Registry:Devices``). So ``EpicsMotor('BL01:m1',
+     name='sample_x')`` is device ``m1``, whatever its ophyd name. A PV of no registered
+     device follows the policy's ``fields.unregistered`` for the queue's account (default
+     ``staff``: refused with ``not-allowed`` unless that account is staff). A registry that
+     does not answer refuses the message (``not-ready``, fail closed).
+   - **by name** only for an object without any PV (simulated and soft devices, as in
+     bluesky-queueserver's ``profile_collection_sim``): the root device's ophyd ``name`` is
+     taken as the registry name.
+
    Cleanup messages (:data:`EXEMPT`: ``unstage``, ``stop``) pass for devices this plan itself
    staged or moved (an acting message on them passed), so a refusal is never hidden by a second
    error during cleanup. A cleanup message on a device the plan never acted on is not a way
-   around the locks: when the store shows a lock on that device (or there is no store) it is
-   replaced by a ``null`` message (the device is not touched, the cleanup goes on).
+   around the locks: when the store shows a lock on that device (or there is no store, or its
+   devices cannot be told) it is replaced by a ``null`` message (the device is not touched, the
+   cleanup goes on).
 2. It reads the locks from the store. A device (or the ``beamline``) held at a priority stronger
    than ``QUEUE_EXECUTING`` (``MAINTENANCE``) raises :class:`DeviceLockedError`, after telling
    the queue IOC (a request marked ``refusing``), which asks for the lock anyway so that the
@@ -54,6 +71,7 @@ from typing import Any
 from bluesky.preprocessors import msg_mutator
 from bluesky.utils import Msg
 
+from pvcoord.devicewalk import written_pvs
 from pvdb import lockmodel
 from pvdb import queue as qn
 from pvdb.lockmodel import ErrorCode
@@ -220,34 +238,76 @@ class LockGuard:
         Raises:
             DeviceLockedError: no answer within the timeout, or redis unreachable.
         """
-        rid = uuid.uuid4().hex
-        body: dict[str, Any] = {"id": rid, "device": device, "time": time.time(),
-                                "pid": os.getpid()}
+        body: dict[str, Any] = {"device": device}
         if refusing is not None:
             body["refusing"] = refusing
-        req = json.dumps(body)
+        return self._ask(body, f"a lock request for {device}", device)
+
+    def resolve(self, pvs: list[str], what: str = "an ophyd object") -> dict[str, list[str]]:
+        """The registered devices ``pvs`` belong to: ``{device: [pv, ...]}``.
+
+        Asked from the queue IOC (a resolve request, in parts of :data:`pvdb.queue.HOOK_MAX_PVS`
+        names), which reads the registry's PV -> device map (:class:`pvdb.devicemap.DeviceMap`)
+        and applies the policy's ``fields.unregistered`` to PVs of no device.
+
+        Raises:
+            DeviceLockedError: no answer, the registry unknown (``state-unknown``/``not-ready``:
+                fail closed), or a PV of no device the policy does not let the queue write
+                (``not-allowed``).
+        """
+        devices: dict[str, list[str]] = {}
+        for i in range(0, len(pvs), qn.HOOK_MAX_PVS):
+            answer = self._ask({"pvs": pvs[i:i + qn.HOOK_MAX_PVS]},
+                               f"which devices the PVs of {what} belong to", what)
+            if not answer.get("granted"):
+                raise DeviceLockedError(
+                    f"pvcoord: refused to act on {what}: {answer.get('message', 'refused')}",
+                    _code(answer.get("code") or answer.get("error")),
+                    str(answer.get("holder") or ""))
+            got = answer.get("devices")
+            if not isinstance(got, dict) or not all(
+                    isinstance(names, list) for names in got.values()):
+                raise DeviceLockedError(
+                    f"pvcoord: the queue IOC's answer for {what} is not a device map: "
+                    f"{str(answer)[:200]}", ErrorCode.STATE_UNKNOWN)
+            for device, names in got.items():
+                devices.setdefault(str(device), []).extend(str(n) for n in names)
+        return devices
+
+    def _ask(self, body: dict[str, Any], what: str, subject: str) -> dict[str, Any]:
+        """Send one request to the queue IOC and wait for its answer (see 0023)."""
+        rid = uuid.uuid4().hex
+        req = json.dumps({"id": rid, **body, "time": time.time(), "pid": os.getpid()})
         reply_key = qn.hook_reply_key(self.prefix, rid)
         try:
             self._redis.lpush(qn.hook_request_key(self.prefix), req)
             got = self._redis.blpop([reply_key], timeout=self.timeout)
         except self._redis_error as e:
             raise DeviceLockedError(
-                f"pvcoord: cannot ask the queue IOC for a lock on {device} "
-                f"({qn.redact_url(self.redis_url)}: {e}); refusing to act on it",
+                f"pvcoord: cannot ask the queue IOC {what} "
+                f"({qn.redact_url(self.redis_url)}: {e}); refusing to act on {subject}",
                 ErrorCode.STATE_UNKNOWN,
             ) from None
         if not got:
             raise DeviceLockedError(
-                f"pvcoord: the queue IOC did not answer a lock request for {device} within "
+                f"pvcoord: the queue IOC did not answer {what} within "
                 f"{self.timeout:g} s on {qn.redact_url(self.redis_url)} (is python -m iocs.queue "
-                f"running with --prefix {self.prefix} --redis ...?); refusing to act on {device}",
+                f"running with --prefix {self.prefix} --redis ...?); refusing to act on {subject}",
                 ErrorCode.STATE_UNKNOWN,
             )
-        return json.loads(got[1])
+        try:
+            answer = json.loads(got[1])
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise DeviceLockedError(
+                f"pvcoord: the queue IOC's answer to {what} is not a JSON object "
+                f"({got[1][:80]!r}); refusing to act on {subject}", ErrorCode.STATE_UNKNOWN)
+        return answer
 
 
 class PlanCheck:
-    """The per-plan state of :class:`LockGuard`: devices confirmed for this plan."""
+    """The per-plan state of :class:`LockGuard`: devices resolved and confirmed for this plan."""
 
     def __init__(self, guard: LockGuard) -> None:
         self.guard = guard
@@ -260,36 +320,88 @@ class PlanCheck:
         self.dropped: list[str] = []
         """``"unstage m2"``: cleanup replaced by ``null`` (a held device never acted on)."""
         self.checked = 0
+        self.resolved: dict[int, tuple[Any, tuple[str, ...]]] = {}
+        """id(object) -> (the object, the registry devices its messages act on)."""
 
     def __call__(self, msg: Any) -> Any:
         """Check one message; return it (or a ``null`` message) or raise DeviceLockedError."""
         if msg.obj is None or (msg.command not in ACTING and msg.command not in EXEMPT):
             return msg
-        name = getattr(root_device(msg.obj), "name", None)
-        if not isinstance(name, str) or not name:
-            return msg
         if msg.command in EXEMPT:
-            if name in self.acted:
+            return self._cleanup(msg)
+        devices = self.devices_of(msg.obj)
+        self.checked += 1
+        shown = _label(root_device(msg.obj))
+        for device in devices:
+            self.check(msg.command, device, shown)
+        self.acted.update(devices)
+        return msg
+
+    def devices_of(self, obj: Any) -> tuple[str, ...]:
+        """The registry devices a message to ``obj`` acts on (resolved once per plan).
+
+        By PV: the write PVs of ``obj``'s writable signals (:func:`pvcoord.devicewalk.written_pvs`;
+        of its root device when ``obj`` itself has no PV), through the registry's PV -> device
+        map (:meth:`LockGuard.resolve`). By name only for an object without any PV (simulated
+        and soft devices): the root device's ophyd ``name``. An object with PVs none of which
+        is written, or without name, acts on no device.
+
+        Raises:
+            DeviceLockedError: the PVs cannot be told, or resolved (see :meth:`LockGuard.resolve`).
+        """
+        hit = self.resolved.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        root = root_device(obj)
+        try:
+            pvs, has_pvs = written_pvs(obj)
+            if not has_pvs and root is not obj:
+                pvs, has_pvs = written_pvs(root)
+        except Exception as e:  # an object whose signals cannot be walked: fail closed
+            raise DeviceLockedError(
+                f"pvcoord: cannot tell which PVs {_label(obj)} writes "
+                f"({type(e).__name__}: {e}); refusing to act on it",
+                ErrorCode.STATE_UNKNOWN) from None
+        if has_pvs:
+            devices = tuple(self.guard.resolve(pvs, _label(obj))) if pvs else ()
+        else:
+            name = getattr(root, "name", None)
+            devices = (name,) if isinstance(name, str) and name else ()
+        self.resolved[id(obj)] = (obj, devices)
+        return devices
+
+    def _cleanup(self, msg: Any) -> Any:
+        """``stop`` / ``unstage``: pass for devices the plan acted on, else ``null`` if held."""
+        try:
+            devices: tuple[str, ...] | None = self.devices_of(msg.obj)
+        except DeviceLockedError:
+            devices = None  # which devices it is cannot be told: do not touch it
+        if devices is not None:
+            left = [d for d in devices if d not in self.acted]
+            if not left:
                 return msg
             if self.guard.store is not None:
                 try:
-                    held = effective(self.guard.snapshot(), name) is not None
+                    locks = self.guard.snapshot()
+                    held = any(effective(locks, d) is not None for d in left)
                 except DeviceLockedError:
                     held = True
                 if not held:
                     return msg
-            self.dropped.append(f"{msg.command} {name}")
-            return Msg("null")
-        self.checked += 1
-        self.check(msg.command, name)
-        self.acted.add(name)
-        return msg
+        what = ",".join(devices) if devices else _label(msg.obj)
+        self.dropped.append(f"{msg.command} {what}")
+        return Msg("null")
 
-    def check(self, command: str, device: str) -> None:
-        """Raise :class:`DeviceLockedError` unless this plan may ``command`` ``device`` now."""
+    def check(self, command: str, device: str, shown: str = "") -> None:
+        """Raise :class:`DeviceLockedError` unless this plan may ``command`` ``device`` now.
+
+        ``shown``: the ophyd name of the object, named in the refusal when it differs.
+        """
         locks = self.guard.snapshot()
         lk = effective(locks, device)
-        refusal = f"pvcoord: refused {command!r} on {device} before it reached the device"
+        alias = f" (ophyd object {shown!r})" if shown and shown != device else ""
+        refusal = (f"pvcoord: refused {command!r} on {device}{alias} before it reached the "
+                   "device")
         if lk is not None and lockmodel.outranks(lk.lock_type, EXEC):
             why = lockmodel.conflict_text(lk, EXEC, time.time(), device)
             self.guard.report_refusal(device, why)
@@ -316,6 +428,12 @@ class PlanCheck:
             return
         self.uncoordinated.pop(device, None)
         self.confirmed[device] = str(answer.get("planUid", ""))
+
+
+def _label(obj: Any) -> str:
+    """The ophyd name of ``obj`` (a signal: ``device.signal`` as ophyd names it), or its type."""
+    name = getattr(obj, "name", None)
+    return name if isinstance(name, str) and name else type(obj).__name__
 
 
 def _code(value: object) -> ErrorCode | None:

@@ -170,6 +170,22 @@ class DeviceMap:
         m = self.lookup(name)
         return m.device if m is not None else None
 
+    def group(self, names: Iterable[str]) -> tuple[dict[str, list[str]], list[str]]:
+        """Channel ``names`` grouped by device, and those no device claims.
+
+        Returns ``({device: [name, ...]}, [unregistered name, ...])``, each name once, in the
+        order given (devices in the order of their first name).
+        """
+        devices: dict[str, list[str]] = {}
+        unregistered: list[str] = []
+        for name in dict.fromkeys(names):
+            device = self.device_of(name)
+            if device is None:
+                unregistered.append(name)
+            else:
+                devices.setdefault(device, []).append(name)
+        return devices, unregistered
+
     def pv_rows(self) -> list[tuple[str, str]]:
         """``(pv, device)`` for every explicit PV, sorted by PV name."""
         return sorted(self._pvs.items())

@@ -435,6 +435,25 @@ class Policy(BaseModel):
         """Whether ``account`` may write every field (``fields.staff``)."""
         return account != ANONYMOUS and self._m(self.fields.staff, account, roles, host)
 
+    def unregistered_refusal(
+        self, account: str, roles: Iterable[str], host: str | None = None
+    ) -> str:
+        """Why ``account`` may not write a PV of no registered device, or ``""`` if it may.
+
+        The rule is ``fields.unregistered`` (``staff``: only ``fields.staff``; ``everyone``;
+        ``nobody``); in strict mode (``access.unlocked_writable = false``) nobody. The worker
+        hook asks it for the queue's account (``docs/queue.md``).
+        """
+        rule = self.fields.unregistered if self.access.unlocked_writable else "nobody"
+        if rule == "everyone" or (rule == "staff" and self.is_staff(account, roles, host)):
+            return ""
+        if rule == "staff":
+            return (f"it belongs to no registered device: only staff "
+                    f"({', '.join(self.fields.staff)}) may write it (policy "
+                    "fields.unregistered = 'staff')")
+        return ("it belongs to no registered device and the policy lets nobody write it "
+                "(fields.unregistered, or strict: unlocked_writable = false)")
+
     def field_refusal(
         self, device_class: str, field: str, account: str, roles: Iterable[str],
         host: str | None = None,

@@ -304,7 +304,7 @@ STOP_REASON = _q(
 LOCK_HEALTH = _q(
     "LockHealth", PVKind.STRING,
     "'OK', 'disabled', or what keeps the automatic locks from working (coordination IOC not "
-    "reachable, refused reservations).",
+    "reachable, refused reservations, the worker hook's channel or PV lookups failing).",
 )
 
 # --- control RPCs -----------------------------------------------------------------------------
@@ -398,9 +398,13 @@ HOOK_MAX_DEVICE = 128
 """Longest device name in a hook request (characters)."""
 HOOK_MAX_TEXT = 1024
 """Longest ``refusing`` reason in a hook request (characters)."""
-HOOK_MAX_BYTES = 4096
-"""Largest hook request accepted (bytes of JSON)."""
-_HOOK_FIELDS = {"id", "device", "time", "pid", "refusing"}
+HOOK_MAX_PV = 256
+"""Longest PV name in a resolve request (characters)."""
+HOOK_MAX_PVS = 500
+"""Most PV names in one resolve request (the hook sends a larger device in several)."""
+HOOK_MAX_BYTES = 160 * 1024
+"""Largest hook request accepted (bytes of JSON): room for :data:`HOOK_MAX_PVS` long names."""
+_HOOK_FIELDS = {"id", "device", "pvs", "time", "pid", "refusing"}
 
 
 class HookRequestError(ValueError):
@@ -408,8 +412,8 @@ class HookRequestError(ValueError):
 
     Attributes:
         code: machine-readable reason (``not_json``, ``not_object``, ``too_large``,
-            ``bad_id``, ``bad_device``, ``bad_time``, ``bad_pid``, ``bad_refusing``,
-            ``unknown_field``).
+            ``bad_id``, ``bad_device``, ``bad_pvs``, ``bad_time``, ``bad_pid``,
+            ``bad_refusing``, ``unknown_field``).
         request_id: the request's id when it was valid (so the sender can be answered), else
             ``None``.
     """
@@ -421,24 +425,35 @@ class HookRequestError(ValueError):
 
 @dataclass(frozen=True)
 class HookRequest:
-    """One validated lock request of the worker hook (see :func:`parse_hook_request`)."""
+    """One validated request of the worker hook (see :func:`parse_hook_request`).
+
+    A *lock request* names ``device`` (``pvs`` empty); a *resolve request* names ``pvs`` (the
+    PVs an ophyd object writes; ``device`` empty) and asks which registered devices they are.
+    """
 
     id: str
     device: str
     time: float
     pid: int | None = None
     refusing: str | None = None
+    pvs: tuple[str, ...] = ()
 
 
 def _printable(text: str, limit: int) -> bool:
     return 0 < len(text) <= limit and text.isprintable()
 
 
+def _name(value: object, limit: int) -> bool:
+    return isinstance(value, str) and _printable(value, limit) and " " not in value
+
+
 def parse_hook_request(raw: bytes | str) -> HookRequest:
     """Validate one message of the hook's request list.
 
     The format: a JSON object ``{"id": 32 hex, "device": NAME, "time": epoch s[, "pid": int]
-    [, "refusing": reason]}``; nothing else.
+    [, "refusing": reason]}`` (a lock request) or ``{"id", "pvs": [PV, ...], "time"[, "pid"]}``
+    (a resolve request: 1 to :data:`HOOK_MAX_PVS` names of at most :data:`HOOK_MAX_PV`
+    printable characters without spaces); nothing else.
 
     Raises:
         HookRequestError: with a code and the id if that much was valid.
@@ -459,8 +474,20 @@ def parse_hook_request(raw: bytes | str) -> HookRequest:
     unknown = sorted(str(k)[:32] for k in set(data) - _HOOK_FIELDS)
     if unknown:
         raise HookRequestError("unknown_field", f"unknown field(s) {unknown}", rid)
+    pvs: tuple[str, ...] = ()
     device = data.get("device")
-    if not isinstance(device, str) or not _printable(device, HOOK_MAX_DEVICE) or " " in device:
+    if "pvs" in data:
+        given = data.get("pvs")
+        raw_pvs = cast(list[object], given) if isinstance(given, list) else []
+        if (device is not None or "refusing" in data or not raw_pvs
+                or len(raw_pvs) > HOOK_MAX_PVS
+                or not all(_name(pv, HOOK_MAX_PV) for pv in raw_pvs)):
+            raise HookRequestError(
+                "bad_pvs", f"'pvs' must be a list of 1-{HOOK_MAX_PVS} PV names of 1-"
+                f"{HOOK_MAX_PV} printable characters without spaces, without 'device' or "
+                "'refusing'", rid)
+        pvs, device = tuple(cast(list[str], raw_pvs)), ""
+    elif not _name(device, HOOK_MAX_DEVICE):
         raise HookRequestError(
             "bad_device", f"'device' must be a name of 1-{HOOK_MAX_DEVICE} printable characters "
             "without spaces", rid)
@@ -477,7 +504,7 @@ def parse_hook_request(raw: bytes | str) -> HookRequest:
         raise HookRequestError(
             "bad_refusing", f"'refusing' must be a text of at most {HOOK_MAX_TEXT} characters",
             rid)
-    return HookRequest(rid, device, float(t), pid, refusing)
+    return HookRequest(rid, cast(str, device), float(t), pid, refusing, pvs)
 
 
 def pv_table() -> str:

@@ -27,10 +27,13 @@ TIMEOUT = 10.0
 def test_parse_hook_request_codes():
     rid = uuid.uuid4().hex
     good = qn.parse_hook_request(json.dumps({"id": rid, "device": "m1", "time": 1.0, "pid": 3}))
-    assert (good.id, good.device, good.pid) == (rid, "m1", 3)
+    assert (good.id, good.device, good.pid, good.pvs) == (rid, "m1", 3, ())
+    many = [f"DEMO:m{i}:Setpoint" for i in range(qn.HOOK_MAX_PVS)]
+    res = qn.parse_hook_request(json.dumps({"id": rid, "pvs": many, "time": 2.0}))
+    assert (res.device, res.pvs) == ("", tuple(many))
     cases = [
         (b"\xff\xfe", "not_json", None), (b"[1, 2]", "not_object", None),
-        (b'{"device": "m1"}', "bad_id", None), (b"x" * 5000, "too_large", None),
+        (b'{"device": "m1"}', "bad_id", None), (b"x" * (qn.HOOK_MAX_BYTES + 1), "too_large", None),
         (json.dumps({"id": rid, "device": 5, "time": 1}), "bad_device", rid),
         (json.dumps({"id": rid, "device": "m 1", "time": 1}), "bad_device", rid),
         (json.dumps({"id": rid, "device": "m1\x1b[2J", "time": 1}), "bad_device", rid),
@@ -39,6 +42,18 @@ def test_parse_hook_request_codes():
         (json.dumps({"id": rid, "device": "m1", "time": 1, "pid": "x"}), "bad_pid", rid),
         (json.dumps({"id": rid, "device": "m1", "time": 1, "refusing": 7}), "bad_refusing", rid),
         (json.dumps({"id": rid, "device": "m1", "time": 1, "x": 1}), "unknown_field", rid),
+        # resolve requests: a list of PV names, never with a device or a refusal
+        (json.dumps({"id": rid, "pvs": [], "time": 1}), "bad_pvs", rid),
+        (json.dumps({"id": rid, "pvs": "DEMO:m1:Setpoint", "time": 1}), "bad_pvs", rid),
+        (json.dumps({"id": rid, "pvs": ["DEMO:m1 Setpoint"], "time": 1}), "bad_pvs", rid),
+        (json.dumps({"id": rid, "pvs": ["A:" + "x" * qn.HOOK_MAX_PV], "time": 1}), "bad_pvs",
+         rid),
+        (json.dumps({"id": rid, "pvs": [f"A:{i}" for i in range(qn.HOOK_MAX_PVS + 1)],
+                     "time": 1}), "bad_pvs", rid),
+        (json.dumps({"id": rid, "pvs": ["A:1"], "device": "m1", "time": 1}), "bad_pvs", rid),
+        (json.dumps({"id": rid, "pvs": ["A:1"], "refusing": "x", "time": 1}), "bad_pvs", rid),
+        (json.dumps({"id": rid, "pvs": ["A:1\x1b[2J"], "time": 1}), "bad_pvs", rid),
+        (json.dumps({"id": rid, "pvs": ["A:1"], "time": "x"}), "bad_time", rid),
     ]
     for raw, code, answered_id in cases:
         with pytest.raises(qn.HookRequestError) as e:

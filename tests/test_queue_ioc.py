@@ -112,10 +112,17 @@ def _start_base(d: Path, env: dict[str, str]) -> tuple[list[ManagedProcess], str
         coordination_argv(P, store, policy, devices=demo_pvs.DEVICE_NAMES),
         server_env(env), log_dir=d,
     )
-    procs = [soft, coord]
+    # the worker hook resolves the ophyd-async devices' PVs through the registry's map
+    registry = ManagedProcess(
+        "registry", python_module("iocs.registry", "--prefix", P, "--registry",
+                                  str(devices.write_registry(P, d / "registry.yaml"))),
+        server_env(env), log_dir=d,
+    )
+    procs = [soft, coord, registry]
     try:
         wait_for_pv(demo_pvs.motor_readback(P, "m1"), env, WAIT, procs=[soft])
         wait_for_pv(pvn.COORD_DEVICES.name(P), env, WAIT, procs=[coord])
+        wait_for_pv(pvn.REGISTRY_DEVICE_PVS.name(P), env, WAIT, procs=[registry])
     except BaseException:
         for p in procs:
             p.stop()

@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 from pvcoord.demo.devices import registry_devices
+from pvcoord.devicewalk import pv_from_source
 from pvcoord.registry_import import (
     RegistryImportError,
     common_prefix,
     import_registry,
     pick_prefix,
-    pv_from_source,
 )
 from pvdb import demo
 from pvdb.models import Capability, DeviceSignal

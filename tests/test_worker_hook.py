@@ -240,6 +240,22 @@ def test_not_coordinated_is_not_sticky(redis_port, store):
         assert len([r for r in resp.requests if "refusing" not in r]) == 2
 
 
+def test_malformed_resolve_answers_fail_closed(redis_port, store):
+    """A forged or broken answer to a resolve request refuses the message, with a code."""
+    from ophyd import EpicsSignal
+
+    sig = EpicsSignal(demo_pvs.motor_setpoint(PREFIX, "m1"), name="sample_x")  # not connected
+    for answer in ([1, 2], {"granted": True}, {"granted": True, "devices": {"m1": "x"}}):
+        with responder(redis_port, lambda req, a=answer: a), \
+                raises_code(DeviceLockedError, ErrorCode.STATE_UNKNOWN):
+            PlanCheck(guard(redis_port, store))(Msg("set", sig, 1.0))
+    refused = {"granted": False, "code": "not-allowed", "message": "no"}
+    with responder(redis_port, lambda req: refused) as resp, \
+            raises_code(DeviceLockedError, ErrorCode.NOT_ALLOWED):
+        PlanCheck(guard(redis_port, store))(Msg("set", sig, 1.0))
+    assert resp.requests[0]["pvs"] == [demo_pvs.motor_setpoint(PREFIX, "m1")]
+
+
 def test_in_a_real_runengine_the_scan_fails_before_any_set(redis_port, store):
     put_lock(store, "m2", LockType.MAINTENANCE, owner="max")
     m2 = SynAxis(name="m2")
@@ -288,6 +304,7 @@ def test_hook_with_the_real_re_manager_and_queue_ioc(tmp_path):
             with Context("pva", conf=client_conf(env), useenv=False) as ctxt:
                 _maintenance_on_a_global_device(st, coord, ctxt, P, WAIT)
                 _a_global_device_shows_as_executing(st, coord, WAIT)
+                _a_renamed_ophyd_object_is_matched_by_pv(st, coord, ctxt, P, WAIT)
     except BaseException:
         for p in procs:
             print(f"--- {p.name} ---\n{p.output()[-3000:]}")
@@ -358,6 +375,69 @@ def _a_global_device_shows_as_executing(st, coord, wait) -> None:
     with contextlib.suppress(RefusedError):
         coord.force_release(["shutter"], reason="cleanup")
 
+
+RENAMED_SCRIPT = """
+import bluesky.plan_stubs as bps
+from ophyd import Component, Device, EpicsSignal, EpicsSignalRO
+
+
+class RenamedAxis(Device):
+    setpoint = Component(EpicsSignal, {setpoint!r})
+    readback = Component(EpicsSignalRO, {readback!r})
+
+
+sample_x = RenamedAxis({prefix!r}, name="sample_x")  # ophyd (CA) over m1's records
+
+
+def move_sample_x(position: float):
+    yield from bps.mv(sample_x.setpoint, position)  # a global, under another name than m1
+"""
+
+
+def _a_renamed_ophyd_object_is_matched_by_pv(st, coord, ctxt, prefix, wait) -> None:
+    """Issue 11, finding 6: an ophyd object named ``sample_x`` over m1's PVs is device m1."""
+    setpoint, readback = demo_pvs.motor_setpoint(prefix, "m1"), demo_pvs.motor_readback(
+        prefix, "m1")
+    dev_prefix = f"{prefix}m1:"
+    assert setpoint.startswith(dev_prefix) and readback.startswith(dev_prefix)
+    script = RENAMED_SCRIPT.format(prefix=dev_prefix, setpoint=setpoint[len(dev_prefix):],
+                                   readback=readback[len(dev_prefix):])
+    task = st.call("script_upload", script=script)
+    assert task["success"], task
+    wait_until(lambda: st.call("task_result", task_uid=task["task_uid"])["status"] == "completed",
+               wait, "script with sample_x uploaded")
+    result = st.call("task_result", task_uid=task["task_uid"])["result"]
+    assert result["success"], result
+    before = float(ctxt.get(setpoint, timeout=TIMEOUT))
+    target = before + 3.0
+    coord.acquire(["m1"], LockType.MAINTENANCE, 300, "realign m1", on_behalf_of="max")
+    t0 = time.time()
+    uid = _add(st, "move_sample_x", target)
+    st.call("queue_start")
+    _idle(st, wait)
+    last = st.call("history_get")["items"][-1]
+    assert last["item_uid"] == uid and last["result"]["exit_status"] == "failed"
+    msg = last["result"]["msg"]
+    assert "refused 'set' on m1 (ophyd object 'sample_x') before it reached the device" in msg
+    assert "held by max@" in msg, msg  # the holder is named
+    assert float(ctxt.get(setpoint, timeout=TIMEOUT)) == before  # the write never happened
+    # the coordination IOC audited the refusal on the registry device, not on "sample_x"
+    wait_until(lambda: [
+        e for e in coord.events() if e.time >= t0 - 1 and e.action is EventAction.REFUSED
+        and e.device == "m1" and e.lock_type is LockType.QUEUE_EXECUTING],
+        5.0, "the refusal of m1 (named sample_x in the plan) in Coord:Events")
+    st.call("queue_clear")
+    # released: the same object moves, and its device shows QUEUE_EXECUTING for the item
+    coord.force_release(["m1"], reason="test done")
+    uid = _add(st, "move_sample_x", target)
+    st.call("queue_start")
+    _idle(st, wait)
+    last = st.call("history_get")["items"][-1]
+    assert last["item_uid"] == uid and last["result"]["exit_status"] == "completed", last
+    assert float(ctxt.get(setpoint, timeout=TIMEOUT)) == pytest.approx(target)
+    executing = [e for e in coord.events() if e.time >= t0 and e.device == "m1"
+                 and e.action is EventAction.ACQUIRED and e.lock_type is LockType.QUEUE_EXECUTING]
+    assert executing, "m1 was held QUEUE_EXECUTING for the item that moved sample_x"
 
 
 def test_a_password_protected_redis_between_hook_and_queue_ioc(tmp_path):

@@ -4,7 +4,7 @@ Usage::
 
     python -m iocs.queue --prefix BL01: --zmq-control tcp://127.0.0.1:60615
         --zmq-info tcp://127.0.0.1:60625 [--policy policy.toml] [--redis redis://127.0.0.1:6379/0]
-        [--no-locks] [--coord-prefix BL01:] [--lock-owner USER]
+        [--no-locks] [--coord-prefix BL01:] [--registry-prefix BL01:] [--lock-owner USER]
 
 It talks to the RE Manager only through its two 0MQ sockets (bluesky-queueserver-api): status is
 pushed on the info socket (QS_Info; start the manager with --zmq-publish-console ON), queue and
@@ -23,7 +23,9 @@ Automatic locks (through P Coord:Acquire/Release/Renew, as this process's accoun
 reserve their devices (QUEUE_QUEUED), the running item holds QUEUE_EXECUTING with planUid = its
 item uid, renewed while it runs and released when it leaves the running slot. A refused
 QUEUE_EXECUTING (e.g. MAINTENANCE) stops and pauses the queue and fills Queue:StopReason. With
---redis, lock requests of the worker hook (pvcoord.worker_hook) are answered on that redis.
+--redis, lock requests of the worker hook (pvcoord.worker_hook) are answered on that redis, and so
+are its resolve requests (which registered devices the PVs of an ophyd object are, from the
+registry IOC's Registry:DevicePVs and Registry:Devices under --registry-prefix).
 """
 
 from pvdb.catalog import help_text as _help_text

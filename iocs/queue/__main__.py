@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-locks", action="store_true", help="take no automatic locks")
     p.add_argument("--coord-prefix", default=None,
                    help="prefix of the coordination IOC (default: --prefix)")
+    p.add_argument("--registry-prefix", default=None,
+                   help="prefix of the registry IOC that tells the worker hook which device a PV "
+                        "belongs to (default: --coord-prefix, else --prefix)")
     p.add_argument("--lock-owner", default=None,
                    help="hold the locks on behalf of this user (this account must be a trusted "
                         "service in the coordination policy); default: this process's account")
@@ -58,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     try:
         check_prefix(a.prefix)
-        if a.coord_prefix is not None:
-            check_prefix(a.coord_prefix)
+        for given in (a.coord_prefix, a.registry_prefix):
+            if given is not None:
+                check_prefix(given)
     except ValueError as e:
         p.error(str(e))
     for name in ("exec_lease", "queued_lease"):
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     run_as_service(lambda stop, ready: serve(
         a.prefix, a.zmq_control, a.zmq_info, stop, policy=policy, locks=not a.no_locks,
         redis_url=a.redis, coord_prefix=a.coord_prefix, exec_lease=a.exec_lease,
-        queued_lease=a.queued_lease, lock_owner=a.lock_owner, ready=lambda _ioc: ready.set(),
+        queued_lease=a.queued_lease, lock_owner=a.lock_owner, registry_prefix=a.registry_prefix,
+        ready=lambda _ioc: ready.set(),
     ))
     logging.getLogger("iocs.queue").info("stopped")
     return 0

@@ -18,10 +18,12 @@ from typing import Any
 
 from p4p.server import Server, StaticProvider
 
+from pvcoord.rpc import AsyncCaller, CoordError
 from pvdb import queue as qn
+from pvdb.devicemap import DeviceMapError
 from pvdb.lockmodel import Caller, ErrorCode, parse_error_text
-from pvdb.names import check_prefix
-from pvdb.policy import Policy
+from pvdb.names import REGISTRY_DEVICE_PVS, check_prefix
+from pvdb.policy import Policy, host_roles
 from pvdb.redact import register_url
 
 from .. import pvutil
@@ -69,6 +71,8 @@ class QueueIOC:
         queued_lease: QUEUE_QUEUED lease in s.
         lock_owner: hold the locks as this user (``onBehalfOf``; this process's account must be
             a trusted service in the coordination IOC's policy); default: this process's account.
+        registry_prefix: prefix of the registry IOC whose PV -> device map answers the hook's
+            resolve requests (default: ``coord_prefix``, else ``prefix``).
     """
 
     def __init__(
@@ -85,13 +89,19 @@ class QueueIOC:
         exec_lease: float = 60.0,
         queued_lease: float = 600.0,
         lock_owner: str | None = None,
+        registry_prefix: str | None = None,
     ) -> None:
         self.prefix = check_prefix(prefix)
+        self.registry_prefix = check_prefix(registry_prefix or coord_prefix or prefix)
+        self.client_conf = client_conf
+        self._registry: AsyncCaller | None = None
         self.policy = policy
         self.user_group = user_group
         self.redis_url = redis_url
         self.hook_health = ""
         """Why the worker-hook channel does not work ('' when it does)."""
+        self.resolve_health = ""
+        """Why the hook's resolve requests fail (the registry unreachable), '' when they work."""
         self.bad_hook_requests = 0
         """Malformed worker-hook requests received (answered when they had a valid id)."""
         self._bad_hook_logged = -1e9
@@ -288,8 +298,9 @@ class QueueIOC:
         self.pvs.set(qn.EXECUTING_DEVICES, self.keeper.executing(), now)
         self.pvs.set(qn.QUEUED_DEVICES, self.keeper.queued(), now)
         health = self.keeper.health
-        if self.hook_health:
-            health = self.hook_health if health == "OK" else f"{health}; {self.hook_health}"
+        for extra in (self.hook_health, self.resolve_health):
+            if extra:
+                health = extra if health == "OK" else f"{health}; {extra}"
         self.pvs.set(qn.LOCK_HEALTH, health, now)
 
     def next_item_blockers(self) -> tuple[dict[str, Any] | None, list[model.HeldBy]]:
@@ -399,6 +410,50 @@ class QueueIOC:
         return {**base, "code": p.code or ErrorCode.HOLDER_CONFLICT, "holder": p.holder,
                 "message": f"QUEUE_EXECUTING on {device} not granted: {p.message}"}
 
+    async def handle_resolve_request(self, pvs: tuple[str, ...]) -> dict[str, Any]:
+        """Answer one resolve request of the worker hook: which registered devices ``pvs`` are.
+
+        The map is the registry's (``Registry:DevicePVs`` and ``Registry:Devices``, read now:
+        :class:`pvdb.devicemap.DeviceMap`). PVs of no registered device follow the policy's
+        ``fields.unregistered`` for this IOC's account (the queue's writer).
+
+        Returns ``{"granted", "coordinated", "planUid", "owner", "message", "code", "holder",
+        "devices": {device: [pv, ...]}, "unregistered": [pv, ...]}``; ``granted`` False with
+        ``code`` ``not-ready`` (the registry did not answer or is inconsistent: the hook fails
+        closed) or ``not-allowed`` (an unregistered PV the policy does not let the queue write).
+        """
+        base: dict[str, Any] = {"granted": False, "coordinated": True, "planUid": "",
+                                "owner": self.account, "code": "", "holder": "", "devices": {},
+                                "unregistered": []}
+        registry = REGISTRY_DEVICE_PVS.name(self.registry_prefix)
+        try:
+            if self._registry is None:
+                self._registry = AsyncCaller(self.registry_prefix, conf=self.client_conf,
+                                             timeout=3.0)
+            dmap = await self._registry.device_map()
+        except (CoordError, DeviceMapError) as e:
+            self._set_resolve_health(f"worker-hook PV lookups fail: {registry}: {e}")
+            return {**base, "code": ErrorCode.NOT_READY,
+                    "message": f"cannot tell which devices {len(pvs)} PV(s) belong to "
+                               f"({registry}: {e}): refusing (fail closed)"}
+        self._set_resolve_health("")
+        devices, unregistered = dmap.group(pvs)
+        reply = {**base, "devices": devices, "unregistered": unregistered}
+        if unregistered:
+            why = self.policy.unregistered_refusal(self.account, host_roles(self.account))
+            if why:
+                shown = ", ".join(unregistered[:3]) + (" ..." if len(unregistered) > 3 else "")
+                return {**reply, "code": ErrorCode.NOT_ALLOWED,
+                        "message": f"{shown}: {why} (the queue writes as {self.account})"}
+        return {**reply, "granted": True,
+                "message": f"{len(pvs)} PV(s): devices {sorted(devices) or 'none'}, "
+                           f"{len(unregistered)} unregistered"}
+
+    def _set_resolve_health(self, why: str) -> None:
+        if self.resolve_health != why:
+            self.resolve_health = why
+            self._locks_changed()
+
     def _hook_channel_ok(self) -> None:
         if self.hook_health:
             self.hook_health = ""
@@ -430,9 +485,12 @@ class QueueIOC:
             if time.time() - req.time > HOOK_REQUEST_MAX_AGE:
                 return  # the hook gave up on it long ago
             try:
-                reply = await self.handle_hook_request(
-                    {"id": req.id, "device": req.device, "time": req.time,
-                     **({"refusing": req.refusing} if req.refusing is not None else {})})
+                if req.pvs:
+                    reply = await self.handle_resolve_request(req.pvs)
+                else:
+                    reply = await self.handle_hook_request(
+                        {"id": req.id, "device": req.device, "time": req.time,
+                         **({"refusing": req.refusing} if req.refusing is not None else {})})
             except Exception as e:
                 log.exception("worker-hook request failed")
                 reply = {"granted": False, "coordinated": True,
@@ -470,6 +528,9 @@ class QueueIOC:
                     log.exception("worker-hook request not answered")
         finally:
             await r.aclose()
+            if self._registry is not None:
+                self._registry.close()
+                self._registry = None
 
     # --- control --------------------------------------------------------------------------------
 
@@ -643,6 +704,7 @@ async def serve(
     exec_lease: float = 60.0,
     queued_lease: float = 600.0,
     lock_owner: str | None = None,
+    registry_prefix: str | None = None,
 ) -> QueueIOC:
     """Serve the queue PVs until ``stop`` is set; returns the IOC object (for tests).
 
@@ -662,11 +724,12 @@ async def serve(
         exec_lease: QUEUE_EXECUTING lease in s.
         queued_lease: QUEUE_QUEUED lease in s.
         lock_owner: hold the locks on behalf of this user (see :class:`QueueIOC`).
+        registry_prefix: prefix of the registry IOC (default: ``coord_prefix``, else ``prefix``).
     """
     ioc = QueueIOC(
         prefix, zmq_control, zmq_info, policy or Policy(), locks=locks, client_conf=client_conf,
         coord_prefix=coord_prefix, redis_url=redis_url, exec_lease=exec_lease,
-        queued_lease=queued_lease, lock_owner=lock_owner,
+        queued_lease=queued_lease, lock_owner=lock_owner, registry_prefix=registry_prefix,
     )
     server_kws: dict[str, Any] = (
         {"conf": dict(server_conf), "useenv": False} if server_conf is not None else {}

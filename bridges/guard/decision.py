@@ -216,22 +216,12 @@ def decide(
                         "are refused (fail closed)")
     device = devices.device_of(pv) or ""
     if not device:
-        rule = policy.fields.unregistered if policy.access.unlocked_writable else "nobody"
-        if rule == "staff" and policy.is_staff(account, roles, host):
-            return Decision(True, Verdict.NOT_A_DEVICE,
-                            f"{pv} belongs to no registered device: staff may write it")
-        if rule == "staff":
-            return Decision(False, Verdict.NOT_A_DEVICE,
-                            f"{pv} belongs to no registered device: only staff "
-                            f"({', '.join(policy.fields.staff)}) may write it (policy "
-                            "fields.unregistered = 'staff')")
-        if rule == "everyone":
-            return Decision(True, Verdict.NOT_A_DEVICE,
-                            f"{pv} belongs to no registered device: the policy lets anyone "
-                            "write it")
-        return Decision(False, Verdict.NOT_A_DEVICE,
-                        f"{pv} belongs to no registered device and the policy lets nobody write "
-                        "it (fields.unregistered, or strict: unlocked_writable = false)")
+        why = policy.unregistered_refusal(account, roles, host)
+        if why:
+            return Decision(False, Verdict.NOT_A_DEVICE, f"{pv}: {why}")
+        return Decision(True, Verdict.NOT_A_DEVICE,
+                        f"{pv} belongs to no registered device: the policy lets {account} write "
+                        "it (fields.unregistered)")
     d = lockmodel.may_write(policy, state.locks if state.known else None, device, account,
                             roles, state.why_unknown, host=host, last_locks=state.last_locks)
     if not d.allowed:

@@ -3,7 +3,9 @@
 Starts (all on loopback, in this run): the demo softIoc on a device network, the registry and
 coordination IOCs, the guard and the CA bridge (both in front of the same softIoc). Then:
 
-1. put latency with completion to a motor setpoint: direct to the softIoc (p4p, PVA, the floor),
+1. put latency with completion to a motor's ``Velocity`` (an ao whose put completes at once; a
+   setpoint's completion waits for the motion, decision 0130): direct to the softIoc (p4p, PVA,
+   the floor),
    through the guard (p4p, PVA), through the bridge (pyepics/libca ``put(wait=True)``, i.e. a CA
    put-callback); and, as the floor of any caproto server, the same CA put to a minimal caproto
    server (one ``pvproperty``, nothing forwarded; ``--floor-server`` mode of this script);
@@ -12,7 +14,7 @@ coordination IOCs, the guard and the CA bridge (both in front of the same softIo
    another user (so our channels lose WRITE), then releases; time from sending the RPC to the
    access-rights callback of a watched channel, with 1 and with 50 channels open on the circuit.
    Floor in the same run: the RPC round trip itself;
-3. monitor updates forwarded: a p4p client puts to a setpoint as fast as it can (16 in flight)
+3. monitor updates forwarded: a p4p client puts to a velocity as fast as it can (16 in flight)
    for a few seconds; S libca subscribers through the bridge count updates, and a p4p monitor
    directly on the softIoc counts the source; the bridge's CPU time (``/proc``) per forwarded
    update gives updates per CPU-second (per core).
@@ -289,7 +291,9 @@ def main() -> int:
         procs.append(ManagedProcess(
             "floor", [PYTHON, str(Path(__file__).resolve()), "--floor-server"],
             floor_env, cwd=REPO, log_dir=tmp))
-        sp1, sp2, sp3 = (demo.motor_setpoint(P, m) for m in (M1, M2, M3))
+        sp3 = demo.motor_setpoint(P, M3)  # watched for access rights only
+        # puts that complete at once (a setpoint's put waits for the motion)
+        sp1, sp2 = (demo.motor_velocity(P, m) for m in (M1, M2))
         wait_for_pv(sp1, devs, procs=procs)
         wait_for_pv(REGISTRY_DEVICE_PVS.name(P), clients, procs=procs)
         wait_for_pv(COORD_LOCKS.name(P), clients, procs=procs)

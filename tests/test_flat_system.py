@@ -209,6 +209,8 @@ def test_device_pvs_pass_through_with_metadata(bl: Beamline):
     assert ctrl["lower_ctrl_limit"] == -demo.MOTOR_LIMIT
     # alarm status and severity pass through: a HIHI limit set through the bridge (record
     # fields are served too), then a setpoint above it
+    # (a fast motor: the put waits for the motion)
+    ok(root.put(demo.motor_velocity(P, M2), 1000.0))
     for field_name, value in ((".HIHI", 50.0), (".HHSV", 2)):
         ok(root.put(sp(M2) + field_name, value))
     ok(root.put(sp(M2), 60.0))
@@ -217,6 +219,7 @@ def test_device_pvs_pass_through_with_metadata(bl: Beamline):
     assert abs(alarm["timestamp"] - time.time()) < 30
     ok(root.put(sp(M2), 0.0))
     assert ok(root.ctrl(sp(M2)))["severity"] == 0
+    ok(root.put(demo.motor_velocity(P, M2), demo.MOTOR_VELOCITY))
     # enum labels
     moving = demo.motor_moving(P, M1)
     assert ok(root.get(moving, as_string=True)) in demo.MOVING_CHOICES
@@ -279,6 +282,29 @@ def test_strict_policy_unlocked_device_is_not_writable_until_taken(bl: Beamline)
         ok(nobody.put(sp(M1), 4.0))
         ok(nobody.put(fl.FLAT_RELEASE.name(P, M1), 1))
         assert not ok(nobody.wait_write(sp(M1), False))["write"]
+
+
+def test_put_callback_waits_for_a_moving_motor(bl: Beamline):
+    """libca ``ca_array_put_callback`` through the bridge: completion when the readback is there."""
+    root, speed = bl.ca["root"], 10.0
+    rb = demo.motor_readback(P, M3)
+    ok(root.put(demo.motor_velocity(P, M3), speed))
+    with Context("pva", conf=client_conf(bl.devices_env), useenv=False) as ioc:
+        start = float(ioc.get(rb, timeout=TIMEOUT))
+        for distance in (2.0, -3.5):
+            target = start + distance
+            secs = ok(root.put(sp(M3), target, timeout=10))["seconds"]
+            # the softIoc's readback at completion, read past the bridge
+            assert float(ioc.get(rb, timeout=TIMEOUT)) == target
+            assert secs >= abs(distance) / speed, (distance, secs)
+            # and the bridge's mirror follows
+            wait_until(lambda t=target: ok(root.get(rb)) == t, TIMEOUT, f"{rb} = {target}")
+            start = target
+    # a put without callback returns before the motion ends
+    secs = ok(root.put(sp(M3), start + 3.0, wait=False))["seconds"]
+    assert secs < 3.0 / speed
+    wait_until(lambda: ok(root.get(rb)) == start + 3.0, TIMEOUT, f"{rb} after a plain put")
+    ok(root.put(demo.motor_velocity(P, M3), demo.MOTOR_VELOCITY))
 
 
 def test_put_callback_completes_with_the_upstream_put(bl: Beamline):

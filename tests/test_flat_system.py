@@ -25,6 +25,7 @@ from p4p.nt import NTURI
 from pvcoord.demo import devices
 from pvcoord.demo.flat_part import CAAgent, bridge_env, start_flat, walkthrough
 from pvcoord.demo.guard_part import PutAgent
+from pvcoord.endstation_status import read_status
 from pvcoord.procs import (
     ManagedProcess,
     client_conf,
@@ -45,6 +46,7 @@ from pvdb.names import (
     COORD_RELEASE,
     PVKind,
 )
+from pvdb.process import FLAT_START_TIME, FLAT_VERSION, pvcoord_version
 from tests.conftest import REPO, TIMEOUT, other_user_available
 
 pytestmark = [
@@ -435,6 +437,25 @@ def test_every_screen_pv_connects(bl: Beamline):
     got = bl.ctxt.get(sorted(pvs["pva"]), timeout=TIMEOUT, throw=False)
     bad = [n for n, v in zip(sorted(pvs["pva"]), got, strict=True) if isinstance(v, Exception)]
     assert not bad, bad
+
+
+def test_version_and_start_time_on_both_protocols_and_in_the_status(bl: Beamline):
+    version, start = FLAT_VERSION.name(P), FLAT_START_TIME.name(P)
+    want = pvcoord_version()
+    assert bl.text(version) == want
+    started = float(bl.text(start))
+    assert time.time() - 600 < started <= time.time()
+    nobody = bl.ca["nobody"]
+    assert ok(nobody.get(version, as_string=True)) == want
+    assert ok(nobody.get(start)) == pytest.approx(started)
+    for name in (version, start):
+        assert not ok(nobody.connect(name))["write"], name
+    # pvcoord status reads the bridge like every other process
+    rows = {r.name: r for r in read_status(P, ["registry", "coordination", "flat"],
+                                           client_conf(bl.clients), timeout=TIMEOUT)}
+    flat = rows["flat"]
+    assert flat.up is True and flat.health == "OK" and flat.version == want, flat
+    assert flat.uptime is not None and flat.uptime < 600 and flat.heartbeat_age < 3, flat
 
 
 def test_walkthrough(bl: Beamline):

@@ -50,6 +50,7 @@ from pvdb.names import (
     DEVICE_STATES,
 )
 from pvdb.policy import Policy
+from pvdb.process import FLAT_START_TIME, FLAT_VERSION, pvcoord_version
 
 from ..guard.decision import STALE_AFTER, Decision, HeldLock, LockState, decide
 from ..lockview import LockView, Snapshot
@@ -249,6 +250,8 @@ class FlatBridge:
         self._pva_server: PvaServer | None = None
         self._provider = StaticProvider("pvcoord-flat")
         self._tasks: list[asyncio.Task] = []
+        self.started = time.time()
+        """Epoch seconds this bridge was made (served as ``Flat:StartTime``)."""
 
     # --- running ------------------------------------------------------------------------------
 
@@ -562,6 +565,14 @@ class FlatBridge:
                    self._pva_pv(NTScalar("s"), "starting"))
         self._twin(fl.FLAT_HEARTBEAT.name(p), ScreenInteger(value=0),
                    self._pva_pv(NTScalar("i"), 0))
+        version = pvcoord_version()
+        self._twin(FLAT_VERSION.name(p), ScreenString(**{**text, "value": version}),
+                   self._pva_pv(NTScalar("s"), version))
+        start = NTScalar("d", display=True).wrap(self.started, timestamp=time.time())
+        start["display.units"] = FLAT_START_TIME.units
+        self._twin(FLAT_START_TIME.name(p),
+                   ScreenDouble(value=self.started, units=FLAT_START_TIME.units, precision=3),
+                   SharedPV(nt=NTScalar("d", display=True), initial=start))
         self._twin(fl.FLAT_LOCK_COUNT.name(p), ScreenInteger(value=0),
                    self._pva_pv(NTScalar("i"), 0))
         self._twin(fl.FLAT_DEVICES.name(p), ScreenString(value=[""], max_length=256),

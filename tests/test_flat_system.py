@@ -321,6 +321,21 @@ def test_put_callback_completes_with_the_upstream_put(bl: Beamline):
     assert not r["ok"], r
 
 
+def test_a_lock_of_the_same_account_from_another_host_is_not_the_clients(bl: Beamline):
+    """The decision is bound to the peer host: nobody's lock taken at another host does not give
+    write access to a CA client claiming nobody from 127.0.0.1 (decision 0132)."""
+    nobody = bl.ca["nobody"]
+    assert ok(nobody.wait_write(sp(M2), True))["write"]
+    bl.rpc(COORD_ACQUIRE, device=M2, type="MANUAL_OPERATOR", timeout="60", reason="elsewhere",
+           onBehalfOf="nobody", clientHost="10.9.9.9")
+    assert bl.holders()[M2] == "nobody@10.9.9.9"
+    assert not ok(nobody.wait_write(sp(M2), False))["write"]
+    r = nobody.put(sp(M2), 1.0)
+    assert not r["ok"] and "denied" in r["error"].lower(), r
+    bl.rpc(COORD_RELEASE, device=M2, onBehalfOf="nobody", clientHost="10.9.9.9")
+    assert ok(nobody.wait_write(sp(M2), True))["write"]
+
+
 def test_rename_after_connect_keeps_the_first_identity(bl: Beamline):
     bl.rpc(COORD_ACQUIRE, device=M3, type="MANUAL_OPERATOR", timeout="60", reason="rename")
     with CaprotoContext(client_name="someone", host_name="elsewhere") as ctx:

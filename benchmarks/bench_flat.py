@@ -3,7 +3,9 @@
 Starts (all on loopback, in this run): the demo softIoc on a device network, the registry and
 coordination IOCs, the guard and the CA bridge (both in front of the same softIoc). Then:
 
-1. put latency with completion to a motor setpoint: direct to the softIoc (p4p, PVA, the floor),
+1. put latency with completion to a motor's ``Velocity`` (an ao whose put completes at once; a
+   setpoint's completion waits for the motion, decision 0130): direct to the softIoc (p4p, PVA,
+   the floor),
    through the guard (p4p, PVA), through the bridge (pyepics/libca ``put(wait=True)``, i.e. a CA
    put-callback); and, as the floor of any caproto server, the same CA put to a minimal caproto
    server (one ``pvproperty``, nothing forwarded; ``--floor-server`` mode of this script);
@@ -12,7 +14,7 @@ coordination IOCs, the guard and the CA bridge (both in front of the same softIo
    another user (so our channels lose WRITE), then releases; time from sending the RPC to the
    access-rights callback of a watched channel, with 1 and with 50 channels open on the circuit.
    Floor in the same run: the RPC round trip itself;
-3. monitor updates forwarded: a p4p client puts to a setpoint as fast as it can (16 in flight)
+3. monitor updates forwarded: a p4p client puts to a velocity as fast as it can (16 in flight)
    for a few seconds; S libca subscribers through the bridge count updates, and a p4p monitor
    directly on the softIoc counts the source; the bridge's CPU time (``/proc``) per forwarded
    update gives updates per CPU-second (per core).
@@ -111,7 +113,10 @@ def floor_server() -> int:
     return 0
 
 
-def put_latencies(pva: dict[str, Context], ca_pvs: dict, pv: str, n: int) -> dict[str, list]:
+def put_latencies(pva: dict[str, Context], ca_pvs: dict, pv: str, n: int,
+                  pids: dict[str, int], cpu: dict[str, float]) -> dict[str, list]:
+    """Latencies per path; ``cpu[path]`` gets the CPU seconds process ``pids[path]`` spent on
+    the timed puts of that path (its blocks only: the paths are interleaved)."""
     out: dict[str, list[float]] = {k: [] for k in [*pva, *ca_pvs]}
     for c in pva.values():
         for i in range(20):
@@ -120,18 +125,26 @@ def put_latencies(pva: dict[str, Context], ca_pvs: dict, pv: str, n: int) -> dic
         for i in range(20):
             ca_pv.put(float(i % 5), wait=True, timeout=10)
     block = 50
+    for k in pids:
+        cpu[k] = 0.0
     for b in range(max(1, n // block)):
         for k, c in pva.items():
+            c0 = cpu_seconds(pids[k]) if k in pids else 0.0
             for i in range(block):
                 t0 = time.perf_counter()
                 c.put(pv, float((b + i) % 7), wait=True, get=False, timeout=10)
                 out[k].append(time.perf_counter() - t0)
+            if k in pids:
+                cpu[k] += cpu_seconds(pids[k]) - c0
         for k, ca_pv in ca_pvs.items():
+            c0 = cpu_seconds(pids[k]) if k in pids else 0.0
             for i in range(block):
                 t0 = time.perf_counter()
                 if ca_pv.put(float((b + i) % 7), wait=True, timeout=10) is None:
                     raise RuntimeError("CA put did not complete")
                 out[k].append(time.perf_counter() - t0)
+            if k in pids:
+                cpu[k] += cpu_seconds(pids[k]) - c0
     return out
 
 
@@ -289,11 +302,14 @@ def main() -> int:
         procs.append(ManagedProcess(
             "floor", [PYTHON, str(Path(__file__).resolve()), "--floor-server"],
             floor_env, cwd=REPO, log_dir=tmp))
-        sp1, sp2, sp3 = (demo.motor_setpoint(P, m) for m in (M1, M2, M3))
+        sp3 = demo.motor_setpoint(P, M3)  # watched for access rights only
+        # puts that complete at once (a setpoint's put waits for the motion)
+        sp1, sp2 = (demo.motor_velocity(P, m) for m in (M1, M2))
         wait_for_pv(sp1, devs, procs=procs)
         wait_for_pv(REGISTRY_DEVICE_PVS.name(P), clients, procs=procs)
         wait_for_pv(COORD_LOCKS.name(P), clients, procs=procs)
         procs.append(start_guard(P, clients, devs, tmp / "policy.toml", tmp / "guard"))
+        guard_pid = procs[-1].pid
         procs.append(start_flat(P, ca_env, devs, tmp / "policy.toml", tmp / "flat"))
         wait_for_pv(GUARD_HEALTH.name(P), clients, procs=procs, condition=lambda v: v == "OK")
         wait_for_pv(FLAT_HEALTH.name(P), clients, procs=procs, condition=lambda v: v == "OK")
@@ -310,10 +326,17 @@ def main() -> int:
         print(f"# CA bridge benchmark, {a.puts} puts per path, {a.changes} lock changes, "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
         print("\n## put latency with completion (sequential, one client)")
+        floor_pid = next(p.pid for p in procs if p.name == "floor")
+        pids = {"guard (PVA)": guard_pid, "CA bridge (put-callback)": bridge_pid,
+                "minimal caproto server (CA)": floor_pid}
+        cpu: dict[str, float] = {}
         lat = put_latencies(pva, {"CA bridge (put-callback)": ca_pv,
-                                  "minimal caproto server (CA)": floor_pv}, sp1, a.puts)
+                                  "minimal caproto server (CA)": floor_pv}, sp1,
+                            a.puts, pids, cpu)
         for k, xs in lat.items():
-            print(f"{k:28s} {fmt(xs)}")
+            own = (f"  CPU {cpu[k] / len(xs) * 1e6:5.0f} us/put (that process)" if k in cpu
+                   else "")
+            print(f"{k:28s} {fmt(xs)}{own}")
         ca_m = statistics.median(lat["CA bridge (put-callback)"])
         g_m = statistics.median(lat["guard (PVA)"])
         d_m = statistics.median(lat["direct softIoc (PVA)"])

@@ -4,7 +4,9 @@ Starts (all on loopback, in this run): the demo softIoc on a network of its own,
 coordination IOCs, the guard, and a plain ``pvagw`` (``python -m p4p.gw``, no policy) in front of
 the same softIoc on a third network. Then, from one p4p client:
 
-1. put latency (``put(wait=True, get=False)`` to a motor setpoint) directly to the softIoc,
+1. put latency (``put(wait=True, get=False)`` to a motor's ``Velocity``, an ao whose put
+   completes at once: a setpoint's completion waits for the motion, decision 0130) directly to
+   the softIoc,
    through the plain pvagw, and through the guard (device unlocked; and device locked by us, where
    every put is also audited), interleaved in blocks so machine noise hits all paths alike;
 2. put rate: sequential, and with 16 puts in flight (p4p asyncio client);
@@ -157,7 +159,8 @@ def main() -> int:
             server_env(clients), cwd=REPO, log_dir=tmp))
         procs.append(ManagedProcess(
             "pvagw", python_module("p4p.gw", str(tmp / "pvagw.json")), clients_gw, log_dir=tmp))
-        sp1, sp2 = demo.motor_setpoint(P, M1), demo.motor_setpoint(P, M2)
+        # puts that complete at once (a setpoint's put waits for the motion)
+        sp1, sp2 = demo.motor_velocity(P, M1), demo.motor_velocity(P, M2)
         wait_for_pv(sp1, devs, procs=procs)
         wait_for_pv(REGISTRY_DEVICE_PVS.name(P), clients, procs=procs)
         wait_for_pv(COORD_LOCKS.name(P), clients, procs=procs)

@@ -14,10 +14,13 @@ from here::
     ['DEMO:shutter:Command', 'DEMO:shutter:Status']
 
 Motors (``m1`` .. ``m4``): put ``Setpoint``; ``Readback`` moves toward it at ``Velocity`` (units/s,
-updated every 0.1 s); ``Moving`` is 1 from the put until the readback arrives; ``Stop`` = 1 sets the
-setpoint to the current readback. Detectors (``det1``, ``det2``): put ``Acquire`` = 1; it reads 1
-for ``AcquireTime`` seconds, then ``Value`` is updated and ``Acquire`` returns to 0 (a put with
-completion, e.g. p4p ``put(..., wait=True)`` or CA put-callback, completes when the exposure ends).
+one step every 0.1 s from the put); a put with completion (CA put-callback, ``caput -c``, p4p
+``put(..., wait=True)``) completes when the readback has reached the setpoint, not before
+``distance / Velocity`` seconds; ``Moving`` is 1 from the put until the readback arrives;
+``Stop`` = 1 ends the motion at the current readback (and sets the setpoint to it).
+Detectors (``det1``, ``det2``): put ``Acquire`` = 1; it reads 1 for ``AcquireTime`` seconds,
+then ``Value`` is updated and ``Acquire`` returns to 0 (a put with completion, e.g. p4p
+``put(..., wait=True)`` or CA put-callback, completes when the exposure ends).
 ``Value`` is a count rate times the exposure time; the rate is a Gaussian peak in motor positions
 (``det1``: m1 centred at :data:`DET1_CENTER`, ``det2``: m2 and m3), so a scan shows a peak.
 Shutter: put ``Command`` (0 Close, 1 Open); ``Status`` follows after :data:`SHUTTER_DELAY` s.
@@ -47,7 +50,7 @@ MOTOR_LIMIT = 100.0
 MOTOR_VELOCITY = 2.0
 """Default motor velocity in units per second."""
 MOTOR_STEP_PERIOD = 0.1
-"""Seconds between readback updates (the simulation record's SCAN)."""
+"""Seconds between readback steps while moving (the motion ticks' output delay)."""
 DET_ACQUIRE_TIME = 0.1
 """Default exposure in seconds."""
 DET_RATE = 1000.0
@@ -70,7 +73,9 @@ SHUTTER_STATUS_CHOICES = ("Closed", "Open")
 
 MOTOR_SETPOINT = PVSpec(
     SERVER, "{device}:Setpoint", PVKind.DOUBLE,
-    "Target position; the readback moves toward it at Velocity.", units="mm",
+    "Target position; the readback moves toward it at Velocity. A put with completion "
+    "(caput -c, put-callback, PVA block=true) completes when the readback has arrived.",
+    units="mm",
 )
 MOTOR_READBACK = PVSpec(
     SERVER, "{device}:Readback", PVKind.DOUBLE,
@@ -88,13 +93,42 @@ MOTOR_STOP = PVSpec(
     SERVER, "{device}:Stop", PVKind.NTENUM,
     "Put 1 to stop: the setpoint is set to the current readback.", choices=STOP_CHOICES,
 )
+MOTOR_SIM_GOAL = PVSpec(
+    SERVER, "{device}:Sim:Goal", PVKind.DOUBLE,
+    "Internal: the position the motion heads for (written by Setpoint with completion, and by "
+    "Stop).", units="mm",
+)
+MOTOR_SIM_START = PVSpec(
+    SERVER, "{device}:Sim:Start", PVKind.INT,
+    "Internal: on a new goal, updates Moving and starts the motion ticks.",
+)
+MOTOR_SIM_TICK1 = PVSpec(
+    SERVER, "{device}:Sim:Tick1", PVKind.DOUBLE,
+    "Internal: waits one step period (calcout ODLY), then moves the readback one step.",
+)
+MOTOR_SIM_NEXT1 = PVSpec(
+    SERVER, "{device}:Sim:Next1", PVKind.DOUBLE,
+    "Internal: after Tick1, starts Tick2 while the readback is not at the goal.",
+)
+MOTOR_SIM_TICK2 = PVSpec(
+    SERVER, "{device}:Sim:Tick2", PVKind.DOUBLE,
+    "Internal: as Tick1 (the two alternate, so a tick is never re-entered while active).",
+)
+MOTOR_SIM_NEXT2 = PVSpec(
+    SERVER, "{device}:Sim:Next2", PVKind.DOUBLE,
+    "Internal: after Tick2, starts Tick1 while the readback is not at the goal.",
+)
 MOTOR_SIM_MOVING = PVSpec(
     SERVER, "{device}:Sim:MovingCalc", PVKind.DOUBLE,
-    "Internal: computes Moving from setpoint and readback.",
+    "Internal: computes Moving from goal and readback.",
 )
 MOTOR_SIM_STOP = PVSpec(
     SERVER, "{device}:Sim:StopCalc", PVKind.DOUBLE,
-    "Internal: copies the readback to the setpoint on Stop.",
+    "Internal: on Stop, sets the goal to the readback (the motion ends at the next tick).",
+)
+MOTOR_SIM_STOP_SETPOINT = PVSpec(
+    SERVER, "{device}:Sim:StopSetpoint", PVKind.DOUBLE,
+    "Internal: on Stop, writes the readback into the setpoint's value (without processing).",
 )
 
 # --- Detectors --------------------------------------------------------------------------------
@@ -148,7 +182,10 @@ DETECTOR_PVS = (DET_ACQUIRE, DET_ACQUIRE_TIME_PV, DET_VALUE)
 SHUTTER_PVS = (SHUTTER_COMMAND, SHUTTER_STATUS)
 """Public PVs of each kind of device (what clients use and the registry lists)."""
 
-MOTOR_SIM_PVS = (MOTOR_SIM_MOVING, MOTOR_SIM_STOP)
+MOTOR_SIM_PVS = (
+    MOTOR_SIM_GOAL, MOTOR_SIM_START, MOTOR_SIM_TICK1, MOTOR_SIM_NEXT1, MOTOR_SIM_TICK2,
+    MOTOR_SIM_NEXT2, MOTOR_SIM_MOVING, MOTOR_SIM_STOP, MOTOR_SIM_STOP_SETPOINT,
+)
 DETECTOR_SIM_PVS = (DET_SIM_EXPOSE, DET_SIM_DONE, DET_SIM_RATE)
 SHUTTER_SIM_PVS = (SHUTTER_SIM_DELAY, SHUTTER_SIM_MOVE)
 """Internal records of the simulation (served, but not part of a device's interface)."""

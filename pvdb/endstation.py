@@ -358,6 +358,8 @@ class WebBridge(_Section):
         max_pvs: most PVs one socket may subscribe.
         max_channels: most distinct channels open for all sockets together.
         max_sockets: most websockets open at once.
+        pva_server_port: TCP port of the bridge's PVA server (only its status PVs,
+            ``Web:Heartbeat``, ``Web:Version``, ``Web:StartTime``), client side.
     """
 
     listen_host: str = "127.0.0.1"
@@ -377,9 +379,10 @@ class WebBridge(_Section):
     max_pvs: int = Field(default=5000, ge=1, le=1_000_000)
     max_channels: int = Field(default=20000, ge=1, le=10_000_000)
     max_sockets: int = Field(default=1000, ge=1, le=100_000)
+    pva_server_port: Port = 5081
     log_level: LogLevel | None = None
 
-    _v_port = field_validator("listen_port", "https_port")(_port)
+    _v_port = field_validator("listen_port", "https_port", "pva_server_port")(_port)
     _v_addr = field_validator("trusted_proxies")(_addresses)
     _v_host = field_validator("listen_host")(_address)
 
@@ -602,6 +605,8 @@ def _check_consistency(cfg: EndstationConfig,
         tcp.append((("ca_bridge", "ca_server_port"), cfg.ca_bridge.ca_server_port
                     or c.ca_server_port))
         tcp.append((("ca_bridge", "pva_server_port"), cfg.ca_bridge.pva_server_port))
+    if cfg.web_bridge is not None:
+        tcp.append((("web_bridge", "pva_server_port"), cfg.web_bridge.pva_server_port))
     if cfg.web_bridge is not None and cfg.web_bridge.listen_host in c.interfaces + ["0.0.0.0"]:
         tcp.append((("web_bridge", "listen_port"), cfg.web_bridge.listen_port))
     seen: dict[int, tuple[str, ...]] = {}
@@ -713,7 +718,8 @@ def process_env(cfg: EndstationConfig, process: str) -> dict[str, str]:
                "guard": cfg.guard}.get(process)
     if process in ("queue", "guard") and section is None:
         raise ValueError(f"the endstation file has no [{process}] section")
-    port = getattr(section if process != "flat" else cfg.ca_bridge, "pva_server_port", None)
+    section = {"flat": cfg.ca_bridge, "pvws": cfg.web_bridge}.get(process, section)
+    port = getattr(section, "pva_server_port", None)
     if port is not None:
         env["EPICS_PVA_SERVER_PORT"] = env["EPICS_PVAS_SERVER_PORT"] = str(port)
     if process == "flat":

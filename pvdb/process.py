@@ -7,8 +7,9 @@ and health text these make one row of ``pvcoord status``::
     >>> PROCESSES["coordination"].version.name("BL01:")
     'BL01:Coord:Version'
 
-The CA and web bridges (``bridges.flat``, ``bridges.pvws``) add their :class:`ProcessPVs` here
-when they serve such PVs; until then ``pvcoord status`` shows them as ``no status PVs``.
+The CA bridge serves them on both protocols (CA and PVA, with ``Flat:Heartbeat`` and
+``Flat:Health``); the web bridge (``bridges.pvws``, otherwise websockets and HTTP only) serves
+``Web:Heartbeat``, ``Web:Version`` and ``Web:StartTime`` over PVA for this purpose.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import metadata
 
-from . import guard, queue
+from . import flat, guard, queue
 from .names import COORD_HEALTH, COORD_HEARTBEAT, REGISTRY_HEARTBEAT, PVKind, PVSpec
 
 HEARTBEAT_STALE = 3.0
@@ -42,6 +43,14 @@ QUEUE_VERSION = _version("queue", "Queue")
 QUEUE_START_TIME = _start("queue", "Queue")
 GUARD_VERSION = _version("guard", "Guard")
 GUARD_START_TIME = _start("guard", "Guard")
+FLAT_VERSION = _version(flat.SERVER, "Flat")
+FLAT_START_TIME = _start(flat.SERVER, "Flat")
+WEB_SERVER = "pvws"
+"""Value of :attr:`PVSpec.server` for the web bridge's PVs (its status PVs only)."""
+WEB_HEARTBEAT = PVSpec(WEB_SERVER, "Web:Heartbeat", PVKind.INT,
+                       "Counter incremented every second by the web bridge.")
+WEB_VERSION = _version(WEB_SERVER, "Web")
+WEB_START_TIME = _start(WEB_SERVER, "Web")
 
 
 @dataclass(frozen=True)
@@ -74,14 +83,17 @@ PROCESSES: dict[str, ProcessPVs] = {
                         QUEUE_VERSION, QUEUE_START_TIME),
     "guard": ProcessPVs("guard", "bridges.guard", guard.GUARD_HEARTBEAT, guard.GUARD_HEALTH,
                         GUARD_VERSION, GUARD_START_TIME),
-    "flat": ProcessPVs("flat", "bridges.flat", None, None, None, None),
-    "pvws": ProcessPVs("pvws", "bridges.pvws", None, None, None, None),
+    "flat": ProcessPVs("flat", "bridges.flat", flat.FLAT_HEARTBEAT, flat.FLAT_HEALTH,
+                       FLAT_VERSION, FLAT_START_TIME),
+    "pvws": ProcessPVs("pvws", "bridges.pvws", WEB_HEARTBEAT, None, WEB_VERSION,
+                       WEB_START_TIME),
 }
 """Status PVs of every process, in start order."""
 
 PROCESS_PVS = (
     COORD_VERSION, COORD_START_TIME, REGISTRY_VERSION, REGISTRY_START_TIME, QUEUE_VERSION,
-    QUEUE_START_TIME, GUARD_VERSION, GUARD_START_TIME,
+    QUEUE_START_TIME, GUARD_VERSION, GUARD_START_TIME, FLAT_VERSION, FLAT_START_TIME,
+    WEB_HEARTBEAT, WEB_VERSION, WEB_START_TIME,
 )
 
 

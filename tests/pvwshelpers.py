@@ -169,7 +169,8 @@ class Beamline:
             "--device-conf", "EPICS_PVA_AUTO_ADDR_LIST=NO",
             "--device-conf", f"EPICS_PVA_BROADCAST_PORT={d['EPICS_PVA_BROADCAST_PORT']}",
             *args)
-        proc = ManagedProcess(name, argv, self.clients, cwd=REPO, log_dir=self.tmp)
+        proc = ManagedProcess(name, argv, server_env(self.clients), cwd=REPO,  # own PVA port
+                              log_dir=self.tmp)
         self.procs[name] = proc
         b = Bridge(proc, port)
         deadline = time.monotonic() + 20

@@ -27,7 +27,7 @@ from pvdb import demo
 from .conftest import TIMEOUT
 
 P = "TDEV:"
-BASE_RECORD_TYPES = {"ao", "ai", "bo", "bi", "calc", "calcout"}
+BASE_RECORD_TYPES = {"ao", "ai", "bo", "bi", "calc", "calcout", "fanout"}
 
 
 def test_database_serves_every_pvdb_name_once():
@@ -41,7 +41,7 @@ def test_database_serves_every_pvdb_name_once():
     assert set(names) == expected
     assert {t for t, _ in records} <= BASE_RECORD_TYPES
     # every link target is one of our records (no typo can hide in a link)
-    for target in re.findall(r'field\((?:INP[A-L]|OUT|FLNK), "([^"]+)"\)', text):
+    for target in re.findall(r'field\((?:INP[A-L]|OUT|FLNK|LNK[1-9A]), "([^"]+)"\)', text):
         name = target.split(" ")[0].split(".")[0]
         if re.match(r"^-?[0-9.]+$", name):
             continue  # a constant input
@@ -132,6 +132,66 @@ def test_motor_moves_at_velocity_and_reports_moving(ctxt):
     assert rec.values(mv) == [0, 1, 0]
     # 1 unit at 2 units/s takes about 0.5 s (generous bound: the machine is noisy)
     assert elapsed >= 1.0 / demo.MOTOR_VELOCITY * 0.6
+
+
+FAST = 10.0
+"""Velocity (units/s) of the completion tests: short motions."""
+
+
+@pytest.mark.system
+def test_put_with_completion_waits_for_the_motion(ctxt):
+    m = demo.MOTORS[0]
+    sp, rb, mv = (demo.motor_setpoint(P, m), demo.motor_readback(P, m), demo.motor_moving(P, m))
+    ctxt.put(demo.motor_velocity(P, m), FAST, timeout=TIMEOUT)
+    start = float(ctxt.get(rb, timeout=TIMEOUT))
+    for distance in (1.5, -0.7):
+        target = round(start + distance, 6)
+        t0 = time.monotonic()
+        ctxt.put(sp, target, wait=True, timeout=TIMEOUT)
+        took = time.monotonic() - t0
+        # at completion the readback is there and the motion has ended
+        assert float(ctxt.get(rb, timeout=TIMEOUT)) == target
+        assert enum_index(ctxt, mv) == 0
+        assert took >= abs(distance) / FAST, (distance, took)
+        start = target
+    # a zero-length move completes at once (no tick)
+    t0 = time.monotonic()
+    ctxt.put(sp, start, wait=True, timeout=TIMEOUT)
+    assert time.monotonic() - t0 < 1.0
+    # a put without completion returns at once, while the motor moves
+    t0 = time.monotonic()
+    ctxt.put(sp, start + 2.0, timeout=TIMEOUT)
+    assert time.monotonic() - t0 < 2.0 / FAST
+    wait_until(lambda: float(ctxt.get(rb, timeout=TIMEOUT)) == start + 2.0, TIMEOUT,
+               "readback after a put without completion")
+
+
+@pytest.mark.system
+def test_stop_ends_a_put_with_completion_early(ctxt):
+    m = demo.MOTORS[0]
+    sp, rb = demo.motor_setpoint(P, m), demo.motor_readback(P, m)
+    ctxt.put(demo.motor_velocity(P, m), FAST, timeout=TIMEOUT)
+    start = float(ctxt.get(rb, timeout=TIMEOUT))
+    target = start + 50.0  # 5 s at FAST
+    done: list[float] = []
+
+    def move() -> None:
+        t0 = time.monotonic()
+        ctxt.put(sp, target, wait=True, timeout=TIMEOUT)
+        done.append(time.monotonic() - t0)
+
+    mover = threading.Thread(target=move)
+    mover.start()
+    try:
+        wait_until(lambda: float(ctxt.get(rb, timeout=TIMEOUT)) > start + 1.0, TIMEOUT,
+                   f"{m} moving")
+        ctxt.put(demo.motor_stop(P, m), 1, timeout=TIMEOUT)
+    finally:
+        mover.join(TIMEOUT)
+    assert done and done[0] < 50.0 / FAST, done
+    stopped = float(ctxt.get(rb, timeout=TIMEOUT))
+    assert start + 1.0 < stopped < target
+    assert float(ctxt.get(sp, timeout=TIMEOUT)) == stopped
 
 
 @pytest.mark.system

@@ -13,6 +13,7 @@ not from the endstation file.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ from pvdb import demo
 from pvdb import flat as fl
 from pvdb.endstation import load_endstation, to_toml
 from pvdb.names import COORD_HEARTBEAT, COORD_LOCKS
+from pvdb.process import pvcoord_version
 from tests.conftest import REPO
 from tests.pvwshelpers import WS, Bridge
 
@@ -141,7 +143,8 @@ def endstation(tmp: Path, env: dict[str, str], device_env: dict[str, str], web_p
         "registry": {"pva_server_port": free_port()},
         "coordination": {"pva_server_port": free_port()},
         "ca_bridge": {"pva_server_port": free_port(), "stale_after": 3.0},
-        "web_bridge": {"listen_port": web_port, "auth": "password", "writes": False,
+        "web_bridge": {"listen_port": web_port, "pva_server_port": free_port(),
+                       "auth": "password", "writes": False,
                        "default_type": "ca", "admins": ["alice"]},
         "tls": {"certificate": "cert.pem", "key": "key.pem"},
     }
@@ -226,6 +229,33 @@ def test_web_bridge_from_the_file_is_ready_and_serves_pvws(st: Station):
         first = ws.update(beat, lambda m: "value" in m, TIMEOUT)
         ws.update(beat, lambda m: m.get("value") != first["value"], TIMEOUT)
         ws.update(flat_beat, lambda m: "value" in m, TIMEOUT)
+
+
+def test_status_lists_both_bridges_up_with_version_and_uptime(st: Station):
+    """``pvcoord status --config``: the bridges' rows from their Version/StartTime PVs."""
+    for name in ("flat", "pvws"):
+        st.notify[name].until("READY=1", st.procs[name], since=0)
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            python_module("pvcoord.cli", "status", "--config", str(st.config), "--json"),
+            capture_output=True, text=True, cwd=REPO, timeout=60, env=st.env)
+
+    want = pvcoord_version()
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        p = status()
+        rows = {r["name"]: r for r in json.loads(p.stdout or "[]")}
+        if p.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # polling the status with a deadline (the pvws server may be searching)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert list(rows) == ["registry", "coordination", "flat", "pvws"], rows
+    for name in ("flat", "pvws"):
+        r = rows[name]
+        assert r["up"] is True and r["version"] == want, r
+        assert r["heartbeat_age"] < 3 and 0 <= r["uptime"] < 600, r
+    assert rows["flat"]["health"] == "OK" and rows["pvws"]["health"] == "-"
 
 
 @pytest.mark.parametrize("name", ["flat", "pvws"])

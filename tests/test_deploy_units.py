@@ -26,7 +26,14 @@ from pvcoord.procs import (
     wait_for_pv,
 )
 from pvdb.endstation import PROCESS_NAMES, to_toml
-from pvdb.process import GUARD_VERSION, REGISTRY_START_TIME, REGISTRY_VERSION, pvcoord_version
+from pvdb.process import (
+    FLAT_VERSION,
+    GUARD_VERSION,
+    REGISTRY_START_TIME,
+    REGISTRY_VERSION,
+    WEB_VERSION,
+    pvcoord_version,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
@@ -172,10 +179,10 @@ def test_process_notifies_ready_watchdog_and_stopping(process, tmp_path, notify_
         deadline = time.monotonic() + TIMEOUT
         got = messages_until(sock, "READY=1", deadline, proc)
         assert not any("WATCHDOG=1" in m for m in got), "READY comes first"
-        version = {"registry": REGISTRY_VERSION, "guard": GUARD_VERSION}.get(process)
-        if version is not None:  # the bridges serve no status PVs yet (pvdb.process)
-            v = wait_for_pv(version.name("TNOTE:"), env, TIMEOUT, procs=[proc])
-            assert str.__str__(v) == pvcoord_version()
+        version = {"registry": REGISTRY_VERSION, "guard": GUARD_VERSION, "flat": FLAT_VERSION,
+                   "pvws": WEB_VERSION}[process]
+        v = wait_for_pv(version.name("TNOTE:"), env, TIMEOUT, procs=[proc])
+        assert str.__str__(v) == pvcoord_version()
         if process == "registry":
             start = wait_for_pv(REGISTRY_START_TIME.name("TNOTE:"), env, TIMEOUT, procs=[proc])
             assert 0 <= time.time() - float(start) < TIMEOUT + 60

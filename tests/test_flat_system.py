@@ -25,6 +25,7 @@ from p4p.nt import NTURI
 from pvcoord.demo import devices
 from pvcoord.demo.flat_part import CAAgent, bridge_env, start_flat, walkthrough
 from pvcoord.demo.guard_part import PutAgent
+from pvcoord.endstation_status import read_status
 from pvcoord.procs import (
     ManagedProcess,
     client_conf,
@@ -45,6 +46,7 @@ from pvdb.names import (
     COORD_RELEASE,
     PVKind,
 )
+from pvdb.process import FLAT_START_TIME, FLAT_VERSION, pvcoord_version
 from tests.conftest import REPO, TIMEOUT, other_user_available
 
 pytestmark = [
@@ -209,6 +211,8 @@ def test_device_pvs_pass_through_with_metadata(bl: Beamline):
     assert ctrl["lower_ctrl_limit"] == -demo.MOTOR_LIMIT
     # alarm status and severity pass through: a HIHI limit set through the bridge (record
     # fields are served too), then a setpoint above it
+    # (a fast motor: the put waits for the motion)
+    ok(root.put(demo.motor_velocity(P, M2), 1000.0))
     for field_name, value in ((".HIHI", 50.0), (".HHSV", 2)):
         ok(root.put(sp(M2) + field_name, value))
     ok(root.put(sp(M2), 60.0))
@@ -217,6 +221,7 @@ def test_device_pvs_pass_through_with_metadata(bl: Beamline):
     assert abs(alarm["timestamp"] - time.time()) < 30
     ok(root.put(sp(M2), 0.0))
     assert ok(root.ctrl(sp(M2)))["severity"] == 0
+    ok(root.put(demo.motor_velocity(P, M2), demo.MOTOR_VELOCITY))
     # enum labels
     moving = demo.motor_moving(P, M1)
     assert ok(root.get(moving, as_string=True)) in demo.MOVING_CHOICES
@@ -281,6 +286,29 @@ def test_strict_policy_unlocked_device_is_not_writable_until_taken(bl: Beamline)
         assert not ok(nobody.wait_write(sp(M1), False))["write"]
 
 
+def test_put_callback_waits_for_a_moving_motor(bl: Beamline):
+    """libca ``ca_array_put_callback`` through the bridge: completion when the readback is there."""
+    root, speed = bl.ca["root"], 10.0
+    rb = demo.motor_readback(P, M3)
+    ok(root.put(demo.motor_velocity(P, M3), speed))
+    with Context("pva", conf=client_conf(bl.devices_env), useenv=False) as ioc:
+        start = float(ioc.get(rb, timeout=TIMEOUT))
+        for distance in (2.0, -3.5):
+            target = start + distance
+            secs = ok(root.put(sp(M3), target, timeout=10))["seconds"]
+            # the softIoc's readback at completion, read past the bridge
+            assert float(ioc.get(rb, timeout=TIMEOUT)) == target
+            assert secs >= abs(distance) / speed, (distance, secs)
+            # and the bridge's mirror follows
+            wait_until(lambda t=target: ok(root.get(rb)) == t, TIMEOUT, f"{rb} = {target}")
+            start = target
+    # a put without callback returns before the motion ends
+    secs = ok(root.put(sp(M3), start + 3.0, wait=False))["seconds"]
+    assert secs < 3.0 / speed
+    wait_until(lambda: ok(root.get(rb)) == start + 3.0, TIMEOUT, f"{rb} after a plain put")
+    ok(root.put(demo.motor_velocity(P, M3), demo.MOTOR_VELOCITY))
+
+
 def test_put_callback_completes_with_the_upstream_put(bl: Beamline):
     root = bl.ca["root"]
     acquire_time = demo.det_acquire_time(P, DET)
@@ -291,6 +319,21 @@ def test_put_callback_completes_with_the_upstream_put(bl: Beamline):
     # a failed upstream put (value beyond the enum's labels) is a CA put failure
     r = root.put(demo.motor_stop(P, M3), 7)
     assert not r["ok"], r
+
+
+def test_a_lock_of_the_same_account_from_another_host_is_not_the_clients(bl: Beamline):
+    """The decision is bound to the peer host: nobody's lock taken at another host does not give
+    write access to a CA client claiming nobody from 127.0.0.1 (decision 0132)."""
+    nobody = bl.ca["nobody"]
+    assert ok(nobody.wait_write(sp(M2), True))["write"]
+    bl.rpc(COORD_ACQUIRE, device=M2, type="MANUAL_OPERATOR", timeout="60", reason="elsewhere",
+           onBehalfOf="nobody", clientHost="10.9.9.9")
+    assert bl.holders()[M2] == "nobody@10.9.9.9"
+    assert not ok(nobody.wait_write(sp(M2), False))["write"]
+    r = nobody.put(sp(M2), 1.0)
+    assert not r["ok"] and "denied" in r["error"].lower(), r
+    bl.rpc(COORD_RELEASE, device=M2, onBehalfOf="nobody", clientHost="10.9.9.9")
+    assert ok(nobody.wait_write(sp(M2), True))["write"]
 
 
 def test_rename_after_connect_keeps_the_first_identity(bl: Beamline):
@@ -409,6 +452,25 @@ def test_every_screen_pv_connects(bl: Beamline):
     got = bl.ctxt.get(sorted(pvs["pva"]), timeout=TIMEOUT, throw=False)
     bad = [n for n, v in zip(sorted(pvs["pva"]), got, strict=True) if isinstance(v, Exception)]
     assert not bad, bad
+
+
+def test_version_and_start_time_on_both_protocols_and_in_the_status(bl: Beamline):
+    version, start = FLAT_VERSION.name(P), FLAT_START_TIME.name(P)
+    want = pvcoord_version()
+    assert bl.text(version) == want
+    started = float(bl.text(start))
+    assert time.time() - 600 < started <= time.time()
+    nobody = bl.ca["nobody"]
+    assert ok(nobody.get(version, as_string=True)) == want
+    assert ok(nobody.get(start)) == pytest.approx(started)
+    for name in (version, start):
+        assert not ok(nobody.connect(name))["write"], name
+    # pvcoord status reads the bridge like every other process
+    rows = {r.name: r for r in read_status(P, ["registry", "coordination", "flat"],
+                                           client_conf(bl.clients), timeout=TIMEOUT)}
+    flat = rows["flat"]
+    assert flat.up is True and flat.health == "OK" and flat.version == want, flat
+    assert flat.uptime is not None and flat.uptime < 600 and flat.heartbeat_age < 3, flat
 
 
 def test_walkthrough(bl: Beamline):

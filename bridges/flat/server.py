@@ -50,6 +50,7 @@ from pvdb.names import (
     DEVICE_STATES,
 )
 from pvdb.policy import Policy
+from pvdb.process import FLAT_START_TIME, FLAT_VERSION, pvcoord_version
 
 from ..guard.decision import STALE_AFTER, Decision, HeldLock, LockState, decide
 from ..lockview import LockView, Snapshot
@@ -82,6 +83,8 @@ MAX_ON_DEMAND = 5000
 """On-demand mirrors kept at most (names of registered devices the registry does not list)."""
 MAX_PENDING_COMMANDS = 64
 """Take/Release requests waiting at once; more are refused with ``busy``."""
+MAX_DECISIONS = 10000
+"""Cached decisions kept at most between two lock/registry changes (then the cache restarts)."""
 OWNER_MAX = 39
 """Characters of an owner over CA (DBR_STRING); the full text with ``NAME$``."""
 
@@ -239,6 +242,9 @@ class FlatBridge:
         self._twins: dict[str, _Twin] = {}
         self._devices: list[str] = []
         self._roles: dict[str, tuple[str, ...]] = {}
+        self._decisions: dict[tuple[str, str, str | None], Decision] = {}
+        """Decisions taken on :attr:`snap` (a pure function of it): emptied when it changes."""
+        self._put_request: Any = None
         self._push_needed = asyncio.Event()
         self._pending: dict[tuple[str, str, str], asyncio.Future] = {}
         self._beat = 0
@@ -249,6 +255,8 @@ class FlatBridge:
         self._pva_server: PvaServer | None = None
         self._provider = StaticProvider("pvcoord-flat")
         self._tasks: list[asyncio.Task] = []
+        self.started = time.time()
+        """Epoch seconds this bridge was made (served as ``Flat:StartTime``)."""
 
     # --- running ------------------------------------------------------------------------------
 
@@ -257,6 +265,8 @@ class FlatBridge:
         self.loop = asyncio.get_running_loop()
         self._upstream = self._client(self.upstream_conf)
         self._service = self._client(self.service_conf)
+        # with completion (a put-callback waits for the device), parsed once
+        self._put_request = PvaClient.makeRequest("field()record[block=true,process=passive]")
         self._make_global_pvs()
         self.ca = FlatContext(self.pvdb, self.ca_interfaces)
         if self.pva_conf is not None:
@@ -334,6 +344,7 @@ class FlatBridge:
 
     def _changed(self, snap: Snapshot) -> None:
         self.snap = snap
+        self._decisions.clear()
         self._push_needed.set()
 
     async def _push_loop(self) -> None:
@@ -356,7 +367,7 @@ class FlatBridge:
         if self.ca is None:
             return 0
         sent = 0
-        cache: dict[tuple[str, str | None], AccessRights] = {}
+        cache: dict[tuple[str, str | None, str | None], AccessRights] = {}
         for vc in list(self.ca.circuits):
             if not vc.connected:
                 continue
@@ -372,7 +383,7 @@ class FlatBridge:
                     continue
                 if not isinstance(entry, Proxy):
                     continue
-                key = (entry.pvname, vc.client_username)
+                key = (entry.pvname, vc.client_username, vc.client_hostname)
                 rights = cache.get(key)
                 if rights is None:
                     rights = cache[key] = self.device_access(entry, vc.client_hostname,
@@ -397,18 +408,31 @@ class FlatBridge:
             r = self._roles[user] = roles_of(user)
         return r
 
-    def decide(self, pvname: str, user: str | None) -> Decision:
-        """The guard's decision for CA user ``user`` writing ``pvname`` now."""
-        account = user or ""
-        snap = self.snap
-        return decide(self.policy, snap.state, snap.devices, pvname, account,
-                      self.roles(account) if account else ())
+    def decide(self, pvname: str, user: str | None, host: str | None = None,
+               cached: bool = True) -> Decision:
+        """The guard's decision for CA user ``user`` at peer ``host`` writing ``pvname`` now.
+
+        Taken once per (PV, user, host) and lock/registry snapshot (it is a function of them):
+        the access rights of a channel and every put on it until the next change reuse it.
+        ``cached=False`` decides afresh (a refusal's text names the time left on the lock).
+        """
+        key = (pvname, user or "", host)
+        d = self._decisions.get(key) if cached else None
+        if d is None:
+            account = user or ""
+            snap = self.snap
+            d = decide(self.policy, snap.state, snap.devices, pvname, account,
+                       self.roles(account) if account else (), host)
+            if len(self._decisions) >= MAX_DECISIONS:
+                self._decisions.clear()
+            self._decisions[key] = d
+        return d
 
     def device_access(self, entry: Proxy, host: str | None, user: str | None) -> AccessRights:
         """READ, plus WRITE when the upstream is connected and the decision allows it."""
         if not entry.connected:
             return READ_ONLY
-        return READ_WRITE if self.decide(entry.pvname, user).allowed else READ_ONLY
+        return READ_WRITE if self.decide(entry.pvname, user, host).allowed else READ_ONLY
 
     def command_access(self, host: str | None, user: str | None) -> AccessRights:
         """Command PVs are writable by any client that named itself."""
@@ -417,7 +441,9 @@ class FlatBridge:
     async def forward(self, entry: Proxy, user: str | None, host: str | None,
                       values: list[Any]) -> None:
         """Decide, then put upstream and wait for completion; raise :class:`PutRefusedError`."""
-        d = self.decide(entry.pvname, user)
+        d = self.decide(entry.pvname, user, host)
+        if not d.allowed:
+            d = self.decide(entry.pvname, user, host, cached=False)
         if not d.allowed:
             _log_audit.warning("refused %s@%s put %s: %s", user, host, entry.pvname, d.reason)
             raise PutRefusedError(d.reason)
@@ -443,7 +469,8 @@ class FlatBridge:
         assert self._upstream is not None
         try:
             async with asyncio.timeout(self.put_timeout):
-                await self._upstream.put(entry.pvname, body, wait=True, get=False)
+                await self._upstream.put(entry.pvname, body, request=self._put_request,
+                                         get=False)
         except TimeoutError:
             raise PutRefusedError(f"{entry.pvname}: the upstream put did not complete in "
                              f"{self.put_timeout:g} s") from None
@@ -562,6 +589,14 @@ class FlatBridge:
                    self._pva_pv(NTScalar("s"), "starting"))
         self._twin(fl.FLAT_HEARTBEAT.name(p), ScreenInteger(value=0),
                    self._pva_pv(NTScalar("i"), 0))
+        version = pvcoord_version()
+        self._twin(FLAT_VERSION.name(p), ScreenString(**{**text, "value": version}),
+                   self._pva_pv(NTScalar("s"), version))
+        start = NTScalar("d", display=True).wrap(self.started, timestamp=time.time())
+        start["display.units"] = FLAT_START_TIME.units
+        self._twin(FLAT_START_TIME.name(p),
+                   ScreenDouble(value=self.started, units=FLAT_START_TIME.units, precision=3),
+                   SharedPV(nt=NTScalar("d", display=True), initial=start))
         self._twin(fl.FLAT_LOCK_COUNT.name(p), ScreenInteger(value=0),
                    self._pva_pv(NTScalar("i"), 0))
         self._twin(fl.FLAT_DEVICES.name(p), ScreenString(value=[""], max_length=256),

@@ -32,5 +32,11 @@ Reads/writes the PVA client configuration from the environment (``EPICS_PVA_*``)
 Under systemd: ``python -m bridges.pvws --config ENDSTATION.toml`` (``[web_bridge]`` and the
 shared part set the options and ``EPICS_*``; the password file comes from
 ``$PVCOORD_WEB_PASSWORD_FILE``, the unit's credential, when set; docs/deploy.md).
-The web bridge serves websockets and HTTP, no PVs of its own.
+The web bridge serves websockets and HTTP; its only PVs are its status for ``pvcoord status``,
+over PVA (server settings ``EPICS_PVAS_*``; its TCP port is ``[web_bridge] pva_server_port``
+under systemd):
 """
+
+from pvdb.catalog import help_text as _help_text
+
+__doc__ = f"{__doc__}\n{_help_text('pvws')}"

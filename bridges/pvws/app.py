@@ -45,6 +45,7 @@ from .cawrite import CaWriteError, CaWriter, device_ca_env
 from .config import BridgeConfig, PVNameError, parse_name
 from .pool import LocUpstream, Pool, SimUpstream, Upstream
 from .session import Socket, Sub
+from .status import StatusPVs
 
 log = logging.getLogger("bridges.pvws")
 audit_log = logging.getLogger("bridges.pvws.audit")
@@ -759,9 +760,14 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
     view.listeners.append(on_change)
     view.start()
     st.view = view
+    status = StatusPVs(cfg.prefix, cfg.status_conf) if cfg.status_pvs else None
+    if status is not None:
+        status.start()
     try:
         yield
     finally:
+        if status is not None:
+            await status.close()
         for sock in list(st.sockets.values()):
             with contextlib.suppress(Exception):
                 await sock.ws.close()

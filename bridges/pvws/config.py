@@ -126,6 +126,10 @@ class BridgeConfig:
         put_timeout: seconds a device write may take.
         ca_via: how ``ca://`` names are read: ``ca`` (Channel Access, caproto's asyncio client,
             environment ``EPICS_CA_*``) or ``pva`` (PVA under the same name).
+        status_pvs: serve ``P Web:Heartbeat``, ``Web:Version``, ``Web:StartTime`` over PVA
+            (``pvcoord status``; the process entry turns it on).
+        status_conf: p4p server configuration of those PVs (``EPICS_PVAS_*``); None: this
+            process's environment.
     """
 
     prefix: str
@@ -154,6 +158,8 @@ class BridgeConfig:
     static_dir: Path = field(default_factory=lambda: Path(__file__).parent / "static")
     put_timeout: float = 5.0
     ca_via: str = "ca"
+    status_pvs: bool = False
+    status_conf: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:

@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             secure_cookies=a.secure_cookies, admins=tuple(a.admin), policy=a.policy,
             device_conf=_conf(a.device_conf, p), max_pvs=a.max_pvs, ca_via=a.ca_via,
             device_ca_conf=_conf(a.device_ca_conf, p, "CA", "--device-ca-conf"),
-            max_channels=a.max_channels, max_sockets=a.max_sockets,
+            max_channels=a.max_channels, max_sockets=a.max_sockets, status_pvs=True,
         )
     except (ValueError, PasswordFileError) as e:
         print(f"bridges.pvws: {e}", file=sys.stderr)

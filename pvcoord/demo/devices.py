@@ -1,13 +1,24 @@
 """The demo beamline's simulated devices: EPICS database for the softIoc, and their registry file.
 
 Both are generated from :mod:`pvdb.demo` (no PV name is typed here). The database uses only the
-record types of EPICS base that ``python -m pvxslibs.ioc`` loads (ao, bo, bi, calc, calcout):
+record types of EPICS base that ``python -m pvxslibs.ioc`` loads (ao, bo, bi, calc, calcout,
+fanout):
 
-- motor: ``Setpoint`` (ao) and ``Velocity`` (ao); ``Readback`` (calc, SCAN .1 second) steps toward
-  the setpoint by ``Velocity * 0.1`` per scan and lands on it exactly; ``Sim:MovingCalc``
-  (calcout, processed by every setpoint put and every readback scan) writes ``Setpoint !=
-  Readback`` to ``Moving`` (bi). ``Stop`` (bo, back to 0 after 0.1 s) makes ``Sim:StopCalc`` copy
-  the readback into the setpoint.
+- motor: ``Setpoint`` is an ao with the ``Async Soft Channel`` device support: its OUT is a CA
+  link to ``Sim:Goal`` written with put-callback, so the setpoint record stays active until the
+  processing started by the goal has ended, and a put with completion on ``Setpoint`` (CA
+  put-callback, PVA ``block=true``) returns when the readback has arrived. ``Sim:Goal`` (ao)
+  starts, through ``Sim:Start`` (fanout), ``Sim:MovingCalc`` and the first motion tick:
+  ``Sim:Tick1`` and ``Sim:Tick2`` (calcout, output delay ODLY = one step period) alternate,
+  each processing ``Readback`` (calc: one step of ``Velocity * 0.1`` toward the goal, landing on
+  it exactly) and then ``Sim:Next1`` / ``Sim:Next2``, which start the other tick while the
+  readback is not at the goal. Records reached by links join the put's completion (EPICS
+  ``dbNotify``), so it ends with the last tick, ``n`` steps and at least ``n * 0.1`` s after the
+  put. ``Sim:MovingCalc`` writes ``Goal != Readback`` to ``Moving`` (bi). ``Stop`` (bo, back to
+  0 after 0.1 s) makes ``Sim:StopCalc`` set the goal to the readback (the motion ends at the
+  next tick) and ``Sim:StopSetpoint`` write the readback into the setpoint's value. A put to
+  ``Setpoint`` while it moves is applied when that move ends (EPICS re-processes an active
+  record once it completes), except through ``Stop``.
 - detector: ``Acquire`` (bo) processes ``Sim:Expose``, a calcout whose output delay (ODLY, set from
   ``AcquireTime``) keeps it active for the exposure, so a put with completion on ``Acquire``
   returns when the exposure ends; its output processes ``Value`` (calc: ``Sim:Rate`` times the
@@ -23,7 +34,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from pvdb import demo
@@ -70,12 +80,37 @@ def _motor(prefix: str, m: str) -> str:
         return spec.name(prefix, device=m)
 
     step = demo.MOTOR_STEP_PERIOD
+    at_goal = {"INPA": f"{n(demo.MOTOR_SIM_GOAL)} NPP", "INPB": f"{n(demo.MOTOR_READBACK)} NPP"}
+
+    def tick(spec: PVSpec, then: PVSpec) -> str:
+        # one step period later, one readback step; then the other tick's starter
+        return _record(
+            "calcout", n(spec), f"{m} motion tick",
+            **at_goal, CALC="A#B", OOPT="When Non-zero", ODLY=_number(step),
+            OUT=f"{n(demo.MOTOR_READBACK)}.PROC PP", FLNK=n(then),
+        )
+
+    def next_tick(spec: PVSpec, tick: PVSpec) -> str:
+        return _record(
+            "calcout", n(spec), f"{m} next tick while not at goal",
+            **at_goal, CALC="A#B", OOPT="When Non-zero", OUT=f"{n(tick)}.PROC PP",
+        )
+
+    def on_stop(spec: PVSpec, out: str, desc: str, **more: object) -> str:
+        return _record(
+            "calcout", n(spec), desc,
+            INPA=f"{n(demo.MOTOR_STOP)} NPP", INPB=f"{n(demo.MOTOR_READBACK)} NPP",
+            CALC="A", OOPT="When Non-zero", DOPT="Use OCAL", OCAL="B", OUT=out, **more,
+        )
+
     return "".join([
         _record(
+            # asynchronous: the CA link's put-callback to the goal ends when the motion does,
+            # so a put with completion on the setpoint waits for the readback
             "ao", n(demo.MOTOR_SETPOINT), f"{m} setpoint",
-            VAL=0, PINI="YES", EGU=demo.MOTOR_SETPOINT.units, PREC=3,
+            DTYP="Async Soft Channel", OUT=f"{n(demo.MOTOR_SIM_GOAL)} CA",
+            VAL=0, PINI="RUNNING", EGU=demo.MOTOR_SETPOINT.units, PREC=3,
             DRVH=_number(demo.MOTOR_LIMIT), DRVL=_number(-demo.MOTOR_LIMIT),
-            FLNK=n(demo.MOTOR_SIM_MOVING),
         ),
         _record(
             "ao", n(demo.MOTOR_VELOCITY_PV), f"{m} velocity",
@@ -83,18 +118,29 @@ def _motor(prefix: str, m: str) -> str:
             PREC=3, DRVL="0.001", DRVH="1000.0",
         ),
         _record(
-            "calc", n(demo.MOTOR_READBACK), f"{m} readback",
-            SCAN=".1 second" if math.isclose(step, 0.1) else f"{step:g} second",
-            INPA=f"{n(demo.MOTOR_SETPOINT)} NPP", INPB=f"{n(demo.MOTOR_VELOCITY_PV)} NPP",
-            INPC=_number(step),
-            # land exactly on the setpoint once it is within one step
-            CALC="ABS(A-VAL)<=B*C?A:(A>VAL?VAL+B*C:VAL-B*C)",
-            EGU=demo.MOTOR_READBACK.units, PREC=3, FLNK=n(demo.MOTOR_SIM_MOVING),
+            "ao", n(demo.MOTOR_SIM_GOAL), f"{m} goal of the motion",
+            VAL=0, PINI="YES", EGU=demo.MOTOR_SIM_GOAL.units, PREC=3,
+            FLNK=n(demo.MOTOR_SIM_START),
         ),
         _record(
-            "calcout", n(demo.MOTOR_SIM_MOVING), f"{m} moving = setpoint != readback",
-            INPA=f"{n(demo.MOTOR_SETPOINT)} NPP", INPB=f"{n(demo.MOTOR_READBACK)} NPP",
-            CALC="A#B", OOPT="Every Time", OUT=f"{n(demo.MOTOR_MOVING)} PP",
+            "fanout", n(demo.MOTOR_SIM_START), f"{m} new goal: moving, first tick",
+            LNK1=n(demo.MOTOR_SIM_MOVING), LNK2=n(demo.MOTOR_SIM_TICK1),
+        ),
+        _record(
+            "calc", n(demo.MOTOR_READBACK), f"{m} readback",
+            INPA=f"{n(demo.MOTOR_SIM_GOAL)} NPP", INPB=f"{n(demo.MOTOR_VELOCITY_PV)} NPP",
+            INPC=_number(step),
+            # one step toward the goal; land exactly on it once it is within one step
+            CALC="ABS(A-VAL)<=B*C?A:(A>VAL?VAL+B*C:VAL-B*C)", PINI="YES",
+            EGU=demo.MOTOR_READBACK.units, PREC=3, FLNK=n(demo.MOTOR_SIM_MOVING),
+        ),
+        tick(demo.MOTOR_SIM_TICK1, demo.MOTOR_SIM_NEXT1),
+        next_tick(demo.MOTOR_SIM_NEXT1, demo.MOTOR_SIM_TICK2),
+        tick(demo.MOTOR_SIM_TICK2, demo.MOTOR_SIM_NEXT2),
+        next_tick(demo.MOTOR_SIM_NEXT2, demo.MOTOR_SIM_TICK1),
+        _record(
+            "calcout", n(demo.MOTOR_SIM_MOVING), f"{m} moving = goal != readback",
+            **at_goal, CALC="A#B", OOPT="Every Time", OUT=f"{n(demo.MOTOR_MOVING)} PP",
         ),
         _record(
             "bi", n(demo.MOTOR_MOVING), f"{m} moving",
@@ -106,12 +152,12 @@ def _motor(prefix: str, m: str) -> str:
             ZNAM=demo.STOP_CHOICES[0], ONAM=demo.STOP_CHOICES[1],
             HIGH=_number(step), FLNK=n(demo.MOTOR_SIM_STOP),
         ),
-        _record(
-            "calcout", n(demo.MOTOR_SIM_STOP), f"{m} stop: setpoint = readback",
-            INPA=f"{n(demo.MOTOR_STOP)} NPP", INPB=f"{n(demo.MOTOR_READBACK)} NPP",
-            CALC="A", OOPT="When Non-zero", DOPT="Use OCAL", OCAL="B",
-            OUT=f"{n(demo.MOTOR_SETPOINT)} PP",
-        ),
+        on_stop(demo.MOTOR_SIM_STOP, f"{n(demo.MOTOR_SIM_GOAL)} PP", f"{m} stop: goal = readback",
+                FLNK=n(demo.MOTOR_SIM_STOP_SETPOINT)),
+        # the setpoint may be active (a move under way): its value is written, not processed;
+        # it posts the value when the move completes
+        on_stop(demo.MOTOR_SIM_STOP_SETPOINT, f"{n(demo.MOTOR_SETPOINT)}.VAL NPP",
+                f"{m} stop: setpoint = readback"),
     ])
 
 

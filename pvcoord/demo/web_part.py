@@ -108,7 +108,7 @@ def _start(ctx: Any) -> None:
         for key in ("EPICS_PVA_ADDR_LIST", "EPICS_PVA_AUTO_ADDR_LIST",
                     "EPICS_PVA_BROADCAST_PORT"):
             argv += ["--device-conf", f"{key}={dev[key]}"]
-    proc = ctx.start("web", argv, dict(ctx.env))
+    proc = ctx.start("web", argv, ctx.server_env("web-pva"))  # its status PVs' own PVA port
     url = web_url(ctx)
     try:
         _wait_http(url + "pvws/info", proc, START_TIMEOUT)

@@ -85,7 +85,8 @@ class _MotorLogic(MovableLogic[float]):
         return abs(new_position - old_position) / max(velocity, 1e-3) + 5.0
 
     async def move(self, new_position, timeout: TimeoutCalculator):
-        await self.setpoint.set(new_position)
+        # the setpoint's put completes when the readback has arrived (the demo's database)
+        await self.setpoint.set(new_position, timeout=timeout())
 
         async def arrived():
             async for rb in observe_value(self.readback):

@@ -564,7 +564,8 @@ def test_locks_follow_an_item_that_completes(clean):
         WAIT, "QUEUE_EXECUTING while running")
     assert [(lk.device, lk.plan_uid) for lk in running] == [("det1", uid)]
     assert mgr_state(b) == "executing_queue"
-    assert val(b, qn.EXECUTING_DEVICES) == ["det1"]
+    # the queue IOC posts its own PVs after the coordination IOC granted the lock
+    wait_until(lambda: val(b, qn.EXECUTING_DEVICES) == ["det1"], WAIT, "Queue:ExecutingDevices")
     assert val(b, qn.RUNNING_ITEM_UID) == uid and val(b, qn.RUNNING_ITEM_NAME) == "count"
     assert val(b, qn.RUNNING_ITEM_DEVICES) == ["det1"]
     # the lease is shorter than the plan: the IOC renews it while the item runs

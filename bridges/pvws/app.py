@@ -690,6 +690,8 @@ async def pv_socket(request: web.Request) -> web.StreamResponse:
                     request.host, user)
         user = None
     sock = Socket(ws, user, _peer_host(request), cfg.throttle, cfg.queue_size, st.readonly)
+    if request.transport is not None:
+        sock.tcp_socket = request.transport.get_extra_info("socket")
     proto = Protocol(st, sock)
     st.sockets[sock.id] = sock
     writer = asyncio.get_running_loop().create_task(sock.run_writer())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -84,6 +85,8 @@ class Socket:
         self._wake = asyncio.Event()
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        self.tcp_socket: Any = None
+        """The connection's socket (for ``TCP_CORK``), set by the app once known."""
 
     # --- producer side ------------------------------------------------------------------------
 
@@ -179,30 +182,56 @@ class Socket:
         sub.last_sent = time.monotonic()
         return "".join(parts)
 
+    def _cork(self, on: bool) -> None:
+        """``TCP_CORK`` on the connection while a burst is written (Linux; else nothing).
+
+        One ``send`` per websocket frame made the socket writes about two thirds of the event
+        loop's time in a burst of updates (py-spy, ``benchmarks/bench_pvws.py``); corked, the
+        kernel only appends to the buffer and sends full segments when uncorked.
+        """
+        sock = self.tcp_socket
+        if sock is None or not hasattr(socket, "TCP_CORK"):
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+        except OSError:
+            self.tcp_socket = None  # not a TCP socket (or closed): stop trying
+
     async def run_writer(self) -> None:
-        """Send queued messages until the socket closes."""
+        """Send queued messages until the socket closes (a burst of several is corked)."""
         ws = self.ws
         while not self._closed:
             await self._wake.wait()
             self._wake.clear()
-            while not self._closed and (self.control or self.ready):
-                if self.control:
-                    text: str | None = self.control.popleft()
-                else:
-                    pv = next(iter(self.ready))
-                    del self.ready[pv]
-                    sub = self.subs.get(pv)
-                    text = self.build(sub) if sub is not None else None
-                if text is None:
-                    continue
-                try:
-                    await ws.send_str(text)
-                except (ConnectionError, RuntimeError):
-                    self._closed = True
-                    return
-                self.sent += 1
-                self.last_message_sent = time.time()
-                self.max_size = max(self.max_size, len(text))
+            corked = len(self.control) + len(self.ready) > 1
+            if corked:
+                self._cork(True)
+            try:
+                await self._write_all(ws)
+            finally:
+                if corked:
+                    self._cork(False)
+
+    async def _write_all(self, ws: web.WebSocketResponse) -> None:
+        """Send every queued control message and ready update (control messages first)."""
+        while not self._closed and (self.control or self.ready):
+            if self.control:
+                text: str | None = self.control.popleft()
+            else:
+                pv = next(iter(self.ready))
+                del self.ready[pv]
+                sub = self.subs.get(pv)
+                text = self.build(sub) if sub is not None else None
+            if text is None:
+                continue
+            try:
+                await ws.send_str(text)
+            except (ConnectionError, RuntimeError):
+                self._closed = True
+                return
+            self.sent += 1
+            self.last_message_sent = time.time()
+            self.max_size = max(self.max_size, len(text))
 
     def close(self) -> None:
         """Stop sending; cancel timers (subscriptions are released by the caller)."""

@@ -355,6 +355,9 @@ def test_beamline_lock_holds_every_device_but_not_unregistered_pvs(bl: Beamline)
 
 def test_strict_policy_and_the_site_acf_apply_on_top(bl: Beamline):
     root2, nobody2 = bl.agents["root2"], bl.agents["nobody2"]
+    # the strict guard's first channels to the device network (see the m3 note below)
+    for agent, pv in ((root2, sp(M4)), (nobody2, sp(M4)), (root2, demo.shutter_command(P))):
+        wait_until(lambda a=agent, n=pv: a.get(n)["ok"], 30.0, f"{pv} through the strict guard")
     # strict: an unlocked device is writable by nobody, not even root
     bl.settle(sp(M4), "root", allowed=False, strict=True)
     assert not put_ok(root2, sp(M4), 1.0)
@@ -374,6 +377,10 @@ def test_strict_policy_and_the_site_acf_apply_on_top(bl: Beamline):
         and w, 10.0, "strict guard sees nobody's lock on m3",
     )
     assert not answer["allowed"] and "ACF" in answer["reason"]
+    # the strict guard has not proxied m3 before: its first connection to the device network (a
+    # gateway answers a client's search once its upstream channel connects; the client searches
+    # again after its back-off) can take longer than one put's timeout on a loaded machine
+    wait_until(lambda: nobody2.get(sp(M3))["ok"], 30.0, "nobody2 connected to m3")
     assert not put_ok(nobody2, sp(M3), 2.0)
     assert not bl.what_if(sp(M3), "root", strict=True)["allowed"]
     r = bl.agents["nobody"].rpc(COORD_RELEASE.name(P), device=M3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from p4p.nt import NTURI
 from pvcoord.launch import coordination_argv
 from pvcoord.procs import PYTHON, ManagedProcess, server_env, wait_for_pv
 from pvdb import names as pvn
+from pvdb.models import Lock, LockType
 
 PREFIX = "TST:"
 DEVICES = ("m1", "m2", "m3", "m4", "det1", "shutter")
@@ -90,3 +92,12 @@ def pvcall_as(user: str, env: Mapping[str, str], spec: pvn.PVSpec, **kws: str):
         argv, env=dict(env), capture_output=True, text=True, timeout=CLIENT_TIMEOUT + 20,
         cwd="/",
     )
+
+
+def put_lock(store, device: str, lock_type: LockType, owner: str = "max", plan_uid: str = "",
+             reason: str = "realign", ttl: float = 60.0) -> None:
+    """Write a lock row of ``owner``@h straight into ``store`` (as another IOC would have)."""
+    now = time.time()
+    store.commit([Lock(device=device, lock_type=lock_type, owner=owner, host="h", actor=owner,
+                       acquired=now, expires=now + ttl, reason=reason, plan_uid=plan_uid)],
+                 [], [])

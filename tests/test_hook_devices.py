@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 
 import pytest
 from bluesky.utils import Msg
@@ -37,10 +36,11 @@ from pvdb import demo
 from pvdb import queue as qn
 from pvdb.devicemap import DeviceMap
 from pvdb.lockmodel import ErrorCode
-from pvdb.models import Lock, LockType
+from pvdb.models import LockType
 from pvdb.policy import Policy
 
 from .codes import raises_code
+from .coordhelpers import put_lock
 
 P = "TR:"
 """Prefix of the registry and of the hook channel of this module."""
@@ -166,12 +166,6 @@ def store(tmp_path):
         s.close()
 
 
-def _hold(store, device, lock_type=LockType.MAINTENANCE, owner="max"):
-    now = time.time()
-    store.commit([Lock(device=device, lock_type=lock_type, owner=owner, host="h", actor=owner,
-                       acquired=now, expires=now + 60, reason="realign", plan_uid="")], [], [])
-
-
 @pytest.mark.system
 def test_the_registry_map_resolves_objects_whatever_their_ophyd_name(channel):
     url, iocs = channel
@@ -203,7 +197,7 @@ def test_a_registry_that_does_not_answer_fails_closed(channel):
 @pytest.mark.system
 def test_a_renamed_object_of_a_held_device_is_refused(channel, store):
     """``EpicsMotor('P m1', name='sample_x')`` while m1 is held: refused, the holder named."""
-    _hold(store, "m1")
+    put_lock(store, "m1", LockType.MAINTENANCE)
     check = PlanCheck(LockGuard(P, channel[0], timeout=5.0, store=store))
     renamed = [EpicsMotor(f"{P}m1", name="sample_x"), Axis(f"{P}m1:", name="sample_x"),
                AsyncAxis("m1", name="sample_x")]

@@ -42,10 +42,11 @@ from pvcoord.worker_hook import (
 from pvdb import demo as demo_pvs
 from pvdb import queue as qn
 from pvdb.lockmodel import ErrorCode
-from pvdb.models import EventAction, Lock, LockType
+from pvdb.models import EventAction, LockType
 
 from .codes import raises_code
 from .conftest import TIMEOUT
+from .coordhelpers import put_lock
 
 PREFIX = "TH:"
 
@@ -69,13 +70,6 @@ def store(tmp_path):
         yield s
     finally:
         s.close()
-
-
-def put_lock(store, device, lock_type, owner="max", plan_uid="", reason="realign", ttl=60.0):
-    now = time.time()
-    store.commit([Lock(device=device, lock_type=lock_type, owner=owner, host="h", actor=owner,
-                       acquired=now, expires=now + ttl, reason=reason, plan_uid=plan_uid)],
-                 [], [])
 
 
 class Responder(threading.Thread):

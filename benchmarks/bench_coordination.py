@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_coordination.py [--pairs 500] [--store sqlite|redis]
-        [--sizes 10,1000] [--subscribers 1,50,500] [--changes 100]
+        [--sizes 10,1000] [--subscribers 1,50,500] [--changes 100] [--gap 0.02]
+        [--fanout-floor]
 
 Prints, for each size N in ``--sizes`` (N devices, all but the five measured ones locked):
 - startup: process start to ``Coord:Locks`` answering and to the last ``Coord:<dev>:State``;
@@ -14,7 +15,10 @@ Prints, for each size N in ``--sizes`` (N devices, all but the five measured one
 - sustained acquire+release rate with 1 and 4 client threads (4 shows the group commit);
 - time from a lock change (RPC sent) to its arrival at each count of ``--subscribers`` of
   ``Coord:m0:State`` (processes of at most 50 PVA contexts each) and at one subscriber of
-  ``Coord:Locks``, p50 / p99 / max;
+  ``Coord:Locks``, p50 / p99 / max; one change every ``--gap`` s after the previous reply;
+- with ``--fanout-floor``: the same subscriber processes, at the same pace, on an NTEnum of the
+  bare p4p server that an RPC flips (post, then reply: the IOC's order), the floor of the fan-out
+  on this machine (the subscribers' own processes share its cores);
 - the op cost at the largest size against the smallest.
 
 Every figure comes from this run on this machine; nothing is asserted.
@@ -55,6 +59,8 @@ from pvdb import names as pvn  # noqa: E402
 
 PREFIX = "BENCH:"
 ECHO = "BENCH:Echo"
+FLOOR_STATE, FLOOR_FLIP = "BENCH:Floor:State", "BENCH:Floor:Flip"
+"""The bare server's NTEnum and the RPC that flips it (the fan-out floor)."""
 PER_PROCESS = 50
 """Subscriber contexts per fan-out process."""
 POLICY = '[access]\nforce_release = ["root"]\n[lock_types.MANUAL_OPERATOR]\nallow = ["*"]\n'
@@ -138,8 +144,12 @@ def rate(env, acq: str, rel: str, threads: int, seconds: float = 3.0) -> float:
 
 
 def fanout(env, tmp: Path, procs: list, pv: str, n: int, changes: int, acq: str, rel: str,
-           tag: str) -> list[float]:
-    """Latencies (s) from sending a lock change of m0 to its arrival at ``n`` subscribers."""
+           tag: str, gap: float = 0.02) -> list[float]:
+    """Latencies (s) from sending a lock change of m0 to its arrival at ``n`` subscribers.
+
+    One change every ``gap`` s after the previous reply. With ``acq`` empty the change is a
+    call of the bare server's ``FLOOR_FLIP`` (``pv`` is then ``FLOOR_STATE``): the floor.
+    """
     outs, subs = [], []
     for j in range(0, n, PER_PROCESS):
         out = tmp / f"fan-{tag}-{n}-{j}.json"
@@ -158,12 +168,14 @@ def fanout(env, tmp: Path, procs: list, pv: str, n: int, changes: int, acq: str,
         key = None
         for i in range(changes):
             t0s.append(time.monotonic())
-            if i % 2 == 0:
+            if not acq:
+                c.rpc(FLOOR_FLIP, uri(FLOOR_FLIP, x=str(i)), timeout=5)
+            elif i % 2 == 0:
                 key = c.rpc(acq, uri(acq, device="m0", type="MANUAL_OPERATOR", timeout="60"),
                             timeout=5).key
             else:
                 c.rpc(rel, uri(rel, key=key), timeout=5)
-            time.sleep(0.02)
+            time.sleep(gap)
         if key and changes % 2:
             c.rpc(rel, uri(rel, key=key), timeout=5)
     time.sleep(0.5)  # let the last updates arrive before the subscribers write out
@@ -204,13 +216,15 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
     fs = fsync_floor(tmp)
     r1, r4 = rate(env, acq, rel, 1), rate(env, acq, rel, 4)
     fan = {n: fanout(env, tmp, procs, pvn.COORD_DEVICE_STATE.name(PREFIX, "m0"), n, a.changes,
-                     acq, rel, f"{n_dev}") for n in a.subscribers}
+                     acq, rel, f"{n_dev}", a.gap) for n in a.subscribers}
+    floor = {n: fanout(env, tmp, procs, FLOOR_STATE, n, a.changes, "", "", f"{n_dev}-floor",
+                       a.gap) for n in a.subscribers} if a.fanout_floor else {}
     fan_locks = fanout(env, tmp, procs, pvn.COORD_LOCKS.name(PREFIX), 1, a.changes, acq, rel,
                        f"{n_dev}-locks")
     coord.stop()
     return {"n": n_dev, "held": held, "t_locks": t_locks, "t_last": t_last, "echo": echo_t,
             "acq": acq_t, "rel": rel_t, "pair": pair_t, "fsync": fs, "rate1": r1, "rate4": r4,
-            "fan": fan, "fan_locks": fan_locks}
+            "fan": fan, "fan_locks": fan_locks, "floor": floor}
 
 
 def main() -> None:
@@ -223,6 +237,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,1000", help="device counts, comma list")
     ap.add_argument("--subscribers", default="1,50", help="subscriber counts, comma list")
     ap.add_argument("--changes", type=int, default=100)
+    ap.add_argument("--gap", type=float, default=0.02,
+                    help="s between a lock change's reply and the next change (fan-out)")
+    ap.add_argument("--fanout-floor", action="store_true",
+                    help="also measure the fan-out of the bare p4p server (same subscribers)")
     a = ap.parse_args()
     a.subscribers = [int(x) for x in a.subscribers.split(",")]
 
@@ -234,7 +252,8 @@ def main() -> None:
     results = []
     try:
         echo = ManagedProcess("echo", [PYTHON, str(REPO / "benchmarks/echo_server.py"),
-                                       ECHO], server_env(env), log_dir=tmp)
+                                       ECHO, FLOOR_STATE, FLOOR_FLIP], server_env(env),
+                              log_dir=tmp)
         procs.append(echo)
         with Context("pva", conf=client_conf(env), useenv=False) as c:
             wait_until(lambda: c.rpc(ECHO, uri(ECHO, x="1"), timeout=2, throw=False)
@@ -282,6 +301,11 @@ def main() -> None:
         for n, lat in res["fan"].items():
             print(f"lock change -> {n:3d} State subscriber(s): p50 {ms(pct(lat, .5))}  "
                   f"p99 {ms(pct(lat, .99))}  max {ms(max(lat))}  ({len(lat)} arrivals)")
+            fl = res["floor"].get(n)
+            if fl:
+                print(f"  floor, bare p4p server flip -> {n:3d} subscriber(s): p50 "
+                      f"{ms(pct(fl, .5))}  p99 {ms(pct(fl, .99))}  max {ms(max(fl))}  "
+                      f"(IOC p99 / floor p99 {pct(lat, .99) / pct(fl, .99):.2f}x)")
         lat = res["fan_locks"]
         print(f"lock change -> Coord:Locks subscriber: p50 {ms(pct(lat, .5))}  "
               f"p99 {ms(pct(lat, .99))}  max {ms(max(lat))}")

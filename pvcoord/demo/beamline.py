@@ -69,6 +69,7 @@ from pvcoord.procs import (
     wait_for_pv,
 )
 from pvdb import demo as demo_pvs
+from pvdb.endstation import WEB_BRIDGE_ACCOUNT
 from pvdb.names import COORD_ACQUIRE, COORD_DEVICES, COORD_LOCKS, REGISTRY_DEVICES, check_prefix
 
 DEFAULT_PORTS_FROM = 5180
@@ -104,11 +105,11 @@ guard come from the holder. Without the account (or without root), the queue IOC
 account and holds its locks on behalf of this user (``--lock-owner``), and the RE worker talks to
 the device network directly."""
 
-WEB_ACCOUNT = "pvcoord-web"
-"""The demo web bridge's service account (created by scripts/setup.sh): the bridge runs as this OS
-account and writes through the guard, which lets its puts through as the policy's delegate for the
-web users (``access.delegates``, decision 0140). Without the account (or without root), the bridge
-runs as the demo's account and writes on the device network, as before."""
+WEB_ACCOUNT = WEB_BRIDGE_ACCOUNT
+"""The demo web bridge's service account (a deployment's too; scripts/setup.sh creates it): the
+bridge runs as this OS account and writes through the guard, which lets its puts through as the
+policy's delegate for the web users (``access.delegates``, decision 0140). Without the account (or
+without root), the bridge runs as the demo's account and writes on the device network."""
 
 OPTIONAL_PARTS = ("pvcoord.demo.queue_part", "pvcoord.demo.guard_part", "pvcoord.demo.flat_part",
                   "pvcoord.demo.web_part")

@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pvcoord.procs import LOOPBACK, client_conf, python_module
 from pvdb import demo
@@ -198,7 +198,7 @@ def wait_guard_audit(ctx: Any, pred: Any, timeout: float = AUDIT_WITHIN) -> dict
     with Context("pva", conf=client_conf(ctx.env), useenv=False, nt=False) as c:
         while True:
             try:
-                v = c.get(GUARD_AUDIT.name(ctx.prefix), timeout=HTTP_TIMEOUT).value
+                v = cast(Any, c.get(GUARD_AUDIT.name(ctx.prefix), timeout=HTTP_TIMEOUT)).value
                 cols = [list(v[n] if v[n] is not None else ()) for n in names]  # empty: None
                 rows = [dict(zip(names, r, strict=True)) for r in zip(*cols, strict=True)]
             except (TimeoutError, KeyError) as e:

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .names import check_prefix
-from .policy import PolicyError, load_policy
+from .policy import Policy, PolicyError, load_policy, matches
 from .registry_file import RegistryFileError, load_registry
 
 # --- errors -----------------------------------------------------------------------------------
@@ -68,6 +68,8 @@ CODES = {
     "bad_policy": "the policy file is not valid",
     "bad_registry": "the registry file is not valid",
     "needs_section": "a section another section depends on is missing",
+    "not_delegate": "the web bridge writes through the guard but the policy does not name its "
+                    "account a delegate (access.delegates) from the bridge's host",
 }
 """Machine-readable codes of :class:`ConfigIssue`, with what they mean."""
 
@@ -565,9 +567,13 @@ def _check_files(cfg: EndstationConfig, base: Path,
     pol = _resolve(base, cfg.files.policy)
     if pol and Path(pol).is_file():
         try:
-            load_policy(pol)
+            policy = load_policy(pol)
         except PolicyError as e:
             issue(("files", "policy"), "bad_policy", str(e))
+        else:
+            issues += _check_web_delegate(cfg, policy, pol, index)
+    elif not pol:
+        issues += _check_web_delegate(cfg, Policy(), "(built-in policy)", index)
     reg = _resolve(base, cfg.files.registry)
     if reg and Path(reg).is_file():
         try:
@@ -575,6 +581,40 @@ def _check_files(cfg: EndstationConfig, base: Path,
         except RegistryFileError as e:
             issue(("files", "registry"), "bad_registry", str(e))
     return issues
+
+
+WEB_BRIDGE_ACCOUNT = "pvcoord-web"
+"""The web bridge's OS account (``User=`` of ``systemd/pvcoord-pvws@.service``): the PVA account
+its puts reach the guard with."""
+
+
+def _check_web_delegate(cfg: EndstationConfig, policy: Policy, source: str,
+                        index: dict[tuple[str, ...], int]) -> list[ConfigIssue]:
+    """``not_delegate`` when the web bridge writes through the guard as a non-delegate.
+
+    The bridge (``[web_bridge]``, ``writes``, an ``auth`` with users) reads and writes on the
+    client side, i.e. through the ``[guard]``; every put carries :data:`WEB_BRIDGE_ACCOUNT` from
+    the endstation host (one of ``network.client.interfaces``, the address the guard sees). Unless
+    the policy names that account in ``access.delegates`` from one of those addresses, the guard
+    refuses the bridge's puts to every device a web user holds. Role principals are not
+    considered (the account's groups on the target host are not known here).
+    """
+    w = cfg.web_bridge
+    if w is None or not w.writes or w.auth == "none" or cfg.guard is None:
+        return []
+    hosts = cfg.network.client.interfaces
+    if any(matches(policy.access.delegates, WEB_BRIDGE_ACCOUNT, (), h, policy.hosts)
+           for h in hosts):
+        return []
+    who = f"{WEB_BRIDGE_ACCOUNT}@{hosts[0]}"
+    return [ConfigIssue(
+        _line_of(index, ("web_bridge", "writes")), "web_bridge.writes", "not_delegate",
+        f"the web bridge writes through the guard as {WEB_BRIDGE_ACCOUNT} from {hosts[0]}, but "
+        f"the policy {source} does not name it in access.delegates "
+        f"({', '.join(policy.access.delegates) or 'none'}): the guard would refuse its puts to "
+        f"every device a web user holds. Add to the policy's [access]: delegates = [\"{who}\"] "
+        f"(also in trusted_services), and [access.on_behalf_of] {WEB_BRIDGE_ACCOUNT} = [the web "
+        "users]; or set web_bridge.writes = false")]
 
 
 def _check_consistency(cfg: EndstationConfig,

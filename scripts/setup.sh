@@ -30,11 +30,14 @@ if [ "${#debs[@]}" -gt 0 ] && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}" >/dev/null
 fi
 
-# The demo's queue service account: the RE Manager and the queue IOC run as it and hold the queue's
-# locks (docs/decisions/0022-worker-on-the-device-network.md).
-if [ "$(id -u)" = 0 ] && ! getent passwd pvcoord-queue >/dev/null; then
-    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pvcoord-queue
-fi
+# The demo's service accounts: the RE Manager and the queue IOC run as pvcoord-queue and hold the
+# queue's locks (docs/decisions/0022-worker-on-the-device-network.md); the web bridge runs as
+# pvcoord-web, the guard's delegate for the web users (docs/decisions/0140-*.md).
+for account in pvcoord-queue pvcoord-web; do
+    if [ "$(id -u)" = 0 ] && ! getent passwd "$account" >/dev/null; then
+        useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$account"
+    fi
+done
 
 readable_by_others() {  # can the account nobody read $1 (every directory on the way included)?
     if [ "$(id -u)" = 0 ] && command -v runuser >/dev/null; then

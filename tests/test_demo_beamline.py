@@ -76,9 +76,19 @@ def test_policy_is_valid_and_adds_the_demo_account(tmp_path):
     assert all(pol.may_take(t, "root", []) for t in LockType)
     assert pol.may_take(LockType.MANUAL_OPERATOR, "nobody", [])
     assert not pol.may_take(LockType.MAINTENANCE, "nobody", [])
+    # the web bridge's account: a delegate from this host, for the demo's web users only
+    web = beamline.WEB_ACCOUNT
+    assert pol.may_delegate_write(web, [], "127.0.0.1", "alice") == ""
+    assert pol.may_delegate_write(web, [], "127.0.0.1", "bob") == ""
+    assert pol.may_delegate_write(web, [], "127.0.0.1", "root")
+    assert pol.may_delegate_write(web, [], "127.0.0.1", beamline.QUEUE_LOCK_OWNER)
+    assert pol.may_delegate_write(web, [], "127.0.0.1", "nobody")
+    assert pol.may_delegate_write(web, [], "10.0.0.9", "alice")
+    assert pol.may_delegate_write("root", [], "127.0.0.1", "nobody")  # root is no delegate
     pol = load_policy(beamline.write_policy(tmp_path / "alice.toml", account="alice"))
     assert pol.is_trusted_service("alice", []) and pol.may_force_release("alice", [])
     assert not pol.is_trusted_service("mallory", [])
+    assert pol.may_delegate_write(web, [], "127.0.0.1", "bob") == ""
 
 
 def test_busy_port_is_a_clear_error(tmp_path):
@@ -112,6 +122,9 @@ def test_walkthrough_passes(shared_run_dir):
         assert "note: queue part runs as" not in out
         guard_log = (shared_run_dir / "guard.log").read_text()
         assert re.search(r"allowed put DEMO:m1:Setpoint = \S+ by pvcoord-queue@", guard_log)
+        # the web bridge writes through the guard as the web user's delegate (decision 0140)
+        assert re.search(r"allowed put DEMO:m1:Setpoint = 2\.5 by pvcoord-web@127\.0\.0\.1 "
+                         r"device=m1 holder=alice@\S+: .*delegate of alice", guard_log), guard_log
 
 
 @pytest.mark.system

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.system
 REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = REPO / "deploy" / "ansible" / "endstation.yml"
 EXAMPLE = REPO / "deploy" / "endstation.example.toml"
-POLICY = REPO / "pvcoord" / "demo" / "policy.toml"
+POLICY = REPO / "deploy" / "policy.example.toml"  # the example's (10.0.1.5)
 SYSTEM_DIRS = ("etc/systemd/system/multi-user.target.wants", "usr/lib/sysusers.d",
                "etc/nginx/sites-available",
                "etc/nginx/sites-enabled")

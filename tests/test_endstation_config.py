@@ -16,6 +16,7 @@ from pvcoord.demo.devices import write_registry
 from pvcoord.service import config_argv
 from pvdb.endstation import (
     CODES,
+    WEB_BRIDGE_ACCOUNT,
     EndstationError,
     guard_gateway,
     key_lines,
@@ -28,7 +29,7 @@ from pvdb.endstation import (
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "deploy" / "endstation.example.toml"
-POLICY = REPO / "pvcoord" / "demo" / "policy.toml"
+POLICY = REPO / "deploy" / "policy.example.toml"  # the example's (10.0.1.5)
 
 
 @pytest.fixture
@@ -123,6 +124,27 @@ def test_bad_policy_and_registry_contents_are_named(station):
     text = station.read_text()
     assert f":{line_of(text, 'policy = ')}: files.policy: " in out and "[bad_policy]" in out
     assert f":{line_of(text, 'registry = ')}: files.registry: " in out and "[bad_registry]" in out
+
+
+def test_a_web_bridge_writing_through_the_guard_needs_its_account_as_a_delegate(station):
+    text = station.read_text()
+    at = f":{line_of(text, 'writes = true')}: web_bridge.writes: "
+    # the demo's policy names pvcoord-web a delegate from 127.0.0.1 only, not from 10.0.1.5
+    shutil.copy(REPO / "pvcoord" / "demo" / "policy.toml", station.parent / "policy.toml")
+    rc, out = check(station)
+    assert rc == cli.EXIT_BAD_INPUT and at in out and "false [not_delegate]\n1 error(s)" in out, out
+    assert f'delegates = ["{WEB_BRIDGE_ACCOUNT}@10.0.1.5"]' in out, out
+    # the built-in policy names no delegates
+    station.write_text(text.replace('policy = "policy.toml"', ""))
+    rc, out = check(station)
+    assert rc == cli.EXIT_BAD_INPUT and "[not_delegate]" in out and "built-in policy" in out, out
+    # no writes from the web: nothing to delegate
+    station.write_text(text.replace("writes = true", "writes = false"))
+    rc, out = check(station)
+    assert rc == cli.EXIT_OK, out
+    # the account checked is the one the web bridge's unit runs as
+    unit = (REPO / "systemd" / "pvcoord-pvws@.service").read_text()
+    assert f"\nUser={WEB_BRIDGE_ACCOUNT}\n" in unit
 
 
 def test_every_error_is_reported_at_once_and_nothing_is_half_loaded(station):

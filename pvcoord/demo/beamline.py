@@ -69,6 +69,7 @@ from pvcoord.procs import (
     wait_for_pv,
 )
 from pvdb import demo as demo_pvs
+from pvdb.endstation import WEB_BRIDGE_ACCOUNT
 from pvdb.names import COORD_ACQUIRE, COORD_DEVICES, COORD_LOCKS, REGISTRY_DEVICES, check_prefix
 
 DEFAULT_PORTS_FROM = 5180
@@ -103,6 +104,12 @@ QUEUE_LOCK_OWNER = "pvcoord-queue"
 guard come from the holder. Without the account (or without root), the queue IOC runs as the demo's
 account and holds its locks on behalf of this user (``--lock-owner``), and the RE worker talks to
 the device network directly."""
+
+WEB_ACCOUNT = WEB_BRIDGE_ACCOUNT
+"""The demo web bridge's service account (a deployment's too; scripts/setup.sh creates it): the
+bridge runs as this OS account and writes through the guard, which lets its puts through as the
+policy's delegate for the web users (``access.delegates``, decision 0140). Without the account (or
+without root), the bridge runs as the demo's account and writes on the device network."""
 
 OPTIONAL_PARTS = ("pvcoord.demo.queue_part", "pvcoord.demo.guard_part", "pvcoord.demo.flat_part",
                   "pvcoord.demo.web_part")
@@ -216,6 +223,11 @@ class DemoContext:
             old_log.rename(old_log.with_suffix(f".{int(time.time())}.log"))
         return self.start(name, argv, env, ready_pv, condition, user=user)
 
+    def account_of(self, name: str) -> str | None:
+        """The OS account process ``name`` was started as (``None``: the demo's own)."""
+        entry = self._argv.get(name)
+        return entry[4] if entry is not None else None
+
     def stop_all(self) -> list[str]:
         """Stop every process, newest first; return ``name: exit code`` lines."""
         lines = []
@@ -285,6 +297,42 @@ def _store_dir(path: Path) -> Path:
         os.chown(path, -1, gid)
         path.chmod(0o2750)  # setgid: the store files get the group
     return path
+
+
+def service_account_problem(
+    account: str, run_dir: Path | None = None, module: str = "pvcoord", python: str = PYTHON
+) -> str | None:
+    """Why a demo process cannot run as the OS ``account`` (``runuser``), or None if it can.
+
+    Checks: the demo runs as root, ``account`` exists, it can import ``module`` (the checkout
+    or venv is readable by other accounts) and reach ``run_dir`` (made 0711: the account reaches
+    the files it is given by name and lists nothing).
+    """
+    import pwd
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return "the demo does not run as root"
+    try:
+        pwd.getpwnam(account)
+    except KeyError:
+        return f"no OS account {account} (scripts/setup.sh creates it)"
+    if shutil.which("runuser") is None:
+        return "runuser not found"
+    probe = subprocess.run(
+        ["runuser", "-u", account, "--", python, "-c", f"import {module}"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    if probe.returncode != 0:
+        return f"{account} cannot import {module} (checkout not readable by other accounts)"
+    if run_dir is not None:
+        run_dir.chmod(0o711)
+        reach = subprocess.run(["runuser", "-u", account, "--", "test", "-x", str(run_dir)],
+                               capture_output=True, timeout=30)
+        if reach.returncode != 0:
+            return f"{account} cannot reach the run directory {run_dir}"
+    return None
 
 
 # --- base components --------------------------------------------------------------------------

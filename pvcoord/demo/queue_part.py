@@ -416,36 +416,11 @@ def service_account_problem(
 ) -> str | None:
     """Why the RE Manager and queue IOC cannot run as :data:`QUEUE_LOCK_OWNER`, or None.
 
-    Checks: root, the account exists, it can import pvcoord and reach ``run_dir``.
+    :func:`pvcoord.demo.beamline.service_account_problem` for that account and the worker hook.
     """
-    import pwd
-    import shutil
-    import subprocess
+    from pvcoord.demo.beamline import service_account_problem as problem
 
-    if os.geteuid() != 0:
-        return "the demo does not run as root"
-    try:
-        pwd.getpwnam(QUEUE_LOCK_OWNER)
-    except KeyError:
-        return f"no OS account {QUEUE_LOCK_OWNER} (scripts/setup.sh creates it)"
-    if shutil.which("runuser") is None:
-        return "runuser not found"
-    probe = subprocess.run(
-        ["runuser", "-u", QUEUE_LOCK_OWNER, "--", python, "-c", "import pvcoord.worker_hook"],
-        capture_output=True, text=True, timeout=60, cwd="/",
-    )
-    if probe.returncode != 0:
-        return f"{QUEUE_LOCK_OWNER} cannot import pvcoord (checkout not readable by other accounts)"
-    if run_dir is not None:
-        # the service account reaches the policy, startup and lock store by name, lists nothing
-        run_dir.chmod(0o711)
-        reach = subprocess.run(
-            ["runuser", "-u", QUEUE_LOCK_OWNER, "--", "test", "-x", str(run_dir)],
-            capture_output=True, timeout=30,
-        )
-        if reach.returncode != 0:
-            return f"{QUEUE_LOCK_OWNER} cannot reach the run directory {run_dir}"
-    return None
+    return problem(QUEUE_LOCK_OWNER, run_dir, "pvcoord.worker_hook", python)
 
 
 def _start(ctx) -> None:

@@ -5,16 +5,33 @@ the second answer equals the first, on the same IOC and after a ``kill -9`` and 
 
 from __future__ import annotations
 
+import getpass
+import threading
+
 import pytest
 from p4p.client.thread import Context, RemoteError
+from p4p.server import Server
 
+from iocs.coordination.ioc import CoordinationIOC
+from iocs.coordination.locktable import Identity, LockTable
 from pvcoord.client import Client
-from pvcoord.procs import client_conf, loopback_env
+from pvcoord.procs import client_conf, loopback_env, server_env
+from pvcoord.store import open_store
 from pvdb import names as pvn
 from pvdb.lockmodel import ErrorCode, new_request_id
+from pvdb.models import LockType
+from pvdb.policy import parse_policy
 
 from .codes import code_of
-from .coordhelpers import CLIENT_TIMEOUT, PREFIX, locks, rpc, start_coordination
+from .coordhelpers import (
+    CLIENT_TIMEOUT,
+    DEVICES,
+    PREFIX,
+    TEST_POLICY,
+    locks,
+    rpc,
+    start_coordination,
+)
 
 pytestmark = pytest.mark.system
 
@@ -104,3 +121,72 @@ def test_client_library_sends_request_ids_and_retries_with_one(tmp_path):
             assert cl.release(key=g.key).devices == ("m4",)
     finally:
         proc.stop()
+
+
+class HeldReply:
+    """A real SQLite store whose flush before the reply waits while ``hold`` is set: the IOC
+    has committed a change and not answered yet (the moment a crash loses the reply)."""
+
+    def __init__(self, url: str) -> None:
+        self.inner = open_store(url)
+        self.hold, self.reached, self.go = threading.Event(), threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def durable(self, token: int) -> None:
+        if self.hold.is_set():
+            self.reached.set()
+            self.go.wait(CLIENT_TIMEOUT)
+        self.inner.durable(token)
+
+
+@pytest.mark.parametrize("with_id", [True, False], ids=["requestId", "no-requestId"])
+def test_pvxs_resend_of_a_lost_reply_is_answered_not_applied(tmp_path, with_id):
+    """The real PVA client re-sends an RPC whose connection dropped before the reply.
+
+    The first IOC commits ``Release device=m1`` and its server stops before replying; the same
+    account takes m1 again on the second IOC (same store); then the client's re-send arrives.
+    With a requestId it gets the first answer and the new lock stays; without one (an old
+    caller) the re-send releases the new lock: the re-send really happens.
+    """
+    env = loopback_env()
+    sconf = {k: v for k, v in server_env(env).items() if k.startswith("EPICS_PVA")}
+    url = f"sqlite:///{tmp_path / 'locks.sqlite'}"
+    policy = parse_policy(TEST_POLICY)
+    me = Identity(getpass.getuser(), "127.0.0.1")
+    store1 = HeldReply(url)
+    t1 = LockTable(policy, store1, devices=DEVICES)
+    server1 = Server(providers=[CoordinationIOC(PREFIX, t1).provider], conf=sconf, useenv=False)
+    server2 = None
+    got: list[object] = []
+    try:
+        with Context("pva", conf=client_conf(env), useenv=False) as c:
+            assert rpc(c, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR").granted
+            extra = {"requestId": new_request_id()} if with_id else {}
+            store1.hold.set()
+            th = threading.Thread(target=lambda: got.append(
+                rpc(c, pvn.COORD_RELEASE, device="m1", **extra)))
+            th.start()
+            assert store1.reached.wait(CLIENT_TIMEOUT)  # committed, reply not sent
+            server1.stop()  # the connection drops with the reply
+            t2 = LockTable(policy, open_store(url), devices=DEVICES)  # the restarted IOC
+            assert t2.locks() == []  # the release is durable
+            t2.acquire(me, ["m1"], LockType.MANUAL_OPERATOR, 60)  # the same account again
+            server2 = Server(providers=[CoordinationIOC(PREFIX, t2).provider], conf=sconf,
+                             useenv=False)
+            th.join(CLIENT_TIMEOUT + 5)
+            (reply,) = got
+            assert not isinstance(reply, Exception), reply
+            assert list(reply.devices) == ["m1"]
+            if with_id:
+                assert [lk.device for lk in t2.locks()] == ["m1"]  # the new lock stays
+            else:
+                assert t2.locks() == []  # applied twice: what request ids prevent
+            t2.store.close()
+    finally:
+        store1.go.set()
+        server1.stop()
+        if server2 is not None:
+            server2.stop()
+        store1.inner.close()

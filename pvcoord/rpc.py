@@ -333,9 +333,11 @@ def with_request_id(args: Mapping[str, str], request_id: str | None = None) -> d
     """
     if request_id is None:
         request_id = new_request_id()
-    elif not isinstance(request_id, str) or (problem := request_id_problem(request_id)):
-        raise BadRequestError(problem if isinstance(request_id, str) else
-                              f"requestId must be a string, not {type(request_id).__name__}")
+    if not isinstance(request_id, str):
+        raise BadRequestError(f"requestId must be a string, not {type(request_id).__name__}")
+    problem = request_id_problem(request_id)
+    if problem is not None:
+        raise BadRequestError(problem)
     return {**args, REQUEST_ID_ARG: request_id}
 
 

@@ -144,7 +144,8 @@ COORD_ACQUIRE = PVSpec(
     "coordination", "Coord:Acquire", PVKind.RPC,
     "Acquire locks. device: comma list (or 'beamline'); type: lock type; timeout: lease in s; "
     "all granted or none. Returns granted, key, devices, preempted, expires, message; a refusal "
-    "is an RPC error naming the holder.",
+    "is an RPC error naming the holder. requestId (every mutating RPC): a random token per call; "
+    "a retry with a known one gets the first answer and applies nothing.",
     args=ACQUIRE_ARGS,
 )
 COORD_RELEASE = PVSpec(

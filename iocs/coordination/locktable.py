@@ -111,7 +111,6 @@ last 30 s of requests, still six times the default call timeout. Memory when ful
 _OUTCOME_MESSAGE_MAX = 262_144
 """Longest stored acquire message (characters): 256 devices and their preempted holders named."""
 _OutcomeName = Annotated[str, Field(max_length=1024)]
-_REQUEST_RPCS = ("acquire", "release", "renew", "force-release")
 
 
 class LockError(Exception):

@@ -299,11 +299,18 @@ class Client:
         client_host: str | None = None,
         *,
         call_timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Grant:
         """Acquire ``devices`` (all or none) with ``lock_type`` for a lease of ``timeout`` s.
 
         ``on_behalf_of`` names the user a trusted service acts for (policy
         ``access.trusted_services``); ``client_host`` that user's host.
+
+        ``request_id`` (every mutating call has it): default a new random one per call. A call
+        repeated with the same id (say after a :class:`NoAnswerError`, within 600 s) is answered
+        with the first answer, the same key included, and applies nothing
+        (:func:`pvcoord.rpc.with_request_id`); a PVA client's own re-send of a call whose reply
+        was lost is such a repeat.
 
         Raises:
             RefusedError: held by someone of equal or higher priority (``code``
@@ -314,7 +321,8 @@ class Client:
         """
         return self.call_on_loop(self._caller.acquire(
             devices, lock_type, timeout, reason, plan_uid, on_behalf_of, client_host,
-            call_timeout=call_timeout), call_timeout, self.pv(COORD_ACQUIRE))
+            call_timeout=call_timeout,
+            request_id=request_id), call_timeout, self.pv(COORD_ACQUIRE))
 
     def release(
         self,
@@ -324,15 +332,19 @@ class Client:
         client_host: str | None = None,
         *,
         call_timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Reply:
         """Release by ``key``, or the caller's own locks on ``devices``.
+
+        ``request_id``: as for :meth:`acquire`.
 
         Raises:
             RefusedError: wrong key, not the holder, or the lock was preempted/expired meanwhile.
             NoAnswerError: no answer within the call timeout.
         """
         return self.call_on_loop(self._caller.release(
-            devices, key, on_behalf_of, client_host, call_timeout=call_timeout),
+            devices, key, on_behalf_of, client_host, call_timeout=call_timeout,
+            request_id=request_id),
             call_timeout, self.pv(COORD_RELEASE))
 
     def renew(
@@ -344,27 +356,35 @@ class Client:
         client_host: str | None = None,
         *,
         call_timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Reply:
         """Extend the lease to ``timeout`` s from now (``Reply.expires`` is the new end).
+
+        ``request_id``: as for :meth:`acquire`.
 
         Raises:
             RefusedError: not held by the caller any more (preempted, expired: the code says).
             NoAnswerError: no answer within the call timeout.
         """
         return self.call_on_loop(self._caller.renew(
-            devices, key, timeout, on_behalf_of, client_host, call_timeout=call_timeout),
+            devices, key, timeout, on_behalf_of, client_host, call_timeout=call_timeout,
+            request_id=request_id),
             call_timeout, self.pv(COORD_RENEW))
 
     def force_release(
-        self, devices: str | Iterable[str], reason: str = "", *, call_timeout: float | None = None
+        self, devices: str | Iterable[str], reason: str = "", *, call_timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Reply:
         """Remove whoever's lock on ``devices`` (policy ``access.force_release`` accounts only).
+
+        ``request_id``: as for :meth:`acquire`.
 
         Raises:
             RefusedError: the caller may not force-release, or a device is unknown.
         """
         return self.call_on_loop(
-            self._caller.force_release(devices, reason, call_timeout=call_timeout),
+            self._caller.force_release(devices, reason, call_timeout=call_timeout,
+                                       request_id=request_id),
             call_timeout, self.pv(COORD_FORCE_RELEASE))
 
     # state

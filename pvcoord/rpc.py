@@ -8,7 +8,9 @@ no IOC or bridge imports the client library itself (an import-linter contract).
 What is here: the errors (one mapping of p4p errors, :func:`p4p_errors`; refusals carry the
 :class:`pvdb.lockmodel.ErrorCode` and holder of the server's text), the reply models, the
 pvcall-style argument builders and reply parsers (pure, testable without a network), and
-:class:`AsyncCaller`, the asyncio caller of every coordination RPC and state PV.
+:class:`AsyncCaller`, the asyncio caller of every coordination RPC and state PV. Every mutating
+call (acquire, release, renew, force-release) carries a fresh random ``requestId``
+(:func:`with_request_id`), so a PVA re-send of it is answered, never applied twice.
 
 PV names come from :mod:`pvdb.names` only.
 """
@@ -30,7 +32,7 @@ from p4p.nt import NTURI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pvdb.devicemap import DeviceMap
-from pvdb.lockmodel import ErrorCode, parse_error_text
+from pvdb.lockmodel import ErrorCode, new_request_id, parse_error_text, request_id_problem
 from pvdb.models import DeviceSignal, LockEvent, LockType
 from pvdb.names import (
     ACQUIRE_ARGS,
@@ -48,6 +50,7 @@ from pvdb.names import (
     REGISTRY_DEVICES,
     RELEASE_ARGS,
     RENEW_ARGS,
+    REQUEST_ID_ARG,
     PVSpec,
     check_prefix,
 )
@@ -317,6 +320,25 @@ def force_release_args(devices: str | Iterable[str], reason: str = "") -> dict[s
     args = {"device": ",".join(device_list(devices)), "reason": reason}
     assert set(args) <= set(FORCE_RELEASE_ARGS), args
     return args
+
+
+def with_request_id(args: Mapping[str, str], request_id: str | None = None) -> dict[str, str]:
+    """``args`` plus ``requestId``: ``request_id``, or a new random one (one per call).
+
+    The IOC answers a request whose id it knows (a PVA client's re-send of an RPC whose reply was
+    lost, or the caller's own retry with the same id) with the first answer, applying nothing.
+
+    Raises:
+        BadRequestError: a given ``request_id`` of the wrong form (nothing sent).
+    """
+    if request_id is None:
+        request_id = new_request_id()
+    if not isinstance(request_id, str):
+        raise BadRequestError(f"requestId must be a string, not {type(request_id).__name__}")
+    problem = request_id_problem(request_id)
+    if problem is not None:
+        raise BadRequestError(problem)
+    return {**args, REQUEST_ID_ARG: request_id}
 
 
 def nturi(pv: str, args: Mapping[str, str]) -> Value:
@@ -606,11 +628,12 @@ class AsyncCaller(CallerBase):
         client_host: str | None = None,
         *,
         call_timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Grant:
         """See :meth:`pvcoord.client.Client.acquire`."""
-        args = acquire_args(
+        args = with_request_id(acquire_args(
             devices, lock_type, timeout, reason, plan_uid, on_behalf_of, client_host
-        )
+        ), request_id)
         reply = await self._rpc(COORD_ACQUIRE, args, call_timeout)
         return parse_grant(self.pv(COORD_ACQUIRE), reply)
 
@@ -622,9 +645,10 @@ class AsyncCaller(CallerBase):
         client_host: str | None = None,
         *,
         call_timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Reply:
         """See :meth:`pvcoord.client.Client.release`."""
-        args = release_args(devices, key, on_behalf_of, client_host)
+        args = with_request_id(release_args(devices, key, on_behalf_of, client_host), request_id)
         return parse_reply(await self._rpc(COORD_RELEASE, args, call_timeout))
 
     async def renew(
@@ -636,16 +660,19 @@ class AsyncCaller(CallerBase):
         client_host: str | None = None,
         *,
         call_timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Reply:
         """See :meth:`pvcoord.client.Client.renew`."""
-        args = renew_args(devices, key, timeout, on_behalf_of, client_host)
+        args = with_request_id(renew_args(devices, key, timeout, on_behalf_of, client_host),
+                               request_id)
         return parse_reply(await self._rpc(COORD_RENEW, args, call_timeout))
 
     async def force_release(
-        self, devices: str | Iterable[str], reason: str = "", *, call_timeout: float | None = None
+        self, devices: str | Iterable[str], reason: str = "", *, call_timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Reply:
         """See :meth:`pvcoord.client.Client.force_release`."""
-        args = force_release_args(devices, reason)
+        args = with_request_id(force_release_args(devices, reason), request_id)
         return parse_reply(await self._rpc(COORD_FORCE_RELEASE, args, call_timeout))
 
     async def locks(self, *, call_timeout: float | None = None) -> list[LockInfo]:

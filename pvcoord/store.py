@@ -31,6 +31,12 @@ retried after a restart (a PVA client re-sends an RPC whose reply was lost with 
 gets the answer it would have got without the restart. See
 docs/decisions/0120-notices-are-durable-retried-rpcs.md.
 
+Request outcomes (what a request with a client-chosen ``requestId`` was answered) are stored the
+same way, as opaque ``(id, JSON)`` rows in the transaction of the change they answer
+(:meth:`Store.commit`'s ``requests``; SQLite table ``requests``, Redis hash ``...:requests``), so a
+retried request is answered with the first answer and not applied twice, across a restart too.
+See docs/decisions/0160-request-ids-make-retries-idempotent.md.
+
 SQLite files: ``?mode=0600`` (default: only the service account that runs the IOC reads the
 file) or ``?mode=0640`` (its group too, e.g. a queue service account whose worker hook reads the
 store). A new file and its folder are created with that mode (the folder 0700 / 0750); an
@@ -111,6 +117,7 @@ class Store(Protocol):
     def commit(
         self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
         notices: Mapping[str, str | None] | None = None,
+        requests: Mapping[str, str | None] | None = None,
     ) -> int:
         """Apply one change atomically: all of it or nothing.
 
@@ -120,6 +127,8 @@ class Store(Protocol):
             events: audit events to append.
             notices: notice id -> JSON text to insert or replace (it becomes the newest), or
                 ``None`` to delete that id.
+            requests: request record id -> JSON outcome to insert or replace, or ``None`` to
+                delete that id (the same form as ``notices``).
 
         Returns:
             A token for :meth:`durable`: the change is durable once ``durable(token)`` returned.
@@ -133,6 +142,13 @@ class Store(Protocol):
 
     def load_notices(self) -> list[tuple[str, str]]:
         """Every stored notice as ``(id, JSON text)``, in no particular order (the JSON has a time).
+
+        The rows are untrusted: the caller parses and validates them.
+        """
+        ...
+
+    def load_requests(self) -> list[tuple[str, str]]:
+        """Every stored request outcome as ``(id, JSON text)``, in no particular order.
 
         The rows are untrusted: the caller parses and validates them.
         """
@@ -189,6 +205,7 @@ CREATE TABLE IF NOT EXISTS events (
     actor TEXT NOT NULL, holder TEXT NOT NULL, message TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS notices (id TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -346,15 +363,26 @@ class SQLiteStore:
                 raise StoreError(f"cannot read notices from {self.path}: {e}") from None
         return [(str(k), str(v)) for k, v in rows]
 
+    def load_requests(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
+        with self._mutex:
+            try:
+                rows = self._db.execute("SELECT id, data FROM requests").fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read request outcomes from {self.path}: {e}") from None
+        return [(str(k), str(v)) for k, v in rows]
+
     def commit(  # noqa: D102 - see Store
         self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
         notices: Mapping[str, str | None] | None = None,
+        requests: Mapping[str, str | None] | None = None,
     ) -> int:
         ups = [(lk.device, lk.model_dump_json()) for lk in upsert]
         dels = [(d,) for d in delete]
         evs = [_event_row(e) for e in events]
         note_ups = [(k, v) for k, v in (notices or {}).items() if v is not None]
         note_dels = [(k,) for k, v in (notices or {}).items() if v is None]
+        req_ups = [(k, v) for k, v in (requests or {}).items() if v is not None]
+        req_dels = [(k,) for k, v in (requests or {}).items() if v is None]
         with self._mutex:
             try:
                 with self._db:  # one transaction: commit on success, rollback on error
@@ -375,6 +403,11 @@ class SQLiteStore:
                     if note_ups:
                         self._db.executemany(
                             "INSERT OR REPLACE INTO notices(id, data) VALUES (?, ?)", note_ups)
+                    if req_dels:
+                        self._db.executemany("DELETE FROM requests WHERE id=?", req_dels)
+                    if req_ups:
+                        self._db.executemany(
+                            "INSERT OR REPLACE INTO requests(id, data) VALUES (?, ?)", req_ups)
             except sqlite3.Error as e:
                 raise StoreError(f"cannot write to SQLite store {self.path}: {e}") from None
             self._written += 1
@@ -469,10 +502,10 @@ return 0
 
 
 class RedisStore:
-    """Redis: hashes ``pvcoord:<ns>:locks`` and ``...:notices``, and a list ``...:events``.
+    """Redis: hashes ``pvcoord:<ns>:locks``, ``...:notices``, ``...:requests``; list ``...:events``.
 
-    Locks are device -> JSON lock; notices id -> JSON notice (a hash keeps no order: the caller
-    orders them by their time).
+    Locks are device -> JSON lock; notices id -> JSON notice, requests id -> JSON outcome (a hash
+    keeps no order: the caller orders them by their time).
 
     Each commit is one MULTI/EXEC transaction; with ``appendfsync always`` Redis fsyncs it before
     it answers, and Redis itself groups the fsyncs of concurrent clients.
@@ -500,6 +533,7 @@ class RedisStore:
         self._locks_key = f"pvcoord:{namespace}:locks"
         self._events_key = f"pvcoord:{namespace}:events"
         self._notices_key = f"pvcoord:{namespace}:notices"
+        self._requests_key = f"pvcoord:{namespace}:requests"
         self._commit_key = f"pvcoord:{namespace}:commit"
         self._commits = 0
         self._authority_key = f"pvcoord:{namespace}:authority"
@@ -558,9 +592,18 @@ class RedisStore:
             raise StoreError(redact(f"cannot read notices from {self._shown}: {e}")) from None
         return [(_text(k), _text(v)) for k, v in data.items()]
 
+    def load_requests(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
+        try:
+            data = self._r.hgetall(self._requests_key)
+        except self._redis_error as e:
+            raise StoreError(redact(
+                f"cannot read request outcomes from {self._shown}: {e}")) from None
+        return [(_text(k), _text(v)) for k, v in data.items()]
+
     def commit(  # noqa: D102 - see Store
         self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
         notices: Mapping[str, str | None] | None = None,
+        requests: Mapping[str, str | None] | None = None,
     ) -> int:
         ups: dict[FieldT, EncodableT] = {lk.device: lk.model_dump_json() for lk in upsert}
         dels = list(delete)
@@ -568,6 +611,9 @@ class RedisStore:
         note_ups: dict[FieldT, EncodableT] = {
             k: v for k, v in (notices or {}).items() if v is not None}
         note_dels = [k for k, v in (notices or {}).items() if v is None]
+        req_ups: dict[FieldT, EncodableT] = {
+            k: v for k, v in (requests or {}).items() if v is not None}
+        req_dels = [k for k, v in (requests or {}).items() if v is None]
         self._commits += 1
         marker = f"{os.getpid()} {time.time():.6f} {self._commits}"
         try:
@@ -582,6 +628,10 @@ class RedisStore:
                 pipe.hdel(self._notices_key, *note_dels)
             if note_ups:
                 pipe.hset(self._notices_key, mapping=note_ups)
+            if req_dels:
+                pipe.hdel(self._requests_key, *req_dels)
+            if req_ups:
+                pipe.hset(self._requests_key, mapping=req_ups)
             pipe.set(self._commit_key, marker)  # tells whether this transaction was applied
             pipe.execute()
         except self._redis_error as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,9 +58,11 @@ __all__ = [
     "fmt_time",
     "locks_on",
     "may_write",
+    "new_request_id",
     "outranks",
     "parse_error_text",
     "priority_of",
+    "request_id_problem",
     "resolve_caller",
 ]
 
@@ -106,6 +109,9 @@ class ErrorCode(StrEnum):
     OUTCOME_UNKNOWN = "outcome-unknown"
     """The lock store's connection broke after the change may have reached it, and the store
     cannot be asked: the change may or may not stand (check with Renew or ``Coord:Locks``)."""
+    REQUEST_ID_REUSED = "request-id-reused"
+    """A ``requestId`` the IOC already answered came with another request (another RPC or other
+    arguments): the client reused an id; nothing changed."""
     MANAGER_UNAVAILABLE = "manager-unavailable"
     """The RE Manager did not answer."""
     MANAGER_REFUSED = "manager-refused"
@@ -509,6 +515,38 @@ def may_write(
     return Decision(True, Verdict.HOLDER, f"{account} holds the lock on device {device}",
                     device=device, holder=lock.holder, lock_type=lock.lock_type,
                     expires=lock.expires, locked=True)
+
+
+# --- request ids ------------------------------------------------------------------------------
+
+REQUEST_ID_MIN = 16
+"""Shortest accepted ``requestId`` (characters): 96 bits if random."""
+REQUEST_ID_MAX = 64
+"""Longest accepted ``requestId`` (characters)."""
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def new_request_id() -> str:
+    """A fresh ``requestId``: 128 random bits as 22 URL-safe base64 characters.
+
+    It is a secret of the caller: the IOC keeps only a digest of it, and the key of a granted
+    acquire is stored encrypted under it (docs/locks.md, "Requests in flight at a crash").
+    """
+    return secrets.token_urlsafe(16)
+
+
+def request_id_problem(value: str) -> str | None:
+    """What is wrong with a ``requestId`` argument, or ``None`` if it is acceptable.
+
+    Accepted: :data:`REQUEST_ID_MIN` to :data:`REQUEST_ID_MAX` characters of ``A-Z a-z 0-9 _ -``
+    (URL-safe base64, what :func:`new_request_id` makes).
+    """
+    if not REQUEST_ID_MIN <= len(value) <= REQUEST_ID_MAX:
+        return (f"requestId is {len(value)} characters long; give {REQUEST_ID_MIN} to "
+                f"{REQUEST_ID_MAX} (a random token per call, e.g. 22 URL-safe base64 characters)")
+    if not _REQUEST_ID_RE.fullmatch(value):
+        return "requestId may contain only A-Z, a-z, 0-9, '_' and '-' (URL-safe base64)"
+    return None
 
 
 # --- who asks ---------------------------------------------------------------------------------

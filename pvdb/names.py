@@ -124,10 +124,16 @@ EVENTS_COLUMNS = (
     ("message", "s"),
 )
 
-ACQUIRE_ARGS = ("device", "type", "timeout", "reason", "planUid", "onBehalfOf", "clientHost")
-RELEASE_ARGS = ("device", "key", "onBehalfOf", "clientHost")
-RENEW_ARGS = ("device", "key", "timeout", "onBehalfOf", "clientHost")
-FORCE_RELEASE_ARGS = ("device", "reason")
+REQUEST_ID_ARG = "requestId"
+"""Optional argument of every mutating coordination RPC: a random token the client makes per call
+(:func:`pvdb.lockmodel.new_request_id`, format :func:`pvdb.lockmodel.request_id_problem`). A
+retry of a request whose id the IOC knows is answered with the stored outcome, not applied again
+(docs/locks.md, "Requests in flight at a crash")."""
+ACQUIRE_ARGS = ("device", "type", "timeout", "reason", "planUid", "onBehalfOf", "clientHost",
+                REQUEST_ID_ARG)
+RELEASE_ARGS = ("device", "key", "onBehalfOf", "clientHost", REQUEST_ID_ARG)
+RENEW_ARGS = ("device", "key", "timeout", "onBehalfOf", "clientHost", REQUEST_ID_ARG)
+FORCE_RELEASE_ARGS = ("device", "reason", REQUEST_ID_ARG)
 
 COORD_LOCKS = PVSpec(
     "coordination", "Coord:Locks", PVKind.NTTABLE,
@@ -138,7 +144,8 @@ COORD_ACQUIRE = PVSpec(
     "coordination", "Coord:Acquire", PVKind.RPC,
     "Acquire locks. device: comma list (or 'beamline'); type: lock type; timeout: lease in s; "
     "all granted or none. Returns granted, key, devices, preempted, expires, message; a refusal "
-    "is an RPC error naming the holder.",
+    "is an RPC error naming the holder. requestId (every mutating RPC): a random token per call; "
+    "a retry with a known one gets the first answer and applies nothing.",
     args=ACQUIRE_ARGS,
 )
 COORD_RELEASE = PVSpec(

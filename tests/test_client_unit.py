@@ -56,6 +56,26 @@ def test_bad_requests_raise_before_sending(devices, lock_type, timeout, match):
     assert match in str(e.value)  # names what was wrong
 
 
+def test_every_mutating_call_gets_a_fresh_valid_request_id():
+    from pvcoord.rpc import with_request_id
+    from pvdb.lockmodel import request_id_problem
+    from pvdb.names import FORCE_RELEASE_ARGS, REQUEST_ID_ARG
+
+    for base, spec_args in ((cl.acquire_args("m1", "MANUAL_OPERATOR"), ACQUIRE_ARGS),
+                            (cl.release_args("m1"), RELEASE_ARGS),
+                            (cl.renew_args(key="k"), RENEW_ARGS),
+                            (cl.force_release_args("m1"), FORCE_RELEASE_ARGS)):
+        a, b = with_request_id(base), with_request_id(base)
+        assert set(a) <= set(spec_args) and REQUEST_ID_ARG in a
+        assert request_id_problem(a[REQUEST_ID_ARG]) is None
+        assert a[REQUEST_ID_ARG] != b[REQUEST_ID_ARG]
+    given = "A" * 22
+    assert with_request_id({"device": "m1"}, given) == {"device": "m1", REQUEST_ID_ARG: given}
+    for bad in ("", "x", "A" * 21 + "!", 12345):
+        with raises_code(cl.BadRequestError, cl.ErrorCode.BAD_ARGUMENT):
+            with_request_id({"device": "m1"}, bad)  # type: ignore[arg-type]
+
+
 def test_release_and_renew_args():
     assert cl.release_args("m1") == {"device": "m1"}
     assert cl.release_args(key="k") == {"key": "k"}

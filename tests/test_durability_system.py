@@ -34,7 +34,7 @@ from pvcoord.procs import (
 )
 from pvcoord.store import RedisStore, SQLiteStore
 from pvdb import names as pvn
-from pvdb.lockmodel import ErrorCode
+from pvdb.lockmodel import ErrorCode, new_request_id
 from pvdb.registry_file import load_registry
 
 from .codes import code_of
@@ -262,6 +262,8 @@ class Worker(threading.Thread):
         self.env, self.i, self.stop_ev = env, i, stop
         self.held: dict[str, tuple[str, float]] = {}  # device -> (key, expires) as replied
         self.ops = 0
+        self.with_ids = i % 2 == 0  # half send a requestId per call (as pvcoord.client does)
+        self.doubled: list[str] = []  # answers only a second application can give
         self.mutex = threading.Lock()
 
     def run(self) -> None:
@@ -284,20 +286,24 @@ class Worker(threading.Thread):
         (``outcome-unknown``): a release may then be either.
         """
         user = f"user{self.i}"
+        ids = {"requestId": new_request_id()} if self.with_ids else {}
         d = rnd.choice(DEVICES)
         mine = self.held.get(d)
         if mine is None:
             r = rpc(c, pvn.COORD_ACQUIRE, device=d, type="MANUAL_OPERATOR",
-                    timeout=str(rnd.choice([1, 600])), onBehalfOf=user)
+                    timeout=str(rnd.choice([1, 600])), onBehalfOf=user, **ids)
             if not isinstance(r, Exception):
                 self.held[d] = (r.key, r.expires)
         elif rnd.random() < 0.5:
-            r = rpc(c, pvn.COORD_RELEASE, key=mine[0], onBehalfOf=user)
+            r = rpc(c, pvn.COORD_RELEASE, key=mine[0], onBehalfOf=user, **ids)
+            if ids and isinstance(r, RemoteError) and code_of(str(r)) == ErrorCode.RELEASED:
+                # only this worker has the key: 'released' is its own release applied twice
+                self.doubled.append(str(r))
             if not isinstance(r, RemoteError) or code_of(str(r)) in GONE | {
                     ErrorCode.OUTCOME_UNKNOWN}:
                 self.held.pop(d, None)  # released, or no reply / unknown (may be either)
         else:
-            r = rpc(c, pvn.COORD_RENEW, key=mine[0], timeout="600", onBehalfOf=user)
+            r = rpc(c, pvn.COORD_RENEW, key=mine[0], timeout="600", onBehalfOf=user, **ids)
             if not isinstance(r, Exception):
                 self.held[d] = (mine[0], r.expires)
             elif isinstance(r, RemoteError) and code_of(str(r)) in GONE:
@@ -355,9 +361,13 @@ def test_kill9_during_operations_loses_and_resurrects_nothing(tmp_path, victim):
                 for w in workers:
                     w.mutex.release()
         total = sum(w.ops for w in workers)
+        retried = sum(f.read_text(errors="replace").count("retried (known requestId)")
+                      for f in tmp_path.glob("coordination*.log"))
         print(f"kill -9 of the {victim}: {round_} kills during {total} operations by "
-              f"{len(workers)} clients: 0 lost grants, 0 resurrected locks, 0 keys broken")
+              f"{len(workers)} clients: 0 lost grants, 0 resurrected locks, 0 keys broken; "
+              f"{retried} re-sent requests answered from their stored outcome")
         assert total > KILL_OPS
+        assert [x for w in workers for x in w.doubled] == []
         assert proc.alive(), proc.output()[-2000:]
     finally:
         stop.set()

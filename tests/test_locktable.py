@@ -6,7 +6,7 @@ import pytest
 
 from iocs.coordination.locktable import Identity, LockError, LockTable, hash_key
 from pvcoord.store import open_store
-from pvdb.lockmodel import ErrorCode
+from pvdb.lockmodel import ErrorCode, new_request_id
 from pvdb.models import BEAMLINE, EventAction, LockType
 from pvdb.policy import parse_policy
 
@@ -295,8 +295,11 @@ class FlakyStore:
     def load_notices(self):
         return self.inner.load_notices()
 
-    def commit(self, upsert, delete, events, notices=None):
-        token = self.inner.commit(upsert, delete, events, notices)
+    def load_requests(self):
+        return self.inner.load_requests()
+
+    def commit(self, upsert, delete, events, notices=None, requests=None):
+        token = self.inner.commit(upsert, delete, events, notices, requests)
         if self.lose_next_reply:
             self.lose_next_reply = False
             from pvcoord.store import StoreError
@@ -316,3 +319,19 @@ def test_commit_applied_but_reported_failed_is_undone_in_the_store(store_url, cl
     t.check_store()  # the 1 Hz probe: memory (what clients were told) wins
     assert t.store_error is None
     assert {lk.device for lk in store.load_locks()} == {"m1"}
+
+
+def test_outcome_of_a_commit_reported_failed_is_undone_and_its_retry_applied(store_url, clock):
+    """The client was told nothing changed: the stored outcome goes with the change."""
+    store = FlakyStore(store_url)
+    t = LockTable(POLICY, store, devices=DEVICES, clock=clock)
+    rid = new_request_id()
+    store.lose_next_reply = True
+    with raises_code(LockError, ErrorCode.STORE_UNAVAILABLE):
+        t.acquire(BOB, ["m2"], LockType.MANUAL_OPERATOR, 60, request_id=rid)
+    assert len(store.load_requests()) == 1  # applied after all
+    t.check_store()
+    assert store.load_requests() == [] and store.load_locks() == []
+    g = t.acquire(BOB, ["m2"], LockType.MANUAL_OPERATOR, 60, request_id=rid)  # applied, once
+    assert t.acquire(BOB, ["m2"], LockType.MANUAL_OPERATOR, 60, request_id=rid) == g
+    assert len(store.load_requests()) == 1

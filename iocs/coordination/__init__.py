@@ -10,6 +10,11 @@ Trusted service accounts (policy ``trusted_services``) may add onBehalfOf=USER [
 to any RPC. Lock types, priorities, leases and the policy file are described in docs/locks.md and
 docs/policy.md. Keys are secret: they appear only in the Acquire reply.
 
+Retries: Acquire, Release, Renew and ForceRelease take requestId=TOKEN (16-64 URL-safe base64
+characters, a new random one per call). A request whose id this IOC (or its store, after a restart)
+answered within 600 s gets that answer again and changes nothing, so the PVA client's re-send of
+an RPC whose reply was lost is never applied twice.
+
 Durability: a reply is sent only once its change is on stable storage (SQLite: the WAL is fsync'ed,
 once for all requests in flight; Redis: only accepted with appendonly yes and appendfsync always,
 unless --allow-nondurable-store). Leases run on the monotonic clock. One authority: the IOC refuses

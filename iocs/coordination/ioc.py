@@ -384,6 +384,7 @@ class CoordinationIOC:
             rpcargs.timeout_arg(args.get("timeout")),
             args.get("reason", ""),
             args.get("planUid", ""),
+            request_id=args.get(pvn.REQUEST_ID_ARG),
         )
         return ACQUIRE_RESULT({
             "granted": res.granted, "key": res.key, "devices": list(res.devices),
@@ -394,7 +395,8 @@ class CoordinationIOC:
         rpcargs.check_names(args, pvn.RELEASE_ARGS, "Release")
         ident = self.identity(op, args)
         devs = self.table.release(
-            ident, rpcargs.devices_arg(args.get("device")), args.get("key") or None)
+            ident, rpcargs.devices_arg(args.get("device")), args.get("key") or None,
+            request_id=args.get(pvn.REQUEST_ID_ARG))
         return RELEASE_RESULT({"devices": list(devs), "message": f"released {', '.join(devs)}"})
 
     def _renew(self, op, args: dict[str, str]) -> Value:
@@ -402,7 +404,7 @@ class CoordinationIOC:
         ident = self.identity(op, args)
         devs, expires = self.table.renew(
             ident, rpcargs.devices_arg(args.get("device")), args.get("key") or None,
-            rpcargs.timeout_arg(args.get("timeout")),
+            rpcargs.timeout_arg(args.get("timeout")), request_id=args.get(pvn.REQUEST_ID_ARG),
         )
         return RENEW_RESULT({"devices": list(devs), "expires": expires,
                              "message": f"renewed {', '.join(devs)}"})
@@ -411,7 +413,8 @@ class CoordinationIOC:
         rpcargs.check_names(args, pvn.FORCE_RELEASE_ARGS, "ForceRelease")
         ident = self.identity(op, args)
         devs = self.table.force_release(
-            ident, rpcargs.devices_arg(args.get("device")), args.get("reason", ""))
+            ident, rpcargs.devices_arg(args.get("device")), args.get("reason", ""),
+            request_id=args.get(pvn.REQUEST_ID_ARG))
         return RELEASE_RESULT({"devices": list(devs),
                                "message": f"force-released {', '.join(devs)}"})
 

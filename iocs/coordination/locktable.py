@@ -28,6 +28,12 @@ The rules themselves (priorities, preemption, beamline lock, refusal texts and c
   a type its owner may not take, a lease beyond the policy's maximum or malformed fields is
   reported (an audit event and :attr:`LockTable.load_problems`), deleted from the store and
   skipped.
+- A request may carry a client-chosen ``requestId`` (a random token per call). Its outcome is
+  stored with the change it made (same transaction), keyed by a digest of the id and the caller;
+  a retry with a known id (a PVA client re-sends an RPC whose reply was lost, before or after a
+  restart) is answered with the first answer and applies nothing. The key of a granted acquire
+  is kept only encrypted under the request id, which is never stored. The newest
+  :data:`REQUESTS_KEPT` outcomes younger than :data:`REQUEST_WINDOW` are kept (decision 0160).
 - Every action is an audit event.
 
 Thread-safe: every public method takes one mutex. ``listener(devices, events)`` is called under it
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import hmac
 import itertools
 import json
 import logging
@@ -49,7 +56,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NoReturn, cast
+from typing import Annotated, Literal, NoReturn, cast
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pvcoord.store import AuthorityError, BadRow, OutcomeUnknownError, Store, StoreError
 from pvdb import lockmodel
@@ -89,6 +98,19 @@ LOAD_SLACK = 5.0
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_MAX = 255
 """Longest stored owner, actor or host accepted on load (PVA accounts are claimed freely)."""
+REQUEST_WINDOW = 600.0
+"""Seconds a request outcome is kept for a retry. A PVA client re-sends an RPC only while its
+call is waiting (p4p cancels the operation at the caller's timeout: 5 s by default in
+:mod:`pvcoord.client`), so a retry comes within one call timeout of the first send plus the
+restart; 600 s covers call timeouts of minutes and a restart by systemd several times over."""
+REQUESTS_KEPT = 16384
+"""Most request outcomes kept (in memory and in the store: the same ones). At the measured 250
+acquire+release pairs/s with fsync (docs/benchmarks.md, 4 clients: 500 requests/s) this is the
+last 30 s of requests, still six times the default call timeout. Memory when full: about 15 MB
+(measured with tracemalloc: 0.9 kB per outcome with its id and ordering)."""
+_OUTCOME_MESSAGE_MAX = 262_144
+"""Longest stored acquire message (characters): 256 devices and their preempted holders named."""
+_OutcomeName = Annotated[str, Field(max_length=1024)]
 
 
 class LockError(Exception):
@@ -207,12 +229,92 @@ def _notice_key(nid: str) -> object | None:
     return None
 
 
+class Outcome(BaseModel):
+    """The stored answer to a request with a ``requestId`` (untrusted when loaded).
+
+    ``key`` is the acquire's key sealed under the request id (:func:`seal_key`), ``key_hash``
+    its digest; the other fields are what the reply carried.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    rpc: Literal["acquire", "release", "renew", "force-release"]
+    args: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 of the request's arguments (:func:`_args_digest`): a reused id is told apart."""
+    time: float
+    devices: tuple[_OutcomeName, ...] = Field(default=(), max_length=MAX_DEVICES)
+    expires: float = 0.0
+    preempted: tuple[_OutcomeName, ...] = Field(default=(), max_length=MAX_DEVICES)
+    message: str = Field(default="", max_length=_OUTCOME_MESSAGE_MAX)
+    key: str = Field(default="", pattern=r"^([0-9a-f]{2}){0,128}$")
+    key_hash: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
+
+
+def _record_id(ident: Identity, request_id: str) -> str:
+    """The store id of a request's outcome: SHA-256 of the caller and the request id.
+
+    The caller is part of it, so another account's request with the same id is another request.
+    """
+    who = json.dumps(["pvcoord request", ident.actor_name, ident.account, ident.host, request_id])
+    return hashlib.sha256(who.encode()).hexdigest()
+
+
+def _args_digest(rpc: str, *parts: object) -> str:
+    """SHA-256 of an RPC's name and canonical arguments (a key only as its digest)."""
+    return hashlib.sha256(json.dumps([rpc, *parts]).encode()).hexdigest()
+
+
+def _pad(request_id: str, record_id: str, n: int) -> bytes:
+    """``n`` bytes of HMAC-SHA256 keystream keyed by the (secret, never stored) request id."""
+    out = b""
+    block = 0
+    while len(out) < n:
+        out += hmac.new(request_id.encode(), f"pvcoord reply key {record_id} {block}".encode(),
+                        hashlib.sha256).digest()
+        block += 1
+    return out[:n]
+
+
+def seal_key(key: str, request_id: str, record_id: str) -> str:
+    """``key`` encrypted for the store (hex): only a holder of ``request_id`` can read it.
+
+    Each request id seals one key once (its record id is unique), so the keystream is never
+    reused; :func:`open_key` checks the result against the stored digest.
+    """
+    raw = key.encode()
+    return bytes(a ^ b for a, b in zip(raw, _pad(request_id, record_id, len(raw)),
+                                       strict=True)).hex()
+
+
+def open_key(sealed: str, request_id: str, record_id: str) -> str:
+    """The key that :func:`seal_key` sealed (``ValueError`` if it is not text)."""
+    raw = bytes.fromhex(sealed)
+    return bytes(a ^ b for a, b in zip(raw, _pad(request_id, record_id, len(raw)),
+                                       strict=True)).decode("ascii")
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A request with a ``requestId``.
+
+    Its record id, its arguments' digest, and the stored outcome if it was answered before (then
+    nothing is applied).
+    """
+
+    request_id: str
+    record_id: str
+    args: str
+    stored: Outcome | None
+
+
 @dataclass
 class _Change:
     upsert: list[Lock] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     events: list[LockEvent] = field(default_factory=list)
     notices: dict[object, Notice] = field(default_factory=dict)
+    outcome: tuple[str, Outcome] | None = None
+    """(record id, outcome) of the request that makes this change, stored with it."""
 
 
 def _same_holder(lock: Lock, ident: Identity) -> bool:
@@ -265,6 +367,9 @@ class LockTable:
         self._by_key: dict[str, set[str]] = {}  # key digest -> devices it holds
         self._offset = self.clock() - self.monotonic()
         self._notices: OrderedDict[object, Notice] = OrderedDict()
+        # record id -> (time, the stored JSON of its Outcome), oldest first; kept as text (a
+        # pydantic object costs twice as much), parsed only when a retry comes
+        self._outcomes: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._store_error: str | None = None
         self._store_error_logged = 0.0
         self._tls = threading.local()
@@ -427,9 +532,47 @@ class LockTable:
             except StoreError as e:
                 log.error("could not delete the rejected notice rows: %s", e)
 
+    def _load_outcomes(self) -> None:
+        """Reload the stored request outcomes younger than :data:`REQUEST_WINDOW`.
+
+        The newest :data:`REQUESTS_KEPT` are kept; bad, old and surplus rows are deleted (bad
+        ones logged).
+        """
+        now = self.clock()
+        loaded: list[tuple[float, str, Outcome]] = []
+        bad: list[str] = []
+        old: list[str] = []
+        for rid, data in self.store.load_requests():
+            try:
+                if not _HASH_RE.match(rid):
+                    raise ValueError("not a record id")
+                out = Outcome.model_validate_json(data)
+            except (ValidationError, ValueError):
+                bad.append(rid)
+                continue
+            if not now - REQUEST_WINDOW <= out.time <= now + LOAD_SLACK:
+                old.append(rid)
+                continue
+            loaded.append((out.time, rid, out))
+        loaded.sort(key=lambda x: x[0])
+        cut = max(0, len(loaded) - REQUESTS_KEPT)
+        for t, rid, out in loaded[cut:]:
+            self._outcomes[rid] = (t, out.model_dump_json())
+        drop = bad + old + [rid for _, rid, _ in loaded[:cut]]
+        if bad:
+            log.error("%d stored request outcome row(s) rejected at start and deleted (e.g. %r)",
+                      len(bad), bad[0][:80])
+        if drop:
+            try:
+                self._last_token = max(self._last_token, self.store.commit(
+                    [], [], [], requests=dict.fromkeys(drop)))
+            except StoreError as e:
+                log.error("could not delete old or rejected request outcome rows: %s", e)
+
     def _load(self) -> list[LockEvent]:
         """Load the store's locks, validating each; report, delete and skip the bad rows."""
         self._load_notices()
+        self._load_outcomes()
         good, bad = self.store.load_rows()
         now = self.clock()
         for lk in good:
@@ -576,6 +719,9 @@ class LockTable:
         lost); the client was told nothing changed, and memory holds what clients were told, so
         memory wins. Raises StoreError if the store still fails.
         """
+        extra = [rid for rid, _ in self.store.load_requests() if rid not in self._outcomes]
+        if extra:  # outcomes of changes that clients were told failed
+            self.store.commit([], [], [], requests=dict.fromkeys(extra))
         stored = {lk.device: lk for lk in self.store.load_locks()}
         if stored == self._locks:
             return
@@ -593,8 +739,9 @@ class LockTable:
             if self._store_error is not None:
                 self._resync()
             pops, evict, writes = self._notice_plan(change)
+            gone, req_writes = self._outcome_plan(change)
             token = self.store.commit(change.upsert, change.delete, change.events,
-                                      notices=writes)
+                                      notices=writes, requests=req_writes)
         except StoreError as e:
             now = time.monotonic()
             if self._store_error is None or now - self._store_error_logged > 10:
@@ -627,6 +774,12 @@ class LockTable:
             self._notices.move_to_end(k)
         for k in evict:
             self._notices.pop(k, None)
+        for rid in gone:
+            self._outcomes.pop(rid, None)
+        if change.outcome is not None:
+            rid, out = change.outcome
+            self._outcomes[rid] = (out.time, cast(str, req_writes[rid]))
+            self._outcomes.move_to_end(rid)
         for e in change.events:
             log.info("%s", e.line())
         if self.listener is not None:
@@ -660,6 +813,61 @@ class LockTable:
         for k in (*pops, *evict):
             writes[_notice_id(k)] = None
         return pops, evict, writes
+
+    def _outcome_plan(self, change: _Change) -> tuple[list[str], dict[str, str | None]]:
+        """How ``change`` changes the stored outcomes: (evicted ids, the store's writes).
+
+        The change's outcome becomes the newest; outcomes older than :data:`REQUEST_WINDOW`
+        and the oldest beyond :data:`REQUESTS_KEPT` are evicted in the same transaction.
+        """
+        if change.outcome is None:
+            return [], {}
+        rid, out = change.outcome
+        horizon = out.time - REQUEST_WINDOW
+        size = len(self._outcomes) + (rid not in self._outcomes)
+        gone: list[str] = []
+        for old_id, (old_time, _) in self._outcomes.items():  # oldest first
+            if old_id != rid and (old_time < horizon or size > REQUESTS_KEPT):
+                gone.append(old_id)
+                size -= 1
+            elif old_id != rid:
+                break
+        writes: dict[str, str | None] = dict.fromkeys(gone)
+        writes[rid] = out.model_dump_json()
+        return gone, writes
+
+    def _request(
+        self, ident: Identity, request_id: str | None, devices: Iterable[str] | None,
+        rpc: str, *args: object,
+    ) -> _Request | None:
+        """The request with id ``request_id`` (``None`` without one), and its stored outcome.
+
+        A known id with another RPC or other arguments is refused (``request-id-reused``); a
+        malformed id is refused (``bad-argument``); nothing changes. Call it under the mutex.
+        """
+        if request_id is None:
+            return None
+        problem = lockmodel.request_id_problem(request_id)
+        if problem is not None:
+            self._refuse(ident, devices or ("?",), None, problem)
+        rid = _record_id(ident, request_id)
+        digest = _args_digest(rpc, *args)
+        entry = self._outcomes.get(rid)
+        out = None
+        if entry is not None and entry[0] >= self.clock() - REQUEST_WINDOW:
+            out = Outcome.model_validate_json(entry[1])  # validated when stored or loaded
+        if out is not None:
+            if out.rpc != rpc or out.args != digest:
+                self._refuse(
+                    ident, devices or ("?",), None,
+                    f"this requestId was already used for another request ({out.rpc} at "
+                    f"{fmt_time(out.time)}); make a new requestId for each call",
+                    ErrorCode.REQUEST_ID_REUSED)
+            log.info("%s by %s retried (known requestId): answered as at %s, nothing applied",
+                     rpc, ident.holder, fmt_time(out.time))
+            # the reply waits for the first answer's fsync like the first reply did
+            self._tls.token = max(getattr(self._tls, "token", 0), self._last_token)
+        return _Request(request_id, rid, digest, out)
 
     def durable(self) -> None:
         """Wait until this thread's changes are on stable storage; call it before replying.
@@ -758,8 +966,12 @@ class LockTable:
         timeout: float | None = None,
         reason: str = "",
         plan_uid: str = "",
+        request_id: str | None = None,
     ) -> AcquireResult:
         """Grant ``lock_type`` on every one of ``devices`` to ``ident``, or none of them.
+
+        ``request_id`` (optional, :func:`pvdb.lockmodel.request_id_problem`): a retry with an id
+        this table answered before gets that answer, the same key included, and nothing changes.
 
         Returns:
             The result with a new secret key that releases/renews these locks.
@@ -769,6 +981,11 @@ class LockTable:
                 priority (the message names it); nothing changed.
         """
         with self._mutex:
+            devices = list(devices)
+            req = self._request(ident, request_id, devices, "acquire", sorted(set(devices)),
+                                lock_type.value, timeout, reason, plan_uid)
+            if req is not None and req.stored is not None:
+                return self._replayed_grant(ident, devices, req, req.stored)
             self.expire()  # a lease that ran out since the last tick is gone before we decide
             devs = self._check_devices(devices)
             lease = self._lease(lock_type, timeout)
@@ -839,11 +1056,35 @@ class LockTable:
                              + (f", reason {reason!r}" if reason else "")
                              + (f", plan {plan_uid}" if plan_uid else "")),
                 ))
-            self._apply(change)
             msg = f"granted {lock_type.value} on {', '.join(devs)} until {fmt_time(expires)}"
             if preempted:
                 msg += f"; preempted {'; '.join(preempted)}"
+            if req is not None:
+                change.outcome = self._outcome(
+                    req, "acquire", devices=devs, expires=expires, preempted=tuple(preempted),
+                    message=msg, key=seal_key(key, req.request_id, req.record_id), key_hash=kh)
+            self._apply(change)
             return AcquireResult(True, key, devs, tuple(preempted), expires, msg)
+
+    def _outcome(self, req: _Request, rpc: str, **fields: object) -> tuple[str, Outcome]:
+        """The (record id, outcome) of ``req``'s answer, to store with its change."""
+        return req.record_id, Outcome.model_validate(
+            {"rpc": rpc, "args": req.args, "time": self.clock(), **fields})
+
+    def _replayed_grant(
+        self, ident: Identity, devices: Iterable[str], req: _Request, out: Outcome
+    ) -> AcquireResult:
+        """The stored grant of a retried acquire, with its key unsealed by the request id."""
+        try:
+            key = open_key(out.key, req.request_id, req.record_id)
+        except (ValueError, UnicodeDecodeError):
+            key = ""
+        if not key or hash_key(key) != out.key_hash:
+            self._refuse(ident, devices, None,
+                         "the stored answer to this requestId is damaged (its key does not match "
+                         "its digest); nothing changed: send the request with a new requestId",
+                         ErrorCode.STORE_UNAVAILABLE)
+        return AcquireResult(True, key, out.devices, out.preempted, out.expires, out.message)
 
     def _select(
         self, ident: Identity, devices: Iterable[str] | None, key: str | None, verb: str
@@ -894,9 +1135,12 @@ class LockTable:
         return out
 
     def release(
-        self, ident: Identity, devices: Iterable[str] | None = None, key: str | None = None
+        self, ident: Identity, devices: Iterable[str] | None = None, key: str | None = None,
+        request_id: str | None = None,
     ) -> tuple[str, ...]:
         """Release locks named by ``key`` (optionally narrowed to ``devices``) or by device.
+
+        ``request_id``: as for :meth:`acquire` (a retry is answered, never applied again).
 
         Returns:
             The released devices.
@@ -906,6 +1150,11 @@ class LockTable:
                 expired (the message says by whom and when); nothing changed.
         """
         with self._mutex:
+            devices = None if devices is None else list(devices)
+            req = self._request(ident, request_id, devices, "release",
+                                sorted(set(devices or ())), hash_key(key) if key else "")
+            if req is not None and req.stored is not None:
+                return req.stored.devices
             self.expire()
             try:
                 locks = self._select(ident, devices, key, "release")
@@ -913,6 +1162,8 @@ class LockTable:
                 self._refuse(ident, devices or ("?",), None, str(e), e.code, e.holder)
             now = self.clock()
             change = _Change(delete=[lk.device for lk in locks])
+            if req is not None:
+                change.outcome = self._outcome(req, "release", devices=change.delete)
             for lk in locks:
                 change.events.append(LockEvent(
                     time=now, action=EventAction.RELEASED, device=lk.device,
@@ -933,8 +1184,11 @@ class LockTable:
         devices: Iterable[str] | None = None,
         key: str | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> tuple[tuple[str, ...], float]:
         """Extend locks to ``timeout`` seconds from now (default: each type's default lease).
+
+        ``request_id``: as for :meth:`acquire` (a retry is answered, never applied again).
 
         Returns:
             The renewed devices and the earliest new expiry (epoch s).
@@ -943,6 +1197,11 @@ class LockTable:
             LockError: as :meth:`release`, or a timeout over the type's maximum.
         """
         with self._mutex:
+            devices = None if devices is None else list(devices)
+            req = self._request(ident, request_id, devices, "renew", sorted(set(devices or ())),
+                                hash_key(key) if key else "", timeout)
+            if req is not None and req.stored is not None:
+                return req.stored.devices, req.stored.expires
             self.expire()
             try:
                 locks = self._select(ident, devices, key, "renew")
@@ -959,20 +1218,30 @@ class LockTable:
                     lock_type=lk.lock_type, actor=ident.actor_name, holder=lk.holder,
                     message=f"until {fmt_time(new.expires)}",
                 ))
+            renewed = tuple(lk.device for lk in locks)
+            until = min(lk.expires for lk in change.upsert)
+            if req is not None:
+                change.outcome = self._outcome(req, "renew", devices=renewed, expires=until)
             self._apply(change)
-            return tuple(lk.device for lk in locks), min(lk.expires for lk in change.upsert)
+            return renewed, until
 
     def force_release(
-        self, ident: Identity, devices: Iterable[str], reason: str = ""
+        self, ident: Identity, devices: Iterable[str], reason: str = "",
+        request_id: str | None = None,
     ) -> tuple[str, ...]:
         """Remove the locks on ``devices`` whoever holds them (policy ``force_release`` only).
+
+        ``request_id``: as for :meth:`acquire` (a retry is answered, never applied again).
 
         Raises:
             LockError: the caller is not allowed, a device is unknown or not locked.
         """
         with self._mutex:
-            self.expire()
             devs = tuple(sorted(set(devices)))
+            req = self._request(ident, request_id, devs, "force-release", list(devs), reason)
+            if req is not None and req.stored is not None:
+                return req.stored.devices
+            self.expire()
             if not devs:
                 self._refuse(ident, ("?",), None, "no device given: device=NAME[,NAME...]")
             reason = self._check_text("reason", reason, MAX_REASON)
@@ -990,6 +1259,8 @@ class LockTable:
                              ErrorCode.NOT_LOCKED)
             now = self.clock()
             change = _Change(delete=list(devs))
+            if req is not None:
+                change.outcome = self._outcome(req, "force-release", devices=devs)
             for d in devs:
                 lk = self._locks[d]
                 msg = f"force-released by {ident.holder} at {fmt_time(now)}" + (

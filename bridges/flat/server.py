@@ -39,6 +39,7 @@ from p4p.server import StaticProvider
 from p4p.server.asyncio import SharedPV
 
 from pvdb import flat as fl
+from pvdb.lockmodel import new_request_id
 from pvdb.models import LockType
 from pvdb.names import (
     COORD_ACQUIRE,
@@ -48,6 +49,7 @@ from pvdb.names import (
     COORD_DEVICE_STATE,
     COORD_RELEASE,
     DEVICE_STATES,
+    REQUEST_ID_ARG,
 )
 from pvdb.policy import Policy
 from pvdb.process import FLAT_START_TIME, FLAT_VERSION, pvcoord_version
@@ -805,6 +807,7 @@ class FlatBridge:
         else:
             spec = COORD_RELEASE
         name = spec.name(p)
+        args[REQUEST_ID_ARG] = new_request_id()  # a PVA re-send after a lost reply: answered
         uri = NTURI([(k, "s") for k in args]).wrap(name, kws=args)
         assert self._service is not None
         try:

@@ -33,9 +33,9 @@ from p4p.nt import NTURI
 
 from pvdb.catalog import all_specs
 from pvdb.demo import SERVER as DEMO_SERVER
-from pvdb.lockmodel import parse_error_text
+from pvdb.lockmodel import new_request_id, parse_error_text
 from pvdb.models import BEAMLINE, LockType
-from pvdb.names import COORD_ACQUIRE, COORD_RELEASE, COORD_RENEW
+from pvdb.names import COORD_ACQUIRE, COORD_RELEASE, COORD_RENEW, REQUEST_ID_ARG
 from pvdb.policy import Policy, load_policy
 
 from ..guard.decision import Decision, Verdict, decide
@@ -317,6 +317,7 @@ async def lock(request: web.Request) -> web.Response:
             args["reason"] = reason
     spec = _LOCK_ACTIONS[action]
     pv = spec.name(cfg.prefix)
+    args[REQUEST_ID_ARG] = new_request_id()  # a PVA re-send after a lost reply: answered
     uri = NTURI([(k, "s") for k in args]).wrap(pv, kws=args)
     try:
         reply = await asyncio.wait_for(request.app[PVA].rpc(pv, uri), RPC_TIMEOUT)

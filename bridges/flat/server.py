@@ -33,6 +33,7 @@ from caproto import AccessRights, AlarmSeverity, AlarmStatus
 from caproto.asyncio.server import Context as CaContext
 from caproto.asyncio.server import VirtualCircuit
 from p4p.client.asyncio import Context as PvaClient
+from p4p.client.raw import Context as RawPvaClient
 from p4p.nt import NTURI, NTEnum, NTScalar
 from p4p.server import Server as PvaServer
 from p4p.server import StaticProvider
@@ -466,16 +467,53 @@ class FlatBridge:
             if isinstance(value, bytes):
                 value = value.decode("latin-1")
             body = {"value": value}
-        assert self._upstream is not None
         try:
             async with asyncio.timeout(self.put_timeout):
-                await self._upstream.put(entry.pvname, body, request=self._put_request,
-                                         get=False)
+                await self._put_upstream(entry.pvname, body)
         except TimeoutError:
             raise PutRefusedError(f"{entry.pvname}: the upstream put did not complete in "
                              f"{self.put_timeout:g} s") from None
         except Exception as e:
             raise PutRefusedError(f"{entry.pvname}: upstream put failed: {e}") from None
+
+    async def _put_upstream(self, name: str, body: dict[str, Any]) -> None:
+        """Put ``body`` to upstream ``name`` with completion; return when it completed.
+
+        p4p's raw put (the asyncio ``Context.put`` minus its ``close()`` before returning):
+        closing a finished operation waits twice for pvxs's worker thread (``cancel()`` and the
+        operation's deleter call into it synchronously), so the close is queued to run after
+        the caller's CA reply is written (decision 0155). Cancelling the await (the put
+        timeout) closes the operation too, which cancels it upstream.
+
+        Raises:
+            Exception: p4p's ``RemoteError`` (refused or failed upstream), ``Disconnected``,
+                ``Cancelled``, or the builder's error (``body`` does not fit the PV's type).
+        """
+        loop = self.loop
+        assert loop is not None and self._upstream is not None
+        fut = loop.create_future()
+
+        def settle(result: Any) -> None:  # on the loop
+            if fut.done():
+                return
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(None)
+
+        def done(result: Any) -> None:  # on pvxs's worker thread
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(settle, result)
+                except RuntimeError:  # the loop closed meanwhile: nobody waits
+                    pass
+
+        op = RawPvaClient.put(self._upstream, name, done, builder=body,
+                              request=self._put_request, get=False)
+        try:
+            await fut
+        finally:
+            loop.call_soon(op.close)
 
     # --- device PVs ---------------------------------------------------------------------------
 

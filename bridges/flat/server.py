@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import logging
+import numbers
 import os
 import pwd
 import time
@@ -56,6 +57,7 @@ from pvdb.process import FLAT_START_TIME, FLAT_VERSION, pvcoord_version
 from ..guard.decision import STALE_AFTER, Decision, HeldLock, LockState, decide
 from ..lockview import LockView, Snapshot
 from . import commands as cmd
+from .caput import CA_KEYS, ECA_NORMAL, CaUpstream
 from .commands import Code, CommandError
 from .entries import (
     READ_ONLY,
@@ -227,7 +229,11 @@ class FlatBridge:
         self.prefix = prefix
         self.policy = policy
         self.registry_prefix = registry_prefix or prefix
-        self.upstream_conf = dict(upstream_conf) if upstream_conf is not None else None
+        # EPICS_CA_* keys: the device network's CA, for forwarded puts (decision 0155)
+        ca_env = {k: v for k, v in (upstream_conf or {}).items() if k in CA_KEYS}
+        pva_up = {k: v for k, v in (upstream_conf or {}).items() if k not in CA_KEYS}
+        self.upstream_conf = pva_up if upstream_conf is not None and pva_up else None
+        self._ca_up: CaUpstream | None = CaUpstream(ca_env) if ca_env else None
         self.service_conf = dict(service_conf) if service_conf is not None else None
         self.pva_conf = dict(pva_conf) if pva_conf is not None else None
         self.put_timeout = put_timeout
@@ -250,6 +256,8 @@ class FlatBridge:
         self._pending: dict[tuple[str, str, str], asyncio.Future] = {}
         self._beat = 0
         self.pushes = 0
+        self.pva_puts = 0
+        """Puts forwarded over PVA since start (the ones over CA: ``CaUpstream.puts``)."""
         """Access-rights messages sent since start (for tests and the benchmark)."""
         self._upstream: PvaClient | None = None
         self._service: PvaClient | None = None
@@ -264,6 +272,8 @@ class FlatBridge:
     async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (then close everything); ``ready`` is set once serving."""
         self.loop = asyncio.get_running_loop()
+        if self._ca_up is not None:
+            self._ca_up.open(self.loop)  # first: it sets the CA environment while libca starts
         self._upstream = self._client(self.upstream_conf)
         self._service = self._client(self.service_conf)
         # with completion (a put-callback waits for the device), parsed once
@@ -285,6 +295,8 @@ class FlatBridge:
         self.view.start()
         try:
             await self._wait_port()
+            if self._ca_up is not None:
+                self._ca_up.own_port = self.ca_port()
             _log.info("CA server on port %s (TCP) of %s; PVA server %s", self.ca.port,
                       self.ca_interfaces or "EPICS_CAS_INTF_ADDR_LIST",
                       self._pva_server.conf())
@@ -307,6 +319,10 @@ class FlatBridge:
     async def close(self) -> None:
         """Stop the servers, monitors and clients."""
         self.view.close()
+        if self._ca_up is not None:
+            self._ca_up.close()
+            _log.info("forwarded puts: %d over CA, %d over PVA", self._ca_up.puts,
+                      self.pva_puts)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -462,11 +478,19 @@ class FlatBridge:
                 if text not in choices:
                     raise PutRefusedError(f"{entry.pvname}: {text!r} is not one of {choices}")
                 value = choices.index(text)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                    or not 0 <= int(value) < len(choices):
+                raise PutRefusedError(f"{entry.pvname}: {value!r} is not an index of {choices}")
             body: dict[str, Any] = {"value.index": int(value)}
         else:
             if isinstance(value, bytes):
                 value = value.decode("latin-1")
             body = {"value": value}
+        if self._ca_up is not None:  # one CA round trip where the device IOC serves it
+            fut = self._ca_up.put(entry.pvname, value if isinstance(value, list) else [value])
+            if fut is not None:
+                await self._await_ca(entry.pvname, fut)
+                return
         try:
             async with asyncio.timeout(self.put_timeout):
                 await self._put_upstream(entry.pvname, body)
@@ -475,6 +499,19 @@ class FlatBridge:
                              f"{self.put_timeout:g} s") from None
         except Exception as e:
             raise PutRefusedError(f"{entry.pvname}: upstream put failed: {e}") from None
+
+    async def _await_ca(self, name: str, fut: asyncio.Future) -> None:
+        """Wait for a CA put's completion status; raise :class:`PutRefusedError` unless normal."""
+        assert self._ca_up is not None
+        try:
+            async with asyncio.timeout(self.put_timeout):
+                status = await fut
+        except TimeoutError:
+            raise PutRefusedError(f"{name}: the upstream put did not complete in "
+                                  f"{self.put_timeout:g} s") from None
+        if status != ECA_NORMAL:
+            raise PutRefusedError(f"{name}: upstream put failed (CA): "
+                                  f"{self._ca_up.message(status)}")
 
     async def _put_upstream(self, name: str, body: dict[str, Any]) -> None:
         """Put ``body`` to upstream ``name`` with completion; return when it completed.
@@ -510,6 +547,7 @@ class FlatBridge:
 
         op = RawPvaClient.put(self._upstream, name, done, builder=body,
                               request=self._put_request, get=False)
+        self.pva_puts += 1
         try:
             await fut
         finally:
@@ -540,6 +578,8 @@ class FlatBridge:
                 _log.exception("mirror update of %s failed", name)
 
         m.sub = self._upstream.monitor(name, cb, notify_disconnect=True)
+        if self._ca_up is not None:
+            self._ca_up.prepare(name)  # connected by the time a client puts (decision 0155)
         return m
 
     async def _mirror_update(self, m: Mirror, v: Any) -> None:
@@ -600,6 +640,8 @@ class FlatBridge:
                     m.sub.close()
                 del self._mirrors[name]
                 del self._on_demand[name]
+                if self._ca_up is not None:
+                    self._ca_up.forget(name)
                 self._refused_names[name] = now
 
     # --- screen and command PVs ---------------------------------------------------------------

@@ -84,6 +84,8 @@ MIRROR_GIVE_UP = 5.0
 """Seconds an on-demand mirror (a name the registry does not list) may take to connect."""
 MAX_ON_DEMAND = 5000
 """On-demand mirrors kept at most (names of registered devices the registry does not list)."""
+HOLD_MAX = 0.02
+"""Seconds an update of a PV may wait for the reply of a put in flight to it (decision 0155)."""
 MAX_PENDING_COMMANDS = 64
 """Take/Release requests waiting at once; more are refused with ``busy``."""
 MAX_DECISIONS = 10000
@@ -486,19 +488,32 @@ class FlatBridge:
             if isinstance(value, bytes):
                 value = value.decode("latin-1")
             body = {"value": value}
+        m = self._mirrors.get(entry.pvname)
+        if m is not None:
+            m.inflight += 1
+        try:
+            await self._send(entry.pvname, value, body)
+        finally:
+            if m is not None:
+                m.inflight -= 1
+                if not m.inflight and m.held:
+                    self._release_held(m)  # runs after this put's CA reply is written
+
+    async def _send(self, name: str, value: Any, body: dict[str, Any]) -> None:
+        """Put upstream (CA where it can, else PVA) and wait for the completion."""
         if self._ca_up is not None:  # one CA round trip where the device IOC serves it
-            fut = self._ca_up.put(entry.pvname, value if isinstance(value, list) else [value])
+            fut = self._ca_up.put(name, value if isinstance(value, list) else [value])
             if fut is not None:
-                await self._await_ca(entry.pvname, fut)
+                await self._await_ca(name, fut)
                 return
         try:
             async with asyncio.timeout(self.put_timeout):
-                await self._put_upstream(entry.pvname, body)
+                await self._put_upstream(name, body)
         except TimeoutError:
-            raise PutRefusedError(f"{entry.pvname}: the upstream put did not complete in "
-                             f"{self.put_timeout:g} s") from None
+            raise PutRefusedError(f"{name}: the upstream put did not complete in "
+                                  f"{self.put_timeout:g} s") from None
         except Exception as e:
-            raise PutRefusedError(f"{entry.pvname}: upstream put failed: {e}") from None
+            raise PutRefusedError(f"{name}: upstream put failed: {e}") from None
 
     async def _await_ca(self, name: str, fut: asyncio.Future) -> None:
         """Wait for a CA put's completion status; raise :class:`PutRefusedError` unless normal."""
@@ -583,6 +598,39 @@ class FlatBridge:
         return m
 
     async def _mirror_update(self, m: Mirror, v: Any) -> None:
+        """An upstream update (or disconnect) of ``m``, applied to its CA entry.
+
+        Held back while a put to it is in flight (that put's CA reply goes first, decision
+        0155), at most :data:`HOLD_MAX` s; held updates are applied in order.
+        """
+        if m.inflight or m.held or m.releasing is not None:
+            m.held.append(v)
+            if m.inflight and m.timer is None and m.releasing is None:
+                assert self.loop is not None
+                m.timer = self.loop.call_later(HOLD_MAX, self._release_held, m)
+            return
+        await self._apply_update(m, v)
+
+    def _release_held(self, m: Mirror) -> None:
+        """Apply ``m``'s held updates in a task of their own (after the current callback)."""
+        if m.timer is not None:
+            m.timer.cancel()
+            m.timer = None
+        if m.releasing is None and m.held:
+            m.releasing = asyncio.create_task(self._apply_held(m))
+
+    async def _apply_held(self, m: Mirror) -> None:
+        try:
+            while m.held:
+                v = m.held.pop(0)
+                try:
+                    await self._apply_update(m, v)
+                except Exception:
+                    _log.exception("mirror update of %s failed", m.pvname)
+        finally:
+            m.releasing = None
+
+    async def _apply_update(self, m: Mirror, v: Any) -> None:
         if isinstance(v, Exception):
             if m.entry is not None and m.entry.connected:
                 await m.disconnected()

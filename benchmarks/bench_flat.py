@@ -389,6 +389,11 @@ def main() -> int:
     finally:
         for p in reversed(procs):
             p.stop()
+        for p in procs:  # which path the bridge's forwarded puts took (decision 0155)
+            if p.name == "flat":
+                for line in p.output().splitlines():
+                    if "forwarded puts:" in line:
+                        print(f"\nbridge: {line.split('forwarded puts:', 1)[1].strip()}")
         if ok:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

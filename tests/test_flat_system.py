@@ -321,6 +321,62 @@ def test_put_callback_completes_with_the_upstream_put(bl: Beamline):
     assert not r["ok"], r
 
 
+def test_puts_over_ca_complete_and_a_failed_ca_put_is_a_put_failure(bl: Beamline):
+    """Decision 0155: given the device network's CA settings (as the demo does), numeric and
+    enum puts go over libca's put-callback; a put the softIoc refuses over CA (the record is
+    disabled: DISP=1, ECA_PUTFAIL) reaches the CA client as a put failure. A bridge of its own,
+    so that its put counters (logged when it stops) are this test's."""
+    env = bridge_env(loopback_env())
+    svc = tuple(f"--service={k}={v}" for k, v in client_conf(bl.clients).items())
+    proc = start_flat(P, env, bl.devices_env, bl.tmp / "p.toml", bl.tmp / "caput", extra=svc)
+    vel = demo.motor_velocity(P, M4)
+    try:
+        with CAAgent(env) as root, Context("pva", conf=client_conf(bl.devices_env),
+                                           useenv=False) as ioc:
+            assert ok(root.wait_write(vel, True))["write"]
+            for speed in (2.0, 3.0, 4.0, 5.0):
+                ok(root.put(vel, speed))
+                assert float(ioc.get(vel, timeout=TIMEOUT)) == speed  # completed upstream
+            ok(root.put(vel + ".DISP", 1))  # a field: staff (root) may; uchar over CA
+            r = root.put(vel, 6.0)
+            assert not r["ok"], r
+            assert float(ioc.get(vel, timeout=TIMEOUT)) == 5.0
+            ok(root.put(vel + ".DISP", 0))
+            ok(root.put(vel, demo.MOTOR_VELOCITY))
+    finally:
+        proc.stop()
+    out = proc.output()
+    assert "upstream put failed (CA)" in out, out[-3000:]
+    counts = [line for line in out.splitlines() if "forwarded puts:" in line]
+    assert counts, out[-3000:]
+    over_ca = int(counts[-1].split("forwarded puts:")[1].split()[0])
+    assert over_ca >= 5, counts  # the first put of a name may go over PVA (channel connecting)
+
+
+def test_an_update_during_a_long_put_reaches_clients_before_the_put_completes(bl: Beamline):
+    """Updates of a PV with a put in flight wait for its reply at most 20 ms (decision 0155):
+    during a 2 s exposure started by a put to Acquire, Acquire reads 1 through the bridge long
+    before that put completes."""
+    root, acquire = bl.ca["root"], demo.det_acquire(P, DET)
+    exposure = 2.0
+    ok(root.put(demo.det_acquire_time(P, DET), exposure))
+    try:
+        with CaprotoContext(client_name="root") as ctx:
+            (pv,) = ctx.get_pvs(acquire, timeout=TIMEOUT)
+            pv.wait_for_connection(timeout=3 * TIMEOUT)
+            assert pv.read(timeout=TIMEOUT).data[0] == 0
+            t0 = time.monotonic()
+            done = []
+            pv.write([1], wait=False, callback=lambda response: done.append(time.monotonic()))
+            wait_until(lambda: pv.read(timeout=TIMEOUT).data[0] == 1, exposure / 2,
+                       "Acquire = 1 while the put is in flight")
+            assert not done, "the put completed before the exposure ended"
+            wait_until(lambda: done, 2 * exposure + TIMEOUT, "the put's completion")
+            assert done[0] - t0 >= exposure * 0.9
+    finally:
+        ok(root.put(demo.det_acquire_time(P, DET), demo.DET_ACQUIRE_TIME))
+
+
 def test_a_lock_of_the_same_account_from_another_host_is_not_the_clients(bl: Beamline):
     """The decision is bound to the peer host: nobody's lock taken at another host does not give
     write access to a CA client claiming nobody from 127.0.0.1 (decision 0132)."""

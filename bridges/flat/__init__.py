@@ -2,7 +2,7 @@
 
 Usage: python -m bridges.flat --config ENDSTATION.toml   (systemd: [ca_bridge], docs/deploy.md)
        python -m bridges.flat --prefix P [--registry-prefix R] [--policy FILE]
-                              [--upstream EPICS_PVA_KEY=VALUE ...]
+                              [--upstream EPICS_PVA_KEY=VALUE | EPICS_CA_KEY=VALUE ...]
                               [--service EPICS_PVA_KEY=VALUE ...] [--stale-after S]
                               [--put-timeout S]
 
@@ -11,7 +11,11 @@ EPICS_CAS_INTF_ADDR_LIST) for Phoebus and other CA clients, plus a PVA server (E
 the bridge's own PVs. It reads the coordination and registry IOCs over PVA (``--service``
 settings; default: this process's EPICS_PVA_* environment) and the device IOCs over PVA on the
 device network (``--upstream`` settings, e.g. ``--upstream EPICS_PVA_ADDR_LIST=10.0.1.5
---upstream EPICS_PVA_BROADCAST_PORT=5076``; default: the same environment).
+--upstream EPICS_PVA_BROADCAST_PORT=5076``; default: the same environment). With the device
+network's CA settings too (``--upstream EPICS_CA_ADDR_LIST=10.0.1.5 --upstream
+EPICS_CA_AUTO_ADDR_LIST=NO``, optional EPICS_CA_SERVER_PORT), a numeric or enum put is forwarded
+over CA (libca's put-callback: one round trip) where the device IOC serves the PV over CA, and
+over PVA otherwise (decision 0155).
 
 Device PVs: every PV of every registered device (Registry:DevicePVs), under its own name, and on
 first search any other name the registry maps to a device (record fields such as ``.DESC``,

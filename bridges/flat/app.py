@@ -15,6 +15,7 @@ from pvdb.names import check_prefix
 from pvdb.policy import PolicyError, load_policy
 
 from . import __doc__ as HELP  # noqa: N812 - the module docstring is the --help text
+from .caput import CA_KEYS
 from .server import PUT_TIMEOUT, STALE_AFTER, FlatBridge
 
 _log = logging.getLogger("bridges.flat")
@@ -47,7 +48,9 @@ def parse_upstream(items: Sequence[str], option: str = "--upstream") -> dict[str
     Returns None if none are given.
 
     Raises:
-        ValueError: an item is not ``EPICS_PVA_...=VALUE``.
+        ValueError: an item is not ``EPICS_PVA_...=VALUE`` (for ``--upstream`` also one of
+            the libca keys ``EPICS_CA_ADDR_LIST``, ``EPICS_CA_AUTO_ADDR_LIST``,
+            ``EPICS_CA_SERVER_PORT``, ``EPICS_CA_MAX_ARRAY_BYTES``).
     """
     if not items:
         return None
@@ -55,8 +58,10 @@ def parse_upstream(items: Sequence[str], option: str = "--upstream") -> dict[str
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or not key.startswith("EPICS_PVA_"):
-            raise ValueError(f"{option} {item!r}: give EPICS_PVA_<NAME>=VALUE")
+        ca_ok = option == "--upstream" and key in CA_KEYS
+        if not sep or not (key.startswith("EPICS_PVA_") or ca_ok):
+            also = f" or one of {', '.join(CA_KEYS)}" if option == "--upstream" else ""
+            raise ValueError(f"{option} {item!r}: give EPICS_PVA_<NAME>=VALUE{also}")
         out[key] = value.strip()
     return out
 
@@ -99,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--registry-prefix", help="prefix of the registry IOC (default: P)")
     parser.add_argument("--policy", help="policy TOML (default: the built-in policy)")
     parser.add_argument("--upstream", action="append", default=[], metavar="EPICS_PVA_X=V",
-                        help="p4p client setting of the device network (repeatable)")
+                        help="p4p client setting of the device network (repeatable); "
+                        "EPICS_CA_ADDR_LIST etc. of the device network: forwarded puts over CA")
     parser.add_argument("--service", action="append", default=[], metavar="EPICS_PVA_X=V",
                         help="p4p client setting of the network of the coordination and registry "
                         "IOCs (repeatable; default: this process's environment)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import logging
+import numbers
 import os
 import pwd
 import time
@@ -33,6 +34,7 @@ from caproto import AccessRights, AlarmSeverity, AlarmStatus
 from caproto.asyncio.server import Context as CaContext
 from caproto.asyncio.server import VirtualCircuit
 from p4p.client.asyncio import Context as PvaClient
+from p4p.client.raw import Context as RawPvaClient
 from p4p.nt import NTURI, NTEnum, NTScalar
 from p4p.server import Server as PvaServer
 from p4p.server import StaticProvider
@@ -57,6 +59,7 @@ from pvdb.process import FLAT_START_TIME, FLAT_VERSION, pvcoord_version
 from ..guard.decision import STALE_AFTER, Decision, HeldLock, LockState, decide
 from ..lockview import LockView, Snapshot
 from . import commands as cmd
+from .caput import CA_KEYS, ECA_NORMAL, CaUpstream
 from .commands import Code, CommandError
 from .entries import (
     READ_ONLY,
@@ -83,6 +86,8 @@ MIRROR_GIVE_UP = 5.0
 """Seconds an on-demand mirror (a name the registry does not list) may take to connect."""
 MAX_ON_DEMAND = 5000
 """On-demand mirrors kept at most (names of registered devices the registry does not list)."""
+HOLD_MAX = 0.02
+"""Seconds an update of a PV may wait for the reply of a put in flight to it (decision 0155)."""
 MAX_PENDING_COMMANDS = 64
 """Take/Release requests waiting at once; more are refused with ``busy``."""
 MAX_DECISIONS = 10000
@@ -228,7 +233,11 @@ class FlatBridge:
         self.prefix = prefix
         self.policy = policy
         self.registry_prefix = registry_prefix or prefix
-        self.upstream_conf = dict(upstream_conf) if upstream_conf is not None else None
+        # EPICS_CA_* keys: the device network's CA, for forwarded puts (decision 0155)
+        ca_env = {k: v for k, v in (upstream_conf or {}).items() if k in CA_KEYS}
+        pva_up = {k: v for k, v in (upstream_conf or {}).items() if k not in CA_KEYS}
+        self.upstream_conf = pva_up if upstream_conf is not None and pva_up else None
+        self._ca_up: CaUpstream | None = CaUpstream(ca_env) if ca_env else None
         self.service_conf = dict(service_conf) if service_conf is not None else None
         self.pva_conf = dict(pva_conf) if pva_conf is not None else None
         self.put_timeout = put_timeout
@@ -251,6 +260,8 @@ class FlatBridge:
         self._pending: dict[tuple[str, str, str], asyncio.Future] = {}
         self._beat = 0
         self.pushes = 0
+        self.pva_puts = 0
+        """Puts forwarded over PVA since start (the ones over CA: ``CaUpstream.puts``)."""
         """Access-rights messages sent since start (for tests and the benchmark)."""
         self._upstream: PvaClient | None = None
         self._service: PvaClient | None = None
@@ -265,6 +276,8 @@ class FlatBridge:
     async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (then close everything); ``ready`` is set once serving."""
         self.loop = asyncio.get_running_loop()
+        if self._ca_up is not None:
+            self._ca_up.open(self.loop)  # first: it sets the CA environment while libca starts
         self._upstream = self._client(self.upstream_conf)
         self._service = self._client(self.service_conf)
         # with completion (a put-callback waits for the device), parsed once
@@ -286,6 +299,8 @@ class FlatBridge:
         self.view.start()
         try:
             await self._wait_port()
+            if self._ca_up is not None:
+                self._ca_up.own_port = self.ca_port()
             _log.info("CA server on port %s (TCP) of %s; PVA server %s", self.ca.port,
                       self.ca_interfaces or "EPICS_CAS_INTF_ADDR_LIST",
                       self._pva_server.conf())
@@ -308,6 +323,10 @@ class FlatBridge:
     async def close(self) -> None:
         """Stop the servers, monitors and clients."""
         self.view.close()
+        if self._ca_up is not None:
+            self._ca_up.close()
+            _log.info("forwarded puts: %d over CA, %d over PVA", self._ca_up.puts,
+                      self.pva_puts)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -463,21 +482,93 @@ class FlatBridge:
                 if text not in choices:
                     raise PutRefusedError(f"{entry.pvname}: {text!r} is not one of {choices}")
                 value = choices.index(text)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                    or not 0 <= int(value) < len(choices):
+                raise PutRefusedError(f"{entry.pvname}: {value!r} is not an index of {choices}")
             body: dict[str, Any] = {"value.index": int(value)}
         else:
             if isinstance(value, bytes):
                 value = value.decode("latin-1")
             body = {"value": value}
-        assert self._upstream is not None
+        m = self._mirrors.get(entry.pvname)
+        if m is not None:
+            m.inflight += 1
+        try:
+            await self._send(entry.pvname, value, body)
+        finally:
+            if m is not None:
+                m.inflight -= 1
+                if not m.inflight and m.held:
+                    self._release_held(m)  # runs after this put's CA reply is written
+
+    async def _send(self, name: str, value: Any, body: dict[str, Any]) -> None:
+        """Put upstream (CA where it can, else PVA) and wait for the completion."""
+        if self._ca_up is not None:  # one CA round trip where the device IOC serves it
+            fut = self._ca_up.put(name, value if isinstance(value, list) else [value])
+            if fut is not None:
+                await self._await_ca(name, fut)
+                return
         try:
             async with asyncio.timeout(self.put_timeout):
-                await self._upstream.put(entry.pvname, body, request=self._put_request,
-                                         get=False)
+                await self._put_upstream(name, body)
         except TimeoutError:
-            raise PutRefusedError(f"{entry.pvname}: the upstream put did not complete in "
-                             f"{self.put_timeout:g} s") from None
+            raise PutRefusedError(f"{name}: the upstream put did not complete in "
+                                  f"{self.put_timeout:g} s") from None
         except Exception as e:
-            raise PutRefusedError(f"{entry.pvname}: upstream put failed: {e}") from None
+            raise PutRefusedError(f"{name}: upstream put failed: {e}") from None
+
+    async def _await_ca(self, name: str, fut: asyncio.Future) -> None:
+        """Wait for a CA put's completion status; raise :class:`PutRefusedError` unless normal."""
+        assert self._ca_up is not None
+        try:
+            async with asyncio.timeout(self.put_timeout):
+                status = await fut
+        except TimeoutError:
+            raise PutRefusedError(f"{name}: the upstream put did not complete in "
+                                  f"{self.put_timeout:g} s") from None
+        if status != ECA_NORMAL:
+            raise PutRefusedError(f"{name}: upstream put failed (CA): "
+                                  f"{self._ca_up.message(status)}")
+
+    async def _put_upstream(self, name: str, body: dict[str, Any]) -> None:
+        """Put ``body`` to upstream ``name`` with completion; return when it completed.
+
+        p4p's raw put (the asyncio ``Context.put`` minus its ``close()`` before returning):
+        closing a finished operation waits twice for pvxs's worker thread (``cancel()`` and the
+        operation's deleter call into it synchronously), so the close is queued to run after
+        the caller's CA reply is written (decision 0155). Cancelling the await (the put
+        timeout) closes the operation too, which cancels it upstream.
+
+        Raises:
+            Exception: p4p's ``RemoteError`` (refused or failed upstream), ``Disconnected``,
+                ``Cancelled``, or the builder's error (``body`` does not fit the PV's type).
+        """
+        loop = self.loop
+        assert loop is not None and self._upstream is not None
+        fut = loop.create_future()
+
+        def settle(result: Any) -> None:  # on the loop
+            if fut.done():
+                return
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(None)
+
+        def done(result: Any) -> None:  # on pvxs's worker thread
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(settle, result)
+                except RuntimeError:  # the loop closed meanwhile: nobody waits
+                    pass
+
+        op = RawPvaClient.put(self._upstream, name, done, builder=body,
+                              request=self._put_request, get=False)
+        self.pva_puts += 1
+        try:
+            await fut
+        finally:
+            loop.call_soon(op.close)
 
     # --- device PVs ---------------------------------------------------------------------------
 
@@ -504,9 +595,44 @@ class FlatBridge:
                 _log.exception("mirror update of %s failed", name)
 
         m.sub = self._upstream.monitor(name, cb, notify_disconnect=True)
+        if self._ca_up is not None:
+            self._ca_up.prepare(name)  # connected by the time a client puts (decision 0155)
         return m
 
     async def _mirror_update(self, m: Mirror, v: Any) -> None:
+        """An upstream update (or disconnect) of ``m``, applied to its CA entry.
+
+        Held back while a put to it is in flight (that put's CA reply goes first, decision
+        0155), at most :data:`HOLD_MAX` s; held updates are applied in order.
+        """
+        if m.inflight or m.held or m.releasing is not None:
+            m.held.append(v)
+            if m.inflight and m.timer is None and m.releasing is None:
+                assert self.loop is not None
+                m.timer = self.loop.call_later(HOLD_MAX, self._release_held, m)
+            return
+        await self._apply_update(m, v)
+
+    def _release_held(self, m: Mirror) -> None:
+        """Apply ``m``'s held updates in a task of their own (after the current callback)."""
+        if m.timer is not None:
+            m.timer.cancel()
+            m.timer = None
+        if m.releasing is None and m.held:
+            m.releasing = asyncio.create_task(self._apply_held(m))
+
+    async def _apply_held(self, m: Mirror) -> None:
+        try:
+            while m.held:
+                v = m.held.pop(0)
+                try:
+                    await self._apply_update(m, v)
+                except Exception:
+                    _log.exception("mirror update of %s failed", m.pvname)
+        finally:
+            m.releasing = None
+
+    async def _apply_update(self, m: Mirror, v: Any) -> None:
         if isinstance(v, Exception):
             if m.entry is not None and m.entry.connected:
                 await m.disconnected()
@@ -564,6 +690,8 @@ class FlatBridge:
                     m.sub.close()
                 del self._mirrors[name]
                 del self._on_demand[name]
+                if self._ca_up is not None:
+                    self._ca_up.forget(name)
                 self._refused_names[name] = now
 
     # --- screen and command PVs ---------------------------------------------------------------

@@ -170,6 +170,12 @@ class Mirror:
         self.array = False
         self.sub: Any = None
         self.error = ""
+        self.inflight = 0
+        """Forwarded puts to this PV not completed yet."""
+        self.held: list[Any] = []
+        """Updates held back while a put is in flight (applied in order after its reply)."""
+        self.timer: Any = None
+        self.releasing: Any = None
         self._md: dict[str, Any] | None = None
         self._alarm: tuple[AlarmStatus, AlarmSeverity] | None = None
         self._choices: list[str] = []

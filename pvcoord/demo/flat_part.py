@@ -35,6 +35,8 @@ from pvdb.names import COORD_ACQUIRE, COORD_LOCKS, COORD_RELEASE
 REPO = Path(__file__).resolve().parent.parent.parent
 AGENT_TIMEOUT = 10.0
 """Seconds one agent request may take."""
+UPSTREAM_CA_KEYS = ("EPICS_CA_ADDR_LIST", "EPICS_CA_AUTO_ADDR_LIST", "EPICS_CA_SERVER_PORT")
+"""The device network's CA settings the bridge gets with ``--upstream``."""
 CA_KEYS = ("EPICS_CA_SERVER_PORT", "EPICS_CAS_SERVER_PORT", "EPICS_CA_REPEATER_PORT",
            "EPICS_CAS_BEACON_PORT")
 
@@ -55,8 +57,13 @@ def bridge_env(client_env: Mapping[str, str], ca_port: int | None = None,
 
 
 def upstream_args(device_env: Mapping[str, str]) -> list[str]:
-    """``--upstream`` arguments that point the bridge at the device network."""
-    return [f"--upstream={k}={v}" for k, v in client_conf(device_env).items()]
+    """``--upstream`` arguments that point the bridge at the device network.
+
+    The PVA settings, and the CA ones (the softIoc serves CA too: the bridge forwards puts
+    over CA, decision 0155).
+    """
+    ca = {k: device_env[k] for k in UPSTREAM_CA_KEYS if k in device_env}
+    return [f"--upstream={k}={v}" for k, v in {**client_conf(device_env), **ca}.items()]
 
 
 def start_flat(

@@ -10,6 +10,14 @@ oldest is dropped and counted (``dropped``).
 
 Throttling: a PV is sent at most once per ``throttle`` seconds per socket; an update inside the
 period arms a timer that sends the then-latest state at the period's end.
+
+Fairness between sockets: a writer sends at most ``SLICE`` frames, then yields to the event loop,
+so every other socket with news (and every upstream update waiting to be taken in) gets a turn
+between two slices of a long burst. A socket with one fresh update therefore waits for about one
+slice of each busy socket, not for their whole bursts (``docs/decisions/0150-*.md``). The TCP
+connection of a socket with a burst stays corked across its slices and is uncorked when its queue
+is empty. The steady-state frame of an update (no metadata, severity or readonly change) is
+encoded once per channel and PV name (:meth:`Upstream.frame`) and shared by every socket.
 """
 
 from __future__ import annotations
@@ -23,11 +31,19 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from .pool import Upstream
 
 _ids = itertools.count(1)
+
+SLICE = 1
+"""Frames a socket's writer sends before it yields to the event loop (see the module docstring).
+
+One frame per turn: a round of 100 busy sockets is then ~100 frames (about 1.5 ms), the longest a
+socket with one fresh update waits per loop iteration; the TCP connection stays corked across
+turns, so slicing adds task switches (a few microseconds per frame), not socket writes.
+"""
 
 ReadonlyFn = Callable[[str | None, Upstream], tuple[bool, str]]
 
@@ -157,21 +173,31 @@ class Socket:
 
     # --- writer side --------------------------------------------------------------------------
 
-    def build(self, sub: Sub) -> str | None:
-        """The ``update`` message for ``sub`` from its channel's latest state (None: nothing)."""
+    def build(self, sub: Sub) -> bytes | None:
+        """The ``update`` frame (UTF-8) for ``sub`` from its channel's latest state (None: nothing).
+
+        The steady-state frame (nothing changed but the value) is the channel's shared encoding
+        (:meth:`Upstream.frame`); only frames with metadata, severity or readonly news are built
+        for this socket.
+        """
         up = sub.up
         if up is None or up.conv is None:
             return None
         conv = up.conv
-        parts = [sub.head]
+        ro, reason = self.readonly(self.user, up)
         first = sub.sent_gen != up.gen
+        sub.last_sent = time.monotonic()
+        if (not first and conv.severity == sub.sent_sev and ro == sub.sent_ro
+                and (not ro or not reason or reason == sub.sent_reason)):
+            sub.sent_reason = reason if ro else ""
+            return up.frame(sub.head)
+        parts = [sub.head]
         if first:
             parts.append("," + conv.meta)
             sub.sent_gen = up.gen
         if first or conv.severity != sub.sent_sev:
             parts.append(f',"severity":"{conv.severity}"')
             sub.sent_sev = conv.severity
-        ro, reason = self.readonly(self.user, up)
         if first or ro != sub.sent_ro:
             parts.append(',"readonly":' + ("true" if ro else "false"))
             sub.sent_ro = ro
@@ -179,8 +205,7 @@ class Socket:
             parts.append(',"readonly_reason":' + json.dumps(reason))
         sub.sent_reason = reason if ro else ""
         parts.append("," + conv.body + "}")
-        sub.last_sent = time.monotonic()
-        return "".join(parts)
+        return "".join(parts).encode()
 
     def _cork(self, on: bool) -> None:
         """``TCP_CORK`` on the connection while a burst is written (Linux; else nothing).
@@ -198,7 +223,11 @@ class Socket:
             self.tcp_socket = None  # not a TCP socket (or closed): stop trying
 
     async def run_writer(self) -> None:
-        """Send queued messages until the socket closes (a burst of several is corked)."""
+        """Send queued messages until the socket closes.
+
+        ``SLICE`` frames per turn, then a yield to the loop while more are queued; a burst of
+        several frames is written corked and uncorked when the queue is empty.
+        """
         ws = self.ws
         while not self._closed:
             await self._wake.wait()
@@ -207,31 +236,37 @@ class Socket:
             if corked:
                 self._cork(True)
             try:
-                await self._write_all(ws)
+                while await self._write_slice(ws):
+                    await asyncio.sleep(0)  # a turn for the other sockets and upstream updates
             finally:
                 if corked:
                     self._cork(False)
 
-    async def _write_all(self, ws: web.WebSocketResponse) -> None:
-        """Send every queued control message and ready update (control messages first)."""
+    async def _write_slice(self, ws: web.WebSocketResponse) -> bool:
+        """Send up to ``SLICE`` queued messages (control messages first); True: more are queued."""
+        n = 0
         while not self._closed and (self.control or self.ready):
+            if n >= SLICE:
+                return True
             if self.control:
-                text: str | None = self.control.popleft()
+                data: bytes | None = self.control.popleft().encode()
             else:
                 pv = next(iter(self.ready))
                 del self.ready[pv]
                 sub = self.subs.get(pv)
-                text = self.build(sub) if sub is not None else None
-            if text is None:
+                data = self.build(sub) if sub is not None else None
+            if data is None:
                 continue
             try:
-                await ws.send_str(text)
+                await ws.send_frame(data, WSMsgType.TEXT)
             except (ConnectionError, RuntimeError):
                 self._closed = True
-                return
+                return False
+            n += 1
             self.sent += 1
             self.last_message_sent = time.time()
-            self.max_size = max(self.max_size, len(text))
+            self.max_size = max(self.max_size, len(data))
+        return False
 
     def close(self) -> None:
         """Stop sending; cancel timers (subscriptions are released by the caller)."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import socket
+import struct
+import termios
 import time
 import urllib.error
 import urllib.request
@@ -12,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from websockets.client import ClientProtocol
+from websockets.http11 import Response
 from websockets.sync.client import ClientConnection, connect
+from websockets.uri import parse_uri
 
 from pvcoord.demo import devices
 from pvcoord.demo.guard_part import start_guard
@@ -302,6 +309,66 @@ class WS:
         self._cm.__exit__(None, None, None)
 
     def __enter__(self) -> WS:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class UnreadWS:
+    """A websocket whose frames the test leaves in the kernel (it reads only the handshake).
+
+    A plain TCP socket driven by the ``websockets`` sans-I/O client protocol, with a receive
+    buffer of ``rcvbuf`` bytes, so the bridge can write a large burst to it without waiting for
+    the client; :meth:`pending` is how many bytes of frames have arrived so far (``FIONREAD``).
+    """
+
+    def __init__(self, url: str, cookie: str = "", rcvbuf: int = 4 << 20) -> None:
+        uri = parse_uri(url)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect((uri.host, uri.port))
+        self.proto = ClientProtocol(uri, max_size=None)
+        request = self.proto.connect()
+        if cookie:
+            request.headers["Cookie"] = cookie
+        self.proto.send_request(request)
+        self._flush()
+        deadline = time.monotonic() + TIMEOUT
+        response = None
+        while response is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("websocket handshake")
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            self.proto.receive_data(data)
+            response = next((e for e in self.proto.events_received()
+                             if isinstance(e, Response)), None)
+        if self.proto.handshake_exc is not None:
+            raise self.proto.handshake_exc
+
+    def _flush(self) -> None:
+        for data in self.proto.data_to_send():
+            if data:
+                self.sock.sendall(data)
+
+    def send_all(self, *objs: Any) -> None:
+        """Send several messages in one ``sendall`` (so they arrive together)."""
+        for obj in objs:
+            self.proto.send_text(json.dumps(obj).encode())
+        self.sock.sendall(b"".join(self.proto.data_to_send()))
+
+    def pending(self) -> int:
+        """Bytes received and not read (frames the bridge has written to this socket so far)."""
+        return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD,
+                                              b"\0\0\0\0"))[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> UnreadWS:
         return self
 
     def __exit__(self, *exc: object) -> None:

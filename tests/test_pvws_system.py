@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from p4p.client.thread import Context
 from pvcoord.procs import client_conf, wait_until
 from pvdb import demo
 
-from .pvwshelpers import ARRAYS, MANY, TIMEOUT, WS, P, beamline
+from .pvwshelpers import ARRAYS, MANY, TIMEOUT, WS, P, UnreadWS, beamline
 
 pytestmark = pytest.mark.system
 
@@ -421,6 +422,43 @@ def test_slow_client_does_not_slow_others_and_keeps_last_state(bl, ctx):
         assert len(base64.b64decode(last_big["b64dbl"])) == 8 * 100_000
     finally:
         slow.close()
+
+
+def test_fresh_update_is_not_written_behind_another_sockets_backlog(bl):
+    """Socket B's fresh update goes out between slices of socket A's burst, not after it.
+
+    A (alice; its frames are left unread in a large kernel buffer, so the bridge never waits
+    for A's client) sends in one segment a subscribe of a ``loc://`` PV and the 1000 ``many:``
+    PVs (channels held open by a third socket, so 1000 frames are ready at once) and a write of
+    the ``loc://`` PV, which B watches. When B has the written value, part of A's backlog must
+    still be unwritten: fewer bytes are in A's receive queue than once A's burst is complete.
+    (A writer that sent its whole burst before yielding wrote all of A's frames first.)
+    """
+    loc = f"loc://order{time.monotonic_ns()}(0)"
+    many = [f"pva://{P}many:{i}" for i in range(MANY)]
+    cookie = bl.bridge.login("alice", bl.passwords["alice"])
+    with WS(bl.bridge.ws_url, max_queue=None) as keep, WS(bl.bridge.ws_url) as b:
+        keep.subscribe(*many)
+        got: set[str] = set()
+        while len(got) < MANY:
+            got.add(keep.wait(lambda m: m.get("type") == "update", timeout=20)["pv"])
+        b.subscribe(loc)
+        assert b.update(loc)["value"] == 0
+        with UnreadWS(bl.bridge.ws_url, cookie) as a:
+            a.send_all({"type": "subscribe", "pvs": [loc, *many]},
+                       {"type": "write", "pv": loc, "value": 1})
+            b.update(loc, lambda m: m.get("value") == 1)
+            at_b = a.pending()
+
+            def a_done() -> bool:
+                socks = bl.bridge.get("/pvws/summary")["sockets"]
+                mine = [s for s in socks if s["user"] == "alice" and s["pvs"] == MANY + 1]
+                return len(mine) == 1 and mine[0]["queued"] == 0 and mine[0]["sent"] > MANY
+
+            wait_until(a_done, timeout=20, what="A's backlog written")
+            total = a.pending()
+        assert 0 <= at_b < total, (at_b, total)
+        assert total > MANY * 100  # A's 1001 frames (with metadata) did arrive unread
 
 
 def test_socket_from_another_origin_gets_no_identity(bl):

@@ -44,7 +44,7 @@ from .auth import COOKIE, USER_RE, PasswordFileError, Sessions, check_password
 from .cawrite import CaWriteError, CaWriter, device_ca_env
 from .config import BridgeConfig, PVNameError, parse_name
 from .pool import LocUpstream, Pool, SimUpstream, Upstream
-from .session import Socket, Sub
+from .session import Sender, Socket, Sub
 from .status import StatusPVs
 
 log = logging.getLogger("bridges.pvws")
@@ -91,6 +91,7 @@ class BridgeState:
     started: float = field(default_factory=time.time)
     sockets: dict[int, Socket] = field(default_factory=dict)
     pool: Pool | None = None
+    sender: Sender | None = None
     read_ctx: Context | None = None
     device_ctx: Context | None = None
     view: LockView | None = None
@@ -690,12 +691,14 @@ async def pv_socket(request: web.Request) -> web.StreamResponse:
         log.warning("socket from origin %s for %s: not as %s (read-only)", origin[:80],
                     request.host, user)
         user = None
-    sock = Socket(ws, user, _peer_host(request), cfg.throttle, cfg.queue_size, st.readonly)
+    assert st.sender is not None
+    sock = Socket(ws, user, _peer_host(request), cfg.throttle, cfg.queue_size, st.readonly,
+                  st.sender)
     if request.transport is not None:
         sock.tcp_socket = request.transport.get_extra_info("socket")
+        sock.transport = request.transport
     proto = Protocol(st, sock)
     st.sockets[sock.id] = sock
-    writer = asyncio.get_running_loop().create_task(sock.run_writer())
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -716,11 +719,8 @@ async def pv_socket(request: web.Request) -> web.StreamResponse:
             sub = sock.drop_sub(pv)
             if sub is not None and sub.up is not None:
                 st.pool.release(sub.up, sub)
-        writer.cancel()
         for t in list(proto.tasks):
             t.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
     return ws
 
 
@@ -754,6 +754,8 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
 
     st.pool = Pool(lambda: st.read_ctx,  # type: ignore[arg-type,return-value]
                    ca_ctx if cfg.ca_via == "ca" else None)
+    st.sender = Sender()
+    st.sender.start()
     view = LockView(cfg.prefix, cfg.registry_prefix, conf=cfg.client_conf)
 
     def on_change(snap: Snapshot) -> None:
@@ -775,6 +777,7 @@ async def _contexts(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(Exception):
                 await sock.ws.close()
         st.pool.close()
+        await st.sender.stop()
         if st.ca_ctx is not None:
             from .ca import close_context
 

@@ -3,24 +3,35 @@
 An :class:`Upstream` holds the latest converted state of its channel and tells each subscribed
 :class:`Sub` when it changes; the socket decides when to send (throttling, coalescing). A channel
 lives while at least one socket subscribes it (``/pvws/pool`` lists the reference counts).
+
+PVA monitors are taken in from p4p's client thread in batches (:class:`MonitorBatch`): one hop
+into the event loop for all channels with news since the loop last looked, and one conversion per
+channel and batch (of its latest value), instead of one hop, one task wake-up and one conversion
+per update.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from p4p.client.asyncio import Context, Disconnected
+from p4p.client import raw
+from p4p.client.asyncio import Context, Disconnected, Finished
 
 from .config import PVName
 from .values import DISCONNECTED_BODY, Converted, convert, local_enum, local_value
 
 if TYPE_CHECKING:
     from .session import Sub
+
+_log = logging.getLogger(__name__)
 
 
 class Upstream:
@@ -43,6 +54,7 @@ class Upstream:
         self.connected = False
         self.subs: set[Sub] = set()
         self.updates = 0
+        self._frames: dict[str, bytes] = {}
 
     @property
     def key(self) -> str:
@@ -61,8 +73,22 @@ class Upstream:
             self.gen += 1
         self.conv = conv
         self.updates += 1
+        self._frames.clear()
         for sub in list(self.subs):
             sub.socket.updated(sub)
+
+    def frame(self, head: str) -> bytes:
+        """The steady-state ``update`` frame of the latest state (UTF-8), for one PV name.
+
+        ``head`` is a :class:`~bridges.pvws.session.Sub`'s ``{"type":"update","pv":NAME``; the
+        frame adds only the value part (``seconds``, ``nanos``, value fields). Encoded once per
+        state and name, shared by every socket that subscribes the channel under that name.
+        """
+        data = self._frames.get(head)
+        if data is None:
+            assert self.conv is not None
+            data = self._frames[head] = (head + "," + self.conv.body + "}").encode()
+        return data
 
     def disconnected(self) -> None:
         """Publish a disconnect (``value: "NaN"``, ``severity: INVALID``) once."""
@@ -74,27 +100,99 @@ class Upstream:
                                old.numeric))
 
 
-class PvaUpstream(Upstream):
-    """A PVA monitor (``pva://`` and ``ca://`` names: QSRV serves records over both)."""
+class MonitorBatch:
+    """Takes PVA monitor news from p4p's client thread into the event loop in batches.
 
-    def __init__(self, pvname: PVName, ctx: Context) -> None:
+    p4p's client thread calls :meth:`notify` when a channel's update queue becomes non-empty; the
+    first notification since the loop last looked schedules one :meth:`_run` on the loop
+    (``call_soon_threadsafe``), and later ones only add their channel. ``_run`` lets each channel
+    take in everything queued (:meth:`PvaUpstream.take`).
+
+    Args:
+        loop: the bridge's event loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: dict[PvaUpstream, None] = {}
+        self._scheduled = False
+        self.batches = 0
+        """Hops into the loop so far."""
+
+    def notify(self, up: PvaUpstream) -> None:
+        """``up`` has news (any thread)."""
+        with self._lock:
+            self._pending[up] = None
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed at shutdown
+            self._loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, {}
+            self._scheduled = False
+        self.batches += 1
+        for up in batch:
+            try:
+                up.take()
+            except Exception:  # one channel's failure must not starve the others
+                _log.exception("monitor update of %s failed", up.key)
+
+
+class PvaUpstream(Upstream):
+    """A PVA monitor (``pva://`` and ``ca://`` names: QSRV serves records over both).
+
+    Args:
+        pvname: the parsed name.
+        ctx: the p4p client context (``nt=False``).
+        batch: the pool's :class:`MonitorBatch`.
+    """
+
+    def __init__(self, pvname: PVName, ctx: Context, batch: MonitorBatch) -> None:
         super().__init__(pvname)
         self._ctx = ctx
+        self._batch = batch
         self._sub: Any = None
 
     def start(self) -> None:  # noqa: D102
-        self._sub = self._ctx.monitor(self.pvname.name, self._on, notify_disconnect=True)
+        # p4p's raw monitor (the FIFO its asyncio Context wraps): its handler runs on p4p's
+        # client thread when the FIFO becomes non-empty; the values are popped on the loop.
+        self._sub = raw.Context.monitor(self._ctx, self.pvname.name,
+                                        lambda: self._batch.notify(self))
 
     def close(self) -> None:  # noqa: D102
         if self._sub is not None:
             self._sub.close()
             self._sub = None
 
-    async def _on(self, v: Any) -> None:
-        if isinstance(v, Exception):
-            if isinstance(v, Disconnected):
-                self.disconnected()
-            return
+    def take(self) -> None:
+        """Take in every queued event (event loop): publish the latest value once.
+
+        A disconnect is published in its place in the sequence (a value queued before it first),
+        so a reconnect sends metadata again; values in a row are coalesced to the last one.
+        """
+        last: Any = None
+        while self._sub is not None:
+            ev = self._sub.pop()
+            if ev is None:
+                break
+            if isinstance(ev, Exception):
+                if last is not None:
+                    self._value(last)
+                    last = None
+                if isinstance(ev, Disconnected):
+                    self.disconnected()
+                if isinstance(ev, Finished):
+                    break
+            else:
+                last = ev
+        if last is not None:
+            self._value(last)
+
+    def _value(self, v: Any) -> None:
         try:
             conv = convert(v)
         except Exception as e:  # a server sending something unexpected must not stop us
@@ -194,6 +292,14 @@ class Pool:
         self._ctx_for = ctx_for
         self._ca_for = ca_for
         self.channels: dict[str, Upstream] = {}
+        self._batch: MonitorBatch | None = None
+
+    @property
+    def batch(self) -> MonitorBatch:
+        """The :class:`MonitorBatch` of the PVA channels (made on first use, in the loop)."""
+        if self._batch is None:
+            self._batch = MonitorBatch(asyncio.get_running_loop())
+        return self._batch
 
     def acquire(self, pvname: PVName, sub: Sub) -> Upstream:
         """The channel for ``pvname`` (started if new), with ``sub`` added to its subscribers."""
@@ -208,7 +314,7 @@ class Pool:
 
                 up = CaUpstream(pvname, self._ca_for())
             else:
-                up = PvaUpstream(pvname, self._ctx_for())
+                up = PvaUpstream(pvname, self._ctx_for(), self.batch)
             self.channels[pvname.key] = up
             up.subs.add(sub)
             sub.up = up

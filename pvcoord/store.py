@@ -10,9 +10,11 @@ URLs accepted by :func:`open_store`:
 - ``sqlite:///ABSOLUTE/PATH.sqlite`` or a plain path: SQLite in WAL mode. ``?sync=full``
   (default): each change is written to the WAL under the IOC's mutex, and the WAL file is
   fsync'ed before the reply, once for all the requests in flight (group commit), so a reply
-  means the change survives a power loss. ``?sync=normal``: no fsync (survives a crash or
-  ``kill -9`` of the IOC, not a power loss; an explicit opt-out the IOC logs as a warning).
-  See docs/decisions/0100-durable-before-the-reply-group-fsync.md.
+  means the change survives a power loss. The fsync runs on a store thread that starts it at
+  the commit, while the IOC publishes the change. ``?sync=normal``: no fsync (survives a crash
+  or ``kill -9`` of the IOC, not a power loss; an explicit opt-out the IOC logs as a warning).
+  See docs/decisions/0100-durable-before-the-reply-group-fsync.md and
+  0146-fsync-started-at-the-commit.md.
 - ``redis://HOST:PORT/DB``: Redis; durability is the server's, so it is checked when the store is
   opened: ``appendonly yes`` and ``appendfsync always`` (``CONFIG GET``), else :class:`StoreError`
   unless ``allow_nondurable`` is given (the IOC's ``--allow-nondurable-store``, logged).

@@ -309,6 +309,7 @@ class SQLiteStore:
         self._started = 0
         self._synced = 0
         self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILURES_KEPT)
+        self._syncing = False  # an fsync is running (one at a time)
         self._flusher: threading.Thread | None = None
         self._closing = False
         self._wal_fd: int | None = None
@@ -424,43 +425,57 @@ class SQLiteStore:
         cond = self._sync_cond
         with cond:
             while True:
-                if self._started >= self._wanted:
+                if self._started >= self._wanted or self._syncing:
                     if self._closing or not cond.wait(FLUSHER_IDLE):
-                        if self._started >= self._wanted:
+                        if self._started >= self._wanted and not self._syncing:
                             self._flusher = None
                             return
                     continue
-                target = self._started = self._wanted  # every commit asked for is in the WAL
-                after, fd = self._synced, self._wal_fd
-                cond.release()
-                err: OSError | None = None
-                try:
-                    if fd is not None:
-                        os.fsync(fd)
-                except OSError as e:
-                    err = e
-                finally:
-                    cond.acquire()
-                if err is None:
-                    self._synced = max(self._synced, target)
-                else:
-                    # never retried for these commits: after a failed fsync Linux may have
-                    # dropped the dirty pages, so a later fsync does not cover them
-                    self._failed.append((after, target, str(err)))
-                cond.notify_all()
+                self._fsync_locked()
+
+    def _fsync_locked(self) -> None:
+        """One fsync covering every commit asked for so far; call it holding ``_sync_cond``.
+
+        Run by the fsync thread, or by :meth:`durable` itself when no fsync covering its commit
+        has started yet (the thread was not scheduled in time: on a loaded host a wake-up can
+        cost more than the fsync).
+        """
+        cond = self._sync_cond
+        target = self._started = self._wanted  # every commit asked for is in the WAL
+        after, fd = self._synced, self._wal_fd
+        self._syncing = True
+        cond.release()
+        err: OSError | None = None
+        try:
+            if fd is not None:
+                os.fsync(fd)
+        except OSError as e:
+            err = e
+        finally:
+            cond.acquire()
+            self._syncing = False
+        if err is None:
+            self._synced = max(self._synced, target)
+        else:
+            # never retried for these commits: after a failed fsync Linux may have dropped
+            # the dirty pages, so a later fsync does not cover them
+            self._failed.append((after, target, str(err)))
+        cond.notify_all()
 
     def durable(self, token: int) -> None:  # noqa: D102 - see Store
         if self._wal_fd is None:
             return  # sync=normal or read-only: nothing to flush
         with self._sync_cond:
-            if self._wanted < token:  # not asked for yet (every commit asks; kept for safety)
-                self._kick(token)  # the condition's lock is re-entrant
+            self._wanted = max(self._wanted, token)
             while True:
                 for after, upto, why in self._failed:
                     if after < token <= upto:
                         raise StoreError(f"cannot flush SQLite store {self.path} to disk: {why}")
                 if self._synced >= token:
                     return
+                if self._started < token and not self._syncing:
+                    self._fsync_locked()  # the fsync thread has not started it: do it here
+                    continue
                 self._sync_cond.wait()
 
     def recent_events(self, n: int) -> list[LockEvent]:  # noqa: D102 - see Store

@@ -627,8 +627,9 @@ class LockTable:
             self._notices.move_to_end(k)
         for k in evict:
             self._notices.pop(k, None)
-        for e in change.events:
-            log.info("%s", e.line())
+        if log.isEnabledFor(logging.INFO):  # the line is built only when it is logged
+            for e in change.events:
+                log.info("%s", e.line())
         if self.listener is not None:
             changed = {lk.device for lk in change.upsert} | set(change.delete)
             self.listener(changed, change.events)

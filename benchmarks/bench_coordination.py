@@ -12,6 +12,9 @@ Prints, for each size N in ``--sizes`` (N devices, all but the five measured one
 - median / p99 of an acquire+release pair on the real IOC process with the default durable store
   (SQLite WAL, fsync before the reply; ``--store sqlite-normal`` without fsync; ``redis`` with
   appendfsync always), and the ratios: each RPC to one echo, the pair to two echos;
+- CPU time (user + system, all threads, from ``/proc``) of the IOC process per pair and of the
+  echo server per echo during the interleaved pairs, and their ratio: the IOC's own work
+  against the floor's, much less sensitive to other load on the machine than the latencies;
 - sustained acquire+release rate with 1 and 4 client threads (4 shows the group commit);
 - time from a lock change (RPC sent) to its arrival at each count of ``--subscribers`` of
   ``Coord:m0:State`` (processes of at most 50 PVA contexts each) and at one subscriber of
@@ -97,6 +100,12 @@ def fsync_floor(directory: Path, n: int = 200) -> list[float]:
         os.close(fd)
         path.unlink()
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads), from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rpc_pairs(env, acq: str, rel: str, pairs: int) -> tuple[list, list, list, list]:
@@ -195,7 +204,8 @@ def fanout(env, tmp: Path, procs: list, pv: str, n: int, changes: int, acq: str,
     return lat
 
 
-def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
+def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list,
+             echo: ManagedProcess) -> dict:
     """Start the IOC with ``n_dev`` devices, lock all but m0..m4, measure; return the figures."""
     devices = [f"m{i}" for i in range(max(n_dev, 5))]
     t_start = time.monotonic()
@@ -216,7 +226,11 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
             c.rpc(acq, uri(acq, device=",".join(others[j:j + 250]), type="MANUAL_OPERATOR",
                            timeout="3600"), timeout=30)
         held = len(c.get(pvn.COORD_LOCKS.name(PREFIX), timeout=10).value.device)
+    cpu0 = (cpu_seconds(coord.pid), cpu_seconds(echo.pid))
     echo_t, acq_t, rel_t, pair_t = rpc_pairs(env, acq, rel, a.pairs)
+    n_calls = a.pairs + 100  # the warm-up pairs and echos ran too
+    cpu_pair = (cpu_seconds(coord.pid) - cpu0[0]) / n_calls
+    cpu_echo = (cpu_seconds(echo.pid) - cpu0[1]) / n_calls
     fs = fsync_floor(tmp)
     r1, r4 = rate(env, acq, rel, 1), rate(env, acq, rel, 4)
     fan = {n: fanout(env, tmp, procs, pvn.COORD_DEVICE_STATE.name(PREFIX, "m0"), n, a.changes,
@@ -228,6 +242,7 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list) -> dict:
     coord.stop()
     return {"n": n_dev, "held": held, "t_locks": t_locks, "t_last": t_last, "echo": echo_t,
             "acq": acq_t, "rel": rel_t, "pair": pair_t, "fsync": fs, "rate1": r1, "rate4": r4,
+            "cpu_pair": cpu_pair, "cpu_echo": cpu_echo,
             "fan": fan, "fan_locks": fan_locks, "floor": floor}
 
 
@@ -270,7 +285,7 @@ def main() -> None:
                 r, port = start_redis(data_dir=tmp / f"redis-{n_dev}")
                 procs.append(r)
                 store = f"redis://127.0.0.1:{port}/0"
-            results.append(run_size(a, env, tmp, store, n_dev, procs))
+            results.append(run_size(a, env, tmp, store, n_dev, procs, echo))
     finally:
         for p in reversed(procs):
             p.stop()
@@ -300,6 +315,9 @@ def main() -> None:
               f"p99 {ms(pct(res['fsync'], .99))}")
         if a.store == "sqlite":
             print(f"ratio pair / (two echos + two fsyncs): {p_med / (2 * e_med + 2 * f_med):.2f}x")
+        print(f"CPU per pair (IOC process): {ms(res['cpu_pair'])}; per echo (echo server): "
+              f"{ms(res['cpu_echo'])}; pair / two echos: "
+              f"{res['cpu_pair'] / (2 * res['cpu_echo']):.2f}x")
         print(f"sustained pairs/s:       1 client {res['rate1']:.0f}/s, "
               f"4 clients {res['rate4']:.0f}/s")
         for n, lat in res["fan"].items():
@@ -317,6 +335,8 @@ def main() -> None:
         small, big = results[0], results[-1]
         rel_small = statistics.median(small["pair"]) / (2 * statistics.median(small["echo"]))
         rel_big = statistics.median(big["pair"]) / (2 * statistics.median(big["echo"]))
+        print(f"IOC CPU per pair at {big['n']} against {small['n']} devices: "
+              f"{big['cpu_pair'] / small['cpu_pair']:.2f}x")
         print(f"\nop cost at {big['n']} against {small['n']} devices (pair/two echos): "
               f"{rel_big / rel_small:.2f}x   (target <= 1.1x); raw pair medians "
               f"{statistics.median(big['pair']) / statistics.median(small['pair']):.2f}x")

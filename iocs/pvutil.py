@@ -31,6 +31,23 @@ def stamp(v: Value, ts: float) -> Value:
     return v
 
 
+def stamped(typ: Any, fields: dict[str, Any], ts: float) -> Value:
+    """A Value of ``typ`` with ``fields`` and ``timeStamp`` ``ts`` (epoch s), built in one call.
+
+    About half the cost of an NT ``wrap`` (which assigns field by field); post it to a SharedPV
+    made with ``wrap=prebuilt``. Only the given fields are marked: a post leaves the others
+    (``display.units``, ``value.choices``) as they are.
+    """
+    sec = int(ts)
+    return typ({**fields, "timeStamp": {"secondsPastEpoch": sec,
+                                        "nanoseconds": int((ts - sec) * 1e9)}})
+
+
+def prebuilt(value: Value, **_kws: Any) -> Value:
+    """SharedPV ``wrap=`` for PVs posted only prebuilt Values (:func:`stamped`): no conversion."""
+    return value
+
+
 def table_value(
     nt: NTTable, columns: tuple[tuple[str, str], ...], rows: Iterable[tuple], ts: float
 ) -> Value:

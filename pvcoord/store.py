@@ -10,9 +10,11 @@ URLs accepted by :func:`open_store`:
 - ``sqlite:///ABSOLUTE/PATH.sqlite`` or a plain path: SQLite in WAL mode. ``?sync=full``
   (default): each change is written to the WAL under the IOC's mutex, and the WAL file is
   fsync'ed before the reply, once for all the requests in flight (group commit), so a reply
-  means the change survives a power loss. ``?sync=normal``: no fsync (survives a crash or
-  ``kill -9`` of the IOC, not a power loss; an explicit opt-out the IOC logs as a warning).
-  See docs/decisions/0100-durable-before-the-reply-group-fsync.md.
+  means the change survives a power loss. The fsync runs on a store thread that starts it at
+  the commit, while the IOC publishes the change. ``?sync=normal``: no fsync (survives a crash
+  or ``kill -9`` of the IOC, not a power loss; an explicit opt-out the IOC logs as a warning).
+  See docs/decisions/0100-durable-before-the-reply-group-fsync.md and
+  0146-fsync-started-at-the-commit.md.
 - ``redis://HOST:PORT/DB``: Redis; durability is the server's, so it is checked when the store is
   opened: ``appendonly yes`` and ``appendfsync always`` (``CONFIG GET``), else :class:`StoreError`
   unless ``allow_nondurable`` is given (the IOC's ``--allow-nondurable-store``, logged).
@@ -57,6 +59,7 @@ import socket
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +78,12 @@ log = logging.getLogger("pvcoord.store")
 
 AUTHORITY_LEASE = 10.0
 """Seconds a Redis authority key lives without renewal (the IOC renews it every second)."""
+FLUSHER_IDLE = 5.0
+"""Seconds the SQLite store's fsync thread waits for work before it ends (started again by the
+next commit), so an idle or forgotten store holds no thread."""
+FAILURES_KEPT = 256
+"""Failed fsyncs whose commit ranges a SQLite store remembers for late :meth:`Store.durable`
+calls (each range is reported to every caller whose commit it covers)."""
 
 
 class StoreError(RuntimeError):
@@ -199,8 +208,10 @@ class Store(Protocol):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS locks (device TEXT PRIMARY KEY, data TEXT NOT NULL);
+-- events.id is the rowid without AUTOINCREMENT (which rewrites sqlite_sequence, one more WAL
+-- page, on every insert): pruning removes the oldest ids only, so new ids still grow
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     time REAL NOT NULL, action TEXT NOT NULL, device TEXT NOT NULL, lock_type TEXT,
     actor TEXT NOT NULL, holder TEXT NOT NULL, message TEXT NOT NULL
 );
@@ -307,9 +318,17 @@ class SQLiteStore:
         self.url = f"sqlite://{self.path}?sync={sync}"
         self._mutex = threading.Lock()
         self._written = 0  # commits written to the WAL (under _mutex)
-        self._synced = 0  # commits known to be on stable storage
+        # the fsync thread (under _sync_cond): commits it was asked to flush, the newest commit
+        # its running or last fsync covers, the commits known to be on stable storage, and the
+        # commit ranges (after, upto, why) whose fsync failed
         self._sync_cond = threading.Condition()
-        self._syncing = False
+        self._wanted = 0
+        self._started = 0
+        self._synced = 0
+        self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILURES_KEPT)
+        self._syncing = False  # an fsync is running (one at a time)
+        self._flusher: threading.Thread | None = None
+        self._closing = False
         self._wal_fd: int | None = None
         self._authority_fd: int | None = None
         try:
@@ -411,31 +430,86 @@ class SQLiteStore:
             except sqlite3.Error as e:
                 raise StoreError(f"cannot write to SQLite store {self.path}: {e}") from None
             self._written += 1
+            if self._wal_fd is not None:
+                self._kick(self._written)
             return self._written
+
+    def _kick(self, token: int) -> None:
+        """Ask the fsync thread to flush commits up to ``token`` (starting it if needed).
+
+        The fsync starts at once, while the caller publishes the change, instead of after it;
+        :meth:`durable` then waits only for what is left of it.
+        """
+        with self._sync_cond:
+            self._wanted = max(self._wanted, token)
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="pvcoord-store-fsync", daemon=True)
+                self._flusher.start()
+            else:
+                self._sync_cond.notify_all()
+
+    def _flush_loop(self) -> None:
+        """The fsync thread: one fsync of the WAL at a time, for every commit written so far.
+
+        Commits made while one runs share the next (group commit); the thread ends after
+        :data:`FLUSHER_IDLE` s without work.
+        """
+        cond = self._sync_cond
+        with cond:
+            while True:
+                if self._started >= self._wanted or self._syncing:
+                    if self._closing or not cond.wait(FLUSHER_IDLE):
+                        if self._started >= self._wanted and not self._syncing:
+                            self._flusher = None
+                            return
+                    continue
+                self._fsync_locked()
+
+    def _fsync_locked(self) -> None:
+        """One fsync covering every commit asked for so far; call it holding ``_sync_cond``.
+
+        Run by the fsync thread, or by :meth:`durable` itself when no fsync covering its commit
+        has started yet (the thread was not scheduled in time: on a loaded host a wake-up can
+        cost more than the fsync).
+        """
+        cond = self._sync_cond
+        target = self._started = self._wanted  # every commit asked for is in the WAL
+        after, fd = self._synced, self._wal_fd
+        self._syncing = True
+        cond.release()
+        err: OSError | None = None
+        try:
+            if fd is not None:
+                os.fsync(fd)
+        except OSError as e:
+            err = e
+        finally:
+            cond.acquire()
+            self._syncing = False
+        if err is None:
+            self._synced = max(self._synced, target)
+        else:
+            # never retried for these commits: after a failed fsync Linux may have dropped
+            # the dirty pages, so a later fsync does not cover them
+            self._failed.append((after, target, str(err)))
+        cond.notify_all()
 
     def durable(self, token: int) -> None:  # noqa: D102 - see Store
         if self._wal_fd is None:
             return  # sync=normal or read-only: nothing to flush
         with self._sync_cond:
-            while self._synced < token:
-                if self._syncing:  # someone's fsync is under way: it may cover us
-                    self._sync_cond.wait()
+            self._wanted = max(self._wanted, token)
+            while True:
+                for after, upto, why in self._failed:
+                    if after < token <= upto:
+                        raise StoreError(f"cannot flush SQLite store {self.path} to disk: {why}")
+                if self._synced >= token:
+                    return
+                if self._started < token and not self._syncing:
+                    self._fsync_locked()  # the fsync thread has not started it: do it here
                     continue
-                self._syncing = True
-                target = self._written  # every commit that returned so far is in the WAL
-                self._sync_cond.release()
-                err: OSError | None = None
-                try:
-                    os.fsync(self._wal_fd)
-                except OSError as e:
-                    err = e
-                finally:
-                    self._sync_cond.acquire()
-                    self._syncing = False
-                    self._sync_cond.notify_all()
-                if err is not None:
-                    raise StoreError(f"cannot flush SQLite store {self.path} to disk: {err}")
-                self._synced = max(self._synced, target)
+                self._sync_cond.wait()
 
     def recent_events(self, n: int) -> list[LockEvent]:  # noqa: D102 - see Store
         with self._mutex:
@@ -484,6 +558,12 @@ class SQLiteStore:
         return n
 
     def close(self) -> None:  # noqa: D102 - see Store
+        with self._sync_cond:
+            self._closing = True  # the fsync thread finishes what it was asked, then ends
+            self._sync_cond.notify_all()
+            flusher = self._flusher
+        if flusher is not None:
+            flusher.join(timeout=10)
         with self._mutex:
             self._db.close()
         for fd in (self._wal_fd, self._authority_fd):

@@ -371,6 +371,39 @@ def test_sync_normal_does_no_fsync(path, monkeypatch):
     assert open_store(f"sqlite:///{path}").sync == "full"  # the default
 
 
+def test_a_failed_fsync_stays_failed_for_the_commits_it_covered(path, monkeypatch):
+    """After a failed fsync Linux may drop the dirty pages: a later good fsync must not make
+    the commits the failed one covered count as durable (the fsync thread never retries them)."""
+    store = SQLiteStore(path)
+    real = os.fsync
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    t1 = store.commit([], [], [])
+    with pytest.raises(StoreError, match="cannot flush SQLite store .*Input/output error"):
+        store.durable(t1)
+    monkeypatch.setattr(os, "fsync", real)
+    t2 = store.commit([], [], [])
+    store.durable(t2)  # a later commit is flushed by a later fsync
+    with pytest.raises(StoreError, match="Input/output error"):
+        store.durable(t1)  # still failed
+    store.close()
+
+
+def test_the_fsync_thread_ends_with_the_store(path):
+    def fsync_threads():
+        return [th for th in threading.enumerate() if th.name == "pvcoord-store-fsync"]
+
+    before = len(fsync_threads())
+    store = SQLiteStore(path)
+    store.durable(store.commit([], [], []))
+    assert len(fsync_threads()) == before + 1  # started by the first commit
+    store.close()
+    assert len(fsync_threads()) == before
+
+
 def test_fsync_failure_is_an_error_naming_the_store(path, clocks, monkeypatch):
     t = table_on(path, clocks)
 

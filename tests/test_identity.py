@@ -10,7 +10,14 @@ from bridges.guard.decision import DeviceMap, HeldLock, LockState, decide
 from iocs.coordination.locktable import Identity, LockError, LockTable
 from pvcoord.store import open_store
 from pvdb.models import LockType
-from pvdb.policy import ANONYMOUS, PolicyError, host_roles, matches, parse_policy
+from pvdb.policy import (
+    ANONYMOUS,
+    HostRolesCache,
+    PolicyError,
+    host_roles,
+    matches,
+    parse_policy,
+)
 
 POLICY = parse_policy("""
 [hosts]
@@ -59,6 +66,24 @@ def test_roles_only_from_this_hosts_group_database():
     assert host_roles("no-such-account-xyz") == frozenset()
     assert "root" in host_roles("root")
     assert host_roles("a\x1b[2Jb") == frozenset() and host_roles(ANONYMOUS) == frozenset()
+
+
+def test_host_roles_cache_reads_an_account_once_per_ttl():
+    calls: list[str] = []
+    now = [0.0]
+
+    def lookup(account: str) -> frozenset[str]:
+        calls.append(account)
+        return frozenset({f"g-{account}-{len(calls)}"})
+
+    cache = HostRolesCache(ttl=1.0, size=2, lookup=lookup, clock=lambda: now[0])
+    assert cache("a") == {"g-a-1"} and cache("a") == {"g-a-1"} and calls == ["a"]
+    now[0] = 1.0  # ttl over: read again (a group change counts within ttl)
+    assert cache("a") == {"g-a-2"}
+    cache("b")
+    cache("c")  # size 2: the oldest account (a) is dropped ...
+    assert cache("a") == {"g-a-5"}  # ... and read again
+    assert HostRolesCache()("root") == host_roles("root")  # the real group database
 
 
 def test_on_behalf_of_is_limited_per_service():

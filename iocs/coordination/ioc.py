@@ -6,6 +6,7 @@ Everything untyped (p4p ``Value``, ``ServerOperation``) stays in this module; th
 
 from __future__ import annotations
 
+import array
 import asyncio
 import bisect
 import functools
@@ -27,7 +28,7 @@ from pvcoord.store import StoreError
 from pvdb import names as pvn
 from pvdb.lockmodel import CallerError, resolve_caller
 from pvdb.models import BEAMLINE, Lock, LockEvent
-from pvdb.policy import ANONYMOUS, host_roles
+from pvdb.policy import ANONYMOUS, HostRolesCache, host_roles
 from pvdb.redact import redact
 
 from .. import pvutil
@@ -43,6 +44,8 @@ NAME_CHECK_TIMEOUT = 0.3
 from a fresh context answers in about 15 ms on loopback; the look runs while the PVs are built)."""
 _LOCK_ROW_FIELDS = tuple(name for name, _ in pvn.LOCKS_COLUMNS)
 _NUMERIC = {"i": np.int32, "d": np.float64}
+_ARRAY_CODES = {"i": "i", "d": "d"}
+"""``array`` type codes of the numeric ``Coord:Locks`` columns (C int32 and double)."""
 
 
 @functools.cache
@@ -114,13 +117,16 @@ class CoordinationIOC:
         self._last_posted: dict[tuple[str, str], object] = {}
         self._heartbeat = 0
         self._health = ""
-        # Coord:Locks as columns, kept sorted by device and changed row by row (under the mutex)
+        # Coord:Locks as columns, kept sorted by device and changed row by row (under the mutex):
+        # lists of str and array.array of numbers (an insert or delete is a memmove, where
+        # numpy's costs tens of microseconds), copied into numpy arrays when posted
         self._lock_devs: list[str] = []
-        self._lock_cols: dict[str, list | np.ndarray] = {
-            f: (np.zeros(0, _NUMERIC[code]) if code in _NUMERIC else [])
+        self._lock_cols: dict[str, list | array.array] = {
+            f: (array.array(_ARRAY_CODES[code]) if code in _ARRAY_CODES else [])
             for f, code in pvn.LOCKS_COLUMNS}
         self._locks_version = 0
         self._tls = threading.local()
+        self._roles = HostRolesCache()
         self._post_lock = threading.Lock()
         self._posted = 0
         self.server_conf: dict[str, str] = {}
@@ -169,18 +175,28 @@ class CoordinationIOC:
 
     @staticmethod
     def _scalar(code: str, initial: object, units: str = "") -> SharedPV:
+        """A scalar PV posted with prebuilt Values (:meth:`_post`)."""
         nt = _nt_scalar(code, bool(units))
         v = nt.wrap(initial, timestamp=time.time())
         if units:
             v["display.units"] = units
-        return SharedPV(nt=nt, initial=v)
+        return SharedPV(nt=nt, wrap=pvutil.prebuilt, initial=v)
+
+    @staticmethod
+    def _post(pv: SharedPV, value: object, ts: float) -> None:
+        """Post ``value`` (an NTEnum's ``{"index": i}``) with time stamp ``ts``.
+
+        For the PVs of :meth:`_scalar` and the devices' states: one Value built in one call.
+        """
+        nt = cast(NTScalar | NTEnum, pv.nt)  # every PV posted here was made with an nt
+        pv.post(pvutil.stamped(nt.type, {"value": value}, ts))
 
     def _add_device(self, device: str) -> None:
         if device in self._device_pvs:
             return
         now = time.time()
         enum = NTEnum()
-        state = SharedPV(nt=enum, initial=enum.wrap(
+        state = SharedPV(nt=enum, wrap=pvutil.prebuilt, initial=enum.wrap(
             {"index": 0, "choices": list(pvn.DEVICE_STATES)}, timestamp=now))
         pvs = {
             "state": self._add(pvn.COORD_DEVICE_STATE, state, device),
@@ -203,7 +219,7 @@ class CoordinationIOC:
         with self.table.mutex:
             for d in devices:
                 self._add_device(d)
-            self.pv_devices.post([*devices, BEAMLINE], timestamp=time.time())
+            self._post(self.pv_devices, [*devices, BEAMLINE], time.time())
         self._on_change(set(devices), [])
         self.wait_published()
 
@@ -211,7 +227,7 @@ class CoordinationIOC:
         """Publish ``Coord:Health`` if it changed."""
         if text != self._health:
             self._health = text
-            self.pv_health.post(text, timestamp=time.time())
+            self._post(self.pv_health, text, time.time())
             log.info("health: %s", text)
 
     # --- publishing ---------------------------------------------------------------------------
@@ -221,11 +237,8 @@ class CoordinationIOC:
         if self._last_posted.get(key) == value:
             return
         self._last_posted[key] = value
-        pv = self._device_pvs[device][field]
-        if field == "state":
-            pv.post({"index": value}, timestamp=ts)
-        else:
-            pv.post(value, timestamp=ts)
+        self._post(self._device_pvs[device][field],
+                   {"index": value} if field == "state" else value, ts)
 
     def _post_device(self, device: str, lock: Lock | None, now: float) -> None:
         if lock is None:
@@ -245,11 +258,8 @@ class CoordinationIOC:
         if lock is None:
             if present:
                 del self._lock_devs[i]
-                for f, col in cols.items():
-                    if isinstance(col, np.ndarray):
-                        cols[f] = np.delete(col, i)
-                    else:
-                        del col[i]
+                for col in cols.values():
+                    del col[i]
             return
         row = (lock.device, lock.lock_type.value, lock.priority, lock.holder, lock.acquired,
                lock.expires, lock.reason, lock.plan_uid)
@@ -259,26 +269,24 @@ class CoordinationIOC:
         else:
             self._lock_devs.insert(i, device)
             for f, v in zip(_LOCK_ROW_FIELDS, row, strict=True):
-                col = cols[f]
-                if isinstance(col, np.ndarray):
-                    cols[f] = np.insert(col, i, v)
-                else:
-                    col.insert(i, v)
+                cols[f].insert(i, v)
 
     def post_locks(self) -> int:
         """Post ``Coord:Locks`` and ``Coord:LockCount`` from the cached columns; return the version.
 
         The columns are copied under the mutex (microseconds), the Value is built and posted
-        outside it. Numeric columns are kept as numpy arrays, so only the string columns are
-        converted.
+        outside it (numeric columns as numpy arrays: p4p converts those without a Python loop).
         """
         with self.table.mutex:
             version = self._locks_version
-            cols = {f: c.copy() for f, c in self._lock_cols.items()}
+            src = self._lock_cols
+            cols: dict[str, list | np.ndarray] = {
+                f: (np.array(src[f], _NUMERIC[code]) if code in _NUMERIC else list(src[f]))
+                for f, code in pvn.LOCKS_COLUMNS}
         now = time.time()
         v = self._locks_nt.type({"labels": list(_LOCK_ROW_FIELDS), "value": cols})
         self.pv_locks.post(pvutil.stamp(v, now))
-        self.pv_lock_count.post(len(cols["device"]), timestamp=now)
+        self._post(self.pv_lock_count, len(cols["device"]), now)
         return version
 
     def publish_upto(self, version: int) -> int:
@@ -323,7 +331,7 @@ class CoordinationIOC:
             if events:
                 self._events.extend(events)
                 self._events_dirty = True
-                self.pv_last_event.post(events[-1].line(), timestamp=now)
+                self._post(self.pv_last_event, events[-1].line(), now)
 
     def flush_events(self) -> None:
         """Post ``Coord:Events`` if events arrived since the last flush (coalesced)."""
@@ -347,7 +355,7 @@ class CoordinationIOC:
             self.table.keep_authority()
             now = time.time()
             self._heartbeat += 1
-            self.pv_heartbeat.post(self._heartbeat, timestamp=now)
+            self._post(self.pv_heartbeat, self._heartbeat, now)
             with self.table.mutex:
                 if not self._lock_devs:
                     return
@@ -364,12 +372,13 @@ class CoordinationIOC:
 
         The account is what the client claims (PVA ``ca`` authentication); the host is the peer
         address TCP proves; roles come only from this host's group database for accounts that
-        exist here (never from the client). onBehalfOf is limited per service by the policy.
+        exist here (never from the client), read at most once a second per account
+        (:class:`pvdb.policy.HostRolesCache`). onBehalfOf is limited per service by the policy.
         """
         host = (op.peer() or "unknown").rsplit(":", 1)[0]
         try:
             c = resolve_caller(self.table.policy, op.account() or ANONYMOUS, host,
-                               args.get("onBehalfOf"), args.get("clientHost"), host_roles)
+                               args.get("onBehalfOf"), args.get("clientHost"), self._roles)
         except CallerError as e:
             raise LockError(str(e), e.code) from None
         return Identity(c.account, c.host, c.roles, actor=c.actor)

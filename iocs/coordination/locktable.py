@@ -780,8 +780,9 @@ class LockTable:
             rid, out = change.outcome
             self._outcomes[rid] = (out.time, cast(str, req_writes[rid]))
             self._outcomes.move_to_end(rid)
-        for e in change.events:
-            log.info("%s", e.line())
+        if log.isEnabledFor(logging.INFO):  # the line is built only when it is logged
+            for e in change.events:
+                log.info("%s", e.line())
         if self.listener is not None:
             changed = {lk.device for lk in change.upsert} | set(change.delete)
             self.listener(changed, change.events)

@@ -432,33 +432,45 @@ def test_fresh_update_is_not_written_behind_another_sockets_backlog(bl):
     PVs (channels held open by a third socket, so 1000 frames are ready at once) and a write of
     the ``loc://`` PV, which B watches. When B has the written value, part of A's backlog must
     still be unwritten: fewer bytes are in A's receive queue than once A's burst is complete.
-    (A writer that sent its whole burst before yielding wrote all of A's frames first.)
+    A writer that sends a socket's whole burst before it yields (the code before decision 0150)
+    wrote all of A's frames first, every time. With the fair sender, how much of A's burst is
+    left when this test process reads A's queue depends on scheduling (the bridge goes on
+    writing while B's frame travels and this process wakes up), so up to three attempts are
+    made and one must show the overtaking.
     """
-    loc = f"loc://order{time.monotonic_ns()}(0)"
     many = [f"pva://{P}many:{i}" for i in range(MANY)]
     cookie = bl.bridge.login("alice", bl.passwords["alice"])
+    seen: list[tuple[int, int]] = []
     with WS(bl.bridge.ws_url, max_queue=None) as keep, WS(bl.bridge.ws_url) as b:
         keep.subscribe(*many)
         got: set[str] = set()
         while len(got) < MANY:
             got.add(keep.wait(lambda m: m.get("type") == "update", timeout=20)["pv"])
-        b.subscribe(loc)
-        assert b.update(loc)["value"] == 0
-        with UnreadWS(bl.bridge.ws_url, cookie) as a:
-            a.send_all({"type": "subscribe", "pvs": [loc, *many]},
-                       {"type": "write", "pv": loc, "value": 1})
-            b.update(loc, lambda m: m.get("value") == 1)
-            at_b = a.pending()
+        for _attempt in range(3):
+            loc = f"loc://order{time.monotonic_ns()}(0)"
+            b.subscribe(loc)
+            assert b.update(loc)["value"] == 0
+            with UnreadWS(bl.bridge.ws_url, cookie) as a:
+                a.send_all({"type": "subscribe", "pvs": [loc, *many]},
+                           {"type": "write", "pv": loc, "value": 1})
+                b.update(loc, lambda m: m.get("value") == 1)
+                at_b = a.pending()
 
-            def a_done() -> bool:
-                socks = bl.bridge.get("/pvws/summary")["sockets"]
-                mine = [s for s in socks if s["user"] == "alice" and s["pvs"] == MANY + 1]
-                return len(mine) == 1 and mine[0]["queued"] == 0 and mine[0]["sent"] > MANY
+                def a_done() -> bool:
+                    socks = bl.bridge.get("/pvws/summary")["sockets"]
+                    mine = [s for s in socks if s["user"] == "alice" and s["pvs"] == MANY + 1]
+                    return len(mine) == 1 and mine[0]["queued"] == 0 and mine[0]["sent"] > MANY
 
-            wait_until(a_done, timeout=20, what="A's backlog written")
-            total = a.pending()
-        assert 0 <= at_b < total, (at_b, total)
-        assert total > MANY * 100  # A's 1001 frames (with metadata) did arrive unread
+                wait_until(a_done, timeout=20, what="A's backlog written")
+                total = a.pending()
+            assert total > MANY * 100  # A's 1001 frames (with metadata) did arrive unread
+            seen.append((at_b, total))
+            if 0 <= at_b < total:
+                break
+            wait_until(lambda: not [s for s in bl.bridge.get("/pvws/summary")["sockets"]
+                                    if s["user"] == "alice" and s["pvs"] == MANY + 1],
+                       timeout=20, what="the attempt's socket A closed")
+    assert any(0 <= at_b < total for at_b, total in seen), seen
 
 
 def test_socket_from_another_origin_gets_no_identity(bl):

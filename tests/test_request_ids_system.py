@@ -15,7 +15,7 @@ from p4p.server import Server
 from iocs.coordination.ioc import CoordinationIOC
 from iocs.coordination.locktable import Identity, LockTable
 from pvcoord.client import Client
-from pvcoord.procs import client_conf, loopback_env, server_env
+from pvcoord.procs import client_conf, loopback_env, server_env, wait_until
 from pvcoord.store import open_store
 from pvdb import names as pvn
 from pvdb.lockmodel import ErrorCode, new_request_id
@@ -111,6 +111,9 @@ def test_client_library_sends_request_ids_and_retries_with_one(tmp_path):
             assert cl.acquire("m4", "MANUAL_OPERATOR", 60, request_id=rid) == g
             g2 = cl.acquire("m4", "MANUAL_OPERATOR", 60)  # a new id: the holder's repeat renews
             assert g2.key != g.key
+            # Coord:Events is posted at the next tick (coalesced), not before the reply
+            wait_until(lambda: len([e for e in cl.events() if e.device == "m4"]) == 2, 10,
+                       "m4's acquired and renewed events in Coord:Events")
             n = len([e for e in cl.events() if e.device == "m4"])
         proc.kill9()
         proc.stop()

@@ -43,9 +43,32 @@ def answer(r) -> object:
     return r.todict()
 
 
+def _last_row_line(v) -> str:
+    """The ``Coord:LastEvent`` text of the newest row of a ``Coord:Events`` value ('' if none)."""
+    t = v.value
+    if not len(t.action):
+        return ""
+    lt = t.lockType[-1] or "-"
+    return (f"{t.action[-1]} {t.device[-1]} {lt} actor={t.actor[-1] or '-'} "
+            f"holder={t.holder[-1] or '-'}: {t.message[-1]}")
+
+
 def counts(c: Context) -> dict[str, int]:
-    """Audit events per action in ``Coord:Events`` (what a second application would add)."""
-    v = c.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT)
+    """Audit events per action in ``Coord:Events`` (what a second application would add).
+
+    ``Coord:Events`` is posted at the IOC's next tick (coalesced), ``Coord:LastEvent`` before
+    the reply: read once the table's newest row is the last event.
+    """
+    events, last = pvn.COORD_EVENTS.name(PREFIX), pvn.COORD_LAST_EVENT.name(PREFIX)
+    box = {}
+
+    def caught_up() -> bool:
+        box["v"] = c.get(events, timeout=CLIENT_TIMEOUT)
+        text = c.get(last, timeout=CLIENT_TIMEOUT)  # unwrapped or not, by the context
+        return _last_row_line(box["v"]) == str(getattr(text, "value", text))
+
+    wait_until(caught_up, 10, "Coord:Events showing Coord:LastEvent")
+    v = box["v"]
     out: dict[str, int] = {}
     for a in v.value.action:
         out[a] = out.get(a, 0) + 1

@@ -147,6 +147,8 @@ def test_expiry_enforced_and_published_within_1s(ioc, ctxt):
                                   + v["timeStamp.nanoseconds"] * 1e-9)),
     )
     try:
+        # the monitor's first update (Free) before the lock: else it may be the held state
+        wait_until(lambda: updates, 10, "m4's first State update")
         r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m4", type="MANUAL_OPERATOR", timeout="1")
         wait_until(lambda: len(updates) >= 3 and updates[-1][0] == 0, 10, "m4 back to Free")
     finally:

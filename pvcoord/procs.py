@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,18 +29,50 @@ BIN = Path(PYTHON).parent
 """The venv's ``bin`` folder (``start-re-manager``, ``pvcoord``), by the same shareable path."""
 
 
+def _ephemeral_low() -> int:
+    """The low end of the kernel's ephemeral port range (Linux default 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+PORTS_FROM = 10000
+"""Lowest port :func:`free_port` hands out; it picks below the kernel's ephemeral range, so a
+port given to a process as its EPICS port is never also the port the kernel gives to a socket
+bound to port 0 (a CA client's search socket once received another server's PVA beacons that
+way)."""
+_given: set[int] = set()
+_given_lock = threading.Lock()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """Return a port on 127.0.0.1 that is free for both TCP and UDP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind((LOOPBACK, 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+    """Return a port on 127.0.0.1 that is free for both TCP and UDP right now.
+
+    Picked at random below the kernel's ephemeral range (from :data:`PORTS_FROM`), never the
+    same twice in this process; where that range is too small, a port the kernel assigns.
+    ``kind`` is kept for callers that name the socket type first checked.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        if low - PORTS_FROM >= 2000:
+            port = random.randrange(PORTS_FROM, low)
+        else:
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind((LOOPBACK, 0))
+                port = s.getsockname()[1]
+        with _given_lock:
+            if port in _given:
+                continue
         try:
-            with socket.socket(socket.AF_INET, other) as s2:
-                s2.bind((LOOPBACK, port))
+            for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, k) as s2:
+                    s2.bind((LOOPBACK, port))
         except OSError:
             continue
+        with _given_lock:
+            _given.add(port)
         return port
     raise RuntimeError("no free loopback port found")
 

@@ -2,10 +2,12 @@
 
 :class:`LockView` monitors, with one p4p client context,
 
-* ``P Coord:Locks`` and ``P Coord:Heartbeat`` -> a :class:`~bridges.guard.decision.LockState`
-  (through :class:`~bridges.guard.decision.LockFeed`: unknown until both arrived, stale when the
-  heartbeat stops advancing for ``stale_after`` s, unknown when either disconnects or the table
-  cannot be read: fail closed);
+* ``P Coord:Locks``, ``P Coord:LockChanges`` and ``P Coord:Heartbeat`` -> a
+  :class:`~bridges.guard.decision.LockState` (the table and each change merged in ``seq`` order
+  by :class:`~bridges.guard.decision.LockStream`, so a change is seen as soon as its request is
+  replied, without the whole table; then :class:`~bridges.guard.decision.LockFeed`: unknown
+  until all arrived, stale when the heartbeat stops advancing for ``stale_after`` s, unknown
+  when one disconnects, the table cannot be read or a change was missed: fail closed);
 * ``R Registry:DevicePVs`` and ``R Registry:Devices`` -> a
   :class:`~bridges.guard.decision.DeviceMap` (unknown until both arrived; an unreadable table
   drops the map; a disconnect keeps the last map, device membership does not go stale), the
@@ -28,9 +30,23 @@ from typing import Any
 
 from p4p.client.thread import Context, Disconnected
 
-from pvdb.names import COORD_HEARTBEAT, COORD_LOCKS, REGISTRY_DEVICE_PVS, REGISTRY_DEVICES
+from pvdb.names import (
+    COORD_HEARTBEAT,
+    COORD_LOCK_CHANGES,
+    COORD_LOCKS,
+    REGISTRY_DEVICE_PVS,
+    REGISTRY_DEVICES,
+)
 
-from .guard.decision import STALE_AFTER, DeviceMap, LockFeed, LockState, parse_locks
+from .guard.decision import (
+    STALE_AFTER,
+    DeviceMap,
+    LockFeed,
+    LockState,
+    LockStream,
+    parse_lock_changes,
+    parse_locks,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -39,6 +55,9 @@ TICK = 0.1
 HURRY = 1.0
 """Seconds between prompt searches (p4p ``hurryUp``) while a followed PV is disconnected, so a
 restarted IOC is found at once instead of after the client's search back-off."""
+CHANGES_QUEUE = 256
+"""Depth of the server's queue for the ``Coord:LockChanges`` monitor (pvRequest
+``record[queueSize=N]``): changes of a burst are not squashed before this many are waiting."""
 RENEW = 3.0
 """Seconds a followed PV may stay disconnected before the client context is replaced by a new
 one (observed: a context whose server was killed did not find the restarted IOC on a new port
@@ -117,6 +136,7 @@ class LockView:
         self._monotonic = monotonic
         self._lock = threading.RLock()
         self._feed = LockFeed(stale_after)
+        self._stream = LockStream()
         self._state = LockState()
         self._devices = DeviceMap()
         self._pv_rows: list[tuple[str, str]] | None = None
@@ -127,7 +147,7 @@ class LockView:
         self._subs: list[Any] = []
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
-        self._down: set[str] = {"locks", "beat", "pvs", "devices"}
+        self._down: set[str] = {"locks", "changes", "beat", "pvs", "devices"}
         self._last_hurry = 0.0
         self._down_since: float | None = None
         self._outage_renewals = 0
@@ -138,7 +158,7 @@ class LockView:
     # --- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the client context and the four monitors; start the ticker thread."""
+        """Open the client context and the five monitors; start the ticker thread."""
         if self._ctxt is not None:
             return
         self._open()
@@ -153,14 +173,19 @@ class LockView:
         else:
             ctxt = Context("pva", nt=False)
         subs = []
+        # a change squashed in the server's queue (4 deep by default) would make the view wait
+        # for the next table (fail closed, up to 50 ms): a deeper queue for the changes
+        changes_request = f"record[queueSize={CHANGES_QUEUE}]"
         for spec, prefix, cb in (
             (COORD_LOCKS, self.prefix, self._on_locks),
+            (COORD_LOCK_CHANGES, self.prefix, self._on_changes),
             (COORD_HEARTBEAT, self.prefix, self._on_beat),
             (REGISTRY_DEVICE_PVS, self.registry_prefix, self._on_device_pvs),
             (REGISTRY_DEVICES, self.registry_prefix, self._on_devices),
         ):
-            subs.append(ctxt.monitor(spec.name(prefix), self._safe(spec.suffix, cb),
-                                     notify_disconnect=True))
+            subs.append(ctxt.monitor(
+                spec.name(prefix), self._safe(spec.suffix, cb), notify_disconnect=True,
+                request=changes_request if spec is COORD_LOCK_CHANGES else None))
         self._ctxt, self._subs = ctxt, subs
 
     def _renew(self, quiet: bool = False) -> None:
@@ -272,22 +297,40 @@ class LockView:
             self._down.discard(which)
 
     def _on_locks(self, v: Any) -> None:
-        self._track("locks", v)
+        self._on_lock_update("locks", v, parse_locks, self._stream.table)
+
+    def _on_changes(self, v: Any) -> None:
+        self._on_lock_update("changes", v, parse_lock_changes, self._stream.change)
+
+    def _on_lock_update(self, which: str, v: Any, parse: Callable[[Any], Any],
+                        apply: Callable[[Any, int, int], None]) -> None:
+        """A ``Coord:Locks`` (``which`` "locks") or ``Coord:LockChanges`` update or error."""
+        self._track(which, v)
+        name = "Coord:Locks" if which == "locks" else "Coord:LockChanges"
         if isinstance(v, Exception):
-            why = "" if isinstance(v, Disconnected) else f"{v!r}"
+            why = (f"{name} disconnected" if which == "changes" else "") if isinstance(
+                v, Disconnected) else f"{name}: {v!r}"
             with self._lock:
+                self._stream.reset()  # the IOC may come back as a new run
                 self._feed.locks_lost(why)
         else:
             try:
                 cols = v["value"]
-                locks = parse_locks({k: _column(cols[k]) for k in cols.keys()})
+                rows = parse({k: _column(cols[k]) for k in cols.keys()})
+                seq, epoch = int(v["seq"]), int(v["epoch"])
             except (KeyError, ValueError, TypeError) as e:
                 what = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
                 with self._lock:
-                    self._feed.locks_lost(what)
+                    self._stream.reset()
+                    self._feed.locks_lost(what if which == "locks" else f"{name} {what}")
             else:
                 with self._lock:
-                    self._feed.locks_update(locks, _stamp(v))
+                    apply(rows, seq, epoch)
+                    locks = self._stream.locks
+                    if locks is None:
+                        self._feed.locks_waiting(self._stream.why_behind)
+                    else:
+                        self._feed.locks_update(locks, _stamp(v))
         self.refresh()
 
     def _on_beat(self, v: Any) -> None:

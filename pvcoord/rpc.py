@@ -41,6 +41,7 @@ from pvdb.names import (
     COORD_EVENTS,
     COORD_FORCE_RELEASE,
     COORD_HEARTBEAT,
+    COORD_LOCK_CHANGES,
     COORD_LOCKS,
     COORD_RELEASE,
     COORD_RENEW,
@@ -514,6 +515,47 @@ def parse_signals(value: Any) -> list[DeviceSignal]:
     return out
 
 
+def table_includes(table_pv: str, table: Any, change: Any, deadline: float, timeout: float
+                   ) -> bool:
+    """Whether a ``Coord:Locks`` value includes the change of a ``Coord:LockChanges`` value.
+
+    True also when the table comes from another IOC run (its ``epoch`` differs: newer). The
+    check of :meth:`AsyncCaller.current_locks` and :func:`current_locks`.
+
+    Raises:
+        NoAnswerError: it does not, and the monotonic ``deadline`` has passed (``timeout``: the
+            call timeout, for the message).
+        CoordError: a value lacks ``seq`` or ``epoch`` (not a coordination IOC of this version).
+    """
+    try:
+        if table["epoch"] != change["epoch"] or table["seq"] >= change["seq"]:
+            return True
+    except KeyError as e:
+        raise CoordError(f"{table_pv} has no {e.args[0]} field: not a pvcoord coordination IOC "
+                         "of this version") from None
+    if time.monotonic() >= deadline:
+        raise NoAnswerError(table_pv, timeout, f"it shows lock change {table['seq']}, "
+                            f"Coord:LockChanges showed {change['seq']}")
+    return False
+
+
+def current_locks(ctxt: Any, prefix: str, timeout: float) -> Value:
+    """:meth:`AsyncCaller.current_locks` with a p4p thread ``Context`` (``nt=False`` or not).
+
+    Raises:
+        NoAnswerError: the table did not catch up within ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    table_pv = COORD_LOCKS.name(prefix)
+    table = ctxt.get(table_pv, timeout=timeout)
+    change = ctxt.get(COORD_LOCK_CHANGES.name(prefix),
+                      timeout=max(0.05, deadline - time.monotonic()))
+    while not table_includes(table_pv, table, change, deadline, timeout):
+        time.sleep(0.005)
+        table = ctxt.get(table_pv, timeout=max(0.05, deadline - time.monotonic()))
+    return table
+
+
 def scalar(value: Any) -> Any:
     """The ``value`` field of an NTScalar/NTScalarArray (a p4p Value or an unwrapped one)."""
     if isinstance(value, Value):
@@ -677,7 +719,27 @@ class AsyncCaller(CallerBase):
 
     async def locks(self, *, call_timeout: float | None = None) -> list[LockInfo]:
         """See :meth:`pvcoord.client.Client.locks`."""
-        return parse_locks(await self.get(self.pv(COORD_LOCKS), call_timeout))
+        return parse_locks(await self.current_locks(call_timeout))
+
+    async def current_locks(self, call_timeout: float | None = None) -> Value:
+        """``Coord:Locks`` with every change replied before this call (raw p4p ``Value``).
+
+        The table is posted coalesced (up to 50 ms after a change); ``Coord:LockChanges`` is
+        posted before each reply. So: read the table and the newest change's ``seq``, and the
+        table again until it includes that change (or comes from a newer IOC run), every 5 ms.
+
+        Raises:
+            NoAnswerError: no answer, or the table did not catch up, within the call timeout.
+        """
+        t = self.call_timeout(call_timeout)
+        deadline = time.monotonic() + t
+        change_pv, table_pv = self.pv(COORD_LOCK_CHANGES), self.pv(COORD_LOCKS)
+        table = await self.get(table_pv, t)
+        change = await self.get(change_pv, max(0.05, deadline - time.monotonic()))
+        while not table_includes(table_pv, table, change, deadline, t):
+            await asyncio.sleep(0.005)
+            table = await self.get(table_pv, max(0.05, deadline - time.monotonic()))
+        return table
 
     async def events(self, *, call_timeout: float | None = None) -> list[LockEvent]:
         """See :meth:`pvcoord.client.Client.events`."""

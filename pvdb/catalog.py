@@ -112,6 +112,8 @@ def help_text(server: str, width: int = 100) -> str:
             desc += f" Arguments: {', '.join(s.args)}."
         elif s.kind == PVKind.NTTABLE and s.columns:
             desc += f" Columns: {', '.join(c for c, _ in s.columns)}."
+            if s.fields:
+                desc += f" Fields: {', '.join(c for c, _ in s.fields)}."
         lines += textwrap.wrap(desc, width=width, initial_indent=head, subsequent_indent=indent,
                                break_on_hyphens=False) or [head.rstrip()]
     return "\n".join(lines) + "\n"
@@ -137,6 +139,8 @@ def _type(s: PVSpec) -> str:
     t = s.kind.value
     if s.kind == PVKind.NTTABLE and s.columns:
         t += ": " + ", ".join(c for c, _ in s.columns)
+        if s.fields:
+            t += "; " + ", ".join(c for c, _ in s.fields)
     elif s.kind == PVKind.NTENUM and s.choices:
         t += ": " + ", ".join(s.choices)
     elif s.kind == PVKind.RPC and s.args:

@@ -48,6 +48,8 @@ class PVSpec:
             ``d`` double, ``?`` bool); for RPC, the argument names it accepts.
         units: engineering units, if any.
         choices: for NTEnum, the labels in index order.
+        fields: for NTTable, extra top-level ``(name, p4p type code)`` fields after the
+            standard ones (e.g. ``seq`` of ``Coord:Locks``).
     """
 
     server: str
@@ -58,6 +60,7 @@ class PVSpec:
     units: str = ""
     choices: tuple[str, ...] = ()
     args: tuple[str, ...] = field(default=())
+    fields: tuple[tuple[str, str], ...] = ()
 
     def name(self, prefix: str, device: str | None = None) -> str:
         """Return the full PV name for ``prefix`` (and ``device`` for per-device PVs).
@@ -114,6 +117,13 @@ LOCKS_COLUMNS = (
     ("reason", "s"),
     ("planUid", "s"),
 )
+LOCK_CHANGES_COLUMNS = (*LOCKS_COLUMNS, ("held", "?"))
+"""``Coord:LockChanges``: the ``Coord:Locks`` columns plus ``held`` (False: the row was removed)."""
+LOCK_SEQ_FIELDS = (("seq", "l"), ("epoch", "l"))
+"""Extra fields of ``Coord:Locks`` and ``Coord:LockChanges`` (int64): ``seq`` numbers the lock
+changes of one IOC run (1, 2, ...; the table includes every change up to it), ``epoch`` names the
+run (the IOC's start, microseconds since 1970). A follower applies change ``seq + 1`` to the
+table of ``seq`` of the same ``epoch``; anything else waits for the next table."""
 EVENTS_COLUMNS = (
     ("time", "d"),
     ("action", "s"),
@@ -137,8 +147,16 @@ FORCE_RELEASE_ARGS = ("device", "reason", REQUEST_ID_ARG)
 
 COORD_LOCKS = PVSpec(
     "coordination", "Coord:Locks", PVKind.NTTABLE,
-    "Active locks, one row per device, sorted by device. Times are epoch seconds.",
-    columns=LOCKS_COLUMNS,
+    "Active locks, one row per device, sorted by device. Times are epoch seconds. Posted within "
+    "50 ms of a change (coalesced: at most 20 posts a second); seq is the last change included.",
+    columns=LOCKS_COLUMNS, fields=LOCK_SEQ_FIELDS,
+)
+COORD_LOCK_CHANGES = PVSpec(
+    "coordination", "Coord:LockChanges", PVKind.NTTABLE,
+    "The rows of Coord:Locks that change number seq changed (held false: removed); posted "
+    "before the reply of the request that made it. Followers (the guard) apply changes in seq "
+    "order onto Coord:Locks of the same epoch.",
+    columns=LOCK_CHANGES_COLUMNS, fields=LOCK_SEQ_FIELDS,
 )
 COORD_ACQUIRE = PVSpec(
     "coordination", "Coord:Acquire", PVKind.RPC,
@@ -281,7 +299,8 @@ REGISTRY_DEVICE_SIGNALS = PVSpec(
 )
 
 COORDINATION_PVS = (
-    COORD_LOCKS, COORD_ACQUIRE, COORD_RELEASE, COORD_RENEW, COORD_FORCE_RELEASE, COORD_EVENTS,
+    COORD_LOCKS, COORD_LOCK_CHANGES, COORD_ACQUIRE, COORD_RELEASE, COORD_RENEW,
+    COORD_FORCE_RELEASE, COORD_EVENTS,
     COORD_LAST_EVENT, COORD_LOCK_COUNT, COORD_HEARTBEAT, COORD_HEALTH, COORD_AUTHORITY,
     COORD_DEVICES,
     COORD_DEVICE_STATE, COORD_DEVICE_OWNER, COORD_DEVICE_REASON, COORD_DEVICE_REMAINING,

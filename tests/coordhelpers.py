@@ -12,6 +12,7 @@ from p4p.nt import NTURI
 
 from pvcoord.launch import coordination_argv
 from pvcoord.procs import PYTHON, ManagedProcess, server_env, wait_for_pv
+from pvcoord.rpc import current_locks
 from pvdb import names as pvn
 from pvdb.models import Lock, LockType
 
@@ -73,8 +74,11 @@ def rpc(ctxt: Context, spec: pvn.PVSpec, **kws: str):
 
 
 def locks(ctxt: Context) -> list[tuple]:
-    """Rows of ``Coord:Locks`` as tuples (device, lockType, priority, owner, reason)."""
-    v = ctxt.get(pvn.COORD_LOCKS.name(PREFIX), timeout=CLIENT_TIMEOUT)
+    """Rows of ``Coord:Locks`` as tuples (device, lockType, priority, owner, reason).
+
+    The table as of every change replied so far (:func:`pvcoord.rpc.current_locks`).
+    """
+    v = current_locks(ctxt, PREFIX, CLIENT_TIMEOUT)
     col = v.value
     return list(zip(col.device, col.lockType, col.priority, col.owner, col.reason, strict=True))
 

@@ -15,6 +15,7 @@ from p4p import Type, Value
 from p4p.client.thread import Context, RemoteError
 
 from pvcoord.procs import PYTHON, client_conf, loopback_env, python_module, start_redis, wait_until
+from pvcoord.rpc import current_locks
 from pvdb import names as pvn
 from pvdb.lockmodel import ErrorCode
 
@@ -82,6 +83,48 @@ def test_acquire_grants_and_publishes(ctxt):
     assert 50 < rem <= 60
     ts = ctxt.get(pvn.COORD_LOCKS.name(PREFIX), timeout=CLIENT_TIMEOUT).timeStamp.secondsPastEpoch
     assert abs(ts - time.time()) < 60  # posted with a real timestamp, not 1970
+
+
+def test_each_change_is_posted_as_its_rows_before_the_reply_and_the_table_coalesced(ctxt):
+    """Coord:LockChanges has the change when the reply arrives; Coord:Locks follows, coalesced.
+
+    A burst of changes is posted as that many LockChanges values with consecutive seq (each
+    only the changed row) and at most 1 + elapsed / 50 ms tables (decision 0165).
+    """
+    changes_pv, table_pv = pvn.COORD_LOCK_CHANGES.name(PREFIX), pvn.COORD_LOCKS.name(PREFIX)
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="60")
+    assert not isinstance(r, Exception), r
+    ch = ctxt.get(changes_pv, timeout=CLIENT_TIMEOUT)  # right after the reply: no waiting
+    assert list(ch.value.device) == ["m1"] and list(ch.value.held) == [True]
+    assert list(ch.value.owner) == ["root@127.0.0.1"]
+    table = current_locks(ctxt, PREFIX, CLIENT_TIMEOUT)
+    assert table["epoch"] == ch["epoch"] and table["seq"] >= ch["seq"]
+    assert list(table.value.device) == ["m1"]
+    seen_changes: list = []
+    seen_tables: list = []
+    s1 = ctxt.monitor(changes_pv, seen_changes.append, request="record[queueSize=1000]")
+    s2 = ctxt.monitor(table_pv, seen_tables.append)
+    try:
+        wait_until(lambda: seen_changes and seen_tables, 10, "first monitor updates")
+        first = seen_changes[-1]["seq"]
+        n = 20
+        t0 = time.monotonic()
+        for i in range(n):
+            rpc(ctxt, pvn.COORD_RELEASE if i % 2 == 0 else pvn.COORD_ACQUIRE, device="m1",
+                **({} if i % 2 == 0 else {"type": "MANUAL_OPERATOR", "timeout": "60"}))
+        elapsed = time.monotonic() - t0
+        wait_until(lambda: seen_changes[-1]["seq"] == first + n, 10, "every change")
+        wait_until(lambda: seen_tables[-1]["seq"] == first + n, 10, "the table to catch up")
+        tables_after = len(seen_tables) - 1
+    finally:
+        s1.close()
+        s2.close()
+    seqs = [v["seq"] for v in seen_changes]
+    assert seqs[-n:] == list(range(first + 1, first + n + 1))
+    assert all(list(v.value.device) == ["m1"] for v in seen_changes[-n:])
+    assert [bool(v.value.held[0]) for v in seen_changes[-n:]] == [i % 2 == 1 for i in range(n)]
+    assert tables_after <= 1 + (elapsed + 0.1) / 0.05, (tables_after, elapsed)
+    assert list(seen_tables[-1].value.device) == ["m1"]  # the last change acquired it
 
 
 @pytest.mark.identity
@@ -369,9 +412,9 @@ def test_persistence_across_kill9(tmp_path, kind):
 
 def test_holder_rerequest_is_idempotent_and_lower_priority_refused(ctxt):
     r1 = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="30")
-    v1 = ctxt.get(pvn.COORD_LOCKS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
+    v1 = current_locks(ctxt, PREFIX, CLIENT_TIMEOUT).value
     r2 = rpc(ctxt, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="300")
-    v2 = ctxt.get(pvn.COORD_LOCKS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
+    v2 = current_locks(ctxt, PREFIX, CLIENT_TIMEOUT).value
     assert r2.granted and r2.key != r1.key and r2.expires > r1.expires + 200
     assert list(v2.device) == ["m1"] and list(v2.acquired) == list(v1.acquired)
     # a weaker type (QUEUE_QUEUED) against another holder is refused, naming the holder

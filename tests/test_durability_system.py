@@ -32,6 +32,7 @@ from pvcoord.procs import (
     wait_for_pv,
     wait_until,
 )
+from pvcoord.rpc import current_locks
 from pvcoord.store import RedisStore, SQLiteStore
 from pvdb import names as pvn
 from pvdb.lockmodel import ErrorCode, new_request_id
@@ -381,7 +382,7 @@ def test_kill9_during_operations_loses_and_resurrects_nothing(tmp_path, victim):
 def check_after_restart(env, workers: list[Worker], killed_at: float) -> None:
     """Every grant its client was told of is there with a working key; nothing expired is."""
     with Context("pva", conf=client_conf(env), useenv=False) as c:
-        v = c.get(pvn.COORD_LOCKS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
+        v = current_locks(c, PREFIX, CLIENT_TIMEOUT).value
         table = {d: (o, e) for d, o, e in zip(v.device, v.owner, v.expires, strict=True)}
         for d, (key, i) in check_told(workers, killed_at, table):
             # no key stops working early

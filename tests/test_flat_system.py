@@ -35,6 +35,7 @@ from pvcoord.procs import (
     wait_for_pv,
     wait_until,
 )
+from pvcoord.rpc import current_locks
 from pvdb import demo
 from pvdb import flat as fl
 from pvdb.names import (
@@ -115,7 +116,7 @@ class Beamline:
         return self.ctxt.rpc(name, uri, timeout=TIMEOUT)
 
     def holders(self) -> dict[str, str]:
-        t = self.ctxt.get(COORD_LOCKS.name(P), timeout=TIMEOUT).value
+        t = current_locks(self.ctxt, P, TIMEOUT).value
         return dict(zip(t.device, t.owner, strict=True))
 
     def text(self, name: str) -> str:

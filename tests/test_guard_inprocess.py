@@ -31,7 +31,10 @@ from pvdb import demo
 from pvdb.guard import GUARD_HEALTH, GUARD_WHAT_IF
 from pvdb.names import (
     COORD_HEARTBEAT,
+    COORD_LOCK_CHANGES,
     COORD_LOCKS,
+    LOCK_CHANGES_COLUMNS,
+    LOCK_SEQ_FIELDS,
     LOCKS_COLUMNS,
     REGISTRY_DEVICE_PVS,
     REGISTRY_DEVICES,
@@ -80,8 +83,13 @@ class Coordination:
     """Stand-in for the coordination and registry IOCs: the test posts what they would."""
 
     def __init__(self, with_devices: bool = True) -> None:
-        self.locks_nt = NTTable(list(LOCKS_COLUMNS))
+        self.locks_nt = NTTable(list(LOCKS_COLUMNS), extra=list(LOCK_SEQ_FIELDS))
         self.locks = SharedPV(nt=self.locks_nt, initial=[])
+        # the IOC posts each change here too; this stand-in posts whole tables only (each with
+        # the next seq), which a follower must take as they come
+        self.seq = 0
+        changes_nt = NTTable(list(LOCK_CHANGES_COLUMNS), extra=list(LOCK_SEQ_FIELDS))
+        self.changes = SharedPV(nt=changes_nt, initial=[])
         self.beat = SharedPV(nt=NTScalar("i"), initial=0)
         self.pvs = SharedPV(nt=NTTable([("pv", "s"), ("device", "s")]),
                             initial=[{"pv": SETPOINT, "device": M1}])
@@ -91,6 +99,7 @@ class Coordination:
             self.open_devices()
         self.server = Server(providers=[{
             COORD_LOCKS.name(P): self.locks, COORD_HEARTBEAT.name(P): self.beat,
+            COORD_LOCK_CHANGES.name(P): self.changes,
             REGISTRY_DEVICE_PVS.name(P): self.pvs, REGISTRY_DEVICES.name(P): self.devices,
         }], isolate=True)
         self.count = 0
@@ -124,6 +133,8 @@ class Coordination:
         v = self.locks_nt.wrap(rows, timestamp=time.time())
         for col, _code in LOCKS_COLUMNS:  # NTTable.wrap([]) leaves columns unmarked: mark them
             v["value." + col] = [row[col] for row in rows]
+        self.seq += 1
+        v["seq"] = self.seq
         self.locks.post(v)
 
     def close(self) -> None:
@@ -262,6 +273,8 @@ def test_malformed_lock_table_fails_closed(setup):
     v = coord.locks_nt.wrap([], timestamp=time.time())
     for col, _code in LOCKS_COLUMNS:
         v["value." + col] = [M1] if col == "device" else []
+    coord.seq += 1
+    v["seq"] = coord.seq
     coord.locks.post(v)
     wait_until(lambda: not writes(client), 5.0, "refused on a table with uneven columns")
     reason = what_if(client, "anyone").reason

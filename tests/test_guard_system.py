@@ -38,6 +38,7 @@ from pvcoord.procs import (
     wait_for_pv,
     wait_until,
 )
+from pvcoord.rpc import current_locks
 from pvdb import demo
 from pvdb.guard import GUARD_AUDIT, GUARD_HEALTH, GUARD_REFUSED, GUARD_WHAT_IF
 from pvdb.lockmodel import ErrorCode
@@ -214,7 +215,7 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
 def no_locks_left(bl: Beamline) -> Iterator[None]:
     """Every test ends with no locks (force-released by root, who may)."""
     yield
-    v = bl.ctxt.get(COORD_LOCKS.name(P), timeout=TIMEOUT)
+    v = current_locks(bl.ctxt, P, TIMEOUT)
     for device in list(v.value.device):
         bl.rpc(COORD_FORCE_RELEASE, device=device, reason="test cleanup")
 

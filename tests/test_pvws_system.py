@@ -17,6 +17,7 @@ import pytest
 from p4p.client.thread import Context
 
 from pvcoord.procs import client_conf, wait_until
+from pvcoord.rpc import current_locks
 from pvdb import demo
 
 from .pvwshelpers import ARRAYS, MANY, TIMEOUT, WS, P, UnreadWS, beamline
@@ -375,7 +376,7 @@ def test_ten_thousand_hostile_messages(bl, ctx):
     bob = bl.bridge.login("bob", bl.passwords["bob"])
     pid = bl.bridge.proc.pid
     before_sp = _device_get(bl, SP)
-    locks_before = list(ctx.get(f"{P}Coord:Locks", timeout=TIMEOUT).value.device)
+    locks_before = list(current_locks(ctx, P, TIMEOUT).value.device)
     allowed_before = sum(r["allowed"] for r in bl.bridge.get("/pvws/audit"))
     with WS(bl.bridge.ws_url, bob, max_queue=None) as ws:
         ws.subscribe(f"pva://{SP}")
@@ -395,7 +396,7 @@ def test_ten_thousand_hostile_messages(bl, ctx):
         assert ws.wait(lambda m: m.get("type") == "list")["pvs"] == [f"pva://{SP}"]
     assert bl.bridge.proc.alive()
     assert _device_get(bl, SP) == before_sp
-    assert list(ctx.get(f"{P}Coord:Locks", timeout=TIMEOUT).value.device) == locks_before
+    assert list(current_locks(ctx, P, TIMEOUT).value.device) == locks_before
     assert sum(r["allowed"] for r in bl.bridge.get("/pvws/audit")) == allowed_before
     assert not any("nosuch" in p["pv"] for p in bl.bridge.get("/pvws/pool"))
 

@@ -38,7 +38,7 @@ from pvdb.policy import Policy
 
 __all__ = [
     "STALE_AFTER", "Decision", "DeviceMap", "ErrorCode", "HeldLock", "LockFeed", "LockState",
-    "Verdict", "decide", "parse_locks", "split_owner",
+    "LockStream", "Verdict", "decide", "parse_lock_changes", "parse_locks", "split_owner",
 ]
 
 STALE_AFTER = 2.0
@@ -132,6 +132,107 @@ def parse_locks(columns: Mapping[str, Sequence[object]]) -> dict[str, HeldLock]:
         expiry = float(expires)  # type: ignore[arg-type]
         out[str(device)] = HeldLock(str(device), account, host, str(lock_type), expiry, str(reason))
     return out
+
+
+def parse_lock_changes(columns: Mapping[str, Sequence[object]]) -> dict[str, HeldLock | None]:
+    """Build device -> :class:`HeldLock` (None: removed) from the columns of ``Coord:LockChanges``.
+
+    Args:
+        columns: as for :func:`parse_locks`, plus ``held`` (bool per row).
+
+    Raises:
+        ValueError: a required column is missing or the columns have different lengths.
+    """
+    if "held" not in columns:
+        raise ValueError("Coord:LockChanges lacks column held")
+    held = [bool(h) for h in columns["held"]]
+    devices = [str(d) for d in columns.get("device", [])]
+    if len(held) != len(devices):
+        raise ValueError("Coord:LockChanges columns have different lengths")
+    keep = [i for i, h in enumerate(held) if h]
+    rows = parse_locks({k: [list(v)[i] for i in keep] for k, v in columns.items() if k != "held"})
+    out: dict[str, HeldLock | None] = {d: None for d, h in zip(devices, held, strict=True)
+                                       if not h}
+    out.update(rows)
+    return out
+
+
+class LockStream:
+    """The current lock table from ``Coord:Locks`` and ``Coord:LockChanges``.
+
+    (Their ``seq`` and ``epoch`` fields: pvdb ``LOCK_SEQ_FIELDS``.)
+    The IOC numbers its lock changes ``seq`` = 1, 2, ... within one run (``epoch``) and posts each
+    change's rows before the reply of the request that made it; the whole table is posted
+    coalesced, with the ``seq`` of the last change it includes. A table replaces the current one
+    unless it is older (same epoch, lower or equal seq); a change ``seq + 1`` of the same epoch is
+    applied; a later change (one was missed: a monitor squashed updates, or the table lags behind
+    at connect) is kept until the changes before it or a table at or after it arrive. While such
+    a change is waiting, or no table has arrived, :attr:`locks` is None: the follower must fail
+    closed (:attr:`why_behind`). Pure, no threads; the caller serialises calls.
+    """
+
+    MAX_PENDING = 4096
+    """Changes kept while waiting (the oldest are dropped beyond: a table resolves them)."""
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.seq = 0
+        self._locks: dict[str, HeldLock] | None = None
+        self._pending: dict[tuple[int, int], dict[str, HeldLock | None]] = {}
+
+    @property
+    def locks(self) -> dict[str, HeldLock] | None:
+        """The current table, or None while it is not known to be current."""
+        return None if self._pending or self._locks is None else self._locks
+
+    @property
+    def why_behind(self) -> str:
+        """'' when :attr:`locks` is current, else why not."""
+        if self._locks is None:
+            return "Coord:Locks not received"
+        if self._pending:
+            e, s = min(self._pending)
+            return (f"lock change {s} received before change {self.seq + 1}"
+                    f"{'' if e == self.epoch else ' of a new IOC run'}: waiting for Coord:Locks")
+        return ""
+
+    def reset(self) -> None:
+        """Forget everything (a monitor disconnected: the IOC may have restarted)."""
+        self.__init__()
+
+    def table(self, locks: Mapping[str, HeldLock], seq: int, epoch: int) -> None:
+        """A ``Coord:Locks`` post arrived."""
+        if self._locks is not None and epoch == self.epoch and seq <= self.seq:
+            return
+        self.epoch, self.seq, self._locks = epoch, seq, dict(locks)
+        self._advance()
+
+    def change(self, rows: Mapping[str, HeldLock | None], seq: int, epoch: int) -> None:
+        """A ``Coord:LockChanges`` post arrived (``rows``: device -> lock, None: removed)."""
+        if self._locks is not None and epoch == self.epoch and seq <= self.seq:
+            return
+        self._pending[(epoch, seq)] = dict(rows)
+        while len(self._pending) > self.MAX_PENDING:
+            del self._pending[min(self._pending)]
+        self._advance()
+
+    def _advance(self) -> None:
+        new = None
+        while self._locks is not None:
+            rows = self._pending.pop((self.epoch or 0, self.seq + 1), None)
+            if rows is None:
+                break
+            new = dict(self._locks) if new is None else new
+            for device, lock in rows.items():
+                if lock is None:
+                    new.pop(device, None)
+                else:
+                    new[device] = lock
+            self.seq += 1
+        if new is not None:
+            self._locks = new
+        self._pending = {(e, s): r for (e, s), r in self._pending.items()
+                         if e != self.epoch or s > self.seq}
 
 
 class DeviceMap:
@@ -252,18 +353,30 @@ class LockFeed:
         self._last_beat: float | None = None
         self._last_beat_value: object = None
         self._locks_problem = ""
+        self._locks_waiting = ""
 
     def locks_update(self, locks: dict[str, HeldLock], stamp: float) -> None:
         """A new ``Coord:Locks`` value arrived (``stamp``: its timestamp, epoch seconds)."""
         self._locks_connected = True
-        self._locks_problem = ""
+        self._locks_problem = self._locks_waiting = ""
         self.locks, self.stamp = locks, stamp
         self.last_locks = dict(locks)
+
+    def locks_waiting(self, why: str) -> None:
+        """Connected, but the table is not current: fail closed until a :meth:`locks_update`.
+
+        ``why``: :attr:`LockStream.why_behind`.
+        """
+        self._locks_connected = True
+        self._locks_problem = ""
+        self._locks_waiting = why
+        self.locks = None
 
     def locks_lost(self, problem: str = "") -> None:
         """The ``Coord:Locks`` monitor disconnected, or sent something unusable (``problem``)."""
         self._locks_connected = False
         self._locks_problem = problem
+        self._locks_waiting = ""
         self.locks = None
 
     def beat(self, value: object, now: float) -> None:
@@ -286,6 +399,8 @@ class LockFeed:
         """'' when the lock state is fresh at monotonic time ``now``, else the reason."""
         if self._locks_problem:
             return f"Coord:Locks unreadable: {self._locks_problem}"
+        if self._locks_waiting:
+            return self._locks_waiting
         if not self._locks_connected or self.locks is None:
             return "Coord:Locks disconnected or not received"
         if not self._beat_connected or self._last_beat is None:

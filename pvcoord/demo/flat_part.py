@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pvcoord.procs import PYTHON, ManagedProcess, client_conf, free_port, python_module, wait_for_pv
+from pvcoord.rpc import current_locks
 from pvdb import demo
 from pvdb.flat import FLAT_HEALTH, FLAT_RELEASE, FLAT_TAKE
-from pvdb.names import COORD_ACQUIRE, COORD_LOCKS, COORD_RELEASE
+from pvdb.names import COORD_ACQUIRE, COORD_RELEASE
 
 REPO = Path(__file__).resolve().parent.parent.parent
 AGENT_TIMEOUT = 10.0
@@ -383,7 +384,7 @@ def walkthrough(
 
     def holders() -> dict[str, str]:
         with Context("pva", conf=client_conf(pva_env), useenv=False) as c:
-            t: Any = c.get(COORD_LOCKS.name(prefix), timeout=5)
+            t: Any = current_locks(c, prefix, 5)
             t = t.value
             return dict(zip(t.device, t.owner, strict=True))
 

@@ -387,8 +387,8 @@ def _wait_decision(
 ) -> dict[str, Any]:
     """Ask ``Guard:WhatIf`` until the guard's answer for ``account`` on ``pv`` is ``allowed``.
 
-    The guard learns of a lock change from ``Coord:Locks`` (typically within milliseconds of the
-    coordination IOC's reply); returns the last answer (also when the deadline passes).
+    The guard learns of a lock change from ``Coord:LockChanges`` (posted before the coordination
+    IOC's reply); returns the last answer (also when the deadline passes).
     """
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}

@@ -368,6 +368,12 @@ def main() -> None:
     a.subscribers = [int(x) for x in a.subscribers.split(",")]
     a.sub_opts = ("--stamp", a.stamp) + (
         ("--switch-interval", str(a.switch_interval)) if a.switch_interval is not None else ())
+    if a.wire:  # fail now, not after the first IOC and 500 subscribers have started
+        try:
+            with WireCapture(1):
+                pass
+        except PermissionError as e:
+            ap.error(f"--wire needs CAP_NET_RAW (a packet socket; run as root): {e}")
     a.server_cpus = None
     if a.pin:
         cpus = sorted(os.sched_getaffinity(0))

@@ -4,7 +4,12 @@ Usage::
 
     .venv/bin/python benchmarks/bench_coordination.py [--pairs 500] [--store sqlite|redis]
         [--sizes 10,1000] [--subscribers 1,50,500] [--changes 100] [--gap 0.02]
-        [--fanout-floor]
+        [--fanout-floor] [--wire] [--pin] [--stamp callback|event] [--per-process 50]
+        [--switch-interval S]
+
+    # the 500-subscriber target (issue 12; decision 0175), as root:
+    .venv/bin/python benchmarks/bench_coordination.py --pairs 20 --changes 30 --sizes 1000 \
+        --subscribers 500 --fanout-floor --gap 0.1 --wire --pin
 
 Prints, for each size N in ``--sizes`` (N devices, all but the five measured ones locked):
 - startup: process start to ``Coord:Locks`` answering and to the last ``Coord:<dev>:State``;
@@ -17,11 +22,19 @@ Prints, for each size N in ``--sizes`` (N devices, all but the five measured one
   against the floor's, much less sensitive to other load on the machine than the latencies;
 - sustained acquire+release rate with 1 and 4 client threads (4 shows the group commit);
 - time from a lock change (RPC sent) to its arrival at each count of ``--subscribers`` of
-  ``Coord:m0:State`` (processes of at most 50 PVA contexts each) and at one subscriber of
-  ``Coord:Locks``, p50 / p99 / max; one change every ``--gap`` s after the previous reply;
+  ``Coord:m0:State`` and at one subscriber of ``Coord:Locks``, p50 / p99 / max, one change every
+  ``--gap`` s after the previous reply; arrival is the subscriber's monitor callback (``--stamp``)
+  (processes of ``--per-process`` PVA contexts, each context its own TCP connection), with the
+  subscriber processes' CPU per update, the server's CPU per change and the change RPC's time;
 - with ``--fanout-floor``: the same subscriber processes, at the same pace, on an NTEnum of the
   bare p4p server that an RPC flips (post, then reply: the IOC's order), the floor of the fan-out
-  on this machine (the subscribers' own processes share its cores);
+  on this machine;
+- with ``--wire`` (needs ``CAP_NET_RAW``): when the kernel delivered each update into each
+  subscriber's socket (``wire_capture.py``), which does not wait for the subscriber processes
+  to be scheduled: the server's own fan-out; with ``--pin`` the server runs on the first CPU and
+  the subscribers and this client on the others, so the subscribers' own work (about 0.1-0.2 ms
+  of CPU per update each, i.e. 50-100 ms of CPU per change for 500) does not run on the
+  server's core, as on a real IOC host whose subscribers are elsewhere (decision 0175);
 - the op cost at the largest size against the smallest.
 
 Every figure comes from this run on this machine; nothing is asserted.
@@ -30,6 +43,7 @@ Every figure comes from this run on this machine; nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,6 +60,7 @@ sys.path.insert(0, str(REPO))
 
 from p4p.client.thread import Context  # noqa: E402
 from p4p.nt import NTURI  # noqa: E402
+from wire_capture import WireCapture  # noqa: E402  (benchmarks/, this script's directory)
 
 from pvcoord.launch import coordination_argv  # noqa: E402
 from pvcoord.procs import (  # noqa: E402
@@ -153,30 +168,56 @@ def rate(env, acq: str, rel: str, threads: int, seconds: float = 3.0) -> float:
 
 
 def fanout(env, tmp: Path, procs: list, pv: str, n: int, changes: int, acq: str, rel: str,
-           tag: str, gap: float = 0.02) -> list[float]:
+           tag: str, gap: float = 0.02, server_pid: int | None = None,
+           sub_opts: tuple = (), per_process: int = PER_PROCESS,
+           wire_port: int | None = None, server_cpus: set[int] | None = None) -> dict:
     """Latencies (s) from sending a lock change of m0 to its arrival at ``n`` subscribers.
 
     One change every ``gap`` s after the previous reply. With ``acq`` empty the change is a
     call of the bare server's ``FLOOR_FLIP`` (``pv`` is then ``FLOOR_STATE``): the floor.
+    With ``server_cpus`` the server runs on those CPUs only during the changes and the changes'
+    client on the others (the subscribers' CPUs are set by ``sub_opts``).
+
+    Returns:
+        ``{"lat": [s, ...], "cpu_sub": s, "cpu_srv": s, "updates": int, "wire": [s, ...],
+        "wire_last": [s, ...], "rtt": [s, ...]}``: the latencies to the subscribers'
+        callbacks; the CPU seconds (all threads, ``/proc``) the subscriber processes and the
+        server (``server_pid``) spent from the first change to the last arrival; the number of
+        updates that reached the callbacks; with ``wire_port`` (the server's PVA TCP port) the
+        latencies to the kernel's delivery of each update into each subscriber's socket
+        (:class:`wire_capture.WireCapture`) and, per change, to its delivery into the last of
+        the ``n`` connections (empty lists without ``wire_port``); the round-trip times of the
+        changes' RPCs.
     """
     outs, subs = [], []
-    for j in range(0, n, PER_PROCESS):
+    for j in range(0, n, per_process):
         out = tmp / f"fan-{tag}-{n}-{j}.json"
         sub = ManagedProcess(f"subs-{tag}-{n}-{j}", [
             PYTHON, str(REPO / "benchmarks/fanout_subscribers.py"), pv,
-            str(min(PER_PROCESS, n - j)), str(out)], env, log_dir=tmp)
+            str(min(per_process, n - j)), str(out), *sub_opts], env, log_dir=tmp)
         procs.append(sub)
         outs.append(out)
         subs.append(sub)
     for sub in subs:
-        wait_until(lambda s=sub: "subscribed" in s.output(), 120, f"{n} subscribers")
-        if "NOT" in sub.output():
+        wait_until(lambda s=sub: "READY" in s.output() or "FAILED" in s.output(), 120,
+                   f"{n} subscribers")
+        if "FAILED" in sub.output():
             raise RuntimeError(sub.output())
     t0s: list[float] = []
-    with Context("pva", conf=client_conf(env), useenv=False) as c:
+    wall0s: list[float] = []
+    rtts: list[float] = []
+    pids = [s.pid for s in subs]
+    all_cpus = os.sched_getaffinity(0)
+    if server_cpus and server_pid:
+        pin(server_pid, server_cpus)
+        os.sched_setaffinity(0, all_cpus - server_cpus)  # the client's threads start below
+    cpu0 = sum(cpu_seconds(p) for p in pids), cpu_seconds(server_pid) if server_pid else 0.0
+    cap = WireCapture(wire_port) if wire_port else contextlib.nullcontext()
+    with cap, Context("pva", conf=client_conf(env), useenv=False) as c:
         key = None
         for i in range(changes):
             t0s.append(time.monotonic())
+            wall0s.append(time.time())
             if not acq:
                 c.rpc(FLOOR_FLIP, uri(FLOOR_FLIP, x=str(i)), timeout=5)
             elif i % 2 == 0:
@@ -184,36 +225,79 @@ def fanout(env, tmp: Path, procs: list, pv: str, n: int, changes: int, acq: str,
                             timeout=5).key
             else:
                 c.rpc(rel, uri(rel, key=key), timeout=5)
+            rtts.append(time.monotonic() - t0s[-1])
             time.sleep(gap)
         if key and changes % 2:
             c.rpc(rel, uri(rel, key=key), timeout=5)
-    time.sleep(0.5)  # let the last updates arrive before the subscribers write out
-    lat, missed, behind = [], 0, 0
+        time.sleep(0.5)  # let the last updates arrive before the subscribers write out
+    if server_cpus and server_pid:  # the other figures are measured unpinned
+        pin(server_pid, all_cpus)
+        os.sched_setaffinity(0, all_cpus)
+    cpu_sub = sum(cpu_seconds(p) for p in pids) - cpu0[0]
+    cpu_srv = (cpu_seconds(server_pid) - cpu0[1]) if server_pid else 0.0
+    lat, missed, behind, updates = [], 0, 0, 0
     for sub, out in zip(subs, outs, strict=True):
         sub.stop()
         for per_sub in json.loads(out.read_text()):
-            updates = per_sub[1:]  # the first is the initial value
-            for t0, (t_arr, _v) in zip(t0s, updates, strict=False):
+            got = per_sub[1:]  # the first is the initial value
+            updates += len(got)
+            for t0, (t_arr, _v) in zip(t0s, got, strict=False):
                 lat.append(t_arr - t0)
-            if changes - len(updates) > 0:
-                missed += changes - len(updates)
+            if changes - len(got) > 0:
+                missed += changes - len(got)
                 behind += 1
     if missed:  # p4p squashes the updates of a subscriber that falls behind into one
         print(f"WARNING: {behind} of {n} subscribers missed {missed} updates in all "
               f"(fell behind: a longer --gap measures latency, not saturation)")
-    return lat
+    wire, wire_last = [], []
+    if wire_port:
+        by_conn = list(cap.updates().values())
+        short = sum(1 for st in by_conn if len(st) < changes)
+        if len(by_conn) != n or short or cap.drops:
+            print(f"WARNING: wire capture saw {len(by_conn)} of {n} connections, {short} with "
+                  f"fewer than {changes} updates, {cap.drops} packets dropped")
+        for st in by_conn:
+            wire.extend(t - t0 for t0, t in zip(wall0s, st, strict=False))
+        for i, t0 in enumerate(wall0s):
+            wire_last.append(max(st[i] for st in by_conn if len(st) > i) - t0)
+    return {"lat": lat, "cpu_sub": cpu_sub, "cpu_srv": cpu_srv, "updates": updates,
+            "wire": wire, "wire_last": wire_last, "rtt": rtts}
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process ``pid`` on ``cpus`` only (threads it starts later inherit)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def fan_line(head: str, fan: dict, n: int) -> str:
+    """One printed line of a fan-out result of :func:`fanout` for ``n`` subscribers."""
+    lat, k = fan["lat"], max(1, fan["updates"])
+    per_update = fan["cpu_sub"] / k
+    return (f"{head} p50 {ms(pct(lat, .5))}  p99 {ms(pct(lat, .99))}  max {ms(max(lat))}  "
+            f"({len(lat)} arrivals); subscriber CPU per update {per_update * 1e6:.0f} us "
+            f"(x {n} / {os.cpu_count()} cores = {ms(per_update * n / (os.cpu_count() or 1))}); "
+            f"server CPU per change {ms(fan['cpu_srv'] * n / k)}; the change's RPC median "
+            f"{ms(statistics.median(fan['rtt']))}"
+            + (f"\n    delivered into the subscribers' sockets (kernel time): p50 "
+               f"{ms(pct(fan['wire'], .5))}  p99 {ms(pct(fan['wire'], .99))}  max "
+               f"{ms(max(fan['wire']))}; to the last of the {n} per change: median "
+               f"{ms(statistics.median(fan['wire_last']))}  max {ms(max(fan['wire_last']))}"
+               if fan["wire"] else ""))
 
 
 def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list,
-             echo: ManagedProcess) -> dict:
+             echo: ManagedProcess, echo_port: int) -> dict:
     """Start the IOC with ``n_dev`` devices, lock all but m0..m4, measure; return the figures."""
     devices = [f"m{i}" for i in range(max(n_dev, 5))]
     t_start = time.monotonic()
+    coord_env = server_env(env)
     coord = ManagedProcess(
         f"coordination-{n_dev}",
         coordination_argv(PREFIX, store, tmp / "policy.toml", devices=devices,
                           log_level="WARNING"),
-        server_env(env), cwd=REPO, log_dir=tmp)
+        coord_env, cwd=REPO, log_dir=tmp)
     procs.append(coord)
     wait_for_pv(pvn.COORD_LOCKS.name(PREFIX), env, procs=[coord], timeout=60)
     t_locks = time.monotonic() - t_start
@@ -233,12 +317,19 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list,
     cpu_echo = (cpu_seconds(echo.pid) - cpu0[1]) / n_calls
     fs = fsync_floor(tmp)
     r1, r4 = rate(env, acq, rel, 1), rate(env, acq, rel, 4)
+    fan_kw = {"gap": a.gap, "sub_opts": a.sub_opts, "per_process": a.per_process,
+              "server_cpus": a.server_cpus}
     fan = {n: fanout(env, tmp, procs, pvn.COORD_DEVICE_STATE.name(PREFIX, "m0"), n, a.changes,
-                     acq, rel, f"{n_dev}", a.gap) for n in a.subscribers}
+                     acq, rel, f"{n_dev}", server_pid=coord.pid,
+                     wire_port=int(coord_env["EPICS_PVA_SERVER_PORT"]) if a.wire else None,
+                     **fan_kw)
+           for n in a.subscribers}
     floor = {n: fanout(env, tmp, procs, FLOOR_STATE, n, a.changes, "", "", f"{n_dev}-floor",
-                       a.gap) for n in a.subscribers} if a.fanout_floor else {}
+                       server_pid=echo.pid, wire_port=echo_port if a.wire else None,
+                       **fan_kw)
+             for n in a.subscribers} if a.fanout_floor else {}
     fan_locks = fanout(env, tmp, procs, pvn.COORD_LOCKS.name(PREFIX), 1, a.changes, acq, rel,
-                       f"{n_dev}-locks")
+                       f"{n_dev}-locks")["lat"]
     coord.stop()
     return {"n": n_dev, "held": held, "t_locks": t_locks, "t_last": t_last, "echo": echo_t,
             "acq": acq_t, "rel": rel_t, "pair": pair_t, "fsync": fs, "rate1": r1, "rate4": r4,
@@ -260,8 +351,36 @@ def main() -> None:
                     help="s between a lock change's reply and the next change (fan-out)")
     ap.add_argument("--fanout-floor", action="store_true",
                     help="also measure the fan-out of the bare p4p server (same subscribers)")
+    ap.add_argument("--per-process", type=int, default=PER_PROCESS,
+                    help="subscriber contexts per subscriber process")
+    ap.add_argument("--stamp", choices=["callback", "event"], default="callback",
+                    help="where a subscriber takes the arrival time (fanout_subscribers.py)")
+    ap.add_argument("--wire", action="store_true",
+                    help="also time each update's delivery into each subscriber's socket "
+                    "(kernel timestamps from a loopback packet socket; needs CAP_NET_RAW)")
+    ap.add_argument("--pin", action="store_true",
+                    help="fan-out with the server on the first CPU and the subscriber processes "
+                    "and the changes' client on the others (the server has its own core, as "
+                    "on a real IOC host)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval in the subscriber processes (s)")
     a = ap.parse_args()
     a.subscribers = [int(x) for x in a.subscribers.split(",")]
+    a.sub_opts = ("--stamp", a.stamp) + (
+        ("--switch-interval", str(a.switch_interval)) if a.switch_interval is not None else ())
+    if a.wire:  # fail now, not after the first IOC and 500 subscribers have started
+        try:
+            with WireCapture(1):
+                pass
+        except PermissionError as e:
+            ap.error(f"--wire needs CAP_NET_RAW (a packet socket; run as root): {e}")
+    a.server_cpus = None
+    if a.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs at least 2 CPUs")
+        a.server_cpus = {cpus[0]}
+        a.sub_opts += ("--cpus", ",".join(map(str, cpus[1:])))
 
     tmp = Path(tempfile.mkdtemp(prefix="pvcoord-bench-"))
     env = loopback_env()
@@ -270,9 +389,9 @@ def main() -> None:
     procs: list[ManagedProcess] = []
     results = []
     try:
+        echo_env = server_env(env)
         echo = ManagedProcess("echo", [PYTHON, str(REPO / "benchmarks/echo_server.py"),
-                                       ECHO, FLOOR_STATE, FLOOR_FLIP], server_env(env),
-                              log_dir=tmp)
+                                       ECHO, FLOOR_STATE, FLOOR_FLIP], echo_env, log_dir=tmp)
         procs.append(echo)
         with Context("pva", conf=client_conf(env), useenv=False) as c:
             wait_until(lambda: c.rpc(ECHO, uri(ECHO, x="1"), timeout=2, throw=False)
@@ -285,7 +404,8 @@ def main() -> None:
                 r, port = start_redis(data_dir=tmp / f"redis-{n_dev}")
                 procs.append(r)
                 store = f"redis://127.0.0.1:{port}/0"
-            results.append(run_size(a, env, tmp, store, n_dev, procs, echo))
+            results.append(run_size(a, env, tmp, store, n_dev, procs, echo,
+                                    int(echo_env["EPICS_PVA_SERVER_PORT"])))
     finally:
         for p in reversed(procs):
             p.stop()
@@ -320,14 +440,14 @@ def main() -> None:
               f"{res['cpu_pair'] / (2 * res['cpu_echo']):.2f}x")
         print(f"sustained pairs/s:       1 client {res['rate1']:.0f}/s, "
               f"4 clients {res['rate4']:.0f}/s")
-        for n, lat in res["fan"].items():
-            print(f"lock change -> {n:3d} State subscriber(s): p50 {ms(pct(lat, .5))}  "
-                  f"p99 {ms(pct(lat, .99))}  max {ms(max(lat))}  ({len(lat)} arrivals)")
+        for n, fan in res["fan"].items():
+            print(fan_line(f"lock change -> {n:3d} State subscriber(s):", fan, n))
             fl = res["floor"].get(n)
             if fl:
-                print(f"  floor, bare p4p server flip -> {n:3d} subscriber(s): p50 "
-                      f"{ms(pct(fl, .5))}  p99 {ms(pct(fl, .99))}  max {ms(max(fl))}  "
-                      f"(IOC p99 / floor p99 {pct(lat, .99) / pct(fl, .99):.2f}x)")
+                print(fan_line(f"  floor, bare p4p server flip -> {n:3d} subscriber(s):", fl, n))
+                print(f"  IOC p99 / floor p99 {pct(fan['lat'], .99) / pct(fl['lat'], .99):.2f}x"
+                      + (f"; in the sockets {pct(fan['wire'], .99) / pct(fl['wire'], .99):.2f}x"
+                         if fan["wire"] and fl["wire"] else ""))
         lat = res["fan_locks"]
         print(f"lock change -> Coord:Locks subscriber: p50 {ms(pct(lat, .5))}  "
               f"p99 {ms(pct(lat, .99))}  max {ms(max(lat))}")

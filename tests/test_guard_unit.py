@@ -225,6 +225,29 @@ def test_core_applies_acf_and_lock_and_changes_open_channels_live():
     assert chan.put
 
 
+def test_a_lock_change_re_decides_only_the_channels_of_its_devices():
+    core, _ = live_core()
+    c1, c2 = RecordingChannel(SP1), RecordingChannel(SP2)
+    for chan, pv in ((c1, SP1), (c2, SP2)):
+        gc = core.track(chan, pv, pv, "bob", "10.0.0.2", "10.0.0.2:5000", [])
+        gc.access(put=True, rpc=True, uncached=False, audit=False)
+    n2 = len(c2.calls)
+    core.locks_update({M1: held(M1, "alice@h")}, time.time())
+    assert not c1.put and c2.put and len(c2.calls) == n2  # m2's channel was not touched
+    core.locks_update({M1: held(M1, "alice@h"), M2: held(M2, "bob@10.0.0.2")}, time.time())
+    assert not c1.put and c2.put and c2.audit  # bob holds m2: allowed, audited
+    # a beamline lock applies to every device: every channel is re-decided
+    core.locks_update({"beamline": held("beamline", "carol@h", LockType.MAINTENANCE)},
+                      time.time())
+    assert not c1.put and not c2.put
+    core.locks_update({}, time.time())
+    assert c1.put and c2.put
+    # a new registry map: the channel's device is looked up again
+    core.set_devices(DeviceMap([(SP2, M1)], [], known=True))
+    core.locks_update({M1: held(M1, "alice@h")}, time.time())
+    assert not c2.put
+
+
 def test_core_classifies_audit_lines_by_the_permission_at_put_time():
     core, _ = live_core()
     chan = RecordingChannel(SP1)

@@ -107,6 +107,9 @@ class GuardedChannel:
         self.acf: Grant | None = None
         self.applied: Grant | None = None
         self.decision: Decision | None = None
+        self.device: str | None = None
+        """The registry device of ``usname`` in :attr:`device_map` (None: no device)."""
+        self.device_map: DeviceMap | None = None
         # (epoch s after the change took effect, put allowed, decision)
         self.history: deque[tuple[float, bool, Decision]] = deque(maxlen=HISTORY)
 
@@ -388,7 +391,7 @@ class GuardCore:
                 _log.warning(
                     "lock state %s", "fresh again" if new.known else f"UNKNOWN: {new.why_unknown}"
                 )
-            self._apply_all()
+            self._apply_all(self._changed_devices(old, new))
         for cb in self.on_state:
             try:
                 cb(new)
@@ -445,11 +448,33 @@ class GuardCore:
         with self._lock:
             self._apply(gc, None)
 
-    def _apply_all(self) -> None:
+    def _changed_devices(self, old: LockState, new: LockState) -> set[str] | None:
+        """The devices whose channels a change from ``old`` to ``new`` can affect (None: all).
+
+        With both states known and the registry known, a decision on a device's PV depends only
+        on that device's lock and a ``beamline`` lock (:func:`decide`), so only the devices whose
+        row changed are re-decided: a lock change costs the channels of its devices, not every
+        open channel. Anything else (known flag, ``beamline``, no registry) re-decides all.
+        """
+        if not (old.known and new.known and self.devices.known):
+            return None
+        changed = {d for d in old.locks.keys() | new.locks.keys()
+                   if old.locks.get(d) != new.locks.get(d)}
+        return None if BEAMLINE in changed else changed
+
+    def _device_of(self, gc: GuardedChannel) -> str | None:
+        if gc.device_map is not self.devices:
+            gc.device_map, gc.device = self.devices, self.devices.device_of(gc.usname)
+        return gc.device
+
+    def _apply_all(self, only: set[str] | None = None) -> None:
+        """Re-decide the open channels (``only``: those of these devices)."""
         cache: dict[tuple[str, str, tuple[str, ...], str], Decision] = {}
         for gc in list(self._channels.values()):
             if gc.acf is None:
                 continue  # the ACF engine has not decided yet; it will call access()
+            if only is not None and self._device_of(gc) not in only:
+                continue
             key = (gc.usname, gc.account, tuple(gc.roles), gc.host)
             d = cache.get(key)
             if d is None:

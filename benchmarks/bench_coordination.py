@@ -74,6 +74,7 @@ from pvcoord.procs import (  # noqa: E402
     wait_for_pv,
     wait_until,
 )
+from pvcoord.rpc import current_locks  # noqa: E402
 from pvdb import names as pvn  # noqa: E402
 
 PREFIX = "BENCH:"
@@ -310,7 +311,7 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list,
         for j in range(0, len(others), 250):
             c.rpc(acq, uri(acq, device=",".join(others[j:j + 250]), type="MANUAL_OPERATOR",
                            timeout="3600"), timeout=30)
-        held = len(c.get(pvn.COORD_LOCKS.name(PREFIX), timeout=10).value.device)
+        held = len(current_locks(c, PREFIX, 10).value.device)
     cpu0 = (cpu_seconds(coord.pid), cpu_seconds(echo.pid))
     echo_t, acq_t, rel_t, pair_t = rpc_pairs(env, acq, rel, a.pairs)
     n_calls = a.pairs + 100  # the warm-up pairs and echos ran too

@@ -39,8 +39,8 @@ def stamped(typ: Any, fields: dict[str, Any], ts: float) -> Value:
     (``display.units``, ``value.choices``) as they are.
     """
     sec = int(ts)
-    return typ({**fields, "timeStamp": {"secondsPastEpoch": sec,
-                                        "nanoseconds": int((ts - sec) * 1e9)}})
+    return Value(typ, {**fields, "timeStamp": {"secondsPastEpoch": sec,
+                                               "nanoseconds": int((ts - sec) * 1e9)}})
 
 
 def prebuilt(value: Value, **_kws: Any) -> Value:

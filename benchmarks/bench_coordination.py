@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python benchmarks/bench_coordination.py [--pairs 500] [--store sqlite|redis]
         [--sizes 10,1000] [--subscribers 1,50,500] [--changes 100] [--gap 0.02]
         [--fanout-floor] [--wire] [--pin] [--stamp callback|event] [--per-process 50]
-        [--switch-interval S]
+        [--switch-interval S] [--request-ids]
 
     # the 500-subscriber target (issue 12; decision 0175), as root:
     .venv/bin/python benchmarks/bench_coordination.py --pairs 20 --changes 30 --sizes 1000 \
@@ -16,7 +16,9 @@ Prints, for each size N in ``--sizes`` (N devices, all but the five measured one
 - median / p99 of a bare p4p RPC echo (separate process, thread server: the floor);
 - median / p99 of an acquire+release pair on the real IOC process with the default durable store
   (SQLite WAL, fsync before the reply; ``--store sqlite-normal`` without fsync; ``redis`` with
-  appendfsync always), and the ratios: each RPC to one echo, the pair to two echos;
+  appendfsync always), and the ratios: each RPC to one echo, the pair to two echos; with
+  ``--request-ids`` every acquire and release carries a fresh ``requestId`` as the client library,
+  the CLI and the bridges send (decision 0160: one more stored row per change);
 - CPU time (user + system, all threads, from ``/proc``) of the IOC process per pair and of the
   echo server per echo during the interleaved pairs, and their ratio: the IOC's own work
   against the floor's, much less sensitive to other load on the machine than the latencies;
@@ -76,6 +78,7 @@ from pvcoord.procs import (  # noqa: E402
 )
 from pvcoord.rpc import current_locks  # noqa: E402
 from pvdb import names as pvn  # noqa: E402
+from pvdb.lockmodel import new_request_id  # noqa: E402
 
 PREFIX = "BENCH:"
 ECHO = "BENCH:Echo"
@@ -125,19 +128,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rpc_pairs(env, acq: str, rel: str, pairs: int) -> tuple[list, list, list, list]:
-    """Interleaved echo, acquire, release of m0: (echo, acquire, release, pair) times in s."""
+def rpc_pairs(env, acq: str, rel: str, pairs: int, request_ids: bool = False
+              ) -> tuple[list, list, list, list]:
+    """Interleaved echo, acquire, release of m0: (echo, acquire, release, pair) times in s.
+
+    With ``request_ids`` each acquire and release sends a fresh ``requestId`` (made before the
+    clock starts).
+    """
     echo_t, pair_t, acq_t, rel_t = [], [], [], []
+    ids: tuple[dict[str, str], dict[str, str]] = ({}, {})
     with Context("pva", conf=client_conf(env), useenv=False) as c:
         echo_req = uri(ECHO, device="m0", type="MANUAL_OPERATOR", timeout="60")
         for i in range(100 + pairs):
+            if request_ids:
+                ids = ({pvn.REQUEST_ID_ARG: new_request_id()},
+                       {pvn.REQUEST_ID_ARG: new_request_id()})
             t0 = time.perf_counter()
             c.rpc(ECHO, echo_req, timeout=5)
             t1 = time.perf_counter()
-            k = c.rpc(acq, uri(acq, device="m0", type="MANUAL_OPERATOR", timeout="60"),
+            k = c.rpc(acq, uri(acq, device="m0", type="MANUAL_OPERATOR", timeout="60", **ids[0]),
                       timeout=5).key
             t2 = time.perf_counter()
-            c.rpc(rel, uri(rel, key=k), timeout=5)
+            c.rpc(rel, uri(rel, key=k, **ids[1]), timeout=5)
             t3 = time.perf_counter()
             if i >= 100:  # the first 100 are warm-up
                 echo_t.append(t1 - t0)
@@ -313,7 +325,7 @@ def run_size(a, env, tmp: Path, store: str, n_dev: int, procs: list,
                            timeout="3600"), timeout=30)
         held = len(current_locks(c, PREFIX, 10).value.device)
     cpu0 = (cpu_seconds(coord.pid), cpu_seconds(echo.pid))
-    echo_t, acq_t, rel_t, pair_t = rpc_pairs(env, acq, rel, a.pairs)
+    echo_t, acq_t, rel_t, pair_t = rpc_pairs(env, acq, rel, a.pairs, a.request_ids)
     n_calls = a.pairs + 100  # the warm-up pairs and echos ran too
     cpu_pair = (cpu_seconds(coord.pid) - cpu0[0]) / n_calls
     cpu_echo = (cpu_seconds(echo.pid) - cpu0[1]) / n_calls
@@ -355,6 +367,8 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=100)
     ap.add_argument("--gap", type=float, default=0.02,
                     help="s between a lock change's reply and the next change (fan-out)")
+    ap.add_argument("--request-ids", action="store_true",
+                    help="send a fresh requestId with every measured acquire and release")
     ap.add_argument("--fanout-floor", action="store_true",
                     help="also measure the fan-out of the bare p4p server (same subscribers)")
     ap.add_argument("--per-process", type=int, default=PER_PROCESS,
@@ -419,7 +433,8 @@ def main() -> None:
 
     print(f"# pvcoord coordination benchmark ({time.strftime('%Y-%m-%d %H:%M')})")
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, store {a.store}")
+          f"Python {platform.python_version()}, store {a.store}"
+          f"{', requestId on every measured call' if a.request_ids else ''}")
     for res in results:
         e_med = statistics.median(res["echo"])
         p_med = statistics.median(res["pair"])

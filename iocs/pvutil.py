@@ -39,8 +39,8 @@ def stamped(typ: Any, fields: dict[str, Any], ts: float) -> Value:
     (``display.units``, ``value.choices``) as they are.
     """
     sec = int(ts)
-    return typ({**fields, "timeStamp": {"secondsPastEpoch": sec,
-                                        "nanoseconds": int((ts - sec) * 1e9)}})
+    return Value(typ, {**fields, "timeStamp": {"secondsPastEpoch": sec,
+                                               "nanoseconds": int((ts - sec) * 1e9)}})
 
 
 def prebuilt(value: Value, **_kws: Any) -> Value:
@@ -61,6 +61,10 @@ def table_value(
     return stamp(nt.type({"labels": [c for c, _ in columns], "value": cols}), ts)
 
 
+_URI_FIELDS = frozenset(("scheme", "authority", "path"))
+"""NTURI fields that are not arguments (skipped in a request without ``query``)."""
+
+
 def request_args(value: Value, error: type[Exception], example: str) -> dict[str, str]:
     """The arguments of an RPC request as strings.
 
@@ -76,16 +80,15 @@ def request_args(value: Value, error: type[Exception], example: str) -> dict[str
         error: the request is not a structure of scalar arguments.
     """
     try:
-        top = value.keys()
-        src = value["query"] if "query" in top else value
+        if "query" in value.keys():
+            fields = value["query"].todict()  # one conversion of the whole structure
+        else:
+            fields = {k: v for k, v in value.todict().items() if k not in _URI_FIELDS}
         out: dict[str, str] = {}
-        for k in src.keys():
-            if src is value and k in ("scheme", "authority", "path"):
-                continue
-            v = src[k]
+        for k, v in fields.items():
             if not isinstance(v, bool | int | float | str):
                 raise error(f"malformed request: argument {k!r} is not a scalar")
-            out[k] = str(v)
+            out[k] = v if type(v) is str else str(v)
         return out
     except error:
         raise

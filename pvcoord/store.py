@@ -207,7 +207,9 @@ class Store(Protocol):
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS locks (device TEXT PRIMARY KEY, data TEXT NOT NULL);
+-- locks without a rowid: one b-tree keyed by device (a rowid table also keeps an index on
+-- device, so every lock write changed two pages); stores made before keep theirs, both work
+CREATE TABLE IF NOT EXISTS locks (device TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 -- events.id is the rowid without AUTOINCREMENT (which rewrites sqlite_sequence, one more WAL
 -- page, on every insert): pruning removes the oldest ids only, so new ids still grow
 CREATE TABLE IF NOT EXISTS events (

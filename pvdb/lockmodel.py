@@ -24,6 +24,7 @@ A lock is anything with the attributes of :class:`LockView` (``pvdb.models.Lock`
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import secrets
@@ -169,8 +170,21 @@ def parse_error_text(text: str) -> ParsedError:
 
 
 def fmt_time(t: float) -> str:
-    """Epoch seconds as UTC ISO 8601 with seconds: ``2026-11-21T06:22:21Z``."""
+    """Epoch seconds as UTC ISO 8601 with seconds: ``2026-11-21T06:22:21Z``.
+
+    Raises:
+        OverflowError, ValueError, OSError: ``t`` is not a representable time (as
+            ``time.gmtime``).
+    """
+    if math.isfinite(t):
+        return _fmt_second(math.floor(t))  # gmtime floors: the text depends on the second only
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@functools.lru_cache(maxsize=256)
+def _fmt_second(sec: int) -> str:
+    """:func:`fmt_time` of a whole second (an op formats the same few seconds several times)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sec))
 
 
 def fmt_expiry(expires: float, now: float) -> str:

@@ -109,6 +109,52 @@ def test_restart_takes_the_stored_wall_clock_expiry(path, clocks):
     assert [(e.action, e.device) for e in t2.startup_events] == [(EventAction.EXPIRED, "m2")]
 
 
+def _checkpoint(path, mode: str = "PASSIVE") -> int:
+    """Checkpoint the store's WAL from another connection; return the frames it held."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[1]
+    finally:
+        db.close()
+
+
+def test_a_store_with_the_earlier_locks_schema_keeps_working(path, clocks):
+    """Stores made before decision 0170 keep their rowid ``locks`` table (and their events)."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript("CREATE TABLE locks (device TEXT PRIMARY KEY, data TEXT NOT NULL);"
+                     "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT "
+                     "NULL, action TEXT NOT NULL, device TEXT NOT NULL, lock_type TEXT, actor TEXT "
+                     "NOT NULL, holder TEXT NOT NULL, message TEXT NOT NULL);")
+    db.commit()
+    db.close()
+    t = table_on(path, clocks)
+    k = t.acquire(ALICE, ["m1", "m2"], LockType.MANUAL_OPERATOR, 60).key
+    t.release(ALICE, ["m2"], k)
+    t.durable()
+    t.store.close()
+    t2 = table_on(path, clocks)
+    assert [lk.device for lk in t2.locks()] == ["m1"]
+    t2.release(ALICE, key=k)
+    assert t2.locks() == []
+    t2.store.close()
+    schema = sqlite3.connect(path).execute(
+        "SELECT sql FROM sqlite_master WHERE name='locks'").fetchone()[0]
+    assert "WITHOUT ROWID" not in schema  # the old table was kept, not rewritten
+
+
+def test_a_lock_change_writes_one_page_of_the_locks_table(path, clocks):
+    """New stores keep locks in one b-tree (no rowid): a renewal of a lock writes the locks
+    page and the events page, nothing else (the rowid table also wrote its device index)."""
+    t = table_on(path, clocks)
+    k = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60).key
+    _checkpoint(path, "TRUNCATE")  # an empty WAL
+    for _ in range(10):
+        t.renew(ALICE, key=k, timeout=60)
+    assert _checkpoint(path) == 2 * 10
+    t.store.close()
+
+
 # --- notices across a restart (decision 0120) ----------------------------------------------------
 
 ROOT = Identity("root", "10.0.0.9")

@@ -262,3 +262,14 @@ def test_stored_outcomes_are_untrusted(tmp_path, url, clock):
         t2.acquire(ALICE, ["m1"], MO, 60, request_id=rid)
     assert state(t2) == held
     assert t2.release(ALICE, key=g.key) == ("m1",)
+
+
+def test_sealed_keys_keep_their_stored_form():
+    """A key sealed by an earlier version (stored in a request row) still opens: the keystream
+    (HMAC-SHA256 of the record id and block number under the request id) and the XOR are
+    unchanged by decision 0170's faster code (a 50-character key spans two 32-byte blocks)."""
+    key, rid, record = "Zx9-Q" * 10, "rid-AAAAAAAAAAAAAAAAAAAA", "ab" * 32
+    stored = ("1e226c6b254e221796227a19cccd0982c35404d787e8dbaddf29bbdc0e24f9826cee4fc25527e720"
+              "360f3e5c76cf1bbc2e5a")
+    assert locktable.seal_key(key, rid, record) == stored
+    assert locktable.open_key(stored, rid, record) == key

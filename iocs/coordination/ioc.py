@@ -53,6 +53,10 @@ _SEQ_FIELDS = [(f, code) for f, code in pvn.LOCK_SEQ_FIELDS]
 _NUMERIC = {"i": np.int32, "d": np.float64}
 _ARRAY_CODES = {"i": "i", "d": "d"}
 """``array`` type codes of the numeric ``Coord:Locks`` columns (C int32 and double)."""
+_DEVICE_FIELDS = ("state", "owner", "reason", "expires", "remaining")
+"""The per-device PVs posted on a change, in order (keys of ``_device_pvs[device]``)."""
+_FREE_VALUES = (0, "", "", 0.0, 0.0)
+"""Their values for a free device."""
 
 
 @functools.cache
@@ -267,14 +271,22 @@ class CoordinationIOC:
                    {"index": value} if field == "state" else value, ts)
 
     def _post_device(self, device: str, lock: Lock | None, now: float) -> None:
+        """Post the per-device PVs of ``device`` whose values differ from the last post.
+
+        (:meth:`_post_if_changed` for the five fields in one loop: it runs on every change.)
+        """
         if lock is None:
-            vals = (0, "", "", 0.0, 0.0)
+            vals = _FREE_VALUES
         else:
             vals = (lock.lock_type.state_index, lock.holder, lock.reason, lock.expires,
                     round(self.table.remaining(lock), 1))
-        for field, v in zip(("state", "owner", "reason", "expires", "remaining"), vals,
-                            strict=True):
-            self._post_if_changed(device, field, v, now)
+        last, pvs, post = self._last_posted, self._device_pvs[device], self._post
+        for field, v in zip(_DEVICE_FIELDS, vals, strict=True):
+            key = (device, field)
+            if last.get(key) == v:
+                continue
+            last[key] = v
+            post(pvs[field], {"index": v} if field == "state" else v, now)
 
     def _set_row(self, device: str, lock: Lock | None) -> tuple | None:
         """Insert, replace or remove ``device``'s row of the cached ``Coord:Locks`` columns.

@@ -42,6 +42,7 @@ after each change, so publishers see changes in order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import hmac
@@ -211,7 +212,12 @@ def _notice_id(k: object) -> str:
     """The store id of a notice key: ``key:<digest>`` or ``holder:["account", "device"]``."""
     if isinstance(k, str):
         return "key:" + k
-    owner, device = cast(tuple[str, str], k)
+    return _holder_notice_id(*cast(tuple[str, str], k))
+
+
+@functools.lru_cache(maxsize=2 * NOTICES_KEPT)
+def _holder_notice_id(owner: str, device: str) -> str:
+    """``holder:["account", "device"]`` (the same few holders and devices recur: cached)."""
     return "holder:" + json.dumps([owner, device])
 
 
@@ -266,13 +272,15 @@ def _args_digest(rpc: str, *parts: object) -> str:
 
 def _pad(request_id: str, record_id: str, n: int) -> bytes:
     """``n`` bytes of HMAC-SHA256 keystream keyed by the (secret, never stored) request id."""
-    out = b""
-    block = 0
-    while len(out) < n:
-        out += hmac.new(request_id.encode(), f"pvcoord reply key {record_id} {block}".encode(),
-                        hashlib.sha256).digest()
-        block += 1
-    return out[:n]
+    secret = request_id.encode()
+    blocks = (n + 31) // 32  # one one-shot HMAC (hmac.digest, in C) per 32 bytes
+    return b"".join(hmac.digest(secret, f"pvcoord reply key {record_id} {block}".encode(),
+                                "sha256") for block in range(blocks))[:n]
+
+
+def _xor(data: bytes, pad: bytes) -> bytes:
+    """``data`` XOR ``pad`` (same length), as one integer operation."""
+    return (int.from_bytes(data, "big") ^ int.from_bytes(pad, "big")).to_bytes(len(data), "big")
 
 
 def seal_key(key: str, request_id: str, record_id: str) -> str:
@@ -282,15 +290,13 @@ def seal_key(key: str, request_id: str, record_id: str) -> str:
     reused; :func:`open_key` checks the result against the stored digest.
     """
     raw = key.encode()
-    return bytes(a ^ b for a, b in zip(raw, _pad(request_id, record_id, len(raw)),
-                                       strict=True)).hex()
+    return _xor(raw, _pad(request_id, record_id, len(raw))).hex()
 
 
 def open_key(sealed: str, request_id: str, record_id: str) -> str:
     """The key that :func:`seal_key` sealed (``ValueError`` if it is not text)."""
     raw = bytes.fromhex(sealed)
-    return bytes(a ^ b for a, b in zip(raw, _pad(request_id, record_id, len(raw)),
-                                       strict=True)).decode("ascii")
+    return _xor(raw, _pad(request_id, record_id, len(raw))).decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -810,7 +816,13 @@ class LockTable:
                 (k for k in self._notices if k not in adds and k not in popped), adds)
             evict = list(itertools.islice(order, size - NOTICES_KEPT))
         now = self.clock()
-        writes: dict[str, str | None] = {_notice_id(k): n.to_json(now) for k, n in adds.items()}
+        texts: dict[int, str] = {}  # a lock's key and holder notices share one Notice: encode once
+        writes: dict[str, str | None] = {}
+        for k, n in adds.items():
+            text = texts.get(id(n))
+            if text is None:
+                text = texts[id(n)] = n.to_json(now)
+            writes[_notice_id(k)] = text
         for k in (*pops, *evict):
             writes[_notice_id(k)] = None
         return pops, evict, writes
@@ -839,12 +851,14 @@ class LockTable:
 
     def _request(
         self, ident: Identity, request_id: str | None, devices: Iterable[str] | None,
-        rpc: str, *args: object,
+        rpc: str, args: Callable[[], tuple[object, ...]],
     ) -> _Request | None:
         """The request with id ``request_id`` (``None`` without one), and its stored outcome.
 
-        A known id with another RPC or other arguments is refused (``request-id-reused``); a
-        malformed id is refused (``bad-argument``); nothing changes. Call it under the mutex.
+        ``args()`` gives the request's canonical arguments (called only with an id: without
+        one nothing is digested). A known id with another RPC or other arguments is refused
+        (``request-id-reused``); a malformed id is refused (``bad-argument``); nothing changes.
+        Call it under the mutex.
         """
         if request_id is None:
             return None
@@ -852,7 +866,7 @@ class LockTable:
         if problem is not None:
             self._refuse(ident, devices or ("?",), None, problem)
         rid = _record_id(ident, request_id)
-        digest = _args_digest(rpc, *args)
+        digest = _args_digest(rpc, *args())
         entry = self._outcomes.get(rid)
         out = None
         if entry is not None and entry[0] >= self.clock() - REQUEST_WINDOW:
@@ -983,8 +997,8 @@ class LockTable:
         """
         with self._mutex:
             devices = list(devices)
-            req = self._request(ident, request_id, devices, "acquire", sorted(set(devices)),
-                                lock_type.value, timeout, reason, plan_uid)
+            req = self._request(ident, request_id, devices, "acquire", lambda: (
+                sorted(set(devices)), lock_type.value, timeout, reason, plan_uid))
             if req is not None and req.stored is not None:
                 return self._replayed_grant(ident, devices, req, req.stored)
             self.expire()  # a lease that ran out since the last tick is gone before we decide
@@ -1152,8 +1166,8 @@ class LockTable:
         """
         with self._mutex:
             devices = None if devices is None else list(devices)
-            req = self._request(ident, request_id, devices, "release",
-                                sorted(set(devices or ())), hash_key(key) if key else "")
+            req = self._request(ident, request_id, devices, "release", lambda: (
+                sorted(set(devices or ())), hash_key(key) if key else ""))
             if req is not None and req.stored is not None:
                 return req.stored.devices
             self.expire()
@@ -1199,8 +1213,8 @@ class LockTable:
         """
         with self._mutex:
             devices = None if devices is None else list(devices)
-            req = self._request(ident, request_id, devices, "renew", sorted(set(devices or ())),
-                                hash_key(key) if key else "", timeout)
+            req = self._request(ident, request_id, devices, "renew", lambda: (
+                sorted(set(devices or ())), hash_key(key) if key else "", timeout))
             if req is not None and req.stored is not None:
                 return req.stored.devices, req.stored.expires
             self.expire()
@@ -1239,7 +1253,8 @@ class LockTable:
         """
         with self._mutex:
             devs = tuple(sorted(set(devices)))
-            req = self._request(ident, request_id, devs, "force-release", list(devs), reason)
+            req = self._request(ident, request_id, devs, "force-release",
+                                lambda: (list(devs), reason))
             if req is not None and req.stored is not None:
                 return req.stored.devices
             self.expire()

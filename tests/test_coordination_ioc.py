@@ -85,6 +85,21 @@ def test_acquire_grants_and_publishes(ctxt):
     assert abs(ts - time.time()) < 60  # posted with a real timestamp, not 1970
 
 
+def test_remaining_counts_down_once_a_second(ctxt):
+    r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR", timeout="60")
+    assert not isinstance(r, Exception), r
+    seen: list[tuple[float, float]] = []
+    sub = ctxt.monitor(pvn.COORD_DEVICE_REMAINING.name(PREFIX, "m2"),
+                       lambda v: seen.append((time.monotonic(), float(v))))
+    try:
+        wait_until(lambda: len(seen) >= 4, 10, "four Remaining updates")
+    finally:
+        sub.close()
+    steps = [(t2 - t1, v1 - v2) for (t1, v1), (t2, v2) in zip(seen[1:], seen[2:], strict=False)]
+    assert all(0.5 < dt < 1.5 and 0.5 < dv < 1.5 for dt, dv in steps), seen
+    assert 50 < seen[-1][1] < 60
+
+
 def test_each_change_is_posted_as_its_rows_before_the_reply_and_the_table_coalesced(ctxt):
     """Coord:LockChanges has the change when the reply arrives; Coord:Locks follows, coalesced.
 

@@ -34,6 +34,7 @@ from pvdb.names import (
     COORD_HEARTBEAT,
     COORD_LOCK_CHANGES,
     COORD_LOCKS,
+    LOCK_SEQ_FIELDS,
     REGISTRY_DEVICE_PVS,
     REGISTRY_DEVICES,
 )
@@ -317,7 +318,7 @@ class LockView:
             try:
                 cols = v["value"]
                 rows = parse({k: _column(cols[k]) for k in cols.keys()})
-                seq, epoch = int(v["seq"]), int(v["epoch"])
+                seq, epoch = (_seq_field(v, f) for f, _ in LOCK_SEQ_FIELDS)
             except (KeyError, ValueError, TypeError) as e:
                 what = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
                 with self._lock:
@@ -451,6 +452,14 @@ class LockView:
             except Exception:
                 _log.exception("lock view listener failed")
         return True
+
+
+def _seq_field(v: Any, name: str) -> int:
+    try:
+        return int(v[name])
+    except KeyError:
+        raise ValueError(f"no {name} field (a coordination IOC older than this follower?)"
+                         ) from None
 
 
 def _column(x: Any) -> list[Any]:

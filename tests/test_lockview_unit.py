@@ -141,3 +141,7 @@ def test_a_change_without_seq_or_held_is_unreadable_and_fails_closed():
     bad = NTTable(list(pvn.LOCKS_COLUMNS)).wrap([])  # no held column, no seq
     view._on_changes(bad)
     assert holders(view) is None and "Coord:LockChanges" in view.state.why_unknown
+    view._on_locks(locks_value([_row("m1")], 1))
+    assert holders(view) == {"m1": "alice@10.0.0.1"}
+    view._on_locks(NTTable(list(pvn.LOCKS_COLUMNS)).wrap([]))  # an older IOC's table: no seq
+    assert holders(view) is None and "no seq field" in view.state.why_unknown

@@ -51,12 +51,20 @@ def _value(v) -> int:
     return len(v["value.device"])
 
 
-class EventSubscriber:
-    """One raw p4p context and monitor; stamps and pops each update on the pvxs thread."""
+class _Subscriber:
+    """One PVA client context (its own TCP connection) monitoring ``name``; arrivals in ``out``."""
 
     def __init__(self, name: str, out: list) -> None:
         self.out, self.sub, self.ctxt = out, None, None
         self.open(name)
+
+    def open(self, name: str) -> None:
+        """(Re)open context and monitor."""
+        raise NotImplementedError
+
+
+class EventSubscriber(_Subscriber):
+    """One raw p4p context and monitor; stamps and pops each update on the pvxs thread."""
 
     def open(self, name: str) -> None:
         """(Re)open context and monitor; pop what came before the raw Subscription existed."""
@@ -89,12 +97,8 @@ class EventSubscriber:
         self.ctxt.close()
 
 
-class CallbackSubscriber:
+class CallbackSubscriber(_Subscriber):
     """One ``p4p.client.thread.Context`` and monitor; stamps in the monitor callback."""
-
-    def __init__(self, name: str, out: list) -> None:
-        self.out, self.sub, self.ctxt = out, None, None
-        self.open(name)
 
     def open(self, name: str) -> None:
         """(Re)open context and monitor."""

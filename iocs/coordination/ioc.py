@@ -51,7 +51,7 @@ LOCKS_SETTLE = 0.002
 """Seconds after a change, when the table was not posted for ``LOCKS_INTERVAL``, before it is
 posted (the change's reply goes out first)."""
 _LOCK_ROW_FIELDS = tuple(name for name, _ in pvn.LOCKS_COLUMNS)
-_SEQ_FIELDS = [(f, code) for f, code in pvn.LOCK_SEQ_FIELDS]
+_SEQ_FIELDS = list(pvn.LOCK_SEQ_FIELDS)
 _NUMERIC = {"i": np.int32, "d": np.float64}
 _ARRAY_CODES = {"i": "i", "d": "d"}
 """``array`` type codes of the numeric ``Coord:Locks`` columns (C int32 and double)."""
@@ -243,8 +243,7 @@ class CoordinationIOC:
         }
         self._device_pvs[device] = pvs
         self._device_order.append(device)
-        for field, v in zip(("state", "owner", "reason", "expires", "remaining"),
-                            (0, "", "", 0.0, 0.0), strict=True):
+        for field, v in zip(_DEVICE_FIELDS, _FREE_VALUES, strict=True):
             self._last_posted[(device, field)] = v  # the initial values: no post needed
 
     def set_devices(self, devices: Iterable[str]) -> None:

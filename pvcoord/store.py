@@ -11,10 +11,13 @@ URLs accepted by :func:`open_store`:
   (default): each change is written to the WAL under the IOC's mutex, and the WAL file is
   fsync'ed before the reply, once for all the requests in flight (group commit), so a reply
   means the change survives a power loss. The fsync runs on a store thread that starts it at
-  the commit, while the IOC publishes the change. ``?sync=normal``: no fsync (survives a crash
-  or ``kill -9`` of the IOC, not a power loss; an explicit opt-out the IOC logs as a warning).
-  See docs/decisions/0100-durable-before-the-reply-group-fsync.md and
-  0146-fsync-started-at-the-commit.md.
+  the commit, while the IOC publishes the change. The WAL is written to its working size when
+  the store opens (:data:`WAL_WORKING_PAGES`), so a commit overwrites it in place and its
+  fsync does not also commit the file's growth to the ext4 journal. ``?sync=normal``: no fsync
+  (survives a crash or ``kill -9`` of the IOC, not a power loss; an explicit opt-out the IOC
+  logs as a warning).
+  See docs/decisions/0100-durable-before-the-reply-group-fsync.md,
+  0146-fsync-started-at-the-commit.md and 0180-wal-preallocated-at-open.md.
 - ``redis://HOST:PORT/DB``: Redis; durability is the server's, so it is checked when the store is
   opened: ``appendonly yes`` and ``appendfsync always`` (``CONFIG GET``), else :class:`StoreError`
   unless ``allow_nondurable`` is given (the IOC's ``--allow-nondurable-store``, logged).
@@ -81,6 +84,11 @@ AUTHORITY_LEASE = 10.0
 FLUSHER_IDLE = 5.0
 """Seconds the SQLite store's fsync thread waits for work before it ends (started again by the
 next commit), so an idle or forgotten store holds no thread."""
+WAL_WORKING_PAGES = 1100
+"""Pages a writable, fsync'ing SQLite store's WAL is written to when the store opens: SQLite's
+auto-checkpoint (1,000 pages) plus a margin. Commits then overwrite blocks the file already has,
+and an fsync of an overwrite costs the disk's flush only, not also a journal commit for the
+file's growth (on this project's ext4 VM 0.25 ms against 0.55 ms; docs/benchmarks.md)."""
 FAILURES_KEPT = 256
 """Failed fsyncs whose commit ranges a SQLite store remembers for late :meth:`Store.durable`
 calls (each range is reported to every caller whose commit it covers)."""
@@ -347,11 +355,50 @@ class SQLiteStore:
                 self._db.executescript(_SCHEMA)
                 self._db.commit()
                 if sync == "full":
+                    self._preallocate_wal()
                     self._open_wal()
         except sqlite3.Error as e:
             raise StoreError(f"cannot open SQLite store {self.path}: {e}") from None
         except OSError as e:
             raise StoreError(f"cannot create SQLite store {self.path}: {e.strerror}") from None
+
+    def _preallocate_wal(self) -> None:
+        """Write the WAL once to :data:`WAL_WORKING_PAGES` pages, unless it is that long already.
+
+        One transaction writes that many pages of a scratch table and the next drops it; the
+        checkpoint copies them into the database, whose file keeps them as free pages (reused by
+        later rows: about 4.5 MB once). From then on SQLite restarts the WAL at its start after
+        each checkpoint and overwrites it in place: the file no longer grows on a commit (a
+        reader of the store that keeps a snapshot open can still make it grow, as before).
+
+        Skipped, with a log line, where the disk has less than four times that free (the store
+        must not take the last free space of its disk at start) or the writes fail: commits
+        then grow the WAL as SQLite does by default, only their fsyncs are slower.
+        """
+        wal = Path(str(self.path) + "-wal")
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        size = WAL_WORKING_PAGES * (24 + page)
+        if wal.exists() and wal.stat().st_size >= 32 + size:
+            return  # a WAL left by a stop without close (kill -9, power loss) is that long
+        st = os.statvfs(self.path.parent)
+        if st.f_bavail * st.f_frsize < 4 * 2 * size:  # the WAL and the database's free pages
+            log.info("store %s: %d kB free on its disk, the WAL is not preallocated",
+                     self.path, st.f_bavail * st.f_frsize // 1024)
+            return
+        try:
+            with self._db:
+                self._db.execute("DROP TABLE IF EXISTS wal_scratch")  # from a failed start
+                self._db.execute("CREATE TABLE wal_scratch (b BLOB)")
+                self._db.execute("INSERT INTO wal_scratch VALUES (zeroblob(?))",
+                                 (WAL_WORKING_PAGES * page,))
+            with self._db:
+                self._db.execute("DROP TABLE wal_scratch")
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as e:
+            log.warning("store %s: the WAL could not be preallocated (%s); commits grow it "
+                        "instead", self.path, e)
+            with contextlib.suppress(sqlite3.Error), self._db:
+                self._db.execute("DROP TABLE IF EXISTS wal_scratch")
 
     def _open_wal(self) -> None:
         """Open the WAL file for fsync, and make it and the database exist durably."""

@@ -106,6 +106,12 @@ roles_of = host_roles
 """OS groups of an account on this host (empty if it does not exist here): for stored locks."""
 
 
+def _event_row(e: LockEvent) -> tuple:
+    """One ``Coord:Events`` row (``pvdb.names.EVENTS_COLUMNS`` order) of ``e``."""
+    return (e.time, e.action.value, e.device, e.lock_type.value if e.lock_type else "",
+            e.actor, e.holder, e.message)
+
+
 class CoordinationIOC:
     """All PVs of the coordination IOC for one prefix, served by ``self.provider``.
 
@@ -124,7 +130,8 @@ class CoordinationIOC:
         self.table = table
         self.provider = StaticProvider("pvcoord-coordination")
         pvutil.add_process_info(self.provider, self.prefix, "coordination")
-        self._events: deque[LockEvent] = deque(maxlen=events_tail)
+        # the rows of Coord:Events (EVENTS_COLUMNS order), each built once when its event comes
+        self._event_rows: deque[tuple] = deque(maxlen=events_tail)
         self._events_dirty = False
         self._device_pvs: dict[str, dict[str, SharedPV]] = {}
         self._device_order: list[str] = []
@@ -178,8 +185,7 @@ class CoordinationIOC:
             self._add(spec, SharedPV(handler=_rpc_handler(self, spec, fn),
                                      initial=NTScalar("s").wrap("", timestamp=now)))
         self._add_device(BEAMLINE)
-        for e in table.store.recent_events(events_tail):
-            self._events.append(e)
+        self._event_rows.extend(map(_event_row, table.store.recent_events(events_tail)))
         self._events_dirty = True
         table.listener = self._on_change
         if table.devices is not None:
@@ -414,20 +420,24 @@ class CoordinationIOC:
                 self._post_changes(changed, now)
                 self._kick.set()
             if events:
-                self._events.extend(events)
+                self._event_rows.extend(map(_event_row, events))
                 self._events_dirty = True
                 self._post(self.pv_last_event, events[-1].line(), now)
 
     def flush_events(self) -> None:
-        """Post ``Coord:Events`` if events arrived since the last flush (coalesced)."""
+        """Post ``Coord:Events`` if events arrived since the last flush (coalesced).
+
+        Called by the tick only (one thread), so posts stay in order; the table is built and
+        posted outside the table mutex, which is held only to copy the rows (a request is not
+        kept waiting for the ~0.3 ms of building 50 rows).
+        """
         with self.table.mutex:
             if not self._events_dirty:
                 return
             self._events_dirty = False
-            rows = [(e.time, e.action.value, e.device, e.lock_type.value if e.lock_type else "",
-                     e.actor, e.holder, e.message) for e in self._events]
-            self.pv_events.post(
-                pvutil.table_value(self._events_nt, pvn.EVENTS_COLUMNS, rows, time.time()))
+            rows = list(self._event_rows)
+        self.pv_events.post(
+            pvutil.table_value(self._events_nt, pvn.EVENTS_COLUMNS, rows, time.time()))
 
     def tick(self, second: bool) -> None:
         """Periodic work: expiry, flushing the store, remaining times; once a second heartbeat."""

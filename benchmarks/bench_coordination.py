@@ -70,6 +70,7 @@ from pvcoord.procs import (  # noqa: E402
     PYTHON,
     ManagedProcess,
     client_conf,
+    exit_on_sigterm,
     loopback_env,
     server_env,
     start_redis,
@@ -385,6 +386,7 @@ def main() -> None:
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval in the subscriber processes (s)")
     a = ap.parse_args()
+    exit_on_sigterm()  # a killed run still stops what it started
     a.subscribers = [int(x) for x in a.subscribers.split(",")]
     a.sub_opts = ("--stamp", a.stamp) + (
         ("--switch-interval", str(a.switch_interval)) if a.switch_interval is not None else ())

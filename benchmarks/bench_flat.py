@@ -49,6 +49,7 @@ from pvcoord.procs import (
     PYTHON,
     ManagedProcess,
     client_conf,
+    exit_on_sigterm,
     loopback_env,
     python_module,
     server_env,
@@ -268,6 +269,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="monitor phase length (s)")
     ap.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    exit_on_sigterm()  # a killed run still stops what it started
     if a.floor_server:
         return floor_server()
 

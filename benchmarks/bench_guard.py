@@ -44,6 +44,7 @@ from pvcoord.launch import coordination_argv
 from pvcoord.procs import (
     ManagedProcess,
     client_conf,
+    exit_on_sigterm,
     loopback_env,
     python_module,
     server_env,
@@ -134,6 +135,7 @@ def main() -> int:
     ap.add_argument("--puts", type=int, default=2000, help="puts per path (default 2000)")
     ap.add_argument("--changes", type=int, default=100, help="lock changes (default 100)")
     a = ap.parse_args()
+    exit_on_sigterm()  # a killed run still stops what it started
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-guard-"))
     clients, clients_gw, devs = loopback_env(), loopback_env(), loopback_env()

@@ -53,6 +53,7 @@ from pvcoord.procs import (
     PYTHON,
     ManagedProcess,
     client_conf,
+    exit_on_sigterm,
     free_port,
     loopback_env,
     python_module,
@@ -316,6 +317,7 @@ def main() -> int:
     ap.add_argument("--load", default="", help=argparse.SUPPRESS)
     ap.add_argument("--pvs-from", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    exit_on_sigterm()  # a killed run still stops what it started
     if a.load:
         return load_main(a)
 

@@ -53,6 +53,7 @@ from pvcoord.launch import coordination_argv  # noqa: E402
 from pvcoord.procs import (  # noqa: E402
     ManagedProcess,
     client_conf,
+    exit_on_sigterm,
     loopback_env,
     python_module,
     server_env,
@@ -129,6 +130,7 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=12, help="items for the lock-visibility figure")
     ap.add_argument("--kills", type=int, default=3, help="manager kill/restart cycles")
     a = ap.parse_args()
+    exit_on_sigterm()  # a killed run still stops what it started
     if not (1 <= a.runs <= 200 and 1 <= a.items <= 200 and 0 <= a.kills <= 20):
         ap.error("--runs and --items must be between 1 and 200, --kills between 0 and 20")
 

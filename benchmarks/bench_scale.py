@@ -27,6 +27,7 @@ import yaml  # noqa: E402
 
 from pvcoord.procs import (  # noqa: E402
     ManagedProcess,
+    exit_on_sigterm,
     loopback_env,
     python_module,
     server_env,
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,1000")
     ap.add_argument("--pvs-per-device", type=int, default=10)
     a = ap.parse_args()
+    exit_on_sigterm()  # a killed run still stops what it started
     tmp = Path(tempfile.mkdtemp(prefix="pvcoord-scale-"))
     print(f"# pvcoord startup at scale ({time.strftime('%Y-%m-%d %H:%M')})")
     for n in (int(x) for x in a.sizes.split(",")):

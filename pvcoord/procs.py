@@ -286,6 +286,19 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
     raise TimeoutError(f"{what}: not true after {timeout} s (last: {last!r})")
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit(143)`` in this (main-thread) script.
+
+    A benchmark or tool stopped with ``kill`` / ``timeout`` then runs its ``finally`` blocks and
+    stops the processes it started, instead of leaving them running (SIGTERM's default action
+    ends the interpreter without unwinding).
+    """
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 @contextlib.contextmanager
 def started(*procs: ManagedProcess) -> Iterator[tuple[ManagedProcess, ...]]:
     """Stop every one of ``procs`` on exit, in reverse order, even on failure."""

@@ -4,7 +4,9 @@ Two web users (alice, bob) in two browser sessions drive the page through its co
 takes m1, bob's m1 setpoint input is disabled within 1 s with the reason naming alice, bob's take
 and write are refused naming alice, alice moves m1, releases it, and bob may write. The queue
 panel adds plans (a malformed one refused verbatim), moves and removes one, starts the queue,
-shows the running item and lands it in the history. Screenshots go to ``docs/img/``.
+shows the running item and lands it in the history. Screenshots go to a temporary folder, or
+to ``$PVCOORD_SCREENSHOTS`` when set (``PVCOORD_SCREENSHOTS=docs/img`` refreshes the docs' images;
+a plain run leaves the clone unchanged).
 
 Processes: the demo beamline (``pvcoord.demo.beamline.start_beamline``: softIoc, registry,
 coordination, RE Manager + redis, queue IOC, guard and the PVWS bridge with its generated users),
@@ -14,6 +16,7 @@ all on 127.0.0.1, started once for the module and stopped even on failure.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tempfile
 import time
@@ -45,7 +48,6 @@ CHROMIUM_FLAGS = (
     "--window-size=1400,1300",
 )
 REPO = Path(__file__).resolve().parent.parent
-SCREENSHOTS = REPO / "docs" / "img"
 WAIT = 15.0
 """Seconds a page may take to show something that does not depend on a motion or a plan."""
 READONLY_WITHIN = 1.0
@@ -178,6 +180,16 @@ def _setpoint_pv_value(site, motor: str) -> float:
         return float(ctxt.get(demo_pvs.motor_setpoint(PREFIX, motor), timeout=10.0))
 
 
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    """Where the screenshots go: ``$PVCOORD_SCREENSHOTS`` (relative to the clone) or a temporary
+    folder, so that running the tests does not rewrite the tracked ``docs/img/`` files."""
+    where = os.environ.get("PVCOORD_SCREENSHOTS")
+    folder = (REPO / where) if where else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def test_not_logged_in_reads_but_may_not_write(site, pages):
     profile = Path(tempfile.mkdtemp(prefix="pvcoord-chromium-"))
     page = Page(site["url"], profile)
@@ -196,7 +208,7 @@ def test_not_logged_in_reads_but_may_not_write(site, pages):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_two_users_lock_move_release(site, pages):
+def test_two_users_lock_move_release(site, pages, screenshots):
     a, b = pages["alice"], pages["bob"]
     b.until(lambda d: b.driver.execute_script(
         "const s = document.getElementById('plot-pv');"
@@ -246,8 +258,7 @@ def test_two_users_lock_move_release(site, pages):
                    f"m1 readback at {target}", timeout=WAIT + abs(target - before) / 2.0)
     assert a.result("m1")[0] == ""  # no error for the holder's write
     assert not b.row("m1", ".setpoint").is_enabled()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    b.driver.save_screenshot(str(SCREENSHOTS / "web-client-locked.png"))  # bob's view
+    assert b.driver.save_screenshot(str(screenshots / "web-client-locked.png"))  # bob's view
 
     # alice renews her lease, then releases; bob may write again
     a.row("m1", ".renew").click()
@@ -280,7 +291,7 @@ def _add(page: Page, plan: str, args: str, kwargs: str) -> None:
     page.find("#add-button").click()
 
 
-def test_queue_panel_add_move_remove_start_history(site, pages):
+def test_queue_panel_add_move_remove_start_history(site, pages, screenshots):
     a = pages["alice"]
     a.until(lambda d: a.text("#manager-state") == "idle", "manager state idle")
 
@@ -315,8 +326,7 @@ def test_queue_panel_add_move_remove_start_history(site, pages):
     a.until(lambda d: a.text("#running").startswith("count(["), "the running item's name")
     a.until(lambda d: "running for" in a.text("#running"), "the running item's elapsed time")
     a.until(lambda d: a.text("#manager-state") == "executing_queue", "executing_queue")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    a.driver.save_screenshot(str(SCREENSHOTS / "web-client-queue.png"))
+    assert a.driver.save_screenshot(str(screenshots / "web-client-queue.png"))
 
     # pause at the next checkpoint, then resume
     a.click('button[data-rpc="pause"]')

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from pvdb.devicemap import DeviceMap as PvdbDeviceMap
 from pvdb.models import BEAMLINE
-from pvdb.policy import Policy, host_roles
+from pvdb.policy import HostRolesCache, Policy
 
 from .decision import (
     STALE_AFTER,
@@ -245,6 +245,9 @@ class GuardCore:
         self._by_key: dict[tuple[str, str, str], GuardedChannel] = {}
         self.on_state: list[Callable[[LockState], None]] = []
         """Called (outside the lock) after the lock state changed and was applied."""
+        self.roles = HostRolesCache()
+        """An account's OS groups from this host's group database, read at most once a second
+        per account (a channel open, a put on a closed channel, the What-if and confirm RPCs)."""
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -421,7 +424,7 @@ class GuardCore:
         """Start enforcing on a new client channel; returns its stand-in for the ACF engine."""
         # roles from this host's group database only: a client's claimed account that does not
         # exist here has none (PVA would give it a group of its own name)
-        roles = sorted(host_roles(account))
+        roles = sorted(self.roles(account))
         gc = GuardedChannel(self, chan, dsname, usname, account, host, peer, roles)
         with self._lock:
             self._channels[id(gc)] = gc
@@ -520,7 +523,7 @@ class GuardCore:
             found = gc.at(line.time) if gc is not None else None
             trap = bool(gc and gc.acf and gc.acf.audit)
             if found is None:
-                d = self._decide(line.usname, line.account, host_roles(line.account), line.host)
+                d = self._decide(line.usname, line.account, self.roles(line.account), line.host)
                 put, note = d.allowed, " (channel already closed: decided with the current state)"
             else:
                 (put, d), note = found, ""

@@ -53,7 +53,7 @@ from pvdb.guard import (
     WHAT_IF_FIELDS,
 )
 from pvdb.lockmodel import ErrorCode, error_text
-from pvdb.policy import Policy, host_roles
+from pvdb.policy import Policy
 from pvdb.process import GUARD_START_TIME, GUARD_VERSION, pvcoord_version
 
 from ..lockview import LockView, Snapshot
@@ -508,7 +508,7 @@ class Guard:
             if unknown:
                 raise ValueError(f"unknown argument(s) {', '.join(unknown)}; use device=d1,d2")
             done = self.core.confirm_registry(
-                op.account(), sorted(host_roles(op.account())),
+                op.account(), sorted(self.core.roles(op.account())),
                 _split(args.get("device", "")) or None, op.peer().rsplit(":", 1)[0])
         except (PermissionError, ValueError, WhatIfError) as e:
             op.done(error=str(e))
@@ -554,7 +554,7 @@ class Guard:
             roles = _split(args.get("roles", ""))
         else:
             account = op.account()
-            roles = _split(args["roles"]) if "roles" in args else sorted(host_roles(account))
+            roles = _split(args["roles"]) if "roles" in args else sorted(self.core.roles(account))
         host = args.get("host", "").strip() or op.peer().rsplit(":", 1)[0]
         try:
             ip = socket.gethostbyname(host)

@@ -20,7 +20,7 @@ from p4p.server.asyncio import SharedPV
 from pvdb import queue as qn
 from pvdb.lockmodel import Caller, CallerError, ErrorCode, resolve_caller
 from pvdb.names import PVKind, PVSpec
-from pvdb.policy import ANONYMOUS, Policy, host_roles
+from pvdb.policy import ANONYMOUS, HostRolesCache, Policy
 from pvdb.redact import redact
 
 from .. import pvutil
@@ -221,6 +221,7 @@ class ControlRPC(pvutil.AsyncRPC):
 
     def __init__(self, spec: PVSpec, fn: ControlFn, policy: Policy) -> None:
         self.spec, self.fn, self.policy = spec, fn, policy
+        self._roles = HostRolesCache()  # groups read at most once a second per account
         super().__init__(spec.suffix, self._call, (BadRequestError, ControlError, CallerError),
                          EXAMPLE)
 
@@ -230,7 +231,7 @@ class ControlRPC(pvutil.AsyncRPC):
         host = (op.peer() or "unknown").rsplit(":", 1)[0]
         # roles only from this host's group database, never the client's claim
         caller = resolve_caller(self.policy, op.account() or ANONYMOUS, host, on_behalf_of,
-                                client_host, host_roles)
+                                client_host, self._roles)
         message, uid = await self.fn(caller, args)
         return RPC_RESULT({"message": redact(message), "itemUid": uid})
 

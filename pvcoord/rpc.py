@@ -400,15 +400,27 @@ def parse_reply(value: Any) -> Reply:
 
 
 def table_rows(value: Any) -> list[dict[str, Any]]:
-    """NTTable ``value`` (a p4p Value, or ``{"value": {column: list}}``) -> one dict per row."""
+    """NTTable ``value`` (a p4p Value, or ``{"value": {column: list}}``) -> one dict per row.
+
+    A column that was never set (p4p gives None, or an empty array while other columns have
+    rows: ``NTTable.wrap`` leaves empty columns unset) is left out of the rows, so a parser's
+    ``row.get(column, default)`` applies and ``row[column]`` names it as missing.
+
+    Raises:
+        CoordError: not a table, or non-empty columns of different lengths (named with their
+            lengths: a row is never dropped or made up).
+    """
     f = _fields(value)
     cols = f.get("value", f)
     if not isinstance(cols, Mapping):
         raise CoordError(f"unexpected table {value!r}")
-    names = list(cols)
-    columns = [[_py(x) for x in (cols[n] if cols[n] is not None else [])] for n in names]
-    n = min((len(c) for c in columns), default=0)
-    return [{name: col[i] for name, col in zip(names, columns, strict=True)} for i in range(n)]
+    columns = {n: [_py(x) for x in c] for n, c in cols.items() if c is not None and len(c)}
+    lengths = {n: len(c) for n, c in columns.items()}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{n} {k}" for n, k in lengths.items())
+        raise CoordError(f"a table whose columns have different lengths ({shown} rows)")
+    n = next(iter(lengths.values()), 0)
+    return [{name: col[i] for name, col in columns.items()} for i in range(n)]
 
 
 def _py(x: Any) -> Any:

@@ -159,6 +159,35 @@ def test_malformed_rows_are_a_clear_error():
         cl.parse_locks(v)
 
 
+def test_a_ragged_table_is_an_error_naming_its_columns_never_truncated():
+    """Columns of different lengths (a server bug, or a table put by hand): CoordError naming
+    the columns and their lengths, not the rows of the shortest column."""
+    v = _table(DEVICES_COLUMNS, [
+        {"name": n, "deviceClass": "SimMotor", "capabilities": "", "pvPrefix": f"D:{n}:",
+         "ioc": "i", "description": "", "connected": True} for n in ("m1", "m2")])
+    v["value.pvPrefix"] = ["D:m1:"]  # one row short
+    with pytest.raises(cl.CoordError) as info:
+        cl.table_rows(v)
+    assert "pvPrefix 1" in str(info.value) and "name 2" in str(info.value)
+    with pytest.raises(cl.CoordError):
+        cl.parse_registry(v)
+
+
+def test_a_column_never_set_is_missing_from_the_rows():
+    """A column never set (an empty array while the others have rows) is absent from the rows,
+    so its default applies; the other columns' rows are all there (before, such a table read
+    as empty)."""
+    v = NTTable([("name", "s"), ("pvPrefix", "s"), ("description", "s")]).type()
+    v["labels"] = ["name", "pvPrefix", "description"]
+    v["value.name"] = ["m1", "m2"]
+    v["value.pvPrefix"] = ["D:m1:", "D:m2:"]
+    rows = cl.table_rows(v)
+    assert [r["name"] for r in rows] == ["m1", "m2"]
+    assert all("description" not in r for r in rows)
+    assert [d.description for d in cl.parse_registry(v)] == ["", ""]  # its default
+    assert cl.table_rows(_table(DEVICES_COLUMNS, [])) == []  # an empty table: no rows
+
+
 def test_client_rejects_bad_prefix_and_timeout():
     with pytest.raises(ValueError, match="end it with ':'"):
         cl.Client("NOCOLON")

@@ -12,10 +12,10 @@ URLs accepted by :func:`open_store`:
   fsync'ed before the reply, once for all the requests in flight (group commit), so a reply
   means the change survives a power loss. The fsync runs on a store thread that starts it at
   the commit, while the IOC publishes the change. The WAL is written to its working size when
-  the store opens (:data:`WAL_WORKING_PAGES`), so a commit overwrites it in place and its
-  fsync does not also commit the file's growth to the ext4 journal. ``?sync=normal``: no fsync
-  (survives a crash or ``kill -9`` of the IOC, not a power loss; an explicit opt-out the IOC
-  logs as a warning).
+  the writer claims the store (:data:`WAL_WORKING_PAGES`), so a commit overwrites it in place
+  and its fsync does not also commit the file's growth to the ext4 journal. ``?sync=normal``:
+  no fsync (survives a crash or ``kill -9`` of the IOC, not a power loss; an explicit opt-out
+  the IOC logs as a warning).
   See docs/decisions/0100-durable-before-the-reply-group-fsync.md,
   0146-fsync-started-at-the-commit.md and 0180-wal-preallocated-at-open.md.
 - ``redis://HOST:PORT/DB``: Redis; durability is the server's, so it is checked when the store is
@@ -85,7 +85,7 @@ FLUSHER_IDLE = 5.0
 """Seconds the SQLite store's fsync thread waits for work before it ends (started again by the
 next commit), so an idle or forgotten store holds no thread."""
 WAL_WORKING_PAGES = 1100
-"""Pages a writable, fsync'ing SQLite store's WAL is written to when the store opens: SQLite's
+"""Pages a fsync'ing SQLite store's WAL is written to when its writer claims it: SQLite's
 auto-checkpoint (1,000 pages) plus a margin. Commits then overwrite blocks the file already has,
 and an fsync of an overwrite costs the disk's flush only, not also a journal commit for the
 file's growth (on this project's ext4 VM 0.25 ms against 0.55 ms; docs/benchmarks.md)."""
@@ -355,7 +355,6 @@ class SQLiteStore:
                 self._db.executescript(_SCHEMA)
                 self._db.commit()
                 if sync == "full":
-                    self._preallocate_wal()
                     self._open_wal()
         except sqlite3.Error as e:
             raise StoreError(f"cannot open SQLite store {self.path}: {e}") from None
@@ -374,30 +373,38 @@ class SQLiteStore:
         Skipped, with a log line, where the disk has less than four times that free (the store
         must not take the last free space of its disk at start) or the writes fail: commits
         then grow the WAL as SQLite does by default, only their fsyncs are slower.
+
+        Run by :meth:`claim_authority` once this process holds the store's authority, so a
+        second IOC refused on the same store writes nothing into it. The WAL is fsync'ed after
+        it, so the first change's fsync is an overwrite too.
         """
         wal = Path(str(self.path) + "-wal")
-        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-        size = WAL_WORKING_PAGES * (24 + page)
-        if wal.exists() and wal.stat().st_size >= 32 + size:
-            return  # a WAL left by a stop without close (kill -9, power loss) is that long
-        st = os.statvfs(self.path.parent)
-        if st.f_bavail * st.f_frsize < 4 * 2 * size:  # the WAL and the database's free pages
-            log.info("store %s: %d kB free on its disk, the WAL is not preallocated",
-                     self.path, st.f_bavail * st.f_frsize // 1024)
-            return
         try:
-            with self._db:
+            with self._mutex:
+                page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            size = WAL_WORKING_PAGES * (24 + page)
+            if wal.exists() and wal.stat().st_size >= 32 + size:
+                return  # a WAL left by a stop without close (kill -9, power loss) is that long
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 4 * 2 * size:  # the WAL and the db's free pages
+                log.info("store %s: %d kB free on its disk, the WAL is not preallocated",
+                         self.path, st.f_bavail * st.f_frsize // 1024)
+                return
+            with self._mutex, self._db:
                 self._db.execute("DROP TABLE IF EXISTS wal_scratch")  # from a failed start
                 self._db.execute("CREATE TABLE wal_scratch (b BLOB)")
                 self._db.execute("INSERT INTO wal_scratch VALUES (zeroblob(?))",
                                  (WAL_WORKING_PAGES * page,))
-            with self._db:
-                self._db.execute("DROP TABLE wal_scratch")
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as e:
+            with self._mutex:
+                with self._db:
+                    self._db.execute("DROP TABLE wal_scratch")
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if self._wal_fd is not None:
+                os.fsync(self._wal_fd)
+        except (sqlite3.Error, OSError) as e:
             log.warning("store %s: the WAL could not be preallocated (%s); commits grow it "
                         "instead", self.path, e)
-            with contextlib.suppress(sqlite3.Error), self._db:
+            with contextlib.suppress(sqlite3.Error), self._mutex, self._db:
                 self._db.execute("DROP TABLE IF EXISTS wal_scratch")
 
     def _open_wal(self) -> None:
@@ -590,6 +597,8 @@ class SQLiteStore:
         os.ftruncate(fd, 0)
         os.pwrite(fd, who.encode() + b"\n", 0)
         self._authority_fd = fd
+        if self._wal_fd is not None:  # the one writer now: it may write the scratch table
+            self._preallocate_wal()
 
     def keep_authority(self) -> None:  # noqa: D102 - see Store
         return  # the flock lasts as long as the process

@@ -429,6 +429,8 @@ def test_the_wal_is_written_to_its_working_size_at_open_and_then_overwritten(pat
     overwrite the file in place (no growth, no journal commit per fsync) across checkpoints."""
     store = SQLiteStore(path)
     working = 32 + WAL_WORKING_PAGES * (24 + 4096)
+    assert _wal_size(path) < working  # not before it is the store's one writer
+    store.claim_authority("test")
     size = _wal_size(path)
     assert size >= working
     for i in range(1500):  # more than the 1,000 pages after which SQLite checkpoints
@@ -439,6 +441,7 @@ def test_the_wal_is_written_to_its_working_size_at_open_and_then_overwritten(pat
     assert len(store.load_locks()) == 10
     store.close()
     again = SQLiteStore(path)  # SQLite removed the WAL at close: written again
+    again.claim_authority("test")
     assert _wal_size(path) >= working
     assert len(again.load_locks()) == 10
     again.close()
@@ -446,6 +449,7 @@ def test_the_wal_is_written_to_its_working_size_at_open_and_then_overwritten(pat
 
 def test_a_store_without_fsync_does_not_preallocate_its_wal(path):
     store = open_store(f"sqlite:///{path}?sync=normal")
+    store.claim_authority("test")
     assert _wal_size(path) < 32 + WAL_WORKING_PAGES * (24 + 4096)
     store.close()
 
@@ -512,8 +516,11 @@ def test_second_writer_of_a_sqlite_store_is_refused_naming_the_first(path):
     a = SQLiteStore(path)
     a.claim_authority("pid 111 on hostA for BL01: since 2026-01-01T00:00:00Z")
     b = SQLiteStore(path)
+    version = a._db.execute("PRAGMA data_version").fetchone()[0]
     with pytest.raises(AuthorityError, match="pid 111 on hostA for BL01:"):
         b.claim_authority("pid 222 on hostB for BL01: since now")
+    # the refused writer wrote nothing (no WAL preallocation into the first one's store)
+    assert a._db.execute("PRAGMA data_version").fetchone()[0] == version
     a.close()
     b.claim_authority("pid 222 on hostB for BL01: since now")  # free once the first is gone
     b.close()
@@ -603,6 +610,7 @@ def test_disk_full_refuses_changes_and_recovers(tmp_path, clocks):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         t = table_on(small / "locks.sqlite", clocks)
+        t.store.claim_authority("test")
         # too little free space to preallocate the WAL (4.5 MB): skipped, the store works
         assert _wal_size(small / "locks.sqlite") < 32 + WAL_WORKING_PAGES * (24 + 4096)
         first = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)

@@ -134,6 +134,10 @@ def test_poisoned_store_is_reported_and_skipped_not_a_crash_loop(tmp_path):
             refused = {d for a, d in zip(ev.action, ev.device, strict=True) if a == "refused"}
             assert refused == {"m2", "m3"}
             assert rpc(c, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR").granted
+            # the once-a-second work (heartbeat, authority, store probe) goes on meanwhile
+            beat = int(c.get(pvn.COORD_HEARTBEAT.name(PREFIX), timeout=CLIENT_TIMEOUT))
+            wait_until(lambda: int(c.get(pvn.COORD_HEARTBEAT.name(PREFIX),
+                                         timeout=CLIENT_TIMEOUT)) >= beat + 2, 10, "heartbeat")
     finally:
         proc.stop()
 

@@ -656,12 +656,12 @@ async def serve(
                      len(table.locks()))
             if ready is not None:
                 ready(ioc)
-            n = 0
+            ticks = 0
             while not stop.is_set():
-                if n % int(60 / TICK) == 0:
+                if ticks % int(60 / TICK) == 0:
                     _prune(table, retention)
-                n += 1
-                second = n % int(1 / TICK) == 0
+                ticks += 1
+                second = ticks % int(1 / TICK) == 0
                 try:
                     ioc.tick(second)
                 except Exception:  # keep serving; the health PV shows it
@@ -676,8 +676,8 @@ async def serve(
                 elif table.devices is None:
                     ioc.set_health("no device list")
                 elif table.load_problems:
-                    n = len(table.load_problems)
-                    ioc.set_health(f"OK ({n} bad stored lock row{'s' * (n > 1)} rejected at "
+                    bad = len(table.load_problems)
+                    ioc.set_health(f"OK ({bad} bad stored lock row{'s' * (bad > 1)} rejected at "
                                    f"start, see Coord:Events: {table.load_problems[0]})"[:200])
                 else:
                     ioc.set_health("OK")

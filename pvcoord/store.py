@@ -57,6 +57,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import sqlite3
@@ -66,7 +67,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from pydantic import ValidationError
@@ -111,11 +112,56 @@ class OutcomeUnknownError(StoreError):
 
 @dataclass(frozen=True)
 class BadRow:
-    """A stored lock row that does not parse: its key, the start of its data, and why."""
+    """A stored lock row that does not parse: its key, the start of its data, and why.
+
+    ``raw`` is the key's bytes as stored (from a store's load): the row is deleted by them, so
+    a key that is not UTF-8 text (or, in SQLite, a BLOB) is deleted too. ``key`` is then the
+    key as text, undecodable bytes replaced, for the report.
+    """
 
     key: str
     data: str
     why: str
+    raw: bytes | None = None
+
+
+UNTRUSTED_ERRORS: tuple[type[Exception], ...] = (
+    ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError)
+"""What parsing an untrusted stored row may raise (pydantic's ValidationError, JSON and UTF-8
+errors are ValueErrors; ``float(10**400)`` an OverflowError; JSON nested 100,000 deep a
+RecursionError)."""
+
+
+def _utf8(raw: bytes) -> str | None:
+    """A stored field's bytes as text, or ``None`` if they are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _sqlite_fields(rows: Iterable[tuple[bytes, bytes, str, str]]
+                   ) -> list[tuple[bytes, str | None, bytes, str | None]]:
+    """SQLite rows -> ``(key bytes, key text, data bytes, data text)``.
+
+    The rows are ``(CAST(key AS BLOB), CAST(data AS BLOB), typeof(key), typeof(data))``. A field
+    that is not UTF-8 TEXT (a BLOB, a number) has no text: its row is bad (a BLOB key would also
+    escape the deletes by text key).
+    """
+    return [(bytes(k or b""), _utf8(bytes(k)) if kt == "text" else None,
+             bytes(d or b""), _utf8(bytes(d)) if dt == "text" else None)
+            for k, d, kt, dt in rows]
+
+
+def _redis_fields(items: Iterable[tuple[Any, Any]]
+                  ) -> list[tuple[bytes, str | None, bytes, str | None]]:
+    """Redis hash items (bytes) -> ``(key bytes, key text, data bytes, data text)``."""
+    out = []
+    for k, d in items:
+        kb = k if isinstance(k, bytes) else str(k).encode()
+        db = d if isinstance(d, bytes) else str(d).encode()
+        out.append((kb, _utf8(kb), db, _utf8(db)))
+    return out
 
 
 class Store(Protocol):
@@ -132,18 +178,20 @@ class Store(Protocol):
         ...
 
     def commit(
-        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
-        notices: Mapping[str, str | None] | None = None,
-        requests: Mapping[str, str | None] | None = None,
+        self, upsert: Iterable[Lock], delete: Iterable[str | bytes],
+        events: Iterable[LockEvent],
+        notices: Mapping[str | bytes, str | None] | None = None,
+        requests: Mapping[str | bytes, str | None] | None = None,
     ) -> int:
         """Apply one change atomically: all of it or nothing.
 
         Args:
             upsert: locks to insert or replace (keyed by device).
-            delete: devices (store keys) whose lock row is removed.
+            delete: devices (store keys) whose lock row is removed; ``bytes`` name a row by its
+                key's exact stored bytes (:attr:`BadRow.raw`: a key that is not UTF-8 text).
             events: audit events to append.
             notices: notice id -> JSON text to insert or replace (it becomes the newest), or
-                ``None`` to delete that id.
+                ``None`` to delete that id (a ``bytes`` id: the row whose id is those bytes).
             requests: request record id -> JSON outcome to insert or replace, or ``None`` to
                 delete that id (the same form as ``notices``).
 
@@ -157,17 +205,18 @@ class Store(Protocol):
         """
         ...
 
-    def load_notices(self) -> list[tuple[str, str]]:
+    def load_notices(self) -> list[tuple[str | bytes, str]]:
         """Every stored notice as ``(id, JSON text)``, in no particular order (the JSON has a time).
 
-        The rows are untrusted: the caller parses and validates them.
+        The rows are untrusted: the caller parses and validates them. A row whose id or data is
+        not UTF-8 text comes as ``(id's stored bytes, "")``: delete it by those bytes.
         """
         ...
 
-    def load_requests(self) -> list[tuple[str, str]]:
+    def load_requests(self) -> list[tuple[str | bytes, str]]:
         """Every stored request outcome as ``(id, JSON text)``, in no particular order.
 
-        The rows are untrusted: the caller parses and validates them.
+        The rows are untrusted: the caller parses and validates them (as :meth:`load_notices`).
         """
         ...
 
@@ -245,6 +294,26 @@ def _event_from_row(row: tuple) -> LockEvent:
     )
 
 
+def _events_from_rows(rows: Iterable[Any]) -> list[LockEvent]:
+    """Stored audit rows -> events.
+
+    A malformed row is skipped (an audit row does not decide a lock), counted in a log line.
+    """
+    out: list[LockEvent] = []
+    skipped = 0
+    for r in rows:
+        try:
+            if isinstance(r, bytes | str):  # Redis: one JSON array per event
+                r = json.loads(r)
+            out.append(_event_from_row(tuple(
+                f.decode("utf-8") if isinstance(f, bytes) else f for f in r)))
+        except UNTRUSTED_ERRORS:
+            skipped += 1
+    if skipped:
+        log.warning("%d malformed stored audit event(s) not shown", skipped)
+    return out
+
+
 def _text(raw: bytes | str | None) -> str:
     """A Redis reply as text (bytes decoded, a bad byte replaced; ``None`` is ``""``)."""
     if isinstance(raw, bytes):
@@ -252,25 +321,59 @@ def _text(raw: bytes | str | None) -> str:
     return raw or ""
 
 
-def _parse_rows(rows: Iterable[tuple[str, str | bytes]]) -> tuple[list[Lock], list[BadRow]]:
-    """(key, JSON) rows -> locks that parse and whose key is their device, and the bad rows."""
+def _parse_rows(rows: Iterable[tuple[bytes, str | None, bytes, str | None]]
+                ) -> tuple[list[Lock], list[BadRow]]:
+    """(key, JSON) rows as stored -> the locks that parse and whose key is their device.
+
+    Also returns the bad rows, each with its key's stored bytes (by which it is deleted).
+    """
     good: list[Lock] = []
     bad: list[BadRow] = []
-    for key, data in rows:
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    for raw, key, raw_data, text in rows:
+        if key is None or text is None:
+            what = "key" if key is None else "data"
+            bad.append(BadRow(raw.decode("utf-8", "replace"),
+                              raw_data[:200].decode("utf-8", "replace"),
+                              f"the row's {what} is not UTF-8 text", raw))
+            continue
         try:
             lk = Lock.model_validate_json(text)
-        except (ValidationError, ValueError) as e:
-            first = e.errors()[0] if isinstance(e, ValidationError) else {"msg": str(e)}
+        except UNTRUSTED_ERRORS as e:
+            first = e.errors()[0] if isinstance(e, ValidationError) else {
+                "msg": f"{type(e).__name__}: {str(e)[:100]}"}
             where = ".".join(str(x) for x in first.get("loc", ())) or "row"
-            bad.append(BadRow(key, text[:200], f"{where}: {first.get('msg', 'invalid')}"[:200]))
+            bad.append(BadRow(key, text[:200], f"{where}: {first.get('msg', 'invalid')}"[:200],
+                              raw))
             continue
         if lk.device != key:
             bad.append(BadRow(key, text[:200], f"row key {key[:64]!r} is not its device "
-                              f"{lk.device[:64]!r}"))
+                              f"{lk.device[:64]!r}", raw))
             continue
         good.append(lk)
     return sorted(good, key=lambda x: x.device), bad
+
+
+def _id_rows(rows: Iterable[tuple[bytes, str | None, bytes, str | None]]
+             ) -> list[tuple[str | bytes, str]]:
+    """(id, data) rows as stored -> ``(id, text)``.
+
+    ``(id's bytes, "")`` where either is not UTF-8 text: the caller rejects the row and deletes
+    it by those bytes.
+    """
+    return [(rid, text) if rid is not None and text is not None else (raw, "")
+            for raw, rid, _, text in rows]
+
+
+def _split_keys(keys: Iterable[str | bytes]) -> tuple[list[tuple[str]], list[tuple[bytes]]]:
+    """Keys to delete as SQLite parameters: text keys, and keys given by their stored bytes."""
+    text: list[tuple[str]] = []
+    raw: list[tuple[bytes]] = []
+    for k in keys:
+        if isinstance(k, bytes):
+            raw.append((k,))
+        else:
+            text.append((k,))
+    return text, raw
 
 
 def authority_text(prefix: str) -> str:
@@ -421,46 +524,60 @@ class SQLiteStore:
     def load_rows(self) -> tuple[list[Lock], list[BadRow]]:  # noqa: D102 - see Store
         with self._mutex:
             try:
-                rows = self._db.execute("SELECT device, data FROM locks ORDER BY device").fetchall()
+                # as bytes: a row that is not UTF-8 text is a bad row, not a failed load
+                rows = self._db.execute(
+                    "SELECT CAST(device AS BLOB), CAST(data AS BLOB), typeof(device),"
+                    " typeof(data) FROM locks ORDER BY device").fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read locks from {self.path}: {e}") from None
-        return _parse_rows(rows)
+        return _parse_rows(_sqlite_fields(rows))
 
     def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
         return self.load_rows()[0]
 
-    def load_notices(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
+    def load_notices(self) -> list[tuple[str | bytes, str]]:  # noqa: D102 - see Store
         with self._mutex:
             try:
                 # one b-tree keyed by id (no rowid): the caller orders them by their time
-                rows = self._db.execute("SELECT id, data FROM notices").fetchall()
+                rows = self._db.execute(
+                    "SELECT CAST(id AS BLOB), CAST(data AS BLOB), typeof(id), typeof(data)"
+                    " FROM notices").fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read notices from {self.path}: {e}") from None
-        return [(str(k), str(v)) for k, v in rows]
+        return _id_rows(_sqlite_fields(rows))
 
-    def load_requests(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
+    def load_requests(self) -> list[tuple[str | bytes, str]]:  # noqa: D102 - see Store
         with self._mutex:
             try:
-                rows = self._db.execute("SELECT id, data FROM requests").fetchall()
+                rows = self._db.execute(
+                    "SELECT CAST(id AS BLOB), CAST(data AS BLOB), typeof(id), typeof(data)"
+                    " FROM requests").fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read request outcomes from {self.path}: {e}") from None
-        return [(str(k), str(v)) for k, v in rows]
+        return _id_rows(_sqlite_fields(rows))
 
     def commit(  # noqa: D102 - see Store
-        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
-        notices: Mapping[str, str | None] | None = None,
-        requests: Mapping[str, str | None] | None = None,
+        self, upsert: Iterable[Lock], delete: Iterable[str | bytes],
+        events: Iterable[LockEvent],
+        notices: Mapping[str | bytes, str | None] | None = None,
+        requests: Mapping[str | bytes, str | None] | None = None,
     ) -> int:
         ups = [(lk.device, lk.model_dump_json()) for lk in upsert]
-        dels = [(d,) for d in delete]
+        dels, raw_dels = _split_keys(delete)
         evs = [_event_row(e) for e in events]
         note_ups = [(k, v) for k, v in (notices or {}).items() if v is not None]
-        note_dels = [(k,) for k, v in (notices or {}).items() if v is None]
+        note_dels, raw_note_dels = _split_keys(k for k, v in (notices or {}).items() if v is None)
         req_ups = [(k, v) for k, v in (requests or {}).items() if v is not None]
-        req_dels = [(k,) for k, v in (requests or {}).items() if v is None]
+        req_dels, raw_req_dels = _split_keys(k for k, v in (requests or {}).items() if v is None)
         with self._mutex:
             try:
                 with self._db:  # one transaction: commit on success, rollback on error
+                    for table, col, raw in (("locks", "device", raw_dels),
+                                            ("notices", "id", raw_note_dels),
+                                            ("requests", "id", raw_req_dels)):
+                        if raw:  # bad rows, by their stored bytes (text or BLOB)
+                            self._db.executemany(
+                                f"DELETE FROM {table} WHERE CAST({col} AS BLOB)=?", raw)
                     if dels:
                         self._db.executemany("DELETE FROM locks WHERE device=?", dels)
                     if ups:
@@ -571,13 +688,14 @@ class SQLiteStore:
         with self._mutex:
             try:
                 rows = self._db.execute(
-                    "SELECT time, action, device, lock_type, actor, holder, message FROM events"
-                    " ORDER BY id DESC LIMIT ?",
+                    "SELECT time, CAST(action AS BLOB), CAST(device AS BLOB),"
+                    " CAST(lock_type AS BLOB), CAST(actor AS BLOB), CAST(holder AS BLOB),"
+                    " CAST(message AS BLOB) FROM events ORDER BY id DESC LIMIT ?",
                     (n,),
                 ).fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read events from {self.path}: {e}") from None
-        return [_event_from_row(r) for r in reversed(rows)]
+        return _events_from_rows(reversed(rows))
 
     def claim_authority(self, who: str) -> None:  # noqa: D102 - see Store
         path = Path(str(self.path) + ".authority")
@@ -715,33 +833,31 @@ class RedisStore:
             data = self._r.hgetall(self._locks_key)
         except self._redis_error as e:
             raise StoreError(redact(f"cannot read locks from {self._shown}: {e}")) from None
-        return _parse_rows(
-            (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k), v)
-            for k, v in data.items()
-        )
+        return _parse_rows(_redis_fields(data.items()))
 
     def load_locks(self) -> list[Lock]:  # noqa: D102 - see Store
         return self.load_rows()[0]
 
-    def load_notices(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
+    def load_notices(self) -> list[tuple[str | bytes, str]]:  # noqa: D102 - see Store
         try:
             data = self._r.hgetall(self._notices_key)
         except self._redis_error as e:
             raise StoreError(redact(f"cannot read notices from {self._shown}: {e}")) from None
-        return [(_text(k), _text(v)) for k, v in data.items()]
+        return _id_rows(_redis_fields(data.items()))
 
-    def load_requests(self) -> list[tuple[str, str]]:  # noqa: D102 - see Store
+    def load_requests(self) -> list[tuple[str | bytes, str]]:  # noqa: D102 - see Store
         try:
             data = self._r.hgetall(self._requests_key)
         except self._redis_error as e:
             raise StoreError(redact(
                 f"cannot read request outcomes from {self._shown}: {e}")) from None
-        return [(_text(k), _text(v)) for k, v in data.items()]
+        return _id_rows(_redis_fields(data.items()))
 
     def commit(  # noqa: D102 - see Store
-        self, upsert: Iterable[Lock], delete: Iterable[str], events: Iterable[LockEvent],
-        notices: Mapping[str, str | None] | None = None,
-        requests: Mapping[str, str | None] | None = None,
+        self, upsert: Iterable[Lock], delete: Iterable[str | bytes],
+        events: Iterable[LockEvent],
+        notices: Mapping[str | bytes, str | None] | None = None,
+        requests: Mapping[str | bytes, str | None] | None = None,
     ) -> int:
         ups: dict[FieldT, EncodableT] = {lk.device: lk.model_dump_json() for lk in upsert}
         dels = list(delete)
@@ -795,13 +911,7 @@ class RedisStore:
             rows = self._r.lrange(self._events_key, -n, -1)
         except self._redis_error as e:
             raise StoreError(redact(f"cannot read events from {self._shown}: {e}")) from None
-        out = []
-        for r in rows:
-            try:
-                out.append(_event_from_row(tuple(json.loads(r))))
-            except (ValueError, TypeError, ValidationError):
-                continue  # a malformed audit row is not shown; the lock state is unaffected
-        return out
+        return _events_from_rows(rows)
 
     def claim_authority(self, who: str) -> None:  # noqa: D102 - see Store
         ttl = int(AUTHORITY_LEASE * 1000)
@@ -843,7 +953,13 @@ class RedisStore:
                 self._r.ltrim(self._events_key, n, -1)
             for _ in range(100_000):  # events are appended in time order: drop from the left
                 first = self._r.lindex(self._events_key, 0)
-                if first is None or float(json.loads(first)[0]) >= before:
+                if first is None:
+                    break
+                try:
+                    t = float(json.loads(first)[0])
+                except UNTRUSTED_ERRORS:
+                    t = -math.inf  # a malformed audit row at the head: pruned as the oldest
+                if t >= before:
                     break
                 self._r.lpop(self._events_key)
                 n += 1

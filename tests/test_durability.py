@@ -327,6 +327,7 @@ BAD_ROWS = {
 BAD_FIELDS = [
     {"key_hashes": ["not-a-digest"]}, {"expires": "Infinity"}, {"owner": "a\nb"},
     {"reason": "x" * 300}, {"lock_type": "BOSS"}, {"acquired": T0 + 1e6},
+    {"reason": "a\u202eb"}, {"owner": "al\x7fice"}, {"host": "\x85h"},  # as a request's text
 ]
 
 
@@ -361,6 +362,99 @@ def test_each_bad_field_is_rejected(path, clocks, fields):
     t = table_on(path, clocks)
     assert [lk.device for lk in t.locks()] == ["m2"]
     assert [e.device for e in t.startup_events] == ["m1"]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested 100,000 deep: a RecursionError in json
+
+
+def _count(path, table: str) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def test_rows_that_are_not_text_overflow_or_nest_deeply_are_rejected_not_a_crash(path, clocks):
+    """Rows another account wrote: bytes that are not UTF-8, a BLOB key, a number past float,
+    JSON nested 100,000 deep, events of unknown actions. The start reports and deletes them."""
+    kept = json.dumps(_lock("m1", reason="kept"))
+    note = {"code": "released", "message": "x", "holder": "", "time": T0}
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO locks VALUES ('m1', ?)", (kept,))
+        db.execute("INSERT INTO locks VALUES (CAST(X'6DFF' AS TEXT), ?)", (kept,))  # key not UTF-8
+        db.execute("INSERT INTO locks VALUES (?, ?)", (b"m2", json.dumps(_lock("m2"))))  # BLOB key
+        db.execute("INSERT INTO locks VALUES ('m3', CAST(X'7BFF7D' AS TEXT))")  # data not UTF-8
+        db.executemany("INSERT INTO notices VALUES (?, ?)", [
+            ("key:" + "2" * 64, json.dumps(note).replace(str(T0), "1" + "0" * 400)),  # overflow
+            ("key:" + "3" * 64, DEEP),
+            ('holder:["a", ' + DEEP + "]", json.dumps(note)),
+        ])
+        db.execute("INSERT INTO notices VALUES (CAST(X'6BFF' AS TEXT), ?)", (json.dumps(note),))
+        db.execute("INSERT INTO requests VALUES (CAST(X'72FF' AS TEXT), '{}')")
+        db.execute("INSERT INTO requests VALUES (?, ?)", ("4" * 64, DEEP))
+        db.executemany("INSERT INTO events(time, action, device, lock_type, actor, holder, "
+                       "message) VALUES (?, ?, ?, ?, ?, ?, ?)", [
+            (T0, "acquired", "m1", "MANUAL_OPERATOR", "alice", "alice@h", "good"),
+            (T0, "exploded", "m1", None, "", "", "unknown action"),
+            ("abc", "acquired", "m1", None, "", "", "time is text"),
+            (T0, "acquired", "m1", "BOSS", "", "", "unknown lock type"),
+        ])
+        db.execute("INSERT INTO events(time, action, device, lock_type, actor, holder, message)"
+                   " VALUES (?, 'acquired', 'm1', NULL, '', '', CAST(X'FF' AS TEXT))", (T0,))
+    t = table_on(path, clocks)
+    assert [(lk.device, lk.reason) for lk in t.locks()] == [("m1", "kept")]
+    refused = [e for e in t.startup_events if e.action == EventAction.REFUSED]
+    assert sorted(e.device for e in refused) == ["?", "?", "m2", "m3", "m\ufffd"]
+    assert t.rows_rejected == 3 + 4 + 2
+    assert sorted(e.message.split(" (")[0] for e in refused if e.device == "?") == [
+        "2 stored request outcome rows not valid", "4 stored notice rows not valid"]
+    assert any("not UTF-8 text" in p for p in t.load_problems)
+    assert [e.message for e in t.store.recent_events(50) if e.device == "m1"][:1] == ["good"]
+    t.store.close()
+    # every bad row is deleted (by its stored bytes): a restart reports nothing new
+    assert (_count(path, "locks"), _count(path, "notices"), _count(path, "requests")) == (1, 0, 0)
+    t2 = table_on(path, clocks)
+    assert t2.load_problems == [] and t2.rows_rejected == 0
+    assert [lk.device for lk in t2.locks()] == ["m1"]
+
+
+@pytest.mark.system
+def test_redis_rows_that_are_not_text_or_nest_deeply_are_rejected_and_deleted(tmp_path, clocks):
+    import redis
+
+    proc, port = start_redis(data_dir=tmp_path / "r")
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        r = redis.Redis(host="127.0.0.1", port=port)
+        r.hset("pvcoord:N::locks", mapping={
+            "m1": json.dumps(_lock("m1", reason="kept")), b"m\xff": json.dumps(_lock("m2"))})
+        r.hset("pvcoord:N::notices", mapping={"key:" + "3" * 64: DEEP, b"k\xff": "{}"})
+        r.hset("pvcoord:N::requests", mapping={"5" * 64: DEEP})
+        r.rpush("pvcoord:N::events", "{bad", DEEP, "{}", json.dumps(
+            [T0, "acquired", "m1", "MANUAL_OPERATOR", "alice", "alice@h", "good"]))
+        t = LockTable(POLICY, open_store(url, namespace="N:"), devices=DEVICES,
+                      clock=clocks.time, monotonic=clocks.monotonic)
+        assert [(lk.device, lk.reason) for lk in t.locks()] == [("m1", "kept")]
+        assert t.rows_rejected == 1 + 2 + 1
+        assert [e.message for e in t.store.recent_events(50)][:1] == ["good"]
+        assert r.hkeys("pvcoord:N::locks") == [b"m1"]  # the undecodable key deleted too
+        assert r.hlen("pvcoord:N::notices") == 0 and r.hlen("pvcoord:N::requests") == 0
+        assert t.store.prune_events(T0 - 1, 1000) == 3  # malformed heads pruned, not a crash
+        t.store.close()
+        r.close()
+    finally:
+        proc.stop()
+
+
+def test_a_lock_granted_under_a_host_bound_policy_survives_a_restart(path, clocks):
+    policy = parse_policy('[lock_types.MANUAL_OPERATOR]\nallow = ["alice@10.0.0.1"]\n'
+                          "default_lease = 300\nmax_lease = 3600\n")
+    t = LockTable(policy, open_store(f"sqlite:///{path}"), devices=DEVICES, clock=clocks.time,
+                  monotonic=clocks.monotonic)
+    assert t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60).granted
+    t.store.close()
+    t2 = LockTable(policy, open_store(f"sqlite:///{path}"), devices=DEVICES, clock=clocks.time,
+                   monotonic=clocks.monotonic)
+    assert [lk.device for lk in t2.locks()] == ["m1"] and t2.load_problems == []
 
 
 def test_rows_on_unknown_devices_are_rejected_when_the_registry_answers(path, clocks):

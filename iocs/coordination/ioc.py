@@ -185,14 +185,16 @@ class CoordinationIOC:
             self._add(spec, SharedPV(handler=_rpc_handler(self, spec, fn),
                                      initial=NTScalar("s").wrap("", timestamp=now)))
         self._add_device(BEAMLINE)
-        self._event_rows.extend(map(_event_row, table.store.recent_events(events_tail)))
+        tail = table.store.recent_events(events_tail)
+        self._event_rows.extend(map(_event_row, tail))
         self._events_dirty = True
+        stored = set(tail)  # the start's rejections and expiries, once committed, are in it
         table.listener = self._on_change
         if table.devices is not None:
             self.set_devices(table.devices)
         with table.mutex:
             self._on_change(set(self._device_pvs) | {lk.device for lk in table.locks()},
-                            table.startup_events)
+                            [e for e in table.startup_events if e not in stored])
         self.wait_published()
         self._publisher = threading.Thread(target=self._publish_loop, daemon=True,
                                            name="pvcoord-locks-publisher")
@@ -676,8 +678,8 @@ async def serve(
                 elif table.devices is None:
                     ioc.set_health("no device list")
                 elif table.load_problems:
-                    bad = len(table.load_problems)
-                    ioc.set_health(f"OK ({bad} bad stored lock row{'s' * (bad > 1)} rejected at "
+                    bad = table.rows_rejected
+                    ioc.set_health(f"OK ({bad} bad stored row{'s' * (bad > 1)} rejected at "
                                    f"start, see Coord:Events: {table.load_problems[0]})"[:200])
                 else:
                     ioc.set_health("OK")

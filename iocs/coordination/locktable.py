@@ -59,9 +59,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, NoReturn, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from pvcoord.store import AuthorityError, BadRow, OutcomeUnknownError, Store, StoreError
+from pvcoord.store import (
+    UNTRUSTED_ERRORS,
+    AuthorityError,
+    BadRow,
+    OutcomeUnknownError,
+    Store,
+    StoreError,
+)
 from pvdb import lockmodel
 from pvdb.lockmodel import ErrorCode, describe, fmt_time
 from pvdb.models import BEAMLINE, DEVICE_NAME_RE, EventAction, Lock, LockEvent, LockType
@@ -198,7 +205,7 @@ class Notice:
             d = json.loads(text)
             code = ErrorCode(d["code"])
             message, holder, t = d["message"], d["holder"], float(d["time"])
-        except (ValueError, TypeError, KeyError):
+        except UNTRUSTED_ERRORS:
             return None
         if (code not in _NOTICE_CODES or not isinstance(message, str)
                 or not isinstance(holder, str) or not math.isfinite(t)
@@ -221,6 +228,16 @@ def _holder_notice_id(owner: str, device: str) -> str:
     return "holder:" + json.dumps([owner, device])
 
 
+def _shown(text: str | bytes) -> str:
+    """Stored text as shown in a report, at most 64 characters.
+
+    Bytes are decoded (bad ones replaced); control and format characters become ``?``.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text[:64])
+
+
 def _notice_key(nid: str) -> object | None:
     """The notice key of a store id (:func:`_notice_id`), or ``None`` if it is not one."""
     if nid.startswith("key:") and _HASH_RE.match(nid[4:]):
@@ -228,7 +245,7 @@ def _notice_key(nid: str) -> object | None:
     if nid.startswith("holder:"):
         try:
             v = json.loads(nid[7:])
-        except ValueError:
+        except UNTRUSTED_ERRORS:
             return None
         if isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v):
             return (v[0], v[1])
@@ -383,7 +400,10 @@ class LockTable:
         self._authority_error: str | None = None
         self._unverified: set[str] = set()  # loaded before the device list was known
         self.load_problems: list[str] = []
-        """One line per stored row rejected at start (shown in ``Coord:Health``)."""
+        """One line per stored lock row rejected at start, one per kind of other rows (notices,
+        request outcomes) with any rejected (shown in ``Coord:Health``)."""
+        self.rows_rejected = 0
+        """Stored rows (locks, notices, request outcomes) rejected at start."""
         self._refusal_times: dict[tuple[str, str], deque[float]] = {}
         self._refusals_missed: dict[tuple[str, str], int] = {}
         self.refusals_not_stored = 0
@@ -499,25 +519,29 @@ class LockTable:
                     f"maximum of {lp.max_lease:g} s")
         if lk.acquired > now + LOAD_SLACK or lk.acquired > lk.expires:
             return "acquired lies in the future or after its expiry"
+        # the checks of a request's text (_check_text): printable, bounded
         for name, value in (("owner", lk.owner), ("actor", lk.actor), ("host", lk.host)):
-            if not value or len(value) > _NAME_MAX or any(ord(c) < 32 for c in value):
-                return f"{name} is empty, too long or has control characters"
-        if len(lk.reason) > MAX_REASON or len(lk.plan_uid) > MAX_PLAN_UID or any(
-                ord(c) < 32 for c in lk.reason + lk.plan_uid):
-            return "reason or planUid is too long or has control characters"
+            if not value or len(value) > _NAME_MAX or not value.isprintable():
+                return f"{name} is empty, too long or has control or format characters"
+        if len(lk.reason) > MAX_REASON or len(lk.plan_uid) > MAX_PLAN_UID or not (
+                lk.reason + lk.plan_uid).isprintable():
+            return "reason or planUid is too long or has control or format characters"
         if len(lk.key_hashes) > KEY_HASHES_KEPT or not all(
                 _HASH_RE.match(h) for h in lk.key_hashes):
             return "key digests are malformed"
-        if not self.policy.may_take(lk.lock_type, lk.owner, self._roles_of(lk.owner)):
+        if not self.policy.may_take(lk.lock_type, lk.owner, self._roles_of(lk.owner), lk.host):
             return f"{lk.owner} may not take {lk.lock_type.value} locks (policy)"
         return None
 
-    def _load_notices(self) -> None:
-        """Reload the stored notices (newest :data:`NOTICES_KEPT`); bad rows are logged, deleted."""
+    def _load_notices(self) -> list[LockEvent]:
+        """Reload the stored notices (newest :data:`NOTICES_KEPT`).
+
+        Bad rows are reported (:attr:`load_problems`, the returned events) and deleted.
+        """
         loaded: list[tuple[float, object, Notice]] = []
-        bad: list[str] = []
+        bad: list[str | bytes] = []
         for nid, data in self.store.load_notices():
-            k = _notice_key(nid)
+            k = _notice_key(nid) if isinstance(nid, str) else None
             got = Notice.from_json(data) if k is not None else None
             if got is None:
                 bad.append(nid)
@@ -527,18 +551,33 @@ class LockTable:
         cut = max(0, len(loaded) - NOTICES_KEPT)
         for _, k, n in loaded[cut:]:
             self._notices[k] = n
-        drop = bad + [_notice_id(k) for _, k, _ in loaded[:cut]]
-        if bad:
-            log.error("%d stored notice row(s) rejected at start and deleted (e.g. %r)", len(bad),
-                      bad[0][:80])
+        drop: list[str | bytes] = [*bad, *(_notice_id(k) for _, k, _ in loaded[:cut])]
+        events = self._report_bad("notice", bad)
         if drop:
             try:
                 self._last_token = max(self._last_token, self.store.commit(
-                    [], [], [], notices=dict.fromkeys(drop)))
+                    [], [], events, notices=dict.fromkeys(drop)))
             except StoreError as e:
                 log.error("could not delete the rejected notice rows: %s", e)
+        return events
 
-    def _load_outcomes(self) -> None:
+    def _report_bad(self, kind: str, ids: list[str | bytes]) -> list[LockEvent]:
+        """Report stored ``kind`` rows (notice, request outcome) rejected at start.
+
+        One :attr:`load_problems` line and one ``refused`` event for all of them.
+        """
+        if not ids:
+            return []
+        self.rows_rejected += len(ids)
+        shown = [_shown(i) for i in ids[:3]]
+        line = (f"{len(ids)} stored {kind} row{'s' * (len(ids) > 1)} not valid "
+                f"(e.g. {shown[0]!r})")
+        self.load_problems.append(line)
+        log.error("%s rejected at start and deleted: %s", line, ", ".join(map(repr, shown)))
+        return [LockEvent(time=self.clock(), action=EventAction.REFUSED, device="?",
+                          actor="pvcoord", message=f"{line}: rejected at start and deleted")]
+
+    def _load_outcomes(self) -> list[LockEvent]:
         """Reload the stored request outcomes younger than :data:`REQUEST_WINDOW`.
 
         The newest :data:`REQUESTS_KEPT` are kept; bad, old and surplus rows are deleted (bad
@@ -546,14 +585,14 @@ class LockTable:
         """
         now = self.clock()
         loaded: list[tuple[float, str, Outcome]] = []
-        bad: list[str] = []
+        bad: list[str | bytes] = []
         old: list[str] = []
         for rid, data in self.store.load_requests():
             try:
-                if not _HASH_RE.match(rid):
+                if not isinstance(rid, str) or not _HASH_RE.match(rid):
                     raise ValueError("not a record id")
                 out = Outcome.model_validate_json(data)
-            except (ValidationError, ValueError):
+            except UNTRUSTED_ERRORS:
                 bad.append(rid)
                 continue
             if not now - REQUEST_WINDOW <= out.time <= now + LOAD_SLACK:
@@ -564,21 +603,19 @@ class LockTable:
         cut = max(0, len(loaded) - REQUESTS_KEPT)
         for t, rid, out in loaded[cut:]:
             self._outcomes[rid] = (t, out.model_dump_json())
-        drop = bad + old + [rid for _, rid, _ in loaded[:cut]]
-        if bad:
-            log.error("%d stored request outcome row(s) rejected at start and deleted (e.g. %r)",
-                      len(bad), bad[0][:80])
+        drop: list[str | bytes] = [*bad, *old, *(rid for _, rid, _ in loaded[:cut])]
+        events = self._report_bad("request outcome", bad)
         if drop:
             try:
                 self._last_token = max(self._last_token, self.store.commit(
-                    [], [], [], requests=dict.fromkeys(drop)))
+                    [], [], events, requests=dict.fromkeys(drop)))
             except StoreError as e:
                 log.error("could not delete old or rejected request outcome rows: %s", e)
+        return events
 
     def _load(self) -> list[LockEvent]:
         """Load the store's locks, validating each; report, delete and skip the bad rows."""
-        self._load_notices()
-        self._load_outcomes()
+        reported = self._load_notices() + self._load_outcomes()
         good, bad = self.store.load_rows()
         now = self.clock()
         for lk in good:
@@ -594,24 +631,25 @@ class LockTable:
             for d in locked:
                 bad.append(BadRow(d, self._locks[d].holder, "a device lock beside a beamline lock"))
                 self._drop(d)
-        return self._reject(bad, now)
+        return reported + self._reject(bad, now)
 
     def _reject(self, bad: list[BadRow], now: float) -> list[LockEvent]:
         if not bad:
             return []
         events = []
+        self.rows_rejected += len(bad)
         for b in bad:
             line = f"{b.key[:64]!r}: {b.why}"
             self.load_problems.append(line)
             events.append(LockEvent(
-                time=now, action=EventAction.REFUSED, device=b.key[:64] or "?",
+                time=now, action=EventAction.REFUSED, device=_shown(b.key[:64]) or "?",
                 actor="pvcoord", holder=b.data[:128] if "@" in b.data[:128] else "",
                 message=f"stored lock rejected at start and deleted: {b.why}",
             ))
             log.error("stored lock row %s rejected: %s (data %r)", b.key[:64], b.why, b.data)
         try:
             self._last_token = max(self._last_token, self.store.commit(
-                [], [b.key for b in bad], events))
+                [], [b.raw if b.raw is not None else b.key for b in bad], events))
         except StoreError as e:
             log.error("could not delete the rejected rows: %s", e)
         return events
@@ -795,7 +833,7 @@ class LockTable:
 
     def _notice_plan(
         self, change: _Change
-    ) -> tuple[list[object], list[object], dict[str, str | None]]:
+    ) -> tuple[list[object], list[object], dict[str | bytes, str | None]]:
         """How ``change`` changes the notices: (popped, evicted, the store's writes).
 
         A new lock makes its holder's old notice on that device stale (popped); the change's
@@ -817,7 +855,7 @@ class LockTable:
             evict = list(itertools.islice(order, size - NOTICES_KEPT))
         now = self.clock()
         texts: dict[int, str] = {}  # a lock's key and holder notices share one Notice: encode once
-        writes: dict[str, str | None] = {}
+        writes: dict[str | bytes, str | None] = {}
         for k, n in adds.items():
             text = texts.get(id(n))
             if text is None:
@@ -827,7 +865,7 @@ class LockTable:
             writes[_notice_id(k)] = None
         return pops, evict, writes
 
-    def _outcome_plan(self, change: _Change) -> tuple[list[str], dict[str, str | None]]:
+    def _outcome_plan(self, change: _Change) -> tuple[list[str], dict[str | bytes, str | None]]:
         """How ``change`` changes the stored outcomes: (evicted ids, the store's writes).
 
         The change's outcome becomes the newest; outcomes older than :data:`REQUEST_WINDOW`
@@ -845,7 +883,7 @@ class LockTable:
                 size -= 1
             elif old_id != rid:
                 break
-        writes: dict[str, str | None] = dict.fromkeys(gone)
+        writes: dict[str | bytes, str | None] = dict.fromkeys(gone)
         writes[rid] = out.model_dump_json()
         return gone, writes
 

@@ -61,6 +61,19 @@ def table_value(
     return stamp(nt.type({"labels": [c for c, _ in columns], "value": cols}), ts)
 
 
+def claimed_account(op: Any) -> str:
+    """The PVA account a client claimed (``""`` for none), as the server decoded it.
+
+    A name whose bytes are not UTF-8 makes p4p's ``op.account()`` raise; it comes back as
+    ``"\ufffd"``, which no account pattern accepts, so the request is refused as malformed
+    (``bad-argument``) instead of failing inside the handler.
+    """
+    try:
+        return op.account() or ""
+    except UnicodeDecodeError:
+        return "\ufffd"
+
+
 _URI_FIELDS = frozenset(("scheme", "authority", "path"))
 """NTURI fields that are not arguments (skipped in a request without ``query``)."""
 

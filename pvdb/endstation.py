@@ -126,7 +126,7 @@ def _addresses(values: list[str]) -> list[str]:
     return values
 
 
-_ZMQ_RE = re.compile(r"^tcp://([^:/*]+):(\d{1,5})$")
+_ZMQ_RE = re.compile(r"^tcp://([^:/*]+):(\d{1,5})\Z")
 
 
 def _zmq(v: str) -> str:
@@ -396,7 +396,7 @@ class TLS(_Section):
     key: str
 
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
 
 
 class EndstationConfig(_Section):

@@ -568,7 +568,7 @@ def request_id_problem(value: str) -> str | None:
 ON_BEHALF_ARGS = ("onBehalfOf", "clientHost")
 """The RPC arguments of a trusted service acting for a user: ``onBehalfOf=USER`` and, optionally,
 ``clientHost=HOST`` (the user's own host, e.g. the browser's address seen by a web bridge)."""
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}\Z")
 
 
 class CallerError(ValueError):

@@ -12,7 +12,7 @@ from .names import DEVICE_STATES, SIGNAL_ACCESS, SIGNAL_KINDS
 BEAMLINE = "beamline"
 """Pseudo-device: a lock on it is a lock on every device."""
 
-DEVICE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+DEVICE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}\Z")
 """A device name: usable as a PV name segment (letter first, then letters, digits, _ and -)."""
 
 
@@ -127,7 +127,7 @@ class Capability(StrEnum):
     FLYABLE = "flyable"
 
 
-SIGNAL_PATH_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_]{1,64}){0,15}$")
+SIGNAL_PATH_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_]{1,64}){0,15}\Z")
 """A signal's dotted component name: the device name (which may contain ``-``), then up to 15
 attribute names (or DeviceVector indices) separated by dots: ``sim_bundle_A.mtrs.x.setpoint``."""
 

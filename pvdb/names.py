@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-:.]*:$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-:.]*:\Z")
 """A valid endstation prefix: EPICS name characters, ending in ``:``."""
 
 

@@ -40,7 +40,7 @@ _NAME = r"[A-Za-z0-9_.\-]+"
 _HOSTSPEC = r"[A-Za-z0-9_.:/\-\[\]]+"
 _PRINCIPAL_RE = re.compile(
     r"^(?P<who>\*|role/" + _NAME + r"|" + _NAME + r")(?:@(?P<host>" + _HOSTSPEC + r"))?$")
-ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 """An account name pvcoord accepts from a client (no ``@``, no control or bidi characters)."""
 
 
@@ -279,7 +279,7 @@ LINK_FIELDS: frozenset[str] = frozenset({
 """Fields that redirect a record (links, their modes and expressions, disable and security
 settings): staff only, on every device class. ``INPA``..``INPU``, ``OUTA``.., ``LNK0``..,
 ``DOL0``.. and ``DLY0``.. are links too (:func:`is_link_field`)."""
-_LINK_FIELD_RE = re.compile(r"^(?:INP|OUT|LNK|DOL|DLY)[0-9A-Z]$")
+_LINK_FIELD_RE = re.compile(r"^(?:INP|OUT|LNK|DOL|DLY)[0-9A-Z]\Z")
 
 
 def is_link_field(field: str) -> bool:

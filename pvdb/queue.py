@@ -392,7 +392,7 @@ def hook_reply_key(prefix: str, request_id: str) -> str:
     return f"pvcoord:{prefix}queue:reply:{request_id}"
 
 
-HOOK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+HOOK_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 """A request id: ``uuid.uuid4().hex`` (also the tail of its reply key)."""
 HOOK_MAX_DEVICE = 128
 """Longest device name in a hook request (characters)."""

@@ -50,7 +50,7 @@ from .models import Device, DeviceSignal
 FORMAT_VERSION = 1
 """The registry file format version this module reads and writes."""
 
-PV_NAME_RE = re.compile(r"^[A-Za-z0-9_\-:.;<>\[\]{}$]+$")
+PV_NAME_RE = re.compile(r"^[A-Za-z0-9_\-:.;<>\[\]{}$]+\Z")
 """Characters allowed in a registered PV name or prefix (EPICS record-name characters)."""
 
 _TOP_KEYS = {"version", "devices"}

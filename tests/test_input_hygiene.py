@@ -74,6 +74,49 @@ def test_refusals_are_rate_limited_per_client_with_counts(table, clock):
     assert last.actor == "bob" and f"[{1000 - REFUSAL_BURST} more refusals" in last.message
 
 
+def test_a_flood_of_one_shot_accounts_keeps_the_refusal_counts_bounded(table, clock):
+    """The hole: clients were forgotten only when they came back, so 20,000 one-shot claimed
+    accounts kept 20,000 entries (and each refusal scanned them all under the mutex)."""
+    from iocs.coordination import locktable
+
+    for i in range(3 * locktable.REFUSAL_CLIENTS_KEPT):
+        table.audit_refusal(Identity(f"u{i}", "10.0.0.9"), ["m1"], None, "refused")
+        clock.t += 0.001
+    kept = table._refusal_times  # the bound is the behaviour under test
+    assert len(kept) <= locktable.REFUSAL_CLIENTS_KEPT
+    assert ("u" + str(3 * locktable.REFUSAL_CLIENTS_KEPT - 1), "10.0.0.9") in kept  # the newest
+
+
+def test_an_audited_claimed_account_is_bounded(table):
+    """The hole: a refused request of a 45,000-letter claimed account stored it whole and its
+    log line took 15 s in the redaction regex (quadratic)."""
+    from pvdb.redact import redact
+
+    long = "a" * 45_000
+    table.audit_refusal(Identity(long, "10.0.0.9"), ["m1"], None, "refused")
+    ev = table.store.recent_events(1)[0]
+    assert len(ev.actor) <= 255 and len(ev.holder) <= 511
+    # still redacted after a long run of scheme characters (the regex now starts a match only
+    # where such a run starts: linear; benchmarks, not tests, time things)
+    assert redact(f"x {long}y://u:p@h") == f"x {long}y://u:***@h"
+    assert redact(f"{long} redis://:pw@h") == f"{long} redis://:***@h"
+
+
+def test_a_claimed_account_that_is_not_utf8_is_a_malformed_request():
+    from iocs.pvutil import claimed_account
+    from pvdb.lockmodel import CallerError, ErrorCode, resolve_caller
+
+    class Op:
+        def account(self):
+            return b"ev\xff".decode()  # what p4p's op.account() raises for such bytes
+
+    assert claimed_account(Op()) == "\ufffd"
+    with pytest.raises(CallerError) as e:
+        resolve_caller(POLICY, claimed_account(Op()), "10.0.0.9", None, None,
+                       lambda a: frozenset())
+    assert e.value.code is ErrorCode.BAD_ARGUMENT
+
+
 def _events(n: int, t0: float) -> list[LockEvent]:
     return [LockEvent(time=t0 + i, action=EventAction.REFUSED, device="m1", lock_type=None,
                       actor="bob", holder="bob@h", message=str(i)) for i in range(n)]

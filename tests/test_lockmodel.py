@@ -221,6 +221,10 @@ def test_resolve_caller_on_behalf_names_the_user_and_the_service_as_actor():
     ("websvc", "127.0.0.1", "alice", "host\nx", ErrorCode.BAD_ARGUMENT),
     ("websvc", "127.0.0.1", None, "192.168.1.9", ErrorCode.BAD_ARGUMENT),  # clientHost alone
     ("bad@account", "127.0.0.1", None, None, ErrorCode.BAD_ARGUMENT),
+    # a final newline: a regex's $ matches before it; such a lock was refused at the next start
+    ("eve\n", "127.0.0.1", None, None, ErrorCode.BAD_ARGUMENT),
+    ("websvc", "127.0.0.1", "bob\n", None, ErrorCode.BAD_ARGUMENT),
+    ("websvc", "127.0.0.1", "alice", "10.0.0.9\n", ErrorCode.BAD_ARGUMENT),
 ])
 def test_resolve_caller_refuses_with_a_code(account, host, user, client, code):
     with pytest.raises(lm.CallerError) as e:

@@ -16,7 +16,7 @@ from enum import StrEnum
 
 TEXT_MAX = 512
 """Longest text a command PV accepts (bytes; a device comma list)."""
-DEVICE_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,64}$")
+DEVICE_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,64}\Z")
 
 
 class Code(StrEnum):

@@ -22,7 +22,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 COOKIE = "pvcoord_session"
-USER_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+USER_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 """Valid web user names (they become lock owners ``user@host``; policy principal characters)."""
 
 _hasher = PasswordHasher()

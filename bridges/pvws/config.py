@@ -15,9 +15,9 @@ MAX_NAME = 1024
 """Longest accepted PV name (characters, scheme included)."""
 AUTH_MODES = ("none", "password", "header")
 
-_NAME_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*$")
-_LOC_RE = re.compile(r"^([A-Za-z0-9_\-:.]+)(?:\((.*)\))?$", re.S)
-_SIM_RE = re.compile(r"^([a-z]+)(?:\(([^()]*)\))?$")
+_NAME_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*\Z")
+_LOC_RE = re.compile(r"^([A-Za-z0-9_\-:.]+)(?:\((.*)\))?\Z", re.S)
+_SIM_RE = re.compile(r"^([a-z]+)(?:\(([^()]*)\))?\Z")
 
 
 class PVNameError(ValueError):

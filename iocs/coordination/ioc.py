@@ -484,7 +484,7 @@ class CoordinationIOC:
         """
         host = (op.peer() or "unknown").rsplit(":", 1)[0]
         try:
-            c = resolve_caller(self.table.policy, op.account() or ANONYMOUS, host,
+            c = resolve_caller(self.table.policy, pvutil.claimed_account(op) or ANONYMOUS, host,
                                args.get("onBehalfOf"), args.get("clientHost"), self._roles)
         except CallerError as e:
             raise LockError(str(e), e.code) from None
@@ -542,7 +542,8 @@ def _rpc_handler(ioc: CoordinationIOC, spec: pvn.PVSpec, fn: Callable[[Any, dict
     def audit(op: Any, args: dict[str, str], err: Exception) -> None:
         if getattr(err, "audited", False):
             return  # refused by the lock table, which audited it
-        ident = Identity(op.account() or "anonymous", (op.peer() or "unknown").rsplit(":", 1)[0])
+        ident = Identity(pvutil.claimed_account(op) or "anonymous",
+                         (op.peer() or "unknown").rsplit(":", 1)[0])
         devices = [d.strip() for d in args.get("device", "?").split(",")]
         ioc.table.audit_refusal(ident, devices, None, f"{spec.suffix}: {err}")
 

@@ -92,6 +92,9 @@ KEY_HASHES_KEPT = 8
 """Keys (as digests) that stay valid for one lock when its holder re-requests it."""
 REFUSAL_WINDOW = 60.0
 """Seconds of the refusal rate limit."""
+REFUSAL_CLIENTS_KEPT = 4096
+"""Clients (account, host) whose recent refusals are counted at most (a flood of one-shot
+claimed accounts must not grow memory or the per-refusal work)."""
 NOTICES_KEPT = 4096
 """How many 'your lock was preempted/expired' notices are remembered for their holders (in memory
 and in the store: the store keeps exactly the ones memory keeps)."""
@@ -103,7 +106,7 @@ CLOCK_STEP = 1.0
 """Seconds by which the wall clock must jump against the monotonic clock to count as a step."""
 LOAD_SLACK = 5.0
 """Seconds of clock difference tolerated when checking a stored lease against the policy."""
-_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _NAME_MAX = 255
 """Longest stored owner, actor or host accepted on load (PVA accounts are claimed freely)."""
 REQUEST_WINDOW = 600.0
@@ -672,10 +675,25 @@ class LockTable:
                 self.refusals_not_stored += 1
                 return False
             times.append(now)
-            if len(self._refusal_times) > 4096:  # forget idle clients (bounded memory)
-                for k in [k for k, t in self._refusal_times.items() if not t][:1024]:
-                    del self._refusal_times[k]
+            if len(self._refusal_times) > REFUSAL_CLIENTS_KEPT:
+                self._forget_refusing_clients(now)
             return True
+
+    def _forget_refusing_clients(self, now: float) -> None:
+        """Bound the per-client refusal counts (call it under the mutex).
+
+        Clients idle for a :data:`REFUSAL_WINDOW` are forgotten; if that is not enough (a flood
+        of one-shot accounts), the quarter that refused longest ago too, so the scan runs once per
+        :data:`REFUSAL_CLIENTS_KEPT` / 4 new clients at most.
+        """
+        rt = self._refusal_times
+        idle = [k for k, t in rt.items() if not t or now - t[-1] > REFUSAL_WINDOW]
+        if len(rt) - len(idle) > REFUSAL_CLIENTS_KEPT * 3 // 4:
+            idle = sorted(rt, key=lambda k: rt[k][-1] if rt[k] else -math.inf)[
+                :len(rt) - REFUSAL_CLIENTS_KEPT * 3 // 4]
+        for k in idle:
+            del rt[k]
+            self._refusals_missed.pop(k, None)
 
     def _key_shaped(self, device: str) -> bool:
         """A device argument that is no known device but has the shape of a lock key."""
@@ -987,7 +1005,8 @@ class LockTable:
         ev = LockEvent(
             time=self.clock(), action=EventAction.REFUSED,
             device=",".join(d[:64] for d in devices)[:256] or "?",
-            lock_type=lt, actor=ident.actor_name, holder=ident.holder, message=msg[:1024],
+            lock_type=lt, actor=ident.actor_name[:_NAME_MAX],
+            holder=ident.holder[:2 * _NAME_MAX + 1], message=msg[:1024],
         )
         with self._mutex:
             try:

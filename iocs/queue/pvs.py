@@ -230,8 +230,8 @@ class ControlRPC(pvutil.AsyncRPC):
         on_behalf_of, client_host = args.pop("onBehalfOf", None), args.pop("clientHost", None)
         host = (op.peer() or "unknown").rsplit(":", 1)[0]
         # roles only from this host's group database, never the client's claim
-        caller = resolve_caller(self.policy, op.account() or ANONYMOUS, host, on_behalf_of,
-                                client_host, self._roles)
+        caller = resolve_caller(self.policy, pvutil.claimed_account(op) or ANONYMOUS, host,
+                                on_behalf_of, client_host, self._roles)
         message, uid = await self.fn(caller, args)
         return RPC_RESULT({"message": redact(message), "itemUid": uid})
 

@@ -598,6 +598,12 @@ class AsyncHeldLock:
         self.expires = 0.0
         self.renewals = 0
         self.lost: LockLostError | None = None
+        self.clock: Callable[[], float] = time.time
+        """Wall clock (epoch s): only to turn a reply's ``expires`` into the time left."""
+        self.monotonic: Callable[[], float] = time.monotonic
+        """The clock the lease is timed on here (tests may set fake clocks)."""
+        self._deadline = 0.0
+        """:attr:`monotonic` time the lease ends, as of the last grant or renew reply."""
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -620,10 +626,24 @@ class AsyncHeldLock:
             devices, lock_type, lease, reason, plan_uid, on_behalf_of,
             call_timeout=self._call_timeout,
         )
-        self.expires = self.grant.expires
+        self._lease_from(self.grant.expires)
         self._owner = asyncio.current_task()
         self._task = asyncio.create_task(self._renew_loop())
         return self
+
+    def _lease_from(self, expires: float) -> None:
+        """A grant or renew reply saying the lease ends at ``expires`` arrived now.
+
+        ``expires`` is on the IOC's wall clock (0: not said, the full lease); it sets
+        :attr:`expires`. The wall clock is read only here, to turn ``expires`` into the seconds
+        left (at most the lease asked for); from then on the lease is timed on :attr:`monotonic`,
+        so a wall-clock step here neither ends it early (cancelling the owner while the IOC still
+        holds the lock) nor stretches it.
+        """
+        now = self.clock()
+        left = min(expires - now, self._lease) if expires else self._lease
+        self.expires = expires or now + self._lease
+        self._deadline = self.monotonic() + left
 
     def _lose(self, err: LockLostError) -> None:
         self.lost = err
@@ -650,14 +670,15 @@ class AsyncHeldLock:
                 self._lose(_lost_error(e))
                 return
             except NoAnswerError as e:
-                if time.time() >= self.expires:
+                left = self._deadline - self.monotonic()
+                if left <= 0:
                     self._lose(LockLostError(pv, error_text(
                         ErrorCode.EXPIRED, f"lease ran out while renewing failed: {e}")))
                     return
-                wait = max(MIN_RENEW_INTERVAL, min(self._interval, self.expires - time.time()) / 2)
+                wait = max(MIN_RENEW_INTERVAL, min(self._interval, left) / 2)
                 continue
             self.renewals += 1
-            self.expires = reply.expires or (time.time() + self._lease)
+            self._lease_from(reply.expires)
             wait = self._interval
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:

@@ -53,7 +53,16 @@ How it works (no EPICS traffic through the RE worker: docs/architecture.md):
    holder of equal or higher priority, no running queue item, no answer) raises
    :class:`DeviceLockedError` *before* the message reaches the device.
 4. Later messages to a confirmed device only re-check the store: if the plan's lock was preempted
-   (``MAINTENANCE`` taken during the plan) the next acting message raises.
+   (``MAINTENANCE`` taken during the plan) the next acting message raises. The plan's own
+   ``QUEUE_EXECUTING`` row is trusted until its lease ends as timed here on the monotonic clock
+   (from when this process first read that ``expires``); then the queue IOC is asked again.
+
+Time: a lock row in the store is a held lock. The coordination IOC deletes the row in the tick
+its (monotonic) lease ends and shifts the stored wall-clock times when its own clock steps, so
+the hook does not drop rows by comparing their ``expires`` with *this* process's wall clock:
+a forward step here (or a clock ahead of the IOC's) hid every lock, so a ``set`` was not refused
+at once and a ``stop``/``unstage`` reached a device held in MAINTENANCE. A row left in the store
+while the coordination IOC is down still refuses (fail closed: the IOC decides at its restart).
 
 The error is thrown into the plan, so its own cleanup (``unstage``, ``close_run``) runs; the RE
 Manager reports the item as failed, puts it back at the front of the queue and stops the queue.
@@ -176,6 +185,13 @@ class LockGuard:
         except ValueError as e:
             raise HookConfigError(f"pvcoord worker hook: {e}") from None
         self.timeout = float(timeout)
+        self.clock: Callable[[], float] = time.time
+        """Wall clock (epoch s): only to turn a row's ``expires`` into the time left."""
+        self.monotonic: Callable[[], float] = time.monotonic
+        """The clock this process times the plan's own lease on (tests may set fake clocks)."""
+        self._lease_ends: dict[tuple[str, float, float], float] = {}
+        """(device, acquired, expires) of a row -> :attr:`monotonic` time its lease ends, noted
+        when this process first read that row."""
         self.redis_url = redis_url
         self._redis = redis.Redis.from_url(
             redis_url, socket_timeout=self.timeout + 2, socket_connect_timeout=self.timeout
@@ -198,7 +214,11 @@ class LockGuard:
     # --- lock state without EPICS -------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Lock]:
-        """Unexpired locks from the store, by device (empty without a store).
+        """The locks in the store, by device (empty without a store).
+
+        Every row counts, whatever its ``expires`` says against this process's wall clock: the
+        coordination IOC deletes a row when the lease ends (timed on its monotonic clock) and
+        rewrites the wall-clock times when its clock steps (module docstring, "Time").
 
         Raises:
             DeviceLockedError: the store cannot be read (fail closed).
@@ -210,8 +230,22 @@ class LockGuard:
         except self._store_error as e:
             raise DeviceLockedError(f"pvcoord: cannot read the lock store, refusing: {e}",
                                     ErrorCode.STORE_UNAVAILABLE) from None
-        now = time.time()
-        return {lk.device: lk for lk in locks if lk.expires > now}
+        rows = {(lk.device, lk.acquired, lk.expires) for lk in locks}
+        self._lease_ends = {k: v for k, v in self._lease_ends.items() if k in rows}
+        return {lk.device: lk for lk in locks}
+
+    def lease_running(self, lock: Lock) -> bool:
+        """Whether ``lock``'s lease has time left, timed on :attr:`monotonic`.
+
+        The time left is ``expires`` minus the wall clock when this process first reads the row
+        (a renew or a clock-step rewrite is a new row); a wall-clock step after that changes
+        nothing.
+        """
+        k = (lock.device, lock.acquired, lock.expires)
+        end = self._lease_ends.get(k)
+        if end is None:
+            end = self._lease_ends[k] = self.monotonic() + (lock.expires - self.clock())
+        return self.monotonic() < end
 
     def report_refusal(self, device: str, why: str) -> None:
         """Tell the queue IOC that the hook refuses ``device`` (held MAINTENANCE in the store).
@@ -413,12 +447,13 @@ class PlanCheck:
         if uid is not None:
             if self.guard.store is None:
                 return  # without a store the queue IOC's confirmation is all we know
-            if lk is not None and lk.lock_type is EXEC and lk.plan_uid == uid:
+            ours = lk is not None and lk.lock_type is EXEC and lk.plan_uid == uid
+            if lk is not None and ours and self.guard.lease_running(lk):
                 return  # still ours
-            if lk is not None and not lockmodel.can_preempt(EXEC, lk.lock_type):
+            if lk is not None and not ours and not lockmodel.can_preempt(EXEC, lk.lock_type):
                 raise DeviceLockedError(f"{refusal}: the plan's lock is gone: "
                                         f"{describe(lk, device)}", ErrorCode.PREEMPTED, lk.holder)
-            # free or held weaker: the plan's lock was released or expired; ask again
+            # free, held weaker, or our lease ran out (by our clock): ask again
         answer = self.guard.request(device)
         if not answer.get("granted"):
             raise DeviceLockedError(f"{refusal}: {answer.get('message', 'refused')}",

@@ -248,3 +248,93 @@ def test_leaving_a_lock_block_whose_release_was_retried_is_not_a_loss(code, lost
         assert e.value.code.value == code
     else:
         asyncio.run(main())
+
+
+class _SilentAfterGrant:
+    """A coordination caller that grants, then never answers a renew (the IOC unreachable);
+    ``expires`` in its replies is the IOC's wall clock (``ioc_wall``), as in the real replies."""
+
+    def __init__(self, ioc_wall) -> None:
+        self.ioc_wall = ioc_wall
+        self.renews = 0
+
+    def pv(self, spec):
+        return spec.name("UT:")
+
+    async def acquire(self, devices, lock_type, timeout, *args, **kws):
+        from pvcoord.rpc import Grant
+
+        return Grant(granted=True, key="k" * 32, devices=tuple(devices), preempted=(),
+                     expires=self.ioc_wall() + timeout, message="granted")
+
+    async def renew(self, *args, **kws):
+        from pvcoord.rpc import NoAnswerError
+
+        self.renews += 1
+        raise NoAnswerError("UT:Coord:Renew", 1.0)
+
+    async def release(self, *args, **kws):
+        from pvcoord.rpc import Reply
+
+        return Reply(devices=("m1",), message="released")
+
+
+def test_a_forward_wall_clock_step_does_not_end_a_held_lock_whose_renew_fails(monkeypatch):
+    """The held lock decided 'the lease ran out' by ``time.time() >= expires``: a forward step
+    of the client's wall clock cancelled the owner's task while the IOC still held the lock."""
+    import asyncio
+
+    from pvcoord.client import AsyncHeldLock, LockLostError
+    from pvdb.lockmodel import ErrorCode, LockType
+
+    from .fakeclock import FakeTime
+
+    clock = FakeTime()
+    monkeypatch.setattr(cl, "time", clock)  # the client's wall and monotonic clock
+    ioc_wall = FakeTime()  # the IOC's wall clock does not step
+    caller = _SilentAfterGrant(ioc_wall.time)
+    stage = ["held"]
+    lost_at: list[str] = []
+
+    async def main() -> None:
+        held = AsyncHeldLock(caller, ["m1"], LockType.MANUAL_OPERATOR,  # type: ignore[arg-type]
+                             60.0, "", "", None, lambda e: lost_at.append(stage[0]), 0.2, None,
+                             True)
+        async with held:
+            clock.step(3600.0)
+            stage[0] = "wall clock stepped +3600 s"
+            while caller.renews < 3:  # not a readiness wait: renews fail every 0.2 s
+                await asyncio.sleep(0.05)
+            clock.advance(61.0)  # the lease runs out (monotonically) without a renew
+            stage[0] = "lease ran out"
+            await asyncio.sleep(1.0)  # cancelled here (cancel_on_loss)
+            raise AssertionError("not cancelled after the lease ran out")
+
+    with pytest.raises(LockLostError) as e:
+        asyncio.run(main())
+    assert lost_at == ["lease ran out"]
+    assert e.value.code is ErrorCode.EXPIRED
+
+
+def test_a_held_lock_times_at_most_the_lease_it_asked_for():
+    """The time left is ``expires - now`` when the reply arrives, at most the lease asked for
+    (an IOC whose clock is ahead of the client's does not lengthen it)."""
+    import asyncio
+
+    from pvcoord.client import AsyncHeldLock
+    from pvdb.lockmodel import LockType
+
+    from .fakeclock import FakeTime
+
+    clock = FakeTime()
+    caller = _SilentAfterGrant(lambda: clock.wall + 100.0)  # the IOC's clock: 100 s ahead
+
+    async def main() -> None:
+        held = AsyncHeldLock(caller, ["m1"], LockType.MANUAL_OPERATOR,  # type: ignore[arg-type]
+                             60.0, "", "", None, None, 30.0, None, False)
+        held.clock, held.monotonic = clock.time, clock.monotonic
+        async with held:
+            assert held.expires == clock.wall + 160.0  # as the IOC said (shown to users)
+            assert held._deadline == clock.mono + 60.0  # not 160 s from now
+
+    asyncio.run(main())

@@ -24,6 +24,7 @@ from bluesky.plans import scan
 from bluesky.utils import Msg
 from ophyd.sim import SynAxis, SynGauss
 
+from pvcoord import worker_hook
 from pvcoord.client import Client, RefusedError
 from pvcoord.demo.queue_part import QUEUE_LOCK_OWNER, start_queue_stack
 from pvcoord.procs import client_conf, loopback_env, start_redis, wait_until
@@ -47,6 +48,7 @@ from pvdb.models import EventAction, LockType
 from .codes import raises_code
 from .conftest import TIMEOUT
 from .coordhelpers import put_lock
+from .fakeclock import FakeTime
 
 PREFIX = "TH:"
 
@@ -265,6 +267,47 @@ def test_in_a_real_runengine_the_scan_fails_before_any_set(redis_port, store):
     assert sets == [] and m2.position == 0
     assert all(r["device"] != "m2" or r.get("refusing") for r in resp.requests)
     assert RE.state == "idle"
+
+
+def test_a_wall_clock_ahead_of_the_iocs_does_not_hide_a_maintenance_lock(
+        redis_port, store, monkeypatch):
+    """The store's rows were dropped by ``expires > time.time()`` of the worker: a forward step
+    there (or a clock ahead of the coordination IOC's) hid the lock, so the ``set`` was not
+    refused at once and cleanup of a device held in MAINTENANCE reached it."""
+    put_lock(store, "m2", LockType.MAINTENANCE, owner="max", reason="realign", ttl=60.0)
+    clock = FakeTime()
+    clock.step(3600.0)
+    monkeypatch.setattr(worker_hook, "time", clock)  # the worker's clock, not the system's
+    check = PlanCheck(guard(redis_port, store))
+    with responder(redis_port, grant) as resp:  # a grant does not let the message through
+        with raises_code(DeviceLockedError, ErrorCode.HOLDER_CONFLICT, "max@h"):
+            check(Msg("set", Dev("m2"), 1.0))
+        assert [bool(r.get("refusing")) for r in resp.requests] == [True]
+    for cmd in EXEMPT:
+        assert check(Msg(cmd, Dev("m2"))).command == "null"
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+def test_the_plans_own_lease_is_timed_on_the_monotonic_clock(redis_port, store, monkeypatch,
+                                                             step):
+    """The plan's QUEUE_EXECUTING row is trusted until its lease ends as timed by this process,
+    then the queue IOC is asked again. By ``expires > time.time()`` a forward step made it ask at
+    every message and a backward one trusted a row left in the store (the coordination IOC down)
+    for an hour after its lease."""
+    clock = FakeTime()
+    monkeypatch.setattr(worker_hook, "time", clock)
+    check = PlanCheck(guard(redis_port, store))
+    with responder(redis_port, grant) as resp:
+        check(Msg("set", Dev("m1"), 1))
+        put_lock(store, "m1", LockType.QUEUE_EXECUTING, owner="queue", plan_uid="item-1",
+                 ttl=5.0)
+        check(Msg("set", Dev("m1"), 2))
+        clock.step(step)
+        check(Msg("set", Dev("m1"), 3))
+        assert len(resp.requests) == 1, "asked again with the lease running: it is ours"
+        clock.advance(6.0)  # the row stays: the coordination IOC is down
+        check(Msg("set", Dev("m1"), 4))
+        assert len(resp.requests) == 2, "not asked again after the lease ran out"
 
 
 def test_configuration_errors_are_clear(redis_port, tmp_path):

@@ -65,6 +65,10 @@ class LockKeeper:
         exec_lease: lease of QUEUE_EXECUTING locks, s (renewed every third of it).
         queued_lease: lease of QUEUE_QUEUED locks, s.
         on_behalf: send ``onBehalfOf=account`` with every request.
+        monotonic: the clock renewal intervals and grant ages are timed on (default
+            ``time.monotonic``; tests may pass a fake one). Never the wall clock: a step must
+            neither stop renewals (the coordination IOC times leases monotonically, so a lock
+            not renewed runs out) nor make a fresh grant look old or a lost one new.
     """
 
     def __init__(
@@ -76,8 +80,10 @@ class LockKeeper:
         exec_lease: float = 60.0,
         queued_lease: float = 600.0,
         on_behalf: bool = False,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.prefix, self.account = prefix, account
+        self.monotonic: Callable[[], float] = monotonic or time.monotonic
         self._obo = account if on_behalf else None
         self.conf = conf
         self.on_conflict = on_conflict
@@ -88,7 +94,8 @@ class LockKeeper:
         self.coordinated: frozenset[str] | None = None
         """Devices the coordination IOC accepts (``Coord:Devices``), None until known."""
         self.held: dict[str, tuple[LockType, str, float]] = {}
-        """device -> (type, planUid, time granted) of the locks this IOC holds."""
+        """device -> (type, planUid, :attr:`monotonic` time granted) of the locks this IOC holds
+        (when this process got the grant, not the coordination IOC's wall-clock ``acquired``)."""
         self.health = "starting"
         self.refused_items: dict[str, str] = {}
         """item uid -> the coordination IOC's refusal text of its QUEUE_EXECUTING acquire
@@ -104,7 +111,8 @@ class LockKeeper:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._locks_seen = False
-        self._last_renew = {EXEC: 0.0, QUEUED: 0.0}
+        self._last_renew: dict[LockType, float | None] = {EXEC: None, QUEUED: None}
+        """:attr:`monotonic` time of the last acquire or renew per type (None: none yet)."""
 
     # --- monitors -------------------------------------------------------------------------------
 
@@ -138,7 +146,7 @@ class LockKeeper:
 
     def _forget_lost(self) -> None:
         """Drop grants that ``Coord:Locks`` no longer shows as ours (preempted, expired)."""
-        now = time.time()
+        now = self.monotonic()
         for d, (lt, _uid, t) in list(self.held.items()):
             if now - t < 1.0:
                 continue  # the monitor may not show a fresh grant yet
@@ -247,7 +255,7 @@ class LockKeeper:
         except CoordError as e:
             self._set_health(f"coordination IOC: {e}")
             return
-        now = time.time()
+        now = self.monotonic()
         for d in need:
             self.held[d] = (EXEC, uid, now)
         self.refused_items.pop(uid, None)
@@ -260,7 +268,7 @@ class LockKeeper:
         groups: dict[str, list[str]] = {}
         for d in free:  # planUid of a reservation: the first queued item that uses the device
             groups.setdefault(plan.first_user.get(d, ""), []).append(d)
-        now = time.time()
+        now = self.monotonic()
         for uid, devs in groups.items():
             granted = await self._reserve(devs, uid)
             for d in granted:
@@ -290,10 +298,11 @@ class LockKeeper:
 
     async def _renew(self) -> None:
         assert self._client is not None
-        now = time.time()
+        now = self.monotonic()
         for lt, lease in ((EXEC, self.exec_lease), (QUEUED, self.queued_lease)):
             devs = sorted(d for d, (t, _, _) in self.held.items() if t is lt)
-            if not devs or now - self._last_renew[lt] < lease / 3:
+            last = self._last_renew[lt]
+            if not devs or (last is not None and now - last < lease / 3):
                 continue
             if lt is EXEC and not self.manager_reachable:
                 continue  # nobody may be running the item: let the lease run out
@@ -327,7 +336,7 @@ class LockKeeper:
                 return str(e.message)
             except CoordError as e:
                 return f"coordination IOC: {e}"
-            now = time.time()
+            now = self.monotonic()
             for d in devs:
                 self.held[d] = (EXEC, uid, now)
         self._wake.set()

@@ -116,6 +116,32 @@ def test_restart_takes_the_stored_wall_clock_expiry(path, clocks):
     assert [(e.action, e.device) for e in t2.startup_events] == [(EventAction.EXPIRED, "m2")]
 
 
+def test_a_backward_step_while_down_neither_lengthens_nor_drops_a_lease(path, clocks):
+    """Decision 0185: the leases are counted from the store's newest event, not the stepped
+    clock; the times are shifted into the clock's present."""
+    t = table_on(path, clocks)
+    old = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 300)
+    for _ in range(24):  # an old lock (100 min), renewed: 300 s left
+        clocks.advance(250)
+        t.renew(ALICE, key=old.key, timeout=300)
+    clocks.advance(100)
+    young = t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60)  # the newest event
+    t.store.close()
+    clocks.wall -= 3600  # stepped back while the IOC was down
+    clocks.mono = 5.0
+    t2 = table_on(path, clocks)
+    assert t2.load_problems == []  # the young lock is not "acquired in the future"
+    left = {lk.device: t2.remaining(lk) for lk in t2.locks()}
+    assert left == {"m1": pytest.approx(200), "m2": pytest.approx(60)}  # as at the last event
+    (m1, m2) = t2.locks()
+    assert m2.expires == pytest.approx(clocks.wall + 60)  # shifted into the clock's present
+    assert {lk.device: lk.expires for lk in t2.store.load_locks()} == {
+        "m1": pytest.approx(m1.expires), "m2": pytest.approx(m2.expires)}  # and rewritten
+    assert young.expires - m2.expires == pytest.approx(3600)
+    clocks.advance(60.5)
+    assert [e.device for e in t2.expire()] == ["m2"]  # ends when its lease does, not 3600 s late
+
+
 def _checkpoint(path, mode: str = "PASSIVE") -> int:
     """Checkpoint the store's WAL from another connection; return the frames it held."""
     db = sqlite3.connect(path)

@@ -617,24 +617,65 @@ class LockTable:
         return events
 
     def _load(self) -> list[LockEvent]:
-        """Load the store's locks, validating each; report, delete and skip the bad rows."""
+        """Load the store's locks, validating each; report, delete and skip the bad rows.
+
+        Leases are counted from :meth:`_restart_reference`: the wall clock, or the store's newest
+        audit event where the clock is behind it (stepped back while the IOC was down); the
+        loaded locks' times are then shifted into the clock's present and rewritten.
+        """
         reported = self._load_notices() + self._load_outcomes()
         good, bad = self.store.load_rows()
         now = self.clock()
+        ref = self._restart_reference(now)
+        back = ref - now
+        shifted: list[Lock] = []
         for lk in good:
-            why = self._check_loaded(lk, now)
+            why = self._check_loaded(lk, ref)
             if why is not None:
                 bad.append(BadRow(lk.device, lk.holder, why))
                 continue
+            if back:
+                lk = lk.model_copy(update={"acquired": lk.acquired - back,
+                                           "expires": lk.expires - back})
+                shifted.append(lk)
             self._put(lk)
             if self._devices is None:
                 self._unverified.add(lk.device)
+        if shifted:
+            log.warning("the wall clock is %.1f s behind the store's newest event (stepped back "
+                        "while the IOC was down?): %d lease(s) counted from that event, their "
+                        "times shifted by -%.1f s", back, len(shifted), back)
+            try:
+                self._last_token = max(self._last_token, self.store.commit(shifted, [], []))
+            except StoreError as e:  # memory is right; a later change rewrites the rows
+                log.error("could not rewrite the shifted lease times: %s", e)
         locked = [d for d in self._locks if d != BEAMLINE]
         if BEAMLINE in self._locks and locked:  # a state the rules never produce
             for d in locked:
                 bad.append(BadRow(d, self._locks[d].holder, "a device lock beside a beamline lock"))
                 self._drop(d)
         return reported + self._reject(bad, now)
+
+    def _restart_reference(self, now: float) -> float:
+        """The wall-clock time a restart counts the stored leases from.
+
+        ``now``, unless the store's newest audit event is more than :data:`CLOCK_STEP` later:
+        then the clock stepped back while the IOC was down, and that event's time is the
+        reference (the IOC ran at least until then). So a backward step does not lengthen a
+        lease, and a lock acquired "in the future" of the stepped clock is not rejected; the
+        time since that event and the downtime are not known, so a lease may come back up to
+        that much longer than it had (never longer than when that event was written). A forward
+        step is not detectable and shortens the leases (docs/locks.md, "Time").
+        """
+        try:
+            tail = self.store.recent_events(1)
+        except StoreError as e:
+            log.warning("cannot read the newest stored event (%s): leases counted from now", e)
+            return now
+        newest = tail[-1].time if tail else now
+        if math.isfinite(newest) and newest - now > CLOCK_STEP:
+            return newest
+        return now
 
     def _reject(self, bad: list[BadRow], now: float) -> list[LockEvent]:
         if not bad:

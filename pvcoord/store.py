@@ -426,7 +426,9 @@ class SQLiteStore:
             raise StoreError(f"sync must be 'full' or 'normal', not {sync!r}")
         if mode not in FILE_MODES:
             raise StoreError(f"mode must be 0600 or 0640, not {mode:04o}")
-        self.path = Path(path)
+        # the real path: SQLite names the WAL after the file a symlink points to, and the fsync
+        # and the authority lock must be the WAL's and the file's (not a stale "<link>-wal")
+        self.path = Path(os.path.realpath(path))
         self.sync = sync
         self.url = f"sqlite://{self.path}?sync={sync}"
         self._mutex = threading.Lock()
@@ -450,6 +452,12 @@ class SQLiteStore:
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             else:
                 _private_file(self.path, mode)
+                links = self.path.stat().st_nlink
+                if links > 1:
+                    raise StoreError(
+                        f"SQLite store {self.path} has {links} hard links: SQLite's locks, its WAL "
+                        "and the store's one-writer lock go by the file's name, so two names "
+                        "would be two writers; remove the other links (find -samefile)")
                 self._db = sqlite3.connect(self.path, check_same_thread=False)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 # NORMAL: SQLite itself does not fsync a commit; durable() does, for every
@@ -485,6 +493,10 @@ class SQLiteStore:
         try:
             with self._mutex:
                 page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+                if self._db.execute(
+                        "SELECT 1 FROM sqlite_master WHERE name='wal_scratch'").fetchone():
+                    with self._db:  # left by a kill between its two transactions
+                        self._db.execute("DROP TABLE IF EXISTS wal_scratch")
             size = WAL_WORKING_PAGES * (24 + page)
             if wal.exists() and wal.stat().st_size >= 32 + size:
                 return  # a WAL left by a stop without close (kill -9, power loss) is that long

@@ -567,6 +567,45 @@ def test_the_wal_is_written_to_its_working_size_at_open_and_then_overwritten(pat
     again.close()
 
 
+def test_a_scratch_table_left_by_a_kill_between_its_transactions_goes_at_the_next_claim(path):
+    store = SQLiteStore(path)
+    store.claim_authority("test")
+    with store._db:  # what a kill -9 between the preallocation's two transactions leaves
+        store._db.execute("CREATE TABLE wal_scratch (b BLOB)")
+    os.close(store._authority_fd)  # the process is gone: its lock with it
+    store._authority_fd = None
+    again = SQLiteStore(path)  # its WAL has the working size: the preallocation is skipped ...
+    again.claim_authority("test")
+    tables = {r[0] for r in again._db.execute("SELECT name FROM sqlite_master")}
+    assert "wal_scratch" not in tables  # ... and the scratch table is dropped anyway
+    again.close()
+    store.close()
+
+
+def test_a_store_named_by_a_symlink_fsyncs_and_locks_the_real_files(tmp_path):
+    real = tmp_path / "real.sqlite"
+    link = tmp_path / "link.sqlite"
+    link.symlink_to(real)
+    (tmp_path / "link.sqlite-wal").write_bytes(b"")  # a stale WAL under the link's name
+    store = SQLiteStore(link)
+    store.claim_authority("first")
+    store.durable(store.commit([_held("m1", T0)], [], []))
+    assert os.fstat(store._wal_fd).st_ino == os.stat(tmp_path / "real.sqlite-wal").st_ino
+    with pytest.raises(AuthorityError, match="first"):  # the real name is the same store
+        SQLiteStore(real).claim_authority("second")
+    store.close()
+
+
+def test_a_store_with_two_hard_links_is_refused(tmp_path):
+    SQLiteStore(tmp_path / "a.sqlite").close()
+    os.link(tmp_path / "a.sqlite", tmp_path / "b.sqlite")
+    with pytest.raises(StoreError, match="2 hard links"):
+        SQLiteStore(tmp_path / "b.sqlite")
+    reader = SQLiteStore(tmp_path / "a.sqlite", readonly=True)  # readers may
+    assert reader.load_locks() == []
+    reader.close()
+
+
 def test_a_store_without_fsync_does_not_preallocate_its_wal(path):
     store = open_store(f"sqlite:///{path}?sync=normal")
     store.claim_authority("test")

@@ -441,6 +441,11 @@ class SQLiteStore:
         self._started = 0
         self._synced = 0
         self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILURES_KEPT)
+        # after a failed fsync: the newest commit before it, and why. Every WAL frame's checksum
+        # chains over the frames before it and recovery stops at the first bad one, so a commit
+        # written after lost frames is lost with them: no later commit counts as durable until
+        # a checkpoint has copied the WAL into the database and synced it (:meth:`_restore`)
+        self._unsafe: tuple[int, str] | None = None
         self._syncing = False  # an fsync is running (one at a time)
         self._flusher: threading.Thread | None = None
         self._closing = False
@@ -678,19 +683,75 @@ class SQLiteStore:
             # never retried for these commits: after a failed fsync Linux may have dropped
             # the dirty pages, so a later fsync does not cover them
             self._failed.append((after, target, str(err)))
+            if self._unsafe is None:
+                self._unsafe = (target, str(err))
         cond.notify_all()
+
+    def _restore(self) -> None:
+        """After a failed fsync: checkpoint the whole WAL into the database and truncate it.
+
+        SQLite syncs the WAL before and the database after a checkpoint (``synchronous=NORMAL``):
+        the database file's pages are new writes, so their sync is a real one. The commits written
+        before it are then durable again.
+
+        Raises:
+            StoreError: the checkpoint did not complete (a reader holds an old snapshot, or the
+                disk still fails).
+        """
+        with self._mutex:  # no commit in between: the checkpoint covers every one written
+            with self._sync_cond:
+                if self._unsafe is None:
+                    return  # another thread restored it meanwhile
+            written = self._written
+            try:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as e:
+                raise StoreError(f"checkpoint of {self.path} failed: {e}") from None
+            if busy:
+                raise StoreError(f"checkpoint of {self.path} did not complete (a reader holds "
+                                 "an old snapshot)")
+        with self._sync_cond:
+            self._unsafe = None
+            self._synced = max(self._synced, written)
+            self._started = max(self._started, written)
+            self._sync_cond.notify_all()
+        log.warning("store %s: the WAL was checkpointed and synced after a failed fsync; "
+                    "commits are durable again", self.path)
+        self._preallocate_wal()  # the truncated WAL would grow on every commit again
 
     def durable(self, token: int) -> None:  # noqa: D102 - see Store
         if self._wal_fd is None:
             return  # sync=normal or read-only: nothing to flush
+        while True:
+            unsafe = self._durable_or_unsafe(token)
+            if unsafe is None:
+                return
+            try:
+                self._restore()
+            except StoreError as e:
+                raise StoreError(
+                    f"cannot flush SQLite store {self.path} to disk: an earlier fsync failed "
+                    f"({unsafe}), and commits after it are not durable until the store is "
+                    f"checkpointed: {e}") from None
+
+    def _durable_or_unsafe(self, token: int) -> str | None:
+        """Wait until commit ``token`` is durable (``None``), or say why it cannot be yet.
+
+        It cannot while an earlier fsync failed, until :meth:`_restore` (the text says why).
+
+        Raises:
+            StoreError: the fsync covering ``token`` failed.
+        """
         with self._sync_cond:
             self._wanted = max(self._wanted, token)
             while True:
                 for after, upto, why in self._failed:
                     if after < token <= upto:
                         raise StoreError(f"cannot flush SQLite store {self.path} to disk: {why}")
+                if self._unsafe is not None and token > self._unsafe[0]:
+                    return self._unsafe[1]
                 if self._synced >= token:
-                    return
+                    return None
                 if self._started < token and not self._syncing:
                     self._fsync_locked()  # the fsync thread has not started it: do it here
                     continue

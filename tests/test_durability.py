@@ -643,6 +643,38 @@ def test_a_failed_fsync_stays_failed_for_the_commits_it_covered(path, monkeypatc
     store.close()
 
 
+def test_after_a_failed_fsync_later_commits_wait_for_a_checkpoint(path, monkeypatch):
+    """A WAL frame's checksum chains over the frames before it: frames lost with a failed fsync
+    take every later commit with them at recovery. So a later commit is durable only once a
+    checkpoint has copied the WAL into the database file and synced it."""
+    store = SQLiteStore(path)
+    store.claim_authority("test")
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(StoreError, match="EIO"):
+        store.durable(store.commit([_held("m1", T0)], [], []))
+    monkeypatch.setattr(os, "fsync", real)
+    t2 = store.commit([_held("m2", T0)], [], [])
+    restore = SQLiteStore._restore
+
+    def checkpoint_fails(self):
+        raise StoreError("checkpoint of the store failed: disk I/O error")
+
+    monkeypatch.setattr(SQLiteStore, "_restore", checkpoint_fails)
+    with pytest.raises(StoreError, match="an earlier fsync failed .*not durable until"):
+        store.durable(t2)  # a good fsync of the WAL is not enough
+    monkeypatch.setattr(SQLiteStore, "_restore", restore)
+    store.durable(t2)  # the checkpoint: the database file itself has both locks, synced
+    copy = path.with_name("main-only.sqlite")
+    copy.write_bytes(path.read_bytes())  # the database file alone, without its WAL
+    reader = SQLiteStore(copy, readonly=True)
+    assert {lk.device for lk in reader.load_locks()} == {"m1", "m2"}
+    reader.close()
+    store.durable(store.commit([_held("m3", T0)], [], []))  # and commits are durable again
+    assert _wal_size(path) >= 32 + WAL_WORKING_PAGES * (24 + 4096)  # the WAL preallocated again
+    store.close()
+
+
 def test_the_fsync_thread_ends_with_the_store(path):
     def fsync_threads():
         return [th for th in threading.enumerate() if th.name == "pvcoord-store-fsync"]

@@ -803,12 +803,16 @@ class LockTable:
         return self._store_error
 
     def check_store(self) -> None:
-        """While the store is failing: try to resynchronise it; clear the error if that works."""
+        """While the store is failing: try to resynchronise it; clear the error if that works.
+
+        Works means also durable: a new (empty) commit must reach stable storage, which after a
+        failed fsync needs the store's checkpoint first (:meth:`pvcoord.store.SQLiteStore.durable`).
+        """
         with self._mutex:
             if self._store_error is None:
                 return
             try:
-                self._resync()
+                self._resync_durable()
             except StoreError as e:
                 self._store_error = str(e)
                 return
@@ -833,6 +837,15 @@ class LockTable:
         log.warning("store disagreed with memory after a store failure (%d to write, %d to "
                     "delete): memory wins", len(upsert), len(delete))
         self.store.commit(upsert, delete, [])
+
+    def _resync_durable(self) -> None:
+        """:meth:`_resync`, then make sure a new commit is durable.
+
+        After a failed fsync the store restores durability first (a checkpoint). Raises
+        StoreError if it cannot.
+        """
+        self._resync()
+        self.store.durable(self.store.commit([], [], []))
 
     def _apply(self, change: _Change) -> None:
         if self._authority_error is not None:

@@ -43,6 +43,42 @@ def stamped(typ: Any, fields: dict[str, Any], ts: float) -> Value:
                                                "nanoseconds": int((ts - sec) * 1e9)}})
 
 
+class ReadOnly(Handler):
+    """Handler of a PV that clients only read: a put or an RPC gets a coded error.
+
+    (Without a handler p4p answers "Put not supported" / "RPC not supported", without the
+    machine-readable code every pvcoord error carries.)
+    """
+
+    @staticmethod
+    def _name(op: Any) -> str:
+        try:
+            return str(op.name())
+        except Exception:  # a wrapped operation without its name
+            return "this PV"
+
+    def put(self, pv: Any, op: Any) -> None:  # noqa: D102 - p4p callback
+        op.done(error=error_text(ErrorCode.BAD_ARGUMENT, f"{self._name(op)} is read-only: it "
+                                 "shows the IOC's state; change that through the IOC's RPCs"))
+
+    def rpc(self, pv: Any, op: Any) -> None:  # noqa: D102 - p4p callback
+        op.done(error=error_text(ErrorCode.BAD_ARGUMENT,
+                                 f"{self._name(op)} is not an RPC: read it with get or monitor"))
+
+
+READ_ONLY = ReadOnly()
+"""The one :class:`ReadOnly` handler (it keeps no state): pass it as ``handler=`` to a thread or
+asyncio ``SharedPV``."""
+
+
+def read_only_pv(**kws: Any) -> SharedPV:
+    """A p4p thread ``SharedPV`` whose puts and RPCs are refused with a code (:class:`ReadOnly`).
+
+    ``kws``: ``nt=``, ``wrap=``, ``initial=`` as for ``SharedPV``.
+    """
+    return SharedPV(handler=READ_ONLY, **kws)
+
+
 def prebuilt(value: Value, **_kws: Any) -> Value:
     """SharedPV ``wrap=`` for PVs posted only prebuilt Values (:func:`stamped`): no conversion."""
     return value
@@ -249,5 +285,5 @@ def add_process_info(
     start = nt_d.wrap(started, timestamp=now)
     start["display.units"] = info.start_time.units
     provider.add(info.version.name(prefix),
-                 SharedPV(nt=nt_s, initial=nt_s.wrap(pvcoord_version(), timestamp=now)))
-    provider.add(info.start_time.name(prefix), SharedPV(nt=nt_d, initial=start))
+                 read_only_pv(nt=nt_s, initial=nt_s.wrap(pvcoord_version(), timestamp=now)))
+    provider.add(info.start_time.name(prefix), read_only_pv(nt=nt_d, initial=start))

@@ -500,7 +500,7 @@ def test_fuzz_every_rpc_and_pv_no_crash_no_change(tmp_path):
                     spec = rnd.choice(rpcs)
                     req = _fuzz_request(rnd)
                     r = cc.rpc(spec.name(PREFIX), req, timeout=CLIENT_TIMEOUT, throw=False)
-                    if not isinstance(r, RemoteError):
+                    if not isinstance(r, RemoteError) or code_of(str(r)) is None:
                         wrong.append(f"{spec.suffix} {req} -> {r!r}")
                     answered[i] += 1
                     target = rnd.choice(others)
@@ -508,8 +508,12 @@ def test_fuzz_every_rpc_and_pv_no_crash_no_change(tmp_path):
                     try:
                         cc.put(name, PUT_VALUES[target.kind], timeout=CLIENT_TIMEOUT)
                         wrong.append(f"put {name} accepted")
-                    except RemoteError:
-                        pass  # refused by the IOC
+                    except RemoteError as e:  # refused by the IOC, with a code
+                        if code_of(str(e)) is not ErrorCode.BAD_ARGUMENT:
+                            wrong.append(f"put {name}: {e}")
+                    r = cc.rpc(name, req, timeout=CLIENT_TIMEOUT, throw=False)  # not an RPC
+                    if code_of(str(r)) is not ErrorCode.BAD_ARGUMENT:
+                        wrong.append(f"rpc {name}: {r!r}")
 
         threads = [threading.Thread(target=flood, args=(i,)) for i in range(n_threads)]
         for th in threads:
@@ -553,7 +557,7 @@ def test_fuzz_registry_lookup_and_pvs_no_crash_no_change(tmp_path):
             for _ in range(n):
                 req = _fuzz_request(rnd)
                 r = c.rpc(lookup, req, timeout=CLIENT_TIMEOUT, throw=False)
-                if not isinstance(r, RemoteError):
+                if not isinstance(r, RemoteError) or code_of(str(r)) is None:
                     wrong.append(f"Lookup {req} -> {r!r}")
                 target = rnd.choice(others)
                 try:
@@ -561,8 +565,9 @@ def test_fuzz_registry_lookup_and_pvs_no_crash_no_change(tmp_path):
                             else target.name(PREFIX))
                     c.put(name, PUT_VALUES[target.kind], timeout=CLIENT_TIMEOUT)
                     wrong.append(f"put {target.suffix} accepted")
-                except RemoteError:
-                    pass
+                except RemoteError as e:  # refused by the IOC, with a code
+                    if code_of(str(e)) is not ErrorCode.BAD_ARGUMENT:
+                        wrong.append(f"put {target.suffix}: {e}")
             after = c.get(pvn.REGISTRY_DEVICES.name(PREFIX), timeout=CLIENT_TIMEOUT)
         assert reg.alive(), reg.output()[-3000:]
         assert wrong == []

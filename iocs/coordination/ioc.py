@@ -163,13 +163,13 @@ class CoordinationIOC:
         self._locks_nt = NTTable(pvn.LOCKS_COLUMNS, extra=_SEQ_FIELDS)
         self._changes_nt = NTTable(pvn.LOCK_CHANGES_COLUMNS, extra=_SEQ_FIELDS)
         self._events_nt = NTTable(pvn.EVENTS_COLUMNS)
-        self.pv_locks = self._add(pvn.COORD_LOCKS, SharedPV(
+        self.pv_locks = self._add(pvn.COORD_LOCKS, pvutil.read_only_pv(
             initial=self._seq_value(pvutil.table_value(
                 self._locks_nt, pvn.LOCKS_COLUMNS, [], now), 0)))
-        self.pv_changes = self._add(pvn.COORD_LOCK_CHANGES, SharedPV(
+        self.pv_changes = self._add(pvn.COORD_LOCK_CHANGES, pvutil.read_only_pv(
             initial=self._seq_value(pvutil.table_value(
                 self._changes_nt, pvn.LOCK_CHANGES_COLUMNS, [], now), 0)))
-        self.pv_events = self._add(pvn.COORD_EVENTS, SharedPV(
+        self.pv_events = self._add(pvn.COORD_EVENTS, pvutil.read_only_pv(
             initial=pvutil.table_value(self._events_nt, pvn.EVENTS_COLUMNS, [], now)))
         self.pv_last_event = self._add(pvn.COORD_LAST_EVENT, self._scalar("s", ""))
         self.pv_lock_count = self._add(pvn.COORD_LOCK_COUNT, self._scalar("i", 0))
@@ -222,7 +222,7 @@ class CoordinationIOC:
         v = nt.wrap(initial, timestamp=time.time())
         if units:
             v["display.units"] = units
-        return SharedPV(nt=nt, wrap=pvutil.prebuilt, initial=v)
+        return pvutil.read_only_pv(nt=nt, wrap=pvutil.prebuilt, initial=v)
 
     @staticmethod
     def _post(pv: SharedPV, value: object, ts: float) -> None:
@@ -238,7 +238,7 @@ class CoordinationIOC:
             return
         now = time.time()
         enum = NTEnum()
-        state = SharedPV(nt=enum, wrap=pvutil.prebuilt, initial=enum.wrap(
+        state = pvutil.read_only_pv(nt=enum, wrap=pvutil.prebuilt, initial=enum.wrap(
             {"index": 0, "choices": list(pvn.DEVICE_STATES)}, timestamp=now))
         pvs = {
             "state": self._add(pvn.COORD_DEVICE_STATE, state, device),

@@ -108,7 +108,7 @@ class QueuePVs:
             initial["display.description"] = spec.description[:120]
             if spec.units:
                 initial["display.units"] = spec.units
-        served.pv = SharedPV(initial=initial)
+        served.pv = SharedPV(handler=pvutil.READ_ONLY, initial=initial)
         self._pvs[spec.suffix] = served
         self.provider.add(spec.name(self.prefix), served.pv)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from p4p import Type
+from p4p import Type, Value
 from p4p.client.asyncio import Context, Disconnected, RemoteError
 from p4p.nt import NTScalar, NTTable
 from p4p.server import Server, StaticProvider
@@ -42,6 +42,11 @@ def lookup_handler(state: RegistryState) -> pvutil.RPC:
     )
 
 
+def _read_only(initial: Value) -> SharedPV:
+    """An asyncio SharedPV clients only read (puts and RPCs refused with a code)."""
+    return SharedPV(handler=pvutil.READ_ONLY, initial=initial)
+
+
 class RegistryIOC:
     """Every PV of the registry IOC for one prefix, served by ``self.provider``.
 
@@ -59,9 +64,9 @@ class RegistryIOC:
         now = time.time()
         self._devices_nt = NTTable(list(pvn.DEVICES_COLUMNS))
         self._pvs_nt = NTTable(list(pvn.REGISTRY_DEVICE_PVS.columns))
-        self.pv_devices = self._add(pvn.REGISTRY_DEVICES, SharedPV(initial=pvutil.table_value(
+        self.pv_devices = self._add(pvn.REGISTRY_DEVICES, _read_only(pvutil.table_value(
             self._devices_nt, pvn.DEVICES_COLUMNS, self.state.device_rows(), now)))
-        self.pv_device_pvs = self._add(pvn.REGISTRY_DEVICE_PVS, SharedPV(initial=pvutil.table_value(
+        self.pv_device_pvs = self._add(pvn.REGISTRY_DEVICE_PVS, _read_only(pvutil.table_value(
             self._pvs_nt, pvn.REGISTRY_DEVICE_PVS.columns, self.state.pv_rows(), now)))
         self.pv_names = self._add(pvn.REGISTRY_NAMES, self._scalar("as", self.state.names()))
         self.pv_connected = self._add(pvn.REGISTRY_CONNECTED, self._scalar("i", 0))
@@ -71,7 +76,7 @@ class RegistryIOC:
         signals_nt = NTTable(list(pvn.SIGNALS_COLUMNS))
         self.pv_signals: dict[str, SharedPV] = {}
         for name in self.state.names():
-            self.pv_signals[name] = SharedPV(initial=pvutil.table_value(
+            self.pv_signals[name] = _read_only(pvutil.table_value(
                 signals_nt, pvn.SIGNALS_COLUMNS, self.state.signal_rows(name), now))
             self.provider.add(pvn.REGISTRY_DEVICE_SIGNALS.name(self.prefix, device=name),
                               self.pv_signals[name])
@@ -83,7 +88,8 @@ class RegistryIOC:
     @staticmethod
     def _scalar(code: str, initial: object) -> SharedPV:
         nt = NTScalar(code)
-        return SharedPV(nt=nt, initial=nt.wrap(initial, timestamp=time.time()))
+        return SharedPV(handler=pvutil.READ_ONLY, nt=nt,
+                        initial=nt.wrap(initial, timestamp=time.time()))
 
     def apply_check(self, answered: dict[str, bool]) -> set[str]:
         """Record a connectivity check; publish ``Devices`` and ``Connected`` if a flag changed."""

@@ -901,3 +901,14 @@ def test_every_lock_a_request_can_make_survives_validation_on_reload(path, clock
     t2 = table_on(path, clocks)
     assert t2.load_problems == []
     assert [(lk.device, lk.owner) for lk in t2.locks()] == [("m1", "Jöhn Smith"), ("m2", "root")]
+
+
+def test_the_default_store_is_in_the_working_directory(tmp_path, monkeypatch):
+    from iocs.coordination.__main__ import default_store
+
+    monkeypatch.chdir(tmp_path)
+    path = default_store("BL01:ES2:")
+    assert path == str(tmp_path / "pvcoord-BL01_ES2.sqlite")  # not /pvcoord-BL01_ES2.sqlite
+    store = open_store(path)
+    assert store.path == tmp_path / "pvcoord-BL01_ES2.sqlite"
+    store.close()

@@ -68,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def default_store(prefix: str) -> str:
+    """The store without ``--store``: ``./pvcoord-<prefix>.sqlite`` in the working directory.
+
+    (As an absolute path: ``sqlite:///pvcoord-P.sqlite`` would name ``/pvcoord-P.sqlite``.)
+    """
+    return os.path.abspath(f"pvcoord-{prefix.strip(':').replace(':', '_')}.sqlite")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the IOC until SIGTERM/SIGINT; return the exit status."""
     a = parse_args(argv)
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.store and a.store != os.environ.get("PVCOORD_STORE") and redact_url(a.store) != a.store:
         log.warning("--store names a password on the command line (visible in the process "
                     "list): set $PVCOORD_STORE instead")
-    url = a.store or f"sqlite:///{'pvcoord-' + a.prefix.strip(':').replace(':', '_')}.sqlite"
+    url = a.store or default_store(a.prefix)
     who = authority_text(a.prefix)
     try:
         store = open_store(url, namespace=a.prefix, allow_nondurable=a.allow_nondurable_store)

@@ -278,6 +278,36 @@ CREATE TABLE IF NOT EXISTS notices (id TEXT PRIMARY KEY, data TEXT NOT NULL) WIT
 CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 """
 
+_TABLES = {
+    "locks": ("device", ("device", "data")),
+    "events": ("id", ("id", "time", "action", "device", "lock_type", "actor", "holder", "message")),
+    "notices": ("id", ("id", "data")),
+    "requests": ("id", ("id", "data")),
+}
+"""Each table of the schema: its primary key and the columns the store reads and writes."""
+
+
+def _schema_problem(db: sqlite3.Connection) -> str | None:
+    """What makes an existing database unusable as a store (``None`` if nothing).
+
+    ``CREATE TABLE IF NOT EXISTS`` keeps a table of the same name whatever its shape: a ``locks``
+    without its primary key holds two rows of one device (one wins at load, silently), a view
+    fails every write. Extra columns and tables are tolerated.
+    """
+    for name, (key, columns) in _TABLES.items():
+        row = db.execute("SELECT type FROM sqlite_master WHERE name=?", (name,)).fetchone()
+        if row is None or row[0] != "table":
+            return f"{name} is {'missing' if row is None else 'a ' + str(row[0])}, not a table"
+        info = db.execute(f"PRAGMA table_info({name})").fetchall()  # cid, name, type, nn, dflt, pk
+        have = {str(r[1]) for r in info}
+        missing = [c for c in columns if c not in have]
+        if missing:
+            return f"table {name} has no column {', '.join(missing)}"
+        pk = [str(r[1]) for r in sorted(info, key=lambda r: r[5]) if r[5]]
+        if pk != [key]:
+            return f"table {name}'s primary key is {pk or 'missing'}, not ({key})"
+    return None
+
 
 def _event_row(e: LockEvent) -> tuple:
     return (
@@ -470,6 +500,12 @@ class SQLiteStore:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
                 self._db.commit()
+                problem = _schema_problem(self._db)
+                if problem is not None:
+                    self._db.close()
+                    raise StoreError(
+                        f"SQLite store {self.path} is not a pvcoord store of this version: "
+                        f"{problem}; move it aside (its locks are not loaded)")
                 if sync == "full":
                     self._open_wal()
         except sqlite3.Error as e:

@@ -912,3 +912,18 @@ def test_the_default_store_is_in_the_working_directory(tmp_path, monkeypatch):
     store = open_store(path)
     assert store.path == tmp_path / "pvcoord-BL01_ES2.sqlite"
     store.close()
+
+
+@pytest.mark.parametrize(("schema", "why"), [
+    ("CREATE TABLE locks (device TEXT, data TEXT)", "primary key is missing"),
+    ("CREATE TABLE x (a); CREATE VIEW locks AS SELECT a AS device, a AS data FROM x",
+     "locks is a view"),
+    ("CREATE TABLE locks (device TEXT PRIMARY KEY)", "has no column data"),
+])
+def test_a_database_of_another_shape_is_refused_not_half_used(path, schema, why):
+    """``CREATE TABLE IF NOT EXISTS`` kept any table named locks: one without a primary key held
+    two rows of m1 (one won at load, silently), a view failed every change."""
+    with sqlite3.connect(path) as db:
+        db.executescript(schema)
+    with pytest.raises(StoreError, match=f"not a pvcoord store of this version: .*{why}"):
+        SQLiteStore(path)

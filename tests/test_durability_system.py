@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
 import sqlite3
 import subprocess
 import textwrap
@@ -94,13 +96,27 @@ def test_second_ioc_on_the_same_store_or_prefix_refuses_naming_the_first(tmp_pat
         assert rc == 2, out
         assert "another coordination IOC already writes the store" in out
         assert f"pid {first.pid} on" in out
-        # same prefix, another store: the PVA name check names the first
+        # same prefix, another store, this host: the host's prefix claim names the first
         d2 = tmp_path / "b"
         d2.mkdir()
         rc, out = run_to_exit(env, d2, "second-same-prefix", "--name-check-timeout", "3")
         assert rc == 2, out
-        assert f"another coordination IOC already serves {PREFIX}Coord:*" in out
+        assert f"another coordination IOC already serves {PREFIX}Coord:* on this host" in out
         assert f"pid {first.pid} on" in out
+        # ... served on another search port, but its clients reach the first: the PVA name check
+        apart = dict(env, EPICS_PVAS_BROADCAST_PORT=str(free_port(socket.SOCK_DGRAM)))
+        rc, out = run_to_exit(apart, d2, "second-other-port", "--name-check-timeout", "3")
+        assert rc == 2, out
+        assert f"another coordination IOC already serves {PREFIX}Coord:* (" in out
+        assert f"pid {first.pid} on" in out
+        # ... while the first is stopped (SIGSTOP: no PVA answer): the claim still holds
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            rc, out = run_to_exit(env, d2, "second-while-stopped", "--name-check-timeout", "1")
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        assert rc == 2, out
+        assert f"pid {first.pid} (it does not answer: stopped?)" in out
         assert first.alive()
         assert health(env) == "OK"
     finally:

@@ -15,7 +15,14 @@ from pvdb.redact import redact_url
 
 from ..pvutil import setup_logging
 from . import __doc__ as DOC  # noqa: N812 - the module docstring is the help text
-from .ioc import NAME_CHECK_TIMEOUT, AuthorityClashError, roles_of, serve
+from .ioc import (
+    NAME_CHECK_TIMEOUT,
+    AuthorityClashError,
+    PrefixClaim,
+    roles_of,
+    search_port,
+    serve,
+)
 from .locktable import LockTable
 
 log = logging.getLogger("iocs.coordination")
@@ -108,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(store, "sync", "full") == "normal":
         log.warning("store %s: sync=normal, no fsync before the reply; a granted lock may be lost "
                     "in a power cut of this host", store.url)
+    claim = None
+    if a.name_check_timeout > 0:
+        try:  # this host first: answers even when the first IOC cannot (stopped, busy)
+            claim = PrefixClaim(a.prefix, search_port(), who)
+        except AuthorityClashError as e:
+            store.close()
+            print(f"refusing to start: {e}", file=sys.stderr)
+            return 2
     devices = None
     if a.devices is not None:
         devices = [d.strip() for d in a.devices.split(",") if d.strip()]
@@ -128,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         store.close()
+        if claim is not None:
+            claim.close()
     log.info("stopped")
     return 0
 

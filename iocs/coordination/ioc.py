@@ -10,7 +10,10 @@ import array
 import asyncio
 import bisect
 import functools
+import hashlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -69,6 +72,102 @@ def _nt_scalar(code: str, display: bool) -> NTScalar:
 
 class AuthorityClashError(RuntimeError):
     """Another coordination IOC already serves this prefix; ``str(e)`` names it."""
+
+
+class PrefixClaim:
+    """This host's claim on a prefix, held for the life of the process.
+
+    A listening abstract Unix socket named after the prefix and the PVA search port: the kernel
+    frees it with the process (``kill -9`` included); a stopped process still holds it.
+
+    The PVA name check (:func:`check_no_other_authority`) asks the network and gets no answer
+    from an IOC that is stopped (SIGSTOP, a debugger) or too busy to answer within its timeout; a
+    second IOC on that prefix then started. This claim does not depend on an answer. It covers
+    IOCs on one host (one network namespace); the name check covers the others. A connection
+    to the socket reads the holder's :func:`pvcoord.store.authority_text`.
+
+    Raises:
+        AuthorityClashError: another process on this host holds the claim (named by its text,
+            or by its pid from ``/proc`` when it does not answer).
+    """
+
+    def __init__(self, prefix: str, port: str, who: str) -> None:
+        digest = hashlib.sha256(prefix.encode()).hexdigest()[:32]  # any prefix fits the name
+        self.name = f"\0pvcoord-coordination/{port}/{digest}".encode()
+        self.who = who.encode()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.bind(self.name)
+        except OSError:
+            self._sock.close()
+            raise AuthorityClashError(
+                f"another coordination IOC already serves {prefix}Coord:* on this host (PVA "
+                f"search port {port}): {self._first()}; stop it first: one authority per "
+                "prefix") from None
+        self._sock.listen(8)
+        threading.Thread(target=self._answer, name="pvcoord-prefix-claim", daemon=True).start()
+
+    def _answer(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    conn.settimeout(1.0)
+                    conn.sendall(self.who)
+                except OSError:
+                    pass
+
+    def _first(self) -> str:
+        """The holder's text, or its pid (from /proc) when it does not answer within 1 s."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(self.name)
+                text = s.recv(512).decode("utf-8", "replace").strip()
+                if text:
+                    return text
+            except OSError:
+                pass
+        pid = _abstract_socket_owner(self.name)
+        return f"pid {pid if pid is not None else 'unknown'} (it does not answer: stopped?)"
+
+    def close(self) -> None:
+        """Give the claim up."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def _abstract_socket_owner(name: bytes) -> int | None:
+    """The pid holding the listening abstract Unix socket ``name`` (``/proc``), or None."""
+    shown = "@" + name[1:].decode()
+    try:
+        with open("/proc/net/unix") as f:
+            inodes = {parts[6] for line in f if len(parts := line.split()) >= 8
+                      and parts[7] == shown}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        return int(pid)
+            except OSError:
+                continue
+    except OSError:
+        return None
+    return None
+
+
+def search_port(conf: dict[str, str] | None = None) -> str:
+    """The PVA search (broadcast) port a server with ``conf`` (``None``: the environment) uses."""
+    src = conf if conf is not None else os.environ
+    return (src.get("EPICS_PVAS_BROADCAST_PORT") or src.get("EPICS_PVA_BROADCAST_PORT")
+            or "5076")
 
 
 def check_no_other_authority(prefix: str, client_conf: dict[str, str] | None,

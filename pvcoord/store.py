@@ -114,9 +114,10 @@ class OutcomeUnknownError(StoreError):
 class BadRow:
     """A stored lock row that does not parse: its key, the start of its data, and why.
 
-    ``raw`` is the key's bytes as stored (from a store's load): the row is deleted by them, so
-    a key that is not UTF-8 text (or, in SQLite, a BLOB) is deleted too. ``key`` is then the
-    key as text, undecodable bytes replaced, for the report.
+    ``raw`` is set when the stored key is not UTF-8 text (undecodable bytes, or in SQLite a BLOB
+    or a number): its bytes as stored, by which the row is deleted; ``key`` is then the key as
+    text, undecodable bytes replaced, for the report. A row with a text key has ``raw=None`` and
+    is deleted by ``key``.
     """
 
     key: str
@@ -294,6 +295,9 @@ def _schema_problem(db: sqlite3.Connection) -> str | None:
     without its primary key holds two rows of one device (one wins at load, silently), a view
     fails every write. Extra columns and tables are tolerated.
     """
+    encoding = str(db.execute("PRAGMA encoding").fetchone()[0])
+    if encoding != "UTF-8":  # the rows are read as their bytes and decoded as UTF-8
+        return f"its text encoding is {encoding}, not UTF-8"
     for name, (key, columns) in _TABLES.items():
         row = db.execute("SELECT type FROM sqlite_master WHERE name=?", (name,)).fetchone()
         if row is None or row[0] != "table":
@@ -359,12 +363,15 @@ def _parse_rows(rows: Iterable[tuple[bytes, str | None, bytes, str | None]]
     """
     good: list[Lock] = []
     bad: list[BadRow] = []
-    for raw, key, raw_data, text in rows:
-        if key is None or text is None:
-            what = "key" if key is None else "data"
-            bad.append(BadRow(raw.decode("utf-8", "replace"),
+    for raw_key, key, raw_data, text in rows:
+        if key is None:
+            bad.append(BadRow(raw_key.decode("utf-8", "replace"),
                               raw_data[:200].decode("utf-8", "replace"),
-                              f"the row's {what} is not UTF-8 text", raw))
+                              "the row's key is not UTF-8 text", raw_key))
+            continue
+        if text is None:
+            bad.append(BadRow(key, raw_data[:200].decode("utf-8", "replace"),
+                              "the row's data is not UTF-8 text"))
             continue
         try:
             lk = Lock.model_validate_json(text)
@@ -372,12 +379,11 @@ def _parse_rows(rows: Iterable[tuple[bytes, str | None, bytes, str | None]]
             first = e.errors()[0] if isinstance(e, ValidationError) else {
                 "msg": f"{type(e).__name__}: {str(e)[:100]}"}
             where = ".".join(str(x) for x in first.get("loc", ())) or "row"
-            bad.append(BadRow(key, text[:200], f"{where}: {first.get('msg', 'invalid')}"[:200],
-                              raw))
+            bad.append(BadRow(key, text[:200], f"{where}: {first.get('msg', 'invalid')}"[:200]))
             continue
         if lk.device != key:
             bad.append(BadRow(key, text[:200], f"row key {key[:64]!r} is not its device "
-                              f"{lk.device[:64]!r}", raw))
+                              f"{lk.device[:64]!r}"))
             continue
         good.append(lk)
     return sorted(good, key=lambda x: x.device), bad
@@ -387,11 +393,28 @@ def _id_rows(rows: Iterable[tuple[bytes, str | None, bytes, str | None]]
              ) -> list[tuple[str | bytes, str]]:
     """(id, data) rows as stored -> ``(id, text)``.
 
-    ``(id's bytes, "")`` where either is not UTF-8 text: the caller rejects the row and deletes
-    it by those bytes.
+    ``(id's bytes, "")`` where the id is not UTF-8 text (deleted by those bytes), ``(id, "")``
+    where only the data is not: the caller rejects the row.
     """
-    return [(rid, text) if rid is not None and text is not None else (raw, "")
+    return [(rid, text if text is not None else "") if rid is not None else (raw, "")
             for raw, rid, _, text in rows]
+
+
+def _delete_raw(db: sqlite3.Connection, table: str, col: str, keys: list[bytes]) -> None:
+    """Delete the rows of ``table`` whose key ``col`` is not UTF-8 text, by its stored bytes.
+
+    A key whose bytes are UTF-8 is a BLOB or a number (a TEXT key with those bytes is another,
+    valid row: ``typeof`` keeps it); one whose bytes are not is TEXT or BLOB that no valid row
+    has. One scan per 500 keys (the CAST defeats the key's index; such rows exist only where
+    someone wrote them).
+    """
+    decodable = [k for k in keys if _utf8(k) is not None]
+    other = [k for k in keys if _utf8(k) is None]
+    for group, extra in ((decodable, f" AND typeof({col}) <> 'text'"), (other, "")):
+        for i in range(0, len(group), 500):
+            chunk = group[i:i + 500]
+            db.execute(f"DELETE FROM {table} WHERE CAST({col} AS BLOB) IN "
+                       f"({','.join('?' * len(chunk))}){extra}", chunk)
 
 
 def _split_keys(keys: Iterable[str | bytes]) -> tuple[list[tuple[str]], list[tuple[bytes]]]:
@@ -628,9 +651,7 @@ class SQLiteStore:
                     for table, col, raw in (("locks", "device", raw_dels),
                                             ("notices", "id", raw_note_dels),
                                             ("requests", "id", raw_req_dels)):
-                        if raw:  # bad rows, by their stored bytes (text or BLOB)
-                            self._db.executemany(
-                                f"DELETE FROM {table} WHERE CAST({col} AS BLOB)=?", raw)
+                        _delete_raw(self._db, table, col, [k for (k,) in raw])
                     if dels:
                         self._db.executemany("DELETE FROM locks WHERE device=?", dels)
                     if ups:

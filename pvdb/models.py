@@ -58,6 +58,8 @@ class EventAction(StrEnum):
     EXPIRED = "expired"
     REFUSED = "refused"
     FORCE_RELEASED = "force-released"
+    CLOCK_STEP = "clock-step"
+    """The wall clock stepped while the IOC ran: the locks' wall-clock times were shifted."""
 
 
 class Lock(BaseModel):

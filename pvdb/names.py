@@ -184,7 +184,7 @@ COORD_FORCE_RELEASE = PVSpec(
 COORD_EVENTS = PVSpec(
     "coordination", "Coord:Events", PVKind.NTTABLE,
     "Audit tail: the last actions (acquired, renewed, released, preempted, expired, refused, "
-    "force-released), oldest first.",
+    "force-released, clock-step), oldest first.",
     columns=EVENTS_COLUMNS,
 )
 COORD_LAST_EVENT = PVSpec(

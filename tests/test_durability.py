@@ -471,6 +471,60 @@ def test_redis_rows_that_are_not_text_or_nest_deeply_are_rejected_and_deleted(tm
         proc.stop()
 
 
+def test_a_bad_blob_key_row_does_not_take_the_text_row_of_its_device_with_it(path, clocks):
+    """TEXT 'm1' and BLOB x'6d31' are two rows: deleting the bad one by its bytes must not match
+    the good one."""
+    _raw_rows(path, {"m1": json.dumps(_lock("m1", reason="kept"))})
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO locks VALUES (?, 'junk')", (b"m1",))
+        db.execute("INSERT INTO notices VALUES (?, 'junk')", (b"key:" + b"5" * 64,))
+    t = table_on(path, clocks)
+    assert [(lk.device, lk.reason) for lk in t.locks()] == [("m1", "kept")]
+    assert t.rows_rejected == 2
+    t.store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT typeof(device), count(*) FROM locks").fetchall() == [("text", 1)]
+        assert db.execute("SELECT count(*) FROM notices").fetchone()[0] == 0
+    assert [lk.reason for lk in table_on(path, clocks).locks()] == ["kept"]
+
+
+def test_a_step_while_running_then_a_restart_keeps_the_leases(path, clocks):
+    """The step while running is an event at the new clock: the restart does not take the
+    events before it as a step while down (decision 0185)."""
+    t = table_on(path, clocks)
+    t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 600)
+    clocks.advance(10)
+    clocks.wall -= 3600  # NTP steps back while the IOC runs
+    assert t.expire() == []  # followed: shifted, with a clock-step event
+    assert [e.action for e in t.store.recent_events(1)] == [EventAction.CLOCK_STEP]
+    t.store.close()
+    clocks.advance(5)
+    clocks.mono = 5.0
+    t2 = table_on(path, clocks)
+    assert [t2.remaining(lk) for lk in t2.locks()] == [pytest.approx(585)]
+    assert t2.startup_events == []
+
+
+def test_a_bad_notice_row_does_not_hide_a_step_while_down(path, clocks):
+    t = table_on(path, clocks)
+    t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)
+    t.store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO notices VALUES ('garbage', '{}')")  # rejected at the next start
+    clocks.wall -= 3600
+    clocks.mono = 5.0
+    t2 = table_on(path, clocks)
+    assert [lk.device for lk in t2.locks()] == ["m1"] and t2.rows_rejected == 1
+
+
+def test_a_utf16_database_is_refused(path):
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA encoding='UTF-16le'")
+        db.execute("CREATE TABLE t (a)")
+    with pytest.raises(StoreError, match="encoding is UTF-16le, not UTF-8"):
+        SQLiteStore(path)
+
+
 def test_a_lock_granted_under_a_host_bound_policy_survives_a_restart(path, clocks):
     policy = parse_policy('[lock_types.MANUAL_OPERATOR]\nallow = ["alice@10.0.0.1"]\n'
                           "default_lease = 300\nmax_lease = 3600\n")
@@ -699,6 +753,14 @@ def test_fsync_failure_is_an_error_naming_the_store(path, clocks, monkeypatch):
         t.durable()
     assert e.value.audited
     assert "Input/output error" in (t.store_error or "")
+    monkeypatch.undo()  # the disk works again
+    t.store.claim_authority("test")  # (table_on's store has no fsync fd before its claim)
+    t.check_store()  # a new commit made durable (after the store's checkpoint): cleared ...
+    assert t.store_error is None
+    t.flush()  # ... and the tick's flush does not set it again (it waited on the failed one)
+    assert t.store_error is None
+    assert t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60).granted
+    t.durable()
 
 
 # --- one authority ------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def test_an_audited_claimed_account_is_bounded(table):
     # where such a run starts: linear; benchmarks, not tests, time things)
     assert redact(f"x {long}y://u:p@h") == f"x {long}y://u:***@h"
     assert redact(f"{long} redis://:pw@h") == f"{long} redis://:***@h"
+    assert redact("...redis://:secret@h:6379/0") == "...redis://:***@h:6379/0"
+    assert redact("n=1-redis://:secret@h") == "n=1-redis://:***@h"
 
 
 def test_a_claimed_account_that_is_not_utf8_is_a_malformed_request():

@@ -213,6 +213,11 @@ def test_audit_records_every_action_without_keys(table, store_url, clock):
     table.expire()
     table.acquire(ALICE, ["m3"], LockType.MANUAL_OPERATOR, 60)
     table.force_release(Identity("root", "h"), ["m3"])
+    table.acquire(ALICE, ["m3"], LockType.MANUAL_OPERATOR, 60)
+    mono = table.monotonic()
+    table.monotonic = lambda: mono  # the wall clock steps against the monotonic one
+    clock.t += 3600
+    table.expire()
     actions = [e.action for e in table.store.recent_events(100)]
     for a in EventAction:
         assert a in actions, a

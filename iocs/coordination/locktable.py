@@ -580,13 +580,12 @@ class LockTable:
         return [LockEvent(time=self.clock(), action=EventAction.REFUSED, device="?",
                           actor="pvcoord", message=f"{line}: rejected at start and deleted")]
 
-    def _load_outcomes(self) -> list[LockEvent]:
+    def _load_outcomes(self, now: float) -> list[LockEvent]:
         """Reload the stored request outcomes younger than :data:`REQUEST_WINDOW`.
 
         The newest :data:`REQUESTS_KEPT` are kept; bad, old and surplus rows are deleted (bad
-        ones logged).
+        ones reported). ``now``: the restart's reference time (:meth:`_restart_reference`).
         """
-        now = self.clock()
         loaded: list[tuple[float, str, Outcome]] = []
         bad: list[str | bytes] = []
         old: list[str] = []
@@ -623,11 +622,11 @@ class LockTable:
         audit event where the clock is behind it (stepped back while the IOC was down); the
         loaded locks' times are then shifted into the clock's present and rewritten.
         """
-        reported = self._load_notices() + self._load_outcomes()
-        good, bad = self.store.load_rows()
         now = self.clock()
-        ref = self._restart_reference(now)
+        ref = self._restart_reference(now)  # before any commit here adds a newer event
         back = ref - now
+        reported = self._load_notices() + self._load_outcomes(ref)
+        good, bad = self.store.load_rows()
         shifted: list[Lock] = []
         for lk in good:
             why = self._check_loaded(lk, ref)
@@ -845,7 +844,9 @@ class LockTable:
         StoreError if it cannot.
         """
         self._resync()
-        self.store.durable(self.store.commit([], [], []))
+        token = self.store.commit([], [], [])
+        self.store.durable(token)
+        self._last_token = max(self._last_token, token)  # the tick's flush waits for this one
 
     def _apply(self, change: _Change) -> None:
         if self._authority_error is not None:
@@ -853,7 +854,7 @@ class LockTable:
                             f"{self._authority_error}")
         try:
             if self._store_error is not None:
-                self._resync()
+                self._resync_durable()
             pops, evict, writes = self._notice_plan(change)
             gone, req_writes = self._outcome_plan(change)
             token = self.store.commit(change.upsert, change.delete, change.events,
@@ -1417,8 +1418,15 @@ class LockTable:
         shifted = [lk.model_copy(update={"acquired": lk.acquired + step,
                                          "expires": lk.expires + step})
                    for lk in self._locks.values()]
+        # an event at the new clock: a restart takes the newest event as the clock's lower bound
+        # (decision 0185), and one written before the step would read as a step while down
+        event = LockEvent(
+            time=self.clock(), action=EventAction.CLOCK_STEP,
+            device=",".join(sorted(lk.device for lk in shifted))[:256], actor="pvcoord",
+            message=f"the wall clock stepped by {step:+.1f} s: {len(shifted)} lease(s) keep "
+                    "their remaining time, their wall-clock times shifted")
         try:
-            self._last_token = max(self._last_token, self.store.commit(shifted, [], []))
+            self._last_token = max(self._last_token, self.store.commit(shifted, [], [event]))
         except StoreError as e:
             self._offset -= step  # try again at the next tick
             log.error("could not rewrite the shifted lease times: %s", e)
@@ -1426,7 +1434,7 @@ class LockTable:
         for lk in shifted:  # same monotonic deadline, new wall-clock times
             self._locks[lk.device] = lk
         if self.listener is not None:
-            self.listener({lk.device for lk in shifted}, [])
+            self.listener({lk.device for lk in shifted}, [event])
 
     def expire(self, now: float | None = None, reason: str = "") -> list[LockEvent]:
         """Drop every lock whose lease has run out; return the ``expired`` events.

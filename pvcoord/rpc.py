@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pvdb.devicemap import DeviceMap
 from pvdb.lockmodel import ErrorCode, new_request_id, parse_error_text, request_id_problem
-from pvdb.models import DeviceSignal, LockEvent, LockType
+from pvdb.models import DeviceSignal, EventAction, LockEvent, LockType
 from pvdb.names import (
     ACQUIRE_ARGS,
     COORD_ACQUIRE,
@@ -451,9 +451,15 @@ def parse_locks(value: Any) -> list[LockInfo]:
 
 
 def parse_events(value: Any) -> list[LockEvent]:
-    """Rows of ``Coord:Events`` as :class:`pvdb.models.LockEvent`, oldest first."""
+    """Rows of ``Coord:Events`` as :class:`pvdb.models.LockEvent`, oldest first.
+
+    A row whose action this client does not know (a newer IOC's) is skipped, not an error.
+    """
     out = []
+    known = {a.value for a in EventAction}
     for r in table_rows(value):
+        if r.get("action") not in known and isinstance(r.get("action"), str):
+            continue
         try:
             out.append(
                 LockEvent(

@@ -209,8 +209,9 @@ class Store(Protocol):
     def load_notices(self) -> list[tuple[str | bytes, str]]:
         """Every stored notice as ``(id, JSON text)``, in no particular order (the JSON has a time).
 
-        The rows are untrusted: the caller parses and validates them. A row whose id or data is
-        not UTF-8 text comes as ``(id's stored bytes, "")``: delete it by those bytes.
+        The rows are untrusted: the caller parses and validates them. A row whose id is not UTF-8
+        text comes as ``(id's stored bytes, "")`` (delete it by those bytes), one whose data is
+        not as ``(id, "")``.
         """
         ...
 

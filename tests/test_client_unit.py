@@ -138,6 +138,8 @@ def test_parse_events_and_registry():
          "actor": "root", "holder": "root@h", "message": "until x"},
         {"time": 2.0, "action": "expired", "device": "m2", "lockType": "", "actor": "pvcoord",
          "holder": "", "message": ""},
+        {"time": 3.0, "action": "from-a-newer-ioc", "device": "m2", "lockType": "",
+         "actor": "pvcoord", "holder": "", "message": ""},  # skipped, not an error
     ])
     e1, e2 = cl.parse_events(ev)
     assert e1.action is EventAction.ACQUIRED and e1.lock_type is LockType.MAINTENANCE

@@ -505,6 +505,49 @@ def test_a_step_while_running_then_a_restart_keeps_the_leases(path, clocks):
     assert t2.startup_events == []
 
 
+def test_two_restarts_after_a_step_while_down_shift_the_leases_once(path, clocks):
+    t = table_on(path, clocks)
+    t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 600)
+    t.store.close()
+    clocks.wall -= 1800
+    clocks.mono = 5.0
+    t2 = table_on(path, clocks)
+    assert [e.action for e in t2.startup_events] == [EventAction.CLOCK_STEP]
+    t2.store.close()
+    clocks.advance(2)
+    clocks.mono = 50.0
+    t3 = table_on(path, clocks)  # nothing else written in between: the step event is the newest
+    assert [t3.remaining(lk) for lk in t3.locks()] == [pytest.approx(598)]
+    assert t3.startup_events == []
+
+
+def test_a_lease_ends_in_memory_while_the_store_cannot_be_made_durable(path, clocks,
+                                                                        monkeypatch):
+    """An expiry waits for nobody: the guard and the bridges follow memory. The store gets the
+    deletion and the event when it answers again."""
+    t = table_on(path, clocks)
+    t.store.claim_authority("test")
+    t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 2)
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(LockError):
+        t.acquire(ALICE, ["m2"], LockType.MANUAL_OPERATOR, 60)
+        t.durable()
+    restore = SQLiteStore._restore
+    monkeypatch.setattr(SQLiteStore, "_restore", lambda self: (_ for _ in ()).throw(
+        StoreError("checkpoint failed")))
+    monkeypatch.setattr(os, "fsync", real)
+    clocks.advance(10)
+    assert [e.device for e in t.expire()] == []  # not stored yet ...
+    assert t.effective("m1") is None and "m1" not in {lk.device for lk in t.locks()}  # ... gone
+    monkeypatch.setattr(SQLiteStore, "_restore", restore)
+    t.check_store()
+    assert t.store_error is None
+    assert "m1" not in {lk.device for lk in t.store.load_locks()}
+    assert [e.device for e in t.store.recent_events(5) if e.action == EventAction.EXPIRED] == [
+        "m1"]
+
+
 def test_a_bad_notice_row_does_not_hide_a_step_while_down(path, clocks):
     t = table_on(path, clocks)
     t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60)

@@ -402,6 +402,7 @@ class LockTable:
         self._last_token = 0
         self._authority_error: str | None = None
         self._unverified: set[str] = set()  # loaded before the device list was known
+        self._unstored_events: list[LockEvent] = []  # expiries made while the store failed
         self.load_problems: list[str] = []
         """One line per stored lock row rejected at start, one per kind of other rows (notices,
         request outcomes) with any rejected (shown in ``Coord:Health``)."""
@@ -641,11 +642,17 @@ class LockTable:
             if self._devices is None:
                 self._unverified.add(lk.device)
         if shifted:
-            log.warning("the wall clock is %.1f s behind the store's newest event (stepped back "
-                        "while the IOC was down?): %d lease(s) counted from that event, their "
-                        "times shifted by -%.1f s", back, len(shifted), back)
+            text = (f"the wall clock is {back:.1f} s behind the store's newest event (stepped "
+                    f"back while the IOC was down?): {len(shifted)} lease(s) counted from that "
+                    f"event, their times shifted by -{back:.1f} s")
+            log.warning("%s", text)
+            # an event at the new clock: the next restart must not read the same step again
+            reported.append(LockEvent(
+                time=now, action=EventAction.CLOCK_STEP, actor="pvcoord", message=text,
+                device=",".join(sorted(lk.device for lk in shifted))[:256]))
             try:
-                self._last_token = max(self._last_token, self.store.commit(shifted, [], []))
+                self._last_token = max(self._last_token, self.store.commit(
+                    shifted, [], reported[-1:]))
             except StoreError as e:  # memory is right; a later change rewrites the rows
                 log.error("could not rewrite the shifted lease times: %s", e)
         locked = [d for d in self._locks if d != BEAMLINE]
@@ -823,8 +830,12 @@ class LockTable:
 
         A failed commit may still have been applied (e.g. a Redis MULTI/EXEC whose reply was
         lost); the client was told nothing changed, and memory holds what clients were told, so
-        memory wins. Raises StoreError if the store still fails.
+        memory wins. Expiries made in memory only while the store failed are written with their
+        events. Raises StoreError if the store still fails.
         """
+        if self._unstored_events:
+            self.store.commit([], [], self._unstored_events)
+            self._unstored_events = []
         extra = [rid for rid, _ in self.store.load_requests() if rid not in self._outcomes]
         if extra:  # outcomes of changes that clients were told failed
             self.store.commit([], [], [], requests=dict.fromkeys(extra))
@@ -844,7 +855,10 @@ class LockTable:
         StoreError if it cannot.
         """
         self._resync()
-        token = self.store.commit([], [], [])
+        try:
+            token = self.store.commit([], [], [])
+        except OutcomeUnknownError as e:  # an empty commit: nothing of a request was in it
+            raise StoreError(str(e)) from None
         self.store.durable(token)
         self._last_token = max(self._last_token, token)  # the tick's flush waits for this one
 
@@ -880,6 +894,11 @@ class LockTable:
             self._store_error = None
         self._tls.token = max(getattr(self._tls, "token", 0), token)
         self._last_token = max(self._last_token, token)
+        self._apply_memory(change, pops, evict, gone, req_writes)
+
+    def _apply_memory(self, change: _Change, pops: list[object], evict: list[object],
+                      gone: list[str], req_writes: dict[str | bytes, str | None]) -> None:
+        """The memory half of :meth:`_apply` (after the store took the change), and its posts."""
         for d in change.delete:
             self._drop(d)
         for lk in change.upsert:
@@ -1469,7 +1488,12 @@ class LockTable:
             try:
                 self._apply(change)
             except LockError:
-                for lk in gone:  # store down: try again at the next tick
-                    heapq.heappush(self._heap, (self._deadline[lk.device], lk.device))
+                # the store fails: a lease that ran out is never honoured, so memory (what the
+                # PVs, the guard and the bridges follow) drops the locks now; the store's rows
+                # go when it answers again (_resync: memory wins), their events with them. A
+                # restart before that drops them as expired (their stored expiry has passed).
+                pops, evict, _ = self._notice_plan(change)
+                self._apply_memory(change, pops, evict, [], {})
+                self._unstored_events.extend(change.events)
                 return []
             return change.events

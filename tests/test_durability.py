@@ -528,6 +528,7 @@ def test_a_lease_ends_in_memory_while_the_store_cannot_be_made_durable(path, clo
     t = table_on(path, clocks)
     t.store.claim_authority("test")
     t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 2)
+    t.durable()  # its fsync done before the disk fails (else the fsync thread may meet EIO)
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
     with pytest.raises(LockError):

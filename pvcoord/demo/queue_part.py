@@ -634,7 +634,9 @@ class QueueWalkthrough:
         self.idle()
         self.say(f"      Queue:LastExitStatus = {self.get(qn.LAST_EXIT_STATUS)}; "
                  f"m1 after the scan: {self.show_lock('m1')!r}")
-        ok &= self.get(qn.LAST_EXIT_STATUS) == "completed"
+        if self.get(qn.LAST_EXIT_STATUS) != "completed":
+            self.say(f"      Queue:LastItemMsg = {self.get(qn.LAST_ITEM_MSG)}")
+            ok = False
         return bool(ok)
 
     def step_maintenance(self) -> bool:

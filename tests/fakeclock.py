@@ -11,11 +11,12 @@ import time
 
 
 class FakeTime:
-    """Wall clock and monotonic clock that move only when told (start: the real ones)."""
+    """Wall clock and monotonic clock that move only when told (start: the given values, else
+    the real ones)."""
 
-    def __init__(self) -> None:
-        self.wall = time.time()
-        self.mono = time.monotonic()
+    def __init__(self, wall: float | None = None, mono: float | None = None) -> None:
+        self.wall = time.time() if wall is None else wall
+        self.mono = time.monotonic() if mono is None else mono
 
     def time(self) -> float:
         return self.wall

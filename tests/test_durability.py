@@ -28,6 +28,7 @@ from pvdb.models import EventAction, Lock, LockType
 from pvdb.policy import parse_policy
 
 from .codes import raises_code
+from .fakeclock import FakeTime
 
 POLICY = parse_policy(
     """
@@ -47,27 +48,10 @@ DEVICES = ["m1", "m2", "m3"]
 T0 = 1_800_000_000.0
 
 
-class Clocks:
-    """A wall clock and a monotonic clock that tests move independently."""
-
-    def __init__(self) -> None:
-        self.wall = T0
-        self.mono = 1000.0
-
-    def time(self) -> float:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, s: float) -> None:
-        self.wall += s
-        self.mono += s
-
-
 @pytest.fixture
-def clocks() -> Clocks:
-    return Clocks()
+def clocks() -> FakeTime:
+    """A wall clock and a monotonic clock that tests move independently."""
+    return FakeTime(wall=T0, mono=1000.0)
 
 
 @pytest.fixture
@@ -193,7 +177,7 @@ def test_a_lock_change_writes_one_page_of_the_locks_table(path, clocks):
 ROOT = Identity("root", "10.0.0.9")
 
 
-def _lose_locks_every_way(t: LockTable, clocks: Clocks) -> dict[str, str]:
+def _lose_locks_every_way(t: LockTable, clocks: FakeTime) -> dict[str, str]:
     """Release m1, let root preempt m2, let m3 expire: the keys each holder was given."""
     k1 = t.acquire(ALICE, ["m1"], LockType.MANUAL_OPERATOR, 60).key
     t.release(ALICE, key=k1)  # its reply is what a kill -9 may lose

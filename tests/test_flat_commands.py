@@ -49,3 +49,24 @@ def test_refusals_are_classified_and_messages_bounded():
     assert held.code == Code.HELD and "root@127.0.0.1" in str(held)
     assert refusal("nobody may not take MAINTENANCE").code == Code.REFUSED
     assert len(message(Code.REFUSED, "z" * 10000)) == TEXT_MAX
+
+
+def test_an_unexpected_failure_of_a_pva_command_put_still_carries_a_code():
+    # run_command answers every refusal itself; a defect below it must still reach the PVA
+    # client as "internal: <pv>: ..." (a unit test: no real put can reach this branch)
+    import asyncio
+
+    from bridges.flat.server import _PvaCommand
+
+    class Op:
+        error: str | None = "not answered"
+
+        def value(self):
+            raise RuntimeError("boom")
+
+        def done(self, error=None):
+            self.error = error
+
+    op = Op()
+    asyncio.run(_PvaCommand(None, "P:Flat:m1:Take", "m1", "take").put(None, op))  # type: ignore[arg-type]
+    assert op.error is not None and op.error.startswith(f"{Code.INTERNAL}: P:Flat:m1:Take: ")

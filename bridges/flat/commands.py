@@ -35,6 +35,8 @@ class Code(StrEnum):
     """The coordination IOC did not answer."""
     BUSY = "busy"
     """Too many commands waiting; try again."""
+    INTERNAL = "internal"
+    """The bridge failed on the put in a way it does not expect (its log has the traceback)."""
 
 
 class CommandError(ValueError):

@@ -981,9 +981,9 @@ class _PvaCommand:
             host = (op.peer() or "").rsplit(":", 1)[0]
             msg = await self.bridge.run_command(self.name, self.device, self.action, user, host,
                                                 values, "PVA")
-        except Exception as e:
+        except Exception as e:  # run_command answers every refusal itself: this is a defect
             _log.exception("PVA command %s failed", self.name)
-            op.done(error=f"{self.name}: {e}")
+            op.done(error=cmd.message(Code.INTERNAL, f"{self.name}: {type(e).__name__}: {e}"))
             return
         if msg.startswith((Code.GRANTED.value, Code.RELEASED.value)):
             op.done()

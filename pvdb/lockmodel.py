@@ -121,6 +121,9 @@ class ErrorCode(StrEnum):
     """The service is stopping; the request was not carried out."""
     INTERNAL = "internal"
     """A bug in the service; the text says where."""
+    BAD_STORED_ROW = "bad-stored-row"
+    """Not an RPC error: a row of the lock store failed validation when the IOC started (an
+    ``refused`` event of ``Coord:Events``); it was skipped and deleted."""
 
 
 _ERROR_RE = re.compile(r"^\[(?P<code>[a-z][a-z-]*)(?: holder=(?P<holder>\S+))?\] ?(?P<text>.*)$",

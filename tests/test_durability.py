@@ -23,7 +23,7 @@ from pvcoord.store import (
     StoreError,
     open_store,
 )
-from pvdb.lockmodel import ErrorCode
+from pvdb.lockmodel import ErrorCode, parse_error_text
 from pvdb.models import EventAction, Lock, LockType
 from pvdb.policy import parse_policy
 
@@ -354,6 +354,7 @@ def test_bad_rows_are_reported_deleted_and_skipped(path, clocks):
     assert [(lk.device, lk.reason) for lk in t.locks()] == [("m1", "kept")]
     refused = {e.device: e.message for e in t.startup_events if e.action == EventAction.REFUSED}
     assert set(refused) == set(BAD_ROWS) - {"m1"}
+    assert {parse_error_text(m).code for m in refused.values()} == {ErrorCode.BAD_STORED_ROW}
     assert "beyond the MANUAL_OPERATOR maximum" in refused["m2"]
     assert "unknown device" in refused["zz"]
     assert "may not take MAINTENANCE" in refused["m3"]
@@ -415,7 +416,9 @@ def test_rows_that_are_not_text_overflow_or_nest_deeply_are_rejected_not_a_crash
     refused = [e for e in t.startup_events if e.action == EventAction.REFUSED]
     assert sorted(e.device for e in refused) == ["?", "?", "m2", "m3", "m\ufffd"]
     assert t.rows_rejected == 3 + 4 + 2
-    assert sorted(e.message.split(" (")[0] for e in refused if e.device == "?") == [
+    assert {parse_error_text(e.message).code for e in refused} == {ErrorCode.BAD_STORED_ROW}
+    assert sorted(parse_error_text(e.message).message.split(" (")[0] for e in refused
+                  if e.device == "?") == [
         "2 stored request outcome rows not valid", "4 stored notice rows not valid"]
     assert any("not UTF-8 text" in p for p in t.load_problems)
     assert [e.message for e in t.store.recent_events(50) if e.device == "m1"][:1] == ["good"]

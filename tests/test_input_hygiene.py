@@ -8,6 +8,7 @@ import pytest
 from iocs.coordination.locktable import REFUSAL_WINDOW, Identity, LockError, LockTable
 from pvcoord.procs import start_redis
 from pvcoord.store import SQLiteStore, open_store
+from pvdb.lockmodel import ErrorCode, parse_error_text
 from pvdb.models import EventAction, LockEvent, LockType
 from pvdb.policy import ACCOUNT_RE, parse_policy
 
@@ -61,6 +62,9 @@ def test_refusals_are_rate_limited_per_client_with_counts(table, clock):
             table.acquire(BOB, ["m1"], LockType.MANUAL_OPERATOR, 60)
     refused = [e for e in table.store.recent_events(2000) if e.action is EventAction.REFUSED]
     assert len(refused) == REFUSAL_BURST
+    heads = {(parse_error_text(e.message).code, parse_error_text(e.message).holder)
+             for e in refused}
+    assert heads == {(ErrorCode.HOLDER_CONFLICT, "alice@10.0.0.1")}
     assert table.refusals_not_stored == 1000 - REFUSAL_BURST
     # another client is not limited by bob's flood
     with pytest.raises(LockError):

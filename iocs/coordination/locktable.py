@@ -579,7 +579,8 @@ class LockTable:
         self.load_problems.append(line)
         log.error("%s rejected at start and deleted: %s", line, ", ".join(map(repr, shown)))
         return [LockEvent(time=self.clock(), action=EventAction.REFUSED, device="?",
-                          actor="pvcoord", message=f"{line}: rejected at start and deleted")]
+                          actor="pvcoord", message=lockmodel.error_text(
+                              ErrorCode.BAD_STORED_ROW, f"{line}: rejected at start and deleted"))]
 
     def _load_outcomes(self, now: float) -> list[LockEvent]:
         """Reload the stored request outcomes younger than :data:`REQUEST_WINDOW`.
@@ -694,7 +695,8 @@ class LockTable:
             events.append(LockEvent(
                 time=now, action=EventAction.REFUSED, device=_shown(b.key[:64]) or "?",
                 actor="pvcoord", holder=b.data[:128] if "@" in b.data[:128] else "",
-                message=f"stored lock rejected at start and deleted: {b.why}",
+                message=lockmodel.error_text(ErrorCode.BAD_STORED_ROW,
+                                             f"stored lock rejected at start and deleted: {b.why}"),
             ))
             log.error("stored lock row %s rejected: %s (data %r)", b.key[:64], b.why, b.data)
         try:
@@ -1060,15 +1062,20 @@ class LockTable:
             self._store_error = str(e)
 
     def audit_refusal(
-        self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str
+        self, ident: Identity, devices: Iterable[str], lt: LockType | None, msg: str,
+        code: ErrorCode = ErrorCode.BAD_ARGUMENT, holder: str = "",
     ) -> None:
         """Record a refused request as an audit event (best effort: a store failure is logged).
 
-        A key-shaped device argument (a key typed where a device belongs) is recorded as ``***``.
+        The event's message is the refusal's RPC error text, ``[code holder=...] msg``
+        (:func:`pvdb.lockmodel.error_text`; ``holder`` is the holder the refusal names, the
+        event's own ``holder`` is the requester). A key-shaped device argument (a key typed where
+        a device belongs) is recorded as ``***``.
         """
         devices = list(devices)
         if not self._refusal_allowed(ident):
             return
+        msg = lockmodel.error_text(code, msg, holder)
         for d in devices:
             if self._key_shaped(d):
                 msg = msg.replace(d, MASK)
@@ -1093,7 +1100,7 @@ class LockTable:
         code: ErrorCode = ErrorCode.BAD_ARGUMENT, holder: str = "",
     ) -> NoReturn:
         """Audit a refusal and raise it (as a :class:`LockError` with ``code`` and ``holder``)."""
-        self.audit_refusal(ident, devices, lt, msg)
+        self.audit_refusal(ident, devices, lt, msg, code, holder)
         err = LockError(msg, code, holder)
         err.audited = True
         raise err

@@ -311,10 +311,17 @@ class LockGuard:
     def _ask(self, body: dict[str, Any], what: str, subject: str) -> dict[str, Any]:
         """Send one request to the queue IOC and wait for its answer (see 0023)."""
         rid = uuid.uuid4().hex
-        req = json.dumps({"id": rid, **body, "time": time.time(), "pid": os.getpid()})
+        # "time" only for an older queue IOC: this one answers while the pending key lives (its
+        # time to live is our wait, timed by the redis server), so clocks are never compared
+        req = json.dumps({"id": rid, **body, "time": time.time(), "pid": os.getpid(),
+                          "pending": True})
         reply_key = qn.hook_reply_key(self.prefix, rid)
         try:
-            self._redis.lpush(qn.hook_request_key(self.prefix), req)
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.set(qn.hook_pending_key(self.prefix, rid), b"1",
+                     px=max(1, int(self.timeout * 1000)))
+            pipe.lpush(qn.hook_request_key(self.prefix), req)
+            pipe.execute()
             got = self._redis.blpop([reply_key], timeout=self.timeout)
         except self._redis_error as e:
             raise DeviceLockedError(

@@ -392,6 +392,17 @@ def hook_reply_key(prefix: str, request_id: str) -> str:
     return f"pvcoord:{prefix}queue:reply:{request_id}"
 
 
+def hook_pending_key(prefix: str, request_id: str) -> str:
+    """Redis key that exists while the hook still waits for request ``request_id``.
+
+    The hook sets it with its wait as the key's time to live (``SET ... PX``) in the same
+    transaction as the request; the queue IOC answers a request that says ``"pending": true``
+    only while the key exists. The redis server times the key on its own clock, so the hook's
+    and the IOC's wall clocks (which may be on two hosts) are never compared (decision 0023).
+    """
+    return f"pvcoord:{prefix}queue:pending:{request_id}"
+
+
 HOOK_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 """A request id: ``uuid.uuid4().hex`` (also the tail of its reply key)."""
 HOOK_MAX_DEVICE = 128
@@ -404,7 +415,7 @@ HOOK_MAX_PVS = 500
 """Most PV names in one resolve request (the hook sends a larger device in several)."""
 HOOK_MAX_BYTES = 160 * 1024
 """Largest hook request accepted (bytes of JSON): room for :data:`HOOK_MAX_PVS` long names."""
-_HOOK_FIELDS = {"id", "device", "pvs", "time", "pid", "refusing"}
+_HOOK_FIELDS = {"id", "device", "pvs", "time", "pid", "refusing", "pending"}
 
 
 class HookRequestError(ValueError):
@@ -413,7 +424,7 @@ class HookRequestError(ValueError):
     Attributes:
         code: machine-readable reason (``not_json``, ``not_object``, ``too_large``,
             ``bad_id``, ``bad_device``, ``bad_pvs``, ``bad_time``, ``bad_pid``,
-            ``bad_refusing``, ``unknown_field``).
+            ``bad_refusing``, ``bad_pending``, ``unknown_field``).
         request_id: the request's id when it was valid (so the sender can be answered), else
             ``None``.
     """
@@ -429,6 +440,8 @@ class HookRequest:
 
     A *lock request* names ``device`` (``pvs`` empty); a *resolve request* names ``pvs`` (the
     PVs an ophyd object writes; ``device`` empty) and asks which registered devices they are.
+    ``pending``: the hook set :func:`hook_pending_key` (answer only while it exists); without it
+    (an older hook) the request is stale when ``time`` (the hook's wall clock) is old.
     """
 
     id: str
@@ -437,6 +450,7 @@ class HookRequest:
     pid: int | None = None
     refusing: str | None = None
     pvs: tuple[str, ...] = ()
+    pending: bool = False
 
 
 def _printable(text: str, limit: int) -> bool:
@@ -451,9 +465,9 @@ def parse_hook_request(raw: bytes | str) -> HookRequest:
     """Validate one message of the hook's request list.
 
     The format: a JSON object ``{"id": 32 hex, "device": NAME, "time": epoch s[, "pid": int]
-    [, "refusing": reason]}`` (a lock request) or ``{"id", "pvs": [PV, ...], "time"[, "pid"]}``
-    (a resolve request: 1 to :data:`HOOK_MAX_PVS` names of at most :data:`HOOK_MAX_PV`
-    printable characters without spaces); nothing else.
+    [, "refusing": reason][, "pending": true]}`` (a lock request) or ``{"id", "pvs": [PV, ...],
+    "time"[, "pid"][, "pending"]}`` (a resolve request: 1 to :data:`HOOK_MAX_PVS` names of at
+    most :data:`HOOK_MAX_PV` printable characters without spaces); nothing else.
 
     Raises:
         HookRequestError: with a code and the id if that much was valid.
@@ -504,7 +518,10 @@ def parse_hook_request(raw: bytes | str) -> HookRequest:
         raise HookRequestError(
             "bad_refusing", f"'refusing' must be a text of at most {HOOK_MAX_TEXT} characters",
             rid)
-    return HookRequest(rid, cast(str, device), float(t), pid, refusing, pvs)
+    pending = data.get("pending", False)
+    if not isinstance(pending, bool):
+        raise HookRequestError("bad_pending", "'pending' must be true or false", rid)
+    return HookRequest(rid, cast(str, device), float(t), pid, refusing, pvs, pending)
 
 
 def pv_table() -> str:

@@ -15,10 +15,12 @@ import pytest
 import redis
 
 from iocs.queue.ioc import QueueIOC
+from pvcoord import worker_hook
 from pvcoord.procs import start_redis, wait_until
 from pvcoord.worker_hook import LockGuard
 from pvdb import queue as qn
 from pvdb.policy import Policy
+from tests.fakeclock import FakeTime
 
 PREFIX = "HC:"
 TIMEOUT = 10.0
@@ -134,3 +136,75 @@ def test_hook_server_survives_1000_malformed_messages(redis_url, caplog):
         loop.call_soon_threadsafe(loop.stop)
         t.join(TIMEOUT)
         loop.close()
+
+
+@contextlib.contextmanager
+def hook_server(url: str):
+    """The queue IOC's hook server (without locks) in-process on its own loop: yields the IOC."""
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    stop = asyncio.Event()
+    holder: dict = {}
+
+    async def start():
+        ioc = QueueIOC(PREFIX, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", Policy(), locks=False,
+                       redis_url=url)
+        holder["ioc"] = ioc
+        return asyncio.ensure_future(ioc.serve_hook_requests(stop))
+
+    task = None
+    try:
+        task = asyncio.run_coroutine_threadsafe(start(), loop).result(TIMEOUT)
+        yield holder["ioc"]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(
+                    asyncio.wait_for(asyncio.wrap_future(task), 10), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(TIMEOUT)
+        loop.close()
+
+
+@pytest.mark.parametrize("step", [-3600.0, 3600.0])
+def test_a_workers_wall_clock_far_from_the_iocs_does_not_matter(redis_url, monkeypatch, step):
+    """The hole: the IOC dropped a request whose ``time`` (the worker's wall clock) was more than
+    10 s behind its own, so a worker on a host whose clock is behind had every plan refused
+    ("the queue IOC did not answer"). Now staleness is the pending key's time to live."""
+    url, _ = redis_url
+    clock = FakeTime()
+    clock.step(step)
+    monkeypatch.setattr(worker_hook, "time", clock)
+    with hook_server(url):
+        answer = LockGuard(PREFIX, url, timeout=5.0).request("m1")
+    assert answer["granted"] is False and "--no-locks" in answer["message"], answer
+    r = redis.Redis.from_url(url)
+    try:
+        assert r.keys(qn.hook_pending_key(PREFIX, "*")) == [], "the IOC deletes the key it answers"
+    finally:
+        r.close()
+
+
+def test_a_request_whose_hook_gave_up_is_dropped(redis_url):
+    url, _ = redis_url
+    r = redis.Redis.from_url(url)
+    gone, live = uuid.uuid4().hex, uuid.uuid4().hex
+
+    def req(rid: str) -> str:
+        return json.dumps({"id": rid, "device": "m1", "time": 1.0, "pending": True})
+
+    try:
+        r.set(qn.hook_pending_key(PREFIX, live), b"1", px=60_000)  # no key for "gone"
+        r.lpush(qn.hook_request_key(PREFIX), req(gone), req(live))  # answered in push order
+        with hook_server(url):
+            got = r.blpop([qn.hook_reply_key(PREFIX, live)], timeout=TIMEOUT)
+            assert got is not None and json.loads(got[1])["granted"] is False
+            assert r.exists(qn.hook_reply_key(PREFIX, gone)) == 0
+            with pytest.raises(qn.HookRequestError) as e:
+                qn.parse_hook_request(json.dumps({"id": gone, "device": "m1", "time": 1.0,
+                                                  "pending": "yes"}))
+            assert e.value.code == "bad_pending"
+    finally:
+        r.close()

@@ -36,7 +36,9 @@ from .pvs import INVALID, ControlError, QueuePVs, add_rpcs
 log = logging.getLogger(__name__)
 
 HOOK_REQUEST_MAX_AGE = 10.0
-"""Seconds after which a worker-hook request is stale (the hook gave up long ago) and dropped."""
+"""Seconds after which a worker-hook request without ``pending`` (an older hook) is stale (the
+hook gave up long ago) and dropped; judged by the hook's wall clock against this IOC's. A request
+with ``pending`` is judged by :func:`pvdb.queue.hook_pending_key` instead (no clocks compared)."""
 HOOK_REPLY_TTL = 30
 """Seconds a reply stays in redis for the hook to pick up."""
 
@@ -482,8 +484,11 @@ class QueueIOC:
             rid = e.request_id
         else:
             rid = req.id
-            if time.time() - req.time > HOOK_REQUEST_MAX_AGE:
-                return  # the hook gave up on it long ago
+            if req.pending:
+                if not await r.exists(qn.hook_pending_key(self.prefix, rid)):
+                    return  # the hook's wait ran out (its key's time to live, on redis's clock)
+            elif time.time() - req.time > HOOK_REQUEST_MAX_AGE:
+                return  # an older hook: it gave up on it long ago (by the two wall clocks)
             try:
                 if req.pvs:
                     reply = await self.handle_resolve_request(req.pvs)
@@ -497,8 +502,11 @@ class QueueIOC:
                          "message": f"queue IOC error: {type(e).__name__}: {e}"}
         rkey = qn.hook_reply_key(self.prefix, rid)
         try:
-            await r.lpush(rkey, json.dumps(reply))
-            await r.expire(rkey, HOOK_REPLY_TTL)
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.lpush(rkey, json.dumps(reply))
+                pipe.expire(rkey, HOOK_REPLY_TTL)
+                pipe.delete(qn.hook_pending_key(self.prefix, rid))
+                await pipe.execute()
         except Exception as e:
             log.warning("cannot answer worker-hook request %s: %s", rid, e)
 

@@ -96,11 +96,12 @@ def test_refusal_carries_the_servers_message(client):
 
 
 def test_lock_context_manager_renews_then_releases(client):
-    lease = 0.9
-    with client.lock("d4", "MANUAL_OPERATOR", lease, "scan") as h:
+    # renewed each 0.25 s against a 2 s lease: a stall must pass 1.75 s to lose it
+    lease = 2.0
+    with client.lock("d4", "MANUAL_OPERATOR", lease, "scan", renew_every=0.25) as h:
         first = held(client, "d4")
         assert first is not None
-        wait_until(lambda: h.renewals >= 5, 10 * lease, "five renewals")
+        wait_until(lambda: h.renewals >= 14, 10 * lease, "14 renewals (3.5 s)")
         later = held(client, "d4")
         assert later is not None and later.expires > first.expires
         # held well past the first lease: the renewals kept it alive
@@ -119,8 +120,8 @@ def test_lock_released_when_the_block_raises(client):
 def test_preempted_holder_is_told(client):
     lost: list[cl.LockLostError] = []
     with raises_code(cl.LockLostError, ErrorCode.PREEMPTED) as e:
-        with client.lock("d6", "MANUAL_OPERATOR", 0.9, "bob's", on_behalf_of="bob",
-                         on_lost=lost.append) as h:
+        with client.lock("d6", "MANUAL_OPERATOR", 3.0, "bob's", on_behalf_of="bob",
+                         on_lost=lost.append, renew_every=0.3) as h:
             g = client.acquire("d6", "MAINTENANCE", 60, "fix the encoder")
             assert len(g.preempted) == 1 and g.preempted[0].startswith("d6")
             wait_until(lambda: h.lost is not None, 5, "the renew thread noticing")
@@ -134,8 +135,9 @@ def test_preempted_holder_is_told(client):
 
 
 def test_force_release_is_reported_as_lost(client):
-    with pytest.raises(cl.LockLostError), client.lock("d7", "MANUAL_OPERATOR", 0.9, "x",
-                                                      on_behalf_of="carol") as h:
+    with pytest.raises(cl.LockLostError), client.lock("d7", "MANUAL_OPERATOR", 3.0, "x",
+                                                      on_behalf_of="carol",
+                                                      renew_every=0.3) as h:
         client.force_release("d7", "test")
         wait_until(lambda: h.lost is not None, 5, "the renew thread noticing")
     assert held(client, "d7") is None
@@ -152,7 +154,7 @@ def test_no_answer_within_the_call_timeout(ioc):
 def test_async_client_lock_renew_release(ioc):
     async def scenario():
         with cl.AsyncClient(PREFIX, timeout=TIMEOUT) as c:
-            async with c.lock("d8", "MANUAL_OPERATOR", 1.0, "async") as h:
+            async with c.lock("d8", "MANUAL_OPERATOR", 3.0, "async", renew_every=0.3) as h:
                 rows = await c.locks()
                 assert any(r.device == "d8" for r in rows)
                 while h.renewals < 3:
@@ -174,8 +176,8 @@ def test_async_cancel_on_loss(ioc):
     async def scenario():
         with cl.AsyncClient(PREFIX, timeout=TIMEOUT) as c:
             with raises_code(cl.LockLostError, ErrorCode.PREEMPTED):
-                async with c.lock("d9", "MANUAL_OPERATOR", 0.9, "long task", on_behalf_of="bob",
-                                  cancel_on_loss=True):
+                async with c.lock("d9", "MANUAL_OPERATOR", 3.0, "long task", on_behalf_of="bob",
+                                  cancel_on_loss=True, renew_every=0.3):
                     g = await c.acquire("d9", "MAINTENANCE", 60, "urgent")
                     await asyncio.sleep(30)  # cancelled when the renew is refused
             await c.release(key=g.key)

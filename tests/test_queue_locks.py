@@ -19,8 +19,9 @@ from .conftest import TIMEOUT
 from .coordhelpers import PREFIX, start_coordination
 from .fakeclock import FakeTime
 
-LEASE = 1.5
-"""QUEUE_EXECUTING lease of the keeper under test (s)."""
+LEASE = 3.0
+"""QUEUE_EXECUTING lease of the keeper under test (s): renewed every lease/3, so a stall of the
+test's event loop or of an fsync must pass lease*2/3 before the lease runs out."""
 
 pytestmark = pytest.mark.system
 

@@ -429,10 +429,7 @@ class QueueIOC:
                                 "unregistered": []}
         registry = REGISTRY_DEVICE_PVS.name(self.registry_prefix)
         try:
-            if self._registry is None:
-                self._registry = AsyncCaller(self.registry_prefix, conf=self.client_conf,
-                                             timeout=3.0)
-            dmap = await self._registry.device_map()
+            dmap = await self._registry_client().device_map()
         except (CoordError, DeviceMapError) as e:
             self._set_resolve_health(f"worker-hook PV lookups fail: {registry}: {e}")
             return {**base, "code": ErrorCode.NOT_READY,
@@ -510,6 +507,23 @@ class QueueIOC:
         except Exception as e:
             log.warning("cannot answer worker-hook request %s: %s", rid, e)
 
+    def _registry_client(self) -> AsyncCaller:
+        """The registry client of the PV lookups (made on first use)."""
+        if self._registry is None:
+            self._registry = AsyncCaller(self.registry_prefix, conf=self.client_conf, timeout=3.0)
+        return self._registry
+
+    async def _warm_registry(self) -> None:
+        """Search and connect the registry's PVs now (a failure is only logged).
+
+        So the first plan's PV lookup does not pay for the search inside the hook's wait
+        (``PVCOORD_HOOK_TIMEOUT``).
+        """
+        try:
+            await self._registry_client().device_map()
+        except Exception as e:  # the lookup itself says it again when a plan asks
+            log.info("registry not reachable yet for the worker hook's PV lookups: %s", e)
+
     async def serve_hook_requests(self, stop: asyncio.Event) -> None:
         """Answer worker-hook requests on ``redis_url`` until ``stop`` is set (see 0023)."""
         import redis.asyncio as aioredis  # only with --redis
@@ -517,6 +531,7 @@ class QueueIOC:
         assert self.redis_url is not None
         r = aioredis.Redis.from_url(self.redis_url, socket_timeout=5.0)
         key = qn.hook_request_key(self.prefix)
+        warm = asyncio.create_task(self._warm_registry(), name="warm-registry")
         try:
             while not stop.is_set():
                 try:
@@ -535,6 +550,7 @@ class QueueIOC:
                 except Exception:  # one message never stops the hook server
                     log.exception("worker-hook request not answered")
         finally:
+            warm.cancel()
             await r.aclose()
             if self._registry is not None:
                 self._registry.close()

@@ -79,6 +79,10 @@ def re_manager_argv(
     ]
 
 
+DEMO_HOOK_TIMEOUT = 10.0
+"""Seconds the demo's worker hook waits for the queue IOC (``PVCOORD_HOOK_TIMEOUT``)."""
+
+
 def hook_env(
     prefix: str, redis_port: int, store_url: str | None, device_prefix: str | None = None,
     hook: bool = True,
@@ -89,6 +93,9 @@ def hook_env(
         "PVCOORD_REDIS_URL": f"redis://{LOOPBACK}:{redis_port}/0",
         "PVCOORD_DEVICE_PREFIX": device_prefix or prefix,
         "PVCOORD_HOOK": "on" if hook else "off",
+        # the demo and the tests share a loaded machine: 10 s, not the default 3 s, for the
+        # queue IOC's answer (a plan's first request for a device may acquire and fsync)
+        "PVCOORD_HOOK_TIMEOUT": str(DEMO_HOOK_TIMEOUT),
     }
     if store_url:
         env["PVCOORD_STORE"] = store_url

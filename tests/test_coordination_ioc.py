@@ -89,14 +89,16 @@ def test_remaining_counts_down_once_a_second(ctxt):
     r = rpc(ctxt, pvn.COORD_ACQUIRE, device="m2", type="MANUAL_OPERATOR", timeout="60")
     assert not isinstance(r, Exception), r
     seen: list[tuple[float, float]] = []
+    # the IOC's own time stamps of the posts (a loaded client must not make it flaky): about
+    # once a second, and the value falls by the time between two posts (0.1 s resolution)
     sub = ctxt.monitor(pvn.COORD_DEVICE_REMAINING.name(PREFIX, "m2"),
-                       lambda v: seen.append((time.monotonic(), float(v))))
+                       lambda v: seen.append((float(v.timestamp), float(v))))
     try:
         wait_until(lambda: len(seen) >= 4, 10, "four Remaining updates")
     finally:
         sub.close()
     steps = [(t2 - t1, v1 - v2) for (t1, v1), (t2, v2) in zip(seen[1:], seen[2:], strict=False)]
-    assert all(0.5 < dt < 1.5 and 0.5 < dv < 1.5 for dt, dv in steps), seen
+    assert all(0.3 < dt < 3.0 and abs(dv - dt) < 0.3 for dt, dv in steps), seen
     assert 50 < seen[-1][1] < 60
 
 

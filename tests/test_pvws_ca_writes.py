@@ -165,7 +165,33 @@ def test_ca_writer_answers_every_request_with_the_reason():
     p = subprocess.run(python_module("bridges.pvws.cawrite", "--timeout", "1"),
                        input='not json\n{"id": 3, "pv": 5, "value": 1}\n[]\n', text=True,
                        capture_output=True, env=device_ca_env(conf), cwd=REPO, timeout=60)
-    replies = [json.loads(line) for line in p.stdout.splitlines()]
+    ready, *replies = [json.loads(line) for line in p.stdout.splitlines()]
     assert p.returncode == 0, p.stderr
+    assert ready == {"ready": True}  # said first: a put's time starts after it
     assert [(r["id"], r["ok"]) for r in replies] == [(None, False), (3, False), (None, False)]
     assert all(r["error"].startswith("malformed request") for r in replies), replies
+
+
+def test_a_ca_writer_that_does_not_start_is_a_clear_put_error(tmp_path):
+    """A child that never says it is ready (here: a Python that cannot start, its PYTHONHOME
+    wrong) fails the put with CaWriteError naming it, not with a put timeout."""
+    import asyncio
+
+    from bridges.pvws.cawrite import CaWriteError, CaWriter, device_ca_env
+
+    nowhere = loopback_env()
+    env = device_ca_env({k: nowhere[k] for k in CA_KEYS})
+    env["PYTHONHOME"] = str(tmp_path / "no-python-here")
+
+    async def run() -> str:
+        w = CaWriter(env, timeout=1.0)
+        try:
+            with pytest.raises(CaWriteError) as e:
+                await w.put(f"{P}m1:Setpoint", 1.0)
+            assert w.pid is None
+            return str(e.value)
+        finally:
+            await w.close()
+
+    why = asyncio.run(run())
+    assert why.startswith("the CA writer did not start"), why

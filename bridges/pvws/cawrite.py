@@ -10,8 +10,10 @@ one process cannot search two CA networks: the writes run in a child,
 The bridge decides every write first (:meth:`bridges.pvws.app.Conn.write`: the may-write decision
 for the web user, the same as for ``pva://``); the child only carries it out.
 
-Protocol (JSON lines; the child answers every request, in any order)::
+Protocol (JSON lines; the child first says it is ready, then answers every request, in any
+order)::
 
+    <- {"ready": true}
     -> {"id": 7, "pv": "BL01:m1:Setpoint", "value": 2.5}
     <- {"id": 7, "ok": true}
     <- {"id": 7, "ok": false, "error": "no CA server answered for BL01:m1:Setpoint in 5.0 s"}
@@ -39,6 +41,9 @@ from pvcoord.service import shared_python
 
 log = logging.getLogger("bridges.pvws.cawrite")
 
+STARTUP_TIMEOUT = 30.0
+"""Seconds the child may take to start (Python, caproto's import) before it says it is ready; a
+put's own time (``timeout``) starts after that."""
 WORKERS = 4
 """Puts carried out at once by the child (a slow IOC does not hold up the others)."""
 
@@ -92,12 +97,24 @@ class CaWriter:
         async with self._start_lock:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
-            self._proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 shared_python(), "-m", "bridges.pvws.cawrite", "--timeout", str(self.timeout),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env)
-            log.info("CA writer started (pid %d)", self._proc.pid)
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._proc))
-            return self._proc
+            assert proc.stdout is not None
+            try:
+                first = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT)
+            except TimeoutError:
+                first = b""
+            if _safe(first.decode(errors="replace")) != {"ready": True}:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                code = await proc.wait()
+                raise CaWriteError(f"the CA writer did not start in {STARTUP_TIMEOUT:g} s "
+                                   f"(exit {code}, said {first[:120]!r})")
+            self._proc = proc
+            log.info("CA writer started (pid %d)", proc.pid)
+            self._reader = asyncio.get_running_loop().create_task(self._read(proc))
+            return proc
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -218,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:  # every request is answered
             answer(rid, f"CA put to {name} failed: {type(e).__name__}: {e}")
 
+    with out:
+        sys.stdout.write(json.dumps({"ready": True}) + "\n")
+        sys.stdout.flush()
     with ThreadPoolExecutor(WORKERS) as pool:
         for line in sys.stdin:
             req = _safe(line)

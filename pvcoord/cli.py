@@ -324,7 +324,21 @@ def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
             c.monitor(COORD_LOCKS, lambda v: updates.put(("locks", v))),
             c.monitor(COORD_EVENTS, lambda v: updates.put(("events", v))),
         ]
-        print(f"watching {c.pv(COORD_LOCKS)} and {c.pv(COORD_EVENTS)} (Ctrl-C to stop)",
+        # "watching" once both monitors have their first value (up to --call-timeout): the
+        # first Coord:Events value is the backlog, shown only with --history, so an event that
+        # happens after the line is printed is never taken for backlog
+        early: list[tuple[str, Any]] = []
+        first: set[str] = set()
+        connect_end = time.monotonic() + args.call_timeout
+        while first != {"locks", "events"} and (left := connect_end - time.monotonic()) > 0:
+            try:
+                early.append(updates.get(timeout=left))
+            except queue.Empty:
+                break
+            if not isinstance(early[-1][1], Exception):
+                first.add(early[-1][0])
+        note = "" if len(first) == 2 else " (no answer yet from the coordination IOC)"
+        print(f"watching {c.pv(COORD_LOCKS)} and {c.pv(COORD_EVENTS)}{note} (Ctrl-C to stop)",
               file=out, flush=True)
         try:
             while True:
@@ -332,7 +346,7 @@ def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
                 if wait <= 0:
                     break
                 try:
-                    kind, value = updates.get(timeout=wait)
+                    kind, value = early.pop(0) if early else updates.get(timeout=wait)
                 except queue.Empty:
                     continue
                 if isinstance(value, Exception):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pvdb.process import (
     WEB_VERSION,
     pvcoord_version,
 )
+from tests.notifysock import Notify
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
@@ -112,30 +112,13 @@ def test_systemd_analyze_verify_all_units_together(tmp_path):
 
 @pytest.fixture
 def notify_socket(tmp_path):
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(0.5)
+    """A drained notify socket: one nobody reads fills up after 10 datagrams
+    (``net.unix.max_dgram_qlen``) and blocks the service's event loop on its next message."""
+    n = Notify(tmp_path / "notify.sock")
     try:
-        yield sock, str(path)
+        yield n
     finally:
-        sock.close()
-
-
-def messages_until(
-    sock: socket.socket, want: str, deadline: float, proc: ManagedProcess
-) -> list[str]:
-    got: list[str] = []
-    while time.monotonic() < deadline:
-        try:
-            got.append(sock.recv(4096).decode())
-        except TimeoutError:
-            if not proc.alive():
-                break
-            continue
-        if any(want in m.splitlines() for m in got):
-            return got
-    raise AssertionError(f"no {want} in {got}; output:\n{proc.output()}")
+        n.close()
 
 
 def endstation(tmp_path: Path, env: dict[str, str], device_env: dict[str, str]) -> Path:
@@ -167,17 +150,16 @@ def endstation(tmp_path: Path, env: dict[str, str], device_env: dict[str, str]) 
 @pytest.mark.system
 @pytest.mark.parametrize("process", ["registry", "guard", "flat", "pvws"])
 def test_process_notifies_ready_watchdog_and_stopping(process, tmp_path, notify_socket):
-    sock, path = notify_socket
+    notify = notify_socket
     env = loopback_env()
     cfg = endstation(tmp_path, env, loopback_env())
     module = {"registry": "iocs.registry", "guard": "bridges.guard", "flat": "bridges.flat",
               "pvws": "bridges.pvws"}[process]
-    penv = dict(env, NOTIFY_SOCKET=path, WATCHDOG_USEC="300000")
+    penv = dict(env, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="300000")
     proc = ManagedProcess(process, python_module(module, "--config", str(cfg)), penv,
                           cwd=tmp_path, log_dir=tmp_path)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        got = messages_until(sock, "READY=1", deadline, proc)
+        got = notify.until("READY=1", proc, TIMEOUT, since=0)
         assert not any("WATCHDOG=1" in m for m in got), "READY comes first"
         version = {"registry": REGISTRY_VERSION, "guard": GUARD_VERSION, "flat": FLAT_VERSION,
                    "pvws": WEB_VERSION}[process]
@@ -188,9 +170,9 @@ def test_process_notifies_ready_watchdog_and_stopping(process, tmp_path, notify_
             assert 0 <= time.time() - float(start) < TIMEOUT + 60
         # the watchdog keeps coming (300 ms WatchdogSec: every 150 ms)
         for _ in range(3):
-            messages_until(sock, "WATCHDOG=1", time.monotonic() + 5, proc)
+            notify.until("WATCHDOG=1", proc, 5)
         os.kill(proc.pid, signal.SIGTERM)
-        messages_until(sock, "STOPPING=1", time.monotonic() + 10, proc)
+        notify.until("STOPPING=1", proc, 10)
         assert proc.proc.wait(timeout=15) == 0, proc.output()
     finally:
         proc.stop()

@@ -605,15 +605,18 @@ def test_short_soak_rss_and_fds_flat(tmp_path):
     try:
         samples = []
         with Context("pva", conf=client_conf(env), useenv=False) as c:
-            end = time.monotonic() + SOAK_SECONDS
+            # sampled once a second (by time, not by count: a loaded machine does fewer pairs)
+            t0 = time.monotonic()
+            end, next_sample = t0 + SOAK_SECONDS, t0 + 1.0
             n = 0
             while time.monotonic() < end:
                 r = rpc(c, pvn.COORD_ACQUIRE, device=DEVICES[n % 3], type="MANUAL_OPERATOR")
                 rpc(c, pvn.COORD_RELEASE, key=r.key)
                 n += 1
-                if n % 200 == 0:
+                if time.monotonic() >= next_sample:
                     samples.append(_rss_fds(proc.pid))
-        assert len(samples) >= 4, samples
+                    next_sample += 1.0
+        assert len(samples) >= 4 and n >= 200, (n, samples)
         first, last = samples[1], samples[-1]  # after warm-up
         print(f"soak: {n} pairs in {SOAK_SECONDS} s, RSS {first[0]} -> {last[0]} kB, "
               f"fds {first[1]} -> {last[1]}")

@@ -138,7 +138,9 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
     tmp = tmp_path_factory.mktemp("flat")
     b = Beamline(tmp, loopback_env(), loopback_env())
     b.ca_env = bridge_env(b.clients)
-    # the in-process CA client (caproto's) of this module talks to the bridge
+    # the in-process CA client (caproto's) of this module talks to the bridge; the environment
+    # is put back after the module (later modules must not depend on the order they run in)
+    saved = {k: v for k, v in os.environ.items() if k.startswith("EPICS_CA")}
     os.environ.update({k: v for k, v in b.ca_env.items() if k.startswith("EPICS_CA")})
     (tmp / "p.toml").write_text(POLICY)
     (tmp / "strict.toml").write_text(STRICT_POLICY)
@@ -174,6 +176,9 @@ def bl(tmp_path_factory) -> Iterator[Beamline]:
         print(b.outputs())
         raise
     finally:
+        for k in [k for k in os.environ if k.startswith("EPICS_CA")]:
+            del os.environ[k]
+        os.environ.update(saved)
         if b.ctxt is not None:
             b.ctxt.close()
         for a in [*b.ca.values(), *b.pva.values()]:

@@ -274,6 +274,7 @@ def test_manager_state_pv_follows_every_transition(clean):
                          lambda v: seen.append(choices[v["value.index"]]))
     rec = InfoRecorder(b.stack)
     try:
+        wait_until(lambda: seen, WAIT, "the Queue:ManagerState monitor's first value")
         for _ in range(2):
             call(b, qn.ITEM_ADD, name="wait_a_while", args="[0.2]")
         call(b, qn.QUEUE_START)
@@ -554,8 +555,9 @@ def test_web_user_adds_items_through_the_bridge_on_behalf_of_herself(clean):
 
 def test_locks_follow_an_item_that_completes(clean):
     b = clean
+    # 50 x 0.2 s = 10 s: outlives EXEC_LEASE + 1 s with room for a late detection
     uid = call(b, qn.ITEM_ADD, name="count", args='[["det1"]]',
-               kwargs='{"num": 25, "delay": 0.2}')["itemUid"]
+               kwargs='{"num": 50, "delay": 0.2}')["itemUid"]
     wait_until(lambda: {(lk.device, lk.lock_type) for lk in queue_locks(b)}
                == {("det1", LockType.QUEUE_QUEUED)}, WAIT, "det1 reserved")
     call(b, qn.QUEUE_START)

@@ -330,6 +330,8 @@ def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
         early: list[tuple[str, Any]] = []
         first: set[str] = set()
         connect_end = time.monotonic() + args.call_timeout
+        if deadline is not None:
+            connect_end = min(connect_end, deadline)
         while first != {"locks", "events"} and (left := connect_end - time.monotonic()) > 0:
             try:
                 early.append(updates.get(timeout=left))
@@ -337,7 +339,9 @@ def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
                 break
             if not isinstance(early[-1][1], Exception):
                 first.add(early[-1][0])
-        note = "" if len(first) == 2 else " (no answer yet from the coordination IOC)"
+        missing = [c.pv(pv) for kind, pv in (("locks", COORD_LOCKS), ("events", COORD_EVENTS))
+                   if kind not in first]
+        note = f" (no answer yet from {' and '.join(missing)})" if missing else ""
         print(f"watching {c.pv(COORD_LOCKS)} and {c.pv(COORD_EVENTS)}{note} (Ctrl-C to stop)",
               file=out, flush=True)
         try:

@@ -71,6 +71,7 @@ Manager reports the item as failed, puts it back at the front of the queue and s
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -100,6 +101,8 @@ UNCOORDINATED_RECHECK = 1.0
 
 DEFAULT_TIMEOUT = 3.0
 """Seconds to wait for the queue IOC's answer to a lock request."""
+MAX_TIMEOUT = 600.0
+"""Longest ``PVCOORD_HOOK_TIMEOUT`` accepted (seconds)."""
 
 EXEC = LockType.QUEUE_EXECUTING
 
@@ -308,21 +311,40 @@ class LockGuard:
                 devices.setdefault(str(device), []).extend(str(n) for n in names)
         return devices
 
+    def _send(self, fields: dict[str, Any], reply_key: str) -> Any:
+        """Push one request (with its pending key when it says ``pending``); BLPOP the reply."""
+        pipe = self._redis.pipeline(transaction=True)
+        if fields.get("pending"):
+            pipe.set(qn.hook_pending_key(self.prefix, str(fields["id"])), b"1",
+                     px=max(1, int(self.timeout * 1000)))
+        pipe.lpush(qn.hook_request_key(self.prefix), json.dumps(fields))
+        pipe.execute()
+        return self._redis.blpop([reply_key], timeout=self.timeout)
+
+    @staticmethod
+    def _old_ioc(raw: bytes | str) -> bool:
+        """The answer of a queue IOC older than the ``pending`` field (it refuses the field)."""
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            return False
+        return (isinstance(answer, dict) and answer.get("error") == "unknown_field"
+                and "pending" in str(answer.get("message", "")))
+
     def _ask(self, body: dict[str, Any], what: str, subject: str) -> dict[str, Any]:
         """Send one request to the queue IOC and wait for its answer (see 0023)."""
         rid = uuid.uuid4().hex
-        # "time" only for an older queue IOC: this one answers while the pending key lives (its
-        # time to live is our wait, timed by the redis server), so clocks are never compared
-        req = json.dumps({"id": rid, **body, "time": time.time(), "pid": os.getpid(),
-                          "pending": True})
+        # the queue IOC answers while the pending key lives (its time to live is our wait,
+        # timed by the redis server), so no two clocks are compared; "time" is for a queue IOC
+        # older than "pending", which refuses the field: then the request goes again without it
+        fields = {"id": rid, **body, "time": time.time(), "pid": os.getpid(), "pending": True}
         reply_key = qn.hook_reply_key(self.prefix, rid)
         try:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(qn.hook_pending_key(self.prefix, rid), b"1",
-                     px=max(1, int(self.timeout * 1000)))
-            pipe.lpush(qn.hook_request_key(self.prefix), req)
-            pipe.execute()
-            got = self._redis.blpop([reply_key], timeout=self.timeout)
+            got = self._send(fields, reply_key)
+            if got and self._old_ioc(got[1]):
+                fields = {k: v for k, v in fields.items() if k != "pending"}
+                fields["time"] = time.time()
+                got = self._send(fields, reply_key)
         except self._redis_error as e:
             raise DeviceLockedError(
                 f"pvcoord: cannot ask the queue IOC {what} "
@@ -515,4 +537,7 @@ def lock_guard(
             timeout = float(env.get("PVCOORD_HOOK_TIMEOUT", DEFAULT_TIMEOUT))
         except ValueError:
             raise HookConfigError("PVCOORD_HOOK_TIMEOUT must be a number of seconds") from None
+    if not (math.isfinite(timeout) and 0.01 <= timeout <= MAX_TIMEOUT):
+        raise HookConfigError(f"PVCOORD_HOOK_TIMEOUT must be 0.01-{MAX_TIMEOUT:g} seconds, "
+                              f"not {timeout!r}")
     return LockGuard(prefix, redis_url, store_url, timeout)

@@ -207,6 +207,7 @@ def test_status_lists_both_bridges_up_with_version_and_uptime(st: Station):
 def test_bridge_stops_on_sigterm_with_stopping(st: Station, name: str):
     proc, notify = st.procs[name], st.notify[name]
     notify.until("READY=1", proc, since=0)
+    mark = len(notify.got)  # STOPPING may arrive before until() is called
     os.kill(proc.pid, signal.SIGTERM)
-    notify.until("STOPPING=1", proc, 10)
+    notify.until("STOPPING=1", proc, 10, since=mark)
     assert proc.proc.wait(timeout=15) == 0, proc.output()

@@ -171,8 +171,9 @@ def test_process_notifies_ready_watchdog_and_stopping(process, tmp_path, notify_
         # the watchdog keeps coming (300 ms WatchdogSec: every 150 ms)
         for _ in range(3):
             notify.until("WATCHDOG=1", proc, 5)
+        mark = len(notify.got)  # STOPPING may arrive before until() is called
         os.kill(proc.pid, signal.SIGTERM)
-        notify.until("STOPPING=1", proc, 10)
+        notify.until("STOPPING=1", proc, 10, since=mark)
         assert proc.proc.wait(timeout=15) == 0, proc.output()
     finally:
         proc.stop()

@@ -542,9 +542,9 @@ def test_walkthrough(bl: Beamline):
 
 
 def test_coordination_killed_no_write_access_then_back(bl: Beamline):
-    # the bridge's stale window is 2 s (bench_flat.py measures the access-rights latency); the
-    # wait here is generous and the figure printed: a timed assertion would fail on a loaded
-    # machine for the test's own two agents, not for the bridge
+    # the bridge's stale window is 2 s (test_flat_lockview.py checks the rule in-process, where
+    # nothing else waits); here the wait is generous and the figure printed: a timed assertion
+    # would fail on a loaded machine for the test's own two agents, not for the bridge
     root, nobody = bl.ca["root"], bl.ca["nobody"]
     for a in (root, nobody):
         assert ok(a.connect(sp(M4)))["write"]

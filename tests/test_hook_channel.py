@@ -208,3 +208,24 @@ def test_a_request_whose_hook_gave_up_is_dropped(redis_url):
             assert e.value.code == "bad_pending"
     finally:
         r.close()
+
+
+def test_a_new_hook_still_works_with_a_queue_ioc_that_predates_pending(redis_url, monkeypatch):
+    """A queue IOC older than the ``pending`` field (its parser refuses unknown fields: the real
+    parser without that field) answers ``unknown_field``; the hook asks again without it and
+    gets the IOC's real answer, not a refusal of every plan."""
+    url, _ = redis_url
+    monkeypatch.setattr(qn, "_HOOK_FIELDS", qn._HOOK_FIELDS - {"pending"})
+    with hook_server(url) as ioc:
+        answer = LockGuard(PREFIX, url, timeout=5.0).request("m1")
+        assert ioc.bad_hook_requests == 1  # the first try, with "pending"
+    assert answer["granted"] is False and "--no-locks" in answer["message"], answer
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "1e9"])
+def test_a_hook_timeout_out_of_range_is_a_configuration_error(value):
+    from pvcoord.worker_hook import HookConfigError, lock_guard
+
+    with pytest.raises(HookConfigError, match="PVCOORD_HOOK_TIMEOUT"):
+        lock_guard(environ={"PVCOORD_PREFIX": PREFIX, "PVCOORD_REDIS_URL": "redis://127.0.0.1:1/0",
+                            "PVCOORD_HOOK_TIMEOUT": value})

@@ -195,3 +195,4 @@ def test_a_ca_writer_that_does_not_start_is_a_clear_put_error(tmp_path):
 
     why = asyncio.run(run())
     assert why.startswith("the CA writer did not start"), why
+

@@ -1,12 +1,12 @@
 """The beamline web client in a real headless Chromium, against the demo's real processes.
 
 Two web users (alice, bob) in two browser sessions drive the page through its controls: alice
-takes m1, bob's m1 setpoint input is disabled within 1 s with the reason naming alice, bob's take
-and write are refused naming alice, alice moves m1, releases it, and bob may write. The queue
-panel adds plans (a malformed one refused verbatim), moves and removes one, starts the queue,
-shows the running item and lands it in the history. Screenshots go to a temporary folder, or
-to ``$PVCOORD_SCREENSHOTS`` when set (``PVCOORD_SCREENSHOTS=docs/img`` refreshes the docs' images;
-a plain run leaves the clone unchanged).
+takes m1, bob's m1 setpoint input is disabled (the time printed) with the reason naming alice,
+bob's take and write are refused naming alice, alice moves m1, releases it, and bob may write. The
+queue panel adds plans (a malformed one refused verbatim), moves and removes one, starts the
+queue, shows the running item and lands it in the history. Screenshots go to a temporary folder,
+or to ``$PVCOORD_SCREENSHOTS`` when set (``PVCOORD_SCREENSHOTS=docs/img`` refreshes the docs'
+images; a plain run leaves the clone unchanged).
 
 Processes: the demo beamline (``pvcoord.demo.beamline.start_beamline``: softIoc, registry,
 coordination, RE Manager + redis, queue IOC, guard and the PVWS bridge with its generated users),
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 WAIT = 15.0
 """Seconds a page may take to show something that does not depend on a motion or a plan."""
 READONLY_WITHIN = 1.0
-"""Issue 10: bob's input is disabled within 1 s of alice's lock."""
+"""Issue 10: bob's input is disabled within 1 s of alice's lock (printed, not asserted)."""
 USERS = web_part.USERS
 
 

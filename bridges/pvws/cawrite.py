@@ -101,16 +101,18 @@ class CaWriter:
                 shared_python(), "-m", "bridges.pvws.cawrite", "--timeout", str(self.timeout),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env)
             assert proc.stdout is not None
+            first = b""
             try:
                 first = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT)
-            except TimeoutError:
-                first = b""
+            except (TimeoutError, ValueError):  # ValueError: a first line past the 64 KiB limit
+                pass
+            except BaseException:  # cancelled (the socket closed): never leave the child behind
+                await asyncio.shield(_reap(proc))
+                raise
             if _safe(first.decode(errors="replace")) != {"ready": True}:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                code = await proc.wait()
-                raise CaWriteError(f"the CA writer did not start in {STARTUP_TIMEOUT:g} s "
-                                   f"(exit {code}, said {first[:120]!r})")
+                code = await asyncio.shield(_reap(proc))  # -9: we killed it after the wait
+                raise CaWriteError(f"the CA writer did not start: no ready line within "
+                                   f"{STARTUP_TIMEOUT:g} s (exit {code}, said {first[:120]!r})")
             self._proc = proc
             log.info("CA writer started (pid %d)", proc.pid)
             self._reader = asyncio.get_running_loop().create_task(self._read(proc))
@@ -181,6 +183,14 @@ class CaWriter:
 
 
 # --- the child ------------------------------------------------------------------------------------
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> int | None:
+    """Kill a child that has not exited and wait for it; its exit status."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    return await proc.wait()
 
 
 def _put(ctx: Any, pvs: dict[str, Any], lock: threading.Lock, name: str, value: Any,

@@ -551,6 +551,8 @@ class QueueIOC:
                     log.exception("worker-hook request not answered")
         finally:
             warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warm  # before the registry client it uses is closed
             await r.aclose()
             if self._registry is not None:
                 self._registry.close()

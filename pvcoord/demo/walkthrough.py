@@ -46,7 +46,7 @@ PART_WALKTHROUGHS: dict[str, tuple[str, str, str, bool]] = {
     "flat": ("pvcoord.demo.flat_part", "run_flat_walkthrough",
              "over CA, another account's write access follows the lock; Take by PV", True),
     "web": ("pvcoord.demo.web_part", "run_web_walkthrough",
-            "two web users: A takes m1, B is read-only within 1 s and refused naming A, A moves "
+            "two web users: A takes m1, B is read-only (time shown) and refused naming A, A moves "
             "m1, A releases and B writes", False),
 }
 """Walkthroughs of the optional parts, by the process name their component starts: module,

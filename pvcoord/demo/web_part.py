@@ -14,10 +14,10 @@
   writes on the device network (``ctx.device_env``, where the guard part moved the softIoc), as
   before; the banner says so.
 - :func:`run_web_walkthrough`: two web users over the bridge's own protocol (websocket + login,
-  what the browser uses): A takes ``m1``; B's ``m1`` setpoint turns read-only within 1 s and B's
-  write is refused naming A; A moves ``m1`` (and, when the bridge writes through the guard, the
-  guard's audit shows that put allowed for the bridge's account as A's delegate); A releases and
-  B may write.
+  what the browser uses): A takes ``m1``; B's ``m1`` setpoint turns read-only (the time is said:
+  issue 10's 1 s) and B's write is refused naming A; A moves ``m1`` (and, when the bridge writes
+  through the guard, the guard's audit shows that put allowed for the bridge's account as A's
+  delegate); A releases and B may write.
 """
 
 from __future__ import annotations

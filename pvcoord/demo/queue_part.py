@@ -597,6 +597,11 @@ class QueueWalkthrough:
         """Wait (with the step deadline) until ``pred()`` is truthy; return it."""
         return wait_until(pred, self.timeout, what, 0.05)
 
+    def history_uids(self) -> list[str]:
+        """Item uids of ``Queue:History``, oldest first."""
+        v: Any = self.pva.get(qn.HISTORY.name(self.prefix), timeout=10.0)  # p4p: untyped
+        return [str(u) for u in v["value.itemUid"]]
+
     def idle(self) -> None:
         """Wait until the RE Manager is idle."""
         self.wait(lambda: manager_call(self.control, "status")["manager_state"] == "idle",
@@ -639,6 +644,11 @@ class QueueWalkthrough:
             self.say(f"      error: {e}")
             ok &= "preempted" in str(e)
         self.idle()
+        # the RE Manager says idle first; the queue IOC's history and its release of the scan's
+        # locks follow (its next status/history fetch): wait for both, not for a moment
+        self.wait(lambda: self.history_uids()[-1:] == [uid], "the scan in Queue:History")
+        self.wait(lambda: not [x for x in self.coord.locks() if x.plan_uid == uid],
+                  "the scan's locks released")
         self.say(f"      Queue:LastExitStatus = {self.get(qn.LAST_EXIT_STATUS)}; "
                  f"m1 after the scan: {self.show_lock('m1')!r}")
         if self.get(qn.LAST_EXIT_STATUS) != "completed":

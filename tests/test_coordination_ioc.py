@@ -220,8 +220,12 @@ def test_expiry_enforced_and_published_within_1s(ioc, ctxt):
     freed = updates[-1][1]
     assert freed - r.expires < 1.0, (freed, r.expires)  # server-side post time
     assert locks(ctxt) == []
-    ev = ctxt.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
-    assert ("expired", "m4") in list(zip(ev.action, ev.device, strict=True))
+    # Coord:Events follows on the IOC's next tick, after the fsync of the expiry (State before)
+    def expired_event() -> bool:
+        ev = ctxt.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
+        return ("expired", "m4") in list(zip(ev.action, ev.device, strict=True))
+
+    wait_until(expired_event, 10, "the expired event of m4 in Coord:Events")
     err = rpc(ctxt, pvn.COORD_RENEW, key=r.key)
     assert isinstance(err, RemoteError) and "expired at" in str(err)
 
@@ -416,10 +420,14 @@ def test_persistence_across_kill9(tmp_path, kind):
         try:
             with Context("pva", conf=client_conf(env), useenv=False) as c:
                 assert [(x[0], x[4]) for x in locks(c)] == [("m1", "keep")]
-                ev = c.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
-                dropped = [m for a, d, m in zip(ev.action, ev.device, ev.message, strict=True)
-                           if a == "expired" and d == "m2"]
-                assert dropped and "while the IOC was down" in dropped[-1]
+
+                def dropped() -> list[str]:  # Coord:Events: posted by the first tick
+                    ev = c.get(pvn.COORD_EVENTS.name(PREFIX), timeout=CLIENT_TIMEOUT).value
+                    return [m for a, d, m in zip(ev.action, ev.device, ev.message, strict=True)
+                            if a == "expired" and d == "m2"]
+
+                assert "while the IOC was down" in wait_until(
+                    dropped, 10, "m2's expiry while down in Coord:Events")[-1]
                 # the key given before the crash still releases the lock
                 assert list(rpc(c, pvn.COORD_RELEASE, key=keep.key).devices) == ["m1"]
         finally:

@@ -33,7 +33,10 @@ def test_device_list_follows_the_registry(tmp_path):
         with Context("pva", conf=client_conf(env), useenv=False) as c:
             err = rpc(c, pvn.COORD_ACQUIRE, device="m1", type="MANUAL_OPERATOR", timeout="60")
             assert isinstance(err, RemoteError) and "device list is not known yet" in str(err)
-            assert "not connected" in c.get(pvn.COORD_HEALTH.name(PREFIX), timeout=CLIENT_TIMEOUT)
+            # Coord:Health is set by the IOC's tick ("starting" until the first one)
+            wait_until(lambda: "not connected" in c.get(pvn.COORD_HEALTH.name(PREFIX),
+                                                        timeout=CLIENT_TIMEOUT), 10,
+                       "Coord:Health naming the registry not connected")
             registry = ManagedProcess(
                 "registry",
                 python_module("iocs.registry", "--prefix", PREFIX, "--registry",

@@ -400,6 +400,7 @@ def test_a_lock_of_the_same_account_from_another_host_is_not_the_clients(bl: Bea
 
 def test_rename_after_connect_keeps_the_first_identity(bl: Beamline):
     bl.rpc(COORD_ACQUIRE, device=M3, type="MANUAL_OPERATOR", timeout="60", reason="rename")
+    ok(bl.ca["nobody"].wait_write(sp(M3), False))  # the bridge's view has the lock
     with CaprotoContext(client_name="someone", host_name="elsewhere") as ctx:
         (pv,) = ctx.get_pvs(sp(M3), timeout=TIMEOUT)
         pv.wait_for_connection(timeout=3 * TIMEOUT)  # CA search on a busy loopback
@@ -546,8 +547,9 @@ def test_coordination_killed_no_write_access_then_back(bl: Beamline):
     # nothing else waits); here the wait is generous and the figure printed: a timed assertion
     # would fail on a loaded machine for the test's own two agents, not for the bridge
     root, nobody = bl.ca["root"], bl.ca["nobody"]
-    for a in (root, nobody):
-        assert ok(a.connect(sp(M4)))["write"]
+    for a in (root, nobody):  # the bridge pushes rights after its view of the last release
+        assert ok(a.connect(sp(M4)))
+        assert ok(a.wait_write(sp(M4), True))["write"]
     t0 = time.monotonic()
     bl.procs["coordination"].kill9()
     for a in (root, nobody):

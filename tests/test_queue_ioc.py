@@ -565,7 +565,8 @@ def test_locks_follow_an_item_that_completes(clean):
         lambda: [lk for lk in queue_locks(b) if lk.lock_type is LockType.QUEUE_EXECUTING],
         WAIT, "QUEUE_EXECUTING while running")
     assert [(lk.device, lk.plan_uid) for lk in running] == [("det1", uid)]
-    assert mgr_state(b) == "executing_queue"
+    # the manager names the running item while still starting_queue; the lock may come first
+    wait_until(lambda: mgr_state(b) == "executing_queue", WAIT, "executing_queue")
     # the queue IOC posts its own PVs after the coordination IOC granted the lock
     wait_until(lambda: val(b, qn.EXECUTING_DEVICES) == ["det1"], WAIT, "Queue:ExecutingDevices")
     assert val(b, qn.RUNNING_ITEM_UID) == uid and val(b, qn.RUNNING_ITEM_NAME) == "count"
@@ -593,9 +594,9 @@ def test_locks_follow_an_item_that_fails(clean):
     # the executing lock is gone; the item in the queue reserves m4 again
     wait_until(lambda: [(lk.device, lk.lock_type, lk.plan_uid) for lk in queue_locks(b)]
                == [("m4", LockType.QUEUE_QUEUED, q[0]["item_uid"])], WAIT, "re-reserved")
-    events = b.coord.events()
-    assert any(e.action is EventAction.ACQUIRED and e.device == "m4"
-               and e.lock_type is LockType.QUEUE_EXECUTING and uid in e.message for e in events)
+    wait_until(lambda: any(e.action is EventAction.ACQUIRED and e.device == "m4"
+                           and e.lock_type is LockType.QUEUE_EXECUTING and uid in e.message
+                           for e in b.coord.events()), WAIT, "the executing grant's event")
     call(b, qn.ITEM_REMOVE, pos="front")
     wait_until(lambda: not queue_locks(b), WAIT, "released after removal")
 
@@ -615,6 +616,28 @@ def test_locks_follow_an_item_that_is_stopped(clean):
     wait_idle(b)
     assert b.stack.call("history_get")["items"][-1]["result"]["exit_status"] == "stopped"
     wait_until(lambda: not queue_locks(b), WAIT, "released after stop")
+
+
+def test_a_maintenance_lock_taken_just_before_the_start_refuses_it(clean):
+    """The hole: QueueStart decided from the queue IOC's monitor of Coord:Locks, posted up to
+    50 ms after a change, so a start right after a MAINTENANCE acquire began the plan (the worker
+    hook then failed it at its first set). Now the start reads the current table first."""
+    b = clean
+    before = b.ctxt.get(demo_pvs.motor_setpoint(P, "m2"), timeout=TIMEOUT)["value"]
+    call(b, qn.ITEM_ADD, name="scan", args=f'[["det1"], "m2", {before + 1}, {before + 2}]',
+         kwargs='{"num": 3}')
+    wait_until(lambda: "m2" in val(b, qn.QUEUED_DEVICES), WAIT, "m2 reserved by the item")
+    try:
+        for _ in range(3):  # the race was lost most times: three tries all refused
+            g = b.coord.acquire(["m2"], LockType.MAINTENANCE, 300, "realign m2",
+                                on_behalf_of="max")
+            with raises_code(RemoteError, ErrorCode.HOLDER_CONFLICT):
+                call(b, qn.QUEUE_START)
+            assert mgr_state(b) == "idle"
+            b.coord.release(key=g.key)
+            wait_until(lambda: "m2" in val(b, qn.QUEUED_DEVICES), WAIT, "m2 reserved again")
+    finally:
+        b.stack.call("queue_clear")
 
 
 def test_maintenance_lock_stops_the_queue_before_the_plan_touches_the_device(clean):

@@ -143,6 +143,11 @@ def test_client_library_sends_request_ids_and_retries_with_one(tmp_path):
         proc = start_coordination(env, tmp_path)
         with Client(PREFIX, conf=client_conf(env), timeout=CLIENT_TIMEOUT) as cl:
             assert cl.acquire("m4", "MANUAL_OPERATOR", 60, request_id=rid) == g
+            # the restarted IOC posts Coord:Events at its ticks: a sentinel change on another
+            # device, once its event is shown, says every earlier event is shown too
+            cl.release(key=cl.acquire("m3", "MANUAL_OPERATOR", 60).key)
+            wait_until(lambda: len([e for e in cl.events() if e.device == "m3"]) >= 2, 10,
+                       "the sentinel's events in Coord:Events")
             assert len([e for e in cl.events() if e.device == "m4"]) == n
             assert cl.release(key=g.key).devices == ("m4",)
     finally:

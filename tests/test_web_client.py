@@ -268,7 +268,9 @@ def test_two_users_lock_move_release(site, pages, screenshots):
     a.row("m1", ".release").click()
     a.until(lambda d: a.result("m1")[2].startswith("released"), "reply to alice's release")
     b.until(lambda d: b.row("m1", ".setpoint").is_enabled(), "m1 setpoint enabled for bob")
-    assert b.row("m1", ".lock").text == "Free" and b.row("m1", ".reason").text == ""
+    # the lock column follows its own Coord:m1:State subscription, in any order with the above
+    b.until(lambda d: b.row("m1", ".lock").text == "Free", "m1 Free for bob")
+    assert b.row("m1", ".reason").text == ""
     sp = b.row("m1", ".setpoint")
     sp.clear()
     sp.send_keys(f"{before}", Keys.ENTER)

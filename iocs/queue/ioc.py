@@ -596,6 +596,11 @@ class QueueIOC:
         model.check_args(args, spec.args, spec.suffix)
         items = (await self._call("queue_get", reload=True)).get("items") or []
         item = items[0] if items else None
+        if item is not None and self.keeper is not None:
+            try:  # a MAINTENANCE taken just now must count (the monitor's table may lag)
+                await self.keeper.refresh()
+            except CoordError as e:  # the monitor's view then; the hook still checks each set
+                log.warning("queue start: cannot read the current locks (%s)", e)
         blocking = (
             self.keeper.item_blockers(self.item_devices(item))
             if item is not None and self.keeper is not None else []

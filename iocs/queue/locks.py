@@ -193,6 +193,19 @@ class LockKeeper:
         """Devices held QUEUE_QUEUED now, sorted."""
         return sorted(d for d, (lt, _, _) in self.held.items() if lt is QUEUED)
 
+    async def refresh(self) -> None:
+        """Read ``Coord:Locks`` with every change replied so far into :attr:`locks`.
+
+        The monitor's table is posted coalesced, up to 50 ms after a change, and a decision
+        right after someone's acquire must see it
+        (:meth:`pvcoord.rpc.AsyncCaller.current_locks`).
+
+        Raises:
+            pvcoord.rpc.CoordError: as ``current_locks`` (the view is then unchanged).
+        """
+        if self._client is not None:
+            self._on_locks(await self._client.current_locks())
+
     def item_blockers(self, devices: Sequence[str]) -> list[HeldBy]:
         """Locks that would refuse QUEUE_EXECUTING on ``devices`` now (coordinated only)."""
         known = self.coordinated or frozenset()

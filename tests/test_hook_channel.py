@@ -87,60 +87,12 @@ def redis_url(tmp_path):
         proc.stop()
 
 
-def test_hook_server_survives_1000_malformed_messages(redis_url, caplog):
-    url, proc = redis_url
-    loop = asyncio.new_event_loop()
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    stop = asyncio.Event()
-    holder: dict = {}
-
-    async def start():
-        ioc = QueueIOC(PREFIX, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", Policy(), locks=False,
-                       redis_url=url)
-        holder["ioc"] = ioc
-        return asyncio.ensure_future(ioc.serve_hook_requests(stop))
-
-    r = redis.Redis.from_url(url)
-    task = None
-    try:
-        caplog.set_level(logging.WARNING, logger="iocs.queue.ioc")
-        task = asyncio.run_coroutine_threadsafe(start(), loop).result(TIMEOUT)
-        ioc = holder["ioc"]
-        ids = [uuid.uuid4().hex for _ in range(1000)]
-        r.lpush(qn.hook_request_key(PREFIX), *[_malformed(i, rid) for i, rid in enumerate(ids)])
-        # every malformed message is consumed; the ones with a valid id are answered
-        wait_until(lambda: ioc.bad_hook_requests == 1000, 60.0, "1000 malformed requests handled")
-        assert not task.done(), "the hook server stopped"
-        reply = json.loads(r.blpop([qn.hook_reply_key(PREFIX, ids[0])], timeout=5)[1])
-        assert reply["granted"] is False and reply["error"] == "bad_time"
-        # logged, but not 1000 lines
-        lines = [rec for rec in caplog.records if "malformed worker-hook request" in rec.message]
-        assert 1 <= len(lines) < 100
-        # a well-formed request is still answered (this IOC runs without locks: not granted)
-        answer = LockGuard(PREFIX, url, timeout=5.0).request("m1")
-        assert answer["granted"] is False and "--no-locks" in answer["message"], answer
-        assert ioc.hook_health == ""
-        # LockHealth is true to what works: redis gone -> the channel says so
-        proc.stop()
-        wait_until(lambda: ioc.hook_health.startswith("worker-hook channel"), 20.0,
-                   "hook channel down noticed")
-        assert not task.done()
-    finally:
-        r.close()
-        loop.call_soon_threadsafe(stop.set)
-        if task is not None:
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(
-                    asyncio.wait_for(asyncio.wrap_future(task), 10), loop).result(15)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(TIMEOUT)
-        loop.close()
-
-
 @contextlib.contextmanager
 def hook_server(url: str):
-    """The queue IOC's hook server (without locks) in-process on its own loop: yields the IOC."""
+    """The queue IOC's hook server (without locks) in-process on its own loop.
+
+    Yields ``(ioc, task)``: the :class:`QueueIOC` and the future of its hook server.
+    """
     loop = asyncio.new_event_loop()
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
@@ -156,7 +108,7 @@ def hook_server(url: str):
     task = None
     try:
         task = asyncio.run_coroutine_threadsafe(start(), loop).result(TIMEOUT)
-        yield holder["ioc"]
+        yield holder["ioc"], task
     finally:
         loop.call_soon_threadsafe(stop.set)
         if task is not None:
@@ -166,6 +118,38 @@ def hook_server(url: str):
         loop.call_soon_threadsafe(loop.stop)
         t.join(TIMEOUT)
         loop.close()
+
+
+def test_hook_server_survives_1000_malformed_messages(redis_url, caplog):
+    url, proc = redis_url
+    r = redis.Redis.from_url(url)
+    try:
+        caplog.set_level(logging.WARNING, logger="iocs.queue.ioc")
+        with hook_server(url) as (ioc, task):
+            ids = [uuid.uuid4().hex for _ in range(1000)]
+            r.lpush(qn.hook_request_key(PREFIX),
+                    *[_malformed(i, rid) for i, rid in enumerate(ids)])
+            # every malformed message is consumed; the ones with a valid id are answered
+            wait_until(lambda: ioc.bad_hook_requests == 1000, 60.0,
+                       "1000 malformed requests handled")
+            assert not task.done(), "the hook server stopped"
+            reply = json.loads(r.blpop([qn.hook_reply_key(PREFIX, ids[0])], timeout=5)[1])
+            assert reply["granted"] is False and reply["error"] == "bad_time"
+            # logged, but not 1000 lines
+            lines = [rec for rec in caplog.records
+                     if "malformed worker-hook request" in rec.message]
+            assert 1 <= len(lines) < 100
+            # a well-formed request is still answered (this IOC runs without locks)
+            answer = LockGuard(PREFIX, url, timeout=5.0).request("m1")
+            assert answer["granted"] is False and "--no-locks" in answer["message"], answer
+            assert ioc.hook_health == ""
+            # LockHealth is true to what works: redis gone -> the channel says so
+            proc.stop()
+            wait_until(lambda: ioc.hook_health.startswith("worker-hook channel"), 20.0,
+                       "hook channel down noticed")
+            assert not task.done()
+    finally:
+        r.close()
 
 
 @pytest.mark.parametrize("step", [-3600.0, 3600.0])
@@ -216,7 +200,7 @@ def test_a_new_hook_still_works_with_a_queue_ioc_that_predates_pending(redis_url
     gets the IOC's real answer, not a refusal of every plan."""
     url, _ = redis_url
     monkeypatch.setattr(qn, "_HOOK_FIELDS", qn._HOOK_FIELDS - {"pending"})
-    with hook_server(url) as ioc:
+    with hook_server(url) as (ioc, _task):
         answer = LockGuard(PREFIX, url, timeout=5.0).request("m1")
         assert ioc.bad_hook_requests == 1  # the first try, with "pending"
     assert answer["granted"] is False and "--no-locks" in answer["message"], answer

@@ -107,6 +107,7 @@ def test_the_bridge_writes_through_the_guard_as_the_web_users_delegate(site, pva
         assert status == 200, body
         alice.send({"type": "subscribe", "pvs": [sp]})
         alice.wait(lambda m: m.get("pv") == sp and m.get("readonly") is False, TIMEOUT)
+        web_part.wait_guard_holder(ctx, pv, "alice@")  # the guard's own view has the lock
         alice.send({"type": "write", "pv": sp, "value": 1.75})
         alice.wait(lambda m: m.get("pv") == sp and m.get("value") == 1.75, TIMEOUT)
         row = web_part.wait_guard_audit(
@@ -142,6 +143,7 @@ def test_a_device_root_holds_is_refused_at_the_guard_even_if_the_bridge_lets_it_
         alice.send({"type": "subscribe", "pvs": [sp]})
         # the bypassed bridge's own decision: writable for alice although root holds m3
         alice.wait(lambda m: m.get("pv") == sp and m.get("readonly") is False, TIMEOUT)
+        web_part.wait_guard_holder(ctx, pv, "root@")  # the guard's own view has the lock
         alice.send({"type": "write", "pv": sp, "value": before + 1.0})
         err = alice.wait(lambda m: m.get("type") == "error", TIMEOUT)
         assert err["code"] == "put-failed" and "denied by gateway" in err["message"], err

@@ -180,6 +180,32 @@ def _start(ctx: Any) -> None:
             "access.delegates)")
 
 
+def wait_guard_holder(ctx: Any, pv: str, holder: str, timeout: float = AUDIT_WITHIN) -> str:
+    """Wait until the guard's view of ``pv`` (``Guard:WhatIf``) names a holder ``holder...``.
+
+    ``holder`` is a prefix (``alice@``); the holder seen is returned. A put sent before that may
+    meet the guard's older view of the locks.
+
+    Raises:
+        TimeoutError: not within ``timeout`` seconds (the last holder seen in the message).
+    """
+    from pvcoord.client import call_rpc
+    from pvdb.guard import GUARD_WHAT_IF
+
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        try:
+            seen = str(call_rpc(GUARD_WHAT_IF.name(ctx.prefix), {"pv": pv}, timeout=HTTP_TIMEOUT,
+                                conf=client_conf(ctx.env)).get("holder", ""))
+        except Exception as e:  # no answer yet: ask again until the deadline
+            seen = f"({type(e).__name__}: {e})"
+        if seen.startswith(holder):
+            return seen
+        time.sleep(0.05)
+    raise TimeoutError(f"the guard does not see {holder}... holding {pv}; last: {seen!r}")
+
+
 def wait_guard_audit(ctx: Any, pred: Any, timeout: float = AUDIT_WITHIN) -> dict[str, Any]:
     """The first row of the guard's ``Guard:Audit`` for which ``pred(row)`` is true.
 
@@ -356,6 +382,8 @@ def run_web_walkthrough(ctx: Any, stop: Any = None) -> bool:
         ctx.say(f"[web] {b_name}'s write refused: [{err.get('code')}] {err.get('message')}")
         ok = ok and err.get("code") == "holder-conflict" and \
             str(err.get("holder", "")).startswith(f"{a_name}@")
+        if "guard" in ctx.procs:  # the put goes through the guard: it must see the lock first
+            wait_guard_holder(ctx, demo.motor_setpoint(ctx.prefix, m1), f"{a_name}@")
         a.send({"type": "write", "pv": sp, "value": 2.5})
         a.wait(lambda m: m.get("pv") == sp and m.get("value") == 2.5, HTTP_TIMEOUT)
         ctx.say(f"[web] {a_name} moved {m1} to 2.5")

@@ -148,17 +148,21 @@ def request_args(value: Value, error: type[Exception], example: str) -> dict[str
         ) from None
 
 
-def refusal_text(err: Exception) -> str:
-    """The RPC error text of a refusal: ``[code holder=...] message``.
+def refusal_head(err: Exception) -> tuple[ErrorCode, str]:
+    """``(code, holder)`` of a refusal, read from the exception if it has them.
 
     ``err.code`` (a :class:`pvdb.lockmodel.ErrorCode`, default ``bad-argument``) and
-    ``err.holder`` (default '') are read from the exception if it has them.
+    ``err.holder`` (default '').
     """
     code = getattr(err, "code", None)
     holder = getattr(err, "holder", "") or ""
-    if not isinstance(code, ErrorCode):
-        code = ErrorCode.BAD_ARGUMENT
-    return error_text(code, redact(str(err)), str(holder))
+    return (code if isinstance(code, ErrorCode) else ErrorCode.BAD_ARGUMENT), str(holder)
+
+
+def refusal_text(err: Exception) -> str:
+    """The RPC error text of a refusal: ``[code holder=...] message`` (:func:`refusal_head`)."""
+    code, holder = refusal_head(err)
+    return error_text(code, redact(str(err)), holder)
 
 
 RefusalHook = Callable[[Any, dict[str, str], Exception], None]

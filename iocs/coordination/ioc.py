@@ -29,7 +29,7 @@ from p4p.server.thread import SharedPV
 
 from pvcoord.store import StoreError
 from pvdb import names as pvn
-from pvdb.lockmodel import CallerError, ErrorCode, resolve_caller
+from pvdb.lockmodel import CallerError, resolve_caller
 from pvdb.models import BEAMLINE, Lock, LockEvent
 from pvdb.policy import ANONYMOUS, HostRolesCache, host_roles
 from pvdb.redact import redact
@@ -644,10 +644,8 @@ def _rpc_handler(ioc: CoordinationIOC, spec: pvn.PVSpec, fn: Callable[[Any, dict
         ident = Identity(pvutil.claimed_account(op) or "anonymous",
                          (op.peer() or "unknown").rsplit(":", 1)[0])
         devices = [d.strip() for d in args.get("device", "?").split(",")]
-        code = getattr(err, "code", None)
         ioc.table.audit_refusal(ident, devices, None, f"{spec.suffix}: {err}",
-                                code if isinstance(code, ErrorCode) else ErrorCode.BAD_ARGUMENT,
-                                str(getattr(err, "holder", "") or ""))
+                                *pvutil.refusal_head(err))
 
     def call(op: Any, args: dict[str, str]) -> Value:
         result = fn(op, args)  # Coord:LockChanges and the device PVs show the change ...

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, cast
 
-from pvcoord.procs import LOOPBACK, client_conf, python_module
+from pvcoord.procs import LOOPBACK, client_conf, python_module, wait_until
 from pvdb import demo
 from pvdb.guard import GUARD_AUDIT
 
@@ -192,18 +192,15 @@ def wait_guard_holder(ctx: Any, pv: str, holder: str, timeout: float = AUDIT_WIT
     from pvcoord.client import call_rpc
     from pvdb.guard import GUARD_WHAT_IF
 
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
+    def seen() -> str:
         try:
-            seen = str(call_rpc(GUARD_WHAT_IF.name(ctx.prefix), {"pv": pv}, timeout=HTTP_TIMEOUT,
+            return str(call_rpc(GUARD_WHAT_IF.name(ctx.prefix), {"pv": pv}, timeout=HTTP_TIMEOUT,
                                 conf=client_conf(ctx.env)).get("holder", ""))
         except Exception as e:  # no answer yet: ask again until the deadline
-            seen = f"({type(e).__name__}: {e})"
-        if seen.startswith(holder):
-            return seen
-        time.sleep(0.05)
-    raise TimeoutError(f"the guard does not see {holder}... holding {pv}; last: {seen!r}")
+            return f"({type(e).__name__}: {e})"
+
+    return wait_until(lambda: (h := seen()).startswith(holder) and h, timeout,
+                      f"the guard seeing {holder}... hold {pv}", 0.05)
 
 
 def wait_guard_audit(ctx: Any, pred: Any, timeout: float = AUDIT_WITHIN) -> dict[str, Any]:
